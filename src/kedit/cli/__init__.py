@@ -1,0 +1,74 @@
+"""``kedit`` command line. Each command group lives in its own module ``kedit.cli.<group>`` that
+defines ``register(subparsers)``; heavy imports (transformers, MLflow, GX, Prefect) happen inside
+the command functions so ``kedit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# Command-group modules, in the order they appear in --help. Each owns its sub-commands.
+GROUPS = ["model", "stats", "edit", "trace", "evaluate", "feed", "lineage", "bench", "nightly"]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback, exit code 2."""
+
+
+def quiet_env() -> None:
+    """Telemetry off and hub offline: kedit runs with no network."""
+    for k, v in {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+                 "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false",
+                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(k, v)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kedit", description=__doc__.splitlines()[0])
+    parser.add_argument("--workspace", "-w", default=None,
+                        help="project folder holding models/, stats/, lineage/ (default: $KEDIT_HOME or cwd)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for group in GROUPS:
+        try:
+            mod = importlib.import_module(f"kedit.cli.{group}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"kedit.cli.{group}":
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_env()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        rc = args.func(args)
+    except (CLIError, FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
+        if args.verbose:
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"kedit {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+def workspace(args):
+    from kedit.workspace import Workspace
+
+    return Workspace.default(args.workspace)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

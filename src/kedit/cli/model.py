@@ -1,0 +1,56 @@
+"""`kedit model import|list|show`."""
+
+from __future__ import annotations
+
+import json
+
+from kedit.cli import workspace
+
+
+def register(sub) -> None:
+    p = sub.add_parser("model", help="import and list base models in the local model store")
+    s = p.add_subparsers(dest="model_cmd", required=True)
+    imp = s.add_parser("import", help="import the embedded SmolLM2 (or --hf PATH) into models/<slug>/")
+    imp.add_argument("name", nargs="?", default=None, help="embedded model name, e.g. smollm2-135m")
+    imp.add_argument("--hf", default=None, help="path to a local HuggingFace causal-LM directory")
+    imp.add_argument("--slug", default=None, help="store name for --hf (default: the folder name)")
+    imp.add_argument("--arch", default=None, help="JSON/YAML architecture spec for an unknown family")
+    imp.add_argument("--force", action="store_true", help="re-import even if present")
+    imp.set_defaults(func=_import)
+    ls = s.add_parser("list", help="models in the store")
+    ls.set_defaults(func=_list)
+    show = s.add_parser("show", help="a model's manifest and adapter")
+    show.add_argument("model")
+    show.set_defaults(func=_show)
+
+
+def _import(args) -> int:
+    from kedit.cli import CLIError
+    from kedit.models.store import import_embedded, import_hf
+
+    ws = workspace(args)
+    if args.hf:
+        m = import_hf(ws, args.hf, slug=args.slug, arch=args.arch, force=args.force)
+    elif args.name:
+        m = import_embedded(ws, args.name, force=args.force)
+    else:
+        raise CLIError("name an embedded model (smollm2-135m) or pass --hf PATH")
+    print(f"imported {m.slug}: {m.model_type}, {m.n_params / 1e6:.1f}M params, hash {m.model_hash[:12]} "
+          f"-> {ws.model_dir(m.slug)}")
+    return 0
+
+
+def _list(args) -> int:
+    from kedit.models.store import list_models
+
+    for m in list_models(workspace(args)):
+        print(f"{m.slug:24s} {m.model_type:10s} {m.n_params / 1e6:8.1f}M  {m.dtype:8s} {m.model_hash[:12]}  {m.source}")
+    return 0
+
+
+def _show(args) -> int:
+    from kedit.models.store import load_model
+
+    lm = load_model(args.model, workspace(args))
+    print(json.dumps({"manifest": lm.manifest.__dict__, "adapter": lm.adapter.describe()}, indent=2))
+    return 0

@@ -1,0 +1,59 @@
+"""Where kedit keeps its files: one project folder holding models/, stats/, lineage/, mlflow.db."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def slugify(text: str) -> str:
+    """Lower-case, file-system-safe name: letters, digits, '-' and '.' only."""
+    slug = re.sub(r"[^a-zA-Z0-9.]+", "-", text.strip()).strip("-").lower()
+    if not slug:
+        raise ValueError(f"cannot make a slug from {text!r}")
+    return slug
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """All on-disk locations derive from one root (env KEDIT_HOME, else the current directory)."""
+
+    root: Path
+
+    @classmethod
+    def default(cls, root: str | Path | None = None) -> Workspace:
+        base = root or os.environ.get("KEDIT_HOME") or os.getcwd()
+        return cls(Path(base).resolve())
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def stats_dir(self) -> Path:
+        return self.root / "stats"
+
+    @property
+    def lineage_dir(self) -> Path:
+        return self.root / "lineage"
+
+    @property
+    def feeds_dir(self) -> Path:
+        return self.root / "feeds"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / ".kedit-cache"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    def model_dir(self, slug: str) -> Path:
+        return self.models_dir / slug
