@@ -1,0 +1,1 @@
+"""Edit evaluation: METRICS.md metrics, the canary suite and the promotion gates."""

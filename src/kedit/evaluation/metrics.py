@@ -1,0 +1,371 @@
+"""Edit-quality metrics of METRICS.md as one module: target scoring, CounterFact efficacy /
+generalization / specificity / magnitude / score, fluency (generation entropy), perplexity,
+neighbourhood KL and canary agreement.
+
+Everything is batched and padding-correct whatever the tokenizer's ``padding_side``: sequences are
+padded here by hand (right padding with explicit position ids for scoring, left padding for
+generation), so a prompt scores the same alone or in a batch. A tokenizer without a pad token uses
+its eos token.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from kedit.models.store import LoadedModel
+
+# Shannon entropies of the 2-gram and 3-gram distributions are weighted 2/3 and 4/3 (ROME/MEMIT).
+NGRAM_WEIGHTS = {2: 2 / 3, 3: 4 / 3}
+_WORD_RE = re.compile(r"\w+|[^\w\s]")
+# Upper bound on one batch's logits (elements) so the 49k-vocab models stay within a few hundred MB.
+_MAX_LOGIT_ELEMENTS = 64 * 1024 * 1024
+
+
+# --- tokenisation and padding ------------------------------------------------------------------
+def pad_id(tokenizer) -> int:
+    """The pad token id, falling back to eos (many causal-LM tokenizers have no pad token)."""
+    pid = getattr(tokenizer, "pad_token_id", None)
+    if pid is None:
+        pid = getattr(tokenizer, "eos_token_id", None)
+    if pid is None:
+        raise ValueError(f"{type(tokenizer).__name__}: tokenizer has neither a pad nor an eos token")
+    return int(pid)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt (special tokens as the tokenizer adds them, e.g. a BOS)."""
+    out = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"prompt {i} is {type(p).__name__}, expected str")
+        ids = tokenizer(p, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise ValueError(f"prompt {i} ({p!r}) has no tokens; a target needs a non-empty prompt")
+        out.append(list(ids))
+    return out
+
+
+def encode_targets(tokenizer, targets: Sequence[str]) -> list[list[int]]:
+    """Token ids of ``" " + target`` without special tokens (the target follows the prompt)."""
+    out = []
+    for i, t in enumerate(targets):
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"target {i} ({t!r}) is empty; every target needs at least one token")
+        out.append(list(tokenizer(" " + t.strip(), add_special_tokens=False)["input_ids"]))
+    return out
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad: int, device=None) -> tuple[torch.Tensor, ...]:
+    """``(input_ids, attention_mask, position_ids)`` with right padding; positions count from 0."""
+    n, T = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((n, T), pad, dtype=torch.long)
+    mask = torch.zeros((n, T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    pos = torch.arange(T).unsqueeze(0).expand(n, T).clone()
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` with left padding, as batched generation needs."""
+    n, T = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((n, T), pad, dtype=torch.long)
+    mask = torch.zeros((n, T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, T - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _batches(order: list[int], lengths: list[int], batch_size: int, vocab: int) -> list[list[int]]:
+    """Split ``order`` into batches of at most ``batch_size`` whose logits stay under the memory cap."""
+    out, cur, cur_max = [], [], 0
+    for i in order:
+        m = max(cur_max, lengths[i])
+        if cur and (len(cur) >= batch_size or (len(cur) + 1) * m * vocab > _MAX_LOGIT_ELEMENTS):
+            out.append(cur)
+            cur, m = [], lengths[i]
+        cur.append(i)
+        cur_max = m
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _forward_logits(lm: LoadedModel, ids, mask, pos) -> torch.Tensor:
+    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+    return out.logits.float()
+
+
+# --- target scoring ----------------------------------------------------------------------------
+def _score_pairs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str],
+                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed target log-probs and target token counts, ``[n]`` each, in few batched passes.
+
+    Pairs are sorted by length so a batch carries little padding; results come back in input order.
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    n = len(prompts)
+    if n == 0:
+        return torch.zeros(0), torch.zeros(0)
+    tok = lm.tokenizer
+    p_ids, t_ids = encode_prompts(tok, prompts), encode_targets(tok, targets)
+    seqs = [p + t for p, t in zip(p_ids, t_ids)]
+    lengths = [len(s) for s in seqs]
+    order = sorted(range(n), key=lambda i: (lengths[i], i))
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    sums = torch.zeros(n, dtype=torch.float64)
+    counts = torch.tensor([len(t) for t in t_ids], dtype=torch.float64)
+    pad = pad_id(tok)
+    with torch.no_grad():
+        for batch in _batches(order, lengths, batch_size, vocab):
+            ids, mask, pos = right_pad([seqs[i] for i in batch], pad, lm.device)
+            logp = torch.log_softmax(_forward_logits(lm, ids, mask, pos), dim=-1)
+            for row, i in enumerate(batch):
+                start, tl = len(p_ids[i]), len(t_ids[i])
+                # the logits at position j predict token j+1
+                preds = logp[row, start - 1: start - 1 + tl]
+                tgt = torch.tensor(t_ids[i], device=preds.device)
+                sums[i] = preds.gather(1, tgt[:, None]).sum().double().cpu()
+    return sums, counts
+
+
+def target_logprobs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32,
+                    reduce: str = "mean") -> torch.Tensor:
+    """Teacher-forced log-probability of the tokens of ``" " + target`` after each prompt, ``[n]``.
+
+    ``reduce="mean"`` is METRICS.md's score (mean per-token log-prob); ``"sum"`` the sequence log-prob.
+    """
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+    sums, counts = _score_pairs(lm, prompts, targets, batch_size)
+    return (sums / counts if reduce == "mean" else sums).float()
+
+
+# --- CounterFact -------------------------------------------------------------------------------
+COUNTERFACT_FIELDS = ("case_id", "prompt", "target_new", "subject", "ground_truth", "rephrase_prompt",
+                      "locality_prompt", "locality_ground_truth")
+
+
+def check_counterfact(records: Sequence[dict], where: str = "records") -> None:
+    """Raise a clear error naming the record and field if a flat CounterFact record is malformed."""
+    for k, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}[{k}]: expected a dict, got {type(r).__name__}")
+        missing = [f for f in COUNTERFACT_FIELDS if f not in r]
+        if missing:
+            raise ValueError(f"{where}[{k}] (case_id={r.get('case_id')!r}): missing fields {missing}")
+        for f in COUNTERFACT_FIELDS[1:]:
+            if not isinstance(r[f], str) or not r[f].strip():
+                raise ValueError(f"{where}[{k}] (case_id={r['case_id']!r}): field {f!r} must be a non-empty string")
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """Harmonic mean; 0 if any value is 0 (a metric at zero sinks the score, as in the papers)."""
+    if not values:
+        return float("nan")
+    if any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+@dataclass
+class CounterFactResult:
+    efficacy: float
+    generalization: float
+    specificity: float
+    efficacy_magnitude: float
+    score: float
+    n: int
+    ids: list = field(default_factory=list)
+    efficacy_ok: list[bool] = field(default_factory=list)
+    generalization_ok: list[bool] = field(default_factory=list)
+    specificity_ok: list[bool] = field(default_factory=list)
+    magnitude: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_counterfact(lm: LoadedModel, records: Sequence[dict], batch_size: int = 32) -> dict:
+    """ES / PS / NS / EM / S of METRICS.md for flat CounterFact records, with per-record verdicts.
+
+    All 6 (prompt, target) pairs of all records are scored together in length-sorted batches.
+    Ties count as failures. Returns a dict (see :class:`CounterFactResult`); ``failed_ids`` lists the
+    records whose edit did not take (efficacy failure).
+    """
+    check_counterfact(records)
+    n = len(records)
+    if n == 0:
+        raise ValueError("evaluate_counterfact: no records")
+    prompts, targets = [], []
+    for r in records:
+        prompts += [r["prompt"], r["prompt"], r["rephrase_prompt"], r["rephrase_prompt"],
+                    r["locality_prompt"], r["locality_prompt"]]
+        targets += [r["target_new"], r["ground_truth"], r["target_new"], r["ground_truth"],
+                    r["locality_ground_truth"], r["target_new"]]
+    sums, counts = _score_pairs(lm, prompts, targets, batch_size)
+    mean = (sums / counts).view(n, 6)
+    total = sums.view(n, 6)
+    es = (mean[:, 0] > mean[:, 1]).tolist()
+    ps = (mean[:, 2] > mean[:, 3]).tolist()
+    ns = (mean[:, 4] > mean[:, 5]).tolist()
+    em = (total[:, 0].exp() - total[:, 1].exp()).tolist()
+    res = CounterFactResult(
+        efficacy=sum(es) / n, generalization=sum(ps) / n, specificity=sum(ns) / n,
+        efficacy_magnitude=sum(em) / n, score=0.0, n=n, ids=[r["case_id"] for r in records],
+        efficacy_ok=es, generalization_ok=ps, specificity_ok=ns, magnitude=em,
+    )
+    res.score = harmonic_mean([res.efficacy, res.generalization, res.specificity])
+    out = res.to_dict()
+    out["failed_ids"] = [i for i, ok in zip(res.ids, es) if not ok]
+    return out
+
+
+# --- next-token distributions, KL, canary agreement -----------------------------------------------
+def next_token_logprobs(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    """Log-probabilities of the next token after each prompt, ``[n, V]`` float32 on CPU."""
+    if not prompts:
+        raise ValueError("next_token_logprobs: no prompts")
+    seqs = encode_prompts(lm.tokenizer, prompts)
+    lengths = [len(s) for s in seqs]
+    order = sorted(range(len(seqs)), key=lambda i: (lengths[i], i))
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    out = torch.empty(len(seqs), vocab, dtype=torch.float32)
+    pad = pad_id(lm.tokenizer)
+    with torch.no_grad():
+        for batch in _batches(order, lengths, batch_size, vocab):
+            ids, mask, pos = right_pad([seqs[i] for i in batch], pad, lm.device)
+            logits = _forward_logits(lm, ids, mask, pos)
+            last = torch.tensor([lengths[i] - 1 for i in batch], device=logits.device)
+            rows = logits[torch.arange(len(batch), device=logits.device), last]
+            out[torch.tensor(batch)] = torch.log_softmax(rows, dim=-1).cpu()
+    return out
+
+
+def kl_rows(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(P_before || P_after) from log-probabilities ``[n, V]`` (nats)."""
+    if before.shape != after.shape:
+        raise ValueError(f"KL: shapes differ, before {tuple(before.shape)} vs after {tuple(after.shape)}")
+    b, a = before.double(), after.double()
+    p = b.exp()
+    # 0 * log 0 = 0: where P_before is zero the term vanishes whatever P_after is
+    terms = torch.where(p > 0, p * (b - a), torch.zeros_like(p))
+    return terms.sum(-1).clamp_min(0.0)
+
+
+def neighbourhood_kl(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Mean KL(P_before || P_after) over prompts, from next-token log-probabilities ``[n, V]``."""
+    return float(kl_rows(before, after).mean())
+
+
+def greedy_tokens(lm: LoadedModel, prompts: Sequence[str], k: int = 1, batch_size: int = 32) -> torch.Tensor:
+    """The first ``k`` greedy tokens after each prompt, ``[n, k]`` (batched, left-padded, no EOS stop)."""
+    return _generate(lm, prompts, k, do_sample=False, batch_size=batch_size)
+
+
+def canary_agreement(before_tokens: torch.Tensor, after_tokens: torch.Tensor, k: int | None = None) -> float:
+    """Fraction of canary prompts whose first ``k`` greedy tokens (default all stored) are unchanged."""
+    if before_tokens.shape[0] != after_tokens.shape[0]:
+        raise ValueError(f"canary: {before_tokens.shape[0]} stored prompts vs {after_tokens.shape[0]} candidate")
+    if before_tokens.shape[0] == 0:
+        raise ValueError("canary: empty suite")
+    if before_tokens.dim() == 1:
+        before_tokens, after_tokens = before_tokens[:, None], after_tokens[:, None]
+    k = k or before_tokens.shape[1]
+    same = (before_tokens[:, :k] == after_tokens[:, :k]).all(dim=1)
+    return float(same.double().mean())
+
+
+# --- generation and fluency --------------------------------------------------------------------
+def _generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, do_sample: bool,
+              top_k: int = 5, seed: int = 0, batch_size: int = 16) -> torch.Tensor:
+    """New tokens ``[n, max_new_tokens]``; exactly that many per prompt (EOS does not stop it)."""
+    if not prompts:
+        raise ValueError("generation: no prompts")
+    seqs = encode_prompts(lm.tokenizer, prompts)
+    pad = pad_id(lm.tokenizer)
+    out = torch.empty(len(seqs), max_new_tokens, dtype=torch.long)
+    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=pad,
+                  do_sample=do_sample)
+    if do_sample:
+        kwargs.update(top_k=top_k, top_p=1.0, temperature=1.0)
+    else:
+        kwargs.update(top_k=None, top_p=None, temperature=None)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(seqs), batch_size):
+            chunk = seqs[start: start + batch_size]
+            ids, mask = left_pad(chunk, pad, lm.device)
+            gen = lm.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            out[start: start + len(chunk)] = gen[:, ids.shape[1]:].cpu()
+    return out
+
+
+def word_tokens(text: str) -> list[str]:
+    """Words and punctuation marks, the units of the n-gram entropy."""
+    return _WORD_RE.findall(text)
+
+
+def ngram_entropy(text: str, weights: dict[int, float] | None = None) -> float:
+    """Weighted mean of the 2- and 3-gram Shannon entropies (bits) of ``text`` (not x100)."""
+    weights = weights or NGRAM_WEIGHTS
+    words = word_tokens(text)
+    ents = []
+    for n, w in weights.items():
+        grams = Counter(tuple(words[i: i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        ents.append(w * h)
+    return sum(ents) / len(ents)
+
+
+def generate_texts(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 100, top_k: int = 5,
+                   seed: int = 0, batch_size: int = 16) -> list[str]:
+    """Prompt + ``max_new_tokens`` top-k-sampled tokens, from a fixed seed (deterministic per batch size)."""
+    new = _generate(lm, prompts, max_new_tokens, do_sample=True, top_k=top_k, seed=seed, batch_size=batch_size)
+    return [p + lm.tokenizer.decode(row.tolist(), skip_special_tokens=True) for p, row in zip(prompts, new)]
+
+
+def generation_entropy(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 100, top_k: int = 5,
+                       seed: int = 0, batch_size: int = 16) -> float:
+    """Fluency (GE) x100: mean over prompts of the n-gram entropy of prompt + generated text (as ROME)."""
+    texts = generate_texts(lm, prompts, max_new_tokens, top_k, seed, batch_size)
+    return 100.0 * sum(ngram_entropy(t) for t in texts) / len(texts)
+
+
+# --- perplexity --------------------------------------------------------------------------------
+def perplexity(lm: LoadedModel, text: str, max_tokens: int = 20000, window: int = 512,
+               batch_size: int = 4) -> float:
+    """Token-level perplexity of the first ``max_tokens`` tokens of ``text`` in non-overlapping windows
+    of ``window`` tokens (clipped to the model's context); the first token of each window is context only."""
+    if not text or not text.strip():
+        raise ValueError("perplexity: empty reference text")
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    ctx = getattr(lm.model.config, "max_position_embeddings", None) or getattr(lm.model.config, "n_positions", window)
+    window = max(2, min(window, int(ctx)))
+    chunks = [ids[i: i + window] for i in range(0, len(ids), window)]
+    chunks = [c for c in chunks if len(c) >= 2]
+    if not chunks:
+        raise ValueError(f"perplexity: reference text has {len(ids)} token(s); need at least 2")
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    lengths = [len(c) for c in chunks]
+    nll, count = 0.0, 0
+    pad = pad_id(lm.tokenizer)
+    with torch.no_grad():
+        for batch in _batches(list(range(len(chunks))), lengths, batch_size, vocab):
+            inp, mask, pos = right_pad([chunks[i] for i in batch], pad, lm.device)
+            logp = torch.log_softmax(_forward_logits(lm, inp, mask, pos), dim=-1)
+            tgt_lp = logp[:, :-1].gather(2, inp[:, 1:, None]).squeeze(2)
+            valid = mask[:, 1:].bool()
+            nll -= float(tgt_lp[valid].double().sum())
+            count += int(valid.sum())
+    return math.exp(nll / count)

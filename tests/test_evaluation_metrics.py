@@ -1,0 +1,141 @@
+"""Metrics against direct computations on a tiny random model."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from kedit.evaluation import metrics as M
+
+PROMPTS = ["The Eiffel Tower is located in", "Rome is the capital of", "Messi plays", "The quick brown fox"]
+TARGETS = ["Paris", "Italy and Spain", "soccer", "jumps over"]
+
+
+def _direct(lm, prompt, target):
+    tok = lm.tokenizer
+    p = tok(prompt)["input_ids"]
+    t = tok(" " + target, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([p + t])).logits[0]
+    logp = torch.log_softmax(logits.double(), -1)
+    return sum(float(logp[len(p) - 1 + j, t[j]]) for j in range(len(t))), len(t)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_target_logprobs_match_direct_and_batching(tiny_lm, side):
+    tiny_lm.tokenizer.padding_side = side
+    s = M.target_logprobs(tiny_lm, PROMPTS, TARGETS, reduce="sum", batch_size=3)
+    mean = M.target_logprobs(tiny_lm, PROMPTS, TARGETS, reduce="mean")
+    for i, (p, t) in enumerate(zip(PROMPTS, TARGETS)):
+        total, n = _direct(tiny_lm, p, t)
+        assert s[i].item() == pytest.approx(total, abs=1e-4)
+        assert mean[i].item() == pytest.approx(total / n, abs=1e-4)
+    single = torch.stack([M.target_logprobs(tiny_lm, [p], [t])[0] for p, t in zip(PROMPTS, TARGETS)])
+    torch.testing.assert_close(single, mean, atol=1e-5, rtol=0)
+
+
+def test_single_token_target_is_next_token_logprob(tiny_lm):
+    tok = tiny_lm.tokenizer
+    # pick a target whose " "+target is exactly one token
+    target = next(w for w in ["the", "and", "is", "of"] if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1)
+    tid = tok(" " + target, add_special_tokens=False)["input_ids"][0]
+    nxt = M.next_token_logprobs(tiny_lm, PROMPTS)
+    lp = M.target_logprobs(tiny_lm, PROMPTS, [target] * len(PROMPTS))
+    torch.testing.assert_close(lp, nxt[:, tid], atol=1e-5, rtol=0)
+    assert torch.allclose(nxt.exp().sum(-1), torch.ones(len(PROMPTS)), atol=1e-4)
+
+
+def test_tokenizer_without_pad_uses_eos(tiny_lm):
+    tok = copy.deepcopy(tiny_lm.tokenizer)
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    assert M.pad_id(tok) == tok.eos_token_id
+    lm2 = type(tiny_lm)(tiny_lm.model, tok, tiny_lm.adapter, tiny_lm.manifest, tiny_lm.path)
+    torch.testing.assert_close(M.target_logprobs(lm2, PROMPTS, TARGETS), M.target_logprobs(tiny_lm, PROMPTS, TARGETS))
+
+
+def test_bad_input_is_named(tiny_lm):
+    with pytest.raises(ValueError, match="target 1"):
+        M.target_logprobs(tiny_lm, PROMPTS[:2], ["Paris", "  "])
+    with pytest.raises(ValueError, match="missing fields"):
+        M.evaluate_counterfact(tiny_lm, [{"case_id": 7, "prompt": "x"}])
+
+
+def test_ngram_entropy_hand_computed():
+    # words a b a b: 2-grams {ab:2, ba:1}; 3-grams {aba:1, bab:1}
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    h3 = 1.0
+    assert M.ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * h3) / 2)
+    assert M.word_tokens("Hi, there!") == ["Hi", ",", "there", "!"]
+    assert M.ngram_entropy("x x x x x x") == 0.0
+
+
+def test_kl_and_canary_agreement():
+    torch.manual_seed(0)
+    a = torch.log_softmax(torch.randn(5, 11), -1)
+    b = torch.log_softmax(torch.randn(5, 11), -1)
+    direct = (a.exp() * (a - b)).sum(-1).mean()
+    assert M.neighbourhood_kl(a, b) == pytest.approx(float(direct), rel=1e-5)
+    assert M.neighbourhood_kl(a, a) == pytest.approx(0.0, abs=1e-9)
+    x = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])
+    y = torch.tensor([[1, 2], [3, 9], [0, 6], [7, 8]])
+    assert M.canary_agreement(x, y) == 0.5
+    assert M.canary_agreement(x, y, k=1) == 0.75
+
+
+def test_evaluate_counterfact_matches_pairwise(tiny_lm):
+    recs = [
+        {"case_id": i, "prompt": p, "subject": p.split()[0], "target_new": t, "ground_truth": g,
+         "rephrase_prompt": "Again, " + p, "locality_prompt": lp, "locality_ground_truth": lg}
+        for i, (p, t, g, lp, lg) in enumerate([
+            ("The Eiffel Tower is located in", "Rome", "Paris", "Rome is the capital of", "Italy"),
+            ("Messi plays", "guitar", "soccer", "Toko Yasuda plays the", "piano"),
+            ("The mother tongue of Thomas is", "French", "Dutch", "Danielle speaks", "French"),
+        ])
+    ]
+    res = M.evaluate_counterfact(tiny_lm, recs, batch_size=4)
+    for k, r in enumerate(recs):
+        sc = lambda p, t: M.target_logprobs(tiny_lm, [p], [t])[0].item()  # noqa: E731
+        assert res["efficacy_ok"][k] == (sc(r["prompt"], r["target_new"]) > sc(r["prompt"], r["ground_truth"]))
+        assert res["generalization_ok"][k] == (sc(r["rephrase_prompt"], r["target_new"])
+                                               > sc(r["rephrase_prompt"], r["ground_truth"]))
+        assert res["specificity_ok"][k] == (sc(r["locality_prompt"], r["locality_ground_truth"])
+                                            > sc(r["locality_prompt"], r["target_new"]))
+    assert res["efficacy"] == sum(res["efficacy_ok"]) / 3
+    assert res["failed_ids"] == [r["case_id"] for r, ok in zip(recs, res["efficacy_ok"]) if not ok]
+    vals = [res["efficacy"], res["generalization"], res["specificity"]]
+    expect = 0.0 if min(vals) == 0 else 3 / sum(1 / v for v in vals)
+    assert res["score"] == pytest.approx(expect)
+    assert M.harmonic_mean([0.5, 1.0, 1.0]) == pytest.approx(0.75)
+
+
+def test_generation_batched_equals_single_and_is_seeded(tiny_lm):
+    g_batch = M.greedy_tokens(tiny_lm, PROMPTS, k=6, batch_size=4)
+    g_single = torch.cat([M.greedy_tokens(tiny_lm, [p], k=6) for p in PROMPTS])
+    assert torch.equal(g_batch, g_single)
+    assert g_batch.shape == (4, 6)
+    e1 = M.generation_entropy(tiny_lm, PROMPTS[:2], max_new_tokens=20, seed=3)
+    e2 = M.generation_entropy(tiny_lm, PROMPTS[:2], max_new_tokens=20, seed=3)
+    assert e1 == e2 and e1 > 0
+
+
+def test_perplexity_matches_model_loss(tiny_lm):
+    text = "The Eiffel Tower is located in Paris, the capital of France. Rome is the capital of Italy."
+    ids = tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        loss = tiny_lm.model(torch.tensor([ids]), labels=torch.tensor([ids])).loss
+    assert M.perplexity(tiny_lm, text, window=512) == pytest.approx(math.exp(loss.item()), rel=1e-4)
+    # windows: each window's first token is context only; two windows of a 2k-token slice
+    n = len(ids)
+    w = n // 2 + 1
+    parts = [ids[:w], ids[w:]]
+    nll, cnt = 0.0, 0
+    for part in parts:
+        with torch.no_grad():
+            lo = tiny_lm.model(torch.tensor([part]), labels=torch.tensor([part])).loss.item()
+        nll += lo * (len(part) - 1)
+        cnt += len(part) - 1
+    assert M.perplexity(tiny_lm, text, window=w) == pytest.approx(math.exp(nll / cnt), rel=1e-4)
