@@ -1,0 +1,126 @@
+"""The edit-state record: one applied edit batch, identified by the hash of its content.
+
+Everything that determines the edited weights and the editor's state (parent, base model, feed,
+editor, hyperparameters, per-tensor hashes of the deltas and of the weights after the batch) goes
+into the content hash. Approval, gate verdicts, promotion and rollback happen later and are
+appended as events (see :mod:`kedit.lineage.store`), so a record never changes once written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kedit.atomic import sha256_json
+
+SCHEMA = 1
+STATE_FILE = "state.json"
+DELTAS_FILE = "deltas.safetensors"
+EDITOR_TENSORS_FILE = "editor_state.safetensors"
+EDITOR_META_FILE = "editor_meta.json"
+SNAPSHOT_FILE = "snapshot.safetensors"
+
+# Fields whose values define the state; the id is the sha256 of these in canonical JSON.
+CONTENT_FIELDS = ("schema", "parent", "base_model_hash", "base_model_slug", "feed", "method", "hparams",
+                  "deltas", "editor_state", "tensor_sha256", "base_sha256", "evaluation", "predictions",
+                  "n_edits")
+
+
+class LineageError(Exception):
+    """A lineage store problem a user can act on (unknown id, lock held, wrong base model)."""
+
+
+class LineageCorruptError(LineageError):
+    """Stored data does not match its recorded hash; the message names the file."""
+
+
+@dataclass(frozen=True)
+class EditState:
+    """One edit state. ``deltas`` / ``editor_state`` hold per-tensor {shape, dtype, sha256, norm};
+    ``tensor_sha256`` the hash of every tensor edited on the path from the base model to this state,
+    after this batch; ``base_sha256`` the same tensors' hashes in the base model."""
+
+    id: str
+    parent: str | None
+    base_model_hash: str
+    base_model_slug: str
+    feed: dict[str, Any]
+    method: str
+    hparams: dict[str, Any]
+    deltas: dict[str, dict[str, Any]]
+    editor_state: dict[str, Any]
+    tensor_sha256: dict[str, str]
+    base_sha256: dict[str, str]
+    evaluation: dict[str, Any] | None = None
+    predictions: dict[str, str] | None = None
+    n_edits: int = 0
+    schema: int = SCHEMA
+    # Bookkeeping, not content: where and when it was written.
+    depth: int = 1
+    seq: int = 0
+    created_at: str = ""
+    snapshot: bool = False
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def short(self) -> str:
+        return self.id[:12]
+
+    def content(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: d[k] for k in CONTENT_FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def compute_id(content: dict[str, Any]) -> str:
+        return sha256_json(content)
+
+    @classmethod
+    def from_file(cls, path: Path) -> EditState:
+        """Parse and check a state.json: plain JSON only, and the id must match the content."""
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LineageCorruptError(f"{path}: unreadable state manifest ({exc})") from exc
+        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+            raise LineageCorruptError(f"{path}: not a kedit edit-state manifest of schema {SCHEMA}")
+        known = set(cls.__dataclass_fields__)
+        missing = [k for k in ("id", *CONTENT_FIELDS) if k not in raw]
+        if missing:
+            raise LineageCorruptError(f"{path}: state manifest lacks fields {missing}")
+        state = cls(**{k: v for k, v in raw.items() if k in known})
+        actual = cls.compute_id(state.content())
+        if actual != state.id:
+            raise LineageCorruptError(f"{path}: content hash {actual[:12]} does not match the recorded id "
+                                      f"{state.id[:12]} (the manifest was modified)")
+        if Path(path).parent.name != state.id:
+            raise LineageCorruptError(f"{path}: stored under {Path(path).parent.name!r} but its id is {state.id}")
+        return state
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened to a state after it was written: promote, rollback, approve, gate."""
+
+    seq: int
+    type: str
+    state: str | None
+    by: str
+    at: str
+    comment: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_file(cls, path: Path) -> Event:
+        try:
+            raw = json.loads(Path(path).read_text())
+            return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+        except (OSError, json.JSONDecodeError, TypeError, KeyError) as exc:
+            raise LineageCorruptError(f"{path}: unreadable event ({exc})") from exc

@@ -1,0 +1,781 @@
+"""The lineage store: every applied edit batch as a content-addressed, bit-exactly restorable state.
+
+Layout of ``<workspace>/lineage/``::
+
+    states/<id>/state.json                the record (written last; a state exists iff this exists)
+    states/<id>/deltas.safetensors        the batch's deltas, stored layout and dtype
+    states/<id>/editor_state.safetensors  the editor's tensors after the batch (e.g. AlphaEdit Σ K Kᵀ)
+    states/<id>/editor_meta.json          the editor's JSON metadata after the batch
+    states/<id>/snapshot.safetensors      every `snapshot_every` levels: full edited tensors
+    base/<model hash>/<param>.safetensors the base model's value of each tensor ever edited
+    events/<seq>-<type>.json              promote / rollback / approve / gate, appended, never edited
+    CHAMPION                              the current champion id (a convenience copy of the events)
+    .lock                                 one writer at a time
+
+A commit stages all files in ``.staging/`` (each temp file + fsync + rename), writes ``state.json``
+last and publishes the directory with one atomic rename, so a crash leaves the old store or the new
+one. Only safetensors and JSON are read back: a store received from elsewhere cannot run code.
+Materialising replays the deltas from the nearest snapshot (or the cached base tensors) in the
+recorded order and dtype, then checks every tensor's sha256 against the record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kedit.atomic import (
+    fsync_dir,
+    save_tensors_atomic,
+    sha256_file,
+    sha256_json,
+    sha256_tensor,
+    write_json_atomic,
+    write_text_atomic,
+)
+from kedit.editors.base import EditorState, EditResult
+from kedit.lineage.state import (
+    DELTAS_FILE,
+    EDITOR_META_FILE,
+    EDITOR_TENSORS_FILE,
+    SNAPSHOT_FILE,
+    STATE_FILE,
+    EditState,
+    Event,
+    LineageCorruptError,
+    LineageError,
+)
+
+log = logging.getLogger(__name__)
+
+# The points between which a commit can be interrupted (tests inject a failure at each).
+COMMIT_STEPS = ("base", "deltas", "editor_state", "snapshot", "manifest", "publish")
+EVENT_TYPES = ("promote", "rollback", "approve", "gate")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def tensor_info(t: torch.Tensor) -> dict[str, Any]:
+    """What a record keeps about a tensor: enough to check it bit for bit and to read it at a glance."""
+    return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "sha256": sha256_tensor(t),
+            "norm": float(t.detach().double().norm())}
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types on a damaged header
+        raise LineageCorruptError(f"{path}: unreadable safetensors file ({exc})") from exc
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of :meth:`LineageStore.verify`: ``problems`` names every bad file or state."""
+
+    states: int = 0
+    files: int = 0
+    tensors: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class LogEntry:
+    """One line of ``kedit lineage log``: a state plus what happened to it afterwards."""
+
+    state: EditState
+    children: list[str]
+    champion: bool
+    gate: dict | None
+    approvals: list[Event]
+    promoted: bool
+
+
+class _Model:
+    """What the store needs from a LoadedModel or a bare module: parameters, base hash, weight files."""
+
+    def __init__(self, lm_or_model: Any) -> None:
+        manifest = getattr(lm_or_model, "manifest", None)
+        self.model: torch.nn.Module = getattr(lm_or_model, "model", lm_or_model)
+        self.params = dict(self.model.named_parameters())
+        if manifest is not None:
+            self.base_hash, self.slug = manifest.model_hash, manifest.slug
+            self.files: dict = manifest.files
+            self.path = Path(lm_or_model.path)
+        else:  # a bare module: identify it by the content of its weights
+            self.base_hash, self.slug, self.files, self.path = self.digest(), "in-memory", {}, Path(".")
+
+    def digest(self, replace: dict[str, torch.Tensor] | None = None) -> str:
+        """Same digest as :func:`kedit.models.store.wrap_model`, optionally with some tensors swapped."""
+        replace = replace or {}
+        return sha256_json({k: sha256_tensor(replace.get(k, v)) for k, v in sorted(self.model.state_dict().items())})
+
+    def read_file_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Base values of ``names`` read from the model store's safetensors files (exact), if present."""
+        from safetensors import safe_open
+
+        found: dict[str, torch.Tensor] = {}
+        for fname in self.files:
+            if not fname.endswith(".safetensors") or not (self.path / fname).exists():
+                continue
+            with safe_open(str(self.path / fname), framework="pt") as fh:
+                for n in set(names) & set(fh.keys()):
+                    found[n] = fh.get_tensor(n)
+        return found
+
+
+class LineageStore:
+    """Content-addressed edit states, events and snapshots under one directory (see module doc)."""
+
+    def __init__(self, root: str | Path, snapshot_every: int = 20) -> None:
+        if snapshot_every < 1:
+            raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
+        self.root = Path(root)
+        self.snapshot_every = int(snapshot_every)
+        self.fault_hook: Callable[[str], None] | None = None  # called after each commit step (crash tests)
+        self._index: dict[str, EditState] = {}
+        self._index_key: tuple | None = None
+        self._cache: tuple[str, dict[str, torch.Tensor]] | None = None  # last materialised tensors
+        self._locked = False
+
+    # --- paths ---------------------------------------------------------------------------------
+    @property
+    def states_dir(self) -> Path:
+        return self.root / "states"
+
+    @property
+    def events_dir(self) -> Path:
+        return self.root / "events"
+
+    @property
+    def base_dir(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / ".lock"
+
+    def state_dir(self, state_id: str) -> Path:
+        return self.states_dir / state_id
+
+    # --- locking -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive writer lock (O_EXCL lock file). A lock left by a dead process on this host is taken over."""
+        if self._locked:  # re-entrant within one store object
+            yield
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                holder = self._lock_holder()
+                if holder.get("host") == info["host"] and not _pid_alive(holder.get("pid")):
+                    log.warning("taking over stale lineage lock %s left by dead pid %s", self.lock_path,
+                                holder.get("pid"))
+                    with contextlib.suppress(FileNotFoundError):
+                        self.lock_path.unlink()
+                    continue
+                raise LineageError(
+                    f"lineage store {self.root} is locked by pid {holder.get('pid')} on {holder.get('host')} "
+                    f"since {holder.get('since')} (another kedit writer is running); if that process is gone, "
+                    f"delete {self.lock_path}") from None
+        else:
+            raise LineageError(f"could not acquire {self.lock_path}")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(info, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._locked = True
+        try:
+            self._clean_staging()
+            yield
+        finally:
+            self._locked = False
+            with contextlib.suppress(FileNotFoundError):
+                self.lock_path.unlink()
+
+    def _lock_holder(self) -> dict:
+        try:
+            return json.loads(self.lock_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def _clean_staging(self) -> None:
+        """Remove what an interrupted commit left (only ever unpublished staging folders)."""
+        shutil.rmtree(self.root / ".staging", ignore_errors=True)
+
+    def _step(self, name: str) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(name)
+
+    # --- reading -------------------------------------------------------------------------------
+    def _refresh(self) -> None:
+        if not self.states_dir.exists():
+            self._index, self._index_key = {}, None
+            return
+        st = self.states_dir.stat()
+        key = (st.st_mtime_ns, st.st_nlink)
+        if key == self._index_key:
+            return
+        index = {}
+        for d in self.states_dir.iterdir():
+            if (d / STATE_FILE).exists():
+                index[d.name] = self._index.get(d.name) or EditState.from_file(d / STATE_FILE)
+        self._index, self._index_key = index, key
+
+    def states(self) -> list[EditState]:
+        """All states in the order they were written."""
+        self._refresh()
+        return sorted(self._index.values(), key=lambda s: (s.seq, s.created_at))
+
+    def resolve(self, state_id: str) -> str:
+        """A full id from an id or a unique prefix (>= 4 characters), ``champion`` or ``HEAD``."""
+        self._refresh()
+        if state_id in ("champion", "@champion"):
+            champ = self.champion()
+            if champ is None:
+                raise LineageError(f"{self.root}: no champion yet (nothing promoted)")
+            return champ
+        if state_id in ("HEAD", "latest"):
+            states = self.states()
+            if not states:
+                raise LineageError(f"{self.root}: the lineage is empty")
+            return states[-1].id
+        if state_id in self._index:
+            return state_id
+        hits = [k for k in self._index if len(state_id) >= 4 and k.startswith(state_id)]
+        if len(hits) == 1:
+            return hits[0]
+        if hits:
+            raise LineageError(f"state prefix {state_id!r} is ambiguous: {[h[:12] for h in hits]}")
+        raise LineageError(f"no edit state {state_id!r} in {self.root} ({len(self._index)} states; "
+                           f"see `kedit lineage log`)")
+
+    def get(self, state_id: str) -> EditState:
+        sid = self.resolve(state_id)  # resolve may rebuild the index: look up afterwards
+        return self._index[sid]
+
+    def path(self, state_id: str | None) -> list[EditState]:
+        """The states from the first batch on the base model down to ``state_id`` (inclusive)."""
+        chain: list[EditState] = []
+        sid = self.resolve(state_id) if state_id else None
+        while sid is not None:
+            s = self._index.get(sid)
+            if s is None:
+                raise LineageCorruptError(f"{self.root}: state {chain[-1].short} names a parent {sid} that is "
+                                          f"not in the store")
+            chain.append(s)
+            sid = s.parent
+        return chain[::-1]
+
+    def children(self, state_id: str | None) -> list[EditState]:
+        return [s for s in self.states() if s.parent == state_id]
+
+    def events(self) -> list[Event]:
+        if not self.events_dir.exists():
+            return []
+        evs = [Event.from_file(p) for p in sorted(self.events_dir.glob("*.json"))]
+        return sorted(evs, key=lambda e: e.seq)
+
+    def champion(self) -> str | None:
+        """The state the last promote / rollback event chose (None: the base model)."""
+        for ev in reversed(self.events()):
+            if ev.type in ("promote", "rollback"):
+                return ev.state
+        return None
+
+    def editor_state(self, state_id: str) -> EditorState:
+        """The editor's persistent state after ``state_id`` (files checked against their hashes)."""
+        s = self.get(state_id)
+        d = self.state_dir(s.id)
+        self._check_file(s, EDITOR_META_FILE)
+        meta = json.loads((d / EDITOR_META_FILE).read_text())
+        tensors: dict[str, torch.Tensor] = {}
+        if EDITOR_TENSORS_FILE in s.files:
+            self._check_file(s, EDITOR_TENSORS_FILE)
+            tensors = _load_safetensors(d / EDITOR_TENSORS_FILE)
+        return EditorState(method=s.editor_state["method"], tensors=tensors, meta=meta)
+
+    def deltas(self, state_id: str) -> dict[str, torch.Tensor]:
+        s = self.get(state_id)
+        return _load_safetensors(self.state_dir(s.id) / DELTAS_FILE)
+
+    def _check_file(self, s: EditState, name: str) -> None:
+        path = self.state_dir(s.id) / name
+        if not path.exists():
+            raise LineageCorruptError(f"{path}: missing (state {s.short} records it)")
+        actual = sha256_file(path)
+        if actual != s.files[name]:
+            raise LineageCorruptError(f"{path}: sha256 {actual[:12]} does not match the recorded "
+                                      f"{s.files[name][:12]} (corrupt or modified)")
+
+    # --- tensors of a state (store only; the model is not needed) ------------------------------------
+    def _base_tensors(self, s: EditState, names: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in names:
+            path = self.base_dir / s.base_model_hash / f"{n}.safetensors"
+            if not path.exists():
+                raise LineageCorruptError(f"{path}: base tensor {n} missing (needed by state {s.short})")
+            t = _load_safetensors(path)["tensor"]
+            if sha256_tensor(t) != s.base_sha256[n]:
+                raise LineageCorruptError(f"{path}: base tensor {n} does not match its recorded sha256")
+            out[n] = t
+        return out
+
+    def tensors(self, state_id: str | None, verify: bool = True) -> dict[str, torch.Tensor]:
+        """Every tensor edited on the path to ``state_id``, after it: replayed from the nearest snapshot."""
+        if state_id is None:
+            return {}
+        target = self.get(state_id)
+        if self._cache is not None and self._cache[0] == target.id:
+            return {k: v.clone() for k, v in self._cache[1].items()}
+        chain = self.path(target.id)
+        start = max((i for i, s in enumerate(chain) if s.snapshot), default=-1)
+        if start >= 0:
+            snap = chain[start]
+            cur = _load_safetensors(self.state_dir(snap.id) / SNAPSHOT_FILE)
+            if set(cur) != set(snap.tensor_sha256):
+                raise LineageCorruptError(f"{self.state_dir(snap.id) / SNAPSHOT_FILE}: holds {sorted(cur)}, "
+                                          f"the record lists {sorted(snap.tensor_sha256)}")
+        else:
+            cur = {}
+        missing = [n for n in target.tensor_sha256 if n not in cur]
+        cur.update(self._base_tensors(target, missing))
+        for s in chain[start + 1:]:
+            deltas = _load_safetensors(self.state_dir(s.id) / DELTAS_FILE)
+            for n, d in deltas.items():
+                if n not in cur:
+                    raise LineageCorruptError(f"{self.state_dir(s.id) / DELTAS_FILE}: delta for {n} "
+                                              f"which the record does not list")
+                cur[n].add_(d.to(cur[n].dtype))  # the same op, dtype and order as apply_deltas
+        if verify:
+            bad = [n for n, h in target.tensor_sha256.items() if sha256_tensor(cur[n]) != h]
+            if bad:
+                raise LineageCorruptError(self._diagnose(chain[start if start >= 0 else 0:], target, bad))
+        self._cache = (target.id, {k: v.clone() for k, v in cur.items()})
+        return cur
+
+    def _diagnose(self, chain: list[EditState], target: EditState, bad: list[str]) -> str:
+        """Name the files that make a replay miss its recorded hashes."""
+        culprits = []
+        for s in chain:
+            for name in (DELTAS_FILE, SNAPSHOT_FILE):
+                if name in s.files:
+                    try:
+                        self._check_file(s, name)
+                    except LineageCorruptError as exc:
+                        culprits.append(str(exc))
+        where = "; ".join(culprits) if culprits else "no file differs from its recorded hash (replay mismatch)"
+        return f"state {target.short}: tensors {bad} do not match their recorded sha256: {where}"
+
+    def materialise(self, state_id: str | None, lm: Any) -> EditorState | None:
+        """Put ``lm`` (loaded from the base model) into ``state_id``, in place, and verify it bit for bit.
+
+        Tensors edited anywhere in the lineage but not on this state's path are reset to the base
+        model's values, so this works whatever state the model was in. Returns the editor state to
+        continue from (None for ``state_id=None``, the base model).
+        """
+        m = _Model(lm)
+        target = self.get(state_id) if state_id else None
+        if target and target.base_model_hash != m.base_hash:
+            raise LineageError(f"state {target.short} was made on base model {target.base_model_slug} "
+                               f"({target.base_model_hash[:12]}), not on {m.slug} ({m.base_hash[:12]})")
+        values = self.tensors(target.id) if target else {}
+        others = self._all_edited(m.base_hash) - set(values)
+        values.update(self._base_for(m.base_hash, others))
+        for n, t in values.items():
+            if n not in m.params:
+                raise LineageError(f"state {target.short if target else 'base'}: model has no parameter {n}")
+            if tuple(t.shape) != tuple(m.params[n].shape) or t.dtype != m.params[n].dtype:
+                raise LineageError(f"{n}: stored {tuple(t.shape)} {t.dtype}, model has "
+                                   f"{tuple(m.params[n].shape)} {m.params[n].dtype}")
+        with torch.no_grad():
+            for n, t in values.items():
+                m.params[n].copy_(t)
+        if target:
+            bad = [n for n, h in target.tensor_sha256.items() if sha256_tensor(m.params[n]) != h]
+            if bad:
+                raise LineageCorruptError(f"state {target.short}: model tensors {bad} differ after loading")
+            return self.editor_state(target.id)
+        return None
+
+    def _all_edited(self, base_hash: str) -> set[str]:
+        d = self.base_dir / base_hash
+        return {p.name[: -len(".safetensors")] for p in d.glob("*.safetensors")} if d.exists() else set()
+
+    def _base_for(self, base_hash: str, names: set[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in names:
+            out[n] = _load_safetensors(self.base_dir / base_hash / f"{n}.safetensors")["tensor"]
+        return out
+
+    # --- writing -------------------------------------------------------------------------------
+    def commit(self, base_lm_or_model: Any, result: EditResult, parent: str | None, feed: dict,
+               hparams: dict, evaluation: dict | None = None, predictions: dict | None = None,
+               applied: bool | None = None) -> EditState:
+        """Record ``result`` as a new state on top of ``parent`` and return it.
+
+        The model may hold the parent state's weights (deltas not applied yet) or the weights after
+        ``apply_deltas`` (the usual order: apply, evaluate, commit); the store tells which by comparing
+        bits, or ``applied`` says it. The recorded weights are computed from the store, not read from
+        the model, so the record is exact either way. Committing the same content twice returns the
+        existing state.
+        """
+        m = _Model(base_lm_or_model)
+        if not result.deltas:
+            raise ValueError("commit: the edit result has no deltas")
+        for n, d in result.deltas.items():
+            if n not in m.params:
+                raise KeyError(f"commit: delta for unknown parameter {n!r}")
+            if tuple(d.shape) != tuple(m.params[n].shape):
+                raise ValueError(f"commit: delta for {n} has shape {tuple(d.shape)}, parameter has "
+                                 f"{tuple(m.params[n].shape)}")
+        deltas = {n: d.detach().to("cpu").contiguous() for n, d in sorted(result.deltas.items())}
+        with self.lock():
+            self._refresh()
+            ps = self.get(parent) if parent else None
+            if ps and ps.base_model_hash != m.base_hash:
+                raise LineageError(f"commit: parent {ps.short} was made on base model {ps.base_model_slug} "
+                                   f"({ps.base_model_hash[:12]}), this model is {m.slug} ({m.base_hash[:12]})")
+            start = self.tensors(ps.id) if ps else {}
+            base_sha = dict(ps.base_sha256) if ps else {}
+            new = [n for n in deltas if n not in start]
+            base_new, applied = self._base_values(m, new, deltas, start, applied)
+            for n, t in base_new.items():
+                base_sha[n] = sha256_tensor(t)
+                start[n] = t.clone()
+            post = {}
+            for n, t in start.items():
+                post[n] = t.clone()
+                if n in deltas:
+                    post[n].add_(deltas[n].to(post[n].dtype))
+            es = result.state
+            record = dict(
+                parent=ps.id if ps else None, base_model_hash=m.base_hash, base_model_slug=m.slug,
+                feed=_jsonable(feed, "feed"), method=es.method, hparams=_jsonable(hparams, "hparams"),
+                deltas={n: tensor_info(d) for n, d in deltas.items()},
+                editor_state={"method": es.method,
+                              "tensors": {k: tensor_info(v) for k, v in sorted(es.tensors.items())},
+                              "meta_sha256": sha256_json(_jsonable(es.meta, "editor state meta"))},
+                tensor_sha256={n: sha256_tensor(t) for n, t in sorted(post.items())},
+                base_sha256=dict(sorted(base_sha.items())),
+                evaluation=_jsonable(evaluation, "evaluation"), predictions=_jsonable(predictions, "predictions"),
+                n_edits=_count_edits(feed, result),
+            )
+            probe = EditState(id="", **record)
+            sid = EditState.compute_id(probe.content())
+            if sid in self._index:
+                return self._index[sid]
+            depth = (ps.depth + 1) if ps else 1
+            snapshot = depth % self.snapshot_every == 0
+            seq = 1 + max((s.seq for s in self._index.values()), default=0)
+
+            for n, t in base_new.items():  # outside the state folder; content-addressed by model and name
+                path = self.base_dir / m.base_hash / f"{n}.safetensors"
+                if not path.exists():
+                    save_tensors_atomic(path, {"tensor": t})
+            self._step("base")
+            stage = self.root / ".staging" / f"{sid}.{uuid.uuid4().hex[:8]}"
+            stage.mkdir(parents=True)
+            save_tensors_atomic(stage / DELTAS_FILE, deltas, metadata={"state": sid})
+            self._step("deltas")
+            if es.tensors:
+                save_tensors_atomic(stage / EDITOR_TENSORS_FILE,
+                                    {k: v.detach().cpu() for k, v in es.tensors.items()})
+            write_json_atomic(stage / EDITOR_META_FILE, es.meta)
+            self._step("editor_state")
+            if snapshot:
+                save_tensors_atomic(stage / SNAPSHOT_FILE, post, metadata={"state": sid})
+            self._step("snapshot")
+            files = {p.name: sha256_file(p) for p in sorted(stage.iterdir())}
+            state = EditState(id=sid, **record, depth=depth, seq=seq, created_at=_now(), snapshot=snapshot,
+                              files=files)
+            write_json_atomic(stage / STATE_FILE, state.to_dict())  # the manifest, last
+            fsync_dir(stage)
+            self._step("manifest")
+            self.states_dir.mkdir(parents=True, exist_ok=True)
+            dest = self.state_dir(sid)
+            if dest.exists():  # a folder without a manifest cannot be published; nothing reads it
+                shutil.rmtree(dest)
+            os.replace(stage, dest)
+            fsync_dir(self.states_dir)
+            self._step("publish")
+            self._index[sid] = state
+            self._index_key = None
+            self._cache = (sid, {k: v.clone() for k, v in post.items()})
+            return state
+
+    def _base_values(self, m: _Model, new: list[str], deltas: dict[str, torch.Tensor],
+                     start: dict[str, torch.Tensor], applied: bool | None
+                     ) -> tuple[dict[str, torch.Tensor], bool]:
+        """Exact base values of tensors this lineage has not edited before, and whether deltas are applied.
+
+        Sources, in order: the store's base cache, the model store's safetensors files, the model
+        itself (checked against the base model's content digest when there are no files)."""
+        base: dict[str, torch.Tensor] = {}
+        for n in new:
+            p = self.base_dir / m.base_hash / f"{n}.safetensors"
+            if p.exists():
+                base[n] = _load_safetensors(p)["tensor"]
+        base.update(m.read_file_tensors([n for n in new if n not in base]))
+        known = {**start, **base}
+        with torch.no_grad():
+            for n, d in deltas.items():
+                if n not in known:
+                    continue
+                cur = m.params[n].detach().cpu()
+                pre = torch.equal(cur, known[n])
+                post = torch.equal(cur, known[n] + d.to(known[n].dtype))
+                if not pre and not post:
+                    raise LineageError(f"commit: model weight {n} is neither at the parent state nor at parent + "
+                                       f"deltas; materialise the parent state before editing")
+                if pre != post:
+                    if applied is not None and applied != post:
+                        raise LineageError(f"commit: applied={applied}, but weight {n} says otherwise")
+                    applied = post
+        unknown = [n for n in new if n not in base]
+        if unknown:
+            cur = {n: m.params[n].detach().cpu().clone() for n in unknown}
+            if m.files:
+                raise LineageError(f"commit: base tensors {unknown} not found in {m.path}")
+            candidates = [applied] if applied is not None else [False, True]
+            for mode in candidates:
+                guess = {n: (cur[n] - deltas[n].to(cur[n].dtype)) if mode else cur[n] for n in unknown}
+                if mode and any(not torch.equal(guess[n] + deltas[n].to(cur[n].dtype), cur[n]) for n in unknown):
+                    continue
+                if m.digest(guess) == m.base_hash:
+                    base.update(guess)
+                    applied = mode
+                    break
+            else:
+                raise LineageError(f"commit: cannot recover the base values of {unknown} exactly from the in-memory "
+                                   f"model; commit before apply_deltas, or load the model from the model store")
+        return base, bool(applied)
+
+    # --- events ---------------------------------------------------------------------------------
+    def _event(self, type_: str, state_id: str | None, by: str, comment: str = "",
+               data: dict | None = None) -> Event:
+        if type_ not in EVENT_TYPES:
+            raise ValueError(f"unknown event type {type_!r}")
+        if not by or not str(by).strip():
+            raise ValueError(f"{type_}: say who does it (by=...)")
+        with self.lock():
+            sid = self.resolve(state_id) if state_id else None
+            seq = 1 + max((e.seq for e in self.events()), default=0)
+            ev = Event(seq=seq, type=type_, state=sid, by=str(by), at=_now(), comment=comment,
+                       data=_jsonable(data or {}, f"{type_} data"))
+            write_json_atomic(self.events_dir / f"{seq:06d}-{type_}.json", ev.to_dict())
+            if type_ in ("promote", "rollback"):
+                write_text_atomic(self.root / "CHAMPION", (sid or "base") + "\n")
+            return ev
+
+    def promote(self, state_id: str, by: str, comment: str = "") -> Event:
+        """Make ``state_id`` the champion (an approved promotion)."""
+        prev = self.champion()
+        return self._event("promote", state_id, by, comment, {"previous": prev})
+
+    def rollback(self, state_id: str | None, by: str, reason: str) -> Event:
+        """Make an earlier state (None: the base model) the champion again; the next edits branch from it."""
+        if not reason or not reason.strip():
+            raise ValueError("rollback: give a reason")
+        prev = self.champion()
+        return self._event("rollback", state_id, by, reason, {"previous": prev})
+
+    def approve(self, state_id: str, by: str, comment: str = "") -> Event:
+        return self._event("approve", state_id, by, comment)
+
+    def record_gate(self, state_id: str, gate: dict, by: str = "kedit-gate") -> Event:
+        """Attach a gate verdict (a JSON dict, e.g. {"passed": true, ...}) to a state."""
+        return self._event("gate", state_id, by, "", {"gate": gate})
+
+    # --- views ----------------------------------------------------------------------------------
+    def log(self) -> list[LogEntry]:
+        """Every state with its children, last gate verdict, approvals and champion flag."""
+        states = self.states()
+        events = self.events()
+        champ = self.champion()
+        kids: dict[str | None, list[str]] = {}
+        for s in states:
+            kids.setdefault(s.parent, []).append(s.id)
+        out = []
+        for s in states:
+            evs = [e for e in events if e.state == s.id]
+            gates = [e.data.get("gate") for e in evs if e.type == "gate"]
+            out.append(LogEntry(state=s, children=kids.get(s.id, []), champion=s.id == champ,
+                                gate=gates[-1] if gates else None,
+                                approvals=[e for e in evs if e.type in ("approve", "promote")],
+                                promoted=any(e.type == "promote" for e in evs)))
+        return out
+
+    def branches(self) -> list[list[str]]:
+        """Every root-to-leaf path (each leaf is the tip of a branch)."""
+        states = self.states()
+        parents = {s.parent for s in states}
+        return [[x.id for x in self.path(s.id)] for s in states if s.id not in parents]
+
+    def facts(self, state_id: str | None) -> dict[str, str]:
+        """Row id -> feed file hash of every fact applied on the path to ``state_id``."""
+        out: dict[str, str] = {}
+        for s in self.path(state_id) if state_id else []:
+            for rid in s.feed.get("row_ids", []) or []:
+                out[str(rid)] = s.feed.get("file_sha256", "")
+        return out
+
+    def diff(self, a: str | None, b: str | None) -> dict[str, Any]:
+        """Facts added / removed going from state ``a`` to ``b`` and the per-tensor weight change."""
+        fa, fb = self.facts(a), self.facts(b)
+        ta = self.tensors(a) if a else {}
+        tb = self.tensors(b) if b else {}
+        names = sorted(set(ta) | set(tb))
+        sa = self.get(a) if a else None
+        sb = self.get(b) if b else None
+        ref = sb or sa
+        base = self._base_tensors(ref, [n for n in names if n not in ta or n not in tb]) if ref else {}
+        norms = {}
+        for n in names:
+            x, y = ta.get(n, base.get(n)), tb.get(n, base.get(n))
+            norms[n] = {"delta_norm": float((y.double() - x.double()).norm()), "weight_norm": float(y.double().norm())}
+        pa = [s.id for s in self.path(a)] if a else []
+        pb = [s.id for s in self.path(b)] if b else []
+        common = [x for x, y in zip(pa, pb) if x == y]
+        return {"from": a, "to": b, "common_ancestor": common[-1] if common else None,
+                "added": sorted(set(fb) - set(fa)), "removed": sorted(set(fa) - set(fb)),
+                "modules": norms}
+
+    # --- verification ---------------------------------------------------------------------------
+    def verify(self, deep: bool = True, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+        """Re-hash every file, check every record and (``deep``) replay every state against its tensor hashes."""
+        rep = VerifyReport()
+        if not self.root.exists():
+            rep.problems.append(f"{self.root}: no lineage store here")
+            return rep
+        valid: dict[str, EditState] = {}
+        for d in sorted(self.states_dir.iterdir()) if self.states_dir.exists() else []:
+            try:
+                s = EditState.from_file(d / STATE_FILE)
+            except (LineageCorruptError, FileNotFoundError) as exc:
+                rep.problems.append(str(exc) if not isinstance(exc, FileNotFoundError)
+                                    else f"{d}: folder without {STATE_FILE}")
+                continue
+            rep.states += 1
+            ok = True
+            for name in s.files:
+                rep.files += 1
+                try:
+                    self._check_file(s, name)
+                except LineageCorruptError as exc:
+                    rep.problems.append(str(exc))
+                    ok = False
+            extra = sorted({p.name for p in d.iterdir()} - set(s.files) - {STATE_FILE})
+            if extra:
+                rep.problems.append(f"{d}: files not in the record: {extra}")
+            if ok:
+                valid[s.id] = s
+        for s in valid.values():
+            if s.parent and s.parent not in valid:
+                rep.problems.append(f"state {s.short}: parent {str(s.parent)[:12]} missing or invalid")
+        for h in sorted(self.base_dir.glob("*/*.safetensors")) if self.base_dir.exists() else []:
+            rep.files += 1
+            want = {s.base_sha256.get(h.stem) for s in valid.values() if s.base_model_hash == h.parent.name} - {None}
+            try:
+                got = sha256_tensor(_load_safetensors(h)["tensor"])
+            except (LineageCorruptError, KeyError) as exc:
+                rep.problems.append(f"{h}: {exc}")
+                continue
+            if want and got not in want:
+                rep.problems.append(f"{h}: base tensor does not match the sha256 recorded by the states")
+        try:
+            evs = self.events()
+        except LineageCorruptError as exc:
+            rep.problems.append(str(exc))
+            evs = []
+        for e in evs:
+            if e.state and e.state not in valid:
+                rep.problems.append(f"event {e.seq} ({e.type}) names unknown or invalid state {e.state[:12]}")
+        if deep and not rep.problems:
+            self._deep_verify(list(valid.values()), rep, progress)
+        return rep
+
+    def _deep_verify(self, states: list[EditState], rep: VerifyReport,
+                     progress: Callable[[int, int], None] | None) -> None:
+        """Replay the whole tree depth first, one delta per state, comparing every tensor hash."""
+        kids: dict[str | None, list[EditState]] = {}
+        for s in sorted(states, key=lambda s: s.seq):
+            kids.setdefault(s.parent, []).append(s)
+        stack: list[tuple[EditState, dict[str, torch.Tensor]]] = [(s, {}) for s in reversed(kids.get(None, []))]
+        done = 0
+        while stack:
+            s, cur = stack.pop()
+            try:
+                missing = [n for n in s.tensor_sha256 if n not in cur]
+                cur.update(self._base_tensors(s, missing))
+                for n, d in _load_safetensors(self.state_dir(s.id) / DELTAS_FILE).items():
+                    cur[n].add_(d.to(cur[n].dtype))
+                bad = [n for n, h in s.tensor_sha256.items() if sha256_tensor(cur[n]) != h]
+                rep.tensors += len(s.tensor_sha256)
+                if bad:
+                    rep.problems.append(f"state {s.short}: replayed tensors {bad} do not match their recorded sha256")
+                    continue
+                if s.snapshot:
+                    snap = _load_safetensors(self.state_dir(s.id) / SNAPSHOT_FILE)
+                    if any(not torch.equal(snap.get(n, torch.empty(0)), cur[n]) for n in cur):
+                        rep.problems.append(f"{self.state_dir(s.id) / SNAPSHOT_FILE}: differs from the replay")
+            except LineageCorruptError as exc:
+                rep.problems.append(str(exc))
+                continue
+            done += 1
+            if progress:
+                progress(done, len(states))
+            children = kids.get(s.id, [])
+            for i, c in enumerate(reversed(children)):
+                stack.append((c, cur if i == len(children) - 1 else {k: v.clone() for k, v in cur.items()}))
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _jsonable(obj: Any, what: str) -> Any:
+    """Round-trip through JSON so records hold only plain data (and fail here, naming the field)."""
+    if obj is None:
+        return None
+    try:
+        return json.loads(json.dumps(obj, sort_keys=True))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"commit: {what} must be JSON-serialisable ({exc})") from exc
+
+
+def _count_edits(feed: dict, result: EditResult) -> int:
+    rows = (feed or {}).get("row_ids")
+    if rows:
+        return len(rows)
+    return len(result.diagnostics)

@@ -1,0 +1,162 @@
+"""Git + DVC versioning of a workspace: ``lineage/``, ``models/`` and ``stats/`` are DVC-tracked data,
+each promoted state is a git commit and a tag ``kedit/state/<id>``, so ``git checkout <tag> && dvc
+checkout`` restores that state's files. kedit's own rollback does not need this (the lineage store
+keeps every state); it is how the files travel and how a past workspace is reproduced elsewhere.
+
+DVC and git run as subprocesses (``dvc`` from this interpreter's environment): their CLIs are
+stable, and nothing of theirs is imported into kedit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from kedit.lineage.state import LineageError
+from kedit.workspace import Workspace
+
+TRACKED = ("lineage", "models", "stats")
+TAG_PREFIX = "kedit/state/"
+DVCIGNORE = ["lineage/.lock", "lineage/.staging/"]
+GITIGNORE = ["mlflow.db", "mlartifacts/", ".dvc-remote/", ".kedit-cache/", "reports/"]
+
+
+def _dvc_bin() -> str:
+    cand = Path(sys.executable).parent / "dvc"
+    return str(cand) if cand.exists() else (shutil.which("dvc") or "dvc")
+
+
+def state_tag(state_id: str) -> str:
+    return f"{TAG_PREFIX}{state_id[:12]}"
+
+
+@dataclass
+class Versioning:
+    """The workspace as a git + DVC repository with a default local DVC remote (a directory).
+
+    ``remote`` may be any DVC remote URL (``s3://...``, ``gs://...``, ``azure://...``); a plain path
+    (default ``<workspace>/.dvc-remote``) works out of the box.
+    """
+
+    ws: Workspace
+    remote: str | None = None
+    remote_name: str = "kedit"
+
+    @property
+    def root(self) -> Path:
+        return self.ws.root
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"})
+        return env
+
+    def git(self, *args: str, check: bool = True) -> str:
+        p = subprocess.run(["git", *args], cwd=self.root, capture_output=True, text=True, env=self._env())
+        if check and p.returncode != 0:
+            raise LineageError(f"git {' '.join(args)} failed in {self.root}: {p.stderr.strip() or p.stdout.strip()}")
+        return p.stdout.strip()
+
+    def dvc(self, *args: str, check: bool = True) -> str:
+        p = subprocess.run([_dvc_bin(), *args], cwd=self.root, capture_output=True, text=True, env=self._env())
+        if check and p.returncode != 0:
+            raise LineageError(f"dvc {' '.join(args)} failed in {self.root}: {p.stderr.strip() or p.stdout.strip()}")
+        return p.stdout.strip()
+
+    @property
+    def initialised(self) -> bool:
+        return (self.root / ".git").exists() and (self.root / ".dvc").is_dir()
+
+    def remote_url(self) -> str:
+        return self.remote or str((self.root / ".dvc-remote").resolve())
+
+    def ensure(self) -> None:
+        """git init + dvc init + the default remote, each only if absent; the remote config is committed
+        before any data (``dvc.api.open(rev=old)`` reads the remote from that revision's config)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / ".git").exists():
+            self.git("init", "-q", "-b", "main")
+        if not self.git("config", "user.email", check=False):
+            self.git("config", "user.email", "kedit@localhost")
+            self.git("config", "user.name", "kedit")
+        changed = False
+        if not (self.root / ".dvc").is_dir():
+            self.dvc("init", "-q")
+            self.dvc("config", "core.analytics", "false")
+            # Model files are large and never edited in place: link them from the cache, do not copy.
+            self.dvc("config", "cache.type", "hardlink,symlink")
+            changed = True
+        remotes = self.dvc("remote", "list")
+        if self.remote_name not in remotes.split():
+            url = self.remote_url()
+            if "://" not in url:
+                Path(url).mkdir(parents=True, exist_ok=True)
+            self.dvc("remote", "add", "-d", self.remote_name, url)
+            changed = True
+        changed |= _ensure_lines(self.root / ".dvcignore", DVCIGNORE)
+        changed |= _ensure_lines(self.root / ".gitignore", GITIGNORE)
+        if changed:
+            self.git("add", ".dvc/config", ".dvcignore", ".gitignore")
+            if self.git("diff", "--cached", "--name-only"):
+                self.git("commit", "-q", "-m", "kedit: DVC setup and default remote")
+
+    def snapshot(self, message: str, tag: str | None = None, push: bool = True) -> dict[str, str]:
+        """``dvc add`` the data folders, commit the .dvc files, optionally tag, and push to the remote.
+
+        Returns the git commit and, per folder, the DVC revision (the md5 of the tracked directory).
+        """
+        self.ensure()
+        present = [d for d in TRACKED if (self.root / d).exists()]
+        if not present:
+            raise LineageError(f"{self.root}: none of {TRACKED} exist yet; nothing to version")
+        self.dvc("add", "-q", *present)
+        self.git("add", *[f"{d}.dvc" for d in present], ".gitignore")
+        if self.git("diff", "--cached", "--name-only"):
+            self.git("commit", "-q", "-m", message)
+        commit = self.git("rev-parse", "HEAD")
+        if tag:
+            self.git("tag", "-f", tag, commit)
+        if push:
+            self.dvc("push", "-q")
+        return {"git_commit": commit, **{f"dvc_rev.{d}": self.dvc_rev(d) for d in present}}
+
+    def dvc_rev(self, folder: str = "lineage") -> str:
+        """The md5 DVC recorded for ``folder`` in the current ``<folder>.dvc`` (empty if untracked)."""
+        import yaml
+
+        f = self.root / f"{folder}.dvc"
+        if not f.exists():
+            return ""
+        outs = (yaml.safe_load(f.read_text()) or {}).get("outs") or [{}]
+        return str(outs[0].get("md5", ""))
+
+    def tag_state(self, state_id: str, message: str) -> dict[str, str]:
+        """Commit the current data as the promoted state ``state_id`` and tag it ``kedit/state/<id>``."""
+        return self.snapshot(message, tag=state_tag(state_id))
+
+    def tags(self) -> list[str]:
+        out = self.git("tag", "--list", f"{TAG_PREFIX}*", check=False)
+        return [t for t in out.splitlines() if t]
+
+    def checkout(self, rev: str) -> None:
+        """``git checkout <rev> && dvc checkout`` (files of that revision; detached HEAD for a tag)."""
+        self.git("checkout", "-q", rev)
+        self.dvc("checkout", "-q", "--force")
+
+    def pull(self) -> None:
+        self.dvc("pull", "-q")
+
+
+def _ensure_lines(path: Path, lines: list[str]) -> bool:
+    have = path.read_text().splitlines() if path.exists() else []
+    add = [line for line in lines if line not in have]
+    if add:
+        with open(path, "a") as fh:
+            if have and have[-1] != "":
+                fh.write("\n")
+            fh.write("\n".join(add) + "\n")
+    return bool(add)
