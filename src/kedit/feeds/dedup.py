@@ -1,0 +1,105 @@
+"""Deduplication and contradiction checks over normalised rows (pure functions, no I/O).
+
+* in-feed: rows with the same (subject, prompt) and the same target are duplicates (keep the first);
+  with different targets they contradict each other (quarantine them all). Rows sharing an ``id``
+  but differing in content are quarantined too.
+* lineage: a (subject, prompt, target_new) already applied is dropped.
+* history: a fact whose target changes back to an earlier value within the window (A -> B -> A)
+  is quarantined as a flip-flop.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from kedit.feeds.expectations import parse_time
+from kedit.feeds.normalize import normalize_text
+
+
+def fact_key(row: dict[str, Any]) -> tuple[str, str]:
+    return row["subject"], row["prompt"]
+
+
+def _content(row: dict[str, Any]) -> tuple:
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(row.items()))
+
+
+def in_feed_conflicts(rows: list[dict[str, Any]]) -> tuple[dict[int, str], dict[int, str]]:
+    """Return (quarantine, drop): position -> reason, for contradictions and duplicates within one feed."""
+    quarantine: dict[int, str] = {}
+    drop: dict[int, str] = {}
+    by_id: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        by_id[r["id"]].append(i)
+    for rid, idx in by_id.items():
+        if len(idx) > 1:
+            if len({_content(rows[i]) for i in idx}) == 1:
+                for i in idx[1:]:
+                    drop[i] = f"duplicate: exact copy of row {idx[0] + 1} (id {rid!r})"
+            else:
+                for i in idx:
+                    quarantine[i] = (f"id_unique: id {rid!r} is used by {len(idx)} rows with different "
+                                     "content")
+    by_fact: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        if i not in quarantine and i not in drop:
+            by_fact[fact_key(r)].append(i)
+    for (subject, prompt), idx in by_fact.items():
+        if len(idx) < 2:
+            continue
+        targets = sorted({rows[i]["target_new"] for i in idx})
+        if len(targets) > 1:
+            for i in idx:
+                quarantine[i] = (f"contradictory: {len(idx)} rows change ({subject!r}, {prompt!r}) to different "
+                                 f"targets {targets}")
+        else:
+            for i in idx[1:]:
+                drop[i] = f"duplicate: same fact and target as id {rows[idx[0]]['id']!r}"
+    return quarantine, drop
+
+
+def normalize_fact(fact: Iterable[str]) -> tuple[str, ...]:
+    return tuple(normalize_text(x) for x in fact)
+
+
+def already_applied(rows: list[dict[str, Any]], applied: Iterable[tuple[str, str, str]]) -> dict[int, str]:
+    """Positions of rows whose (subject, prompt, target_new) is already applied in the lineage."""
+    done = {normalize_fact(f) for f in applied}
+    return {i: "already_applied: this fact with this target is already applied in the current lineage"
+            for i, r in enumerate(rows) if (r["subject"], r["prompt"], r["target_new"]) in done}
+
+
+def _get(rec: Any, key: str) -> Any:
+    return rec.get(key) if isinstance(rec, dict) else getattr(rec, key, None)
+
+
+def flip_flops(rows: list[dict[str, Any]], history: Iterable[Any], window_days: int) -> dict[int, str]:
+    """Positions of rows that change a fact back to a value it had within ``window_days`` before.
+
+    ``history`` holds earlier fact records (dicts or objects) with subject, prompt, target_new,
+    optional target_true and a time (``observed_at``, ``applied_at`` or ``date``, ISO 8601).
+    """
+    past: dict[tuple[str, str], list[tuple[Any, str, str | None]]] = defaultdict(list)
+    for rec in history:
+        when = next((t for k in ("observed_at", "applied_at", "date") if (t := parse_time(_get(rec, k)))), None)
+        if when is None or not _get(rec, "subject") or not _get(rec, "prompt") or not _get(rec, "target_new"):
+            raise ValueError(f"history record needs subject, prompt, target_new and an ISO time: {rec!r}")
+        tt = _get(rec, "target_true")
+        past[(normalize_text(_get(rec, "subject")), normalize_text(_get(rec, "prompt")))].append(
+            (when, normalize_text(_get(rec, "target_new")), normalize_text(tt) if tt else None))
+    window = timedelta(days=window_days)
+    out: dict[int, str] = {}
+    for i, r in enumerate(rows):
+        now = parse_time(r["observed_at"])
+        recent = sorted(e for e in past.get(fact_key(r), []) if now - window <= e[0] <= now)
+        if not recent:
+            continue
+        last_when, last_target, _ = recent[-1]
+        earlier = {e[1] for e in recent[:-1]} | {e[2] for e in recent if e[2]}
+        if last_target != r["target_new"] and r["target_new"] in earlier:
+            out[i] = (f"flip_flop: fact changed back and forth within {window_days} days: was set to "
+                      f"{last_target!r} on {last_when.date()}, now back to {r['target_new']!r}")
+    return out

@@ -1,0 +1,259 @@
+"""Feeds: GX validation, row-level quarantine with reasons, thresholds, malformed files, dedup, idempotency."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from kedit.feeds.dedup import flip_flops, in_feed_conflicts
+from kedit.feeds.ingest import ingest_feed, to_edit_requests
+from kedit.feeds.normalize import normalize_row, normalize_text
+from kedit.feeds.reader import FeedFormatError, read_feed
+from kedit.feeds.schema import FeedPolicy, feed_schema, shipped_schema
+
+DATA = Path(__file__).parent / "data" / "feeds"
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+LENIENT = FeedPolicy(max_invalid_fraction=0.5)
+
+
+def _copy(name: str, tmp: Path, as_name: str = "2025-01-02") -> Path:
+    dest = tmp / "feeds" / f"{as_name}{Path(name).suffix}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DATA / name, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    path = _copy("mixed.jsonl", tmp_path_factory.mktemp("mixed"))
+    return path, ingest_feed(path, LENIENT, now=NOW)
+
+
+# id of the row in mixed.jsonl -> the check that must quarantine it
+EXPECTED_REASON = {
+    "g101": "not_null:target_new", "g102": "prompt_one_slot", "g103": "prompt_one_slot",
+    "g104": "no_control_chars:subject", "g105": "targets_differ", "g106": "observed_at_iso8601",
+    "g107": "observed_at_not_future", "g108": "length:target_new", "g109": "is_string:subject",
+    "g110": "list:paraphrases", "g111": "not_blank:subject", "g112": "contradictory", "g113": "contradictory",
+}
+
+
+def test_each_bad_row_quarantined_with_its_reason(mixed):
+    path, res = mixed
+    assert res.passed, res.message
+    by_id: dict[str, list[list[str]]] = {}
+    for q in res.quarantined:
+        by_id.setdefault(q.row["id"], []).append(q.reasons)
+    for rid, check in EXPECTED_REASON.items():
+        assert rid in by_id, f"{rid} not quarantined"
+        assert any(r.startswith(check + ":") for r in by_id[rid][0]), (rid, by_id[rid])
+    # id "g2" used by two different rows: both quarantined
+    assert len(by_id["g2"]) == 2 and all(r[0].startswith("id_unique:") for r in by_id["g2"])
+    assert res.counts["quarantined"] == len(EXPECTED_REASON) + 2 == len(res.quarantined)
+    # the exact duplicate of g3 is dropped, not quarantined; all other good rows are accepted
+    assert [(d.row["id"], d.reason.split(":")[0]) for d in res.dropped] == [("g3-again", "duplicate")]
+    assert sorted(res.accepted_ids) == sorted(["g1"] + [f"g{i}" for i in range(3, 21)])
+    assert res.counts["rows"] == 35 and res.counts["accepted"] == 19
+    # quarantine file beside the feed, one JSON line per quarantined row with line number and reasons
+    qfile = path.parent / "quarantine" / "2025-01-02.jsonl"
+    assert res.quarantine_path == str(qfile)
+    lines = [json.loads(x) for x in qfile.read_text().splitlines()]
+    assert len(lines) == len(res.quarantined) and all(x["reasons"] and (x["line"] >= 21 or x["id"] == "g2") for x in lines)
+    report = Path(res.report_path).read_text()
+    assert res.report_path == str(path.parent / "reports" / "2025-01-02.md")
+    assert "ACCEPTED" in report and "prompt_one_slot" in report and "g3-again" in report
+    # every GX expectation is reported; the uniqueness ones failed
+    checks = {c["check"]: c for c in res.checks}
+    assert not checks["subject_prompt_unique"]["success"] and not checks["id_unique"]["success"]
+    assert checks["row_count"]["success"]
+
+
+def test_accepted_rows_are_normalised_edit_requests(mixed):
+    reqs = to_edit_requests(mixed[1].accepted)
+    assert reqs[0].id == "g1" and reqs[0].text == "Subject 1 is located in" and reqs[0].target_new == "Place 1"
+    assert reqs[0].paraphrases == ["Subject 1 can be found in"] and reqs[0].neighbors == ["Paris is located in"]
+
+
+def test_invalid_fraction_over_threshold_fails_whole_feed(tmp_path):
+    path = _copy("mixed.jsonl", tmp_path)
+    res = ingest_feed(path, FeedPolicy(max_invalid_fraction=0.2), now=NOW)
+    assert not res.passed and res.accepted == [] and res.counts["held_back"] == 19
+    assert "max_invalid_fraction" in res.message and "15 of 35" in res.message
+    assert "REJECTED" in Path(res.report_path).read_text()
+    assert Path(res.quarantine_path).exists()  # the bad rows are still quarantined for inspection
+
+
+def test_row_count_limit_fails_whole_feed(tmp_path):
+    res = ingest_feed(_copy("good.jsonl", tmp_path), FeedPolicy(max_rows=3), now=NOW, record=False)
+    assert not res.passed and res.accepted == [] and "row_count" in res.message
+
+
+@pytest.mark.parametrize("name,policy,line,words", [
+    ("bad_json.jsonl", None, 3, "invalid JSON"),
+    ("latin1.jsonl", None, 2, "not valid UTF-8"),
+    ("missing_column.jsonl", None, None, "missing required column(s) ['target_new']"),
+    ("missing_column.csv", None, 1, "missing required column(s) ['observed_at']"),
+    ("empty.jsonl", None, None, "file is empty"),
+    ("good.jsonl", FeedPolicy(max_file_bytes=100), None, "over the limit of 100"),
+])
+def test_malformed_files_name_file_line_and_problem(name, policy, line, words, tmp_path):
+    path = _copy(name, tmp_path)
+    with pytest.raises(FeedFormatError) as ei:
+        ingest_feed(path, policy, now=NOW)
+    err = ei.value
+    assert err.path == str(path) and err.line == line and words in str(err)
+    assert str(err).startswith(f"{path}:{line}:" if line else f"{path}:")
+    assert not (path.parent / "reports").exists()  # nothing written, nothing applied
+
+
+def test_unknown_format_and_missing_file(tmp_path):
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(FeedFormatError, match="unknown feed format"):
+        read_feed(tmp_path / "f.txt")
+    with pytest.raises(FileNotFoundError):
+        read_feed(tmp_path / "nope.jsonl")
+
+
+def test_reingest_is_idempotent_and_never_double_applies(tmp_path):
+    path = _copy("good.jsonl", tmp_path)
+    seen = []
+
+    def predicts(rows):
+        seen.append(len(rows))
+        return [r["id"] == "g2" for r in rows]
+
+    first = ingest_feed(path, now=NOW, predicts_target=predicts)
+    assert first.passed and first.accepted_ids == ["g1", "g3", "g4", "g5"] and seen == [5]
+    assert [(d.row["id"], d.reason.split(":")[0]) for d in first.dropped] == [("g2", "no_op")]
+    ledger = json.loads((path.parent / ".ingested.json").read_text())
+    assert list(ledger) == [first.sha256] and ledger[first.sha256]["accepted_ids"] == first.accepted_ids
+    report1 = Path(first.report_path).read_text()
+
+    again = ingest_feed(path, now=NOW, predicts_target=predicts)
+    assert again.previously_ingested and again.sha256 == first.sha256
+    assert again.accepted == first.accepted and again.counts == first.counts
+    assert "already ingested" in again.notes[-1]
+    assert Path(again.report_path).read_text().replace(f"- note: {again.notes[-1]}\n", "") == report1
+
+    # after the accepted facts were applied, a re-ingest yields nothing to apply
+    applied = {(r["subject"], r["prompt"], " " + r["target_new"]) for r in first.accepted}
+    after = ingest_feed(path, now=NOW, applied_facts=applied, predicts_target=predicts)
+    assert after.accepted == [] and after.counts["drop_reasons"] == {"already_applied": 4, "no_op": 1}
+
+
+def test_changed_file_under_same_name_is_noted(tmp_path):
+    path = _copy("good.jsonl", tmp_path)
+    first = ingest_feed(path, now=NOW)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3]) + "\n")
+    second = ingest_feed(path, now=NOW)
+    assert second.sha256 != first.sha256 and not second.previously_ingested
+    assert any("different content" in n for n in second.notes)
+
+
+def test_csv_and_parquet_read_like_jsonl(tmp_path):
+    import pandas as pd
+
+    csv_rows = read_feed(DATA / "good.csv").rows
+    jsonl_rows = read_feed(DATA / "good.jsonl").rows
+    assert csv_rows == jsonl_rows[:4]
+    pq = tmp_path / "2025-01-02.parquet"
+    pd.DataFrame(jsonl_rows).to_parquet(pq)
+    feed = read_feed(pq)
+    assert feed.format == "parquet" and feed.rows == jsonl_rows and feed.lines == [1, 2, 3, 4, 5]
+
+
+def test_flip_flop_within_window_is_quarantined():
+    row = normalize_row({"id": "a", "subject": "Paris", "prompt": "{} is the capital of", "target_new": "France",
+                         "target_true": "Italy", "source": "t", "observed_at": "2025-03-10T00:00:00Z"})[0]
+    history = [{"subject": "Paris", "prompt": "{} is the capital of", "target_new": "Italy",
+                "target_true": "France", "observed_at": "2025-03-01"}]
+    assert "flip_flop" in flip_flops([row], history, window_days=30)[0]
+    assert flip_flops([row], history, window_days=5) == {}  # outside the window: a legitimate change
+    same = [{**history[0], "target_new": "France"}]
+    assert flip_flops([row], same, window_days=30) == {}  # re-stating the current value is not a flip
+
+
+def test_in_feed_duplicates_and_contradictions():
+    base = {"id": "a", "subject": "S", "prompt": "{} is", "target_new": "X"}
+    rows = [base, {**base, "id": "b"}, {**base, "id": "c", "subject": "T"}, {**base, "id": "d", "subject": "T",
+                                                                                "target_new": "Y"}, dict(base)]
+    quarantine, drop = in_feed_conflicts(rows)
+    assert set(quarantine) == {2, 3} and all("contradictory" in v for v in quarantine.values())
+    assert set(drop) == {1, 4}  # b: same fact+target as a; the last row: exact copy of a
+
+
+def test_normalisation():
+    assert normalize_text("  Paris \t\n ") == "Paris" and normalize_text("New   York") == "New York"
+    row, problems = normalize_row({"id": " x ", "subject": "Eiffel  Tower", "prompt": "{}  is in ",
+                                   "target_new": " Rome", "target_true": "Rome ", "source": "s",
+                                   "observed_at": "2025-01-02T05:00:00+02:00", "paraphrases": ["a", " a ", ""]})
+    assert row["target_new"] == "Rome" and row["prompt"] == "{} is in" and row["subject"] == "Eiffel Tower"
+    assert row["observed_at"] == "2025-01-02T03:00:00Z" and row["paraphrases"] == ["a"] and row["neighbors"] == []
+    assert problems and problems[0].startswith("targets_differ")
+
+
+def test_shipped_schema_and_sample_feed(tmp_path):
+    import jsonschema
+
+    assert shipped_schema() == feed_schema()
+    from importlib import resources
+
+    sample = resources.files("kedit").joinpath("data", "sample_feed.jsonl")
+    rows = [json.loads(x) for x in sample.read_text(encoding="utf-8").splitlines()]
+    assert 20 <= len(rows) <= 40
+    validator = jsonschema.Draft202012Validator(feed_schema())
+    for r in rows:
+        validator.validate(r)
+        assert r["paraphrases"] and r["neighbors"]
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate({**rows[0], "prompt": "no slot"})
+    dest = tmp_path / "sample.jsonl"
+    dest.write_bytes(sample.read_bytes())
+    res = ingest_feed(dest, now=NOW, record=False)
+    assert res.passed and res.counts["accepted"] == len(rows)
+
+
+def test_policy_from_params():
+    repo_params = Path(__file__).parents[1] / "params.yaml"
+    assert FeedPolicy.from_params(repo_params).max_invalid_fraction == FeedPolicy().max_invalid_fraction
+    assert FeedPolicy.from_params({"feeds": {"max_rows": 7}}).max_rows == 7
+    with pytest.raises(ValueError, match="unknown policy key"):
+        FeedPolicy.from_params({"feeds": {"max_rowz": 7}})
+    with pytest.raises(ValueError):
+        FeedPolicy(max_invalid_fraction=1.5)
+
+
+def test_feed_make_from_counterfact(tmp_path):
+    from kedit.feeds.make import make_feeds
+
+    recs = [{"case_id": i, "prompt": f"Subj{i} was born in", "subject": f"Subj{i}", "target_new": "Rome",
+             "ground_truth": "Oslo", "rephrase_prompt": f"Where was Subj{i} born? In",
+             "locality_prompt": "Mozart was born in", "locality_ground_truth": "Salzburg"} for i in range(7)]
+    recs.insert(2, {"case_id": 99, "prompt": "nobody here", "subject": "Ghost", "target_new": "A"})
+    src = tmp_path / "cf.json"
+    src.write_text(json.dumps(recs))
+    from datetime import date
+
+    s = make_feeds(src, tmp_path / "feeds", days=3, per_day=3, start=date(2025, 1, 1))
+    assert [f.name for f in s.files] == ["2025-01-01.jsonl", "2025-01-02.jsonl", "2025-01-03.jsonl"]
+    assert s.rows == 7 and s.skipped == 1
+    first = [json.loads(x) for x in s.files[0].read_text().splitlines()]
+    assert first[0]["prompt"] == "{} was born in" and first[0]["id"] == "cf-0" and first[0]["target_true"] == "Oslo"
+    assert first[0]["neighbors"] == ["Mozart was born in"] and first[0]["observed_at"] == "2025-01-01T06:00:00Z"
+    with pytest.raises(FileExistsError):
+        make_feeds(src, tmp_path / "feeds", days=3, per_day=3, start=date(2025, 1, 1))
+
+
+def test_cli_validate_exit_codes(tmp_path, capsys):
+    from kedit.cli import main
+
+    assert main(["feed", "validate", str(_copy("good.jsonl", tmp_path)), "--out", str(tmp_path / "o")]) == 0
+    assert "ACCEPTED" in capsys.readouterr().out and (tmp_path / "o" / "reports" / "2025-01-02.md").exists()
+    bad = _copy("bad_json.jsonl", tmp_path, "2025-01-03")
+    assert main(["feed", "validate", str(bad)]) == 2
+    assert f"{bad}:3: invalid JSON" in capsys.readouterr().err
