@@ -251,3 +251,40 @@ def test_store_holds_no_pickle(workspace, stored_lm):
         json.loads(p.read_text())
     entry = store.log()[-1]
     assert entry.gate == {"passed": True}
+
+
+def test_cli_log_show_diff_verify_rollback_export(workspace, stored_lm, capsys, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from kedit.cli import main
+
+    lm = stored_lm()
+    store = LineageStore(workspace.lineage_dir, snapshot_every=2)
+    s1, s2 = run_batches(store, lm, 2)
+    store.record_gate(s2.id, {"passed": False, "locality": 0.7})
+    store.promote(s2.id, by="alice", comment="ok")
+    w = ["-w", str(workspace.root)]
+    assert main([*w, "lineage", "log"]) == 0
+    out = capsys.readouterr().out
+    assert s1.id[:12] in out and "★ champion" in out and "gate: FAIL" in out and "2 states" in out
+    assert main([*w, "lineage", "show", s1.id[:8]]) == 0
+    assert json.loads(capsys.readouterr().out)["state"]["id"] == s1.id
+    assert main([*w, "lineage", "diff", "base", s2.id[:8]]) == 0
+    out = capsys.readouterr().out
+    assert "facts added (4)" in out and lm.adapter.weight_name(1) in out
+    assert main([*w, "lineage", "verify"]) == 0
+    assert "lineage OK" in capsys.readouterr().out
+    assert main([*w, "rollback", s1.id[:10], "--reason", "day 2 regressed", "--by", "bob"]) == 0
+    out = capsys.readouterr().out
+    assert "champion is now" in out and "editor state restored" in out
+    assert LineageStore(workspace.lineage_dir).champion() == s1.id
+    assert main([*w, "rollback", "nope", "--reason", "x"]) == 2  # clear error, no traceback
+    assert "no edit state" in capsys.readouterr().err
+    assert main([*w, "export", "champion", "--out", str(tmp_path / "served")]) == 0
+    served = AutoModelForCausalLM.from_pretrained(tmp_path / "served")
+    params = dict(served.named_parameters())
+    assert {n: sha256_tensor(params[n]) for n in s1.tensor_sha256} == s1.tensor_sha256
+    assert json.loads((tmp_path / "served" / "kedit_state.json").read_text())["state"]["id"] == s1.id
+    _flip(workspace.lineage_dir / "states" / s2.id / DELTAS_FILE, 500)
+    assert main([*w, "lineage", "verify", "--quick"]) == 1
+    assert "deltas.safetensors" in capsys.readouterr().out

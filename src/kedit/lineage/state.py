@@ -28,7 +28,7 @@ CONTENT_FIELDS = ("schema", "parent", "base_model_hash", "base_model_slug", "fee
                   "n_edits")
 
 
-class LineageError(Exception):
+class LineageError(ValueError):
     """A lineage store problem a user can act on (unknown id, lock held, wrong base model)."""
 
 
