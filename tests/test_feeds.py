@@ -232,7 +232,7 @@ def test_feed_make_from_counterfact(tmp_path):
     from kedit.feeds.make import make_feeds
 
     recs = [{"case_id": i, "prompt": f"Subj{i} was born in", "subject": f"Subj{i}", "target_new": "Rome",
-             "ground_truth": "Oslo", "rephrase_prompt": f"Where was Subj{i} born? In",
+             "ground_truth": "Oslo", "rephrase_prompt": f"Intro.\nWhere was Subj{i} born? In",
              "locality_prompt": "Mozart was born in", "locality_ground_truth": "Salzburg"} for i in range(7)]
     recs.insert(2, {"case_id": 99, "prompt": "nobody here", "subject": "Ghost", "target_new": "A"})
     src = tmp_path / "cf.json"
@@ -244,6 +244,7 @@ def test_feed_make_from_counterfact(tmp_path):
     assert s.rows == 7 and s.skipped == 1
     first = [json.loads(x) for x in s.files[0].read_text().splitlines()]
     assert first[0]["prompt"] == "{} was born in" and first[0]["id"] == "cf-0" and first[0]["target_true"] == "Oslo"
+    assert first[0]["paraphrases"] == ["Intro. Where was Subj0 born? In"]
     assert first[0]["neighbors"] == ["Mozart was born in"] and first[0]["observed_at"] == "2025-01-01T06:00:00Z"
     with pytest.raises(FileExistsError):
         make_feeds(src, tmp_path / "feeds", days=3, per_day=3, start=date(2025, 1, 1))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kedit.atomic import write_text_atomic
+from kedit.feeds.normalize import normalize_text
 
 
 @dataclass
@@ -35,8 +36,9 @@ def counterfact_row(rec: dict[str, Any], observed_at: str, source: str = "counte
         return None
     row = {"id": f"cf-{rec.get('case_id')}", "subject": subject, "prompt": prompt.replace(subject, "{}", 1),
            "target_new": target_new, "target_true": rec.get("ground_truth"),
-           "paraphrases": [p for p in [rec.get("rephrase_prompt")] if p],
-           "neighbors": [p for p in [rec.get("locality_prompt")] if p],
+           # some CounterFact paraphrases carry a newline-separated prefix; feeds forbid control characters
+           "paraphrases": [normalize_text(p) for p in [rec.get("rephrase_prompt")] if p and p.strip()],
+           "neighbors": [normalize_text(p) for p in [rec.get("locality_prompt")] if p and p.strip()],
            "source": source, "observed_at": observed_at}
     return row
 
