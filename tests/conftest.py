@@ -82,7 +82,7 @@ def tiny_lm(tiny_tokenizer):
 
 
 @pytest.fixture
-def workspace(tmp_path) -> "object":
+def workspace(tmp_path):
     from kedit.workspace import Workspace
 
     return Workspace(tmp_path)

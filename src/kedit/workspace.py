@@ -22,6 +22,9 @@ class Workspace:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
     @classmethod
     def default(cls, root: str | Path | None = None) -> Workspace:
         base = root or os.environ.get("KEDIT_HOME") or os.getcwd()
