@@ -62,9 +62,8 @@ def edited_hashes(lm, names) -> dict[str, str]:
 @pytest.fixture
 def stored_lm(workspace, tiny_tokenizer, tmp_path):
     """The tiny Llama imported into the workspace model store (so export and base files work)."""
-    from conftest import make_tiny_model
-
     from kedit.models.store import import_hf, load_model
+    from tests.conftest import make_tiny_model
 
     src = tmp_path / "tiny-src"
     make_tiny_model("llama").save_pretrained(src)

@@ -6,10 +6,10 @@ import shutil
 import subprocess
 
 import pytest
-from test_lineage import edited_hashes, run_batches, stored_lm  # noqa: F401  (fixture re-export)
 
 from kedit.lineage import LineageStore, ops
 from kedit.lineage.versioning import Versioning, state_tag
+from tests.test_lineage import edited_hashes, run_batches, stored_lm  # noqa: F401  (fixture re-export)
 
 NO_DVC = {"mlflow": True, "dvc": False, "snapshot_every": 2, "model_prefix": "kedit", "dvc_remote": None}
 

@@ -72,7 +72,7 @@ def _now() -> str:
 def tensor_info(t: torch.Tensor) -> dict[str, Any]:
     """What a record keeps about a tensor: enough to check it bit for bit and to read it at a glance."""
     return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "sha256": sha256_tensor(t),
-            "norm": float(t.detach().double().norm())}
+            "norm": float(t.detach().float().norm())}
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -333,14 +333,14 @@ class LineageStore:
                                       f"{s.files[name][:12]} (corrupt or modified)")
 
     # --- tensors of a state (store only; the model is not needed) ------------------------------------
-    def _base_tensors(self, s: EditState, names: list[str]) -> dict[str, torch.Tensor]:
+    def _base_tensors(self, s: EditState, names: list[str], verify: bool = True) -> dict[str, torch.Tensor]:
         out = {}
         for n in names:
             path = self.base_dir / s.base_model_hash / f"{n}.safetensors"
             if not path.exists():
                 raise LineageCorruptError(f"{path}: base tensor {n} missing (needed by state {s.short})")
             t = _load_safetensors(path)["tensor"]
-            if sha256_tensor(t) != s.base_sha256[n]:
+            if verify and sha256_tensor(t) != s.base_sha256[n]:
                 raise LineageCorruptError(f"{path}: base tensor {n} does not match its recorded sha256")
             out[n] = t
         return out
@@ -349,9 +349,16 @@ class LineageStore:
         """Every tensor edited on the path to ``state_id``, after it: replayed from the nearest snapshot."""
         if state_id is None:
             return {}
+        out = self._take_tensors(state_id, verify)
+        self._cache = (self.resolve(state_id), out)
+        return {k: v.clone() for k, v in out.items()}
+
+    def _take_tensors(self, state_id: str, verify: bool = True) -> dict[str, torch.Tensor]:
+        """Like :meth:`tensors` but hands over the cached dict itself (the caller may modify it)."""
         target = self.get(state_id)
         if self._cache is not None and self._cache[0] == target.id:
-            return {k: v.clone() for k, v in self._cache[1].items()}
+            out, self._cache = self._cache[1], None
+            return out
         chain = self.path(target.id)
         start = max((i for i, s in enumerate(chain) if s.snapshot), default=-1)
         if start >= 0:
@@ -363,7 +370,7 @@ class LineageStore:
         else:
             cur = {}
         missing = [n for n in target.tensor_sha256 if n not in cur]
-        cur.update(self._base_tensors(target, missing))
+        cur.update(self._base_tensors(target, missing, verify=False))  # the final check covers them
         for s in chain[start + 1:]:
             deltas = _load_safetensors(self.state_dir(s.id) / DELTAS_FILE)
             for n, d in deltas.items():
@@ -375,7 +382,6 @@ class LineageStore:
             bad = [n for n, h in target.tensor_sha256.items() if sha256_tensor(cur[n]) != h]
             if bad:
                 raise LineageCorruptError(self._diagnose(chain[start if start >= 0 else 0:], target, bad))
-        self._cache = (target.id, {k: v.clone() for k, v in cur.items()})
         return cur
 
     def _diagnose(self, chain: list[EditState], target: EditState, bad: list[str]) -> str:
@@ -388,6 +394,12 @@ class LineageStore:
                         self._check_file(s, name)
                     except LineageCorruptError as exc:
                         culprits.append(str(exc))
+        for n in bad:
+            if n in target.base_sha256:
+                try:
+                    self._base_tensors(target, [n])
+                except LineageCorruptError as exc:
+                    culprits.append(str(exc))
         where = "; ".join(culprits) if culprits else "no file differs from its recorded hash (replay mismatch)"
         return f"state {target.short}: tensors {bad} do not match their recorded sha256: {where}"
 
@@ -403,22 +415,19 @@ class LineageStore:
         if target and target.base_model_hash != m.base_hash:
             raise LineageError(f"state {target.short} was made on base model {target.base_model_slug} "
                                f"({target.base_model_hash[:12]}), not on {m.slug} ({m.base_hash[:12]})")
-        values = self.tensors(target.id) if target else {}
-        others = self._all_edited(m.base_hash) - set(values)
-        values.update(self._base_for(m.base_hash, others))
-        for n, t in values.items():
+        values = self._take_tensors(target.id) if target else {}
+        others = self._base_for(m.base_hash, self._all_edited(m.base_hash) - set(values))
+        for n, t in {**values, **others}.items():
             if n not in m.params:
                 raise LineageError(f"state {target.short if target else 'base'}: model has no parameter {n}")
             if tuple(t.shape) != tuple(m.params[n].shape) or t.dtype != m.params[n].dtype:
                 raise LineageError(f"{n}: stored {tuple(t.shape)} {t.dtype}, model has "
                                    f"{tuple(m.params[n].shape)} {m.params[n].dtype}")
         with torch.no_grad():
-            for n, t in values.items():
-                m.params[n].copy_(t)
+            for n, t in {**values, **others}.items():
+                m.params[n].copy_(t)  # same shape and dtype: an exact copy of the verified tensors
         if target:
-            bad = [n for n, h in target.tensor_sha256.items() if sha256_tensor(m.params[n]) != h]
-            if bad:
-                raise LineageCorruptError(f"state {target.short}: model tensors {bad} differ after loading")
+            self._cache = (target.id, values)
             return self.editor_state(target.id)
         return None
 
@@ -460,18 +469,16 @@ class LineageStore:
             if ps and ps.base_model_hash != m.base_hash:
                 raise LineageError(f"commit: parent {ps.short} was made on base model {ps.base_model_slug} "
                                    f"({ps.base_model_hash[:12]}), this model is {m.slug} ({m.base_hash[:12]})")
-            start = self.tensors(ps.id) if ps else {}
+            start = self._take_tensors(ps.id) if ps else {}
             base_sha = dict(ps.base_sha256) if ps else {}
             new = [n for n in deltas if n not in start]
             base_new, applied = self._base_values(m, new, deltas, start, applied)
             for n, t in base_new.items():
                 base_sha[n] = sha256_tensor(t)
                 start[n] = t.clone()
-            post = {}
-            for n, t in start.items():
-                post[n] = t.clone()
-                if n in deltas:
-                    post[n].add_(deltas[n].to(post[n].dtype))
+            post = start  # advanced in place: the parent's tensors are not needed afterwards
+            for n, d in deltas.items():
+                post[n].add_(d.to(post[n].dtype))
             es = result.state
             record = dict(
                 parent=ps.id if ps else None, base_model_hash=m.base_hash, base_model_slug=m.slug,
@@ -525,7 +532,7 @@ class LineageStore:
             self._step("publish")
             self._index[sid] = state
             self._index_key = None
-            self._cache = (sid, {k: v.clone() for k, v in post.items()})
+            self._cache = (sid, post)
             return state
 
     def _base_values(self, m: _Model, new: list[str], deltas: dict[str, torch.Tensor],
@@ -731,7 +738,7 @@ class LineageStore:
             s, cur = stack.pop()
             try:
                 missing = [n for n in s.tensor_sha256 if n not in cur]
-                cur.update(self._base_tensors(s, missing))
+                cur.update(self._base_tensors(s, missing, verify=False))
                 for n, d in _load_safetensors(self.state_dir(s.id) / DELTAS_FILE).items():
                     cur[n].add_(d.to(cur[n].dtype))
                 bad = [n for n, h in s.tensor_sha256.items() if sha256_tensor(cur[n]) != h]
