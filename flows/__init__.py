@@ -1,0 +1,1 @@
+"""Prefect flows: compose ``tasks/`` into the nightly refresh and the operator flows."""

@@ -1,0 +1,177 @@
+"""`kedit nightly demo|trigger|status`, `kedit approve`, `kedit reject`.
+
+These talk to Prefect over its REST API (``kedit.orchestration``): the core never imports Prefect.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from pathlib import Path
+
+from kedit.cli import CLIError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("nightly", help="the nightly refresh: run the demo, trigger a run, see what waits")
+    s = p.add_subparsers(dest="nightly_cmd", required=True)
+    d = s.add_parser("demo", help="full nightly refresh on SmolLM2 with the sample feed, on a local Prefect stack")
+    d.add_argument("--dir", default="demo", help="workspace of the demo (default ./demo)")
+    d.add_argument("--approver", default=os.environ.get("USER") or "demo-operator")
+    d.add_argument("--keep-server", action="store_true", help="leave the Prefect server and workers running")
+    d.add_argument("--timeout", type=float, default=3600, help="seconds to wait for each phase")
+    d.set_defaults(func=_demo)
+    t = s.add_parser("trigger", help="start the deployed nightly refresh (needs PREFECT_API_URL)")
+    t.add_argument("--feed", default="today")
+    t.add_argument("--deployment", default="nightly-refresh/nightly")
+    t.set_defaults(func=_trigger)
+    st = s.add_parser("status", help="refresh runs waiting for approval")
+    st.set_defaults(func=_status)
+    for verdict in ("approve", "reject"):
+        a = sub.add_parser(verdict, help=f"{verdict} the candidate a paused nightly refresh waits on")
+        a.add_argument("ref", help="edit-state id (prefix), or the flow run's id or name")
+        a.add_argument("--by", default=os.environ.get("USER") or "", help="who decides (recorded in lineage and MLflow)")
+        a.add_argument("--comment", default="")
+        a.set_defaults(func=_decide, approve=verdict == "approve")
+
+
+def _api():
+    from kedit.orchestration import PrefectAPI
+
+    return PrefectAPI()
+
+
+def _decide(args) -> int:
+    if not args.by:
+        raise CLIError("say who decides: --by NAME")
+    run = _api().decide(args.ref, args.approve, args.by, args.comment)
+    verb = "approved" if args.approve else "rejected"
+    print(f"{verb} state {run['kedit_state'][:12]} (flow run {run['name']}) by {args.by}; the run resumes now")
+    return 0
+
+
+def _status(args) -> int:
+    runs = _api().awaiting_approval()
+    if not runs:
+        print("no refresh is waiting for approval")
+    for r in runs:
+        print(f"{r['name']:28s} {r['id']}  waiting on state {r['kedit_state'][:12]}")
+    return 0
+
+
+def _trigger(args) -> int:
+    fr = _api().run_deployment(args.deployment, {"feed": args.feed})
+    print(f"started {fr['name']} ({fr['id']})")
+    return 0
+
+
+def _demo(args) -> int:
+    """The README's main command: everything a nightly refresh does, on this machine, no mocks."""
+    from rich.console import Console
+    from rich.rule import Rule
+
+    from kedit.models.store import import_embedded, load_model
+    from kedit.orchestration import LocalStack
+    from kedit.refresh import RefreshConfig
+    from kedit.stats.collect import ensure_stats
+    from kedit.workspace import Workspace
+
+    con = Console()
+    project = Path(__file__).resolve().parents[3]
+    if not (project / "prefect.yaml").exists():
+        raise CLIError(f"run the demo from a kedit checkout (no prefect.yaml in {project})")
+    ws = Workspace.default(args.dir if args.workspace is None else args.workspace)
+    ws.root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("KEDIT_PARAMS", str(project / "params.yaml"))
+    cfg = RefreshConfig.from_params()
+
+    con.print(Rule("1/6  embedded model"))
+    t0 = time.perf_counter()
+    m = import_embedded(ws, cfg.model)
+    con.print(f"{m.slug}: {m.model_type}, {m.n_params / 1e6:.1f}M params, hash {m.model_hash[:12]} "
+              f"({time.perf_counter() - t0:.1f} s) -> {ws.model_dir(m.slug)}")
+
+    con.print(Rule("2/6  key statistics (one-time, cached under stats/)"))
+    lm = load_model(cfg.model, ws)
+    from kedit.editors.hparams import load_hparams
+
+    layers = load_hparams(cfg.method, lm).resolve_layers(lm.adapter.num_layers)
+    b = ensure_stats(lm, layers, ws, cfg.stats_corpus, max_tokens=cfg.stats_max_tokens,
+                     seq_len=cfg.stats_seq_len, batch_size=cfg.stats_batch_size)
+    con.print(f"E[k kᵀ] for layers {b.layers} over {b.n_tokens:,} tokens of {b.manifest['corpus']} -> {b.dir}")
+    del lm
+
+    con.print(Rule("3/6  today's feed"))
+    from importlib import resources
+
+    from kedit.atomic import write_bytes_atomic
+
+    day = dt.date.today().isoformat()
+    feed = ws.feeds_dir / f"{day}.jsonl"
+    if not feed.exists():
+        write_bytes_atomic(feed, resources.files("kedit").joinpath("data", "sample_feed.jsonl").read_bytes())
+    n_rows = sum(1 for line in feed.read_text().splitlines() if line.strip())
+    con.print(f"{feed} ({n_rows} fact changes)")
+
+    con.print(Rule("4/6  local control plane: Prefect server + process workers (pools cpu, gpu)"))
+    stack = LocalStack(home=ws.root / ".stack", project_dir=project, workspace=ws.root)
+    try:
+        api = stack.start()
+        con.print(f"Prefect API {stack.api_url} (UI: http://127.0.0.1:{stack.port}); logs in {stack.home}")
+        con.print(Rule("5/6  nightly refresh"))
+        run = api.run_deployment("nightly-refresh/nightly", {"feed": day, "workspace": str(ws.root)})
+        con.print(f"flow run {run['name']} started")
+        seen: list[str] = []
+
+        def show(fr):
+            st = (fr.get("state") or {}).get("name")
+            if not seen or seen[-1] != st:
+                seen.append(st)
+                con.print(f"  [{time.strftime('%H:%M:%S')}] {fr['name']}: {st}")
+
+        fr = api.wait(run["id"], ("PAUSED",), timeout=args.timeout, on_poll=show)
+        if (fr.get("state") or {}).get("type") == "PAUSED":
+            waiting = api.awaiting_approval(run["id"])
+            sid = waiting[0]["kedit_state"] if waiting else "?"
+            gate_md = next(iter(sorted(ws.reports_dir.glob("*/gate/gate.md"), key=lambda p: p.stat().st_mtime)), None)
+            con.print(f"\nThe candidate passed the gates and waits for a human. Report: {gate_md}")
+            if gate_md:
+                con.print(gate_md.read_text()[:3000])
+            con.print(Rule("6/6  approval"))
+            con.print("A reviewer would now run (and this demo runs it for you):\n"
+                      f"  [bold]PREFECT_API_URL={stack.api_url} kedit approve {sid[:12]} --by {args.approver} "
+                      f"--comment 'demo: reviewed gate report'[/bold]")
+            api.decide(sid, True, args.approver, "demo: reviewed gate report")
+            fr = api.wait(run["id"], ("COMPLETED",), timeout=args.timeout, on_poll=show)
+        final = (fr.get("state") or {}).get("type")
+        if final != "COMPLETED":
+            raise CLIError(f"nightly run ended {final}; see the worker logs in {stack.home}")
+    finally:
+        if args.keep_server:
+            con.print(f"Prefect server left running at {stack.api_url}")
+        else:
+            stack.stop()
+
+    con.print(Rule("lineage"))
+    from kedit.lineage.ops import open_store
+
+    store = open_store(ws)
+    _print_log(con, store)
+    champ = store.champion()
+    gates = sorted(ws.reports_dir.glob("*/gate/gate.md"), key=lambda p: p.stat().st_mtime)
+    con.print(f"\ngate report:  {gates[-1] if gates else '-'}")
+    con.print(f"champion:     {champ or 'base model'}")
+    con.print(f"MLflow:       mlflow ui --backend-store-uri {ws.mlflow_uri}")
+    con.print(f"roll back:    kedit -w {ws.root} rollback base --by <you> --reason '<why>'"
+              f"   (or any state id from `kedit -w {ws.root} lineage log`)")
+    return 0
+
+
+def _print_log(con, store) -> None:
+    for e in store.log():
+        s = e.state
+        verdict = "-" if e.gate is None else ("passed" if e.gate.get("passed") else "FAILED")
+        mark = "*" if e.champion else " "
+        con.print(f"{mark} {s.short}  parent {s.parent[:12] if s.parent else 'base        '}  {s.created_at}  "
+                  f"{s.method:9s} {s.n_edits:3d} edits  gate {verdict:6s}  feed {Path(s.feed.get('path', '-')).name}")

@@ -1,0 +1,389 @@
+"""The nightly knowledge refresh as plain, resumable steps (no Prefect here).
+
+Each step takes JSON-able inputs, returns a JSON-able dict, and is idempotent on its content key, so
+an orchestrator can cache it, retry it, or run it on another machine:
+
+    ingest  -> trace  -> edit (candidate state)  -> gate  -> register  -> [approval]  -> decide
+
+The Prefect tasks in ``tasks/`` are thin wrappers around these functions; ``kedit`` commands call
+the same functions directly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from kedit.atomic import sha256_json, write_json_atomic
+from kedit.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RefreshConfig:
+    """What a nightly refresh does; read from the ``refresh:`` block of params.yaml, overridable."""
+
+    model: str = "smollm2-135m"
+    method: str = "alphaedit"
+    device: str = "cpu"
+    trace_sample: int = 1
+    trace_noise_samples: int = 5
+    approval_timeout_s: int = 24 * 3600
+    stats_corpus: str = "wiki-summaries-en"
+    stats_max_tokens: int = 200_000
+    stats_seq_len: int = 256
+    stats_batch_size: int = 16
+    hparams_overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_params(cls, params_file: str | Path | None = None, **overrides: Any) -> RefreshConfig:
+        data: dict[str, Any] = {}
+        path = Path(params_file) if params_file else params_path()
+        if path is not None:
+            raw = yaml.safe_load(path.read_text()) or {}
+            block = dict(raw.get("refresh") or {})
+            stats = raw.get("stats") or {}
+            for k in ("corpus", "max_tokens", "seq_len", "batch_size"):
+                if k in stats:
+                    block.setdefault(f"stats_{k}", stats[k])
+            if (raw.get("model") or {}).get("slug"):
+                block.setdefault("model", raw["model"]["slug"])
+            data.update(block)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"refresh config: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- shared helpers -------------------------------------------------------------------------------
+def params_path() -> Path | None:
+    """The pipeline's params.yaml: $KEDIT_PARAMS, else ./params.yaml, else none (built-in defaults)."""
+    cand = Path(os.environ.get("KEDIT_PARAMS", "params.yaml"))
+    return cand if cand.exists() else None
+
+
+def resolve_feed(ws: Workspace, feed: str | Path) -> Path:
+    """A date (``2026-11-22``: ``feeds/2026-11-22.jsonl|csv|parquet``) or a path."""
+    p = Path(feed)
+    if p.exists():
+        return p.resolve()
+    for ext in (".jsonl", ".csv", ".parquet"):
+        cand = ws.feeds_dir / f"{feed}{ext}"
+        if cand.exists():
+            return cand
+    raise FileNotFoundError(f"feed {str(feed)!r}: no such file, and no feeds/{feed}.jsonl|csv|parquet in {ws.root}")
+
+
+def open_lineage(ws: Workspace):
+    from kedit.lineage.ops import open_store
+
+    return open_store(ws)
+
+
+def load_state_model(ws: Workspace, cfg: RefreshConfig, state_id: str | None):
+    """The base model with ``state_id`` materialised (bit-exact); returns (lm, editor_state)."""
+    from kedit.models.store import load_model
+
+    lm = load_model(cfg.model, ws, device=cfg.device)
+    store = open_lineage(ws)
+    editor_state = store.materialise(state_id, lm) if state_id else None
+    return lm, editor_state
+
+
+def applied_facts(store, state_id: str | None) -> set[tuple[str, str, str]]:
+    """(subject, prompt, target_new) of every fact applied on the path to ``state_id``."""
+    out: set[tuple[str, str, str]] = set()
+    for s in store.path(state_id) if state_id else []:
+        for f in s.feed.get("facts", []) or []:
+            out.add((f["subject"], f["prompt"], f["target_new"]))
+    return out
+
+
+def fact_history(store, state_id: str | None) -> list[dict[str, Any]]:
+    """Earlier fact changes on the champion's path, with the date they were applied."""
+    out = []
+    for s in store.path(state_id) if state_id else []:
+        for f in s.feed.get("facts", []) or []:
+            out.append({**f, "applied_at": s.created_at})
+    return out
+
+
+def predicts_targets(lm, rows: Sequence[dict[str, Any]]) -> list[bool]:
+    """Which rows the model already answers with ``target_new`` under greedy decoding (one batch)."""
+    from kedit.evaluation.metrics import encode_targets, greedy_tokens
+
+    if not rows:
+        return []
+    prompts = [r["prompt"].format(r["subject"]) for r in rows]
+    targets = encode_targets(lm.tokenizer, [r["target_new"] for r in rows])
+    k = max(len(t) for t in targets)
+    got = greedy_tokens(lm, prompts, k=k)
+    return [got[i, : len(t)].tolist() == t for i, t in enumerate(targets)]
+
+
+class RunLog:
+    """MLflow runs for one refresh: a parent run keyed by the refresh key, a child run per step.
+
+    Runs are found again by tag, so a resumed or retried refresh logs into the same runs.
+    """
+
+    def __init__(self, ws: Workspace, refresh_key: str, name: str = "nightly-refresh") -> None:
+        from kedit.lineage.registry import Tracking
+
+        self.tracking = Tracking(ws)
+        self.client = self.tracking.client
+        self.key = refresh_key
+        self.parent_id = self._find_or_create(name, {"kedit.refresh": refresh_key, "kedit.kind": "refresh"})
+
+    def _find_or_create(self, name: str, tags: dict[str, str]) -> str:
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        found = self.client.search_runs([self.tracking.experiment_id], filter_string=query, max_results=1)
+        if found:
+            return found[0].info.run_id
+        run = self.client.create_run(self.tracking.experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    def child(self, step: str) -> str:
+        return self._find_or_create(step, {"kedit.refresh": self.key, "kedit.step": step,
+                                           "mlflow.parentRunId": self.parent_id})
+
+    def log(self, step: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+            artifacts: Sequence[str | Path] = (), tags: dict[str, str] | None = None) -> str:
+        run_id = self.child(step)
+        for k, v in (params or {}).items():
+            s = str(v)
+            try:
+                self.client.log_param(run_id, k, s[:497] + "..." if len(s) > 500 else s)
+            except Exception:  # a param is immutable once logged (resumed run): keep the first value
+                pass
+        for k, v in (metrics or {}).items():
+            if v is not None and isinstance(v, int | float):
+                self.client.log_metric(run_id, k, float(v))
+        for k, v in (tags or {}).items():
+            self.client.set_tag(run_id, k, str(v))
+        for a in artifacts:
+            if a and Path(a).exists():
+                if Path(a).is_dir():
+                    self.client.log_artifacts(run_id, str(a), artifact_path=step)
+                else:
+                    self.client.log_artifact(run_id, str(a), artifact_path=step)
+        return run_id
+
+    def finish(self, status: str = "FINISHED") -> None:
+        for r in self.client.search_runs([self.tracking.experiment_id],
+                                         filter_string=f"tags.`kedit.refresh` = '{self.key}'"):
+            if r.info.status == "RUNNING":
+                self.client.set_terminated(r.info.run_id, status=status)
+
+
+def refresh_key(feed_sha256: str, parent: str | None, cfg: RefreshConfig) -> str:
+    """Content key of one refresh: the same feed on the same parent with the same editor is one refresh."""
+    return sha256_json({"feed": feed_sha256, "parent": parent, "model": cfg.model, "method": cfg.method,
+                        "hparams": cfg.hparams_overrides})[:16]
+
+
+def reports_dir(ws: Workspace, key: str) -> Path:
+    d = ws.reports_dir / key
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# --- steps ---------------------------------------------------------------------------------------
+def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
+    """Read, validate (Great Expectations), quarantine and deduplicate one feed against the champion."""
+    from kedit.feeds.ingest import ingest_feed
+    from kedit.feeds.schema import FeedPolicy
+
+    path = resolve_feed(ws, feed)
+    params = params_path()
+    policy = FeedPolicy.from_params(params) if params else None
+    store = open_lineage(ws)
+    champion = store.champion()
+    lm = None
+
+    def predicts(rows):
+        nonlocal lm
+        if lm is None:
+            lm, _ = load_state_model(ws, cfg, champion)
+        return predicts_targets(lm, rows)
+
+    res = ingest_feed(path, policy, applied_facts=frozenset(applied_facts(store, champion)),
+                      history=fact_history(store, champion), predicts_target=predicts)
+    out = {"feed": str(path), "feed_sha256": res.sha256, "passed": bool(res.passed), "message": res.message,
+           "champion": champion, "accepted": res.accepted, "counts": res.counts,
+           "report_path": str(res.report_path) if res.report_path else None,
+           "quarantine_path": str(res.quarantine_path) if res.quarantine_path else None}
+    out["refresh_key"] = refresh_key(res.sha256, champion, cfg)
+    runlog = RunLog(ws, out["refresh_key"])
+    runlog.log("validation", params={"feed": path.name, "feed_sha256": res.sha256, "champion": champion},
+               metrics={"rows_accepted": len(res.accepted), "rows_quarantined": len(res.quarantined),
+                        "rows_dropped": len(res.dropped), "passed": float(res.passed)},
+               artifacts=[p for p in (res.report_path, res.quarantine_path) if p])
+    return out
+
+
+def trace_step(ws: Workspace, cfg: RefreshConfig, rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Causal-trace a sample of the feed's facts on the champion: where does the current fact live?"""
+    from kedit.tracing import trace_fact
+
+    store = open_lineage(ws)
+    lm, _ = load_state_model(ws, cfg, store.champion())
+    out_dir = reports_dir(ws, key) / "tracing"
+    done = []
+    for r in rows[: cfg.trace_sample]:
+        res = trace_fact(lm, r["prompt"], r["subject"], target=r.get("target_true") or None,
+                         samples=cfg.trace_noise_samples)
+        d = res.save(out_dir / str(r["id"]))
+        last_subject = res.subject_range[1] - 1
+        mlp = res.effects.get("mlp")
+        peak = int(torch.tensor(mlp[last_subject]).argmax()) if mlp else None
+        done.append({"id": r["id"], "dir": str(d), "target": res.target, "clean_prob": res.clean_prob,
+                     "peak_mlp_layer": peak, "seconds": res.seconds})
+    RunLog(ws, key).log("tracing", params={"n_traced": len(done)},
+                        metrics={f"peak_mlp_layer_{i}": d["peak_mlp_layer"] for i, d in enumerate(done)},
+                        artifacts=[out_dir] if done else [])
+    return {"traced": done, "dir": str(out_dir)}
+
+
+def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict[str, Any]:
+    """Apply the accepted rows on top of the champion and commit the result as a candidate state.
+
+    Content-addressed: the same feed on the same parent with the same editor yields the same state id,
+    so a retry never applies the same edits twice.
+    """
+    from kedit.editors.base import apply_deltas
+    from kedit.editors.hparams import load_hparams
+    from kedit.editors.registry import get_editor
+    from kedit.feeds.ingest import to_edit_requests
+    from kedit.stats.collect import ensure_stats
+
+    rows = ingest["accepted"]
+    if not rows:
+        return {"state_id": None, "n_edits": 0, "reason": "no rows to apply"}
+    parent = ingest["champion"]
+    store = open_lineage(ws)
+    lm, editor_state = load_state_model(ws, cfg, parent)
+    hp = load_hparams(cfg.method, lm, overrides=cfg.hparams_overrides or None)
+    layers = hp.resolve_layers(lm.adapter.num_layers)
+    stats = ensure_stats(lm, layers, ws, cfg.stats_corpus, max_tokens=cfg.stats_max_tokens,
+                         seq_len=cfg.stats_seq_len, batch_size=cfg.stats_batch_size)
+    editor = get_editor(cfg.method, hp, cache_dir=stats.dir)
+    requests = to_edit_requests(rows)
+    t0 = time.perf_counter()
+    result = editor.compute(lm, requests, editor_state, stats)
+    seconds = time.perf_counter() - t0
+    apply_deltas(lm.model, result.deltas)
+    predictions = _predictions(lm, rows)
+    took = [bool(d.constraint_met) for d in result.diagnostics]
+    evaluation = {"seconds": seconds, "seconds_per_edit": seconds / len(rows),
+                  "vstar_converged": sum(took), "layer_info": result.layer_info,
+                  "diagnostics": [asdict(d) for d in result.diagnostics]}
+    facts = [{"id": r["id"], "subject": r["subject"], "prompt": r["prompt"], "target_new": r["target_new"],
+              "target_true": r.get("target_true")} for r in rows]
+    feed = {"path": ingest["feed"], "file_sha256": ingest["feed_sha256"], "row_ids": [r["id"] for r in rows],
+            "facts": facts}
+    state = store.commit(lm, result, parent=parent, feed=feed, hparams=hp.to_dict(), evaluation=evaluation,
+                         predictions=predictions, applied=True)
+    RunLog(ws, ingest["refresh_key"]).log(
+        "editing", params={"method": cfg.method, "parent": parent, "layers": layers, "n_edits": len(rows),
+                           "stats_key": stats.key, "hparams_sha256": hp.source_sha256},
+        metrics={"seconds_per_edit": seconds / len(rows), "vstar_converged": sum(took)},
+        artifacts=[store.state_dir(state.id) / "state.json"], tags={"kedit.state": state.id})
+    return {"state_id": state.id, "parent": parent, "n_edits": len(rows), "seconds": seconds,
+            "layers": layers}
+
+
+def _predictions(lm, rows: list[dict[str, Any]], max_new_tokens: int = 6) -> dict[str, str]:
+    """Greedy continuations of each edited prompt: recorded with the state for audits and rollbacks."""
+    from kedit.evaluation.metrics import greedy_tokens
+
+    prompts = [r["prompt"].format(r["subject"]) for r in rows]
+    toks = greedy_tokens(lm, prompts, k=max_new_tokens)
+    return {p: lm.tokenizer.decode(t, skip_special_tokens=True) for p, t in zip(prompts, toks.tolist())}
+
+
+def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: dict[str, Any]) -> dict[str, Any]:
+    """Compare the candidate with the champion on the gate policy; write gate.json/md/png."""
+    from kedit.evaluation.gates import GatePolicy, gate_inputs_from_lineage, run_gates, write_gate_report
+
+    sid = edit["state_id"]
+    store = open_lineage(ws)
+    champ_lm, _ = load_state_model(ws, cfg, ingest["champion"])
+    cand_lm, _ = load_state_model(ws, cfg, sid)
+    policy = GatePolicy.from_params(params_path())
+    new_edits, prior_edits = gate_inputs_from_lineage(store, sid)
+    report = run_gates(champ_lm, cand_lm, policy, new_edits=new_edits, prior_edits=prior_edits, ws=ws)
+    out_dir = reports_dir(ws, ingest["refresh_key"]) / "gate"
+    write_gate_report(report, out_dir)
+    gate = report.to_dict()
+    store.record_gate(sid, {"passed": gate["passed"], "checks": gate["checks"],
+                            "failed_edits": gate.get("failed_edits", [])})
+    RunLog(ws, ingest["refresh_key"]).log(
+        "evaluation", metrics={c["name"]: c["value"] for c in gate["checks"] if c.get("value") is not None},
+        tags={"kedit.gate": "passed" if gate["passed"] else "failed", "kedit.state": sid}, artifacts=[out_dir])
+    return {"passed": bool(gate["passed"]), "report_dir": str(out_dir), "checks": gate["checks"],
+            "failed_edits": gate.get("failed_edits", [])}
+
+
+def register_step(ws: Workspace, key: str, state_id: str) -> dict[str, Any]:
+    """Register the candidate state as an MLflow model version with the ``candidate`` alias."""
+    from kedit.lineage.ops import register_candidate
+
+    store = open_lineage(ws)
+    runlog = RunLog(ws, key)
+    mv = register_candidate(ws, store, state_id, run_id=runlog.parent_id)
+    return {"registered_model": mv.name, "version": str(mv.version), "state_id": state_id}
+
+
+def decide_step(ws: Workspace, key: str, state_id: str, approved: bool, by: str, comment: str) -> dict[str, Any]:
+    """Promote (champion alias, git tag, lineage event) or record the rejection; champion stays otherwise."""
+    from kedit.lineage.ops import promote
+
+    store = open_lineage(ws)
+    runlog = RunLog(ws, key)
+    if approved:
+        store.approve(state_id, by=by, comment=comment)
+        out = promote(ws, store, state_id, by=by, comment=comment)
+        decision = "promoted"
+    else:
+        store._event("reject", state_id, by, comment or "rejected", {})
+        out = {"champion": store.champion()}
+        decision = "rejected"
+    runlog.log("approval", params={"decision": decision, "by": by, "comment": comment or "-"},
+               tags={"kedit.decision": decision, "kedit.approver": by})
+    runlog.finish()
+    return {"decision": decision, "state_id": state_id, "by": by, "comment": comment,
+            "champion": store.champion(), **{k: v for k, v in out.items() if k != "event"}}
+
+
+def summary_text(ws: Workspace, result: dict[str, Any]) -> str:
+    """What an operator reads at the end of a refresh."""
+    lines = [f"refresh {result.get('refresh_key', '?')}: {result.get('outcome', '?')}"]
+    for k in ("feed", "state_id", "gate_report", "decision", "champion"):
+        if result.get(k) is not None:
+            lines.append(f"  {k:12s} {result[k]}")
+    return "\n".join(lines)
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def dump(obj: Any, path: Path) -> None:
+    write_json_atomic(path, json.loads(json.dumps(obj, default=str)))

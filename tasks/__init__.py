@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers around kedit's core steps (``kedit.refresh``, ``kedit.lineage.ops``)."""

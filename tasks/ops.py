@@ -1,0 +1,57 @@
+"""Tasks for operator actions: promotion, rollback, statistics and tracing on demand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from kedit.workspace import Workspace
+
+
+@task(name="promote-state", cache_policy=NO_CACHE)
+def promote(workspace: str | None, state: str, by: str, comment: str) -> dict[str, Any]:
+    from kedit.lineage.ops import open_store
+    from kedit.lineage.ops import promote as do_promote
+
+    ws = Workspace.default(workspace)
+    return do_promote(ws, open_store(ws), state, by=by, comment=comment)
+
+
+@task(name="rollback-state", cache_policy=NO_CACHE)
+def rollback(workspace: str | None, state: str, by: str, reason: str) -> dict[str, Any]:
+    from kedit.lineage.ops import open_store
+    from kedit.lineage.ops import rollback as do_rollback
+
+    ws = Workspace.default(workspace)
+    return do_rollback(ws, open_store(ws), state, by=by, reason=reason)
+
+
+@task(name="compute-stats", retries=1, cache_policy=NO_CACHE)
+def compute_stats(workspace: str | None, model: str, layers: str, corpus: str, max_tokens: int) -> dict[str, Any]:
+    from kedit.cli.stats import parse_layers
+    from kedit.models.store import load_model
+    from kedit.stats.collect import ensure_stats
+
+    ws = Workspace.default(workspace)
+    lm = load_model(model, ws)
+    b = ensure_stats(lm, parse_layers(layers), ws, corpus, max_tokens=max_tokens, progress=False)
+    return {"dir": str(b.dir), "n_tokens": b.n_tokens, "layers": b.layers, "key": b.key}
+
+
+@task(name="trace-facts", retries=1, cache_policy=NO_CACHE)
+def trace_facts(workspace: str | None, model: str, facts: list[dict[str, Any]], out: str) -> list[dict[str, Any]]:
+    from pathlib import Path
+
+    from kedit.models.store import load_model
+    from kedit.tracing import trace_fact
+
+    ws = Workspace.default(workspace)
+    lm = load_model(model, ws)
+    done = []
+    for i, f in enumerate(facts):
+        res = trace_fact(lm, f["prompt"], f["subject"], target=f.get("target"))
+        d = res.save(Path(out) / str(f.get("id", i)))
+        done.append({"id": f.get("id", i), "dir": str(d), "target": res.target})
+    return done

@@ -1,0 +1,97 @@
+"""Tasks of the nightly refresh. Each wraps one ``kedit.refresh`` step and adds what orchestration
+needs: retries where a retry is safe, JSON-persisted results, and cache keys built from content
+hashes (feed sha256, parent state id, editor config), so a resumed or re-run refresh reuses finished
+work and never applies the same edits twice.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from kedit import refresh
+from kedit.atomic import sha256_file, sha256_json
+from kedit.workspace import Workspace
+
+RESULTS = {"persist_result": True, "result_serializer": "json"}
+KEEP = timedelta(days=30)
+
+
+def _ws(workspace: str | None) -> Workspace:
+    return Workspace.default(workspace)
+
+
+def _cfg(cfg: dict[str, Any]) -> refresh.RefreshConfig:
+    return refresh.RefreshConfig(**cfg)
+
+
+def _champion(ws: Workspace) -> str:
+    f = ws.lineage_dir / "CHAMPION"
+    return f.read_text().strip() if f.exists() else "base"
+
+
+def ingest_key(_ctx, p: dict[str, Any]) -> str:
+    """Same feed bytes, same champion, same config -> same ingest outcome."""
+    ws = _ws(p["workspace"])
+    path = refresh.resolve_feed(ws, p["feed"])
+    return "ingest-" + sha256_json([sha256_file(path), _champion(ws), p["cfg"]])[:32]
+
+
+@task(name="ingest-feed", retries=2, retry_delay_seconds=5, cache_key_fn=ingest_key, cache_expiration=KEEP,
+      **RESULTS)
+def ingest(workspace: str | None, feed: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    return refresh.ingest_step(_ws(workspace), feed, _cfg(cfg))
+
+
+@task(name="causal-trace", retries=1, cache_key_fn=lambda _c, p: "trace-" + p["ingest"]["refresh_key"],
+      cache_expiration=KEEP, **RESULTS)
+def trace(workspace: str | None, cfg: dict[str, Any], ingest: dict[str, Any]) -> dict[str, Any]:
+    return refresh.trace_step(_ws(workspace), _cfg(cfg), ingest["accepted"], ingest["refresh_key"])
+
+
+@task(name="apply-edits", retries=1, retry_delay_seconds=10,
+      cache_key_fn=lambda _c, p: "edit-" + p["ingest"]["refresh_key"], cache_expiration=KEEP, **RESULTS)
+def edit(workspace: str | None, cfg: dict[str, Any], ingest: dict[str, Any]) -> dict[str, Any]:
+    return refresh.edit_step(_ws(workspace), _cfg(cfg), ingest)
+
+
+@task(name="evaluate-and-gate", retries=1,
+      cache_key_fn=lambda _c, p: "gate-" + str(p["edit"]["state_id"]), cache_expiration=KEEP, **RESULTS)
+def gate(workspace: str | None, cfg: dict[str, Any], ingest: dict[str, Any], edit: dict[str, Any]) -> dict[str, Any]:
+    return refresh.gate_step(_ws(workspace), _cfg(cfg), ingest, edit)
+
+
+@task(name="register-candidate", retries=2, retry_delay_seconds=5,
+      cache_key_fn=lambda _c, p: "register-" + p["state_id"], cache_expiration=KEEP, **RESULTS)
+def register(workspace: str | None, key: str, state_id: str) -> dict[str, Any]:
+    return refresh.register_step(_ws(workspace), key, state_id)
+
+
+@task(name="decide", cache_policy=NO_CACHE, persist_result=True, result_serializer="json")
+def decide(workspace: str | None, key: str, state_id: str, approved: bool, by: str, comment: str) -> dict[str, Any]:
+    return refresh.decide_step(_ws(workspace), key, state_id, approved, by, comment)
+
+
+@task(name="gpu-result", cache_key_fn=lambda _c, p: "gpu-" + p["ingest"]["refresh_key"], cache_expiration=KEEP,
+      **RESULTS)
+def run_on_gpu_pool(deployment: str, workspace: str | None, cfg: dict[str, Any], ingest: dict[str, Any]) -> dict[str, Any]:
+    """Run tracing + editing + evaluation as a deployment on the ``gpu`` pool and return its result.
+
+    Cached by the refresh key: when a suspended nightly run resumes from the top, the GPU work is not
+    started again, and the GPU worker is free while the approval is pending.
+    """
+    from prefect.deployments import run_deployment
+
+    fr = run_deployment(deployment, parameters={"workspace": workspace, "cfg": cfg, "ingest": ingest},
+                        timeout=None)
+    if not fr.state.is_completed():
+        raise RuntimeError(f"GPU flow run {fr.name} ended {fr.state.name}: {fr.state.message}")
+    return fr.state.result()
+
+
+def report_path(workspace: str | None, key: str) -> Path:
+    return _ws(workspace).reports_dir / key
