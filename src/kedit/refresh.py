@@ -362,7 +362,7 @@ def decide_step(ws: Workspace, key: str, state_id: str, approved: bool, by: str,
         out = promote(ws, store, state_id, by=by, comment=comment)
         decision = "promoted"
     else:
-        store._event("reject", state_id, by, comment or "rejected", {})
+        store.reject(state_id, by=by, comment=comment)
         out = {"champion": store.champion()}
         decision = "rejected"
     runlog.log("approval", params={"decision": decision, "by": by, "comment": comment or "-"},

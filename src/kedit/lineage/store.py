@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 # The points between which a commit can be interrupted (tests inject a failure at each).
 COMMIT_STEPS = ("base", "deltas", "editor_state", "snapshot", "manifest", "publish")
-EVENT_TYPES = ("promote", "rollback", "approve", "gate")
+EVENT_TYPES = ("promote", "rollback", "approve", "reject", "gate")
 
 
 def _now() -> str:
@@ -613,6 +613,11 @@ class LineageStore:
 
     def approve(self, state_id: str, by: str, comment: str = "") -> Event:
         return self._event("approve", state_id, by, comment)
+
+    def reject(self, state_id: str, by: str, comment: str = "") -> Event:
+        """Record that a candidate was not promoted (a reviewer said no, its gate failed, or the
+        approval timed out); the champion does not move."""
+        return self._event("reject", state_id, by, comment or "rejected")
 
     def record_gate(self, state_id: str, gate: dict, by: str = "kedit-gate") -> Event:
         """Attach a gate verdict (a JSON dict, e.g. {"passed": true, ...}) to a state."""
