@@ -1,0 +1,69 @@
+"""Unit tests of the refresh core and the Prefect REST client (no server, tiny models)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kedit.orchestration import LocalStack, PrefectAPI, PrefectAPIError, free_port
+from kedit.refresh import RefreshConfig, predicts_targets, refresh_key, resolve_feed
+
+
+def test_config_reads_params_and_rejects_unknown(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("model: {slug: other}\nstats: {max_tokens: 1234}\nrefresh: {method: memit, trace_sample: 3}\n")
+    cfg = RefreshConfig.from_params(p, approval_timeout_s=60)
+    assert (cfg.model, cfg.method, cfg.trace_sample, cfg.stats_max_tokens, cfg.approval_timeout_s) == \
+        ("other", "memit", 3, 1234, 60)
+    p.write_text("refresh: {bogus: 1}\n")
+    with pytest.raises(ValueError, match="bogus"):
+        RefreshConfig.from_params(p)
+
+
+def test_refresh_key_is_content_addressed():
+    cfg = RefreshConfig()
+    a = refresh_key("f" * 64, None, cfg)
+    assert a == refresh_key("f" * 64, None, RefreshConfig())
+    assert a != refresh_key("f" * 64, "parent", cfg)
+    assert a != refresh_key("e" * 64, None, cfg)
+    assert a != refresh_key("f" * 64, None, RefreshConfig(method="memit"))
+
+
+def test_resolve_feed(workspace):
+    workspace.feeds_dir.mkdir(parents=True)
+    (workspace.feeds_dir / "2026-11-22.jsonl").write_text("{}\n")
+    assert resolve_feed(workspace, "2026-11-22").name == "2026-11-22.jsonl"
+    with pytest.raises(FileNotFoundError, match="2026-11-23"):
+        resolve_feed(workspace, "2026-11-23")
+
+
+def test_predicts_targets_matches_greedy(tiny_lm):
+    from kedit.evaluation.metrics import greedy_tokens
+
+    prompt = "The Eiffel Tower is located in"
+    first = greedy_tokens(tiny_lm, [prompt], k=3)[0].tolist()
+    predicted = tiny_lm.tokenizer.decode(first).strip()
+    rows = [{"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": predicted},
+            {"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": predicted + " zzz qq"}]
+    got = predicts_targets(tiny_lm, rows)
+    ids = tiny_lm.tokenizer(" " + predicted, add_special_tokens=False)["input_ids"]
+    assert got[0] == (first[: len(ids)] == ids)
+    assert got[1] is False
+
+
+def test_prefect_api_errors_are_clear(monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(PrefectAPIError, match="PREFECT_API_URL"):
+        PrefectAPI()
+    api = PrefectAPI(f"http://127.0.0.1:{free_port()}/api", timeout=2)
+    assert api.healthy() is False
+    with pytest.raises(PrefectAPIError, match="unreachable"):
+        api.awaiting_approval()
+
+
+def test_local_stack_environment_is_isolated(tmp_path):
+    st = LocalStack(home=tmp_path / "h", project_dir=tmp_path, workspace=tmp_path / "w")
+    env = st.env()
+    assert env["PREFECT_API_URL"] == st.api_url and str(tmp_path / "h") in env["PREFECT_HOME"]
+    assert env["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] == "false"
+    assert env["KEDIT_HOME"] == str((tmp_path / "w").resolve())
+    assert env["DO_NOT_TRACK"] == "1"
