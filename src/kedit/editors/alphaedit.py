@@ -1,0 +1,26 @@
+"""AlphaEdit: MEMIT's residual spreading, with each layer's update projected onto the null space
+of the preserved keys (projector P from C's small-eigenvalue eigenvectors) and the keys of every
+earlier batch accumulated in the state (Σ K_p K_pᵀ) so later batches keep earlier edits."""
+
+from __future__ import annotations
+
+import torch
+
+from kedit.editors.base import EditorState
+from kedit.editors.common import cache_name, projector
+from kedit.editors.linalg import alphaedit_update
+from kedit.editors.memit import MultiLayerEditor
+
+
+class AlphaEditEditor(MultiLayerEditor):
+    method = "alphaedit"
+
+    def accumulates(self) -> bool:
+        return True
+
+    def solve(self, lm, layer: int, K, R, state: EditorState, stats, info: dict) -> torch.Tensor:
+        hp = self.hp
+        P, rank = projector(stats, layer, lm.manifest.model_hash, hp.nullspace_threshold, hp.nullspace_mode)
+        info["nullspace_dim"] = float(rank)
+        prev = state.tensors.get(cache_name(layer))
+        return alphaedit_update(P.to(K.device), K, R, None if prev is None else prev.to(K.device), hp.L2)

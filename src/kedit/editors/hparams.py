@@ -1,0 +1,125 @@
+"""Editor hyperparameters: one dataclass, loaded from versioned per-model YAML files.
+
+``src/kedit/hparams/<model-slug>.yaml`` holds a ``defaults`` block shared by every method and one
+block per method (``rome``, ``memit``, ``alphaedit``) that overrides it. Lookup order: an explicit
+file, then ``<slug>.yaml``, then ``<model_type>.yaml``, then ``default.yaml`` (layers chosen
+relative to depth). The file's sha256 goes into the result so lineage records which settings ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kedit.atomic import sha256_json
+
+METHODS = ("rome", "memit", "alphaedit")
+
+
+@dataclass
+class EditHparams:
+    """Every knob of the three editors (unused ones are ignored by a method)."""
+
+    method: str = "alphaedit"
+    layers: list[int] | str = "auto"  # edited MLP output matrices; "auto" = ~15%-30% of depth
+    # v* optimisation (delta on the residual stream at the last edit layer, subject's last token)
+    v_lr: float = 0.5
+    v_steps: int = 25
+    v_weight_decay: float = 0.5  # times ‖δ‖² / ‖v₀‖²
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 0.75  # ‖δ‖ <= factor · ‖v₀‖
+    v_stop_nll: float = 0.05  # per-request early stop: mean target NLL below this
+    # random prefixes (generated once per model by the model itself)
+    n_prefixes: int = 5
+    prefix_len: int = 10
+    prefix_seed: int = 0
+    # solves
+    mom2_update_weight: float = 1600.0  # MEMIT λ (scales with the key dimension)
+    memit_sequential: bool = False  # MEMIT: also protect earlier batches' keys (RECT-free "memit_seq")
+    L2: float = 10.0  # AlphaEdit ridge term
+    nullspace_threshold: float = 2e-2
+    nullspace_mode: str = "relative_mean"  # "absolute" | "relative_mean" | "relative_max"
+    cache_dtype: str = "float32"  # dtype of Σ K_p K_pᵀ kept in the editor state
+    source: str = ""  # file the values came from
+    source_sha256: str = ""
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def resolve_layers(self, num_layers: int) -> list[int]:
+        if self.layers == "auto":
+            lo = max(0, round(0.15 * num_layers))
+            hi = max(lo, min(num_layers - 2, round(0.3 * num_layers)))
+            return list(range(lo, hi + 1))
+        layers = sorted(int(x) for x in self.layers)  # type: ignore[union-attr]
+        bad = [x for x in layers if not 0 <= x < num_layers]
+        if bad or not layers:
+            raise ValueError(f"hparams ({self.source or 'inline'}): edit layers {self.layers} invalid for a "
+                             f"{num_layers}-layer model")
+        return layers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        d = self.to_dict()
+        d.pop("notes", None)
+        return sha256_json(d)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(EditHparams)}
+
+
+def _builtin(name: str) -> Path | None:
+    p = resources.files("kedit") / "hparams" / f"{name}.yaml"
+    return Path(str(p)) if p.is_file() else None
+
+
+def hparams_file_for(model_slug: str | None, model_type: str | None = None) -> Path:
+    for name in (model_slug, model_type, "default"):
+        if name:
+            p = _builtin(name)
+            if p is not None:
+                return p
+    raise FileNotFoundError("no hparams file found (the package's hparams/default.yaml is missing)")
+
+
+def load_hparams(method: str, model: Any = None, path: str | Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> EditHparams:
+    """Hyperparameters for ``method``: ``model`` is a LoadedModel, a slug, or None (defaults)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown edit method {method!r}; choose one of {METHODS}")
+    slug = getattr(model, "slug", model if isinstance(model, str) else None)
+    model_type = getattr(getattr(model, "adapter", None), "model_type", None)
+    file = Path(path) if path else hparams_file_for(slug, model_type)
+    if not file.exists():
+        raise FileNotFoundError(f"hparams file {file} does not exist")
+    import hashlib
+
+    raw = file.read_bytes()
+    data = yaml.safe_load(raw) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a mapping with 'defaults' and per-method blocks")
+    merged: dict[str, Any] = {}
+    notes: dict[str, str] = {}
+    for block in ("defaults", method):
+        section = data.get(block) or {}
+        unknown = set(section) - _FIELDS - {"why"}
+        if unknown:
+            raise ValueError(f"{file}: block {block!r} has unknown hyperparameters {sorted(unknown)}; "
+                             f"known: {sorted(_FIELDS - {'method', 'source', 'source_sha256', 'notes'})}")
+        merged.update({k: v for k, v in section.items() if k != "why"})
+        if isinstance(section.get("why"), dict):
+            notes.update({str(k): str(v) for k, v in section["why"].items()})
+    for k, v in (overrides or {}).items():
+        if k not in _FIELDS:
+            raise ValueError(f"unknown hyperparameter override {k!r}")
+        if v is not None:
+            merged[k] = v
+    if merged.get("nullspace_mode", "relative_mean") not in ("absolute", "relative_mean", "relative_max"):
+        raise ValueError(f"{file}: nullspace_mode must be absolute, relative_mean or relative_max")
+    return EditHparams(**{**merged, "method": method, "source": str(file),
+                          "source_sha256": hashlib.sha256(raw).hexdigest(), "notes": notes})

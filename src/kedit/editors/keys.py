@@ -1,0 +1,45 @@
+"""Prefix-averaged keys and values at the subject's last token, for all requests and layers in one
+batched pass (the r-ROME fix: the same averaged key everywhere the algorithms use a key)."""
+
+from __future__ import annotations
+
+import torch
+
+from kedit.editors.prompts import PromptRows, pad_right
+from kedit.editors.runner import BlockSlice, capture_blocks
+from kedit.hooks import Trace
+
+
+def average_by_request(x: torch.Tensor, req: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of rows ``x`` [rows, d] grouped by owning request -> [n, d] (float64)."""
+    out = torch.zeros(n, x.shape[1], dtype=torch.float64, device=x.device)
+    out.index_add_(0, req, x.to(torch.float64))
+    counts = torch.bincount(req, minlength=n).clamp_min(1).to(out)
+    return out / counts[:, None]
+
+
+class SubjectStates:
+    """Hidden states entering block ``first`` for every (request, prefix) row, truncated after the
+    subject (later tokens cannot influence it); :meth:`read` replays blocks ``first..last`` with the
+    model's *current* weights and returns averaged keys and the block-``last`` output."""
+
+    def __init__(self, lm, rows: PromptRows, first: int, last: int) -> None:
+        trunc = [ids[: p + 1] for ids, p in zip(rows.ids, rows.subj_pos)]
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        self.input_ids = pad_right(trunc, pad, lm.device)
+        self.pos = torch.tensor(rows.subj_pos, device=lm.device)
+        self.req = torch.tensor(rows.req, device=lm.device)
+        self.n = rows.n_requests
+        self.first, self.last = first, last
+        self.slice: BlockSlice = capture_blocks(lm, self.input_ids, first, last + 1)
+
+    def read(self, lm, key_layers: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """``({layer: K [d_key, n] float64}, z [d_out, n] float64)`` with the current weights."""
+        names = {i: lm.adapter.mlp_out_name(i) for i in key_layers}
+        ar = torch.arange(self.input_ids.shape[0], device=self.pos.device)
+        with torch.no_grad(), Trace(lm.model, list(names.values()), retain_input=True) as tr:
+            h = self.slice.run(lm)
+        keys = {i: average_by_request(tr.inputs[nm][ar, self.pos], self.req, self.n).T.contiguous()
+                for i, nm in names.items()}
+        z = average_by_request(h[ar, self.pos], self.req, self.n).T.contiguous()
+        return keys, z

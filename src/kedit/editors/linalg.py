@@ -1,0 +1,83 @@
+"""The editors' pure math, in float64, with solves (LU / Cholesky) and never an explicit inverse.
+
+Shapes: keys ``K`` are ``[d_key, n]`` (one column per request), residuals ``R`` are ``[d_out, n]``,
+updates ``Δ`` are ``[d_out, d_key]`` (the ``[out, in]`` view of the edited matrix).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _f64(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float64)
+
+
+def rome_update(C: torch.Tensor, k: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Rank-one ROME update: ``Δ = r uᵀ / (uᵀ k)`` with ``u = C⁻¹ k``, so ``(W + Δ) k = W k + r``
+    while inputs orthogonal to ``u`` in the C-metric are untouched. ``k`` [d_key], ``r`` [d_out]."""
+    C, k, r = _f64(C), _f64(k), _f64(r)
+    u = torch.linalg.solve(C, k)
+    denom = torch.dot(u, k)
+    if not torch.isfinite(denom) or denom.abs() < 1e-30:
+        raise ValueError(f"ROME: degenerate key (kᵀC⁻¹k = {denom.item():.3g})")
+    return torch.outer(r, u) / denom
+
+
+def memit_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float,
+                 C_prev: torch.Tensor | None = None) -> torch.Tensor:
+    """MEMIT least squares: ``Δ = R Kᵀ (λC + C_prev + K Kᵀ)⁻¹`` (solved by Cholesky; the system is SPD)."""
+    C, K, R = _f64(C), _f64(K), _f64(R)
+    A = lam * C + K @ K.T
+    if C_prev is not None:
+        A = A + _f64(C_prev)
+    A = (A + A.T) / 2
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        adj = torch.cholesky_solve(K, L)
+    else:  # numerically semi-definite: fall back to LU
+        adj = torch.linalg.solve(A, K)
+    return R @ adj.T
+
+
+def eig_threshold(eigvals: torch.Tensor, threshold: float, mode: str) -> float:
+    """The eigenvalue cut: absolute, or relative to the spectrum's mean or max (scale-free)."""
+    ev = eigvals.clamp_min(0)
+    if mode == "absolute":
+        return float(threshold)
+    if mode == "relative_mean":
+        return float(threshold * ev.mean())
+    if mode == "relative_max":
+        return float(threshold * ev.max())
+    raise ValueError(f"unknown null-space threshold mode {mode!r}")
+
+
+def nullspace_projector(C: torch.Tensor, threshold: float, mode: str = "relative_mean"
+                        ) -> tuple[torch.Tensor, int]:
+    """Projector onto the span of C's eigenvectors with eigenvalue below the cut, and its rank.
+
+    Keys of preserved knowledge live (almost) in the span of the large eigenvalues, so ``P k0 ≈ 0``
+    and an update ``Δ = X P`` leaves ``W k0`` unchanged."""
+    C = _f64(C)
+    C = (C + C.T) / 2
+    vals, vecs = torch.linalg.eigh(C)
+    cut = eig_threshold(vals, threshold, mode)
+    mask = vals < cut
+    U = vecs[:, mask]
+    return U @ U.T, int(mask.sum())
+
+
+def alphaedit_update(P: torch.Tensor, K: torch.Tensor, R: torch.Tensor, C_prev: torch.Tensor | None,
+                     l2: float) -> torch.Tensor:
+    """AlphaEdit (paper Eq. 14, reference code): ``X = solve(P(K Kᵀ + C_p) + l2·I, P K Rᵀ)``, ``Δ = Xᵀ``.
+
+    ``X = P(...)/l2`` lies in the range of P, so ``Δ k0 = 0`` for every ``k0`` with ``P k0 = 0``; the
+    ``C_p = Σ K_p K_pᵀ`` term keeps earlier batches' outputs (nearly) unchanged."""
+    P, K, R = _f64(P), _f64(K), _f64(R)
+    d = P.shape[0]
+    M = K @ K.T
+    if C_prev is not None:
+        M = M + _f64(C_prev)
+    A = P @ M + l2 * torch.eye(d, dtype=torch.float64, device=P.device)
+    X = torch.linalg.solve(A, P @ K @ R.T)
+    return X.T

@@ -1,0 +1,98 @@
+"""MEMIT: spread the v* residual over several layers, each solved by least squares against λ·C.
+
+Layers are edited in ascending order; before each, keys and the current output of the last edit
+layer are re-read with the partly edited weights, and the layer takes ``(z − current)/(layers left)``.
+The weights are restored on return; the deltas say exactly what to add.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kedit.editors.base import EditorState, EditRequest, EditResult
+from kedit.editors.common import (
+    apply_layer_delta,
+    as_key_stats,
+    cache_name,
+    check_requests,
+    check_state,
+    weights_restored,
+)
+from kedit.editors.context import context_prefixes
+from kedit.editors.hparams import EditHparams
+from kedit.editors.keys import SubjectStates
+from kedit.editors.linalg import memit_update
+from kedit.editors.prompts import subject_rows
+from kedit.editors.vstar import optimise_vstar
+
+
+class MultiLayerEditor:
+    """The MEMIT / AlphaEdit skeleton; subclasses supply the per-layer solve."""
+
+    method = "memit"
+
+    def __init__(self, hparams: EditHparams, cache_dir=None, progress=None) -> None:
+        self.hp = hparams
+        self.cache_dir = cache_dir
+        self.progress = progress
+
+    # per-layer solve: K [d_key, n], R [d_out, n] -> Δ [d_out, d_key]
+    def solve(self, lm, layer: int, K, R, state: EditorState, stats, info: dict) -> torch.Tensor:
+        hp = self.hp
+        prev = state.tensors.get(cache_name(layer)) if hp.memit_sequential else None
+        return memit_update(stats.mom2[layer].to(K.device), K, R, hp.mom2_update_weight,
+                            None if prev is None else prev.to(K.device))
+
+    def accumulates(self) -> bool:
+        return self.hp.memit_sequential
+
+    def compute(self, lm, requests: list[EditRequest], state: EditorState | None = None,
+                stats=None) -> EditResult:
+        t0 = time.perf_counter()
+        check_requests(requests)
+        hp = self.hp
+        layers = hp.resolve_layers(lm.adapter.num_layers)
+        state = check_state(state, self.method, layers, lm.manifest.model_hash)
+        ks = as_key_stats(stats, layers, lm.adapter.key_dim())
+        prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir)
+        vs = optimise_vstar(lm, requests, prefixes, hp, layers[-1], progress=self.progress)
+        z = (vs.v0 + vs.delta.to(torch.float64)).T  # [d, n]
+        rows = subject_rows(lm.tokenizer, requests, prefixes)
+        deltas: dict[str, torch.Tensor] = {}
+        layer_info: dict[str, dict[str, float]] = {}
+        with weights_restored(lm, layers):
+            states = SubjectStates(lm, rows, layers[0], layers[-1])
+            for idx, layer in enumerate(layers):
+                keys, cur = states.read(lm, [layer])
+                K = keys[layer]
+                R = (z - cur) / (len(layers) - idx)
+                info: dict[str, float] = {}
+                upd = self.solve(lm, layer, K, R, state, ks, info)
+                stored = apply_layer_delta(lm, layer, upd)
+                deltas[lm.adapter.weight_name(layer)] = stored.detach().cpu()
+                info.update(update_norm=float(upd.norm()), resid_norm=float(R.norm(dim=0).mean()),
+                            key_norm=float(K.norm(dim=0).mean()),
+                            weight_norm=float(lm.adapter.weight(layer).detach().double().norm()))
+                layer_info[f"L{layer}"] = info
+            _, z_after = states.read(lm, [])
+            final_keys = states.read(lm, layers)[0] if self.accumulates() else {}
+        miss = (z - z_after).norm(dim=0) / (z - vs.v0.T).norm(dim=0).clamp_min(1e-12)
+        layer_info["z"] = {"relative_residual_after": float(miss.mean())}
+        new_state = state
+        if self.accumulates():
+            dt = getattr(torch, hp.cache_dtype)
+            for layer, K in final_keys.items():
+                prev = new_state.tensors.get(cache_name(layer))
+                kk = (K @ K.T).to(dt).cpu()
+                new_state.tensors[cache_name(layer)] = kk if prev is None else prev.to(dt) + kk
+        new_state.meta.update(n_edits=int(state.meta.get("n_edits", 0)) + len(requests),
+                              n_batches=int(state.meta.get("n_batches", 0)) + 1,
+                              hparams_sha256=hp.source_sha256, stats_key=ks.key)
+        return EditResult(deltas=deltas, state=new_state, diagnostics=vs.diagnostics, layer_info=layer_info,
+                          seconds=time.perf_counter() - t0)
+
+
+class MEMITEditor(MultiLayerEditor):
+    method = "memit"

@@ -1,0 +1,101 @@
+"""Run a slice of the transformer's blocks on cached hidden states.
+
+v* only changes the residual stream at the last edit layer, so the blocks below it give the same
+output at every Adam step: we run them once, keep the hidden states, and each step replays only
+the blocks above. The per-block call arguments (rotary embeddings, masks...) are captured from
+one real forward, so every family is replayed with exactly the arguments its own model passes.
+
+(:class:`kedit.hooks.Trace` sees a block's first input only; capturing keyword arguments needs a
+``with_kwargs`` pre-hook, kept here and removed in ``finally``.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+class _Captured(Exception):
+    pass
+
+
+def _index_rows(x: Any, rows: torch.Tensor, n: int) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.index_select(0, rows) if x.dim() > 0 and x.shape[0] == n and n > 1 else x
+    if isinstance(x, tuple):
+        return tuple(_index_rows(v, rows, n) for v in x)
+    if isinstance(x, list):
+        return [_index_rows(v, rows, n) for v in x]
+    if isinstance(x, dict):
+        return {k: _index_rows(v, rows, n) for k, v in x.items()}
+    return x
+
+
+@dataclass
+class BlockSlice:
+    """Hidden states entering block ``start`` and the call arguments of blocks ``start..stop-1``."""
+
+    hidden: torch.Tensor
+    calls: list[tuple[tuple, dict]]
+    start: int
+    stop: int
+
+    def run(self, lm, hidden: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+            upto: int | None = None) -> torch.Tensor:
+        """Run blocks ``start..upto-1`` (default: all captured) on ``hidden`` (default: the cached
+        states), optionally on a subset of batch rows."""
+        h = self.hidden if hidden is None else hidden
+        n = self.hidden.shape[0]
+        layers = lm.adapter.module(lm.adapter.spec.layers)
+        for i in range(self.start, self.stop if upto is None else upto):
+            args, kwargs = self.calls[i - self.start]
+            if rows is not None:
+                args, kwargs = _index_rows(args, rows, n), _index_rows(kwargs, rows, n)
+            out = layers[i](h, *args, **kwargs)
+            h = out[0] if isinstance(out, tuple | list) else out
+        return h
+
+
+def capture_blocks(lm, input_ids: torch.Tensor, start: int, stop: int) -> BlockSlice:
+    """One no-grad forward up to block ``stop-1``'s input; returns the states entering ``start``."""
+    layers = lm.adapter.module(lm.adapter.spec.layers)
+    if not 0 <= start < stop <= len(layers):
+        raise ValueError(f"block slice [{start}, {stop}) outside 0..{len(layers)}")
+    calls: list[tuple[tuple, dict]] = []
+    hidden: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make(i: int):
+        def pre(_mod, args, kwargs):
+            if i == start:
+                hidden["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
+            rest = args[1:] if args else ()
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            calls.append((rest, kw))
+            if i == stop - 1:
+                raise _Captured
+        return pre
+
+    try:
+        for i in range(start, stop):
+            handles.append(layers[i].register_forward_pre_hook(make(i), with_kwargs=True))
+        with torch.no_grad():
+            try:
+                lm.model(input_ids=input_ids, use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    if len(calls) != stop - start or "h" not in hidden:
+        raise RuntimeError(f"{type(lm.model).__name__}: blocks {start}..{stop - 1} were not all called")
+    return BlockSlice(hidden=hidden["h"], calls=calls, start=start, stop=stop)
+
+
+def logits_at(lm, h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Final norm and unembedding at the given (row, position) pairs only (not seq × vocab)."""
+    x = h[rows, cols]
+    x = lm.adapter.final_norm(x)
+    return lm.adapter.unembed(x).float()

@@ -1,0 +1,208 @@
+"""Editors end to end on tiny random models: contract, closed-form properties, state, batching."""
+
+import pytest
+import torch
+
+from kedit.editors.base import EditorState, EditRequest, apply_deltas
+from kedit.editors.hparams import EditHparams, load_hparams
+from kedit.editors.keys import SubjectStates
+from kedit.editors.prompts import subject_rows
+from kedit.editors.registry import get_editor
+from kedit.editors.vstar import optimise_vstar
+
+REQS = [
+    EditRequest("{} is located in", "The Eiffel Tower", "Rome", "Paris", id="a"),
+    EditRequest("The mother tongue of {} is", "Danielle Darrieux", "Dutch", "French", id="b"),
+    EditRequest("{} plays the", "Toko Yasuda", "piano", "guitar", id="c"),
+]
+PREFIXES = ["", "The quick brown fox. ", "Rome is the capital. "]
+
+
+def _hp(method: str, **kw) -> EditHparams:
+    base = {"layers": [1] if method == "rome" else [1, 2], "n_prefixes": 2, "prefix_len": 3, "v_steps": 6,
+            "mom2_update_weight": 1e-3, "L2": 1e-4}
+    return load_hparams(method, overrides={**base, **kw})
+
+
+def _stats(lm, seed=0, rank=None):
+    d = lm.adapter.key_dim()
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(3000, d, generator=g, dtype=torch.float64)
+    if rank is not None:
+        X[:, rank:] = 0
+        X += 1e-3 * torch.randn(3000, d, generator=g, dtype=torch.float64)
+    C = X.T @ X / 3000
+    return {i: C.clone() for i in range(lm.adapter.num_layers)}
+
+
+def _keys_and_z(lm, reqs, layers, prefixes):
+    st = SubjectStates(lm, subject_rows(lm.tokenizer, reqs, prefixes), layers[0], layers[-1])
+    return st.read(lm, layers)
+
+
+def _prefixes(lm, hp, tmp_path):
+    from kedit.editors.context import context_prefixes
+
+    return context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
+def test_compute_leaves_weights_and_returns_stored_deltas(method, tiny_lm, tmp_path):
+    before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    stats = _stats(tiny_lm, rank=tiny_lm.adapter.key_dim() // 2)  # AlphaEdit needs a null space
+    res = get_editor(method, _hp(method), cache_dir=tmp_path).compute(tiny_lm, REQS[:2], None, stats)
+    assert all(torch.equal(before[k], v) for k, v in tiny_lm.model.state_dict().items())
+    params = dict(tiny_lm.model.named_parameters())
+    assert res.deltas and all(tuple(d.shape) == tuple(params[k].shape) for k, d in res.deltas.items())
+    assert len(res.diagnostics) == 2 and res.diagnostics[0].request_id == "a"
+    assert res.state.meta["n_edits"] == 2
+    apply_deltas(tiny_lm.model, res.deltas)
+    assert not torch.equal(params[next(iter(res.deltas))], before[next(iter(res.deltas))])
+
+
+def test_gpt2_deltas_are_in_transposed_stored_layout(tiny_tokenizer, tmp_path):
+    from kedit.models.store import wrap_model
+    from tests.conftest import make_tiny_model
+
+    lm = wrap_model(make_tiny_model("gpt2"), tiny_tokenizer, slug="tiny-gpt2")
+    res = get_editor("memit", _hp("memit"), cache_dir=tmp_path).compute(lm, REQS[:2], None, _stats(lm))
+    name = lm.adapter.weight_name(1)
+    assert res.deltas[name].shape == lm.adapter.mlp_out(1).weight.shape == (4 * 64, 64)
+    K, _ = _keys_and_z(lm, REQS[:2], [1], _prefixes(lm, _hp("memit"), tmp_path))
+    # the [out, in] view of the stored delta maps keys to outputs
+    assert lm.adapter.from_stored(res.deltas[name]).shape == (64, K[1].shape[0])
+
+
+def test_rome_writes_v_star_for_its_key(tiny_lm, tmp_path):
+    hp = _hp("rome")
+    res = get_editor("rome", hp, cache_dir=tmp_path).compute(tiny_lm, REQS[:1], None, _stats(tiny_lm))
+    D = tiny_lm.adapter.from_stored(res.deltas[tiny_lm.adapter.weight_name(1)]).double()
+    sv = torch.linalg.svdvals(D)
+    assert sv[1] < 1e-5 * sv[0]  # rank one (up to float32 storage)
+    assert res.layer_info["z"]["relative_residual_after"] < 1e-3  # W'k* = v*
+
+
+def test_memit_reduces_the_residual(tiny_lm, tmp_path):
+    loose = get_editor("memit", _hp("memit", mom2_update_weight=1e-4), cache_dir=tmp_path)
+    res = loose.compute(tiny_lm, REQS, None, _stats(tiny_lm))
+    assert res.layer_info["z"]["relative_residual_after"] < 0.05
+    strict = get_editor("memit", _hp("memit", mom2_update_weight=1e4), cache_dir=tmp_path)
+    res2 = strict.compute(tiny_lm, REQS, None, _stats(tiny_lm))
+    assert 0.5 < res2.layer_info["z"]["relative_residual_after"] <= 1.0 + 1e-6  # λ holds it back
+    # residual spread: the first of two layers takes about half of the full residual
+    assert res.layer_info["L1"]["resid_norm"] == pytest.approx(res.layer_info["L2"]["resid_norm"], rel=0.6)
+
+
+def test_alphaedit_preserves_subspace_and_earlier_batches(tiny_lm, tmp_path):
+    lm = tiny_lm
+    d = lm.adapter.key_dim()
+    stats = _stats(lm, rank=d // 2)
+    hp = _hp("alphaedit", nullspace_threshold=1e-3, L2=1e-4)
+    ed = get_editor("alphaedit", hp, cache_dir=tmp_path)
+    r1 = ed.compute(lm, REQS[:2], None, stats)
+    assert r1.layer_info["L1"]["nullspace_dim"] == d - d // 2
+    assert set(r1.state.tensors) == {"cache_c.L1", "cache_c.L2"}
+    g = torch.Generator().manual_seed(9)
+    K0 = torch.zeros(d, 50, dtype=torch.float64)
+    K0[: d // 2] = torch.randn(d // 2, 50, generator=g, dtype=torch.float64)
+    for delta in r1.deltas.values():
+        D = lm.adapter.from_stored(delta).double()
+        assert (D @ K0).norm() < 1e-2 * D.norm() * K0.norm()
+    prefixes = _prefixes(lm, hp, tmp_path)
+    apply_deltas(lm.model, r1.deltas)
+    K1, _ = _keys_and_z(lm, REQS[:2], [1, 2], prefixes)
+    # state holds exactly Σ K Kᵀ of the edited model's keys
+    assert torch.allclose(r1.state.tensors["cache_c.L2"].double(), K1[2] @ K1[2].T, rtol=1e-4, atol=1e-5)
+    r2 = ed.compute(lm, REQS[2:], r1.state, stats)
+    assert r2.state.meta["n_edits"] == 3 and r2.state.meta["n_batches"] == 2
+    assert torch.allclose(r2.state.tensors["cache_c.L1"].double(),
+                          r1.state.tensors["cache_c.L1"].double() + _keys_and_z_after(lm, r2, REQS[2:], prefixes),
+                          rtol=1e-3, atol=1e-4)
+    forgetful = ed.compute(lm, REQS[2:], None, stats)
+    for layer in (1, 2):
+        name = lm.adapter.weight_name(layer)
+        kept = (lm.adapter.from_stored(r2.deltas[name]).double() @ K1[layer]).norm()
+        lost = (lm.adapter.from_stored(forgetful.deltas[name]).double() @ K1[layer]).norm()
+        assert kept < 0.2 * lost
+
+
+def _keys_and_z_after(lm, res, reqs, prefixes):
+    apply_deltas(lm.model, res.deltas)
+    try:
+        K, _ = _keys_and_z(lm, reqs, [1], prefixes)
+    finally:
+        apply_deltas(lm.model, res.deltas, sign=-1.0)
+    return K[1] @ K[1].T
+
+
+def test_batched_vstar_matches_one_at_a_time(tiny_lm):
+    hp = _hp("memit", v_steps=5, v_lr=0.05, v_weight_decay=0.0, clamp_norm_factor=100.0)
+    together = optimise_vstar(tiny_lm, REQS, PREFIXES, hp, 2)
+    for i, r in enumerate(REQS):
+        alone = optimise_vstar(tiny_lm, [r], PREFIXES, hp, 2)
+        assert torch.allclose(together.delta[i], alone.delta[0], atol=1e-4, rtol=1e-3)
+        assert torch.allclose(together.v0[i], alone.v0[0], atol=1e-5)
+        assert together.diagnostics[i].vstar_loss_end == pytest.approx(alone.diagnostics[0].vstar_loss_end, rel=1e-4)
+
+
+def test_vstar_early_stop_masks_converged_requests(tiny_lm):
+    hp = _hp("memit", v_steps=6, v_stop_nll=100.0)  # everything "converges" at step 0
+    vs = optimise_vstar(tiny_lm, REQS, PREFIXES, hp, 2)
+    assert all(d.vstar_steps == 0 and d.constraint_met for d in vs.diagnostics)
+    assert torch.count_nonzero(vs.delta) == 0
+
+
+def test_weights_restored_when_a_step_raises(tiny_lm, tmp_path, monkeypatch):
+    from kedit.editors import memit
+
+    before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    calls = {"n": 0}
+    real = memit.MultiLayerEditor.solve
+
+    def boom(self, lm, layer, K, R, state, stats, info):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("solver exploded")
+        return real(self, lm, layer, K, R, state, stats, info)
+
+    monkeypatch.setattr(memit.MultiLayerEditor, "solve", boom)
+    with pytest.raises(RuntimeError, match="exploded"):
+        get_editor("memit", _hp("memit"), cache_dir=tmp_path).compute(tiny_lm, REQS, None, _stats(tiny_lm))
+    assert all(torch.equal(before[k], v) for k, v in tiny_lm.model.state_dict().items())
+
+
+def test_bad_inputs_raise_clear_errors(tiny_lm, tmp_path):
+    ed = get_editor("alphaedit", _hp("alphaedit"), cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="key statistics"):
+        ed.compute(tiny_lm, REQS, None, None)
+    with pytest.raises(ValueError, match="lack layers"):
+        ed.compute(tiny_lm, REQS, None, {0: torch.eye(tiny_lm.adapter.key_dim())})
+    with pytest.raises(ValueError, match="for 'memit'"):
+        ed.compute(tiny_lm, REQS, EditorState("memit"), _stats(tiny_lm))
+    with pytest.raises(ValueError, match="one layer"):
+        get_editor("rome", _hp("rome", layers=[1, 2])).compute(tiny_lm, REQS, None, _stats(tiny_lm))
+    with pytest.raises(ValueError, match="unknown edit method"):
+        get_editor("nope")
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        load_hparams("memit", overrides={"v_lrr": 1})
+
+
+def test_hparams_files_load_for_every_model_and_method():
+    for slug in ("smollm2-135m", "llama-3-8b", "gpt-j-6b", "gpt2-xl", None):
+        for method in ("rome", "memit", "alphaedit"):
+            hp = load_hparams(method, slug)
+            assert hp.method == method and hp.source.endswith(".yaml") and len(hp.source_sha256) == 64
+    assert load_hparams("rome", "smollm2-135m").layers == [6]
+    assert load_hparams("memit", "llama-3-8b").mom2_update_weight == 15000
+    assert EditHparams(layers="auto").resolve_layers(30) == [4, 5, 6, 7, 8, 9]
+
+
+def test_context_prefixes_cached_on_disk(tiny_lm, tmp_path):
+    from kedit.editors import context
+
+    p1 = context.context_prefixes(tiny_lm, 2, 3, 0, tmp_path)
+    assert p1[0] == "" and len(p1) == 3 and all("{" not in p and "}" not in p for p in p1)
+    files = list((tmp_path / "contexts").glob("*.json"))
+    assert len(files) == 1
+    context._MEMO.clear()
+    assert context.context_prefixes(tiny_lm, 2, 3, 0, tmp_path) == p1  # read back, not regenerated

@@ -1,0 +1,87 @@
+"""The editors' closed forms against direct computations."""
+
+import pytest
+import torch
+
+from kedit.editors.linalg import (
+    alphaedit_update,
+    eig_threshold,
+    memit_update,
+    nullspace_projector,
+    rome_update,
+)
+
+
+def _spd(d: int, n: int = 400, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return X.T @ X / n
+
+
+def test_rome_update_hits_target_and_is_rank_one():
+    C = _spd(16)
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    k, v = torch.randn(16, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)
+    D = rome_update(C, k, v - W @ k)
+    assert torch.allclose((W + D) @ k, v, atol=1e-9)
+    assert torch.linalg.matrix_rank(D) == 1
+    # keys C-orthogonal to k (uᵀx = 0 with u = C⁻¹k) are untouched
+    x = torch.randn(16, generator=g, dtype=torch.float64)
+    u = torch.linalg.solve(C, k)
+    x = x - u * (u @ x) / (u @ u)
+    assert torch.allclose(D @ x, torch.zeros(8, dtype=torch.float64), atol=1e-9)
+
+
+def test_memit_update_matches_normal_equations():
+    C = _spd(12)
+    g = torch.Generator().manual_seed(2)
+    K, R = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randn(6, 12 // 2, generator=g)[:, :5]
+    D = memit_update(C, K, R, lam=3.0)
+    direct = R.double() @ K.T @ torch.linalg.inv(3.0 * C + K @ K.T)
+    assert torch.allclose(D, direct, atol=1e-10)
+    # with λ -> 0 and n < d the keys get exactly their residual
+    D0 = memit_update(C, K, R, lam=1e-9)
+    assert torch.allclose(D0 @ K, R.double(), atol=1e-5)
+
+
+def test_nullspace_projector_relative_threshold():
+    g = torch.Generator().manual_seed(3)
+    U, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=torch.float64))
+    ev = torch.tensor([100.0, 50, 20, 10, 5, 1e-3, 1e-4, 1e-5, 1e-6, 0.0], dtype=torch.float64)
+    C = U @ torch.diag(ev) @ U.T
+    P, rank = nullspace_projector(C, 1e-2, "relative_mean")  # cut = 0.01 * mean = 0.186
+    assert rank == 5
+    assert torch.allclose(P @ P, P, atol=1e-10) and torch.allclose(P, P.T, atol=1e-12)
+    assert torch.allclose(P @ U[:, :5], torch.zeros(10, 5, dtype=torch.float64), atol=1e-10)
+    # scale-free: multiplying C does not change the relative projector
+    P2, rank2 = nullspace_projector(1000 * C, 1e-2, "relative_mean")
+    assert rank2 == rank and torch.allclose(P, P2, atol=1e-8)
+    assert nullspace_projector(C, 2e-2, "absolute")[1] == 5
+    assert eig_threshold(ev, 0.5, "relative_max") == pytest.approx(50.0)
+    with pytest.raises(ValueError):
+        eig_threshold(ev, 0.5, "nope")
+
+
+def test_alphaedit_update_preserves_subspace_and_previous_keys():
+    g = torch.Generator().manual_seed(4)
+    d = 24
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    keep = basis[:, :12]  # preserved knowledge lives here
+    K0 = keep @ torch.randn(12, 500, generator=g, dtype=torch.float64)
+    C = K0 @ K0.T / 500
+    P, rank = nullspace_projector(C, 1e-6, "relative_mean")
+    assert rank == 12
+    K1, R1 = torch.randn(d, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
+    D1 = alphaedit_update(P, K1, R1, None, l2=1e-3)
+    assert (D1 @ K0).abs().max() < 1e-8 * K0.abs().max()
+    assert torch.allclose(D1 @ K1, R1, atol=1e-2)  # the edit itself lands
+    # a later batch with the earlier keys accumulated leaves their outputs (nearly) unchanged
+    K2, R2 = torch.randn(d, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
+    D2 = alphaedit_update(P, K2, R2, K1 @ K1.T, l2=1e-3)
+    D2_forgetful = alphaedit_update(P, K2, R2, None, l2=1e-3)
+    assert (D2 @ K1).norm() < 0.02 * (D2_forgetful @ K1).norm()
+    assert torch.allclose(D2 @ K2, R2, atol=5e-2)
+    # matches the paper's closed form Δ = R K1ᵀ P (P (Kp Kpᵀ + K1 K1ᵀ) + l2 I)⁻ᵀ... via a direct solve
+    A = P @ (K2 @ K2.T + K1 @ K1.T) + 1e-3 * torch.eye(d, dtype=torch.float64)
+    assert torch.allclose(D2, (torch.linalg.inv(A) @ P @ K2 @ R2.T).T, atol=1e-6)
