@@ -13,6 +13,15 @@ from kedit.hooks import Trace
 PROMPT, SUBJECT = "{} is located in", "The Eiffel Tower"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning threads run these tiny ops ~20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def setup(tiny_lm):
     s, text, target = TR.make_setup(tiny_lm, PROMPT, SUBJECT, samples=3, noise=3.0, seed=1)

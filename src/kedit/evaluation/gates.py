@@ -1,0 +1,344 @@
+"""Promotion gates: may a candidate edit state replace the champion?
+
+Every check has a value, a threshold (from the ``gates:`` block of params.yaml) and a verdict; the
+candidate passes only if all enabled checks pass. Facts that did not take are listed by id, never
+counted as applied. The core, :func:`run_gates`, takes loaded models so the nightly flow can call it
+with in-memory edited models; ``kedit gate`` loads two store entries and calls it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from kedit.atomic import write_json_atomic, write_text_atomic
+from kedit.evaluation import metrics as M
+from kedit.evaluation.canary import CanarySuite, build_canary, compare, shipped_prompts
+from kedit.models.store import LoadedModel
+
+
+def load_params_block(path: str | Path | None, block: str) -> dict:
+    """The ``block:`` mapping of a params YAML file; ``{}`` if the file or block is absent."""
+    import yaml
+
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.exists():
+        return {}
+    data = yaml.safe_load(p.read_text()) or {}
+    section = data.get(block) or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{p}: `{block}:` must be a mapping, got {type(section).__name__}")
+    return section
+
+
+@dataclass
+class GatePolicy:
+    """Thresholds of the promotion gate. ``None`` disables a check. Defaults suit SmolLM2-135M;
+    each is documented in params.yaml's ``gates:`` block and docs/tracing-evaluation-gates.md."""
+
+    min_efficacy: float | None = 0.9  # fraction of new edits whose new target beats the old one
+    min_generalization: float | None = 0.5  # same on the paraphrase prompts
+    max_specificity_drop: float | None = 0.1  # champion NS - candidate NS on the new edits' neighbours
+    max_neighbourhood_kl: float | None = 0.05  # mean next-token KL(champion || candidate), nats
+    min_canary_agreement: float | None = 0.9  # canary prompts whose first canary_k greedy tokens are unchanged
+    max_perplexity_increase_pct: float | None = 5.0  # on the reference text slice
+    max_fluency_drop: float | None = 20.0  # generation entropy x100 (SmolLM2 ~630)
+    min_retention: float | None = 0.9  # earlier edits that held under the champion and still hold
+    canary_k: int = 1
+    fluency_prompts: int = 8
+    fluency_tokens: int = 100
+    reference_text: str = "wiki-summaries-en:heldout"  # corpus spec or a text file
+    reference_tokens: int = 4096
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "gates") -> GatePolicy:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown gate settings {unknown}; known: {sorted(names)}")
+        for k, v in data.items():
+            if k not in ("reference_text",) and v is not None and not isinstance(v, int | float):
+                raise ValueError(f"{where}.{k}: expected a number or null, got {v!r}")
+        return cls(**data)
+
+    @classmethod
+    def from_params(cls, path: str | Path | None = "params.yaml") -> GatePolicy:
+        return cls.from_dict(load_params_block(path, "gates"), where=f"{path}: gates")
+
+
+@dataclass
+class Check:
+    name: str
+    value: float | None
+    threshold: float | None
+    passed: bool
+    direction: str  # "min": value >= threshold; "max": value <= threshold
+    before: float | None = None  # the underlying metric on the champion
+    after: float | None = None  # ... on the candidate
+    bound: float | None = None  # the threshold in the underlying metric's scale (for the chart)
+    detail: str = ""
+    skipped: bool = False
+
+
+def _check(name, value, threshold, direction, before=None, after=None, bound=None, detail="") -> Check:
+    if threshold is None:
+        return Check(name, value, None, True, direction, before, after, bound, detail or "disabled", skipped=True)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return Check(name, None, threshold, True, direction, before, after, bound, detail or "nothing to measure",
+                     skipped=True)
+    ok = value >= threshold if direction == "min" else value <= threshold
+    return Check(name, float(value), float(threshold), bool(ok), direction, before, after, bound, detail)
+
+
+@dataclass
+class GateReport:
+    passed: bool
+    checks: list[Check]
+    champion: dict
+    candidate: dict
+    failed_ids: list = field(default_factory=list)  # new edits that did not take (efficacy failures)
+    not_generalized_ids: list = field(default_factory=list)
+    lost_ids: list = field(default_factory=list)  # earlier edits that no longer hold
+    canary_changed: list[dict] = field(default_factory=list)
+    policy: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["checks"] = [asdict(c) for c in self.checks]
+        return d
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "gate.json", self.to_dict())
+        write_text_atomic(out / "gate.md", gate_markdown(self))
+        plot_gate(self, out / "gate.png")
+        return out
+
+
+def as_counterfact(rec: dict, k: int, where: str) -> dict:
+    """A flat CounterFact record from a flat record or an edit-request dict (template + subject)."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}[{k}]: expected a dict, got {type(rec).__name__}")
+    r = dict(rec)
+    if "{}" in str(r.get("prompt", "")) and r.get("subject"):
+        r["prompt"] = r["prompt"].replace("{}", r["subject"])
+    r.setdefault("case_id", r.get("id", k))
+    if "ground_truth" not in r and r.get("target_true"):
+        r["ground_truth"] = r["target_true"]
+    if "rephrase_prompt" not in r and r.get("paraphrases"):
+        r["rephrase_prompt"] = r["paraphrases"][0]
+    M.check_counterfact([r], where=f"{where}[{k}]")
+    return r
+
+
+def _reference_text(policy: GatePolicy) -> str | None:
+    spec = policy.reference_text
+    p = Path(spec)
+    if p.is_file():
+        return p.read_text(encoding="utf-8")
+    try:
+        from kedit.stats.corpus import heldout_text
+
+        return heldout_text(max_chars=policy.reference_tokens * 8, spec=spec)
+    except (ImportError, FileNotFoundError, ValueError):
+        return None
+
+
+def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy | None = None,
+              new_edits: Sequence[dict] = (), prior_edits: Sequence[dict] = (), canary: CanarySuite | None = None,
+              reference_text: str | None = None, fluency_prompts: Sequence[str] | None = None,
+              progress: bool = True) -> GateReport:
+    """Compare ``candidate`` with ``champion`` on every check of ``policy``.
+
+    ``new_edits``: the records this candidate is meant to add; ``prior_edits``: the records already in
+    the lineage (retention); ``canary``: the champion's stored suite (built on the fly when ``None``).
+    """
+    from rich.console import Console
+
+    policy = policy or GatePolicy()
+    t0 = time.perf_counter()
+    console = Console(stderr=True, quiet=not progress)
+    new = [as_counterfact(r, k, "new_edits") for k, r in enumerate(new_edits)]
+    prior = [as_counterfact(r, k, "prior_edits") for k, r in enumerate(prior_edits)]
+    checks: list[Check] = []
+    notes: list[str] = []
+    rep = GateReport(passed=False, checks=checks, policy=asdict(policy), notes=notes,
+                     champion={"slug": champion.slug, "model_hash": champion.manifest.model_hash},
+                     candidate={"slug": candidate.slug, "model_hash": candidate.manifest.model_hash})
+
+    with console.status("gate: scoring edits") as status:
+        # new edits: efficacy, generalization, specificity (champion = before, candidate = after)
+        if new:
+            before = M.evaluate_counterfact(champion, new)
+            after = M.evaluate_counterfact(candidate, new)
+            rep.failed_ids = after["failed_ids"]
+            rep.not_generalized_ids = [i for i, ok in zip(after["ids"], after["generalization_ok"]) if not ok]
+            checks.append(_check("efficacy", after["efficacy"], policy.min_efficacy, "min", before["efficacy"],
+                                 after["efficacy"], policy.min_efficacy,
+                                 f"{len(rep.failed_ids)} of {len(new)} new edits did not take"))
+            checks.append(_check("generalization", after["generalization"], policy.min_generalization, "min",
+                                 before["generalization"], after["generalization"], policy.min_generalization))
+            drop = before["specificity"] - after["specificity"]
+            checks.append(_check("specificity_drop", drop, policy.max_specificity_drop, "max", before["specificity"],
+                                 after["specificity"],
+                                 None if policy.max_specificity_drop is None
+                                 else before["specificity"] - policy.max_specificity_drop,
+                                 f"NS {before['specificity']:.3f} -> {after['specificity']:.3f}"))
+        else:
+            for name, thr, d in (("efficacy", policy.min_efficacy, "min"),
+                                 ("generalization", policy.min_generalization, "min"),
+                                 ("specificity_drop", policy.max_specificity_drop, "max")):
+                checks.append(_check(name, None, thr, d, detail="no new edits"))
+
+        # retention of earlier edits: those that held under the champion must still hold
+        if prior:
+            status.update("gate: retention of earlier edits")
+            b = M.evaluate_counterfact(champion, prior)
+            a = M.evaluate_counterfact(candidate, prior)
+            held = [i for i, ok in enumerate(b["efficacy_ok"]) if ok]
+            kept = [i for i in held if a["efficacy_ok"][i]]
+            rep.lost_ids = [b["ids"][i] for i in held if not a["efficacy_ok"][i]]
+            value = len(kept) / len(held) if held else None
+            checks.append(_check("retention", value, policy.min_retention, "min", b["efficacy"], a["efficacy"],
+                                 policy.min_retention, f"{len(kept)} of {len(held)} earlier edits still hold"))
+        else:
+            checks.append(_check("retention", None, policy.min_retention, "min", detail="no earlier edits"))
+
+        # canary suite: greedy agreement, and the next-token KL together with the edits' neighbours
+        status.update("gate: canary suite")
+        if canary is None:
+            canary = build_canary(champion, edits=prior, k=max(1, policy.canary_k))
+            notes.append(f"canary suite built on the fly from the champion ({len(canary.prompts)} prompts)")
+        elif canary.model_hash != champion.manifest.model_hash:
+            notes.append(f"canary suite was recorded on model {canary.model_hash[:12]}, champion is "
+                         f"{champion.manifest.model_hash[:12]}: agreement is measured against the stored answers")
+        cmp = compare(canary, candidate, k=policy.canary_k)
+        rep.canary_changed = cmp.changed
+        checks.append(_check("canary_agreement", cmp.agreement, policy.min_canary_agreement, "min", 1.0,
+                             cmp.agreement, policy.min_canary_agreement,
+                             f"{len(cmp.changed)} of {len(canary.prompts)} canary answers changed"))
+        kl_rows = [torch.tensor(cmp.kl_per_prompt, dtype=torch.float64)]
+        loc = list(dict.fromkeys(r["locality_prompt"] for r in new))
+        if loc:
+            kl_rows.append(M.kl_rows(M.next_token_logprobs(champion, loc), M.next_token_logprobs(candidate, loc)))
+        nkl = float(torch.cat(kl_rows).mean())
+        checks.append(_check("neighbourhood_kl", nkl, policy.max_neighbourhood_kl, "max", 0.0, nkl,
+                             policy.max_neighbourhood_kl,
+                             f"mean over {len(loc)} neighbourhood + {len(canary.prompts)} canary prompts"))
+
+        # perplexity of a reference text slice
+        status.update("gate: perplexity")
+        text = reference_text if reference_text is not None else (
+            _reference_text(policy) if policy.max_perplexity_increase_pct is not None else None)
+        if text:
+            p0 = M.perplexity(champion, text, max_tokens=policy.reference_tokens)
+            p1 = M.perplexity(candidate, text, max_tokens=policy.reference_tokens)
+            inc = 100.0 * (p1 / p0 - 1.0)
+            thr = policy.max_perplexity_increase_pct
+            checks.append(_check("perplexity_increase_pct", inc, thr, "max", p0, p1,
+                                 None if thr is None else p0 * (1 + thr / 100), f"PPL {p0:.2f} -> {p1:.2f}"))
+        else:
+            checks.append(_check("perplexity_increase_pct", None, policy.max_perplexity_increase_pct, "max",
+                                 detail=f"no reference text ({policy.reference_text!r} unavailable)"))
+
+        # fluency: generation entropy on a fixed prompt list from a fixed seed
+        if policy.max_fluency_drop is not None and policy.fluency_prompts > 0:
+            status.update("gate: fluency (generation)")
+            fp = list(fluency_prompts) if fluency_prompts is not None else shipped_prompts()[: policy.fluency_prompts]
+            g0 = M.generation_entropy(champion, fp, max_new_tokens=policy.fluency_tokens, seed=policy.seed)
+            g1 = M.generation_entropy(candidate, fp, max_new_tokens=policy.fluency_tokens, seed=policy.seed)
+            checks.append(_check("fluency_drop", g0 - g1, policy.max_fluency_drop, "max", g0, g1,
+                                 g0 - policy.max_fluency_drop, f"GE {g0:.1f} -> {g1:.1f} on {len(fp)} prompts"))
+        else:
+            checks.append(_check("fluency_drop", None, policy.max_fluency_drop, "max", detail="disabled"))
+
+    rep.passed = all(c.passed for c in checks)
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def gate_markdown(rep: GateReport) -> str:
+    verdict = "PASSED" if rep.passed else "FAILED"
+    lines = [f"# Promotion gate: {verdict}", "",
+             f"- champion: `{rep.champion['slug']}` ({rep.champion['model_hash'][:12]})",
+             f"- candidate: `{rep.candidate['slug']}` ({rep.candidate['model_hash'][:12]})",
+             f"- {sum(c.passed for c in rep.checks)} of {len(rep.checks)} checks passed "
+             f"({sum(c.skipped for c in rep.checks)} skipped); {rep.seconds:.1f} s", "",
+             "| check | value | threshold | champion | candidate | verdict | detail |",
+             "|---|---|---|---|---|---|---|"]
+    for c in rep.checks:
+        op = ">=" if c.direction == "min" else "<="
+        verdict_c = "skipped" if c.skipped else ("pass" if c.passed else "**FAIL**")
+        thr = f"{op} {_fmt(c.threshold)}" if c.threshold is not None else "–"
+        lines.append(f"| {c.name} | {_fmt(c.value)} | {thr} | {_fmt(c.before)} | {_fmt(c.after)} | {verdict_c} "
+                     f"| {c.detail} |")
+    lines += ["", "![value vs threshold](gate.png)", ""]
+    if rep.failed_ids:
+        lines += [f"## Edits that did not take ({len(rep.failed_ids)})", "",
+                  "These are NOT applied facts: the new target does not beat the old one on the edit prompt.", "",
+                  ", ".join(f"`{i}`" for i in rep.failed_ids), ""]
+    if rep.not_generalized_ids:
+        lines += [f"## Edits that do not generalize to their paraphrase ({len(rep.not_generalized_ids)})", "",
+                  ", ".join(f"`{i}`" for i in rep.not_generalized_ids), ""]
+    if rep.lost_ids:
+        lines += [f"## Earlier edits no longer holding ({len(rep.lost_ids)})", "",
+                  ", ".join(f"`{i}`" for i in rep.lost_ids), ""]
+    if rep.canary_changed:
+        lines += [f"## Canary answers that changed ({len(rep.canary_changed)})", "", "| prompt | before | after |",
+                  "|---|---|---|"]
+        for c in rep.canary_changed[:50]:
+            esc = [str(c[k]).replace("|", "\\|").replace("\n", " ") for k in ("prompt", "before", "after")]
+            lines.append(f"| {esc[0]} | {esc[1]!r} | {esc[2]!r} |")
+        lines.append("")
+    if rep.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in rep.notes] + [""]
+    return "\n".join(lines)
+
+
+def plot_gate(rep: GateReport, path: str | Path) -> None:
+    """One small panel per check: champion vs candidate value of the underlying metric, bound dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kedit.tracing import _save_fig
+
+    checks = rep.checks
+    cols = 4
+    rows = math.ceil(len(checks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(checks):]:
+        ax.axis("off")
+    for ax, c in zip(axes.flat, checks):
+        colour = "lightgray" if c.skipped else ("tab:green" if c.passed else "tab:red")
+        vals = [c.before if c.before is not None else 0.0, c.after if c.after is not None else 0.0]
+        ax.bar(["champion", "candidate"], vals, color=["tab:blue", colour])
+        if c.bound is not None:
+            ax.axhline(c.bound, color="black", ls="--", lw=1)
+        verdict = "skipped" if c.skipped else ("pass" if c.passed else "FAIL")
+        op = ">=" if c.direction == "min" else "<="
+        ax.set_title(f"{c.name}\n{_fmt(c.value)} {op} {_fmt(c.threshold)}: {verdict}", fontsize=8,
+                     color="black" if c.passed else "tab:red")
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"Promotion gate {'PASSED' if rep.passed else 'FAILED'}: {rep.candidate['slug']} vs "
+                 f"{rep.champion['slug']} (dashed: bound)", fontsize=9)
+    fig.tight_layout()
+    _save_fig(fig, path)

@@ -1,0 +1,153 @@
+"""Promotion gates and the canary suite on tiny random models."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from kedit.evaluation import metrics as M
+from kedit.evaluation.canary import CanarySuite, build_canary, compare, neighbourhood_prompts, shipped_prompts
+from kedit.evaluation.gates import GatePolicy, run_gates
+from kedit.models.store import wrap_model
+
+REF_TEXT = ("The Eiffel Tower is located in Paris, the capital of France. Rome is the capital of Italy; "
+            "Berlin is the capital of Germany. The quick brown fox jumps over the lazy dog in London.") * 3
+PROMPTS = ["The Eiffel Tower is located in", "Rome is the capital of", "Messi plays for", "Danielle speaks",
+           "The mother tongue of Thomas is", "Apple A5 was created by"]
+CANARY = ["The capital of France is", "Rome is", "The quick brown fox", "Toko Yasuda plays", "Berlin is the",
+          "Microsoft makes", "Lionel Messi is a", "Danielle Darrieux was born in"]
+POLICY = dict(fluency_prompts=2, fluency_tokens=12, reference_tokens=512)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning threads run these tiny ops ~20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sharp_lm(tiny_tokenizer):
+    """A tiny Llama trained for a few steps on REF_TEXT: low perplexity and confident predictions,
+    so damage shows up as it would on a real model (tests only read it; damage works on a copy)."""
+    from tests.conftest import make_tiny_model
+
+    model = make_tiny_model("llama", seed=0)
+    ids = torch.tensor([tiny_tokenizer(REF_TEXT)["input_ids"]])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(40):
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    return wrap_model(model, tiny_tokenizer, slug="tiny-trained")
+
+
+def taken_records(lm, flip: int | None = None) -> list[dict]:
+    """Records that the model already satisfies (so they count as taken); ``flip`` makes one fail."""
+    a = M.target_logprobs(lm, PROMPTS, ["Paris"] * len(PROMPTS))
+    b = M.target_logprobs(lm, PROMPTS, ["Rome"] * len(PROMPTS))
+    recs = []
+    for i, p in enumerate(PROMPTS):
+        new, old = ("Paris", "Rome") if a[i] > b[i] else ("Rome", "Paris")
+        if i == flip:
+            new, old = old, new
+        recs.append({"case_id": f"f{i}", "prompt": p, "subject": p.split()[0], "target_new": new, "ground_truth": old,
+                     "rephrase_prompt": p, "locality_prompt": PROMPTS[(i + 1) % len(PROMPTS)],
+                     "locality_ground_truth": old})
+    return recs
+
+
+def damaged(lm, scale: float = 50.0):
+    model = copy.deepcopy(lm.model)
+    w = model.model.layers[1].mlp.down_proj.weight
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        w += scale * w.std() * torch.randn(w.shape, generator=g)
+    return wrap_model(model, lm.tokenizer, slug="damaged")
+
+
+def test_shipped_prompts_and_neighbourhood():
+    ps = shipped_prompts()
+    assert len(ps) >= 50 and all(p and not p.startswith("#") for p in ps) and len(set(ps)) == len(ps)
+    assert neighbourhood_prompts([{"locality_prompt": "A is"}, {"neighbors": ["B is", "A is"]}]) == ["A is", "B is"]
+
+
+def test_canary_roundtrip_and_self_agreement(sharp_lm, tmp_path):
+    suite = build_canary(sharp_lm, prompts=CANARY, edits=[{"locality_prompt": "Paris is in"}], k=4)
+    assert suite.prompts[-1] == "Paris is in" and suite.sources[-1] == "edit-neighbourhood"
+    assert suite.greedy.shape == (len(CANARY) + 1, 4) and suite.logprobs.shape[0] == len(CANARY) + 1
+    suite.save(tmp_path)
+    back = CanarySuite.load(tmp_path)
+    assert torch.equal(back.greedy, suite.greedy) and back.prompts == suite.prompts
+    same = compare(back, sharp_lm, k=4)
+    assert same.agreement == 1.0 and same.kl == pytest.approx(0.0, abs=1e-6) and not same.changed
+    bad = compare(back, damaged(sharp_lm), k=1)
+    assert bad.agreement < 1.0 and bad.kl > 0.1 and bad.changed
+
+
+def test_equal_candidate_passes(sharp_lm, tmp_path):
+    recs = taken_records(sharp_lm)
+    suite = build_canary(sharp_lm, prompts=CANARY)
+    twin = wrap_model(copy.deepcopy(sharp_lm.model), sharp_lm.tokenizer, slug="twin")
+    rep = run_gates(sharp_lm, twin, GatePolicy(**POLICY), new_edits=recs[:3], prior_edits=recs[3:], canary=suite,
+                    reference_text=REF_TEXT, progress=False)
+    assert rep.passed, [c for c in rep.checks if not c.passed]
+    by = {c.name: c for c in rep.checks}
+    assert set(by) == {"efficacy", "generalization", "specificity_drop", "retention", "canary_agreement",
+                       "neighbourhood_kl", "perplexity_increase_pct", "fluency_drop"}
+    assert by["efficacy"].value == 1.0 and by["canary_agreement"].value == 1.0
+    assert by["neighbourhood_kl"].value == pytest.approx(0.0, abs=1e-6)
+    assert by["perplexity_increase_pct"].value == pytest.approx(0.0, abs=1e-6)
+    assert by["fluency_drop"].value == pytest.approx(0.0, abs=1e-9)
+    assert not any(c.skipped for c in rep.checks)
+    rep.save(tmp_path)
+    data = json.loads((tmp_path / "gate.json").read_text())
+    assert data["passed"] is True
+    assert all({"name", "value", "threshold", "passed"} <= set(c) for c in data["checks"])
+    assert "PASSED" in (tmp_path / "gate.md").read_text()
+    assert (tmp_path / "gate.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_damaging_edit_fails_on_the_right_checks(sharp_lm, tmp_path):
+    recs = taken_records(sharp_lm)
+    suite = build_canary(sharp_lm, prompts=CANARY)
+    rep = run_gates(sharp_lm, damaged(sharp_lm), GatePolicy(**POLICY), new_edits=recs[:3], prior_edits=recs[3:],
+                    canary=suite, reference_text=REF_TEXT, progress=False)
+    by = {c.name: c for c in rep.checks}
+    assert not rep.passed
+    for name in ("canary_agreement", "neighbourhood_kl", "perplexity_increase_pct"):
+        assert not by[name].passed, (name, by[name])
+    assert by["perplexity_increase_pct"].value > 5.0 and by["neighbourhood_kl"].value > 0.05
+    rep.save(tmp_path)
+    assert json.loads((tmp_path / "gate.json").read_text())["passed"] is False
+    assert "FAIL" in (tmp_path / "gate.md").read_text()
+
+
+def test_facts_that_did_not_take_are_listed(sharp_lm, tmp_path):
+    recs = taken_records(sharp_lm, flip=1)
+    rep = run_gates(sharp_lm, sharp_lm, GatePolicy(**{**POLICY, "max_fluency_drop": None}), new_edits=recs[:3],
+                    canary=build_canary(sharp_lm, prompts=CANARY), reference_text=REF_TEXT, progress=False)
+    assert rep.failed_ids == ["f1"]
+    by = {c.name: c for c in rep.checks}
+    assert not by["efficacy"].passed and by["efficacy"].value == pytest.approx(2 / 3)
+    assert by["retention"].skipped and by["fluency_drop"].skipped
+    rep.save(tmp_path)
+    md = (tmp_path / "gate.md").read_text()
+    assert "did not take" in md and "`f1`" in md
+
+
+def test_policy_validation(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("gates:\n  min_efficacy: 0.8\n  max_neighbourhood_kl: null\n")
+    pol = GatePolicy.from_params(p)
+    assert pol.min_efficacy == 0.8 and pol.max_neighbourhood_kl is None and pol.min_retention == 0.9
+    p.write_text("gates:\n  min_efficasy: 0.8\n")
+    with pytest.raises(ValueError, match="min_efficasy"):
+        GatePolicy.from_params(p)
+    assert GatePolicy.from_params(tmp_path / "absent.yaml") == GatePolicy()
