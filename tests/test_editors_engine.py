@@ -206,3 +206,19 @@ def test_context_prefixes_cached_on_disk(tiny_lm, tmp_path):
     assert len(files) == 1
     context._MEMO.clear()
     assert context.context_prefixes(tiny_lm, 2, 3, 0, tmp_path) == p1  # read back, not regenerated
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])
+def test_prefix_cache_replay_matches_full_replay(family, tiny_tokenizer):
+    from kedit.models.store import wrap_model
+    from tests.conftest import make_tiny_model
+
+    lm = wrap_model(make_tiny_model(family), tiny_tokenizer, slug=f"tiny-{family}")
+    hp = _hp("memit", v_steps=4, v_lr=0.05, clamp_norm_factor=100.0)
+    cached = optimise_vstar(lm, REQS, PREFIXES, hp, 1)
+    full = optimise_vstar(lm, REQS, PREFIXES, EditHparams(**{**hp.to_dict(), "v_prefix_cache": False}), 1)
+    assert torch.allclose(cached.v0, full.v0, atol=1e-5)
+    assert torch.allclose(cached.delta, full.delta, atol=1e-4, rtol=1e-3)
+    for a, b in zip(cached.diagnostics, full.diagnostics):
+        assert a.vstar_loss_start == pytest.approx(b.vstar_loss_start, rel=1e-5)
+        assert a.vstar_loss_end == pytest.approx(b.vstar_loss_end, rel=1e-4)

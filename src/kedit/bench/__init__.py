@@ -1,0 +1,1 @@
+"""Benchmarks: the lifelong (sequential) editing benchmark on CounterFact."""

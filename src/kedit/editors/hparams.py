@@ -34,6 +34,7 @@ class EditHparams:
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 0.75  # ‖δ‖ <= factor · ‖v₀‖
     v_stop_nll: float = 0.05  # per-request early stop: mean target NLL below this
+    v_prefix_cache: bool = True  # replay only the tokens from the subject on (pre-subject K/V cached)
     # random prefixes (generated once per model by the model itself)
     n_prefixes: int = 5
     prefix_len: int = 10

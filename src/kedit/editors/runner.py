@@ -22,8 +22,11 @@ class _Captured(Exception):
 
 
 def _index_rows(x: Any, rows: torch.Tensor, n: int) -> Any:
+    if isinstance(x, PrefixCache):
+        return x.select_rows(rows)
     if isinstance(x, torch.Tensor):
-        return x.index_select(0, rows) if x.dim() > 0 and x.shape[0] == n and n > 1 else x
+        # batch-shaped tensors only (masks, rotary tables, position ids); 1-D ones (cache_position) are per token
+        return x.index_select(0, rows) if x.dim() >= 2 and x.shape[0] == n and n > 1 else x
     if isinstance(x, tuple):
         return tuple(_index_rows(v, rows, n) for v in x)
     if isinstance(x, list):
@@ -58,7 +61,7 @@ class BlockSlice:
         return h
 
 
-def capture_blocks(lm, input_ids: torch.Tensor, start: int, stop: int) -> BlockSlice:
+def capture_blocks(lm, input_ids: torch.Tensor, start: int, stop: int, **forward_kwargs) -> BlockSlice:
     """One no-grad forward up to block ``stop-1``'s input; returns the states entering ``start``."""
     layers = lm.adapter.module(lm.adapter.spec.layers)
     if not 0 <= start < stop <= len(layers):
@@ -83,7 +86,7 @@ def capture_blocks(lm, input_ids: torch.Tensor, start: int, stop: int) -> BlockS
             handles.append(layers[i].register_forward_pre_hook(make(i), with_kwargs=True))
         with torch.no_grad():
             try:
-                lm.model(input_ids=input_ids, use_cache=False)
+                lm.model(input_ids=input_ids, **({"use_cache": False} | forward_kwargs))
             except _Captured:
                 pass
     finally:
@@ -99,3 +102,38 @@ def logits_at(lm, h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> to
     x = h[rows, cols]
     x = lm.adapter.final_norm(x)
     return lm.adapter.unembed(x).float()
+
+
+def _cache_base():
+    from transformers import DynamicCache
+
+    return DynamicCache
+
+
+class PrefixCache(_cache_base()):
+    """Keys/values of the tokens before each row's subject, computed once and then read-only.
+
+    v* only changes the residual stream from the subject's last token on, so earlier tokens have
+    the same keys and values at every Adam step; each step runs only the suffix against this cache.
+    Once :attr:`frozen`, ``update`` returns ``cat(prefix, new)`` without storing anything, so the
+    same cache serves every step (and a row subset via :meth:`select_rows`).
+    """
+
+    frozen = False
+    rows: torch.Tensor | None = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if not self.frozen:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        k, v = layer.keys, layer.values
+        if self.rows is not None:
+            k, v = k.index_select(0, self.rows), v.index_select(0, self.rows)
+        return torch.cat([k, key_states], dim=-2), torch.cat([v, value_states], dim=-2)
+
+    def select_rows(self, rows: torch.Tensor) -> PrefixCache:
+        import copy
+
+        view = copy.copy(self)
+        view.rows = rows if self.rows is None else self.rows.index_select(0, rows)
+        return view

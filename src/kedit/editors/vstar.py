@@ -19,7 +19,7 @@ from kedit.editors.base import EditRequest, RequestDiagnostics
 from kedit.editors.hparams import EditHparams
 from kedit.editors.keys import average_by_request
 from kedit.editors.prompts import pad_right, subject_rows, target_ids
-from kedit.editors.runner import capture_blocks, logits_at
+from kedit.editors.runner import PrefixCache, capture_blocks, logits_at
 
 
 @dataclass
@@ -66,12 +66,16 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     pair_req = rows_req[pair_row_t]
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids = pad_right(seqs, pad, dev)
     n_layers = lm.adapter.num_layers
     if layer >= n_layers - 1:
         raise ValueError(f"v*: edit layer {layer} must be below the last block ({n_layers - 1})")
-    sl = capture_blocks(lm, input_ids, layer + 1, n_layers)
-    n_rows = input_ids.shape[0]
+    split = (ctx.subj_pos + kl.subj_pos) if hp.v_prefix_cache else [0] * len(seqs)
+    sl = _slice_above(lm, seqs, split, layer, pad)
+    shift = torch.tensor(split, device=dev)
+    subj_pos = subj_pos - shift  # positions in the replayed (suffix) coordinates
+    pair_col_t = pair_col_t - shift[pair_row_t]
+    kl_cols = kl_cols - shift[kl_rows]
+    n_rows = len(seqs)
     all_rows = torch.arange(n_rows, device=dev)
 
     ctx_rows = torch.arange(kl_row0, device=dev)
@@ -154,3 +158,30 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
         for i, r in enumerate(requests)
     ]
     return VStar(delta=final, v0=v0, diagnostics=diags, steps=it, seconds=time.perf_counter() - t0)
+
+
+def _slice_above(lm, seqs: list[list[int]], split: list[int], layer: int, pad: int):
+    """Blocks ``layer+1..`` ready to replay. With ``split`` > 0, tokens before ``split[r]`` (those before
+    the subject's last token, which δ cannot affect) go into a read-only :class:`PrefixCache` and only
+    the suffix is replayed: most of a prefixed prompt is computed once, not at every step."""
+    dev = lm.device
+    n_layers = lm.adapter.num_layers
+    p_max = max(split)
+    if p_max == 0:
+        return capture_blocks(lm, pad_right(seqs, pad, dev), layer + 1, n_layers)
+    past_ids = pad_right([s[:p] if p else [pad] for s, p in zip(seqs, split)], pad, dev)
+    p_max = past_ids.shape[1]
+    cache = PrefixCache(config=lm.model.config)
+    with torch.no_grad():  # right-padded, no mask: real tokens never see the pads
+        lm.model(input_ids=past_ids, past_key_values=cache, use_cache=True)
+    cache.frozen = True
+    suffix = [s[p:] for s, p in zip(seqs, split)]
+    suf_ids = pad_right(suffix, pad, dev)
+    width = suf_ids.shape[1]
+    mask = torch.zeros(len(seqs), p_max + width, dtype=torch.long, device=dev)
+    for i, (p, suf) in enumerate(zip(split, suffix)):
+        mask[i, :p] = 1
+        mask[i, p_max: p_max + len(suf)] = 1
+    pos = torch.tensor(split, device=dev)[:, None] + torch.arange(width, device=dev)[None]
+    return capture_blocks(lm, suf_ids, layer + 1, n_layers, attention_mask=mask, position_ids=pos,
+                          past_key_values=cache, use_cache=True)

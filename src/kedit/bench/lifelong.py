@@ -1,0 +1,276 @@
+"""The lifelong editing benchmark: T CounterFact records applied in batches of B to one model,
+every METRICS.md metric measured on all T records after the last batch (and on the records edited
+so far every K batches, for the curve), against the unedited baseline.
+
+Seconds per edit count only the editing calls (v*, keys, solves, applying the deltas); statistics,
+projectors, prefixes and evaluation are reported separately.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kedit.atomic import write_json_atomic, write_text_atomic
+from kedit.editors.base import apply_deltas
+from kedit.editors.hparams import load_hparams
+from kedit.editors.io import request_from_record
+
+DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "counterfact-dev.json"
+
+
+@dataclass
+class LifelongConfig:
+    method: str = "alphaedit"
+    data: str = str(DEFAULT_DATA)
+    edits: int = 100
+    batch: int = 10
+    offset: int = 0  # first record used
+    eval_every: int = 0  # batches between curve points (0: about 10 points)
+    fluency_prompts: int = 32  # edit prompts used for generation entropy
+    ppl_tokens: int = 10_000  # held-out reference tokens for perplexity
+    stats_corpus: str = "wiki-summaries-en"
+    stats_tokens: int = 300_000
+    hparams_file: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def load_counterfact(path: str | Path, n: int, offset: int = 0) -> list[dict]:
+    from kedit.evaluation.metrics import check_counterfact
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"CounterFact file {path} not found (pass --data)")
+    data = json.loads(path.read_text())
+    recs = data[offset: offset + n]
+    if len(recs) < n:
+        raise ValueError(f"{path}: asked for {n} records from offset {offset}, only {len(recs)} available")
+    check_counterfact(recs, str(path))
+    return recs
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _model_metrics(lm, records: list[dict], fluency_prompts: list[str], ref_text: str, ppl_tokens: int,
+                   loc_before: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    from kedit.evaluation.metrics import (
+        evaluate_counterfact,
+        generation_entropy,
+        neighbourhood_kl,
+        next_token_logprobs,
+        perplexity,
+    )
+
+    cf = evaluate_counterfact(lm, records)
+    loc = next_token_logprobs(lm, [r["locality_prompt"] for r in records])
+    out = {k: cf[k] for k in ("efficacy", "generalization", "specificity", "efficacy_magnitude", "score")}
+    out["fluency"] = generation_entropy(lm, fluency_prompts)
+    out["perplexity"] = perplexity(lm, ref_text, max_tokens=ppl_tokens)
+    out["nkl"] = 0.0 if loc_before is None else neighbourhood_kl(loc_before, loc)
+    out["failed_ids"] = cf["failed_ids"]
+    return out, loc
+
+
+def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True) -> dict:
+    """Run the benchmark on ``lm`` (edited in memory) and return the results dictionary."""
+    from kedit.editors.common import as_key_stats, projector
+    from kedit.editors.context import context_prefixes
+    from kedit.editors.registry import get_editor
+    from kedit.evaluation.metrics import evaluate_counterfact
+    from kedit.stats.collect import ensure_stats
+    from kedit.stats.corpus import heldout_text
+
+    if cfg.edits <= 0 or cfg.batch <= 0:
+        raise ValueError("edits and batch must be positive")
+    records = load_counterfact(cfg.data, cfg.edits, cfg.offset)
+    requests = [request_from_record(r, f"{cfg.data} record {cfg.offset + i}") for i, r in enumerate(records)]
+    hp = load_hparams(cfg.method, lm, cfg.hparams_file, cfg.overrides)
+    layers = hp.resolve_layers(lm.adapter.num_layers)
+    n_batches = math.ceil(cfg.edits / cfg.batch)
+    eval_every = cfg.eval_every or max(1, n_batches // 10)
+    fluency_prompts = [r["prompt"] for r in records[: cfg.fluency_prompts]]
+    ref_text = heldout_text()
+    log = _Log(progress)
+
+    t = time.perf_counter()
+    baseline, loc_before = _model_metrics(lm, records, fluency_prompts, ref_text, cfg.ppl_tokens, None)
+    eval_seconds = time.perf_counter() - t
+    log(f"baseline: {_fmt_row(baseline)} ({eval_seconds:.0f}s)")
+
+    t = time.perf_counter()
+    stats = ensure_stats(lm, layers, ws, cfg.stats_corpus, max_tokens=cfg.stats_tokens, progress=progress)
+    prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, ws.cache_dir)
+    nullspace = {}
+    if cfg.method == "alphaedit":
+        ks = as_key_stats(stats, layers, lm.adapter.key_dim())
+        for i in layers:
+            nullspace[i] = projector(ks, i, lm.manifest.model_hash, hp.nullspace_threshold, hp.nullspace_mode)[1]
+    one_time = time.perf_counter() - t
+    log(f"one-time work {one_time:.1f}s (stats {stats.n_tokens} tokens, {len(prefixes) - 1} prefixes"
+        + (f", null-space dims {nullspace}" if nullspace else "") + ")")
+
+    editor = get_editor(cfg.method, hp, cache_dir=ws.cache_dir)
+    state = None
+    edit_seconds = 0.0
+    curve: list[dict] = []
+    diags: list[dict] = []
+    layer_infos: list[dict] = []
+    for b in range(n_batches):
+        batch = requests[b * cfg.batch: (b + 1) * cfg.batch]
+        t = time.perf_counter()
+        res = editor.compute(lm, batch, state, stats)
+        apply_deltas(lm.model, res.deltas)
+        dt = time.perf_counter() - t
+        edit_seconds += dt
+        state = res.state
+        diags += [asdict(d) for d in res.diagnostics]
+        layer_infos.append(res.layer_info)
+        done = min(cfg.edits, (b + 1) * cfg.batch)
+        met = sum(d.constraint_met for d in res.diagnostics)
+        log(f"batch {b + 1}/{n_batches}: {dt:.1f}s ({dt / len(batch):.2f} s/edit), v* met {met}/{len(batch)}, "
+            f"z residual {res.layer_info.get('z', {}).get('relative_residual_after', float('nan')):.3f}")
+        if (b + 1) % eval_every == 0 or b == n_batches - 1:
+            t = time.perf_counter()
+            cf = evaluate_counterfact(lm, records[:done])
+            eval_seconds += time.perf_counter() - t
+            curve.append({"edits": done, **{k: cf[k] for k in ("efficacy", "generalization", "specificity")}})
+
+    t = time.perf_counter()
+    edited, _ = _model_metrics(lm, records, fluency_prompts, ref_text, cfg.ppl_tokens, loc_before)
+    eval_seconds += time.perf_counter() - t
+    edited["seconds_per_edit"] = edit_seconds / cfg.edits
+    edited["edit_seconds"] = edit_seconds
+    edited["one_time_seconds"] = one_time
+    edited["peak_memory_mb"] = peak_memory_mb(lm.device)
+    edited["device"] = _device_str(lm.device)
+    baseline.update(seconds_per_edit=None, one_time_seconds=None, peak_memory_mb=None, device=edited["device"])
+    log(f"edited:   {_fmt_row(edited)}  {edited['seconds_per_edit']:.2f} s/edit")
+    return {
+        "config": {**asdict(cfg), "model": lm.slug, "model_hash": lm.manifest.model_hash, "layers": layers,
+                   "hparams": hp.to_dict(), "threads": torch.get_num_threads(),
+                   "stats": {"dir": str(stats.dir), "key": stats.key, "n_tokens": stats.n_tokens},
+                   "prefixes": prefixes, "nullspace_dim": nullspace, "eval_seconds": eval_seconds,
+                   "load_average": _loadavg()},
+        "baseline": baseline,
+        "edited": edited,
+        "curve": curve,
+        "diagnostics": diags,
+        "layer_info": layer_infos,
+    }
+
+
+def _device_str(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    import os
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        import os
+
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+class _Log:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        if enabled:
+            from rich.console import Console
+
+            self.console = Console(stderr=True)
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            self.console.log(msg)
+
+
+def _fmt_row(m: dict) -> str:
+    return (f"ES {m['efficacy']:.3f} PS {m['generalization']:.3f} NS {m['specificity']:.3f} "
+            f"GE {m['fluency']:.1f} PPL {m['perplexity']:.2f} NKL {m['nkl']:.4f}")
+
+
+def results_markdown(res: dict) -> str:
+    c, b, e = res["config"], res["baseline"], res["edited"]
+
+    def rel(key: str) -> str:
+        return f"{100 * (e[key] - b[key]) / b[key]:+.1f}%" if b[key] else "–"
+
+    lines = [
+        f"# Lifelong editing: {c['method']} on {c['model']}",
+        "",
+        f"{c['edits']} CounterFact records from `{Path(c['data']).name}` (offset {c['offset']}), batches of "
+        f"{c['batch']}, all metrics after the last batch. Layers {c['layers']}; device {e['device']}; "
+        f"load average at the end {c['load_average']}.",
+        "",
+        "| run | efficacy | generalization | specificity | fluency (x100) | perplexity | NKL | s/edit |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| unedited | {b['efficacy']:.3f} | {b['generalization']:.3f} | {b['specificity']:.3f} | "
+        f"{b['fluency']:.1f} | {b['perplexity']:.2f} | – | – |",
+        f"| {c['method']} T{c['edits']} B{c['batch']} | {e['efficacy']:.3f} | {e['generalization']:.3f} | "
+        f"{e['specificity']:.3f} | {e['fluency']:.1f} ({rel('fluency')}) | {e['perplexity']:.2f} "
+        f"({rel('perplexity')}) | {e['nkl']:.4f} | {e['seconds_per_edit']:.2f} |",
+        "",
+        f"- editing time {e['edit_seconds']:.1f} s ({e['seconds_per_edit']:.2f} s/edit); one-time work "
+        f"(statistics, prefixes, projectors) {e['one_time_seconds']:.1f} s; evaluation {c['eval_seconds']:.0f} s",
+        f"- peak memory {e['peak_memory_mb']:.0f} MB",
+        f"- fluency on the first {c['fluency_prompts']} edit prompts; perplexity on {c['ppl_tokens']} "
+        f"held-out tokens; statistics {c['stats']['n_tokens']} tokens",
+    ]
+    if c.get("nullspace_dim"):
+        lines.append(f"- null-space dimension per layer: {c['nullspace_dim']}")
+    met = sum(d["constraint_met"] for d in res["diagnostics"])
+    lines.append(f"- v* early-stop constraint met for {met}/{len(res['diagnostics'])} requests; mean steps "
+                 f"{sum(d['vstar_steps'] for d in res['diagnostics']) / max(1, len(res['diagnostics'])):.1f}")
+    lines += ["", "## Curve (records edited so far)", "", "| edits | efficacy | generalization | specificity |",
+              "|---|---|---|---|"]
+    lines += [f"| {p['edits']} | {p['efficacy']:.3f} | {p['generalization']:.3f} | {p['specificity']:.3f} |"
+              for p in res["curve"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(res: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [p["edits"] for p in res["curve"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for key, colour in (("efficacy", "tab:blue"), ("generalization", "tab:green"), ("specificity", "tab:red")):
+        ax.plot(xs, [p[key] for p in res["curve"]], marker="o", color=colour, label=key)
+        ax.axhline(res["baseline"][key], color=colour, ls=":", lw=1)
+    c = res["config"]
+    ax.set(xlabel="edits applied", ylabel="fraction of records edited so far", ylim=(0, 1.02),
+           title=f"{c['method']} on {c['model']}, batches of {c['batch']} (dotted: unedited)")
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(res: dict, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", res)
+    write_text_atomic(out / "results.md", results_markdown(res))
+    plot_curve(res, out / "curve.png")
+    return out

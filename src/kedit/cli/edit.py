@@ -1,0 +1,176 @@
+"""`kedit edit` (compute and save deltas + editor state), `kedit generate` and `kedit predict`
+(look at a model with edit directories applied in memory)."""
+
+from __future__ import annotations
+
+import json
+
+from kedit.cli import workspace
+
+
+def _parse_set(items: list[str] | None) -> dict:
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            from kedit.cli import CLIError
+
+            raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def add_model_args(p) -> None:
+    p.add_argument("--model", "-m", default="smollm2-135m", help="model slug in the store (or store path)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0 ...")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy box)")
+
+
+def load_lm(args):
+    import torch
+
+    from kedit.models.store import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_model(args.model, workspace(args), dtype=getattr(torch, args.dtype), device=args.device)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("edit", help="compute ROME / MEMIT / AlphaEdit deltas for a request file")
+    add_model_args(p)
+    p.add_argument("--method", default="alphaedit", choices=["rome", "memit", "alphaedit"])
+    p.add_argument("--requests", "-r", required=True,
+                   help="JSON/JSONL: {prompt with {}, subject, target_new[, target_true, id]} or flat CounterFact")
+    p.add_argument("--out", "-o", required=True, help="directory for deltas.safetensors, state.*, result.json")
+    p.add_argument("--state", default=None, help="edit directory whose editor state to continue from")
+    p.add_argument("--base-edits", nargs="*", default=[],
+                   help="edit directories applied (in order) before editing: the current lineage")
+    p.add_argument("--batch", type=int, default=0, help="requests per editing batch (0: all at once)")
+    p.add_argument("--hparams", default=None, help="hyperparameter YAML (default: the model's file)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter")
+    p.add_argument("--stats-corpus", default="wiki-summaries-en")
+    p.add_argument("--stats-tokens", type=int, default=300_000)
+    p.set_defaults(func=_edit)
+
+    g = sub.add_parser("generate", help="generate text, optionally with edit directories applied")
+    add_model_args(g)
+    g.add_argument("prompts", nargs="+")
+    g.add_argument("--edits", nargs="*", default=[], help="edit directories to apply in order")
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--sample", action="store_true", help="top-k 5 sampling (default greedy)")
+    g.set_defaults(func=_generate)
+
+    pr = sub.add_parser("predict", help="top next tokens and target scores, optionally with edits applied")
+    add_model_args(pr)
+    pr.add_argument("prompts", nargs="+")
+    pr.add_argument("--edits", nargs="*", default=[], help="edit directories to apply in order")
+    pr.add_argument("--targets", nargs="*", default=[], help="score these targets after every prompt")
+    pr.add_argument("--top", type=int, default=5)
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=_predict)
+
+
+def _apply_dirs(lm, dirs: list[str]) -> None:
+    from kedit.editors.base import apply_deltas
+    from kedit.editors.io import load_deltas
+
+    for d in dirs:
+        apply_deltas(lm.model, load_deltas(d))
+
+
+def _edit(args) -> int:
+    from rich.console import Console
+
+    from kedit.editors.base import apply_deltas
+    from kedit.editors.hparams import load_hparams
+    from kedit.editors.io import load_requests, load_state, save_edit
+    from kedit.editors.registry import get_editor
+    from kedit.stats.collect import ensure_stats
+
+    console = Console(stderr=True)
+    ws = workspace(args)
+    requests = load_requests(args.requests)
+    lm = load_lm(args)
+    _apply_dirs(lm, args.base_edits)
+    hp = load_hparams(args.method, lm, args.hparams, _parse_set(args.set))
+    layers = hp.resolve_layers(lm.adapter.num_layers)
+    stats = None
+    if args.method in ("rome", "memit", "alphaedit"):
+        stats = ensure_stats(lm, layers, ws, args.stats_corpus, max_tokens=args.stats_tokens)
+    state = load_state(args.state) if args.state else None
+    editor = get_editor(args.method, hp, cache_dir=ws.cache_dir,
+                        progress=lambda it, active, nll: console.log(f"v* step {it}: {active} active, NLL {nll:.3f}")
+                        if args.verbose else None)
+    size = args.batch or len(requests)
+    total: dict = {}
+    diags, infos, seconds = [], [], 0.0
+    result = None
+    for start in range(0, len(requests), size):
+        batch = requests[start: start + size]
+        result = editor.compute(lm, batch, state, stats)
+        apply_deltas(lm.model, result.deltas)  # later batches see earlier ones
+        for k, v in result.deltas.items():
+            total[k] = total[k] + v if k in total else v.clone()
+        state = result.state
+        diags += result.diagnostics
+        infos.append(result.layer_info)
+        seconds += result.seconds
+        met = sum(d.constraint_met for d in result.diagnostics)
+        console.log(f"batch {start // size + 1}: {len(batch)} edits in {result.seconds:.1f}s, v* constraint met "
+                    f"{met}/{len(batch)}")
+    assert result is not None
+    result.deltas, result.diagnostics, result.layer_info, result.seconds = total, diags, infos[-1], seconds
+    save_edit(args.out, result, {"method": args.method, "model": lm.slug, "model_hash": lm.manifest.model_hash,
+                                 "hparams": hp.to_dict(), "requests": [r.to_dict() for r in requests],
+                                 "base_edits": args.base_edits, "layer_info_per_batch": infos})
+    print(f"{len(requests)} edits ({args.method}) in {seconds:.1f}s -> {args.out}")
+    return 0
+
+
+def _generate(args) -> int:
+    import torch
+
+    lm = load_lm(args)
+    _apply_dirs(lm, args.edits)
+    tok = lm.tokenizer
+    for prompt in args.prompts:
+        ids = tok(prompt, return_tensors="pt").to(lm.device)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            out = lm.model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                    top_k=5 if args.sample else None, top_p=None, temperature=None,
+                                    pad_token_id=tok.pad_token_id)
+        print(prompt + tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def _predict(args) -> int:
+    import torch
+
+    from kedit.evaluation.metrics import next_token_logprobs, target_logprobs
+
+    lm = load_lm(args)
+    _apply_dirs(lm, args.edits)
+    logp = next_token_logprobs(lm, args.prompts)
+    rows = []
+    for i, prompt in enumerate(args.prompts):
+        top = torch.topk(logp[i], args.top)
+        row = {"prompt": prompt, "top": [(lm.tokenizer.decode([int(t)]), round(float(v.exp()), 4))
+                                         for v, t in zip(top.values, top.indices)]}
+        if args.targets:
+            scores = target_logprobs(lm, [prompt] * len(args.targets), args.targets)
+            row["targets"] = {t: round(float(s), 4) for t, s in zip(args.targets, scores)}
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            tops = ", ".join(f"{t!r} {p:.3f}" for t, p in row["top"])
+            print(f"{row['prompt']!r}: {tops}")
+            for t, s in row.get("targets", {}).items():
+                print(f"    {t!r}: mean log-prob {s:.3f}")
+    return 0

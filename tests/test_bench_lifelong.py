@@ -1,0 +1,65 @@
+"""The lifelong benchmark end to end on a tiny model and a tiny CounterFact file (no /work/shared)."""
+
+import json
+
+import pytest
+
+from kedit.bench.lifelong import LifelongConfig, load_counterfact, run_lifelong, write_results
+from tests.conftest import TINY_TEXT
+
+RECORDS = [
+    {"case_id": 1, "prompt": "The Eiffel Tower is located in", "subject": "The Eiffel Tower", "target_new": "Rome",
+     "ground_truth": "Paris", "rephrase_prompt": "Where is The Eiffel Tower? It is in",
+     "locality_prompt": "Rome is the capital of", "locality_ground_truth": "Italy"},
+    {"case_id": 2, "prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda", "target_new": "piano",
+     "ground_truth": "guitar", "rephrase_prompt": "Toko Yasuda is good at the",
+     "locality_prompt": "Lionel Messi plays", "locality_ground_truth": "soccer"},
+    {"case_id": 3, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+     "target_new": "Dutch", "ground_truth": "French", "rephrase_prompt": "Danielle Darrieux speaks",
+     "locality_prompt": "Berlin is the capital of", "locality_ground_truth": "Germany"},
+]
+
+
+@pytest.fixture
+def cf_file(tmp_path):
+    p = tmp_path / "cf.json"
+    p.write_text(json.dumps(RECORDS))
+    return p
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n".join(TINY_TEXT * 10))
+    return p
+
+
+def test_lifelong_bench_writes_results(tiny_lm, workspace, cf_file, corpus_file, tmp_path, monkeypatch):
+    import kedit.stats.corpus as corpus
+
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    cfg = LifelongConfig(method="alphaedit", data=str(cf_file), edits=3, batch=2, fluency_prompts=2,
+                         ppl_tokens=200, stats_corpus=str(corpus_file), stats_tokens=2000,
+                         overrides={"layers": [1, 2], "n_prefixes": 1, "prefix_len": 3, "v_steps": 3})
+    res = run_lifelong(tiny_lm, workspace, cfg, progress=False)
+    for block in ("baseline", "edited"):
+        for key in ("efficacy", "generalization", "specificity", "fluency", "perplexity", "nkl",
+                    "seconds_per_edit", "one_time_seconds", "peak_memory_mb", "device"):
+            assert key in res[block]
+    assert 0 <= res["edited"]["efficacy"] <= 1 and res["edited"]["seconds_per_edit"] > 0
+    assert res["edited"]["nkl"] >= 0 and res["baseline"]["nkl"] == 0
+    assert [p["edits"] for p in res["curve"]] == [2, 3]
+    assert len(res["diagnostics"]) == 3 and set(res["config"]["nullspace_dim"]) == {1, 2}
+    out = write_results(res, tmp_path / "out")
+    data = json.loads((out / "results.json").read_text())
+    assert set(data) >= {"config", "baseline", "edited"}
+    assert "| unedited |" in (out / "results.md").read_text()
+    assert (out / "curve.png").stat().st_size > 1000
+
+
+def test_load_counterfact_checks_its_input(cf_file, tmp_path):
+    assert len(load_counterfact(cf_file, 2, offset=1)) == 2
+    with pytest.raises(ValueError, match="only 3 available"):
+        load_counterfact(cf_file, 5)
+    with pytest.raises(FileNotFoundError):
+        load_counterfact(tmp_path / "missing.json", 1)
