@@ -294,8 +294,8 @@ def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict
     evaluation = {"seconds": seconds, "seconds_per_edit": seconds / len(rows),
                   "vstar_converged": sum(took), "layer_info": result.layer_info,
                   "diagnostics": [asdict(d) for d in result.diagnostics]}
-    facts = [{"id": r["id"], "subject": r["subject"], "prompt": r["prompt"], "target_new": r["target_new"],
-              "target_true": r.get("target_true")} for r in rows]
+    facts = [{k: r.get(k) for k in ("id", "subject", "prompt", "target_new", "target_true", "paraphrases",
+                                     "neighbors")} for r in rows]
     feed = {"path": ingest["feed"], "file_sha256": ingest["feed_sha256"], "row_ids": [r["id"] for r in rows],
             "facts": facts}
     state = store.commit(lm, result, parent=parent, feed=feed, hparams=hp.to_dict(), evaluation=evaluation,
@@ -318,27 +318,86 @@ def _predictions(lm, rows: list[dict[str, Any]], max_new_tokens: int = 6) -> dic
     return {p: lm.tokenizer.decode(t, skip_special_tokens=True) for p, t in zip(prompts, toks.tolist())}
 
 
+def greedy_answers(lm, prompts: Sequence[str], k: int = 4) -> list[str]:
+    """The model's short greedy answer to each prompt: the first word of a ``k``-token continuation."""
+    import re
+
+    from kedit.evaluation.metrics import greedy_tokens
+
+    if not prompts:
+        return []
+    toks = greedy_tokens(lm, list(prompts), k=k)
+    out = []
+    for row in toks.tolist():
+        text = lm.tokenizer.decode(row, skip_special_tokens=True)
+        m = re.search(r"[\w][\w'.-]*", text)
+        out.append(m.group(0).rstrip(".") if m else (text.strip() or "?"))
+    return out
+
+
+def gate_records(champion_lm, facts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flat CounterFact-style records for the gates from feed facts.
+
+    The old answer (when the feed gives none) and each neighbour prompt's answer are what the champion
+    says today, so specificity asks exactly "did the neighbours keep the champion's answers?". A fact
+    without neighbours borrows its template with another fact's subject (CounterFact's construction).
+    """
+    from kedit.evaluation.canary import shipped_prompts
+
+    facts = list(facts)
+    texts = [f["prompt"].format(f["subject"]) for f in facts]
+    locality = []
+    for i, f in enumerate(facts):
+        neigh = [n for n in (f.get("neighbors") or []) if n.strip()]
+        if neigh:
+            locality.append(neigh[0])
+            continue
+        other = next((g["subject"] for g in facts if g["subject"] != f["subject"]), None)
+        locality.append(f["prompt"].format(other) if other else shipped_prompts()[i % len(shipped_prompts())])
+    answers = greedy_answers(champion_lm, texts + locality)
+    current, loc_gt = answers[: len(facts)], answers[len(facts):]
+    out = []
+    for f, text, cur, loc, gt in zip(facts, texts, current, locality, loc_gt):
+        true = f.get("target_true") or cur
+        if true.strip().lower() == f["target_new"].strip().lower():
+            true = cur if cur.strip().lower() != f["target_new"].strip().lower() else true + " (old)"
+        para = [p for p in (f.get("paraphrases") or []) if p.strip()]
+        out.append({"case_id": f["id"], "prompt": text, "subject": f["subject"], "target_new": f["target_new"],
+                    "ground_truth": true, "rephrase_prompt": para[0] if para else text,
+                    "locality_prompt": loc, "locality_ground_truth": gt})
+    return out
+
+
 def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: dict[str, Any]) -> dict[str, Any]:
-    """Compare the candidate with the champion on the gate policy; write gate.json/md/png."""
-    from kedit.evaluation.gates import GatePolicy, gate_inputs_from_lineage, run_gates, write_gate_report
+    """Compare the candidate with the champion on the gate policy; write gate.json / gate.md / gate.png."""
+    from kedit.evaluation.canary import build_canary
+    from kedit.evaluation.gates import GatePolicy, run_gates
 
     sid = edit["state_id"]
     store = open_lineage(ws)
     champ_lm, _ = load_state_model(ws, cfg, ingest["champion"])
     cand_lm, _ = load_state_model(ws, cfg, sid)
     policy = GatePolicy.from_params(params_path())
-    new_edits, prior_edits = gate_inputs_from_lineage(store, sid)
-    report = run_gates(champ_lm, cand_lm, policy, new_edits=new_edits, prior_edits=prior_edits, ws=ws)
+    new = gate_records(champ_lm, ingest["accepted"])
+    prior_facts = [f for s in (store.path(ingest["champion"]) if ingest["champion"] else [])
+                   for f in s.feed.get("facts", []) or []]
+    prior = gate_records(champ_lm, prior_facts) if prior_facts else []
     out_dir = reports_dir(ws, ingest["refresh_key"]) / "gate"
-    write_gate_report(report, out_dir)
+    # the canary suite is what the champion answers today: shipped prompts + past edits' neighbourhoods
+    canary = build_canary(champ_lm, edits=prior_facts, k=max(1, policy.canary_k))
+    canary.save(out_dir / "canary")
+    report = run_gates(champ_lm, cand_lm, policy, new_edits=new, prior_edits=prior, canary=canary,
+                       progress=False)
+    report.save(out_dir)
     gate = report.to_dict()
-    store.record_gate(sid, {"passed": gate["passed"], "checks": gate["checks"],
-                            "failed_edits": gate.get("failed_edits", [])})
+    store.record_gate(sid, {"passed": gate["passed"], "checks": gate["checks"], "failed_ids": gate["failed_ids"],
+                            "lost_ids": gate["lost_ids"]})
     RunLog(ws, ingest["refresh_key"]).log(
         "evaluation", metrics={c["name"]: c["value"] for c in gate["checks"] if c.get("value") is not None},
         tags={"kedit.gate": "passed" if gate["passed"] else "failed", "kedit.state": sid}, artifacts=[out_dir])
-    return {"passed": bool(gate["passed"]), "report_dir": str(out_dir), "checks": gate["checks"],
-            "failed_edits": gate.get("failed_edits", [])}
+    return {"passed": bool(gate["passed"]), "report_dir": str(out_dir),
+            "checks": [{k: c[k] for k in ("name", "value", "threshold", "passed")} for c in gate["checks"]],
+            "failed_ids": gate["failed_ids"], "lost_ids": gate["lost_ids"]}
 
 
 def register_step(ws: Workspace, key: str, state_id: str) -> dict[str, Any]:
