@@ -38,7 +38,7 @@ def test_lifelong_bench_writes_results(tiny_lm, workspace, cf_file, corpus_file,
     import kedit.stats.corpus as corpus
 
     monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
-    cfg = LifelongConfig(method="alphaedit", data=str(cf_file), edits=3, batch=2, fluency_prompts=2,
+    cfg = LifelongConfig(method="alphaedit", data=str(cf_file), edits=3, batch=2, fluency_prompts=2, fluency_tokens=8,
                          ppl_tokens=200, stats_corpus=str(corpus_file), stats_tokens=2000,
                          overrides={"layers": [1, 2], "n_prefixes": 1, "prefix_len": 3, "v_steps": 3})
     res = run_lifelong(tiny_lm, workspace, cfg, progress=False)

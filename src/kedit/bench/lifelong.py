@@ -35,6 +35,7 @@ class LifelongConfig:
     offset: int = 0  # first record used
     eval_every: int = 0  # batches between curve points (0: about 10 points)
     fluency_prompts: int = 32  # edit prompts used for generation entropy
+    fluency_tokens: int = 100  # new tokens generated per fluency prompt (METRICS.md: 100)
     ppl_tokens: int = 10_000  # held-out reference tokens for perplexity
     stats_corpus: str = "wiki-summaries-en"
     stats_tokens: int = 300_000
@@ -63,7 +64,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _model_metrics(lm, records: list[dict], fluency_prompts: list[str], ref_text: str, ppl_tokens: int,
-                   loc_before: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+                   loc_before: torch.Tensor | None, fluency_tokens: int = 100) -> tuple[dict, torch.Tensor]:
     from kedit.evaluation.metrics import (
         evaluate_counterfact,
         generation_entropy,
@@ -75,7 +76,7 @@ def _model_metrics(lm, records: list[dict], fluency_prompts: list[str], ref_text
     cf = evaluate_counterfact(lm, records)
     loc = next_token_logprobs(lm, [r["locality_prompt"] for r in records])
     out = {k: cf[k] for k in ("efficacy", "generalization", "specificity", "efficacy_magnitude", "score")}
-    out["fluency"] = generation_entropy(lm, fluency_prompts)
+    out["fluency"] = generation_entropy(lm, fluency_prompts, max_new_tokens=fluency_tokens)
     out["perplexity"] = perplexity(lm, ref_text, max_tokens=ppl_tokens)
     out["nkl"] = 0.0 if loc_before is None else neighbourhood_kl(loc_before, loc)
     out["failed_ids"] = cf["failed_ids"]
@@ -104,7 +105,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True) -> dict:
     log = _Log(progress)
 
     t = time.perf_counter()
-    baseline, loc_before = _model_metrics(lm, records, fluency_prompts, ref_text, cfg.ppl_tokens, None)
+    baseline, loc_before = _model_metrics(lm, records, fluency_prompts, ref_text, cfg.ppl_tokens, None, cfg.fluency_tokens)
     eval_seconds = time.perf_counter() - t
     log(f"baseline: {_fmt_row(baseline)} ({eval_seconds:.0f}s)")
 
@@ -147,7 +148,8 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True) -> dict:
             curve.append({"edits": done, **{k: cf[k] for k in ("efficacy", "generalization", "specificity")}})
 
     t = time.perf_counter()
-    edited, _ = _model_metrics(lm, records, fluency_prompts, ref_text, cfg.ppl_tokens, loc_before)
+    edited, _ = _model_metrics(lm, records, fluency_prompts, ref_text, cfg.ppl_tokens, loc_before,
+                               cfg.fluency_tokens)
     eval_seconds += time.perf_counter() - t
     edited["seconds_per_edit"] = edit_seconds / cfg.edits
     edited["edit_seconds"] = edit_seconds

@@ -43,7 +43,7 @@ class EditHparams:
     mom2_update_weight: float = 1600.0  # MEMIT λ (scales with the key dimension)
     memit_sequential: bool = False  # MEMIT: also protect earlier batches' keys (RECT-free "memit_seq")
     L2: float = 10.0  # AlphaEdit ridge term
-    nullspace_threshold: float = 2e-2
+    nullspace_threshold: float = 0.5
     nullspace_mode: str = "relative_mean"  # "absolute" | "relative_mean" | "relative_max"
     cache_dtype: str = "float32"  # dtype of Σ K_p K_pᵀ kept in the editor state
     source: str = ""  # file the values came from
