@@ -222,3 +222,24 @@ def test_prefix_cache_replay_matches_full_replay(family, tiny_tokenizer):
     for a, b in zip(cached.diagnostics, full.diagnostics):
         assert a.vstar_loss_start == pytest.approx(b.vstar_loss_start, rel=1e-5)
         assert a.vstar_loss_end == pytest.approx(b.vstar_loss_end, rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])
+def test_block_replay_reproduces_the_model_logits(family, tiny_tokenizer):
+    from kedit.editors.runner import capture_blocks, logits_at
+    from kedit.models.store import wrap_model
+    from tests.conftest import make_tiny_model
+
+    lm = wrap_model(make_tiny_model(family), tiny_tokenizer, slug=f"tiny-{family}")
+    ids = torch.tensor([tiny_tokenizer("The Eiffel Tower is in Paris").input_ids[:6],
+                        tiny_tokenizer("Rome is the capital of Italy").input_ids[:6]])
+    with torch.no_grad():
+        ref = lm.model(input_ids=ids).logits
+        sl = capture_blocks(lm, ids, 2, lm.adapter.num_layers)
+        h = sl.run(lm)
+        rows = torch.arange(2).repeat_interleave(ids.shape[1])
+        cols = torch.arange(ids.shape[1]).repeat(2)
+        got = logits_at(lm, h, rows, cols).view(2, ids.shape[1], -1)
+        sub = sl.run(lm, sl.hidden[1:], rows=torch.tensor([1]))
+    assert torch.allclose(got, ref, atol=1e-4)
+    assert torch.allclose(sub, h[1:], atol=1e-5)

@@ -61,11 +61,22 @@ class BlockSlice:
         return h
 
 
+def uniform_blocks(model) -> bool:
+    """True when every block gets the same call arguments (no per-layer attention types such as
+    Gemma's alternating sliding windows), so one block's captured arguments serve them all."""
+    types = getattr(model.config, "layer_types", None)
+    return not types or len(set(types)) == 1
+
+
 def capture_blocks(lm, input_ids: torch.Tensor, start: int, stop: int, **forward_kwargs) -> BlockSlice:
-    """One no-grad forward up to block ``stop-1``'s input; returns the states entering ``start``."""
+    """One no-grad forward up to block ``stop-1``'s input (or only ``start``'s, when all blocks take the
+    same arguments); returns the states entering ``start`` and every block's call arguments."""
     layers = lm.adapter.module(lm.adapter.spec.layers)
     if not 0 <= start < stop <= len(layers):
         raise ValueError(f"block slice [{start}, {stop}) outside 0..{len(layers)}")
+    full_stop = stop
+    if uniform_blocks(lm.model):
+        stop = start + 1
     calls: list[tuple[tuple, dict]] = []
     hidden: dict[str, torch.Tensor] = {}
     handles = []
@@ -94,7 +105,8 @@ def capture_blocks(lm, input_ids: torch.Tensor, start: int, stop: int, **forward
             h.remove()
     if len(calls) != stop - start or "h" not in hidden:
         raise RuntimeError(f"{type(lm.model).__name__}: blocks {start}..{stop - 1} were not all called")
-    return BlockSlice(hidden=hidden["h"], calls=calls, start=start, stop=stop)
+    calls = calls + [calls[-1]] * (full_stop - stop)
+    return BlockSlice(hidden=hidden["h"], calls=calls, start=start, stop=full_stop)
 
 
 def logits_at(lm, h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
