@@ -57,6 +57,8 @@ def stack_ws(smollm_ws, tmp_path_factory):
     params["stats"]["max_tokens"] = 12_000  # enough for a working projector on a 2-core CI machine
     params["stats"]["batch_size"] = 8
     params.setdefault("refresh", {}).update(trace_sample=1, trace_noise_samples=2)
+    # the same checks, on less text: keeps the gate to about a minute on a 2-core CI machine
+    params["gates"].update(fluency_prompts=2, fluency_tokens=40, reference_tokens=1024)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return ws
 
@@ -70,9 +72,7 @@ def test_nightly_refresh_approve_rollback_rerun_reject(stack_ws, monkeypatch):
     monkeypatch.setenv("KEDIT_PARAMS", str(ws.root / "params.yaml"))
     _write_feed(ws.feeds_dir / "2026-01-05.jsonl", FEED)
     _write_feed(ws.feeds_dir / "2026-01-06.jsonl", FEED_2)
-    stack = LocalStack(home=ws.root / ".stack", project_dir=ROOT, workspace=ws.root)
-    stack_env = {"KEDIT_PARAMS": str(ws.root / "params.yaml")}
-    monkeypatch.setattr(stack, "env", lambda base=stack.env: {**base(), **stack_env})
+    stack = LocalStack(home=ws.root / ".stack", project_dir=ROOT, workspace=ws.root, params=ws.root / "params.yaml")
     try:
         api = stack.start()
         # 1. the nightly refresh runs on the cpu pool, its model work on the gpu pool, then suspends

@@ -148,6 +148,7 @@ class LocalStack:
     home: Path
     project_dir: Path
     workspace: Path
+    params: Path | None = None  # the pipeline's params.yaml (default: the project's)
     port: int = 0
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -174,7 +175,7 @@ class LocalStack:
             "PREFECT_RUNNER_POLL_FREQUENCY": "2",
             "PREFECT_LOGGING_LEVEL": env.get("PREFECT_LOGGING_LEVEL", "INFO"),
             "KEDIT_HOME": str(self.workspace), "KEDIT_PROJECT_DIR": str(self.project_dir),
-            "KEDIT_PARAMS": str(self.project_dir / "params.yaml"),
+            "KEDIT_PARAMS": str(Path(self.params).resolve() if self.params else self.project_dir / "params.yaml"),
             "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
             "GX_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1",
         })

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,10 +74,10 @@ def _demo(args) -> int:
     from rich.console import Console
     from rich.rule import Rule
 
-    from kedit.models.store import import_embedded, load_model
+    from kedit.models.store import ModelManifest
     from kedit.orchestration import LocalStack
     from kedit.refresh import RefreshConfig
-    from kedit.stats.collect import ensure_stats
+    from kedit.stats.collect import load_stats, stats_dir
     from kedit.workspace import Workspace
 
     con = Console()
@@ -83,24 +86,28 @@ def _demo(args) -> int:
         raise CLIError(f"run the demo from a kedit checkout (no prefect.yaml in {project})")
     ws = Workspace.default(args.dir if args.workspace is None else args.workspace)
     ws.root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("KEDIT_PARAMS", str(project / "params.yaml"))
+
+    con.print(Rule("1/6  knowledge repository: git + DVC (local remote), params.yaml, dvc.yaml"))
+    from kedit.lineage.versioning import Versioning
+
+    Versioning(ws).ensure()
+    for name in ("params.yaml", "dvc.yaml"):
+        if not (ws.root / name).exists():
+            shutil.copy2(project / name, ws.root / name)
+    os.environ["KEDIT_PARAMS"] = str(ws.root / "params.yaml")
     cfg = RefreshConfig.from_params()
+    con.print(f"{ws.root}: git + DVC repository, remote {Versioning(ws).remote_url()}")
 
-    con.print(Rule("1/6  embedded model"))
+    con.print(Rule("2/6  dvc repro: import the embedded model, key statistics (cached after the first run)"))
     t0 = time.perf_counter()
-    m = import_embedded(ws, cfg.model)
-    con.print(f"{m.slug}: {m.model_type}, {m.n_params / 1e6:.1f}M params, hash {m.model_hash[:12]} "
-              f"({time.perf_counter() - t0:.1f} s) -> {ws.model_dir(m.slug)}")
-
-    con.print(Rule("2/6  key statistics (one-time, cached under stats/)"))
-    lm = load_model(cfg.model, ws)
-    from kedit.editors.hparams import load_hparams
-
-    layers = load_hparams(cfg.method, lm).resolve_layers(lm.adapter.num_layers)
-    b = ensure_stats(lm, layers, ws, cfg.stats_corpus, max_tokens=cfg.stats_max_tokens,
-                     seq_len=cfg.stats_seq_len, batch_size=cfg.stats_batch_size)
-    con.print(f"E[k kᵀ] for layers {b.layers} over {b.n_tokens:,} tokens of {b.manifest['corpus']} -> {b.dir}")
-    del lm
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    rc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=ws.root, env=env).returncode
+    if rc != 0:
+        raise CLIError(f"dvc repro failed ({rc}) in {ws.root}")
+    m = ModelManifest.read(ws.model_dir(cfg.model))
+    b = load_stats(stats_dir(ws, cfg.model, cfg.stats_corpus))
+    con.print(f"{m.slug}: {m.model_type}, {m.n_params / 1e6:.1f}M params, hash {m.model_hash[:12]}; "
+              f"E[k kᵀ] for layers {b.layers} over {b.n_tokens:,} tokens ({time.perf_counter() - t0:.0f} s)")
 
     con.print(Rule("3/6  today's feed"))
     from importlib import resources
@@ -115,7 +122,8 @@ def _demo(args) -> int:
     con.print(f"{feed} ({n_rows} fact changes)")
 
     con.print(Rule("4/6  local control plane: Prefect server + process workers (pools cpu, gpu)"))
-    stack = LocalStack(home=ws.root / ".stack", project_dir=project, workspace=ws.root)
+    stack = LocalStack(home=ws.root / ".stack", project_dir=project, workspace=ws.root,
+                       params=ws.root / "params.yaml")
     try:
         api = stack.start()
         con.print(f"Prefect API {stack.api_url} (UI: http://127.0.0.1:{stack.port}); logs in {stack.home}")

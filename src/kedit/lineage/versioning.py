@@ -22,7 +22,7 @@ from kedit.workspace import Workspace
 TRACKED = ("lineage", "models", "stats")
 TAG_PREFIX = "kedit/state/"
 DVCIGNORE = ["lineage/.lock", "lineage/.staging/"]
-GITIGNORE = ["mlflow.db", "mlartifacts/", ".dvc-remote/", ".kedit-cache/", "reports/"]
+GITIGNORE = ["mlflow.db", "mlartifacts/", ".dvc-remote/", ".kedit-cache/", "reports/", ".stack/"]
 
 
 def _dvc_bin() -> str:
@@ -110,11 +110,17 @@ class Versioning:
         Returns the git commit and, per folder, the DVC revision (the md5 of the tracked directory).
         """
         self.ensure()
+        staged = pipeline_outputs(self.root)
         present = [d for d in TRACKED if (self.root / d).exists()]
         if not present:
             raise LineageError(f"{self.root}: none of {TRACKED} exist yet; nothing to version")
-        self.dvc("add", "-q", *present)
-        self.git("add", *[f"{d}.dvc" for d in present], ".gitignore")
+        # folders whose contents are outputs of dvc.yaml stages are versioned by `dvc repro` (dvc.lock);
+        # `dvc add` on them would overlap those outputs
+        added = [d for d in present if not any(o == d or o.startswith(d + "/") for o in staged)]
+        if added:
+            self.dvc("add", "-q", *added)
+        self.git("add", *[f"{d}.dvc" for d in added], ".gitignore",
+                 *[f for f in ("dvc.yaml", "dvc.lock", "params.yaml") if (self.root / f).exists()])
         if self.git("diff", "--cached", "--name-only"):
             self.git("commit", "-q", "-m", message)
         commit = self.git("rev-parse", "HEAD")
@@ -129,8 +135,12 @@ class Versioning:
         import yaml
 
         f = self.root / f"{folder}.dvc"
-        if not f.exists():
-            return ""
+        if not f.exists():  # a pipeline output: its md5 is in dvc.lock
+            lock = self.root / "dvc.lock"
+            stages = ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}) if lock.exists() else {}
+            md5s = [str(o.get("md5", "")) for st in stages.values() for o in (st.get("outs") or [])
+                    if str(o["path"]).rstrip("/") == folder or str(o["path"]).startswith(folder + "/")]
+            return ",".join(md5s)
         outs = (yaml.safe_load(f.read_text()) or {}).get("outs") or [{}]
         return str(outs[0].get("md5", ""))
 
@@ -149,6 +159,17 @@ class Versioning:
 
     def pull(self) -> None:
         self.dvc("pull", "-q")
+
+
+def pipeline_outputs(root: Path) -> list[str]:
+    """Output paths declared by the stages of ``root/dvc.lock`` (what `dvc repro` has produced)."""
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return []
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+    return [str(o["path"]).rstrip("/") for st in stages.values() for o in (st.get("outs") or [])]
 
 
 def _ensure_lines(path: Path, lines: list[str]) -> bool:
