@@ -85,3 +85,18 @@ def test_alphaedit_update_preserves_subspace_and_previous_keys():
     # matches the paper's closed form Δ = R K1ᵀ P (P (Kp Kpᵀ + K1 K1ᵀ) + l2 I)⁻ᵀ... via a direct solve
     A = P @ (K2 @ K2.T + K1 @ K1.T) + 1e-3 * torch.eye(d, dtype=torch.float64)
     assert torch.allclose(D2, (torch.linalg.inv(A) @ P @ K2 @ R2.T).T, atol=1e-6)
+
+
+def test_reduced_alphaedit_solve_equals_the_reference_form():
+    from kedit.editors.linalg import alphaedit_update_reduced, nullspace_basis
+
+    C = _spd(20, n=12, seed=5)  # rank 12 < 20: a real null space
+    U = nullspace_basis(C, 1e-3, "relative_mean")
+    P, rank = nullspace_projector(C, 1e-3, "relative_mean")
+    assert U.shape[1] == rank > 0 and torch.allclose(U @ U.T, P, atol=1e-10)
+    g = torch.Generator().manual_seed(6)
+    K, R = torch.randn(20, 3, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
+    Cp = _spd(20, n=5, seed=7)
+    for prev in (None, Cp):
+        assert torch.allclose(alphaedit_update_reduced(U, K, R, prev, 0.5), alphaedit_update(P, K, R, prev, 0.5),
+                              atol=1e-9)

@@ -1,5 +1,5 @@
 """AlphaEdit: MEMIT's residual spreading, with each layer's update projected onto the null space
-of the preserved keys (projector P from C's small-eigenvalue eigenvectors) and the keys of every
+of the preserved keys (P = U Uᵀ, U = C's small-eigenvalue eigenvectors; solved in that basis) and the keys of every
 earlier batch accumulated in the state (Σ K_p K_pᵀ) so later batches keep earlier edits."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from kedit.editors.base import EditorState
 from kedit.editors.common import cache_name, projector
-from kedit.editors.linalg import alphaedit_update
+from kedit.editors.linalg import alphaedit_update_reduced
 from kedit.editors.memit import MultiLayerEditor
 
 
@@ -20,7 +20,7 @@ class AlphaEditEditor(MultiLayerEditor):
 
     def solve(self, lm, layer: int, K, R, state: EditorState, stats, info: dict) -> torch.Tensor:
         hp = self.hp
-        P, rank = projector(stats, layer, lm.manifest.model_hash, hp.nullspace_threshold, hp.nullspace_mode)
+        U, rank = projector(stats, layer, lm.manifest.model_hash, hp.nullspace_threshold, hp.nullspace_mode)
         info["nullspace_dim"] = float(rank)
         prev = state.tensors.get(cache_name(layer))
-        return alphaedit_update(P.to(K.device), K, R, None if prev is None else prev.to(K.device), hp.L2)
+        return alphaedit_update_reduced(U.to(K.device), K, R, None if prev is None else prev.to(K.device), hp.L2)

@@ -14,7 +14,7 @@ import torch
 
 from kedit.atomic import save_tensors_atomic, sha256_json, sha256_tensor
 from kedit.editors.base import EditorState, EditRequest
-from kedit.editors.linalg import nullspace_projector
+from kedit.editors.linalg import nullspace_basis
 
 log = logging.getLogger(__name__)
 
@@ -52,34 +52,34 @@ def as_key_stats(stats: Any, layers: list[int], key_dim: int) -> KeyStats:
     return ks
 
 
-_P_MEMO: dict[str, tuple[torch.Tensor, int]] = {}
+_P_MEMO: dict[str, torch.Tensor] = {}
 
 
 def projector(stats: KeyStats, layer: int, model_hash: str, threshold: float, mode: str
               ) -> tuple[torch.Tensor, int]:
-    """Null-space projector for one layer, computed once per (model, layer, stats, threshold) and
-    cached next to the statistics (``<stats dir>/projectors/``) and in memory."""
+    """Null-space basis U (projector P = U Uᵀ) and its dimension for one layer, computed once per
+    (model, layer, stats, threshold) and cached next to the statistics (``<stats dir>/projectors/``,
+    float64) and in memory."""
     key = sha256_json({"model": model_hash, "layer": layer, "stats": stats.key, "thr": threshold, "mode": mode})
     if key in _P_MEMO:
-        return _P_MEMO[key]
-    path = stats.dir / "projectors" / f"P_L{layer}_{key[:16]}.safetensors" if stats.dir else None
+        U = _P_MEMO[key]
+        return U, U.shape[1]
+    path = stats.dir / "projectors" / f"U_L{layer}_{key[:16]}.safetensors" if stats.dir else None
     if path is not None and path.exists():
-        from safetensors import safe_open
+        from safetensors.torch import load_file
 
-        with safe_open(str(path), "pt") as f:
-            P = f.get_tensor("P").to(torch.float64)
-            rank = int(f.metadata()["rank"])
+        U = load_file(str(path))["U"]
     else:
-        P, rank = nullspace_projector(stats.mom2[layer], threshold, mode)
+        U = nullspace_basis(stats.mom2[layer], threshold, mode)
         if path is not None:
             try:
-                save_tensors_atomic(path, {"P": P.to(torch.float32)},
-                                    {"rank": str(rank), "layer": str(layer), "model_hash": model_hash,
-                                     "stats_key": stats.key, "threshold": repr(threshold), "mode": mode})
+                save_tensors_atomic(path, {"U": U}, {"rank": str(U.shape[1]), "layer": str(layer),
+                                                     "model_hash": model_hash, "stats_key": stats.key,
+                                                     "threshold": repr(threshold), "mode": mode})
             except OSError as exc:  # read-only stats dir: keep it in memory only
                 log.warning("could not cache projector at %s: %s", path, exc)
-    _P_MEMO[key] = (P, rank)
-    return P, rank
+    _P_MEMO[key] = U
+    return U, U.shape[1]
 
 
 @contextlib.contextmanager

@@ -52,6 +52,14 @@ def eig_threshold(eigvals: torch.Tensor, threshold: float, mode: str) -> float:
     raise ValueError(f"unknown null-space threshold mode {mode!r}")
 
 
+def nullspace_basis(C: torch.Tensor, threshold: float, mode: str = "relative_mean") -> torch.Tensor:
+    """Orthonormal basis U [d, r] of C's eigenvectors with eigenvalue below the cut (P = U Uᵀ)."""
+    C = _f64(C)
+    C = (C + C.T) / 2
+    vals, vecs = torch.linalg.eigh(C)
+    return vecs[:, vals < eig_threshold(vals, threshold, mode)].contiguous()
+
+
 def nullspace_projector(C: torch.Tensor, threshold: float, mode: str = "relative_mean"
                         ) -> tuple[torch.Tensor, int]:
     """Projector onto the span of C's eigenvectors with eigenvalue below the cut, and its rank.
@@ -81,3 +89,22 @@ def alphaedit_update(P: torch.Tensor, K: torch.Tensor, R: torch.Tensor, C_prev: 
     A = P @ M + l2 * torch.eye(d, dtype=torch.float64, device=P.device)
     X = torch.linalg.solve(A, P @ K @ R.T)
     return X.T
+
+
+def alphaedit_update_reduced(U: torch.Tensor, K: torch.Tensor, R: torch.Tensor, C_prev: torch.Tensor | None,
+                             l2: float) -> torch.Tensor:
+    """The same update as :func:`alphaedit_update`, solved inside the null space: ``X = U Y`` with
+    ``(Uᵀ M U + l2·I) Y = Uᵀ K Rᵀ``, ``M = K Kᵀ + C_p``. Since ``X`` lies in range(P) = range(U) the
+    two systems are equivalent; this one is r×r, symmetric positive definite (Cholesky) and cheaper."""
+    U, K, R = _f64(U), _f64(K), _f64(R)
+    r = U.shape[1]
+    if r == 0:
+        return torch.zeros(R.shape[0], U.shape[0], dtype=torch.float64, device=U.device)
+    UK = U.T @ K  # [r, n]
+    A = UK @ UK.T
+    if C_prev is not None:
+        A = A + U.T @ _f64(C_prev) @ U
+    A = (A + A.T) / 2 + l2 * torch.eye(r, dtype=torch.float64, device=U.device)
+    L = torch.linalg.cholesky(A)
+    Y = torch.cholesky_solve(UK @ R.T, L)  # [r, d_out]
+    return (U @ Y).T

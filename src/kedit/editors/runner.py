@@ -61,6 +61,12 @@ class BlockSlice:
         return h
 
 
+def base_model(lm) -> torch.nn.Module:
+    """The transformer without its LM head: capture passes and prefix caches need no logits."""
+    base = getattr(lm.model, "base_model", None)
+    return base if isinstance(base, torch.nn.Module) and base is not lm.model else lm.model
+
+
 def uniform_blocks(model) -> bool:
     """True when every block gets the same call arguments (no per-layer attention types such as
     Gemma's alternating sliding windows), so one block's captured arguments serve them all."""
@@ -97,7 +103,7 @@ def capture_blocks(lm, input_ids: torch.Tensor, start: int, stop: int, **forward
             handles.append(layers[i].register_forward_pre_hook(make(i), with_kwargs=True))
         with torch.no_grad():
             try:
-                lm.model(input_ids=input_ids, **({"use_cache": False} | forward_kwargs))
+                base_model(lm)(input_ids=input_ids, **({"use_cache": False} | forward_kwargs))
             except _Captured:
                 pass
     finally:

@@ -19,7 +19,7 @@ from kedit.editors.base import EditRequest, RequestDiagnostics
 from kedit.editors.hparams import EditHparams
 from kedit.editors.keys import average_by_request
 from kedit.editors.prompts import pad_right, subject_rows, target_ids
-from kedit.editors.runner import PrefixCache, capture_blocks, logits_at
+from kedit.editors.runner import PrefixCache, base_model, capture_blocks, logits_at
 
 
 @dataclass
@@ -173,7 +173,7 @@ def _slice_above(lm, seqs: list[list[int]], split: list[int], layer: int, pad: i
     p_max = past_ids.shape[1]
     cache = PrefixCache(config=lm.model.config)
     with torch.no_grad():  # right-padded, no mask: real tokens never see the pads
-        lm.model(input_ids=past_ids, past_key_values=cache, use_cache=True)
+        base_model(lm)(input_ids=past_ids, past_key_values=cache, use_cache=True)
     cache.frozen = True
     suffix = [s[p:] for s, p in zip(seqs, split)]
     suf_ids = pad_right(suffix, pad, dev)
