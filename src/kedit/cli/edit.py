@@ -47,8 +47,8 @@ def register(sub) -> None:
                    help="JSON/JSONL: {prompt with {}, subject, target_new[, target_true, id]} or flat CounterFact")
     p.add_argument("--out", "-o", required=True, help="directory for deltas.safetensors, state.*, result.json")
     p.add_argument("--state", default=None, help="edit directory whose editor state to continue from")
-    p.add_argument("--base-edits", nargs="*", default=[],
-                   help="edit directories applied (in order) before editing: the current lineage")
+    p.add_argument("--base-edit", dest="base_edits", action="append", default=[], metavar="DIR",
+                   help="edit directory applied before editing (repeat, in order): the current lineage")
     p.add_argument("--batch", type=int, default=0, help="requests per editing batch (0: all at once)")
     p.add_argument("--hparams", default=None, help="hyperparameter YAML (default: the model's file)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter")
@@ -59,7 +59,7 @@ def register(sub) -> None:
     g = sub.add_parser("generate", help="generate text, optionally with edit directories applied")
     add_model_args(g)
     g.add_argument("prompts", nargs="+")
-    g.add_argument("--edits", nargs="*", default=[], help="edit directories to apply in order")
+    g.add_argument("--edits", action="append", default=[], metavar="DIR", help="edit directory to apply (repeat)")
     g.add_argument("--max-new-tokens", type=int, default=40)
     g.add_argument("--sample", action="store_true", help="top-k 5 sampling (default greedy)")
     g.set_defaults(func=_generate)
@@ -67,8 +67,9 @@ def register(sub) -> None:
     pr = sub.add_parser("predict", help="top next tokens and target scores, optionally with edits applied")
     add_model_args(pr)
     pr.add_argument("prompts", nargs="+")
-    pr.add_argument("--edits", nargs="*", default=[], help="edit directories to apply in order")
-    pr.add_argument("--targets", nargs="*", default=[], help="score these targets after every prompt")
+    pr.add_argument("--edits", action="append", default=[], metavar="DIR", help="edit directory to apply (repeat)")
+    pr.add_argument("--target", dest="targets", action="append", default=[],
+                    help="score this target after every prompt (repeat)")
     pr.add_argument("--top", type=int, default=5)
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_predict)
