@@ -52,6 +52,9 @@ def nightly_refresh(feed: str = "today", workspace: str | None = None, method: s
     cfg = RefreshConfig.from_params(params_file, method=method, approval_timeout_s=approval_timeout_s).to_dict()
     feed = _today() if feed == "today" else feed
 
+    expired = t.expire_overdue(workspace)
+    if expired:
+        logger.warning("rejected %d candidate(s) whose approval timed out: %s", len(expired), expired)
     ing = t.ingest(workspace, feed, cfg)
     key = ing["refresh_key"]
     out: dict[str, Any] = {"refresh_key": key, "feed": ing["feed"], "validation_report": ing["report_path"],

@@ -93,5 +93,19 @@ def run_on_gpu_pool(deployment: str, workspace: str | None, cfg: dict[str, Any],
     return fr.state.result()
 
 
+@task(name="expire-overdue-approvals", cache_policy=NO_CACHE, retries=1)
+def expire_overdue(workspace: str | None) -> list[str]:
+    """A timed-out approval rejects (suspended runs cannot time themselves out: they are not running)."""
+    import os
+
+    from kedit.lineage.ops import open_store
+    from kedit.orchestration import PrefectAPI
+    from kedit.orchestration import expire_overdue as expire
+
+    if not os.environ.get("PREFECT_API_URL"):
+        return []
+    return expire(PrefectAPI(), open_store(_ws(workspace)))
+
+
 def report_path(workspace: str | None, key: str) -> Path:
     return _ws(workspace).reports_dir / key

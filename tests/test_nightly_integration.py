@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ def stack_ws(smollm_ws, tmp_path_factory):
 def test_nightly_refresh_approve_rollback_rerun_reject(stack_ws, monkeypatch):
     from kedit.lineage.ops import open_store
     from kedit.lineage.registry import ModelRegistry, Tracking
-    from kedit.orchestration import LocalStack
+    from kedit.orchestration import LocalStack, PrefectAPIError, expire_overdue
 
     ws = stack_ws
     monkeypatch.setenv("KEDIT_PARAMS", str(ws.root / "params.yaml"))
@@ -111,11 +112,19 @@ def test_nightly_refresh_approve_rollback_rerun_reject(stack_ws, monkeypatch):
         assert fr2["state"]["type"] == "COMPLETED", _logs(stack, fr2)
         assert len(open_store(ws).states()) == 1
 
-        # 4a. a second feed whose approval times out (pause mode, short timeout): champion unchanged
+        # 4a. a second feed whose approval times out: the suspended run is past its deadline, the sweep
+        # (`kedit nightly expire`, also the first task of every nightly run) rejects it; champion unchanged
         run3 = api.run_deployment("nightly-refresh/nightly", {"feed": "2026-01-06", "workspace": str(ws.root),
-                                                             "approval": "pause", "approval_timeout_s": 15})
-        fr3 = api.wait(run3["id"], ("COMPLETED",), timeout=1500)
-        assert fr3["state"]["type"] == "COMPLETED", _logs(stack, fr3)
+                                                             "approval_timeout_s": 5})
+        fr3 = api.wait(run3["id"], ("PAUSED",), timeout=1500)
+        assert fr3["state"]["type"] == "PAUSED", _logs(stack, fr3)
+        time.sleep(6)
+        assert [r["id"] for r in api.overdue_approvals()] == [run3["id"]]
+        with pytest.raises(PrefectAPIError, match="timed out"):
+            api.decide(api.awaiting_approval()[0]["kedit_state"], True, "late-reviewer")
+        expired = expire_overdue(api, open_store(ws))
+        assert len(expired) == 1
+        assert api.flow_run(run3["id"])["state"]["type"] == "FAILED"
         store = open_store(ws)
         assert store.champion() == full
         timed_out = [e for e in store.events() if e.type == "reject" and e.by == "kedit-timeout"]

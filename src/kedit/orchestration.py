@@ -113,9 +113,29 @@ class PrefectAPI:
                 out.append({**fr, "kedit_state": sid})
         return out
 
+    def set_state(self, run_id: str, state_type: str, message: str) -> dict[str, Any]:
+        return self.call("POST", f"/flow_runs/{run_id}/set_state",
+                         {"state": {"type": state_type, "message": message}, "force": True})
+
+    def overdue_approvals(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Waiting runs whose approval deadline (the pause timeout) has passed."""
+        import datetime as dt
+
+        now_dt = dt.datetime.fromtimestamp(now or time.time(), dt.UTC)
+        out = []
+        for fr in self.awaiting_approval():
+            deadline = ((fr.get("state") or {}).get("state_details") or {}).get("pause_timeout")
+            if deadline and dt.datetime.fromisoformat(deadline.replace("Z", "+00:00")) < now_dt:
+                out.append(fr)
+        return out
+
     def decide(self, ref: str, approve: bool, approver: str, comment: str = "") -> dict[str, Any]:
         """Resume the run waiting on ``ref`` (an edit-state id prefix, flow-run id or name) with a verdict."""
         runs = self.awaiting_approval(ref)
+        late = {r["id"] for r in self.overdue_approvals()}
+        if any(r["id"] in late for r in runs):
+            raise PrefectAPIError(f"the approval of {ref!r} timed out; it counts as rejected (run `kedit nightly "
+                                  f"expire` to record it) and a new refresh must produce a new candidate")
         if not runs:
             waiting = [f"{r['name']} (state {r['kedit_state'][:12]})" for r in self.awaiting_approval()]
             raise PrefectAPIError(f"no refresh is waiting for approval of {ref!r}; waiting now: {waiting or 'none'}")
@@ -124,6 +144,19 @@ class PrefectAPI:
         run = runs[0]
         self.resume(run["id"], {"approve": approve, "approver": approver, "comment": comment})
         return run
+
+
+def expire_overdue(api: PrefectAPI, store, by: str = "kedit-timeout") -> list[str]:
+    """A timed-out approval rejects: mark each overdue waiting run Failed and record the rejection in
+    the lineage (the champion does not move). Returns the state ids rejected."""
+    done = []
+    for fr in api.overdue_approvals():
+        sid = store.resolve(fr["kedit_state"])
+        if not any(e.type == "reject" and e.state == sid and e.by == by for e in store.events()):
+            store.reject(sid, by=by, comment=f"no approval before the deadline (flow run {fr['name']})")
+        api.set_state(fr["id"], "FAILED", "approval timed out: candidate rejected, champion unchanged")
+        done.append(sid)
+    return done
 
 
 def free_port() -> int:

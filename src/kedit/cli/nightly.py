@@ -31,6 +31,8 @@ def register(sub) -> None:
     t.set_defaults(func=_trigger)
     st = s.add_parser("status", help="refresh runs waiting for approval")
     st.set_defaults(func=_status)
+    ex = s.add_parser("expire", help="reject candidates whose approval timed out (the nightly flow does this too)")
+    ex.set_defaults(func=_expire)
     for verdict in ("approve", "reject"):
         a = sub.add_parser(verdict, help=f"{verdict} the candidate a paused nightly refresh waits on")
         a.add_argument("ref", help="edit-state id (prefix), or the flow run's id or name")
@@ -60,6 +62,16 @@ def _status(args) -> int:
         print("no refresh is waiting for approval")
     for r in runs:
         print(f"{r['name']:28s} {r['id']}  waiting on state {r['kedit_state'][:12]}")
+    return 0
+
+
+def _expire(args) -> int:
+    from kedit.cli import workspace
+    from kedit.lineage.ops import open_store
+    from kedit.orchestration import expire_overdue
+
+    done = expire_overdue(_api(), open_store(workspace(args)))
+    print(f"rejected {len(done)} timed-out candidate(s): {[s[:12] for s in done]}")
     return 0
 
 
