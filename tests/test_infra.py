@@ -32,6 +32,7 @@ CONTROL_PLANE = {"prefect-db", "prefect-server", "mlflow-db", "mlflow", "minio",
 EXPECTED_DEPLOYMENTS = {
     # name: (entrypoint, work pool)
     "nightly": ("flows/nightly.py:nightly_refresh", "cpu"),
+    "apply-edits": ("flows/edit.py:apply_edits", "gpu"),
     "promote": ("flows/promote.py:promote", "cpu"),
     "rollback": ("flows/rollback.py:rollback", "cpu"),
     "compute-stats": ("flows/stats.py:compute_stats", "gpu"),
