@@ -119,7 +119,7 @@ def _demo(args) -> int:
     m = ModelManifest.read(ws.model_dir(cfg.model))
     b = load_stats(stats_dir(ws, cfg.model, cfg.stats_corpus))
     con.print(f"{m.slug}: {m.model_type}, {m.n_params / 1e6:.1f}M params, hash {m.model_hash[:12]}; "
-              f"E[k kᵀ] for layers {b.layers} over {b.n_tokens:,} tokens ({time.perf_counter() - t0:.0f} s)")
+              f"E\\[k kᵀ] for layers {b.layers} over {b.n_tokens:,} tokens ({time.perf_counter() - t0:.0f} s)")
 
     con.print(Rule("3/6  today's feed"))
     from importlib import resources
@@ -157,7 +157,7 @@ def _demo(args) -> int:
             gate_md = next(iter(sorted(ws.reports_dir.glob("*/gate/gate.md"), key=lambda p: p.stat().st_mtime)), None)
             con.print(f"\nThe candidate passed the gates and waits for a human. Report: {gate_md}")
             if gate_md:
-                con.print(gate_md.read_text()[:3000])
+                con.print(gate_md.read_text()[:3000], markup=False, highlight=False)
             con.print(Rule("6/6  approval"))
             con.print("A reviewer would now run (and this demo runs it for you):\n"
                       f"  [bold]PREFECT_API_URL={stack.api_url} kedit approve {sid[:12]} --by {args.approver} "
