@@ -39,6 +39,7 @@ class RefreshConfig:
     device: str = "cpu"
     trace_sample: int = 1
     trace_noise_samples: int = 5
+    edit_batch_size: int = 10  # a feed is applied in sequential batches of this size (0: one batch)
     approval_timeout_s: int = 24 * 3600
     stats_corpus: str = "wiki-summaries-en"
     stats_max_tokens: int = 200_000
@@ -286,8 +287,10 @@ def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict
     editor = get_editor(cfg.method, hp, cache_dir=stats.dir)
     requests = to_edit_requests(rows)
     t0 = time.perf_counter()
-    result = editor.compute(lm, requests, editor_state, stats)
+    result = edit_in_batches(editor, lm, requests, editor_state, stats, cfg.edit_batch_size)
     seconds = time.perf_counter() - t0
+    # the state records the summed delta on top of the parent: put the model exactly there
+    store.materialise(parent, lm)
     apply_deltas(lm.model, result.deltas)
     predictions = _predictions(lm, rows)
     took = [bool(d.constraint_met) for d in result.diagnostics]
@@ -307,6 +310,26 @@ def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict
         artifacts=[store.state_dir(state.id) / "state.json"], tags={"kedit.state": state.id})
     return {"state_id": state.id, "parent": parent, "n_edits": len(rows), "seconds": seconds,
             "layers": layers}
+
+
+def edit_in_batches(editor, lm, requests, state, stats, batch_size: int):
+    """Apply ``requests`` sequentially in batches of ``batch_size`` (the lifelong protocol: each batch
+    preserves the keys of the ones before it) and return one result: the summed deltas, the editor
+    state after the last batch, all diagnostics. The model is left with every batch applied."""
+    from kedit.editors.base import EditResult, apply_deltas
+
+    size = batch_size if batch_size and batch_size > 0 else len(requests)
+    total: dict[str, torch.Tensor] = {}
+    diagnostics, layer_info, seconds = [], {}, 0.0
+    for i in range(0, len(requests), size):
+        res = editor.compute(lm, requests[i:i + size], state, stats)
+        apply_deltas(lm.model, res.deltas)
+        for name, d in res.deltas.items():
+            total[name] = d.clone() if name not in total else total[name] + d
+        state, seconds = res.state, seconds + res.seconds
+        diagnostics += res.diagnostics
+        layer_info = {**res.layer_info, "batches": {"n": 1 + i // size, "size": size}}
+    return EditResult(deltas=total, state=state, diagnostics=diagnostics, layer_info=layer_info, seconds=seconds)
 
 
 def _predictions(lm, rows: list[dict[str, Any]], max_new_tokens: int = 6) -> dict[str, str]:
@@ -368,6 +391,21 @@ def gate_records(champion_lm, facts: Sequence[dict[str, Any]]) -> list[dict[str,
     return out
 
 
+def without_edited_subjects(canary, facts: Sequence[dict[str, Any]]):
+    """Drop canary prompts that ask about a subject being edited (or edited before), or about an old
+    answer being replaced: their answers are meant to change, so they are not canaries for these edits."""
+    import dataclasses
+
+    words = {w.lower() for f in facts for w in (f.get("subject"), f.get("target_true")) if w and len(w) > 2}
+    keep = [i for i, p in enumerate(canary.prompts) if not any(w in p.lower() for w in words)]
+    if len(keep) == len(canary.prompts):
+        return canary
+    return dataclasses.replace(
+        canary, prompts=[canary.prompts[i] for i in keep], sources=[canary.sources[i] for i in keep],
+        greedy=canary.greedy[keep], logprobs=canary.logprobs[keep],
+        continuations=[canary.continuations[i] for i in keep] if canary.continuations else [])
+
+
 def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: dict[str, Any]) -> dict[str, Any]:
     """Compare the candidate with the champion on the gate policy; write gate.json / gate.md / gate.png."""
     from kedit.evaluation.canary import build_canary
@@ -385,6 +423,7 @@ def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: d
     out_dir = reports_dir(ws, ingest["refresh_key"]) / "gate"
     # the canary suite is what the champion answers today: shipped prompts + past edits' neighbourhoods
     canary = build_canary(champ_lm, edits=prior_facts, k=max(1, policy.canary_k))
+    canary = without_edited_subjects(canary, [*ingest["accepted"], *prior_facts])
     canary.save(out_dir / "canary")
     report = run_gates(champ_lm, cand_lm, policy, new_edits=new, prior_edits=prior, canary=canary,
                        progress=False)
