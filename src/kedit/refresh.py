@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import yaml
 
-from kedit.atomic import sha256_json, write_json_atomic
+from kedit import __version__
+from kedit.atomic import sha256_file, sha256_json, write_json_atomic
 from kedit.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -195,8 +196,15 @@ class RunLog:
 
 def refresh_key(feed_sha256: str, parent: str | None, cfg: RefreshConfig) -> str:
     """Content key of one refresh: the same feed on the same parent with the same editor is one refresh."""
+    from kedit.editors.hparams import hparams_file_for
+
+    try:
+        hp_file = sha256_file(hparams_file_for(cfg.model))
+    except FileNotFoundError:
+        hp_file = None
     return sha256_json({"feed": feed_sha256, "parent": parent, "model": cfg.model, "method": cfg.method,
-                        "hparams": cfg.hparams_overrides})[:16]
+                        "hparams": cfg.hparams_overrides, "hparams_file": hp_file,
+                        "batch": cfg.edit_batch_size, "kedit": __version__})[:16]
 
 
 def reports_dir(ws: Workspace, key: str) -> Path:
