@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kedit.cli import CLIError, workspace
@@ -102,26 +101,9 @@ def _trace(args) -> int:
 
 def read_facts(path: str | Path) -> list[dict]:
     """A JSON list or JSONL file of fact records; a clear error names the file and line."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"facts file {path} does not exist")
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        out = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
-        return out
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
+    from kedit.records import read_records
+
+    return read_records(path, "facts")
 
 
 def _aggregate(args) -> int:

@@ -41,23 +41,9 @@ def request_from_record(rec: dict[str, Any], where: str = "record") -> EditReque
 
 
 def load_records(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"requests file {path} does not exist")
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        out = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{i}: invalid JSON ({exc.msg})") from None
-        return out
-    data = json.loads(text)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records")
-    return data
+    from kedit.records import read_records
+
+    return read_records(path, "requests")
 
 
 def load_requests(path: str | Path) -> list[EditRequest]:
