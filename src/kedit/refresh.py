@@ -294,11 +294,16 @@ def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict
                          seq_len=cfg.stats_seq_len, batch_size=cfg.stats_batch_size)
     editor = get_editor(cfg.method, hp, cache_dir=stats.dir)
     requests = to_edit_requests(rows)
+    names = [lm.adapter.weight_name(i) for i in layers]
+    params = dict(lm.model.named_parameters())
+    at_parent = {n: params[n].detach().clone() for n in names}
     t0 = time.perf_counter()
     result = edit_in_batches(editor, lm, requests, editor_state, stats, cfg.edit_batch_size)
     seconds = time.perf_counter() - t0
     # the state records the summed delta on top of the parent: put the model exactly there
-    store.materialise(parent, lm)
+    with torch.no_grad():
+        for n, t in at_parent.items():
+            params[n].copy_(t)
     apply_deltas(lm.model, result.deltas)
     predictions = _predictions(lm, rows)
     took = [bool(d.constraint_met) for d in result.diagnostics]

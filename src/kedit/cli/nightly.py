@@ -24,6 +24,8 @@ def register(sub) -> None:
     d.add_argument("--approver", default=os.environ.get("USER") or "demo-operator")
     d.add_argument("--keep-server", action="store_true", help="leave the Prefect server and workers running")
     d.add_argument("--timeout", type=float, default=3600, help="seconds to wait for each phase")
+    d.add_argument("--facts", type=int, default=10,
+                   help="how many rows of the shipped 30-row sample feed make today's feed (default 10)")
     d.set_defaults(func=_demo)
     t = s.add_parser("trigger", help="start the deployed nightly refresh (needs PREFECT_API_URL)")
     t.add_argument("--feed", default="today")
@@ -129,7 +131,9 @@ def _demo(args) -> int:
     day = dt.date.today().isoformat()
     feed = ws.feeds_dir / f"{day}.jsonl"
     if not feed.exists():
-        write_bytes_atomic(feed, resources.files("kedit").joinpath("data", "sample_feed.jsonl").read_bytes())
+        rows = resources.files("kedit").joinpath("data", "sample_feed.jsonl").read_text().splitlines(keepends=True)
+        rows = [r for r in rows if r.strip()]
+        write_bytes_atomic(feed, "".join(rows[: args.facts] if args.facts > 0 else rows).encode())
     n_rows = sum(1 for line in feed.read_text().splitlines() if line.strip())
     con.print(f"{feed} ({n_rows} fact changes)")
 
