@@ -91,7 +91,10 @@ def test_nightly_refresh_approve_rollback_rerun_reject(stack_ws, monkeypatch):
         reg = ModelRegistry(Tracking(ws), "smollm2-135m", prefix="kedit")
         assert reg.alias("candidate").tags["kedit.state_id"] == full
 
-        # 2. approve through the API (what `kedit approve` does); the run resumes from cached results
+        # 2. approve through the API (what `kedit approve` does); the run resumes from cached results.
+        # (A resume within a second of the suspension can reach the process worker before it has released
+        # the run's slot, which crashes Prefect 3.8.8's worker; a reviewer takes longer than that.)
+        time.sleep(10)
         api.decide(sid, True, "integration-test", "looks right")
         fr = api.wait(run["id"], ("COMPLETED",), timeout=900)
         assert fr["state"]["type"] == "COMPLETED", _logs(stack, fr)
@@ -138,6 +141,7 @@ def test_nightly_refresh_approve_rollback_rerun_reject(stack_ws, monkeypatch):
         fr4 = api.wait(run4["id"], ("PAUSED",), timeout=900)
         assert fr4["state"]["type"] == "PAUSED", _logs(stack, fr4)
         assert api.awaiting_approval()[0]["kedit_state"] == sid3[:16]
+        time.sleep(10)
         api.decide(sid3[:12], False, "integration-test", "not today")
         fr4 = api.wait(run4["id"], ("COMPLETED",), timeout=900)
         assert fr4["state"]["type"] == "COMPLETED", _logs(stack, fr4)
