@@ -252,8 +252,11 @@ class LocalStack:
 
     def start_workers(self, pools: tuple[str, ...] = ("cpu", "gpu")) -> None:
         for pool in pools:
+            # no --limit on cpu: a resumed (suspended) run re-submitted while the worker still holds its
+            # concurrency slot crashes Prefect 3.8.8's limiter ("borrower is already holding a token")
+            limit = ["--limit", "1"] if pool == "gpu" else []
             self._spawn(f"worker-{pool}", [_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process",
-                                           "--limit", "2" if pool == "cpu" else "1"])
+                                           *limit])
 
     def start(self) -> PrefectAPI:
         api = self.start_server()
