@@ -68,6 +68,16 @@ def make_tiny_model(family: str = "llama", vocab_size: int = 320, seed: int = 0)
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny ops: on a shared 2-core machine two spinning threads run
+    them ~20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()

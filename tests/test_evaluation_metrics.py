@@ -13,13 +13,7 @@ from kedit.evaluation import metrics as M
 PROMPTS = ["The Eiffel Tower is located in", "Rome is the capital of", "Messi plays", "The quick brown fox"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads run these tiny ops ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 TARGETS = ["Paris", "Italy and Spain", "soccer", "jumps over"]
 
 

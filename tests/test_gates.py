@@ -22,13 +22,7 @@ CANARY = ["The capital of France is", "Rome is", "The quick brown fox", "Toko Ya
 POLICY = dict(fluency_prompts=2, fluency_tokens=12, reference_tokens=512)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning threads run these tiny ops ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
