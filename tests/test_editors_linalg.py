@@ -8,6 +8,7 @@ from kedit.editors.linalg import (
     eig_threshold,
     memit_update,
     nullspace_projector,
+    rome_sequential_update,
     rome_update,
 )
 
@@ -31,6 +32,21 @@ def test_rome_update_hits_target_and_is_rank_one():
     u = torch.linalg.solve(C, k)
     x = x - u * (u @ x) / (u @ u)
     assert torch.allclose(D @ x, torch.zeros(8, dtype=torch.float64), atol=1e-9)
+
+
+def test_rome_sequential_update_equals_rank_one_updates_applied_in_order():
+    C = _spd(16)
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    K, V = torch.randn(16, 3, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g, dtype=torch.float64)
+    total = rome_sequential_update(C, K, V - W @ K)
+    direct, Wj = torch.zeros_like(W), W.clone()
+    for j in range(3):
+        D = rome_update(C, K[:, j], V[:, j] - Wj @ K[:, j])
+        direct, Wj = direct + D, Wj + D
+    assert torch.allclose(total, direct, atol=1e-9)
+    assert torch.allclose((W + total) @ K[:, 2], V[:, 2], atol=1e-9)  # the last write holds exactly
+    assert torch.linalg.matrix_rank(total) == 3
 
 
 def test_memit_update_matches_normal_equations():

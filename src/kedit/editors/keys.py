@@ -32,13 +32,24 @@ class SubjectStates:
         self.n = rows.n_requests
         self.first, self.last = first, last
         self.slice: BlockSlice = capture_blocks(lm, self.input_ids, first, last + 1)
+        self._entries: dict[int, torch.Tensor] = {}
 
-    def read(self, lm, key_layers: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """``({layer: K [d_key, n] float64}, z [d_out, n] float64)`` with the current weights."""
+    def read(self, lm, key_layers: list[int], begin: int | None = None
+             ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """``({layer: K [d_key, n] float64}, z [d_out, n] float64)`` with the current weights.
+
+        ``begin``: replay only from this block, reusing the states entering it from an earlier read;
+        valid when no weight below ``begin`` changed since that read (MEMIT edits layers in ascending
+        order, so each read can start at the layer edited last)."""
+        if begin is not None and begin not in self._entries:
+            raise ValueError(f"no cached states entering block {begin}: read from the start first")
         names = {i: lm.adapter.mlp_out_name(i) for i in key_layers}
+        if any(i < (self.first if begin is None else begin) for i in key_layers):
+            raise ValueError(f"keys of layers {key_layers} are below the replay start {begin}")
         ar = torch.arange(self.input_ids.shape[0], device=self.pos.device)
         with torch.no_grad(), Trace(lm.model, list(names.values()), retain_input=True) as tr:
-            h = self.slice.run(lm)
+            h = self.slice.run(lm, None if begin is None else self._entries[begin], begin=begin,
+                               entries=self._entries)
         keys = {i: average_by_request(tr.inputs[nm][ar, self.pos], self.req, self.n).T.contiguous()
                 for i, nm in names.items()}
         z = average_by_request(h[ar, self.pos], self.req, self.n).T.contiguous()

@@ -24,6 +24,23 @@ def rome_update(C: torch.Tensor, k: torch.Tensor, r: torch.Tensor) -> torch.Tens
     return torch.outer(r, u) / denom
 
 
+def rome_sequential_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """Rank-one ROME updates for the columns of ``K`` [d_key, n] / ``R`` [d_out, n] written one after
+    another, each correcting for the earlier ones (``r_j - Δ k_j``): the sum of what :func:`rome_update`
+    would give applied in order. ``C`` is factored once (Cholesky) for all keys instead of per key."""
+    C, K, R = _f64(C), _f64(K), _f64(R)
+    L, info = torch.linalg.cholesky_ex((C + C.T) / 2)
+    Ucols = torch.cholesky_solve(K, L) if int(info) == 0 else torch.linalg.solve(C, K)  # C⁻¹K
+    total = torch.zeros(R.shape[0], K.shape[0], dtype=torch.float64, device=K.device)
+    for j in range(K.shape[1]):
+        k, u = K[:, j], Ucols[:, j]
+        denom = torch.dot(u, k)
+        if not torch.isfinite(denom) or denom.abs() < 1e-30:
+            raise ValueError(f"ROME: degenerate key #{j} (kᵀC⁻¹k = {denom.item():.3g})")
+        total = total + torch.outer(R[:, j] - total @ k, u) / denom
+    return total
+
+
 def memit_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float,
                  C_prev: torch.Tensor | None = None) -> torch.Tensor:
     """MEMIT least squares: ``Δ = R Kᵀ (λC + C_prev + K Kᵀ)⁻¹`` (solved by Cholesky; the system is SPD)."""

@@ -64,9 +64,11 @@ class MultiLayerEditor:
         layer_info: dict[str, dict[str, float]] = {}
         with weights_restored(lm, layers):
             states = SubjectStates(lm, rows, layers[0], layers[-1])
+            edit_keys: dict[int, torch.Tensor] = {}
             for idx, layer in enumerate(layers):
-                keys, cur = states.read(lm, [layer])
-                K = keys[layer]
+                # only the layer edited last changed: replay from it (its input is unchanged)
+                keys, cur = states.read(lm, [layer], begin=layers[idx - 1] if idx else None)
+                K = edit_keys[layer] = keys[layer]
                 R = (z - cur) / (len(layers) - idx)
                 info: dict[str, float] = {}
                 upd = self.solve(lm, layer, K, R, state, ks, info)
@@ -76,8 +78,10 @@ class MultiLayerEditor:
                             key_norm=float(K.norm(dim=0).mean()),
                             weight_norm=float(lm.adapter.weight(layer).detach().double().norm()))
                 layer_info[f"L{layer}"] = info
-            _, z_after = states.read(lm, [])
-            final_keys = states.read(lm, layers)[0] if self.accumulates() else {}
+            _, z_after = states.read(lm, [], begin=layers[-1])
+        # a layer's key does not depend on its own or later layers' weights, so the keys read before
+        # editing each layer are the edited model's keys: they go into the state as they are
+        final_keys = edit_keys if self.accumulates() else {}
         miss = (z - z_after).norm(dim=0) / (z - vs.v0.T).norm(dim=0).clamp_min(1e-12)
         layer_info["z"] = {"relative_residual_after": float(miss.mean())}
         new_state = state

@@ -19,7 +19,7 @@ from kedit.editors.common import (
 from kedit.editors.context import context_prefixes
 from kedit.editors.hparams import EditHparams
 from kedit.editors.keys import SubjectStates
-from kedit.editors.linalg import rome_update
+from kedit.editors.linalg import rome_sequential_update
 from kedit.editors.prompts import subject_rows
 from kedit.editors.vstar import optimise_vstar
 
@@ -48,14 +48,10 @@ class ROMEEditor:
         with weights_restored(lm, layers):
             states = SubjectStates(lm, subject_rows(lm.tokenizer, requests, prefixes), layer, layer)
             K = states.read(lm, [layer])[0][layer]  # [d_key, n]; keys do not depend on this layer's W
-            C = ks.mom2[layer].to(K.device)
-            total = torch.zeros(lm.adapter.out_dim(layer), K.shape[0], dtype=torch.float64, device=K.device)
-            for j in range(K.shape[1]):
-                k = K[:, j]
-                r = vs.delta[j].to(torch.float64) - total @ k  # what earlier rank-one updates already did
-                total = total + rome_update(C, k, r)
+            # one rank-one update per request, in order, each correcting for the earlier ones
+            total = rome_sequential_update(ks.mom2[layer].to(K.device), K, vs.delta.T.to(torch.float64))
             stored = apply_layer_delta(lm, layer, total)
-            _, z_after = states.read(lm, [])
+            _, z_after = states.read(lm, [], begin=layer)
         miss = (vs.v0.T + vs.delta.T.double() - z_after).norm(dim=0) / vs.delta.double().norm(dim=1).clamp_min(1e-12)
         new_state = state
         new_state.meta.update(n_edits=int(state.meta.get("n_edits", 0)) + len(requests),

@@ -46,13 +46,20 @@ class BlockSlice:
     stop: int
 
     def run(self, lm, hidden: torch.Tensor | None = None, rows: torch.Tensor | None = None,
-            upto: int | None = None) -> torch.Tensor:
-        """Run blocks ``start..upto-1`` (default: all captured) on ``hidden`` (default: the cached
-        states), optionally on a subset of batch rows."""
+            upto: int | None = None, begin: int | None = None,
+            entries: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Run blocks ``begin..upto-1`` (default: all captured) on ``hidden`` (default: the cached
+        states entering ``start``; with ``begin`` > ``start``, pass the states entering ``begin``),
+        optionally on a subset of batch rows. ``entries`` collects the states entering each block."""
         h = self.hidden if hidden is None else hidden
         n = self.hidden.shape[0]
+        first = self.start if begin is None else begin
+        if not self.start <= first <= self.stop:
+            raise ValueError(f"block {first} outside the captured slice [{self.start}, {self.stop})")
         layers = lm.adapter.module(lm.adapter.spec.layers)
-        for i in range(self.start, self.stop if upto is None else upto):
+        for i in range(first, self.stop if upto is None else upto):
+            if entries is not None:
+                entries[i] = h
             args, kwargs = self.calls[i - self.start]
             if rows is not None:
                 args, kwargs = _index_rows(args, rows, n), _index_rows(kwargs, rows, n)
@@ -117,9 +124,12 @@ def capture_blocks(lm, input_ids: torch.Tensor, start: int, stop: int, **forward
 
 def logits_at(lm, h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Final norm and unembedding at the given (row, position) pairs only (not seq × vocab)."""
-    x = h[rows, cols]
-    x = lm.adapter.final_norm(x)
-    return lm.adapter.unembed(x).float()
+    return unembed_states(lm, h[rows, cols])
+
+
+def unembed_states(lm, x: torch.Tensor) -> torch.Tensor:
+    """Final norm and unembedding of final hidden states ``x`` [m, d] -> float32 logits [m, vocab]."""
+    return lm.adapter.unembed(lm.adapter.final_norm(x)).float()
 
 
 def _cache_base():

@@ -19,7 +19,7 @@ from kedit.editors.base import EditRequest, RequestDiagnostics
 from kedit.editors.hparams import EditHparams
 from kedit.editors.keys import average_by_request
 from kedit.editors.prompts import pad_right, subject_rows, target_ids
-from kedit.editors.runner import PrefixCache, base_model, capture_blocks, logits_at
+from kedit.editors.runner import BlockSlice, PrefixCache, base_model, capture_blocks, unembed_states
 
 
 @dataclass
@@ -56,30 +56,24 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     kl_row0 = len(seqs)
     seqs.extend(kl.ids)
     rows_req = torch.tensor(ctx.req + kl.req, device=dev)
-    subj_pos = torch.tensor(ctx.subj_pos + kl.subj_pos, device=dev)
-    kl_rows = torch.arange(kl_row0, len(seqs), device=dev)
-    kl_cols = torch.tensor([len(s) - 1 for s in kl.ids], device=dev)
-    pair_row_t = torch.tensor(pair_row, device=dev)
-    pair_col_t = torch.tensor(pair_col, device=dev)
     pair_lab_t = torch.tensor(pair_lab, device=dev)
     pair_w_t = torch.tensor(pair_w, device=dev, dtype=torch.float32)
-    pair_req = rows_req[pair_row_t]
+    pair_req = rows_req[torch.tensor(pair_row, device=dev)]
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     n_layers = lm.adapter.num_layers
     if layer >= n_layers - 1:
         raise ValueError(f"v*: edit layer {layer} must be below the last block ({n_layers - 1})")
     split = (ctx.subj_pos + kl.subj_pos) if hp.v_prefix_cache else [0] * len(seqs)
-    sl = _slice_above(lm, seqs, split, layer, pad)
-    shift = torch.tensor(split, device=dev)
-    subj_pos = subj_pos - shift  # positions in the replayed (suffix) coordinates
-    pair_col_t = pair_col_t - shift[pair_row_t]
-    kl_cols = kl_cols - shift[kl_rows]
-    n_rows = len(seqs)
-    all_rows = torch.arange(n_rows, device=dev)
+    all_pos = ctx.subj_pos + kl.subj_pos
+    groups = [_Group.build(lm, g, seqs, split, all_pos, rows_req, layer, pad, pair_row, pair_col, kl_row0)
+              for g in _length_groups(seqs, split)]
 
     ctx_rows = torch.arange(kl_row0, device=dev)
-    v0 = average_by_request(sl.hidden[ctx_rows, subj_pos[:kl_row0]], rows_req[:kl_row0], n)  # [n, d]
+    h0 = torch.zeros(len(seqs), groups[0].sl.hidden.shape[-1], dtype=torch.float64, device=dev)
+    for g in groups:  # the layer output at each row's subject, before any δ
+        h0[g.rows] = g.sl.hidden[torch.arange(g.rows.numel(), device=dev), g.subj].to(torch.float64)
+    v0 = average_by_request(h0[ctx_rows], rows_req[:kl_row0], n)  # [n, d]
     v0_norm = v0.norm(dim=1).to(torch.float32).clamp_min(1e-8)
     d = v0.shape[1]
     delta = torch.zeros(n, d, device=dev, dtype=torch.float32, requires_grad=True)
@@ -98,26 +92,21 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     it = 0
     for it in range(max(1, hp.v_steps)):
         act_idx = active.nonzero().squeeze(1)
-        rows = all_rows[active[rows_req]]
-        local = torch.full((n_rows,), -1, dtype=torch.long, device=dev)
-        local[rows] = torch.arange(rows.numel(), device=dev)
-        h = sl.hidden.index_select(0, rows) if rows.numel() < n_rows else sl.hidden
-        lr_idx = torch.arange(rows.numel(), device=dev)
-        add = delta[rows_req[rows]].to(h.dtype)
-        h = torch.index_put(h, (lr_idx, subj_pos[rows]), h[lr_idx, subj_pos[rows]] + add)
-        out = sl.run(lm, h, rows=rows if rows.numel() < n_rows else None)
+        xs, pids, kxs, kreqs = [], [], [], []
+        for g in groups:  # rows of one suffix length each: no padding in the replayed blocks
+            x, pid, kx, kreq = g.step(lm, delta, active)
+            xs.append(x), pids.append(pid), kxs.append(kx), kreqs.append(kreq)
+        pid, kreq = torch.cat(pids), torch.cat(kreqs)
+        logits = unembed_states(lm, torch.cat(xs))
+        logp = torch.log_softmax(logits, dim=-1).gather(1, pair_lab_t[pid][:, None]).squeeze(1)
+        nll = torch.zeros(n, device=dev).index_add(0, pair_req[pid], -logp * pair_w_t[pid])
 
-        pmask = active[pair_req]
-        logits = logits_at(lm, out, local[pair_row_t[pmask]], pair_col_t[pmask])
-        logp = torch.log_softmax(logits, dim=-1).gather(1, pair_lab_t[pmask][:, None]).squeeze(1)
-        nll = torch.zeros(n, device=dev).index_add(0, pair_req[pmask], -logp * pair_w_t[pmask])
-
-        kmask = active[rows_req[kl_rows]]
-        kl_logp = torch.log_softmax(logits_at(lm, out, local[kl_rows[kmask]], kl_cols[kmask]), dim=-1)
-        if kl_init is None:
-            kl_init = kl_logp.detach()
+        kl_logp = torch.log_softmax(unembed_states(lm, torch.cat(kxs)), dim=-1)
+        if kl_init is None:  # every request is active at the first step
+            kl_init = torch.zeros(n, kl_logp.shape[1], device=dev)
+            kl_init[kreq] = kl_logp.detach()
         kl_term = torch.zeros(n, device=dev)
-        kl_term[act_idx] = (kl_logp.exp() * (kl_logp - kl_init[act_idx])).sum(-1)
+        kl_term[kreq] = (kl_logp.exp() * (kl_logp - kl_init[kreq])).sum(-1)
         wd = hp.v_weight_decay * (delta.norm(dim=1) / v0_norm) ** 2
         loss = nll + hp.kl_factor * kl_term + wd
 
@@ -158,6 +147,64 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
         for i, r in enumerate(requests)
     ]
     return VStar(delta=final, v0=v0, diagnostics=diags, steps=it, seconds=time.perf_counter() - t0)
+
+
+def _length_groups(seqs: list[list[int]], split: list[int]) -> list[list[int]]:
+    """Row indices grouped by replayed (suffix) length, so each group runs without padding."""
+    by_len: dict[int, list[int]] = {}
+    for i, (s, p) in enumerate(zip(seqs, split)):
+        by_len.setdefault(len(s) - p, []).append(i)
+    return [by_len[k] for k in sorted(by_len)]
+
+
+@dataclass
+class _Group:
+    """Rows of one suffix length: their replayable slice and the positions v* reads from them."""
+
+    rows: torch.Tensor  # global row ids
+    req: torch.Tensor  # owning request of each local row
+    subj: torch.Tensor  # subject position of each local row, in suffix coordinates
+    sl: BlockSlice
+    pair_idx: torch.Tensor  # global ids of the target pairs in this group
+    pair_lrow: torch.Tensor
+    pair_col: torch.Tensor
+    kl_lrow: torch.Tensor  # local rows that are KL prompts, their read position and request
+    kl_col: torch.Tensor
+    kl_req: torch.Tensor
+
+    @classmethod
+    def build(cls, lm, rows: list[int], seqs, split, subj_pos, rows_req, layer, pad, pair_row, pair_col,
+              kl_row0) -> _Group:
+        dev = lm.device
+        local = {r: j for j, r in enumerate(rows)}
+        pairs = [(pi, local[r], c - split[r]) for pi, (r, c) in enumerate(zip(pair_row, pair_col)) if r in local]
+        kls = [(local[r], len(seqs[r]) - 1 - split[r], int(rows_req[r])) for r in rows if r >= kl_row0]
+
+        def col(items, k):
+            return torch.tensor([t[k] for t in items], dtype=torch.long, device=dev)
+
+        sl = _slice_above(lm, [seqs[r] for r in rows], [split[r] for r in rows], layer, pad)
+        return cls(rows=torch.tensor(rows, device=dev), req=rows_req[torch.tensor(rows, device=dev)],
+                   subj=torch.tensor([subj_pos[r] - split[r] for r in rows], device=dev), sl=sl,
+                   pair_idx=col(pairs, 0), pair_lrow=col(pairs, 1), pair_col=col(pairs, 2),
+                   kl_lrow=col(kls, 0), kl_col=col(kls, 1), kl_req=col(kls, 2))
+
+    def step(self, lm, delta: torch.Tensor, active: torch.Tensor):
+        """Replay the active rows with δ added at the subject; return the final hidden states at the
+        target pairs (and their global ids) and at the KL read positions (and their requests)."""
+        act = active[self.req]
+        n_g = self.rows.numel()
+        sel = act.nonzero().squeeze(1)
+        full = sel.numel() == n_g
+        h = self.sl.hidden if full else self.sl.hidden.index_select(0, sel)
+        ar = torch.arange(sel.numel(), device=h.device)
+        h = torch.index_put(h, (ar, self.subj[sel]), h[ar, self.subj[sel]] + delta[self.req[sel]].to(h.dtype))
+        out = self.sl.run(lm, h, rows=None if full else sel) if sel.numel() else h
+        local = torch.full((n_g,), -1, dtype=torch.long, device=h.device)
+        local[sel] = ar
+        pm, km = act[self.pair_lrow], act[self.kl_lrow]
+        return (out[local[self.pair_lrow[pm]], self.pair_col[pm]], self.pair_idx[pm],
+                out[local[self.kl_lrow[km]], self.kl_col[km]], self.kl_req[km])
 
 
 def _slice_above(lm, seqs: list[list[int]], split: list[int], layer: int, pad: int):
