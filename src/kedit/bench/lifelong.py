@@ -22,6 +22,7 @@ from kedit.atomic import write_json_atomic, write_text_atomic
 from kedit.editors.base import apply_deltas
 from kedit.editors.hparams import load_hparams
 from kedit.editors.io import request_from_record
+from kedit.stats import DEFAULT_STATS_TOKENS
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "counterfact-dev.json"
 
@@ -38,7 +39,7 @@ class LifelongConfig:
     fluency_tokens: int = 100  # new tokens generated per fluency prompt (METRICS.md: 100)
     ppl_tokens: int = 10_000  # held-out reference tokens for perplexity
     stats_corpus: str = "wiki-summaries-en"
-    stats_tokens: int = 300_000
+    stats_tokens: int = DEFAULT_STATS_TOKENS
     hparams_file: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kedit.cli import workspace
+from kedit.stats import DEFAULT_STATS_TOKENS
 
 
 def register(sub) -> None:
@@ -21,7 +22,7 @@ def register(sub) -> None:
     b.add_argument("--fluency-prompts", type=int, default=32)
     b.add_argument("--ppl-tokens", type=int, default=10_000)
     b.add_argument("--stats-corpus", default="wiki-summaries-en")
-    b.add_argument("--stats-tokens", type=int, default=300_000)
+    b.add_argument("--stats-tokens", type=int, default=DEFAULT_STATS_TOKENS)
     b.add_argument("--hparams", default=None, help="hyperparameter YAML (default: the model's file)")
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter")
     b.add_argument("--out", "-o", default=None, help="write results.json, results.md and curve.png here")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from kedit.cli import workspace
+from kedit.stats import DEFAULT_STATS_TOKENS
 
 
 def _parse_set(items: list[str] | None) -> dict:
@@ -53,7 +54,7 @@ def register(sub) -> None:
     p.add_argument("--hparams", default=None, help="hyperparameter YAML (default: the model's file)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter")
     p.add_argument("--stats-corpus", default="wiki-summaries-en")
-    p.add_argument("--stats-tokens", type=int, default=300_000)
+    p.add_argument("--stats-tokens", type=int, default=DEFAULT_STATS_TOKENS)
     p.set_defaults(func=_edit)
 
     g = sub.add_parser("generate", help="generate text, optionally with edit directories applied")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from kedit.cli import workspace
+from kedit.stats import DEFAULT_STATS_TOKENS
 
 
 def parse_layers(text: str) -> list[int]:
@@ -31,7 +32,7 @@ def register(sub) -> None:
     c.add_argument("--layers", required=True, help="e.g. 4-8 or 3,5,7")
     c.add_argument("--corpus", default="wiki-summaries-en",
                    help="wiki-summaries-en (default), a .txt/.jsonl path, or hf:NAME[:CONFIG[:SPLIT]]")
-    c.add_argument("--max-tokens", type=int, default=300_000)
+    c.add_argument("--max-tokens", type=int, default=DEFAULT_STATS_TOKENS)
     c.add_argument("--seq-len", type=int, default=256)
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--device", default="cpu")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from kedit.atomic import save_tensors_atomic, sha256_json, write_json_atomic
+from kedit.stats import DEFAULT_STATS_TOKENS
 from kedit.stats.corpus import Corpus, load_corpus
 from kedit.stats.second_moment import RunningMoment, accumulate_batch, tokenize_batches
 from kedit.workspace import Workspace
@@ -79,7 +80,7 @@ def _existing_covers(path: Path, settings: dict, layers: list[int]) -> dict | No
 
 
 def compute_stats(lm, layers: list[int], ws: Workspace, corpus: str | Corpus = "wiki-summaries-en",
-                  max_tokens: int = 300_000, seq_len: int = 256, batch_size: int = 16,
+                  max_tokens: int = DEFAULT_STATS_TOKENS, seq_len: int = 256, batch_size: int = 16,
                   progress: bool = True, checkpoint_every: int = 20, force: bool = False,
                   _stop_after_batches: int | None = None) -> StatsBundle:
     """Collect E[k kᵀ] for ``layers`` (merged with layers already on disk for the same settings)."""
@@ -149,7 +150,7 @@ def compute_stats(lm, layers: list[int], ws: Workspace, corpus: str | Corpus = "
 
 
 def ensure_stats(lm, layers: list[int], ws: Workspace, corpus: str | Corpus = "wiki-summaries-en",
-                 max_tokens: int = 300_000, seq_len: int = 256, batch_size: int = 16,
+                 max_tokens: int = DEFAULT_STATS_TOKENS, seq_len: int = 256, batch_size: int = 16,
                  progress: bool = True) -> StatsBundle:
     """Load statistics covering ``layers`` if present for these settings, else compute them."""
     return compute_stats(lm, layers, ws, corpus, max_tokens=max_tokens, seq_len=seq_len,
