@@ -93,6 +93,28 @@ def test_memit_reduces_the_residual(tiny_lm, tmp_path):
     assert res.layer_info["L1"]["resid_norm"] == pytest.approx(res.layer_info["L2"]["resid_norm"], rel=0.6)
 
 
+def test_memit_context_keys_write_delta_into_every_context(tiny_lm, tmp_path):
+    """key_mode "contexts": each prompt context's own output moves by the v* δ (least squares over all
+    context keys), so the context whose key is far from the average is written too; the state holds
+    the weighted per-context Σ k kᵀ (1/contexts per request)."""
+    lm = tiny_lm
+    hp = _hp("alphaedit", key_mode="contexts", nullspace_threshold=1e-3, L2=1e-6)
+    stats = _stats(lm, rank=lm.adapter.key_dim() // 2)
+    res = get_editor("alphaedit", hp, cache_dir=tmp_path).compute(lm, REQS[:1], None, stats)
+    assert res.layer_info["contexts"]["worst_relative_residual_after"] < 0.05
+    avg = get_editor("alphaedit", _hp("alphaedit", nullspace_threshold=1e-3, L2=1e-6), cache_dir=tmp_path)
+    res_avg = avg.compute(lm, REQS[:1], None, stats)
+    assert "contexts" not in res_avg.layer_info
+    prefixes = _prefixes(lm, hp, tmp_path)
+    apply_deltas(lm.model, res.deltas)
+    st = SubjectStates(lm, subject_rows(lm.tokenizer, REQS[:1], prefixes), 1, 2)
+    K, _ = st.read(lm, [2], per_row=True)
+    assert torch.allclose(res.state.tensors["cache_c.L2"].double(), K[2] @ K[2].T / len(prefixes),
+                          rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="key_mode"):
+        get_editor("memit", _hp("memit", key_mode="bogus"), cache_dir=tmp_path).compute(lm, REQS[:1], None, stats)
+
+
 def test_alphaedit_preserves_subspace_and_earlier_batches(tiny_lm, tmp_path):
     lm = tiny_lm
     d = lm.adapter.key_dim()

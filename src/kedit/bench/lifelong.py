@@ -231,13 +231,22 @@ def results_markdown(res: dict) -> str:
         f"({rel('perplexity')}) | {e['nkl']:.4f} | {e['seconds_per_edit']:.2f} |",
         "",
         f"- editing time {e['edit_seconds']:.1f} s ({e['seconds_per_edit']:.2f} s/edit); one-time work "
-        f"(statistics, prefixes, projectors) {e['one_time_seconds']:.1f} s; evaluation {c['eval_seconds']:.0f} s",
+        f"(statistics, prefixes, projectors; near 0 when cached by an earlier run) {e['one_time_seconds']:.1f} s; "
+        f"evaluation {c['eval_seconds']:.0f} s",
         f"- peak memory {e['peak_memory_mb']:.0f} MB",
         f"- fluency on the first {c['fluency_prompts']} edit prompts; perplexity on {c['ppl_tokens']} "
         f"held-out tokens; statistics {c['stats']['n_tokens']} tokens",
     ]
     if c.get("nullspace_dim"):
         lines.append(f"- null-space dimension per layer: {c['nullspace_dim']}")
+    infos = res.get("layer_info") or []
+    z_miss = [i["z"]["relative_residual_after"] for i in infos if "z" in i]
+    if z_miss:
+        lines.append(f"- share of the wanted output change not written (prefix-averaged): mean "
+                     f"{sum(z_miss) / len(z_miss):.3f} over batches")
+    ctx_miss = [i["contexts"]["worst_relative_residual_after"] for i in infos if "contexts" in i]
+    if ctx_miss:
+        lines.append(f"- key mode `contexts`: worst per-context share not written {max(ctx_miss):.3f}")
     met = sum(d["constraint_met"] for d in res["diagnostics"])
     lines.append(f"- v* early-stop constraint met for {met}/{len(res['diagnostics'])} requests; mean steps "
                  f"{sum(d['vstar_steps'] for d in res['diagnostics']) / max(1, len(res['diagnostics'])):.1f}")

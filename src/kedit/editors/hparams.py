@@ -39,6 +39,10 @@ class EditHparams:
     n_prefixes: int = 5
     prefix_len: int = 10
     prefix_seed: int = 0
+    # keys: "average" (r-ROME: one prefix-averaged key per request) or "contexts" (MEMIT/AlphaEdit only:
+    # each prompt context's own key, weighted 1/n_contexts, asked to carry the same δ that v* put in
+    # every context, so a context whose key is far from the average, e.g. the bare prompt, is written too)
+    key_mode: str = "average"
     # solves
     mom2_update_weight: float = 1600.0  # MEMIT λ (scales with the key dimension)
     memit_sequential: bool = False  # MEMIT: also protect earlier batches' keys (RECT-free "memit_seq")

@@ -34,9 +34,10 @@ class SubjectStates:
         self.slice: BlockSlice = capture_blocks(lm, self.input_ids, first, last + 1)
         self._entries: dict[int, torch.Tensor] = {}
 
-    def read(self, lm, key_layers: list[int], begin: int | None = None
+    def read(self, lm, key_layers: list[int], begin: int | None = None, per_row: bool = False
              ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """``({layer: K [d_key, n] float64}, z [d_out, n] float64)`` with the current weights.
+        """``({layer: K [d_key, n] float64}, z [d_out, n] float64)`` with the current weights, averaged
+        over each request's prompt contexts (``per_row``: one column per context row instead).
 
         ``begin``: replay only from this block, reusing the states entering it from an earlier read;
         valid when no weight below ``begin`` changed since that read (MEMIT edits layers in ascending
@@ -50,6 +51,9 @@ class SubjectStates:
         with torch.no_grad(), Trace(lm.model, list(names.values()), retain_input=True) as tr:
             h = self.slice.run(lm, None if begin is None else self._entries[begin], begin=begin,
                                entries=self._entries)
+        if per_row:
+            keys = {i: tr.inputs[nm][ar, self.pos].to(torch.float64).T.contiguous() for i, nm in names.items()}
+            return keys, h[ar, self.pos].to(torch.float64).T.contiguous()
         keys = {i: average_by_request(tr.inputs[nm][ar, self.pos], self.req, self.n).T.contiguous()
                 for i, nm in names.items()}
         z = average_by_request(h[ar, self.pos], self.req, self.n).T.contiguous()

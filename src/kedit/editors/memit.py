@@ -22,7 +22,7 @@ from kedit.editors.common import (
 )
 from kedit.editors.context import context_prefixes
 from kedit.editors.hparams import EditHparams
-from kedit.editors.keys import SubjectStates
+from kedit.editors.keys import SubjectStates, average_by_request
 from kedit.editors.linalg import memit_update
 from kedit.editors.prompts import subject_rows
 from kedit.editors.vstar import optimise_vstar
@@ -57,19 +57,33 @@ class MultiLayerEditor:
         state = check_state(state, self.method, layers, lm.manifest.model_hash)
         ks = as_key_stats(stats, layers, lm.adapter.key_dim())
         prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir)
+        if hp.key_mode not in ("average", "contexts"):
+            raise ValueError(f"key_mode must be 'average' or 'contexts', not {hp.key_mode!r}")
+        per_row = hp.key_mode == "contexts"
         vs = optimise_vstar(lm, requests, prefixes, hp, layers[-1], progress=self.progress)
         z = (vs.v0 + vs.delta.to(torch.float64)).T  # [d, n]
         rows = subject_rows(lm.tokenizer, requests, prefixes)
+        row_req = torch.tensor(rows.req, device=z.device)
+        # per-context columns carry weight 1/√(contexts of their request): squared errors are averaged
+        w = torch.bincount(row_req, minlength=len(requests)).to(torch.float64).rsqrt()[row_req]
         deltas: dict[str, torch.Tensor] = {}
         layer_info: dict[str, dict[str, float]] = {}
         with weights_restored(lm, layers):
             states = SubjectStates(lm, rows, layers[0], layers[-1])
             edit_keys: dict[int, torch.Tensor] = {}
+            target = z
             for idx, layer in enumerate(layers):
                 # only the layer edited last changed: replay from it (its input is unchanged)
-                keys, cur = states.read(lm, [layer], begin=layers[idx - 1] if idx else None)
-                K = edit_keys[layer] = keys[layer]
-                R = (z - cur) / (len(layers) - idx)
+                keys, cur = states.read(lm, [layer], begin=layers[idx - 1] if idx else None, per_row=per_row)
+                K = keys[layer]
+                if per_row:
+                    if idx == 0:  # every context's own output plus the δ v* added to it
+                        target = cur + vs.delta.to(torch.float64).T[:, row_req]
+                    K = K * w
+                edit_keys[layer] = K
+                R = (target - cur) / (len(layers) - idx)
+                if per_row:
+                    R = R * w
                 info: dict[str, float] = {}
                 upd = self.solve(lm, layer, K, R, state, ks, info)
                 stored = apply_layer_delta(lm, layer, upd)
@@ -78,7 +92,12 @@ class MultiLayerEditor:
                             key_norm=float(K.norm(dim=0).mean()),
                             weight_norm=float(lm.adapter.weight(layer).detach().double().norm()))
                 layer_info[f"L{layer}"] = info
-            _, z_after = states.read(lm, [], begin=layers[-1])
+            _, z_after = states.read(lm, [], begin=layers[-1], per_row=per_row)
+            if per_row:  # how much of δ each context's output is still missing
+                miss_rows = (target - z_after).norm(dim=0) / vs.delta.double().norm(dim=1)[row_req].clamp_min(1e-12)
+                layer_info["contexts"] = {"relative_residual_after": float(miss_rows.mean()),
+                                          "worst_relative_residual_after": float(miss_rows.max())}
+                z_after = average_by_request(z_after.T, row_req, len(requests)).T
         # a layer's key does not depend on its own or later layers' weights, so the keys read before
         # editing each layer are the edited model's keys: they go into the state as they are
         final_keys = edit_keys if self.accumulates() else {}
