@@ -248,7 +248,7 @@ def test_prefix_cache_replay_matches_full_replay(family, tiny_tokenizer):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])
 def test_block_replay_reproduces_the_model_logits(family, tiny_tokenizer):
-    from kedit.editors.runner import capture_blocks, logits_at
+    from kedit.editors.runner import capture_blocks, unembed_states
     from kedit.models.store import wrap_model
     from tests.conftest import make_tiny_model
 
@@ -261,7 +261,7 @@ def test_block_replay_reproduces_the_model_logits(family, tiny_tokenizer):
         h = sl.run(lm)
         rows = torch.arange(2).repeat_interleave(ids.shape[1])
         cols = torch.arange(ids.shape[1]).repeat(2)
-        got = logits_at(lm, h, rows, cols).view(2, ids.shape[1], -1)
+        got = unembed_states(lm, h[rows, cols]).view(2, ids.shape[1], -1)
         sub = sl.run(lm, sl.hidden[1:], rows=torch.tensor([1]))
     assert torch.allclose(got, ref, atol=1e-4)
     assert torch.allclose(sub, h[1:], atol=1e-5)

@@ -76,14 +76,12 @@ class MultiLayerEditor:
                 # only the layer edited last changed: replay from it (its input is unchanged)
                 keys, cur = states.read(lm, [layer], begin=layers[idx - 1] if idx else None, per_row=per_row)
                 K = keys[layer]
-                if per_row:
-                    if idx == 0:  # every context's own output plus the δ v* added to it
-                        target = cur + vs.delta.to(torch.float64).T[:, row_req]
-                    K = K * w
-                edit_keys[layer] = K
+                if per_row and idx == 0:  # every context's own output plus the δ v* added to it
+                    target = cur + vs.delta.to(torch.float64).T[:, row_req]
                 R = (target - cur) / (len(layers) - idx)
                 if per_row:
-                    R = R * w
+                    K, R = K * w, R * w
+                edit_keys[layer] = K
                 info: dict[str, float] = {}
                 upd = self.solve(lm, layer, K, R, state, ks, info)
                 stored = apply_layer_delta(lm, layer, upd)

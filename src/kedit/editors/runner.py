@@ -122,11 +122,6 @@ def capture_blocks(lm, input_ids: torch.Tensor, start: int, stop: int, **forward
     return BlockSlice(hidden=hidden["h"], calls=calls, start=start, stop=full_stop)
 
 
-def logits_at(lm, h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Final norm and unembedding at the given (row, position) pairs only (not seq × vocab)."""
-    return unembed_states(lm, h[rows, cols])
-
-
 def unembed_states(lm, x: torch.Tensor) -> torch.Tensor:
     """Final norm and unembedding of final hidden states ``x`` [m, d] -> float32 logits [m, vocab]."""
     return lm.adapter.unembed(lm.adapter.final_norm(x)).float()
