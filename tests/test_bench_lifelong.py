@@ -63,3 +63,49 @@ def test_load_counterfact_checks_its_input(cf_file, tmp_path):
         load_counterfact(cf_file, 5)
     with pytest.raises(FileNotFoundError):
         load_counterfact(tmp_path / "missing.json", 1)
+
+
+def test_solver_sweep_reuses_vstar_and_restores_the_model(tiny_lm, workspace, cf_file, corpus_file, tmp_path,
+                                                          monkeypatch):
+    import torch
+
+    import kedit.editors.vstar as vstar_mod
+    import kedit.stats.corpus as corpus
+    from kedit.bench.solvers import SweepConfig, grid, run_sweep, write_sweep
+
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    calls = []
+    real = vstar_mod.optimise_vstar
+    monkeypatch.setattr(vstar_mod, "optimise_vstar", lambda *a, **k: calls.append(1) or real(*a, **k))
+    before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    settings = grid({"nullspace_mom2_weight": [0.0, 50.0], "L2": [0.1]}) + [{"v_steps": 2}]
+    assert settings[:2] == [{"nullspace_mom2_weight": 0.0, "L2": 0.1}, {"nullspace_mom2_weight": 50.0, "L2": 0.1}]
+    cfg = SweepConfig(method="alphaedit", data=str(cf_file), edits=3, ppl_tokens=200, stats_corpus=str(corpus_file),
+                      stats_tokens=2000, base={"layers": [1, 2], "n_prefixes": 1, "prefix_len": 3, "v_steps": 3},
+                      settings=settings)
+    res = run_sweep(tiny_lm, workspace, cfg, progress=False)
+    # the two solver settings share one v*; changing a v* knob optimises again
+    assert len(calls) == 2 and [r["vstar_reused"] for r in res["rows"]] == [False, True, False]
+    a, b = res["rows"][0], res["rows"][1]
+    assert set(a["output_change_share"]) == {1, 2} and all(v > 0 for v in a["output_change_share"].values())
+    # the soft λ·C term shrinks the update's output on general-text keys
+    assert sum(b["output_change_share"].values()) < sum(a["output_change_share"].values())
+    after = tiny_lm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # every setting was taken off again
+    out = write_sweep(res, tmp_path / "sweep")
+    assert "| nullspace_mom2_weight=50.0, L2=0.1 |" in (out / "results.md").read_text()
+    assert (out / "frontier.png").stat().st_size > 1000
+
+
+def test_sweep_settings_from_the_command_line():
+    from kedit.cli import CLIError
+    from kedit.cli.bench import _sweep_settings
+
+    assert _sweep_settings(None, None) == [{}]
+    got = _sweep_settings(["L2=[1, 5]", "layers=[[4, 5], [6]]"], ["{nullspace_threshold: 1.0e+9}"])
+    assert got == [{"L2": 1, "layers": [4, 5]}, {"L2": 1, "layers": [6]}, {"L2": 5, "layers": [4, 5]},
+                   {"L2": 5, "layers": [6]}, {"nullspace_threshold": 1e9}]
+    with pytest.raises(CLIError, match="--grid expects"):
+        _sweep_settings(["L2=5"], None)
+    with pytest.raises(CLIError, match="--setting expects"):
+        _sweep_settings(None, ["[1, 2]"])

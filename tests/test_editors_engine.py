@@ -265,3 +265,10 @@ def test_block_replay_reproduces_the_model_logits(family, tiny_tokenizer):
         sub = sl.run(lm, sl.hidden[1:], rows=torch.tensor([1]))
     assert torch.allclose(got, ref, atol=1e-4)
     assert torch.allclose(sub, h[1:], atol=1e-5)
+
+
+def test_hparam_overrides_are_coerced_to_numbers():
+    hp = load_hparams("alphaedit", "smollm2-135m", overrides={"nullspace_threshold": "1e9", "L2": 5, "v_steps": 7.0})
+    assert hp.nullspace_threshold == 1e9 and isinstance(hp.L2, float) and hp.v_steps == 7
+    with pytest.raises(ValueError, match="L2 must be a number"):
+        load_hparams("alphaedit", "smollm2-135m", overrides={"L2": "big"})

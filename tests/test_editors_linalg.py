@@ -116,3 +116,47 @@ def test_reduced_alphaedit_solve_equals_the_reference_form():
     for prev in (None, Cp):
         assert torch.allclose(alphaedit_update_reduced(U, K, R, prev, 0.5), alphaedit_update(P, K, R, prev, 0.5),
                               atol=1e-9)
+
+
+def test_energy_threshold_keeps_the_smallest_eigenvalues_within_the_share():
+    ev = torch.tensor([0.01, 0.02, 0.03, 0.04, 0.9], dtype=torch.float64)  # trace 1.0
+    cut = eig_threshold(ev, 0.06, "energy")  # 0.01 + 0.02 + 0.03 = 0.06 <= 0.06; adding 0.04 exceeds
+    assert int((ev < cut).sum()) == 3
+    assert int((ev < eig_threshold(ev, 0.005, "energy")).sum()) == 0
+    assert int((ev < eig_threshold(ev, 1.0, "energy")).sum()) == 5
+    g = torch.Generator().manual_seed(8)
+    Q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    assert nullspace_projector(7 * Q @ torch.diag(ev) @ Q.T, 0.06, "energy")[1] == 3  # scale-free
+
+
+def test_reduced_alphaedit_soft_mom2_term_matches_a_direct_solve():
+    """With the λ·C term the reduced solve is argmin ‖Y'Uᵀ K - R‖² + ‖Y'Uᵀ K_p‖² + λ‖Y'Uᵀ C^½‖² + l2‖Y‖²."""
+    from kedit.editors.linalg import alphaedit_update_reduced
+
+    d, lam, l2 = 16, 3.0, 0.2
+    C, Cp = _spd(d, n=40, seed=9), _spd(d, n=6, seed=10)
+    g = torch.Generator().manual_seed(11)
+    U, _ = torch.linalg.qr(torch.randn(d, 9, generator=g, dtype=torch.float64))  # any orthonormal basis
+    K, R = torch.randn(d, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    D = alphaedit_update_reduced(U, K, R, Cp, l2, C, lam)
+    A = U.T @ (K @ K.T + Cp + lam * C) @ U + l2 * torch.eye(9, dtype=torch.float64)
+    assert torch.allclose(D, (U @ torch.linalg.solve(A, U.T @ K @ R.T)).T, atol=1e-10)
+    # with every direction kept it is MEMIT's least squares plus the ridge, and the term shrinks the
+    # update's energy on the preserved keys' distribution
+    full = torch.eye(d, dtype=torch.float64)
+    D_full = alphaedit_update_reduced(full, K, R, None, l2, C, lam)
+    assert torch.allclose(D_full, R @ torch.linalg.solve(K @ K.T + lam * C + l2 * full, K).T, atol=1e-10)
+    D_plain = alphaedit_update_reduced(full, K, R, None, l2)
+    assert torch.trace(D_full @ C @ D_full.T) < torch.trace(D_plain @ C @ D_plain.T)
+
+
+def test_output_change_share_is_the_mean_squared_output_ratio():
+    from kedit.editors.linalg import output_change_share
+
+    g = torch.Generator().manual_seed(12)
+    X = torch.randn(300, 8, generator=g, dtype=torch.float64)  # keys, one per row
+    C = X.T @ X / 300
+    W, D = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(5, 8, generator=g, dtype=torch.float64)
+    direct = float(((X @ D.T) ** 2).sum(1).mean() / ((X @ W.T) ** 2).sum(1).mean())
+    assert output_change_share(D, W, C) == pytest.approx(direct, rel=1e-10)
+    assert output_change_share(0 * D, W, C) == 0.0

@@ -1,4 +1,5 @@
-"""`kedit bench lifelong`: sequential CounterFact editing benchmark (results.json / .md / curve.png)."""
+"""`kedit bench lifelong`: sequential CounterFact editing benchmark (results.json / .md / curve.png);
+`kedit bench solvers`: one batch, v* once, solver settings compared (results.json / .md / frontier.png)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,26 @@ def register(sub) -> None:
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_lifelong)
 
+    w = s.add_parser("solvers", help="one batch of edits, v* optimised once, solver settings compared "
+                                     "(efficacy vs perplexity frontier)")
+    add_model_args(w)
+    w.add_argument("--method", default="alphaedit", choices=["rome", "memit", "alphaedit"])
+    w.add_argument("--data", default=None, help="flat CounterFact JSON (default ../shared/data/counterfact-dev.json)")
+    w.add_argument("--edits", "-T", type=int, default=100, help="records in the one batch")
+    w.add_argument("--offset", type=int, default=0)
+    w.add_argument("--ppl-tokens", type=int, default=10_000)
+    w.add_argument("--stats-corpus", default="wiki-summaries-en")
+    w.add_argument("--stats-tokens", type=int, default=DEFAULT_STATS_TOKENS)
+    w.add_argument("--hparams", default=None, help="hyperparameter YAML (default: the model's file)")
+    w.add_argument("--set", action="append", metavar="KEY=VALUE", help="override shared by every setting")
+    w.add_argument("--grid", action="append", metavar="KEY=[V1, V2]",
+                   help="an axis of the sweep (YAML list); several axes give their product")
+    w.add_argument("--setting", action="append", metavar="{KEY: VALUE, ...}",
+                   help="one more setting (YAML mapping), after the grid's; '{}' is the file's defaults")
+    w.add_argument("--out", "-o", default=None, help="write results.json, results.md and frontier.png here")
+    w.add_argument("--quiet", action="store_true")
+    w.set_defaults(func=_solvers)
+
 
 def _lifelong(args) -> int:
     from kedit.bench.lifelong import (
@@ -51,4 +72,44 @@ def _lifelong(args) -> int:
         write_results(res, args.out)
         print(f"results -> {args.out}/results.json, results.md, curve.png")
     print(results_markdown(res))
+    return 0
+
+
+def _sweep_settings(grid_args: list[str] | None, setting_args: list[str] | None) -> list[dict]:
+    import yaml
+
+    from kedit.bench.solvers import grid
+    from kedit.cli import CLIError
+
+    axes = {}
+    for item in grid_args or []:
+        key, sep, value = item.partition("=")
+        values = yaml.safe_load(value) if sep else None
+        if not sep or not isinstance(values, list) or not values:
+            raise CLIError(f"--grid expects KEY=[V1, V2, ...], got {item!r}")
+        axes[key.strip()] = values
+    settings = grid(axes) if axes else []
+    for item in setting_args or []:
+        value = yaml.safe_load(item)
+        if not isinstance(value, dict):
+            raise CLIError(f"--setting expects a YAML mapping such as '{{L2: 5}}', got {item!r}")
+        settings.append(value)
+    return settings or [{}]
+
+
+def _solvers(args) -> int:
+    from kedit.bench.lifelong import DEFAULT_DATA
+    from kedit.bench.solvers import SweepConfig, run_sweep, sweep_markdown, write_sweep
+    from kedit.cli.edit import _parse_set, load_lm
+
+    cfg = SweepConfig(method=args.method, data=args.data or str(DEFAULT_DATA), edits=args.edits, offset=args.offset,
+                      ppl_tokens=args.ppl_tokens, stats_corpus=args.stats_corpus, stats_tokens=args.stats_tokens,
+                      hparams_file=args.hparams, base=_parse_set(args.set),
+                      settings=_sweep_settings(args.grid, args.setting))
+    lm = load_lm(args)
+    res = run_sweep(lm, workspace(args), cfg, progress=not args.quiet)
+    if args.out:
+        write_sweep(res, args.out)
+        print(f"results -> {args.out}/results.json, results.md, frontier.png")
+    print(sweep_markdown(res))
     return 0

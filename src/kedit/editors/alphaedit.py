@@ -23,4 +23,6 @@ class AlphaEditEditor(MultiLayerEditor):
         U, rank = projector(stats, layer, lm.manifest.model_hash, hp.nullspace_threshold, hp.nullspace_mode)
         info["nullspace_dim"] = float(rank)
         prev = state.tensors.get(cache_name(layer))
-        return alphaedit_update_reduced(U.to(K.device), K, R, None if prev is None else prev.to(K.device), hp.L2)
+        C = stats.mom2[layer].to(K.device) if hp.nullspace_mom2_weight else None
+        return alphaedit_update_reduced(U.to(K.device), K, R, None if prev is None else prev.to(K.device), hp.L2,
+                                        C, hp.nullspace_mom2_weight)

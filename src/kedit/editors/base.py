@@ -81,6 +81,7 @@ class EditResult:
     diagnostics: list[RequestDiagnostics]
     layer_info: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    vstar: Any = None  # the VStar the deltas were written from (a solver sweep reuses it)
 
 
 def apply_deltas(model: torch.nn.Module, deltas: dict[str, torch.Tensor], sign: float = 1.0) -> None:

@@ -48,7 +48,8 @@ class EditHparams:
     memit_sequential: bool = False  # MEMIT: also protect earlier batches' keys (RECT-free "memit_seq")
     L2: float = 10.0  # AlphaEdit ridge term
     nullspace_threshold: float = 0.5
-    nullspace_mode: str = "relative_mean"  # "absolute" | "relative_mean" | "relative_max"
+    nullspace_mode: str = "relative_mean"  # "absolute" | "relative_mean" | "relative_max" | "energy"
+    nullspace_mom2_weight: float = 0.0  # AlphaEdit: MEMIT's λ·C term kept inside the null space (0 = paper)
     cache_dtype: str = "float32"  # dtype of Σ K_p K_pᵀ kept in the editor state
     source: str = ""  # file the values came from
     source_sha256: str = ""
@@ -76,6 +77,7 @@ class EditHparams:
 
 
 _FIELDS = {f.name for f in dataclasses.fields(EditHparams)}
+_TYPES = {f.name: str(f.type) for f in dataclasses.fields(EditHparams)}
 
 
 def _builtin(name: str) -> Path | None:
@@ -124,7 +126,14 @@ def load_hparams(method: str, model: Any = None, path: str | Path | None = None,
             raise ValueError(f"unknown hyperparameter override {k!r}")
         if v is not None:
             merged[k] = v
-    if merged.get("nullspace_mode", "relative_mean") not in ("absolute", "relative_mean", "relative_max"):
-        raise ValueError(f"{file}: nullspace_mode must be absolute, relative_mean or relative_max")
+    for k, v in merged.items():  # YAML reads "1e9" as a string and "5" as an int: coerce numbers
+        want = _TYPES.get(k)
+        if want in ("float", "int") and not isinstance(v, bool) and isinstance(v, (str, int, float)):
+            try:
+                merged[k] = float(v) if want == "float" else int(v)
+            except ValueError:
+                raise ValueError(f"{file}: hyperparameter {k} must be a number, got {v!r}") from None
+    if merged.get("nullspace_mode", "relative_mean") not in ("absolute", "relative_mean", "relative_max", "energy"):
+        raise ValueError(f"{file}: nullspace_mode must be absolute, relative_mean, relative_max or energy")
     return EditHparams(**{**merged, "method": method, "source": str(file),
                           "source_sha256": hashlib.sha256(raw).hexdigest(), "notes": notes})

@@ -58,7 +58,9 @@ def memit_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float,
 
 
 def eig_threshold(eigvals: torch.Tensor, threshold: float, mode: str) -> float:
-    """The eigenvalue cut: absolute, or relative to the spectrum's mean or max (scale-free)."""
+    """The eigenvalue cut: absolute, relative to the spectrum's mean or max, or ``energy``: the cut below
+    which the eigenvalues sum to at most ``threshold`` of the trace (the share of the preserved keys'
+    energy an update in the kept directions can touch). The last three are scale-free."""
     ev = eigvals.clamp_min(0)
     if mode == "absolute":
         return float(threshold)
@@ -66,6 +68,10 @@ def eig_threshold(eigvals: torch.Tensor, threshold: float, mode: str) -> float:
         return float(threshold * ev.mean())
     if mode == "relative_max":
         return float(threshold * ev.max())
+    if mode == "energy":  # the smallest eigenvalues that together hold at most this share of the trace
+        cum = torch.cumsum(ev.sort().values, 0)
+        n = int((cum <= threshold * cum[-1]).sum())
+        return float(ev.sort().values[n]) if n < ev.numel() else float("inf")
     raise ValueError(f"unknown null-space threshold mode {mode!r}")
 
 
@@ -109,10 +115,14 @@ def alphaedit_update(P: torch.Tensor, K: torch.Tensor, R: torch.Tensor, C_prev: 
 
 
 def alphaedit_update_reduced(U: torch.Tensor, K: torch.Tensor, R: torch.Tensor, C_prev: torch.Tensor | None,
-                             l2: float) -> torch.Tensor:
+                             l2: float, C: torch.Tensor | None = None, lam: float = 0.0) -> torch.Tensor:
     """The same update as :func:`alphaedit_update`, solved inside the null space: ``X = U Y`` with
     ``(Uᵀ M U + l2·I) Y = Uᵀ K Rᵀ``, ``M = K Kᵀ + C_p``. Since ``X`` lies in range(P) = range(U) the
-    two systems are equivalent; this one is r×r, symmetric positive definite (Cholesky) and cheaper."""
+    two systems are equivalent; this one is r×r, symmetric positive definite (Cholesky) and cheaper.
+
+    With ``lam > 0`` the preserved keys' second moment also enters as MEMIT's soft term, ``M += lam·C``:
+    where C has no true null space (a flat spectrum keeps directions that still carry part of the
+    general keys' energy), the update is steered to the kept directions that carry the least."""
     U, K, R = _f64(U), _f64(K), _f64(R)
     r = U.shape[1]
     if r == 0:
@@ -121,7 +131,17 @@ def alphaedit_update_reduced(U: torch.Tensor, K: torch.Tensor, R: torch.Tensor, 
     A = UK @ UK.T
     if C_prev is not None:
         A = A + U.T @ _f64(C_prev) @ U
+    if lam and C is not None:
+        A = A + lam * (U.T @ _f64(C) @ U)
     A = (A + A.T) / 2 + l2 * torch.eye(r, dtype=torch.float64, device=U.device)
     L = torch.linalg.cholesky(A)
     Y = torch.cholesky_solve(UK @ R.T, L)  # [r, d_out]
     return (U @ Y).T
+
+
+def output_change_share(delta: torch.Tensor, W: torch.Tensor, C: torch.Tensor) -> float:
+    """``tr(Δ C Δᵀ) / tr(W C Wᵀ)``: the update's mean squared output on keys drawn from C, relative to
+    the layer's own. An analytic proxy for the damage to general text (C = second moment of its keys);
+    ``Δ`` and ``W`` are ``[d_out, d_key]``."""
+    D, W, C = _f64(delta), _f64(W), _f64(C)
+    return float(torch.einsum("ij,jk,ik->", D, C, D) / torch.einsum("ij,jk,ik->", W, C, W))

@@ -25,7 +25,7 @@ from kedit.editors.hparams import EditHparams
 from kedit.editors.keys import SubjectStates, average_by_request
 from kedit.editors.linalg import memit_update
 from kedit.editors.prompts import subject_rows
-from kedit.editors.vstar import optimise_vstar
+from kedit.editors.vstar import VStar, vstar_for
 
 
 class MultiLayerEditor:
@@ -49,7 +49,8 @@ class MultiLayerEditor:
         return self.hp.memit_sequential
 
     def compute(self, lm, requests: list[EditRequest], state: EditorState | None = None,
-                stats=None) -> EditResult:
+                stats=None, vstar: VStar | None = None) -> EditResult:
+        """``vstar``: a v* already optimised for these requests (a solver sweep reuses one)."""
         t0 = time.perf_counter()
         check_requests(requests)
         hp = self.hp
@@ -60,7 +61,7 @@ class MultiLayerEditor:
         if hp.key_mode not in ("average", "contexts"):
             raise ValueError(f"key_mode must be 'average' or 'contexts', not {hp.key_mode!r}")
         per_row = hp.key_mode == "contexts"
-        vs = optimise_vstar(lm, requests, prefixes, hp, layers[-1], progress=self.progress)
+        vs = vstar_for(lm, requests, prefixes, hp, layers[-1], vstar, progress=self.progress)
         z = (vs.v0 + vs.delta.to(torch.float64)).T  # [d, n]
         rows = subject_rows(lm.tokenizer, requests, prefixes)
         row_req = torch.tensor(rows.req, device=z.device)
@@ -112,7 +113,7 @@ class MultiLayerEditor:
                               n_batches=int(state.meta.get("n_batches", 0)) + 1,
                               hparams_sha256=hp.source_sha256, stats_key=ks.key)
         return EditResult(deltas=deltas, state=new_state, diagnostics=vs.diagnostics, layer_info=layer_info,
-                          seconds=time.perf_counter() - t0)
+                          seconds=time.perf_counter() - t0, vstar=vs)
 
 
 class MEMITEditor(MultiLayerEditor):

@@ -21,7 +21,7 @@ from kedit.editors.hparams import EditHparams
 from kedit.editors.keys import SubjectStates
 from kedit.editors.linalg import rome_sequential_update
 from kedit.editors.prompts import subject_rows
-from kedit.editors.vstar import optimise_vstar
+from kedit.editors.vstar import VStar, vstar_for
 
 
 class ROMEEditor:
@@ -33,7 +33,8 @@ class ROMEEditor:
         self.progress = progress
 
     def compute(self, lm, requests: list[EditRequest], state: EditorState | None = None,
-                stats=None) -> EditResult:
+                stats=None, vstar: VStar | None = None) -> EditResult:
+        """``vstar``: a v* already optimised for these requests (a solver sweep reuses one)."""
         t0 = time.perf_counter()
         check_requests(requests)
         hp = self.hp
@@ -44,7 +45,7 @@ class ROMEEditor:
         state = check_state(state, self.method, layers, lm.manifest.model_hash)
         ks = as_key_stats(stats, layers, lm.adapter.key_dim())
         prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir)
-        vs = optimise_vstar(lm, requests, prefixes, hp, layer, progress=self.progress)
+        vs = vstar_for(lm, requests, prefixes, hp, layer, vstar, progress=self.progress)
         with weights_restored(lm, layers):
             states = SubjectStates(lm, subject_rows(lm.tokenizer, requests, prefixes), layer, layer)
             K = states.read(lm, [layer])[0][layer]  # [d_key, n]; keys do not depend on this layer's W
@@ -61,4 +62,4 @@ class ROMEEditor:
                               "key_norm": float(K.norm(dim=0).mean())},
                 "z": {"relative_residual_after": float(miss.mean())}}
         return EditResult(deltas={lm.adapter.weight_name(layer): stored.detach().cpu()}, state=new_state,
-                          diagnostics=vs.diagnostics, layer_info=info, seconds=time.perf_counter() - t0)
+                          diagnostics=vs.diagnostics, layer_info=info, seconds=time.perf_counter() - t0, vstar=vs)

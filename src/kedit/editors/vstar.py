@@ -29,6 +29,28 @@ class VStar:
     diagnostics: list[RequestDiagnostics]
     steps: int  # Adam steps of the longest-running request
     seconds: float = 0.0
+    layer: int = -1  # the layer whose output δ changes
+    request_ids: tuple = ()
+
+
+# the hyperparameters v* reads: settings that differ only elsewhere (the solve) can share one v*
+VSTAR_FIELDS = ("v_lr", "v_steps", "v_weight_decay", "kl_factor", "clamp_norm_factor", "v_stop_nll",
+                "v_prefix_cache", "n_prefixes", "prefix_len", "prefix_seed")
+
+
+def vstar_signature(hp: EditHparams, layer: int) -> tuple:
+    return (layer, *(getattr(hp, f) for f in VSTAR_FIELDS))
+
+
+def vstar_for(lm, requests: list[EditRequest], prefixes: list[str], hp: EditHparams, layer: int,
+              given: VStar | None = None, progress=None) -> VStar:
+    """``given`` when it was optimised for these requests at this layer, else a fresh optimisation."""
+    if given is None:
+        return optimise_vstar(lm, requests, prefixes, hp, layer, progress=progress)
+    if given.layer != layer or given.request_ids != tuple(r.id for r in requests) \
+            or given.delta.shape[0] != len(requests):
+        raise ValueError(f"the given v* was optimised for other requests or layer {given.layer} (edit layer {layer})")
+    return given
 
 
 def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: EditHparams, layer: int,
@@ -146,7 +168,8 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
             delta_norm=float(final[i].norm()), constraint_met=bool(nll_end[i] < hp.v_stop_nll))
         for i, r in enumerate(requests)
     ]
-    return VStar(delta=final, v0=v0, diagnostics=diags, steps=it, seconds=time.perf_counter() - t0)
+    return VStar(delta=final, v0=v0, diagnostics=diags, steps=it, seconds=time.perf_counter() - t0, layer=layer,
+                 request_ids=tuple(r.id for r in requests))
 
 
 def _length_groups(seqs: list[list[int]], split: list[int]) -> list[list[int]]:
