@@ -93,7 +93,7 @@ def test_solver_sweep_reuses_vstar_and_restores_the_model(tiny_lm, workspace, cf
     after = tiny_lm.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # every setting was taken off again
     out = write_sweep(res, tmp_path / "sweep")
-    assert "| nullspace_mom2_weight=50.0, L2=0.1 |" in (out / "results.md").read_text()
+    assert "| 2 | nullspace_mom2_weight=50, L2=0.1 |" in (out / "results.md").read_text()
     assert (out / "frontier.png").stat().st_size > 1000
 
 

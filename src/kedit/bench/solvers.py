@@ -47,7 +47,8 @@ def grid(axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def _label(setting: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in setting.items()) or "file defaults"
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items()) \
+        or "file defaults"
 
 
 def run_sweep(lm, ws, cfg: SweepConfig, progress: bool = True) -> dict:
@@ -132,12 +133,13 @@ def sweep_markdown(res: dict) -> str:
         f"Unedited: efficacy {b['efficacy']:.3f}, generalization {b['generalization']:.3f}, "
         f"specificity {b['specificity']:.3f}, perplexity {b['perplexity']:.3f}.",
         "",
-        "| setting | efficacy | generalization | specificity | perplexity | unwritten | output change (mean over layers) |",
-        "|---|---|---|---|---|---|---|",
+        "| # | setting | efficacy | generalization | specificity | perplexity | unwritten | output change "
+        "(mean over layers) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in res["rows"]:
+    for n, r in enumerate(res["rows"], 1):
         share = list(r["output_change_share"].values())
-        lines.append(f"| {r['label']} | {r['efficacy']:.3f} | {r['generalization']:.3f} | {r['specificity']:.3f} | "
+        lines.append(f"| {n} | {r['label']} | {r['efficacy']:.3f} | {r['generalization']:.3f} | {r['specificity']:.3f} | "
                      f"{r['perplexity']:.3f} ({r['perplexity_increase_pct']:+.2f}%) | {r['unwritten']:.3f} | "
                      f"{sum(share) / len(share):.4f} |")
     lines += ["", "- unwritten: share of v*'s output change the update did not write (prefix-averaged)",
@@ -158,11 +160,13 @@ def plot_frontier(res: dict, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     ax.scatter(xs, [r["efficacy"] for r in rows], color="tab:blue", label="efficacy")
     ax.scatter(xs, [r["generalization"] for r in rows], color="tab:green", marker="s", label="generalization")
-    for x, r in zip(xs, rows):
-        ax.annotate(r["label"], (x, r["efficacy"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for n, (x, r) in enumerate(zip(xs, rows), 1):  # numbers as in results.md's table
+        for key in ("efficacy", "generalization"):
+            ax.annotate(str(n), (x, r[key]), fontsize=7, xytext=(4, 2), textcoords="offset points")
     c = res["config"]
     ax.set(xlabel="perplexity increase on held-out text (%)", ylabel="fraction of the batch",
-           title=f"{c['method']} on {c['model']}: one batch of {c['edits']} edits per setting")
+           title=f"{c['method']} on {c['model']}: one batch of {c['edits']} edits per setting\n"
+                 "(numbers: rows of results.md)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
