@@ -146,6 +146,9 @@ def test_reduced_alphaedit_soft_mom2_term_matches_a_direct_solve():
     full = torch.eye(d, dtype=torch.float64)
     D_full = alphaedit_update_reduced(full, K, R, None, l2, C, lam)
     assert torch.allclose(D_full, R @ torch.linalg.solve(K @ K.T + lam * C + l2 * full, K).T, atol=1e-10)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))  # any full orthonormal basis
+    assert torch.allclose(alphaedit_update_reduced(Q, K, R, Cp, l2, C, lam),
+                          torch.linalg.solve(K @ K.T + Cp + lam * C + l2 * full, K @ R.T).T, atol=1e-10)
     D_plain = alphaedit_update_reduced(full, K, R, None, l2)
     assert torch.trace(D_full @ C @ D_full.T) < torch.trace(D_plain @ C @ D_plain.T)
 

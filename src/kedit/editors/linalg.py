@@ -127,16 +127,21 @@ def alphaedit_update_reduced(U: torch.Tensor, K: torch.Tensor, R: torch.Tensor, 
     r = U.shape[1]
     if r == 0:
         return torch.zeros(R.shape[0], U.shape[0], dtype=torch.float64, device=U.device)
-    UK = U.T @ K  # [r, n]
+    full = r == U.shape[0]  # every direction kept: U is orthogonal and X solves the same system unrotated
+
+    def rot(M: torch.Tensor) -> torch.Tensor:
+        return M if full else U.T @ M @ U
+
+    UK = K if full else U.T @ K  # [r, n]
     A = UK @ UK.T
     if C_prev is not None:
-        A = A + U.T @ _f64(C_prev) @ U
+        A = A + rot(_f64(C_prev))
     if lam and C is not None:
-        A = A + lam * (U.T @ _f64(C) @ U)
+        A = A + lam * rot(_f64(C))
     A = (A + A.T) / 2 + l2 * torch.eye(r, dtype=torch.float64, device=U.device)
     L = torch.linalg.cholesky(A)
     Y = torch.cholesky_solve(UK @ R.T, L)  # [r, d_out]
-    return (U @ Y).T
+    return Y.T if full else (U @ Y).T
 
 
 def output_change_share(delta: torch.Tensor, W: torch.Tensor, C: torch.Tensor) -> float:
