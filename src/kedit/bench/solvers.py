@@ -128,7 +128,7 @@ def sweep_markdown(res: dict) -> str:
         "",
         f"One batch of {c['edits']} CounterFact records from `{Path(c['data']).name}` (offset {c['offset']}) "
         f"written onto the unedited model with each setting; v* optimised once per v* configuration. "
-        f"Base overrides: {c['base'] or 'none'}. Device {c['device']}, {c['threads']} threads.",
+        f"Base overrides: {c['base'] or 'none'}. Device {c['device']}.",
         "",
         f"Unedited: efficacy {b['efficacy']:.3f}, generalization {b['generalization']:.3f}, "
         f"specificity {b['specificity']:.3f}, perplexity {b['perplexity']:.3f}.",
