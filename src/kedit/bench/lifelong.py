@@ -279,10 +279,15 @@ def plot_curve(res: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def write_results(res: dict, out_dir: str | Path) -> Path:
+def write_report(res: dict, out_dir: str | Path, markdown, plot, plot_name: str) -> Path:
+    """``results.json``, ``results.md`` (``markdown(res)``) and a plot (``plot(res, path)``) in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", res)
-    write_text_atomic(out / "results.md", results_markdown(res))
-    plot_curve(res, out / "curve.png")
+    write_text_atomic(out / "results.md", markdown(res))
+    plot(res, out / plot_name)
     return out
+
+
+def write_results(res: dict, out_dir: str | Path) -> Path:
+    return write_report(res, out_dir, results_markdown, plot_curve, "curve.png")

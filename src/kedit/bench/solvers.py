@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from kedit.atomic import write_json_atomic, write_text_atomic
-from kedit.bench.lifelong import DEFAULT_DATA, _device_str, _Log, load_counterfact
+from kedit.bench.lifelong import DEFAULT_DATA, _device_str, _Log, load_counterfact, write_report
 from kedit.editors.hparams import load_hparams
 from kedit.editors.io import request_from_record
 from kedit.stats import DEFAULT_STATS_TOKENS
@@ -176,9 +175,4 @@ def plot_frontier(res: dict, path: str | Path) -> None:
 
 
 def write_sweep(res: dict, out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "results.json", res)
-    write_text_atomic(out / "results.md", sweep_markdown(res))
-    plot_frontier(res, out / "frontier.png")
-    return out
+    return write_report(res, out_dir, sweep_markdown, plot_frontier, "frontier.png")

@@ -7,47 +7,42 @@ from kedit.cli import workspace
 from kedit.stats import DEFAULT_STATS_TOKENS
 
 
-def register(sub) -> None:
+def _add_run_args(p, edits_help: str, set_help: str, plot: str) -> None:
+    """Arguments both CounterFact benchmarks take: model, method, records, evaluation, statistics,
+    hyperparameters, output."""
     from kedit.cli.edit import add_model_args
 
+    add_model_args(p)
+    p.add_argument("--method", default="alphaedit", choices=["rome", "memit", "alphaedit"])
+    p.add_argument("--data", default=None, help="flat CounterFact JSON (default ../shared/data/counterfact-dev.json)")
+    p.add_argument("--edits", "-T", type=int, default=100, help=edits_help)
+    p.add_argument("--offset", type=int, default=0, help="index of the first record used")
+    p.add_argument("--ppl-tokens", type=int, default=10_000)
+    p.add_argument("--stats-corpus", default="wiki-summaries-en")
+    p.add_argument("--stats-tokens", type=int, default=DEFAULT_STATS_TOKENS)
+    p.add_argument("--hparams", default=None, help="hyperparameter YAML (default: the model's file)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--out", "-o", default=None, help=f"write results.json, results.md and {plot} here")
+    p.add_argument("--quiet", action="store_true")
+
+
+def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks")
     s = p.add_subparsers(dest="bench_cmd", required=True)
     b = s.add_parser("lifelong", help="apply T CounterFact edits in batches of B, then measure every metric")
-    add_model_args(b)
-    b.add_argument("--method", default="alphaedit", choices=["rome", "memit", "alphaedit"])
-    b.add_argument("--data", default=None, help="flat CounterFact JSON (default ../shared/data/counterfact-dev.json)")
-    b.add_argument("--edits", "-T", type=int, default=100)
+    _add_run_args(b, "records edited in all", "override one hyperparameter", "curve.png")
     b.add_argument("--batch", "-B", type=int, default=10)
-    b.add_argument("--offset", type=int, default=0, help="index of the first record used")
     b.add_argument("--eval-every", type=int, default=0, help="batches between curve points (0: ~10 points)")
     b.add_argument("--fluency-prompts", type=int, default=32)
-    b.add_argument("--ppl-tokens", type=int, default=10_000)
-    b.add_argument("--stats-corpus", default="wiki-summaries-en")
-    b.add_argument("--stats-tokens", type=int, default=DEFAULT_STATS_TOKENS)
-    b.add_argument("--hparams", default=None, help="hyperparameter YAML (default: the model's file)")
-    b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter")
-    b.add_argument("--out", "-o", default=None, help="write results.json, results.md and curve.png here")
-    b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_lifelong)
 
     w = s.add_parser("solvers", help="one batch of edits, v* optimised once, solver settings compared "
                                      "(efficacy vs perplexity frontier)")
-    add_model_args(w)
-    w.add_argument("--method", default="alphaedit", choices=["rome", "memit", "alphaedit"])
-    w.add_argument("--data", default=None, help="flat CounterFact JSON (default ../shared/data/counterfact-dev.json)")
-    w.add_argument("--edits", "-T", type=int, default=100, help="records in the one batch")
-    w.add_argument("--offset", type=int, default=0)
-    w.add_argument("--ppl-tokens", type=int, default=10_000)
-    w.add_argument("--stats-corpus", default="wiki-summaries-en")
-    w.add_argument("--stats-tokens", type=int, default=DEFAULT_STATS_TOKENS)
-    w.add_argument("--hparams", default=None, help="hyperparameter YAML (default: the model's file)")
-    w.add_argument("--set", action="append", metavar="KEY=VALUE", help="override shared by every setting")
+    _add_run_args(w, "records in the one batch", "override shared by every setting", "frontier.png")
     w.add_argument("--grid", action="append", metavar="KEY=[V1, V2]",
                    help="an axis of the sweep (YAML list); several axes give their product")
     w.add_argument("--setting", action="append", metavar="{KEY: VALUE, ...}",
                    help="one more setting (YAML mapping), after the grid's; '{}' is the file's defaults")
-    w.add_argument("--out", "-o", default=None, help="write results.json, results.md and frontier.png here")
-    w.add_argument("--quiet", action="store_true")
     w.set_defaults(func=_solvers)
 
 
