@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kedit.orchestration import LocalStack, PrefectAPI, PrefectAPIError, free_port
+from kedit.orchestration import LocalStack, PrefectAPI, PrefectAPIError, approval_timeout_of, free_port
 from kedit.refresh import RefreshConfig, predicts_targets, refresh_key, resolve_feed
 
 
@@ -58,6 +58,67 @@ def test_prefect_api_errors_are_clear(monkeypatch):
     assert api.healthy() is False
     with pytest.raises(PrefectAPIError, match="unreachable"):
         api.awaiting_approval()
+
+
+def test_prefect_api_retries_what_the_server_marks_retryable():
+    """Prefect answers 503 when its SQLite database is locked and tells clients to retry; the client
+    retries those (and only those) and then gives up with the status in the error."""
+    import http.server
+    import json
+    import threading
+
+    answers = {"/flaky": [503, 503, 200], "/down": [503] * 10, "/missing": [404, 200]}
+    seen: dict[str, int] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            k = seen[self.path] = seen.get(self.path, 0) + 1
+            code = answers[self.path][k - 1]
+            body = json.dumps({"ok": True} if code == 200 else {"exception_message": "nope"}).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        api = PrefectAPI(f"http://127.0.0.1:{srv.server_address[1]}", retries=3, backoff=0.01)
+        assert api.call("POST", "/flaky", {}) == {"ok": True} and seen["/flaky"] == 3
+        with pytest.raises(PrefectAPIError, match=r"HTTP 503 .*after 4 attempts"):
+            api.call("POST", "/down", {})
+        assert seen["/down"] == 4
+        with pytest.raises(PrefectAPIError, match="HTTP 404"):
+            api.call("POST", "/missing", {})
+        assert seen["/missing"] == 1  # not retryable
+    finally:
+        srv.shutdown()
+
+
+def _state(kind, ts, key=None, deadline=None):
+    return {"type": kind, "timestamp": ts, "state_details": {"pause_key": key, "pause_timeout": deadline}}
+
+
+def test_approval_timeout_is_read_from_the_state_history():
+    """A run failed after its approval pause ran out (by the server's expiration service or by our sweep)
+    is a timed-out approval; a resumed run, a run failed before its deadline or another pause is not."""
+    run = _state("RUNNING", "2026-01-06T00:00:00Z")
+    pause = _state("PAUSED", "2026-01-06T00:01:00Z", "approval-abcdef0123456789", "2026-01-06T00:01:05Z")
+    late_fail = _state("FAILED", "2026-01-06T00:01:07.5+00:00")
+    assert approval_timeout_of([run, pause, late_fail]) == "abcdef0123456789"
+    assert approval_timeout_of([run, pause, _state("FAILED", "2026-01-06T00:01:03Z")]) is None  # before the deadline
+    resumed = [run, pause, _state("SCHEDULED", "2026-01-06T00:01:02Z"), _state("RUNNING", "2026-01-06T00:01:03Z"),
+               _state("FAILED", "2026-01-06T00:09:00Z")]
+    assert approval_timeout_of(resumed) is None  # resumed, then failed for another reason
+    other = _state("PAUSED", "2026-01-06T00:01:00Z", "manual-pause", "2026-01-06T00:01:05Z")
+    assert approval_timeout_of([run, other, late_fail]) is None
+    no_deadline = _state("PAUSED", "2026-01-06T00:01:00Z", "approval-abcdef0123456789", None)
+    assert approval_timeout_of([run, no_deadline, late_fail]) is None
+    assert approval_timeout_of([run, pause]) is None and approval_timeout_of([]) is None
 
 
 def test_local_stack_environment_is_isolated(tmp_path):

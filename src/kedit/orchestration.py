@@ -24,6 +24,7 @@ from typing import Any
 
 WAITING_STATES = ("PAUSED",)  # Prefect reports both paused and suspended runs with state type PAUSED
 FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+RETRYABLE_HTTP = (429, 502, 503)
 
 
 class PrefectAPIError(RuntimeError):
@@ -36,6 +37,8 @@ class PrefectAPI:
 
     url: str = field(default_factory=lambda: os.environ.get("PREFECT_API_URL", ""))
     timeout: float = 30.0
+    retries: int = 5  # for retryable answers (RETRYABLE_HTTP); waits backoff·2^attempt s, ~30 s in all
+    backoff: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.url:
@@ -44,17 +47,26 @@ class PrefectAPI:
         self.url = self.url.rstrip("/")
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One request; answers the server marks as retryable (503: e.g. its SQLite database was locked,
+        429, 502) are retried with exponential backoff, as Prefect's own client does."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            raise PrefectAPIError(f"{method} {path}: HTTP {exc.code} {exc.read().decode(errors='replace')[:500]}") from None
-        except urllib.error.URLError as exc:
-            raise PrefectAPIError(f"Prefect API at {self.url} unreachable: {exc.reason}") from None
-        return json.loads(raw) if raw else None
+        for attempt in range(self.retries + 1):
+            req = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    raw = resp.read()
+                return json.loads(raw) if raw else None
+            except urllib.error.HTTPError as exc:
+                detail = exc.read().decode(errors="replace")[:500]
+                if exc.code in RETRYABLE_HTTP and attempt < self.retries:
+                    time.sleep(_retry_after(exc.headers.get("Retry-After"), self.backoff * 2 ** attempt))
+                    continue
+                raise PrefectAPIError(f"{method} {path}: HTTP {exc.code} {detail}"
+                                      + (f" (after {attempt + 1} attempts)" if attempt else "")) from None
+            except urllib.error.URLError as exc:
+                raise PrefectAPIError(f"Prefect API at {self.url} unreachable: {exc.reason}") from None
+        raise AssertionError("unreachable")
 
     def healthy(self) -> bool:
         try:
@@ -69,7 +81,11 @@ class PrefectAPI:
 
     def run_deployment(self, name: str, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
         dep = self.deployment(name)
-        return self.call("POST", f"/deployments/{dep['id']}/create_flow_run", {"parameters": parameters or {}})
+        import uuid
+
+        # the key makes a retried POST (after a 503) return the run the first attempt may have created
+        return self.call("POST", f"/deployments/{dep['id']}/create_flow_run",
+                         {"parameters": parameters or {}, "idempotency_key": f"kedit-{uuid.uuid4()}"})
 
     def flow_run(self, run_id: str) -> dict[str, Any]:
         return self.call("GET", f"/flow_runs/{run_id}")
@@ -108,32 +124,46 @@ class PrefectAPI:
             key = ((fr.get("state") or {}).get("state_details") or {}).get("pause_key") or ""
             if not key.startswith("approval-"):
                 continue
-            sid = key[len("approval-"):]
-            if state_ref is None or sid.startswith(state_ref[:16]) or fr["id"] == state_ref or fr["name"] == state_ref:
-                out.append({**fr, "kedit_state": sid})
+            run = {**fr, "kedit_state": key[len("approval-"):]}
+            if state_ref is None or _matches(run, state_ref):
+                out.append(run)
         return out
 
     def set_state(self, run_id: str, state_type: str, message: str) -> dict[str, Any]:
         return self.call("POST", f"/flow_runs/{run_id}/set_state",
                          {"state": {"type": state_type, "message": message}, "force": True})
 
+    def flow_run_states(self, run_id: str) -> list[dict[str, Any]]:
+        """Every state a flow run has been in, oldest first."""
+        states = self.call("GET", f"/flow_run_states/?flow_run_id={run_id}") or []
+        return sorted(states, key=lambda st: st.get("timestamp") or "")
+
     def overdue_approvals(self, now: float | None = None) -> list[dict[str, Any]]:
         """Waiting runs whose approval deadline (the pause timeout) has passed."""
-        import datetime as dt
-
-        now_dt = dt.datetime.fromtimestamp(now or time.time(), dt.UTC)
+        now_dt = _utc(now)
         out = []
         for fr in self.awaiting_approval():
             deadline = ((fr.get("state") or {}).get("state_details") or {}).get("pause_timeout")
-            if deadline and dt.datetime.fromisoformat(deadline.replace("Z", "+00:00")) < now_dt:
+            if deadline and _parse_time(deadline) < now_dt:
                 out.append(fr)
+        return out
+
+    def timed_out_approvals(self, now: float | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Every run whose approval timed out: still waiting past its deadline, or already failed by the
+        Prefect server's own pause-expiration service (which fails an expired pause every few seconds,
+        so a sweep that only looked at waiting runs would miss most timeouts)."""
+        out = [{**fr, "kedit_failed_by_server": False} for fr in self.overdue_approvals(now)]
+        for fr in self.flow_runs(["FAILED"], limit=limit):
+            sid = approval_timeout_of(self.flow_run_states(fr["id"]))
+            if sid is not None:
+                out.append({**fr, "kedit_state": sid, "kedit_failed_by_server": True})
         return out
 
     def decide(self, ref: str, approve: bool, approver: str, comment: str = "") -> dict[str, Any]:
         """Resume the run waiting on ``ref`` (an edit-state id prefix, flow-run id or name) with a verdict."""
-        runs = self.awaiting_approval(ref)
         late = {r["id"] for r in self.overdue_approvals()}
-        if any(r["id"] in late for r in runs):
+        runs = [r for r in self.awaiting_approval(ref) if r["id"] not in late]
+        if not runs and any(_matches(r, ref) for r in self.timed_out_approvals()):
             raise PrefectAPIError(f"the approval of {ref!r} timed out; it counts as rejected (run `kedit nightly "
                                   f"expire` to record it) and a new refresh must produce a new candidate")
         if not runs:
@@ -147,16 +177,59 @@ class PrefectAPI:
 
 
 def expire_overdue(api: PrefectAPI, store, by: str = "kedit-timeout") -> list[str]:
-    """A timed-out approval rejects: mark each overdue waiting run Failed and record the rejection in
-    the lineage (the champion does not move). Returns the state ids rejected."""
+    """A timed-out approval rejects: record the rejection in the lineage (once; the champion does not
+    move) and mark the run Failed if the Prefect server has not already done so. Returns the state ids
+    rejected by this sweep."""
     done = []
-    for fr in api.overdue_approvals():
+    for fr in api.timed_out_approvals():
         sid = store.resolve(fr["kedit_state"])
-        if not any(e.type == "reject" and e.state == sid and e.by == by for e in store.events()):
+        recorded = any(e.type == "reject" and e.state == sid and e.by == by for e in store.events())
+        if not recorded:
             store.reject(sid, by=by, comment=f"no approval before the deadline (flow run {fr['name']})")
-        api.set_state(fr["id"], "FAILED", "approval timed out: candidate rejected, champion unchanged")
-        done.append(sid)
+        if not fr["kedit_failed_by_server"]:
+            api.set_state(fr["id"], "FAILED", "approval timed out: candidate rejected, champion unchanged")
+        if not recorded or not fr["kedit_failed_by_server"]:
+            done.append(sid)
     return done
+
+
+def approval_timeout_of(states: list[dict[str, Any]]) -> str | None:
+    """The edit-state key of a run whose approval pause ran out, from its state history (oldest first):
+    the run ends Failed right after a pause keyed ``approval-<state>`` whose deadline had passed when it
+    failed. None for every other history (resumed, rejected, failed for another reason)."""
+    if len(states) < 2 or states[-1].get("type") != "FAILED":
+        return None
+    pause, failed = states[-2], states[-1]
+    details = pause.get("state_details") or {}
+    key, deadline = details.get("pause_key") or "", details.get("pause_timeout")
+    if pause.get("type") != "PAUSED" or not key.startswith("approval-") or not deadline:
+        return None
+    if not failed.get("timestamp") or _parse_time(deadline) > _parse_time(failed["timestamp"]):
+        return None
+    return key[len("approval-"):]
+
+
+def _retry_after(header: str | None, default: float) -> float:
+    try:
+        return min(max(float(header), 0.0), 60.0) if header else default
+    except ValueError:
+        return default
+
+
+def _matches(run: dict[str, Any], ref: str) -> bool:
+    return run["kedit_state"].startswith(ref[:16]) or ref in (run["id"], run["name"])
+
+
+def _parse_time(value: str):
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _utc(now: float | None):
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(now or time.time(), dt.UTC)
 
 
 def free_port() -> int:
@@ -206,6 +279,9 @@ class LocalStack:
             "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(self.home / "results"),
             "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
             "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+            # SQLite waits this long for a lock before the server answers 503 (default 10 s: too short
+            # on a loaded 2-core machine running the model work and the server side by side)
+            "PREFECT_SERVER_DATABASE_TIMEOUT": env.get("PREFECT_SERVER_DATABASE_TIMEOUT", "30"),
             "PREFECT_LOGGING_LEVEL": env.get("PREFECT_LOGGING_LEVEL", "INFO"),
             "KEDIT_HOME": str(self.workspace), "KEDIT_PROJECT_DIR": str(self.project_dir),
             "KEDIT_PARAMS": str(Path(self.params).resolve() if self.params else self.project_dir / "params.yaml"),
