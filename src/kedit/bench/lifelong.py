@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from kedit.atomic import write_json_atomic, write_text_atomic
+from kedit.bench.console import ProgressLog, device_str
 from kedit.editors.base import apply_deltas
 from kedit.editors.hparams import load_hparams
 from kedit.editors.io import request_from_record
@@ -103,7 +104,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True) -> dict:
     eval_every = cfg.eval_every or max(1, n_batches // 10)
     fluency_prompts = [r["prompt"] for r in records[: cfg.fluency_prompts]]
     ref_text = heldout_text()
-    log = _Log(progress)
+    log = ProgressLog(progress)
 
     t = time.perf_counter()
     baseline, loc_before = _model_metrics(lm, records, fluency_prompts, ref_text, cfg.ppl_tokens, None, cfg.fluency_tokens)
@@ -156,7 +157,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True) -> dict:
     edited["edit_seconds"] = edit_seconds
     edited["one_time_seconds"] = one_time
     edited["peak_memory_mb"] = peak_memory_mb(lm.device)
-    edited["device"] = _device_str(lm.device)
+    edited["device"] = device_str(lm.device)
     baseline.update(seconds_per_edit=None, one_time_seconds=None, peak_memory_mb=None, device=edited["device"])
     log(f"edited:   {_fmt_row(edited)}  {edited['seconds_per_edit']:.2f} s/edit")
     return {
@@ -173,15 +174,6 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True) -> dict:
     }
 
 
-def _device_str(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    import os
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
 def _loadavg() -> list[float] | None:
     try:
         import os
@@ -189,19 +181,6 @@ def _loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-class _Log:
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        if enabled:
-            from rich.console import Console
-
-            self.console = Console(stderr=True)
-
-    def __call__(self, msg: str) -> None:
-        if self.enabled:
-            self.console.log(msg)
 
 
 def _fmt_row(m: dict) -> str:

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from kedit.bench.lifelong import DEFAULT_DATA, _device_str, _Log, load_counterfact, write_report
+from kedit.bench.console import ProgressLog, device_str
+from kedit.bench.lifelong import DEFAULT_DATA, load_counterfact, write_report
 from kedit.editors.hparams import load_hparams
 from kedit.editors.io import request_from_record
 from kedit.stats import DEFAULT_STATS_TOKENS
@@ -65,7 +66,7 @@ def run_sweep(lm, ws, cfg: SweepConfig, progress: bool = True) -> dict:
     requests = [request_from_record(r, f"{cfg.data} record {cfg.offset + i}") for i, r in enumerate(records)]
     hps = [load_hparams(cfg.method, lm, cfg.hparams_file, {**cfg.base, **s}) for s in cfg.settings]
     ref_text = heldout_text()
-    log = _Log(progress)
+    log = ProgressLog(progress)
 
     base_cf = evaluate_counterfact(lm, records)
     base_ppl = perplexity(lm, ref_text, max_tokens=cfg.ppl_tokens)
@@ -114,7 +115,7 @@ def run_sweep(lm, ws, cfg: SweepConfig, progress: bool = True) -> dict:
             f"PPL {row['perplexity_increase_pct']:+.2f}% unwritten {row['unwritten']:.3f} "
             f"({seconds:.0f}s{', v* reused' if reused else ''})")
     return {"config": {**asdict(cfg), "model": lm.slug, "model_hash": lm.manifest.model_hash,
-                       "threads": torch.get_num_threads(), "device": _device_str(lm.device)},
+                       "threads": torch.get_num_threads(), "device": device_str(lm.device)},
             "baseline": {"efficacy": base_cf["efficacy"], "generalization": base_cf["generalization"],
                          "specificity": base_cf["specificity"], "perplexity": base_ppl},
             "rows": rows}
