@@ -153,7 +153,10 @@ class PrefectAPI:
         Prefect server's own pause-expiration service (which fails an expired pause every few seconds,
         so a sweep that only looked at waiting runs would miss most timeouts)."""
         out = [{**fr, "kedit_failed_by_server": False} for fr in self.overdue_approvals(now)]
+        waiting = {fr["id"] for fr in out}
         for fr in self.flow_runs(["FAILED"], limit=limit):
+            if fr["id"] in waiting:  # failed by the server between the two queries: listed once
+                continue
             sid = approval_timeout_of(self.flow_run_states(fr["id"]))
             if sid is not None:
                 out.append({**fr, "kedit_state": sid, "kedit_failed_by_server": True})
