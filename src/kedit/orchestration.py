@@ -8,6 +8,7 @@ and triggering runs are plain HTTP calls any tool could make.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,8 +83,6 @@ class PrefectAPI:
 
     def run_deployment(self, name: str, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
         dep = self.deployment(name)
-        import uuid
-
         # the key makes a retried POST (after a 503) return the run the first attempt may have created
         return self.call("POST", f"/deployments/{dep['id']}/create_flow_run",
                          {"parameters": parameters or {}, "idempotency_key": f"kedit-{uuid.uuid4()}"})
@@ -140,38 +140,33 @@ class PrefectAPI:
 
     def overdue_approvals(self, now: float | None = None) -> list[dict[str, Any]]:
         """Waiting runs whose approval deadline (the pause timeout) has passed."""
-        now_dt = _utc(now)
-        out = []
-        for fr in self.awaiting_approval():
-            deadline = ((fr.get("state") or {}).get("state_details") or {}).get("pause_timeout")
-            if deadline and _parse_time(deadline) < now_dt:
-                out.append(fr)
-        return out
+        return _past_deadline(self.awaiting_approval(), now)
 
     def timed_out_approvals(self, now: float | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Every run whose approval timed out: still waiting past its deadline, or already failed by the
         Prefect server's own pause-expiration service (which fails an expired pause every few seconds,
         so a sweep that only looked at waiting runs would miss most timeouts)."""
-        out = [{**fr, "kedit_failed_by_server": False} for fr in self.overdue_approvals(now)]
+        out = self.overdue_approvals(now)
         waiting = {fr["id"] for fr in out}
         for fr in self.flow_runs(["FAILED"], limit=limit):
             if fr["id"] in waiting:  # failed by the server between the two queries: listed once
                 continue
             sid = approval_timeout_of(self.flow_run_states(fr["id"]))
             if sid is not None:
-                out.append({**fr, "kedit_state": sid, "kedit_failed_by_server": True})
+                out.append({**fr, "kedit_state": sid})
         return out
 
     def decide(self, ref: str, approve: bool, approver: str, comment: str = "") -> dict[str, Any]:
         """Resume the run waiting on ``ref`` (an edit-state id prefix, flow-run id or name) with a verdict."""
-        late = {r["id"] for r in self.overdue_approvals()}
-        runs = [r for r in self.awaiting_approval(ref) if r["id"] not in late]
+        waiting = self.awaiting_approval()
+        late = {r["id"] for r in _past_deadline(waiting)}
+        runs = [r for r in waiting if _matches(r, ref) and r["id"] not in late]
         if not runs and any(_matches(r, ref) for r in self.timed_out_approvals()):
             raise PrefectAPIError(f"the approval of {ref!r} timed out; it counts as rejected (run `kedit nightly "
                                   f"expire` to record it) and a new refresh must produce a new candidate")
         if not runs:
-            waiting = [f"{r['name']} (state {r['kedit_state'][:12]})" for r in self.awaiting_approval()]
-            raise PrefectAPIError(f"no refresh is waiting for approval of {ref!r}; waiting now: {waiting or 'none'}")
+            names = [f"{r['name']} (state {r['kedit_state'][:12]})" for r in waiting]
+            raise PrefectAPIError(f"no refresh is waiting for approval of {ref!r}; waiting now: {names or 'none'}")
         if len(runs) > 1:
             raise PrefectAPIError(f"{ref!r} matches several waiting runs: {[r['name'] for r in runs]}")
         run = runs[0]
@@ -189,9 +184,10 @@ def expire_overdue(api: PrefectAPI, store, by: str = "kedit-timeout") -> list[st
         recorded = any(e.type == "reject" and e.state == sid and e.by == by for e in store.events())
         if not recorded:
             store.reject(sid, by=by, comment=f"no approval before the deadline (flow run {fr['name']})")
-        if not fr["kedit_failed_by_server"]:
+        still_waiting = (fr.get("state") or {}).get("type") == "PAUSED"
+        if still_waiting:
             api.set_state(fr["id"], "FAILED", "approval timed out: candidate rejected, champion unchanged")
-        if not recorded or not fr["kedit_failed_by_server"]:
+        if not recorded or still_waiting:
             done.append(sid)
     return done
 
@@ -223,16 +219,16 @@ def _matches(run: dict[str, Any], ref: str) -> bool:
     return run["kedit_state"].startswith(ref[:16]) or ref in (run["id"], run["name"])
 
 
-def _parse_time(value: str):
-    import datetime as dt
+def _past_deadline(waiting: list[dict[str, Any]], now: float | None = None) -> list[dict[str, Any]]:
+    """The waiting runs whose pause timeout lies before ``now`` (default: the current time)."""
+    now_dt = dt.datetime.fromtimestamp(now or time.time(), dt.UTC)
+    return [fr for fr in waiting
+            if (deadline := ((fr.get("state") or {}).get("state_details") or {}).get("pause_timeout"))
+            and _parse_time(deadline) < now_dt]
 
+
+def _parse_time(value: str) -> dt.datetime:
     return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def _utc(now: float | None):
-    import datetime as dt
-
-    return dt.datetime.fromtimestamp(now or time.time(), dt.UTC)
 
 
 def free_port() -> int:
