@@ -41,7 +41,23 @@ def test_lifelong_bench_writes_results(tiny_lm, workspace, cf_file, corpus_file,
     cfg = LifelongConfig(method="alphaedit", data=str(cf_file), edits=3, batch=2, fluency_prompts=2, fluency_tokens=8,
                          ppl_tokens=200, stats_corpus=str(corpus_file), stats_tokens=2000,
                          overrides={"layers": [1, 2], "n_prefixes": 1, "prefix_len": 3, "v_steps": 3})
-    res = run_lifelong(tiny_lm, workspace, cfg, progress=False)
+    import torch
+
+    from kedit.editors.base import apply_deltas
+    from kedit.editors.io import load_deltas, load_state
+
+    before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    res = run_lifelong(tiny_lm, workspace, cfg, progress=False, edit_out=tmp_path / "edit")
+    # the saved edit is the sum of every batch: unedited weights + it = the benchmark's edited model
+    after = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    tiny_lm.model.load_state_dict(before)
+    deltas = load_deltas(tmp_path / "edit")
+    assert sorted(deltas) == sorted(k for k in before if not torch.equal(before[k], after[k]))
+    apply_deltas(tiny_lm.model, deltas)
+    for k, v in tiny_lm.model.state_dict().items():
+        torch.testing.assert_close(v, after[k], rtol=0, atol=1e-6)
+    state = load_state(tmp_path / "edit")
+    assert state.meta["n_edits"] == 3 and state.meta["n_batches"] == 2 and "cache_c.L1" in state.tensors
     for block in ("baseline", "edited"):
         for key in ("efficacy", "generalization", "specificity", "fluency", "perplexity", "nkl",
                     "seconds_per_edit", "one_time_seconds", "peak_memory_mb", "device"):

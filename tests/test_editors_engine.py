@@ -232,10 +232,13 @@ def test_context_prefixes_cached_on_disk(tiny_lm, tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])
 def test_prefix_cache_replay_matches_full_replay(family, tiny_tokenizer):
+    from kedit.editors.prompts import shared_heads, subject_rows
     from kedit.models.store import wrap_model
     from tests.conftest import make_tiny_model
 
     lm = wrap_model(make_tiny_model(family), tiny_tokenizer, slug=f"tiny-{family}")
+    rows = subject_rows(tiny_tokenizer, REQS, PREFIXES)
+    assert max(shared_heads(rows.ids, rows.subj_pos)) >= 4  # the shared-prefix path is exercised
     hp = _hp("memit", v_steps=4, v_lr=0.05, clamp_norm_factor=100.0)
     cached = optimise_vstar(lm, REQS, PREFIXES, hp, 1)
     full = optimise_vstar(lm, REQS, PREFIXES, EditHparams(**{**hp.to_dict(), "v_prefix_cache": False}), 1)
@@ -244,6 +247,44 @@ def test_prefix_cache_replay_matches_full_replay(family, tiny_tokenizer):
     for a, b in zip(cached.diagnostics, full.diagnostics):
         assert a.vstar_loss_start == pytest.approx(b.vstar_loss_start, rel=1e-5)
         assert a.vstar_loss_end == pytest.approx(b.vstar_loss_end, rel=1e-4)
+
+
+def test_shared_heads_are_the_common_leading_tokens_of_a_group():
+    from kedit.editors.prompts import shared_heads
+
+    seqs = [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 9, 9], [1, 2, 3, 4, 8], [7, 7, 7, 7, 7], [5, 5, 5, 5, 5, 5]]
+    split = [6, 6, 3, 4, 5]
+    # rows 0 and 1 share 5 tokens; row 2 starts the same but caches only 3 (< 4): alone; rows 3, 4 alone
+    assert shared_heads(seqs, split) == [5, 5, 0, 0, 0]
+    assert shared_heads(seqs, [6, 4, 6, 4, 5]) == [4, 4, 4, 0, 0]  # capped by the shortest cached part
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])
+def test_subject_states_with_shared_heads_match_full_rows(family, tiny_tokenizer, monkeypatch):
+    import kedit.editors.keys as keys_mod
+    from kedit.editors.keys import SubjectStates
+    from kedit.editors.prompts import subject_rows
+    from kedit.editors.runner import SharedHeadSlice
+    from kedit.models.store import wrap_model
+    from tests.conftest import make_tiny_model
+
+    lm = wrap_model(make_tiny_model(family), tiny_tokenizer, slug=f"tiny-{family}")
+    rows = subject_rows(tiny_tokenizer, REQS, PREFIXES)
+    shared = SubjectStates(lm, rows, 1, 2)
+    monkeypatch.setattr(keys_mod, "shared_heads", lambda seqs, split: [0] * len(seqs))
+    plain = SubjectStates(lm, rows, 1, 2)
+    assert isinstance(shared.slice, SharedHeadSlice) and not isinstance(plain.slice, SharedHeadSlice)
+    for per_row in (False, True):
+        k1, z1 = shared.read(lm, [1, 2], per_row=per_row)
+        k2, z2 = plain.read(lm, [1, 2], per_row=per_row)
+        assert torch.allclose(z1, z2, atol=1e-5) and all(torch.allclose(k1[i], k2[i], atol=1e-5) for i in (1, 2))
+    with torch.no_grad():  # after a weight change, a read from the changed layer still agrees
+        lm.adapter.mlp_out(1).weight.mul_(1.5)
+    for st in (shared, plain):
+        st.read(lm, [1, 2])
+    k1, z1 = shared.read(lm, [2], begin=2)
+    k2, z2 = plain.read(lm, [2], begin=2)
+    assert torch.allclose(z1, z2, atol=1e-5) and torch.allclose(k1[2], k2[2], atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])

@@ -85,8 +85,12 @@ def _model_metrics(lm, records: list[dict], fluency_prompts: list[str], ref_text
     return out, loc
 
 
-def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True) -> dict:
-    """Run the benchmark on ``lm`` (edited in memory) and return the results dictionary."""
+def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: str | Path | None = None) -> dict:
+    """Run the benchmark on ``lm`` (edited in memory) and return the results dictionary.
+
+    ``edit_out``: also write the sum of all batches' deltas and the final editor state there as a
+    `kedit edit` directory, so the edited model can be inspected (``kedit predict --edits``),
+    analysed, or edited further (``--state``) without repeating the run."""
     from kedit.editors.common import as_key_stats, projector
     from kedit.editors.context import context_prefixes
     from kedit.editors.registry import get_editor
@@ -129,6 +133,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True) -> dict:
     curve: list[dict] = []
     diags: list[dict] = []
     layer_infos: list[dict] = []
+    total: dict[str, torch.Tensor] = {}
     for b in range(n_batches):
         batch = requests[b * cfg.batch: (b + 1) * cfg.batch]
         t = time.perf_counter()
@@ -137,6 +142,9 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True) -> dict:
         dt = time.perf_counter() - t
         edit_seconds += dt
         state = res.state
+        if edit_out is not None:
+            for name, d in res.deltas.items():
+                total[name] = d.clone() if name not in total else total[name] + d
         diags += [asdict(d) for d in res.diagnostics]
         layer_infos.append(res.layer_info)
         done = min(cfg.edits, (b + 1) * cfg.batch)
@@ -160,6 +168,13 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True) -> dict:
     edited["device"] = device_str(lm.device)
     baseline.update(seconds_per_edit=None, one_time_seconds=None, peak_memory_mb=None, device=edited["device"])
     log(f"edited:   {_fmt_row(edited)}  {edited['seconds_per_edit']:.2f} s/edit")
+    if edit_out is not None:
+        from kedit.editors.base import EditResult
+        from kedit.editors.io import save_edit
+
+        save_edit(edit_out, EditResult(deltas=total, state=state, diagnostics=[], seconds=edit_seconds),
+                  {"benchmark": asdict(cfg), "requests": [r.to_dict() for r in requests]})
+        log(f"edit ({len(requests)} requests, {n_batches} batches) -> {edit_out}")
     return {
         "config": {**asdict(cfg), "model": lm.slug, "model_hash": lm.manifest.model_hash, "layers": layers,
                    "hparams": hp.to_dict(), "threads": torch.get_num_threads(),

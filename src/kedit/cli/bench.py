@@ -34,6 +34,8 @@ def register(sub) -> None:
     b.add_argument("--batch", "-B", type=int, default=10)
     b.add_argument("--eval-every", type=int, default=0, help="batches between curve points (0: ~10 points)")
     b.add_argument("--fluency-prompts", type=int, default=32)
+    b.add_argument("--save-edit", action="store_true",
+                   help="also write the summed deltas and the final editor state to OUT/edit (a `kedit edit` directory)")
     b.set_defaults(func=_lifelong)
 
     w = s.add_parser("solvers", help="one batch of edits, v* optimised once, solver settings compared "
@@ -61,8 +63,13 @@ def _lifelong(args) -> int:
                          fluency_prompts=args.fluency_prompts, ppl_tokens=args.ppl_tokens,
                          stats_corpus=args.stats_corpus, stats_tokens=args.stats_tokens,
                          hparams_file=args.hparams, overrides=_parse_set(args.set))
+    from kedit.cli import CLIError
+
+    if args.save_edit and not args.out:
+        raise CLIError("--save-edit needs --out")
     lm = load_lm(args)
-    res = run_lifelong(lm, workspace(args), cfg, progress=not args.quiet)
+    res = run_lifelong(lm, workspace(args), cfg, progress=not args.quiet,
+                       edit_out=f"{args.out}/edit" if args.save_edit else None)
     if args.out:
         write_results(res, args.out)
         print(f"results -> {args.out}/results.json, results.md, curve.png")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from kedit.editors.prompts import PromptRows, pad_right
-from kedit.editors.runner import BlockSlice, capture_blocks
+from kedit.editors.prompts import PromptRows, pad_right, shared_heads
+from kedit.editors.runner import BlockSlice, SharedHeadSlice, capture_blocks, capture_shared
 from kedit.hooks import Trace
 
 
@@ -26,13 +26,19 @@ class SubjectStates:
     def __init__(self, lm, rows: PromptRows, first: int, last: int) -> None:
         trunc = [ids[: p + 1] for ids, p in zip(rows.ids, rows.subj_pos)]
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-        self.input_ids = pad_right(trunc, pad, lm.device)
-        self.pos = torch.tensor(rows.subj_pos, device=lm.device)
+        head = shared_heads(trunc, rows.subj_pos) if first > 0 else [0] * len(trunc)
         self.req = torch.tensor(rows.req, device=lm.device)
         self.n = rows.n_requests
+        self.n_rows = len(trunc)
         self.first, self.last = first, last
-        self.slice: BlockSlice = capture_blocks(lm, self.input_ids, first, last + 1)
-        self._entries: dict[int, torch.Tensor] = {}
+        self.slice: BlockSlice | SharedHeadSlice
+        if any(head):  # rows behind the same prefix: its tokens run once per read, not once per row
+            self.slice = capture_shared(lm, trunc, head, first, last + 1, pad)
+            self.pos = torch.tensor([p - m for p, m in zip(rows.subj_pos, head)], device=lm.device)
+        else:
+            self.slice = capture_blocks(lm, pad_right(trunc, pad, lm.device), first, last + 1)
+            self.pos = torch.tensor(rows.subj_pos, device=lm.device)
+        self._entries: dict = {}
 
     def read(self, lm, key_layers: list[int], begin: int | None = None, per_row: bool = False
              ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
@@ -47,7 +53,7 @@ class SubjectStates:
         names = {i: lm.adapter.mlp_out_name(i) for i in key_layers}
         if any(i < (self.first if begin is None else begin) for i in key_layers):
             raise ValueError(f"keys of layers {key_layers} are below the replay start {begin}")
-        ar = torch.arange(self.input_ids.shape[0], device=self.pos.device)
+        ar = torch.arange(self.n_rows, device=self.pos.device)
         with torch.no_grad(), Trace(lm.model, list(names.values()), retain_input=True) as tr:
             h = self.slice.run(lm, None if begin is None else self._entries[begin], begin=begin,
                                entries=self._entries)

@@ -75,3 +75,29 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> torch.Tensor:
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return out.to(device)
+
+
+def shared_heads(seqs: list[list[int]], split: list[int], min_len: int = 4) -> list[int]:
+    """For each row, how many of its leading tokens (at most ``split``) it shares with every other row
+    that starts with the same ``min_len`` tokens (0: none). Rows written behind the same random
+    prefix share it token for token, and a causal model gives shared leading tokens the same keys
+    and values in every row, so they are computed once per group instead of once per row."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (s, p) in enumerate(zip(seqs, split)):
+        if p >= min_len:
+            groups.setdefault(tuple(s[:min_len]), []).append(i)
+    head = [0] * len(seqs)
+    for rows in groups.values():
+        if len(rows) < 2:
+            continue
+        m = min(split[i] for i in rows)
+        first = seqs[rows[0]]
+        for i in rows[1:]:
+            s = seqs[i]
+            j = min_len
+            while j < m and s[j] == first[j]:
+                j += 1
+            m = j
+        for i in rows:
+            head[i] = m
+    return head

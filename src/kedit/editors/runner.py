@@ -144,12 +144,17 @@ class PrefixCache(_cache_base()):
 
     frozen = False
     rows: torch.Tensor | None = None
+    # per-layer keys/values that replace the stored ones (set between replays by SharedHeadSlice)
+    override: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if not self.frozen:
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        layer = self.layers[layer_idx]
-        k, v = layer.keys, layer.values
+        if self.override is not None and layer_idx in self.override:
+            k, v = self.override[layer_idx]
+        else:
+            layer = self.layers[layer_idx]
+            k, v = layer.keys, layer.values
         if self.rows is not None:
             k, v = k.index_select(0, self.rows), v.index_select(0, self.rows)
         return torch.cat([k, key_states], dim=-2), torch.cat([v, value_states], dim=-2)
@@ -160,3 +165,86 @@ class PrefixCache(_cache_base()):
         view = copy.copy(self)
         view.rows = rows if self.rows is None else self.rows.index_select(0, rows)
         return view
+
+
+class KVTap(_cache_base()):
+    """A cache that keeps nothing: each layer's update records its keys/values and returns them as
+    they are, so rows attend to their own tokens only and the caller can read what a block wrote."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.kv[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+
+@dataclass
+class SharedHeadSlice:
+    """Blocks ``start..stop-1`` for rows whose leading tokens are shared within groups (e.g. the same
+    random prefix in front of many prompts). Each block runs once on the distinct heads, then on
+    each row's remaining tokens, which attend to their group's head through a frozen cache: the shared
+    tokens cost one row per group, not one per row. Same interface as :meth:`BlockSlice.run`, with
+    hidden states as ``(heads, rest)`` pairs; the output is the rest's."""
+
+    heads: BlockSlice
+    rest: BlockSlice
+    tap: KVTap
+    cache: PrefixCache
+    pick: torch.Tensor  # the head (group) of each row
+
+    @property
+    def start(self) -> int:
+        return self.rest.start
+
+    def run(self, lm, hidden: tuple[torch.Tensor, torch.Tensor] | None = None, begin: int | None = None,
+            entries: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        first = self.start if begin is None else begin
+        hh, hr = (self.heads.hidden, self.rest.hidden) if hidden is None else hidden
+        for i in range(first, self.rest.stop):
+            if entries is not None:
+                entries[i] = (hh, hr)
+            hh = self.heads.run(lm, hh, begin=i, upto=i + 1)
+            k, v = self.tap.kv[i]
+            self.cache.override[i] = (k.index_select(0, self.pick), v.index_select(0, self.pick))
+            hr = self.rest.run(lm, hr, begin=i, upto=i + 1)
+        return hr
+
+
+def capture_shared(lm, seqs: list[list[int]], head: list[int], start: int, stop: int, pad: int
+                   ) -> SharedHeadSlice:
+    """A :class:`SharedHeadSlice` for rows ``seqs`` whose first ``head[r]`` tokens are shared with the
+    other rows of the same head (``head[r]`` = 0: nothing shared). Needs ``start`` >= 1."""
+    from kedit.editors.prompts import pad_right
+
+    if start < 1:
+        raise ValueError("shared heads need at least one block below the slice")
+    dev = lm.device
+    uniq: dict[tuple[int, ...], int] = {}
+    group = [uniq.setdefault(tuple(s[:m]), len(uniq)) if m else -1 for s, m in zip(seqs, head)]
+    heads = [list(k) for k in uniq if k]
+    if not heads:
+        raise ValueError("no shared heads")
+    tap = KVTap(config=lm.model.config)
+    head_slice = capture_blocks(lm, pad_right(heads, pad, dev), start, stop, past_key_values=tap, use_cache=True)
+    m_max = max(len(h) for h in heads)
+    pick = torch.tensor([max(g, 0) for g in group], device=dev)
+    cache = PrefixCache(config=lm.model.config)
+    for li in range(start):  # the blocks below the slice: every row starts from its group's head
+        k, v = tap.kv[li]
+        cache.update(k.index_select(0, pick), v.index_select(0, pick), li)
+    rest = [s[m:] for s, m in zip(seqs, head)]
+    r_max = max(len(x) for x in rest)
+    rest_ids = pad_right([x if x else [pad] for x in rest], pad, dev)
+    rest_ids = torch.nn.functional.pad(rest_ids, (0, r_max - rest_ids.shape[1]), value=pad)
+    n = len(seqs)
+    mask = torch.ones(n, m_max + r_max, dtype=torch.long, device=dev)
+    for i, m in enumerate(head):
+        mask[i, m:m_max] = 0
+    pos = torch.tensor(head, device=dev)[:, None] + torch.arange(r_max, device=dev)[None]
+    rest_slice = capture_blocks(lm, rest_ids, start, stop, attention_mask=mask, position_ids=pos,
+                                past_key_values=cache, use_cache=True)
+    cache.frozen = True
+    cache.override = {}
+    return SharedHeadSlice(heads=head_slice, rest=rest_slice, tap=tap, cache=cache, pick=pick)

@@ -18,7 +18,7 @@ import torch
 from kedit.editors.base import EditRequest, RequestDiagnostics
 from kedit.editors.hparams import EditHparams
 from kedit.editors.keys import average_by_request
-from kedit.editors.prompts import pad_right, subject_rows, target_ids
+from kedit.editors.prompts import pad_right, shared_heads, subject_rows, target_ids
 from kedit.editors.runner import BlockSlice, PrefixCache, base_model, capture_blocks, unembed_states
 
 
@@ -230,28 +230,63 @@ class _Group:
                 out[local[self.kl_lrow[km]], self.kl_col[km]], self.kl_req[km])
 
 
+def _prefix_cache(lm, seqs: list[list[int]], split: list[int], pad: int) -> tuple[PrefixCache, torch.Tensor]:
+    """K/V of each row's tokens before ``split[r]``, and a [rows, cache length] mask of the cache slots
+    that hold them. Leading tokens shared by a group of rows (:func:`shared_heads`) run once per
+    group; the rest of each row runs behind its group's copy. Cache layout per row:
+    ``[head (padded to the longest head) | rest (padded)]``."""
+    dev = lm.device
+    n = len(seqs)
+    head = shared_heads(seqs, split)
+    uniq: dict[tuple[int, ...], int] = {}
+    head_of = []
+    for s, m in zip(seqs, head):
+        head_of.append(uniq.setdefault(tuple(s[:m]), len(uniq)) if m else -1)
+    heads = [list(k) for k in uniq]
+    m_max = max((len(h) for h in heads), default=0)
+    rest = [s[m:p] for s, m, p in zip(seqs, head, split)]
+    r_max = max(1, max(len(x) for x in rest))
+    rest_ids = pad_right([x if x else [pad] for x in rest], pad, dev)
+    rest_ids = torch.nn.functional.pad(rest_ids, (0, r_max - rest_ids.shape[1]), value=pad)
+    cache = PrefixCache(config=lm.model.config)
+    valid = torch.zeros(n, m_max + r_max, dtype=torch.long, device=dev)
+    for i, (m, x) in enumerate(zip(head, rest)):
+        valid[i, :m] = 1
+        valid[i, m_max: m_max + len(x)] = 1
+    with torch.no_grad():
+        if not heads:  # right-padded, no mask: real tokens never see the pads
+            base_model(lm)(input_ids=rest_ids, past_key_values=cache, use_cache=True)
+            return cache, valid
+        head_cache = PrefixCache(config=lm.model.config)
+        base_model(lm)(input_ids=pad_right(heads, pad, dev), past_key_values=head_cache, use_cache=True)
+        pick = torch.tensor([max(g, 0) for g in head_of], device=dev)
+        for li, layer in enumerate(head_cache.layers):  # every row starts from its group's head
+            cache.update(layer.keys.index_select(0, pick), layer.values.index_select(0, pick), li)
+        # the rest attends to its own head and to itself (pads included, so no query sees nothing;
+        # pads come after the real tokens and are dropped by ``valid``)
+        mask = torch.cat([valid[:, :m_max], torch.ones(n, r_max, dtype=torch.long, device=dev)], dim=1)
+        pos = torch.tensor(head, device=dev)[:, None] + torch.arange(r_max, device=dev)[None]
+        base_model(lm)(input_ids=rest_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       use_cache=True)
+    return cache, valid
+
+
 def _slice_above(lm, seqs: list[list[int]], split: list[int], layer: int, pad: int):
     """Blocks ``layer+1..`` ready to replay. With ``split`` > 0, tokens before ``split[r]`` (those before
     the subject's last token, which δ cannot affect) go into a read-only :class:`PrefixCache` and only
     the suffix is replayed: most of a prefixed prompt is computed once, not at every step."""
     dev = lm.device
     n_layers = lm.adapter.num_layers
-    p_max = max(split)
-    if p_max == 0:
+    if max(split) == 0:
         return capture_blocks(lm, pad_right(seqs, pad, dev), layer + 1, n_layers)
-    past_ids = pad_right([s[:p] if p else [pad] for s, p in zip(seqs, split)], pad, dev)
-    p_max = past_ids.shape[1]
-    cache = PrefixCache(config=lm.model.config)
-    with torch.no_grad():  # right-padded, no mask: real tokens never see the pads
-        base_model(lm)(input_ids=past_ids, past_key_values=cache, use_cache=True)
+    cache, valid = _prefix_cache(lm, seqs, split, pad)
     cache.frozen = True
     suffix = [s[p:] for s, p in zip(seqs, split)]
     suf_ids = pad_right(suffix, pad, dev)
     width = suf_ids.shape[1]
-    mask = torch.zeros(len(seqs), p_max + width, dtype=torch.long, device=dev)
-    for i, (p, suf) in enumerate(zip(split, suffix)):
-        mask[i, :p] = 1
-        mask[i, p_max: p_max + len(suf)] = 1
+    mask = torch.cat([valid, torch.zeros(len(seqs), width, dtype=torch.long, device=dev)], dim=1)
+    for i, suf in enumerate(suffix):
+        mask[i, valid.shape[1]: valid.shape[1] + len(suf)] = 1
     pos = torch.tensor(split, device=dev)[:, None] + torch.arange(width, device=dev)[None]
     return capture_blocks(lm, suf_ids, layer + 1, n_layers, attention_mask=mask, position_ids=pos,
                           past_key_values=cache, use_cache=True)
