@@ -212,39 +212,72 @@ class SharedHeadSlice:
         return hr
 
 
+@dataclass
+class HeadLayout:
+    """Rows split into a head shared by a group of rows (run once per group) and the rest of each row
+    (run per row, attending to its group's head through a cache of ``m_max`` slots)."""
+
+    heads: torch.Tensor  # [groups, m_max] distinct heads, right-padded
+    pick: torch.Tensor  # the group of each row (0 for rows without a head: its slots are masked)
+    rest: torch.Tensor  # [rows, r_max] each row's remaining tokens, right-padded
+    mask: torch.Tensor  # [rows, m_max + r_max] what the rest attends to: its own head, then itself
+    pos: torch.Tensor  # [rows, r_max] positions of the remaining tokens
+    lengths: list[int]  # real remaining tokens per row
+
+    @property
+    def m_max(self) -> int:
+        return self.heads.shape[1]
+
+    def valid(self) -> torch.Tensor:
+        """[rows, m_max + r_max]: the cache slots that hold a row's real tokens (no pads)."""
+        v = self.mask.clone()
+        for i, n in enumerate(self.lengths):
+            v[i, self.m_max + n:] = 0
+        return v
+
+
+def head_layout(seqs: list[list[int]], head: list[int], pad: int, device) -> HeadLayout | None:
+    """The :class:`HeadLayout` of rows ``seqs`` whose first ``head[r]`` tokens are shared with the other
+    rows of the same head (0: nothing shared); ``None`` when no row has a head."""
+    from kedit.editors.prompts import pad_right
+
+    uniq: dict[tuple[int, ...], int] = {}
+    group = [uniq.setdefault(tuple(s[:m]), len(uniq)) if m else -1 for s, m in zip(seqs, head)]
+    if not uniq:
+        return None
+    heads = pad_right([list(k) for k in uniq], pad, device)
+    m_max = heads.shape[1]
+    rest = [s[m:] for s, m in zip(seqs, head)]
+    r_max = max(1, max(len(x) for x in rest))
+    rest_ids = pad_right([x if x else [pad] for x in rest], pad, device)
+    rest_ids = torch.nn.functional.pad(rest_ids, (0, r_max - rest_ids.shape[1]), value=pad)
+    # pads of the rest come after its real tokens (no real query sees them) and keep a row with no
+    # real token from attending to nothing
+    mask = torch.ones(len(seqs), m_max + r_max, dtype=torch.long, device=device)
+    for i, m in enumerate(head):
+        mask[i, m:m_max] = 0
+    pos = torch.tensor(head, device=device)[:, None] + torch.arange(r_max, device=device)[None]
+    return HeadLayout(heads=heads, pick=torch.tensor([max(g, 0) for g in group], device=device), rest=rest_ids,
+                      mask=mask, pos=pos, lengths=[len(x) for x in rest])
+
+
 def capture_shared(lm, seqs: list[list[int]], head: list[int], start: int, stop: int, pad: int
                    ) -> SharedHeadSlice:
     """A :class:`SharedHeadSlice` for rows ``seqs`` whose first ``head[r]`` tokens are shared with the
     other rows of the same head (``head[r]`` = 0: nothing shared). Needs ``start`` >= 1."""
-    from kedit.editors.prompts import pad_right
-
     if start < 1:
         raise ValueError("shared heads need at least one block below the slice")
-    dev = lm.device
-    uniq: dict[tuple[int, ...], int] = {}
-    group = [uniq.setdefault(tuple(s[:m]), len(uniq)) if m else -1 for s, m in zip(seqs, head)]
-    heads = [list(k) for k in uniq if k]
-    if not heads:
+    lay = head_layout(seqs, head, pad, lm.device)
+    if lay is None:
         raise ValueError("no shared heads")
     tap = KVTap(config=lm.model.config)
-    head_slice = capture_blocks(lm, pad_right(heads, pad, dev), start, stop, past_key_values=tap, use_cache=True)
-    m_max = max(len(h) for h in heads)
-    pick = torch.tensor([max(g, 0) for g in group], device=dev)
+    head_slice = capture_blocks(lm, lay.heads, start, stop, past_key_values=tap, use_cache=True)
     cache = PrefixCache(config=lm.model.config)
     for li in range(start):  # the blocks below the slice: every row starts from its group's head
         k, v = tap.kv[li]
-        cache.update(k.index_select(0, pick), v.index_select(0, pick), li)
-    rest = [s[m:] for s, m in zip(seqs, head)]
-    r_max = max(len(x) for x in rest)
-    rest_ids = pad_right([x if x else [pad] for x in rest], pad, dev)
-    rest_ids = torch.nn.functional.pad(rest_ids, (0, r_max - rest_ids.shape[1]), value=pad)
-    n = len(seqs)
-    mask = torch.ones(n, m_max + r_max, dtype=torch.long, device=dev)
-    for i, m in enumerate(head):
-        mask[i, m:m_max] = 0
-    pos = torch.tensor(head, device=dev)[:, None] + torch.arange(r_max, device=dev)[None]
-    rest_slice = capture_blocks(lm, rest_ids, start, stop, attention_mask=mask, position_ids=pos,
+        cache.update(k.index_select(0, lay.pick), v.index_select(0, lay.pick), li)
+    rest_slice = capture_blocks(lm, lay.rest, start, stop, attention_mask=lay.mask, position_ids=lay.pos,
                                 past_key_values=cache, use_cache=True)
     cache.frozen = True
     cache.override = {}
-    return SharedHeadSlice(heads=head_slice, rest=rest_slice, tap=tap, cache=cache, pick=pick)
+    return SharedHeadSlice(heads=head_slice, rest=rest_slice, tap=tap, cache=cache, pick=lay.pick)

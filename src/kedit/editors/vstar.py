@@ -19,7 +19,14 @@ from kedit.editors.base import EditRequest, RequestDiagnostics
 from kedit.editors.hparams import EditHparams
 from kedit.editors.keys import average_by_request
 from kedit.editors.prompts import pad_right, shared_heads, subject_rows, target_ids
-from kedit.editors.runner import BlockSlice, PrefixCache, base_model, capture_blocks, unembed_states
+from kedit.editors.runner import (
+    BlockSlice,
+    PrefixCache,
+    base_model,
+    capture_blocks,
+    head_layout,
+    unembed_states,
+)
 
 
 @dataclass
@@ -233,42 +240,26 @@ class _Group:
 def _prefix_cache(lm, seqs: list[list[int]], split: list[int], pad: int) -> tuple[PrefixCache, torch.Tensor]:
     """K/V of each row's tokens before ``split[r]``, and a [rows, cache length] mask of the cache slots
     that hold them. Leading tokens shared by a group of rows (:func:`shared_heads`) run once per
-    group; the rest of each row runs behind its group's copy. Cache layout per row:
-    ``[head (padded to the longest head) | rest (padded)]``."""
+    group; the rest of each row runs behind its group's copy (:class:`HeadLayout`)."""
     dev = lm.device
-    n = len(seqs)
-    head = shared_heads(seqs, split)
-    uniq: dict[tuple[int, ...], int] = {}
-    head_of = []
-    for s, m in zip(seqs, head):
-        head_of.append(uniq.setdefault(tuple(s[:m]), len(uniq)) if m else -1)
-    heads = [list(k) for k in uniq]
-    m_max = max((len(h) for h in heads), default=0)
-    rest = [s[m:p] for s, m, p in zip(seqs, head, split)]
-    r_max = max(1, max(len(x) for x in rest))
-    rest_ids = pad_right([x if x else [pad] for x in rest], pad, dev)
-    rest_ids = torch.nn.functional.pad(rest_ids, (0, r_max - rest_ids.shape[1]), value=pad)
+    cut = [s[:p] for s, p in zip(seqs, split)]
+    lay = head_layout(cut, shared_heads(seqs, split), pad, dev)
     cache = PrefixCache(config=lm.model.config)
-    valid = torch.zeros(n, m_max + r_max, dtype=torch.long, device=dev)
-    for i, (m, x) in enumerate(zip(head, rest)):
-        valid[i, :m] = 1
-        valid[i, m_max: m_max + len(x)] = 1
     with torch.no_grad():
-        if not heads:  # right-padded, no mask: real tokens never see the pads
-            base_model(lm)(input_ids=rest_ids, past_key_values=cache, use_cache=True)
+        if lay is None:  # right-padded, no mask: real tokens never see the pads
+            ids = pad_right([c if c else [pad] for c in cut], pad, dev)
+            base_model(lm)(input_ids=ids, past_key_values=cache, use_cache=True)
+            valid = torch.zeros(len(cut), ids.shape[1], dtype=torch.long, device=dev)
+            for i, c in enumerate(cut):
+                valid[i, :len(c)] = 1
             return cache, valid
         head_cache = PrefixCache(config=lm.model.config)
-        base_model(lm)(input_ids=pad_right(heads, pad, dev), past_key_values=head_cache, use_cache=True)
-        pick = torch.tensor([max(g, 0) for g in head_of], device=dev)
+        base_model(lm)(input_ids=lay.heads, past_key_values=head_cache, use_cache=True)
         for li, layer in enumerate(head_cache.layers):  # every row starts from its group's head
-            cache.update(layer.keys.index_select(0, pick), layer.values.index_select(0, pick), li)
-        # the rest attends to its own head and to itself (pads included, so no query sees nothing;
-        # pads come after the real tokens and are dropped by ``valid``)
-        mask = torch.cat([valid[:, :m_max], torch.ones(n, r_max, dtype=torch.long, device=dev)], dim=1)
-        pos = torch.tensor(head, device=dev)[:, None] + torch.arange(r_max, device=dev)[None]
-        base_model(lm)(input_ids=rest_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            cache.update(layer.keys.index_select(0, lay.pick), layer.values.index_select(0, lay.pick), li)
+        base_model(lm)(input_ids=lay.rest, attention_mask=lay.mask, position_ids=lay.pos, past_key_values=cache,
                        use_cache=True)
-    return cache, valid
+    return cache, lay.valid()
 
 
 def _slice_above(lm, seqs: list[list[int]], split: list[int], layer: int, pad: int):
