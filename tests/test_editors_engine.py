@@ -1,5 +1,7 @@
 """Editors end to end on tiny random models: contract, closed-form properties, state, batching."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -174,6 +176,45 @@ def test_vstar_early_stop_masks_converged_requests(tiny_lm):
     assert torch.count_nonzero(vs.delta) == 0
 
 
+def _top_tokens_hit(lm, reqs, vs, layer):
+    """Whether, with each δ added to the layer-``layer`` output at its subject, every target token is
+    the model's top prediction in every context (checked with a hook on the real forward)."""
+    from kedit.editors.prompts import target_ids
+
+    rows = subject_rows(lm.tokenizer, reqs, PREFIXES)
+    tgts = target_ids(lm.tokenizer, [r.target_new for r in reqs])
+    hit = [True] * len(reqs)
+    for ids, pos, r in zip(rows.ids, rows.subj_pos, rows.req):
+        def add(mod, args, out, pos=pos, r=r):
+            h = out[0] if isinstance(out, tuple) else out
+            h[:, pos] += vs.delta[r].to(h.dtype)
+        handle = lm.adapter.module(lm.adapter.layer_name(layer)).register_forward_hook(add)
+        try:
+            with torch.no_grad():
+                logits = lm.model(torch.tensor([ids + tgts[r][:-1]])).logits[0]
+        finally:
+            handle.remove()
+        top = logits[len(ids) - 1: len(ids) - 1 + len(tgts[r])].argmax(-1).tolist()
+        hit[r] = hit[r] and top == tgts[r]
+    return hit
+
+
+def test_vstar_most_probable_stop_ends_when_targets_are_top(tiny_lm):
+    # subject last and one-token targets: the tiny random model's flat logits can be steered to them
+    reqs = [EditRequest("A photo of {}", "The Eiffel Tower", "capital", id="a"),
+            EditRequest("We talked about {}", "Danielle Darrieux", "the", id="b"),
+            EditRequest("Next up: {}", "Toko Yasuda", "of", id="c")]
+    hp = _hp("memit", v_steps=30, v_lr=0.1, v_stop_nll=1e-3, clamp_norm_factor=100.0, v_weight_decay=0.0)
+    mpes = optimise_vstar(tiny_lm, reqs, PREFIXES, EditHparams(**{**hp.to_dict(), "v_stop": "most_probable"}), 2)
+    full = optimise_vstar(tiny_lm, reqs, PREFIXES, hp, 2)
+    assert all(d.constraint_met for d in mpes.diagnostics)
+    assert _top_tokens_hit(tiny_lm, reqs, mpes, 2) == [True] * len(reqs)
+    assert _top_tokens_hit(tiny_lm, reqs, dataclasses.replace(mpes, delta=torch.zeros_like(mpes.delta)), 2) == [False] * len(reqs)
+    steps = [(a.vstar_steps, b.vstar_steps) for a, b in zip(mpes.diagnostics, full.diagnostics)]
+    assert all(0 < a < b for a, b in steps), steps
+    assert float(mpes.delta.norm()) < float(full.delta.norm())
+
+
 def test_weights_restored_when_a_step_raises(tiny_lm, tmp_path, monkeypatch):
     from kedit.editors import memit
 
@@ -313,3 +354,5 @@ def test_hparam_overrides_are_coerced_to_numbers():
     assert hp.nullspace_threshold == 1e9 and isinstance(hp.L2, float) and hp.v_steps == 7
     with pytest.raises(ValueError, match="L2 must be a number"):
         load_hparams("alphaedit", "smollm2-135m", overrides={"L2": "big"})
+    with pytest.raises(ValueError, match="v_stop must be nll or most_probable"):
+        load_hparams("alphaedit", "smollm2-135m", overrides={"v_stop": "sometimes"})

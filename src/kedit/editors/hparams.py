@@ -34,6 +34,9 @@ class EditHparams:
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 0.75  # ‖δ‖ <= factor · ‖v₀‖
     v_stop_nll: float = 0.05  # per-request early stop: mean target NLL below this
+    # "nll": stop at v_stop_nll; "most_probable" (ENCORE's MPES): also stop as soon as every target
+    # token is the top prediction in every context, before v* overfits (a smaller δ, a smaller update)
+    v_stop: str = "nll"
     v_prefix_cache: bool = True  # replay only the tokens from the subject on (pre-subject K/V cached)
     # random prefixes (generated once per model by the model itself)
     n_prefixes: int = 5
@@ -133,6 +136,8 @@ def load_hparams(method: str, model: Any = None, path: str | Path | None = None,
                 merged[k] = float(v) if want == "float" else int(v)
             except ValueError:
                 raise ValueError(f"{file}: hyperparameter {k} must be a number, got {v!r}") from None
+    if merged.get("v_stop", "nll") not in ("nll", "most_probable"):
+        raise ValueError(f"{file}: v_stop must be nll or most_probable, not {merged['v_stop']!r}")
     if merged.get("nullspace_mode", "relative_mean") not in ("absolute", "relative_mean", "relative_max", "energy"):
         raise ValueError(f"{file}: nullspace_mode must be absolute, relative_mean, relative_max or energy")
     return EditHparams(**{**merged, "method": method, "source": str(file),

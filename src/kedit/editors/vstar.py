@@ -6,7 +6,8 @@ is the target's mean per-token NLL over the prefixed prompts, plus ``kl_factor``
 on the KL prompt, plus ``v_weight_decay`` · (‖δ‖/‖v₀‖)². Losses are summed over requests, so each
 δ_r gets exactly the gradient it would get alone. The blocks below the edit layer are run once;
 each step replays only the blocks above and unembeds only the positions that predict target
-tokens. A request whose NLL falls below ``v_stop_nll`` is frozen and its rows leave the batch.
+tokens. A request whose NLL falls below ``v_stop_nll`` (or, with ``v_stop: most_probable``, whose
+target tokens are all the top prediction in every context) is frozen and its rows leave the batch.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class VStar:
 
 # the hyperparameters v* reads: settings that differ only elsewhere (the solve) can share one v*
 VSTAR_FIELDS = ("v_lr", "v_steps", "v_weight_decay", "kl_factor", "clamp_norm_factor", "v_stop_nll",
-                "v_prefix_cache", "n_prefixes", "prefix_len", "prefix_seed")
+                "v_stop",                 "v_prefix_cache", "n_prefixes", "prefix_len", "prefix_seed")
 
 
 def vstar_signature(hp: EditHparams, layer: int) -> tuple:
@@ -118,6 +119,7 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     loss_end = torch.zeros(n)
     nll_end = torch.zeros(n)
     steps_used = torch.zeros(n, dtype=torch.long)
+    met_end = torch.zeros(n, dtype=torch.bool)
     it = 0
     for it in range(max(1, hp.v_steps)):
         act_idx = active.nonzero().squeeze(1)
@@ -129,6 +131,9 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
         logits = unembed_states(lm, torch.cat(xs))
         logp = torch.log_softmax(logits, dim=-1).gather(1, pair_lab_t[pid][:, None]).squeeze(1)
         nll = torch.zeros(n, device=dev).index_add(0, pair_req[pid], -logp * pair_w_t[pid])
+        # target tokens that are not the top prediction, per request (MPES stops at zero)
+        missed = torch.zeros(n, device=dev).index_add(
+            0, pair_req[pid], (logits.detach().argmax(-1) != pair_lab_t[pid]).to(torch.float32))
 
         kl_logp = torch.log_softmax(unembed_states(lm, torch.cat(kxs)), dim=-1)
         if kl_init is None:  # every request is active at the first step
@@ -142,11 +147,15 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
         with torch.no_grad():
             if it == 0:
                 loss_start = loss.detach().cpu().clone()
-            done = active & ((nll.detach() < hp.v_stop_nll) | torch.tensor(it == hp.v_steps - 1, device=dev))
+            met = nll.detach() < hp.v_stop_nll
+            if hp.v_stop == "most_probable":
+                met = met | (missed == 0)
+            done = active & (met | torch.tensor(it == hp.v_steps - 1, device=dev))
             for i in done.nonzero().squeeze(1).tolist():
                 loss_end[i] = float(loss[i])
                 nll_end[i] = float(nll[i])
                 steps_used[i] = it
+                met_end[i] = bool(met[i])
             active = active & ~done
         if progress is not None:
             progress(it, int(active.sum()), float(nll.detach()[act_idx].mean()))
@@ -172,7 +181,7 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
         RequestDiagnostics(
             request_id=r.id, vstar_loss_start=float(loss_start[i]), vstar_loss_end=float(loss_end[i]),
             vstar_steps=int(steps_used[i]), target_prob=float(torch.exp(-nll_end[i])),
-            delta_norm=float(final[i].norm()), constraint_met=bool(nll_end[i] < hp.v_stop_nll))
+            delta_norm=float(final[i].norm()), constraint_met=bool(met_end[i]))
         for i, r in enumerate(requests)
     ]
     return VStar(delta=final, v0=v0, diagnostics=diags, steps=it, seconds=time.perf_counter() - t0, layer=layer,
