@@ -65,6 +65,7 @@ def test_lifelong_bench_writes_results(tiny_lm, workspace, cf_file, corpus_file,
     assert 0 <= res["edited"]["efficacy"] <= 1 and res["edited"]["seconds_per_edit"] > 0
     assert res["edited"]["nkl"] >= 0 and res["baseline"]["nkl"] == 0
     assert [p["edits"] for p in res["curve"]] == [2, 3]
+    assert res["curve"][0]["perplexity"] > 0 and res["curve"][-1]["perplexity"] == res["edited"]["perplexity"]
     assert len(res["diagnostics"]) == 3 and set(res["config"]["nullspace_dim"]) == {1, 2}
     out = write_results(res, tmp_path / "out")
     data = json.loads((out / "results.json").read_text())

@@ -94,7 +94,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     from kedit.editors.common import as_key_stats, projector
     from kedit.editors.context import context_prefixes
     from kedit.editors.registry import get_editor
-    from kedit.evaluation.metrics import evaluate_counterfact
+    from kedit.evaluation.metrics import evaluate_counterfact, perplexity
     from kedit.stats.collect import ensure_stats
     from kedit.stats.corpus import heldout_text
 
@@ -154,13 +154,17 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
         if (b + 1) % eval_every == 0 or b == n_batches - 1:
             t = time.perf_counter()
             cf = evaluate_counterfact(lm, records[:done])
+            point = {"edits": done, **{k: cf[k] for k in ("efficacy", "generalization", "specificity")}}
+            if b < n_batches - 1:  # the last point takes the final evaluation's perplexity
+                point["perplexity"] = perplexity(lm, ref_text, max_tokens=cfg.ppl_tokens)
             eval_seconds += time.perf_counter() - t
-            curve.append({"edits": done, **{k: cf[k] for k in ("efficacy", "generalization", "specificity")}})
+            curve.append(point)
 
     t = time.perf_counter()
     edited, _ = _model_metrics(lm, records, fluency_prompts, ref_text, cfg.ppl_tokens, loc_before,
                                cfg.fluency_tokens)
     eval_seconds += time.perf_counter() - t
+    curve[-1]["perplexity"] = edited["perplexity"]
     edited["seconds_per_edit"] = edit_seconds / cfg.edits
     edited["edit_seconds"] = edit_seconds
     edited["one_time_seconds"] = one_time
@@ -244,10 +248,10 @@ def results_markdown(res: dict) -> str:
     met = sum(d["constraint_met"] for d in res["diagnostics"])
     lines.append(f"- v* early-stop constraint met for {met}/{len(res['diagnostics'])} requests; mean steps "
                  f"{sum(d['vstar_steps'] for d in res['diagnostics']) / max(1, len(res['diagnostics'])):.1f}")
-    lines += ["", "## Curve (records edited so far)", "", "| edits | efficacy | generalization | specificity |",
-              "|---|---|---|---|"]
-    lines += [f"| {p['edits']} | {p['efficacy']:.3f} | {p['generalization']:.3f} | {p['specificity']:.3f} |"
-              for p in res["curve"]]
+    lines += ["", "## Curve (records edited so far; perplexity of the held-out text)", "",
+              "| edits | efficacy | generalization | specificity | perplexity |", "|---|---|---|---|---|"]
+    lines += [f"| {p['edits']} | {p['efficacy']:.3f} | {p['generalization']:.3f} | {p['specificity']:.3f} | "
+              + (f"{p['perplexity']:.2f} |" if "perplexity" in p else "– |") for p in res["curve"]]
     return "\n".join(lines) + "\n"
 
 
@@ -265,7 +269,17 @@ def plot_curve(res: dict, path: str | Path) -> None:
     c = res["config"]
     ax.set(xlabel="edits applied", ylabel="fraction of records edited so far", ylim=(0, 1.02),
            title=f"{c['method']} on {c['model']}, batches of {c['batch']} (dotted: unedited)")
-    ax.legend(loc="lower left")
+    handles, labels = ax.get_legend_handles_labels()
+    ppl = [(p["edits"], p["perplexity"]) for p in res["curve"] if "perplexity" in p]
+    if ppl:  # damage to general text on its own axis: % over the unedited model's perplexity
+        base = res["baseline"]["perplexity"]
+        ax2 = ax.twinx()
+        line, = ax2.plot([x for x, _ in ppl], [100 * (y / base - 1) for _, y in ppl], marker="s", color="tab:gray",
+                         ls="--", label="perplexity (right)")
+        ax2.set_ylabel("perplexity increase over unedited (%)")
+        ax2.set_ylim(bottom=min(0.0, *(100 * (y / base - 1) for _, y in ppl)))
+        handles.append(line), labels.append(line.get_label())
+    ax.legend(handles, labels, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
