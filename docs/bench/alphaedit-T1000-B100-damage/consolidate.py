@@ -6,8 +6,11 @@ edit keys at once, trading the outputs on those keys against the output on gener
 (C = second moment of general-text keys). It shows how much perplexity the edit's own keys allow
 to be taken back, and at what efficacy.
 
+With a word-internal key moment (word_internal_stats.py) and a weight β, general text is
+C + β·C_int instead, to protect the tokens inside words and names that the edits damage most.
+
 Usage (after `kedit bench lifelong ... --save-edit --out OUT`):
-    KEDIT_HOME=WS python consolidate.py OUT/edit 1000 1,100,400,1600
+    KEDIT_HOME=WS python consolidate.py OUT/edit 1000 1,100,400,1600 [C_INT.safetensors BETA]
 """
 
 import sys
@@ -31,6 +34,8 @@ deltas = load_file(f"{sys.argv[1]}/deltas.safetensors")
 state = load_file(f"{sys.argv[1]}/state.safetensors")
 records = load_counterfact(DEFAULT_DATA, int(sys.argv[2]))
 mus = [float(x) for x in sys.argv[3].split(",")]
+internal = load_file(sys.argv[4]) if len(sys.argv) > 5 else {}
+beta = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
 text = heldout_text()
 
 
@@ -54,12 +59,16 @@ def evaluate(ds) -> str:
         apply_deltas(lm.model, ds, sign=-1.0)
 
 
-print("as edited:", evaluate(deltas), flush=True)
+if not beta:
+    print("as edited:", evaluate(deltas), flush=True)
 for mu in mus:
     out = {}
     for n, D in deltas.items():
         S = state[f"cache_c.L{layer_of(n)}"].double()
-        A = S + mu * stats.mom2[layer_of(n)].double()
+        C = stats.mom2[layer_of(n)].double()
+        if beta:
+            C = C + beta * internal[f"layer.{layer_of(n)}"].double()
+        A = S + mu * C
         out[n] = torch.linalg.solve((A + A.T) / 2, S @ D.double().T).T.float()  # D' = D S A⁻¹
     ratio = {layer_of(n): round(float(out[n].norm() / deltas[n].norm()), 3) for n in out}
     print(f"mu {mu:g}: norm ratio {ratio}", evaluate(out), flush=True)
