@@ -209,7 +209,8 @@ def test_vstar_most_probable_stop_ends_when_targets_are_top(tiny_lm):
     full = optimise_vstar(tiny_lm, reqs, PREFIXES, hp, 2)
     assert all(d.constraint_met for d in mpes.diagnostics)
     assert _top_tokens_hit(tiny_lm, reqs, mpes, 2) == [True] * len(reqs)
-    assert _top_tokens_hit(tiny_lm, reqs, dataclasses.replace(mpes, delta=torch.zeros_like(mpes.delta)), 2) == [False] * len(reqs)
+    unedited = dataclasses.replace(mpes, delta=torch.zeros_like(mpes.delta))
+    assert _top_tokens_hit(tiny_lm, reqs, unedited, 2) == [False] * len(reqs)
     steps = [(a.vstar_steps, b.vstar_steps) for a, b in zip(mpes.diagnostics, full.diagnostics)]
     assert all(0 < a < b for a, b in steps), steps
     assert float(mpes.delta.norm()) < float(full.delta.norm())

@@ -43,7 +43,7 @@ class VStar:
 
 # the hyperparameters v* reads: settings that differ only elsewhere (the solve) can share one v*
 VSTAR_FIELDS = ("v_lr", "v_steps", "v_weight_decay", "kl_factor", "clamp_norm_factor", "v_stop_nll",
-                "v_stop",                 "v_prefix_cache", "n_prefixes", "prefix_len", "prefix_seed")
+                "v_stop", "v_prefix_cache", "n_prefixes", "prefix_len", "prefix_seed")
 
 
 def vstar_signature(hp: EditHparams, layer: int) -> tuple:
@@ -131,9 +131,6 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
         logits = unembed_states(lm, torch.cat(xs))
         logp = torch.log_softmax(logits, dim=-1).gather(1, pair_lab_t[pid][:, None]).squeeze(1)
         nll = torch.zeros(n, device=dev).index_add(0, pair_req[pid], -logp * pair_w_t[pid])
-        # target tokens that are not the top prediction, per request (MPES stops at zero)
-        missed = torch.zeros(n, device=dev).index_add(
-            0, pair_req[pid], (logits.detach().argmax(-1) != pair_lab_t[pid]).to(torch.float32))
 
         kl_logp = torch.log_softmax(unembed_states(lm, torch.cat(kxs)), dim=-1)
         if kl_init is None:  # every request is active at the first step
@@ -148,7 +145,9 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
             if it == 0:
                 loss_start = loss.detach().cpu().clone()
             met = nll.detach() < hp.v_stop_nll
-            if hp.v_stop == "most_probable":
+            if hp.v_stop == "most_probable":  # no target token of the request is outranked anywhere
+                missed = torch.zeros(n, device=dev).index_add(
+                    0, pair_req[pid], (logits.detach().argmax(-1) != pair_lab_t[pid]).to(torch.float32))
                 met = met | (missed == 0)
             done = active & (met | torch.tensor(it == hp.v_steps - 1, device=dev))
             for i in done.nonzero().squeeze(1).tolist():
