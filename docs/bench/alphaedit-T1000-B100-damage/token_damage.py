@@ -1,5 +1,6 @@
-"""Which held-out tokens a saved lifelong edit damages: the per-token NLL change on 10,240 held-out
-wiki-summary tokens (windows of 512), how concentrated it is, and the 25 worst tokens in context.
+"""Which held-out tokens a saved lifelong edit damages: the per-token NLL change on the benchmark's
+10,000 held-out wiki-summary tokens (windows of 512, as its perplexity reads them), how concentrated
+it is, and the 25 worst tokens in context.
 
 Usage (after `kedit bench lifelong ... --save-edit --out OUT`):
     KEDIT_HOME=WS python token_damage.py OUT/edit
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from kedit.editors.base import apply_deltas
+from kedit.evaluation.metrics import token_nlls
 from kedit.models.store import load_model
 from kedit.stats.corpus import heldout_text
 from kedit.workspace import Workspace
@@ -18,18 +20,12 @@ from kedit.workspace import Workspace
 torch.set_num_threads(1)
 lm = load_model("smollm2-135m", Workspace.default())
 deltas = load_file(f"{sys.argv[1]}/deltas.safetensors")
-ids = lm.tokenizer(heldout_text(), return_tensors="pt").input_ids[0][:10240]
-WINDOW = 512
+text, TOKENS, WINDOW = heldout_text(), 10000, 512
+ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:TOKENS]
 
 
 def token_nll() -> torch.Tensor:
-    out = []
-    with torch.no_grad():
-        for i in range(0, ids.numel(), WINDOW):
-            x = ids[i:i + WINDOW][None]
-            logp = torch.log_softmax(lm.model(x).logits[0, :-1].float(), -1)
-            out.append(-logp.gather(1, x[0, 1:, None])[:, 0])
-    return torch.cat(out)
+    return token_nlls(lm, text, max_tokens=TOKENS, window=WINDOW)
 
 
 before = token_nll()
@@ -41,7 +37,7 @@ for q in (0.01, 0.05, 0.1, 0.25, 0.5):
     k = int(q * change.numel())
     print(f"top {q:.0%} of tokens carry {float(ranked[:k].sum() / change.sum()):.2f} of the NLL increase")
 print("tokens worse / better:", int((change > 0).sum()), int((change < 0).sum()))
-where = [(i, j) for i in range(0, ids.numel(), WINDOW) for j in range(min(WINDOW, ids.numel() - i) - 1)]
+where = [(i, j) for i in range(0, len(ids), WINDOW) for j in range(min(WINDOW, len(ids) - i) - 1)]
 for t in change.argsort(descending=True)[:25].tolist():
     i, j = where[t]
     context = lm.tokenizer.decode(ids[i + max(0, j - 8): i + j + 1])

@@ -81,6 +81,8 @@ class EditHparams:
 
 _FIELDS = {f.name for f in dataclasses.fields(EditHparams)}
 _TYPES = {f.name: str(f.type) for f in dataclasses.fields(EditHparams)}
+_CHOICES = {"v_stop": ("nll", "most_probable"),
+            "nullspace_mode": ("absolute", "relative_mean", "relative_max", "energy")}
 
 
 def _builtin(name: str) -> Path | None:
@@ -136,9 +138,8 @@ def load_hparams(method: str, model: Any = None, path: str | Path | None = None,
                 merged[k] = float(v) if want == "float" else int(v)
             except ValueError:
                 raise ValueError(f"{file}: hyperparameter {k} must be a number, got {v!r}") from None
-    if merged.get("v_stop", "nll") not in ("nll", "most_probable"):
-        raise ValueError(f"{file}: v_stop must be nll or most_probable, not {merged['v_stop']!r}")
-    if merged.get("nullspace_mode", "relative_mean") not in ("absolute", "relative_mean", "relative_max", "energy"):
-        raise ValueError(f"{file}: nullspace_mode must be absolute, relative_mean, relative_max or energy")
+    for k, allowed in _CHOICES.items():
+        if k in merged and merged[k] not in allowed:
+            raise ValueError(f"{file}: {k} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {merged[k]!r}")
     return EditHparams(**{**merged, "method": method, "source": str(file),
                           "source_sha256": hashlib.sha256(raw).hexdigest(), "notes": notes})

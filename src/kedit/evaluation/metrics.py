@@ -343,10 +343,11 @@ def generation_entropy(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: 
 
 
 # --- perplexity --------------------------------------------------------------------------------
-def perplexity(lm: LoadedModel, text: str, max_tokens: int = 20000, window: int = 512,
-               batch_size: int = 4) -> float:
-    """Token-level perplexity of the first ``max_tokens`` tokens of ``text`` in non-overlapping windows
-    of ``window`` tokens (clipped to the model's context); the first token of each window is context only."""
+def token_nlls(lm: LoadedModel, text: str, max_tokens: int = 20000, window: int = 512,
+               batch_size: int = 4) -> torch.Tensor:
+    """Per-token NLL (nats, float64, in text order) of the first ``max_tokens`` tokens of ``text``, read
+    in non-overlapping windows of ``window`` tokens (clipped to the model's context); the first token of
+    each window is context only. :func:`perplexity` is ``exp`` of their mean; analyses use them as they are."""
     if not text or not text.strip():
         raise ValueError("perplexity: empty reference text")
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
@@ -358,14 +359,19 @@ def perplexity(lm: LoadedModel, text: str, max_tokens: int = 20000, window: int 
         raise ValueError(f"perplexity: reference text has {len(ids)} token(s); need at least 2")
     vocab = lm.model.get_output_embeddings().weight.shape[0]
     lengths = [len(c) for c in chunks]
-    nll, count = 0.0, 0
+    out: dict[int, torch.Tensor] = {}
     pad = pad_id(lm.tokenizer)
     with torch.no_grad():
         for batch in _batches(list(range(len(chunks))), lengths, batch_size, vocab):
             inp, mask, pos = right_pad([chunks[i] for i in batch], pad, lm.device)
             logp = torch.log_softmax(_forward_logits(lm, inp, mask, pos), dim=-1)
             tgt_lp = logp[:, :-1].gather(2, inp[:, 1:, None]).squeeze(2)
-            valid = mask[:, 1:].bool()
-            nll -= float(tgt_lp[valid].double().sum())
-            count += int(valid.sum())
-    return math.exp(nll / count)
+            for row, i in enumerate(batch):
+                out[i] = -tgt_lp[row, : lengths[i] - 1].double().cpu()
+    return torch.cat([out[i] for i in range(len(chunks))])
+
+
+def perplexity(lm: LoadedModel, text: str, max_tokens: int = 20000, window: int = 512,
+               batch_size: int = 4) -> float:
+    """Token-level perplexity: ``exp`` of the mean of :func:`token_nlls`."""
+    return math.exp(float(token_nlls(lm, text, max_tokens, window, batch_size).mean()))
