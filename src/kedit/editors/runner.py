@@ -11,6 +11,8 @@ one real forward, so every family is replayed with exactly the arguments its own
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +74,18 @@ def base_model(lm) -> torch.nn.Module:
     """The transformer without its LM head: capture passes and prefix caches need no logits."""
     base = getattr(lm.model, "base_model", None)
     return base if isinstance(base, torch.nn.Module) and base is not lm.model else lm.model
+
+
+def cache_kwargs(lm, cache) -> dict:
+    """``{name: cache}`` under the name the model's forward takes. transformers 5.2x renamed
+    ``past_key_values`` to ``cache`` (the old name warns on every call and goes in 5.40); older 5.x
+    releases know only the old one."""
+    return {_cache_name(type(base_model(lm))): cache}
+
+
+@functools.cache
+def _cache_name(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def uniform_blocks(model) -> bool:
@@ -271,13 +285,13 @@ def capture_shared(lm, seqs: list[list[int]], head: list[int], start: int, stop:
     if lay is None:
         raise ValueError("no shared heads")
     tap = KVTap(config=lm.model.config)
-    head_slice = capture_blocks(lm, lay.heads, start, stop, past_key_values=tap, use_cache=True)
+    head_slice = capture_blocks(lm, lay.heads, start, stop, **cache_kwargs(lm, tap), use_cache=True)
     cache = PrefixCache(config=lm.model.config)
     for li in range(start):  # the blocks below the slice: every row starts from its group's head
         k, v = tap.kv[li]
         cache.update(k.index_select(0, lay.pick), v.index_select(0, lay.pick), li)
     rest_slice = capture_blocks(lm, lay.rest, start, stop, attention_mask=lay.mask, position_ids=lay.pos,
-                                past_key_values=cache, use_cache=True)
+                                **cache_kwargs(lm, cache), use_cache=True)
     cache.frozen = True
     cache.override = {}
     return SharedHeadSlice(heads=head_slice, rest=rest_slice, tap=tap, cache=cache, pick=lay.pick)

@@ -24,6 +24,7 @@ from kedit.editors.runner import (
     BlockSlice,
     PrefixCache,
     base_model,
+    cache_kwargs,
     capture_blocks,
     head_layout,
     unembed_states,
@@ -256,17 +257,17 @@ def _prefix_cache(lm, seqs: list[list[int]], split: list[int], pad: int) -> tupl
     with torch.no_grad():
         if lay is None:  # right-padded, no mask: real tokens never see the pads
             ids = pad_right([c if c else [pad] for c in cut], pad, dev)
-            base_model(lm)(input_ids=ids, past_key_values=cache, use_cache=True)
+            base_model(lm)(input_ids=ids, **cache_kwargs(lm, cache), use_cache=True)
             valid = torch.zeros(len(cut), ids.shape[1], dtype=torch.long, device=dev)
             for i, c in enumerate(cut):
                 valid[i, :len(c)] = 1
             return cache, valid
         head_cache = PrefixCache(config=lm.model.config)
-        base_model(lm)(input_ids=lay.heads, past_key_values=head_cache, use_cache=True)
+        base_model(lm)(input_ids=lay.heads, **cache_kwargs(lm, head_cache), use_cache=True)
         for li, layer in enumerate(head_cache.layers):  # every row starts from its group's head
             cache.update(layer.keys.index_select(0, lay.pick), layer.values.index_select(0, lay.pick), li)
-        base_model(lm)(input_ids=lay.rest, attention_mask=lay.mask, position_ids=lay.pos, past_key_values=cache,
-                       use_cache=True)
+        base_model(lm)(input_ids=lay.rest, attention_mask=lay.mask, position_ids=lay.pos,
+                       **cache_kwargs(lm, cache), use_cache=True)
     return cache, lay.valid()
 
 
@@ -288,4 +289,4 @@ def _slice_above(lm, seqs: list[list[int]], split: list[int], layer: int, pad: i
         mask[i, valid.shape[1]: valid.shape[1] + len(suf)] = 1
     pos = torch.tensor(split, device=dev)[:, None] + torch.arange(width, device=dev)[None]
     return capture_blocks(lm, suf_ids, layer + 1, n_layers, attention_mask=mask, position_ids=pos,
-                          past_key_values=cache, use_cache=True)
+                          **cache_kwargs(lm, cache), use_cache=True)
