@@ -71,6 +71,7 @@ def test_lifelong_bench_writes_results(tiny_lm, workspace, cf_file, corpus_file,
     data = json.loads((out / "results.json").read_text())
     assert set(data) >= {"config", "baseline", "edited"}
     assert "| unedited |" in (out / "results.md").read_text()
+    assert "95% intervals over the" in (out / "results.md").read_text()
     assert (out / "curve.png").stat().st_size > 1000
 
 

@@ -115,6 +115,18 @@ def test_evaluate_counterfact_matches_pairwise(tiny_lm):
     assert M.harmonic_mean([0.5, 1.0, 1.0]) == pytest.approx(0.75)
 
 
+def test_wilson_interval_matches_the_score_interval():
+    # 92 of 100: the interval solves |p - p_hat| = z * sqrt(p (1 - p) / n) for p; check both roots
+    lo, hi = M.wilson_interval(92, 100)
+    for p in (lo, hi):
+        assert abs(p - 0.92) == pytest.approx(1.96 * math.sqrt(p * (1 - p) / 100), rel=1e-9)
+    assert (round(lo, 4), round(hi, 4)) == (0.85, 0.9589)
+    assert M.wilson_interval(0, 10)[0] == 0.0 and M.wilson_interval(10, 10)[1] == 1.0
+    assert M.wilson_interval(50, 1000)[1] - M.wilson_interval(50, 1000)[0] < 0.03
+    with pytest.raises(ValueError, match="3 of 2"):
+        M.wilson_interval(3, 2)
+
+
 def test_generation_batched_equals_single_and_is_seeded(tiny_lm):
     g_batch = M.greedy_tokens(tiny_lm, PROMPTS, k=6, batch_size=4)
     g_single = torch.cat([M.greedy_tokens(tiny_lm, [p], k=6) for p in PROMPTS])

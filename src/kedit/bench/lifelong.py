@@ -23,6 +23,7 @@ from kedit.bench.console import ProgressLog, device_str
 from kedit.editors.base import apply_deltas
 from kedit.editors.hparams import load_hparams
 from kedit.editors.io import request_from_record
+from kedit.evaluation.metrics import wilson_interval
 from kedit.stats import DEFAULT_STATS_TOKENS
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "counterfact-dev.json"
@@ -231,6 +232,9 @@ def results_markdown(res: dict) -> str:
         f"- editing time {e['edit_seconds']:.1f} s ({e['seconds_per_edit']:.2f} s/edit); one-time work "
         f"(statistics, prefixes, projectors; near 0 when cached by an earlier run) {e['one_time_seconds']:.1f} s; "
         f"evaluation {c['eval_seconds']:.0f} s",
+        f"- 95% intervals over the {c['edits']} records (Wilson): " + ", ".join(
+            f"{k} [{lo:.2f}, {hi:.2f}]" for k in ("efficacy", "generalization", "specificity")
+            for lo, hi in [wilson_interval(round(e[k] * c["edits"]), c["edits"])]),
         f"- peak memory {e['peak_memory_mb']:.0f} MB",
         f"- fluency on the first {c['fluency_prompts']} edit prompts; perplexity on {c['ppl_tokens']} "
         f"held-out tokens; statistics {c['stats']['n_tokens']} tokens",
