@@ -357,3 +357,5 @@ def test_hparam_overrides_are_coerced_to_numbers():
         load_hparams("alphaedit", "smollm2-135m", overrides={"L2": "big"})
     with pytest.raises(ValueError, match="v_stop must be nll or most_probable"):
         load_hparams("alphaedit", "smollm2-135m", overrides={"v_stop": "sometimes"})
+    with pytest.raises(ValueError, match=r"hparams \(inline\): key_mode must be average or contexts"):
+        EditHparams(key_mode="bogus")  # built directly, not loaded: checked all the same

@@ -19,6 +19,9 @@ import yaml
 from kedit.atomic import sha256_json
 
 METHODS = ("rome", "memit", "alphaedit")
+# the string-valued settings and what each accepts: checked on every EditHparams, loaded or built
+_CHOICES = {"v_stop": ("nll", "most_probable"), "key_mode": ("average", "contexts"),
+            "nullspace_mode": ("absolute", "relative_mean", "relative_max", "energy")}
 
 
 @dataclass
@@ -58,6 +61,13 @@ class EditHparams:
     source_sha256: str = ""
     notes: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for k, allowed in _CHOICES.items():
+            v = getattr(self, k)
+            if v not in allowed:
+                raise ValueError(f"hparams ({self.source or 'inline'}): {k} must be "
+                                 f"{', '.join(allowed[:-1])} or {allowed[-1]}, not {v!r}")
+
     def resolve_layers(self, num_layers: int) -> list[int]:
         if self.layers == "auto":
             lo = max(0, round(0.15 * num_layers))
@@ -81,8 +91,6 @@ class EditHparams:
 
 _FIELDS = {f.name for f in dataclasses.fields(EditHparams)}
 _TYPES = {f.name: str(f.type) for f in dataclasses.fields(EditHparams)}
-_CHOICES = {"v_stop": ("nll", "most_probable"),
-            "nullspace_mode": ("absolute", "relative_mean", "relative_max", "energy")}
 
 
 def _builtin(name: str) -> Path | None:
@@ -138,8 +146,5 @@ def load_hparams(method: str, model: Any = None, path: str | Path | None = None,
                 merged[k] = float(v) if want == "float" else int(v)
             except ValueError:
                 raise ValueError(f"{file}: hyperparameter {k} must be a number, got {v!r}") from None
-    for k, allowed in _CHOICES.items():
-        if k in merged and merged[k] not in allowed:
-            raise ValueError(f"{file}: {k} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {merged[k]!r}")
     return EditHparams(**{**merged, "method": method, "source": str(file),
                           "source_sha256": hashlib.sha256(raw).hexdigest(), "notes": notes})

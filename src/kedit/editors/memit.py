@@ -58,8 +58,6 @@ class MultiLayerEditor:
         state = check_state(state, self.method, layers, lm.manifest.model_hash)
         ks = as_key_stats(stats, layers, lm.adapter.key_dim())
         prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir)
-        if hp.key_mode not in ("average", "contexts"):
-            raise ValueError(f"key_mode must be 'average' or 'contexts', not {hp.key_mode!r}")
         per_row = hp.key_mode == "contexts"
         vs = vstar_for(lm, requests, prefixes, hp, layers[-1], vstar, progress=self.progress)
         z = (vs.v0 + vs.delta.to(torch.float64)).T  # [d, n]
