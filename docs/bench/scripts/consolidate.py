@@ -10,7 +10,7 @@ With a word-internal key moment (word_internal_stats.py) and a weight β, genera
 C + β·C_int instead, to protect the tokens inside words and names that the edits damage most.
 
 Usage (after `kedit bench lifelong ... --save-edit --out OUT`):
-    KEDIT_HOME=WS python consolidate.py OUT/edit 1000 1,100,400,1600 [C_INT.safetensors BETA]
+    KEDIT_HOME=WS python docs/bench/scripts/consolidate.py OUT/edit 1000 1,100,400,1600 [C_INT.safetensors BETA]
 """
 
 import sys

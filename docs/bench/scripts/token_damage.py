@@ -3,7 +3,7 @@
 it is, and the 25 worst tokens in context.
 
 Usage (after `kedit bench lifelong ... --save-edit --out OUT`):
-    KEDIT_HOME=WS python token_damage.py OUT/edit
+    KEDIT_HOME=WS python docs/bench/scripts/token_damage.py OUT/edit
 """
 
 import sys

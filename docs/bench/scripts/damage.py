@@ -1,7 +1,7 @@
 """Where the perplexity damage of a saved lifelong edit comes from: per layer, and per singular direction.
 
 Usage (after `kedit bench lifelong ... --edits 300 --batch 100 --save-edit --out OUT`):
-    KEDIT_HOME=WS python damage.py OUT/edit 300
+    KEDIT_HOME=WS python docs/bench/scripts/damage.py OUT/edit 300
 Prints the perplexity (10,000 held-out wiki-summary tokens) with each layer's summed update alone and
 with all but it, and with the top-k singular directions of every layer's update removed.
 """

@@ -2,7 +2,7 @@
 name: it starts with a letter or digit and this one ends with one), layers 4-8, over the statistics
 corpus; and how much of it, of all keys and of the edit keys falls in the null space.
 
-Usage: KEDIT_HOME=WS python word_internal_stats.py 200000 OUT.safetensors [EDIT_DIR]
+Usage: KEDIT_HOME=WS python docs/bench/scripts/word_internal_stats.py 200000 OUT.safetensors [EDIT_DIR]
 """
 
 import sys
