@@ -49,7 +49,8 @@ def nightly_refresh(feed: str = "today", workspace: str | None = None, method: s
     waits; needs a deployment) or ``pause`` (the process waits).
     """
     logger = get_run_logger()
-    cfg = RefreshConfig.from_params(params_file, method=method, approval_timeout_s=approval_timeout_s).to_dict()
+    cfg = RefreshConfig.from_params(params_file, workspace, method=method,
+                                    approval_timeout_s=approval_timeout_s).to_dict()
     feed = _today() if feed == "today" else feed
 
     expired = t.expire_overdue(workspace)

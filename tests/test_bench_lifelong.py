@@ -51,6 +51,13 @@ def test_lifelong_bench_writes_results(tiny_lm, workspace, cf_file, corpus_file,
     # the saved edit is the sum of every batch: unedited weights + it = the benchmark's edited model
     after = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     tiny_lm.model.load_state_dict(before)
+    # fluency is METRICS.md's sampled GE and greedy_entropy its greedy twin, on the same edit prompts
+    from kedit.evaluation import metrics as M
+
+    prompts = [r["prompt"] for r in RECORDS[:2]]
+    assert res["baseline"]["fluency"] == M.generation_entropy(tiny_lm, prompts, max_new_tokens=8)
+    assert res["baseline"]["greedy_entropy"] == M.greedy_entropy(tiny_lm, prompts, max_new_tokens=8)
+    assert res["baseline"]["fluency_setup"] == {"prompts": 2, "new_tokens": 8, "top_k": 5, "seed": 0}
     deltas = load_deltas(tmp_path / "edit")
     assert sorted(deltas) == sorted(k for k in before if not torch.equal(before[k], after[k]))
     apply_deltas(tiny_lm.model, deltas)
@@ -59,7 +66,7 @@ def test_lifelong_bench_writes_results(tiny_lm, workspace, cf_file, corpus_file,
     state = load_state(tmp_path / "edit")
     assert state.meta["n_edits"] == 3 and state.meta["n_batches"] == 2 and "cache_c.L1" in state.tensors
     for block in ("baseline", "edited"):
-        for key in ("efficacy", "generalization", "specificity", "fluency", "perplexity", "nkl",
+        for key in ("efficacy", "generalization", "specificity", "fluency", "greedy_entropy", "perplexity", "nkl",
                     "seconds_per_edit", "one_time_seconds", "peak_memory_mb", "device"):
             assert key in res[block]
     assert 0 <= res["edited"]["efficacy"] <= 1 and res["edited"]["seconds_per_edit"] > 0
@@ -71,7 +78,10 @@ def test_lifelong_bench_writes_results(tiny_lm, workspace, cf_file, corpus_file,
     data = json.loads((out / "results.json").read_text())
     assert set(data) >= {"config", "baseline", "edited"}
     assert "| unedited |" in (out / "results.md").read_text()
-    assert "95% intervals over the" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "95% intervals over the" in md
+    assert "| greedy entropy (x100) |" in md and "8 new tokens after each of the first 2 edit prompts" in md
+    assert "top-k sampling with k=5 from seed 0" in md
     assert (out / "curve.png").stat().st_size > 1000
 
 

@@ -137,6 +137,67 @@ def test_generation_batched_equals_single_and_is_seeded(tiny_lm):
     assert e1 == e2 and e1 > 0
 
 
+def test_fluency_math_against_a_hand_computation():
+    """METRICS.md: word tokens (words and punctuation), 2- and 3-gram entropies in bits, weighted 2/3 and
+    4/3 and averaged, mean over prompts, x100 -- computed here longhand for two texts."""
+    t1, t2 = "the cat sat, the cat ran.", "go go go"
+    w1 = ["the", "cat", "sat", ",", "the", "cat", "ran", "."]
+    assert M.word_tokens(t1) == w1
+    # t1 2-grams: (the,cat) x2 and 5 singletons of 7; 3-grams: 6 distinct of 6
+    h2 = -(2 / 7 * math.log2(2 / 7) + 5 * (1 / 7) * math.log2(1 / 7))
+    h3 = math.log2(6)
+    e1 = (2 / 3 * h2 + 4 / 3 * h3) / 2
+    assert M.shannon_entropy_bits(M.ngram_counts(w1, 2)) == pytest.approx(h2)
+    assert M.ngram_entropy(t1) == pytest.approx(e1)
+    # t2: one 2-gram twice, one 3-gram once: both entropies 0
+    assert M.ngram_entropy(t2) == 0.0
+    assert M.mean_entropy_x100([t1, t2]) == pytest.approx(100 * (e1 + 0.0) / 2)
+    assert M.ngram_entropy("") == 0.0 and M.ngram_entropy("one") == 0.0
+    with pytest.raises(ValueError, match="no texts"):
+        M.mean_entropy_x100([])
+
+
+def test_fluency_samples_100_new_tokens_top5_in_one_batched_call(tiny_lm):
+    """One left-padded generate call for all prompts, top-k 5, exactly N new tokens, the prompt not
+    scored, and a fixed seed gives the same numbers twice."""
+    calls = []
+    real = tiny_lm.model.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    tiny_lm.model.generate = spy
+    try:
+        texts = M.sampled_continuations(tiny_lm, PROMPTS, max_new_tokens=12, seed=7)
+        again = M.sampled_continuations(tiny_lm, PROMPTS, max_new_tokens=12, seed=7)
+        other = M.sampled_continuations(tiny_lm, PROMPTS, max_new_tokens=12, seed=8)
+    finally:
+        del tiny_lm.model.generate
+    assert len(calls) == 3  # one call per evaluation, all prompts together
+    ids, mask = calls[0]["input_ids"], calls[0]["attention_mask"]
+    assert ids.shape[0] == len(PROMPTS) and (mask[:, -1] == 1).all() and (mask[:, 0] == 0).any()  # left padding
+    assert calls[0]["do_sample"] and calls[0]["top_k"] == 5 and calls[0]["temperature"] == 1.0
+    assert calls[0]["max_new_tokens"] == calls[0]["min_new_tokens"] == 12
+    assert texts == again and texts != other
+    assert not any(t.startswith(p) for t, p in zip(texts, PROMPTS))  # the continuation only
+    assert M.generation_entropy(tiny_lm, PROMPTS, max_new_tokens=12, seed=7) == M.mean_entropy_x100(texts)
+    # top-k 5: every sampled token is among the 5 most likely at its step (checked by teacher forcing)
+    new = M._generate(tiny_lm, PROMPTS[:1], 6, do_sample=True, seed=7, batch_size=None)[0]
+    prompt = tiny_lm.tokenizer(PROMPTS[0])["input_ids"]
+    with torch.no_grad():
+        logits = tiny_lm.model(torch.tensor([prompt + new.tolist()])).logits[0]
+    for j, tok in enumerate(new.tolist()):
+        assert tok in logits[len(prompt) - 1 + j].topk(5).indices.tolist()
+
+
+def test_greedy_entropy_is_the_same_math_on_greedy_continuations(tiny_lm):
+    texts = M.greedy_continuations(tiny_lm, PROMPTS, max_new_tokens=10)
+    toks = M.greedy_tokens(tiny_lm, PROMPTS, k=10)
+    assert texts == [tiny_lm.tokenizer.decode(r.tolist(), skip_special_tokens=True) for r in toks]
+    assert M.greedy_entropy(tiny_lm, PROMPTS, max_new_tokens=10) == M.mean_entropy_x100(texts)
+
+
 def test_perplexity_matches_model_loss(tiny_lm):
     text = "The Eiffel Tower is located in Paris, the capital of France. Rome is the capital of Italy."
     ids = tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"]

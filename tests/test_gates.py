@@ -144,4 +144,5 @@ def test_policy_validation(tmp_path):
     p.write_text("gates:\n  min_efficasy: 0.8\n")
     with pytest.raises(ValueError, match="min_efficasy"):
         GatePolicy.from_params(p)
-    assert GatePolicy.from_params(tmp_path / "absent.yaml") == GatePolicy()
+    with pytest.raises(FileNotFoundError, match="absent.yaml"):  # an explicit file must exist
+        GatePolicy.from_params(tmp_path / "absent.yaml")

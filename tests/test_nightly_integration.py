@@ -92,8 +92,8 @@ def test_nightly_refresh_approve_rollback_rerun_reject(stack_ws, monkeypatch):
         assert reg.alias("candidate").tags["kedit.state_id"] == full
 
         # 2. approve through the API (what `kedit approve` does); the run resumes from cached results.
-        # (A resume within a second of the suspension can reach the process worker before it has released
-        # the run's slot, which crashes Prefect 3.8.8's worker; a reviewer takes longer than that.)
+        # (A resume within a second of the suspension crashed Prefect 3.8's process worker; not re-checked
+        # on the pinned 3.9. A reviewer takes longer than that.)
         time.sleep(10)
         api.decide(sid, True, "integration-test", "looks right")
         fr = api.wait(run["id"], ("COMPLETED",), timeout=900)

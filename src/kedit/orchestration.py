@@ -327,8 +327,8 @@ class LocalStack:
 
     def start_workers(self, pools: tuple[str, ...] = ("cpu", "gpu")) -> None:
         for pool in pools:
-            # no --limit on cpu: a resumed (suspended) run re-submitted while the worker still holds its
-            # concurrency slot crashes Prefect 3.8.8's limiter ("borrower is already holding a token")
+            # no --limit on cpu: a resumed (suspended) run re-submitted while the worker still held its slot
+            # crashed Prefect 3.8's limiter; not re-checked on the pinned 3.9 (a --limit may now be safe)
             limit = ["--limit", "1"] if pool == "gpu" else []
             self._spawn(f"worker-{pool}", [_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process",
                                            *limit])

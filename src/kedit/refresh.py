@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from kedit import __version__
 from kedit.atomic import sha256_file, sha256_json, write_json_atomic
@@ -49,19 +47,20 @@ class RefreshConfig:
     hparams_overrides: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_params(cls, params_file: str | Path | None = None, **overrides: Any) -> RefreshConfig:
-        data: dict[str, Any] = {}
-        path = Path(params_file) if params_file else params_path()
-        if path is not None:
-            raw = yaml.safe_load(path.read_text()) or {}
-            block = dict(raw.get("refresh") or {})
-            stats = raw.get("stats") or {}
-            for k in ("corpus", "max_tokens", "seq_len", "batch_size"):
-                if k in stats:
-                    block.setdefault(f"stats_{k}", stats[k])
-            if (raw.get("model") or {}).get("slug"):
-                block.setdefault("model", raw["model"]["slug"])
-            data.update(block)
+    def from_params(cls, params_file: str | Path | None = None, workspace: Any = None,
+                    **overrides: Any) -> RefreshConfig:
+        """The ``refresh:`` block, ``model.slug`` and ``stats:`` of params.yaml (found by
+        :func:`kedit.params.find_params`), then ``overrides`` (``None`` values ignored)."""
+        from kedit.params import load_params
+
+        params = load_params(params_file, workspace)
+        data: dict[str, Any] = params.block("refresh")
+        stats = params.block("stats")
+        for k in ("corpus", "max_tokens", "seq_len", "batch_size"):
+            if k in stats:
+                data[f"stats_{k}"] = stats[k]
+        if params.block("model").get("slug"):
+            data["model"] = params.block("model")["slug"]
         data.update({k: v for k, v in overrides.items() if v is not None})
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
@@ -74,12 +73,6 @@ class RefreshConfig:
 
 
 # --- shared helpers -------------------------------------------------------------------------------
-def params_path() -> Path | None:
-    """The pipeline's params.yaml: $KEDIT_PARAMS, else ./params.yaml, else none (built-in defaults)."""
-    cand = Path(os.environ.get("KEDIT_PARAMS", "params.yaml"))
-    return cand if cand.exists() else None
-
-
 def resolve_feed(ws: Workspace, feed: str | Path) -> Path:
     """A date (``2026-11-22``: ``feeds/2026-11-22.jsonl|csv|parquet``) or a path."""
     p = Path(feed)
@@ -218,10 +211,11 @@ def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
     """Read, validate (Great Expectations), quarantine and deduplicate one feed against the champion."""
     from kedit.feeds.ingest import ingest_feed
     from kedit.feeds.schema import FeedPolicy
+    from kedit.params import load_params
 
     path = resolve_feed(ws, feed)
-    params = params_path()
-    policy = FeedPolicy.from_params(params) if params else None
+    params = load_params(workspace=ws)
+    policy = FeedPolicy.from_params({"feeds": params.block("feeds")})
     store = open_lineage(ws)
     champion = store.champion()
     lm = None
@@ -428,7 +422,7 @@ def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: d
     store = open_lineage(ws)
     champ_lm, _ = load_state_model(ws, cfg, ingest["champion"])
     cand_lm, _ = load_state_model(ws, cfg, sid)
-    policy = GatePolicy.from_params(params_path())
+    policy = GatePolicy.from_params(workspace=ws)
     new = gate_records(champ_lm, ingest["accepted"])
     prior_facts = [f for s in (store.path(ingest["champion"]) if ingest["champion"] else [])
                    for f in s.feed.get("facts", []) or []]

@@ -37,7 +37,7 @@ class LifelongConfig:
     batch: int = 10
     offset: int = 0  # first record used
     eval_every: int = 0  # batches between curve points (0: about 10 points)
-    fluency_prompts: int = 32  # edit prompts used for generation entropy
+    fluency_prompts: int | None = None  # first N edit prompts for fluency and greedy entropy (None: all T)
     fluency_tokens: int = 100  # new tokens generated per fluency prompt (METRICS.md: 100)
     ppl_tokens: int = 10_000  # held-out reference tokens for perplexity
     stats_corpus: str = "wiki-summaries-en"
@@ -68,20 +68,19 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def _model_metrics(lm, records: list[dict], fluency_prompts: list[str], ref_text: str, ppl_tokens: int,
                    loc_before: torch.Tensor | None, fluency_tokens: int = 100) -> tuple[dict, torch.Tensor]:
-    from kedit.evaluation.metrics import (
-        evaluate_counterfact,
-        generation_entropy,
-        neighbourhood_kl,
-        next_token_logprobs,
-        perplexity,
-    )
+    from kedit.evaluation import metrics as M
 
-    cf = evaluate_counterfact(lm, records)
-    loc = next_token_logprobs(lm, [r["locality_prompt"] for r in records])
+    cf = M.evaluate_counterfact(lm, records)
+    loc = M.next_token_logprobs(lm, [r["locality_prompt"] for r in records])
     out = {k: cf[k] for k in ("efficacy", "generalization", "specificity", "efficacy_magnitude", "score")}
-    out["fluency"] = generation_entropy(lm, fluency_prompts, max_new_tokens=fluency_tokens)
-    out["perplexity"] = perplexity(lm, ref_text, max_tokens=ppl_tokens)
-    out["nkl"] = 0.0 if loc_before is None else neighbourhood_kl(loc_before, loc)
+    # fluency is METRICS.md's GE (top-k 5 sampling from a fixed seed); greedy_entropy the same n-gram
+    # entropy of greedy continuations of the same prompts, which sampling noise cannot mask
+    out["fluency"] = M.generation_entropy(lm, fluency_prompts, max_new_tokens=fluency_tokens)
+    out["greedy_entropy"] = M.greedy_entropy(lm, fluency_prompts, max_new_tokens=fluency_tokens)
+    out["fluency_setup"] = {"prompts": len(fluency_prompts), "new_tokens": fluency_tokens,
+                            "top_k": M.FLUENCY_TOP_K, "seed": M.FLUENCY_SEED}
+    out["perplexity"] = M.perplexity(lm, ref_text, max_tokens=ppl_tokens)
+    out["nkl"] = 0.0 if loc_before is None else M.neighbourhood_kl(loc_before, loc)
     out["failed_ids"] = cf["failed_ids"]
     return out, loc
 
@@ -205,11 +204,12 @@ def _loadavg() -> list[float] | None:
 
 def _fmt_row(m: dict) -> str:
     return (f"ES {m['efficacy']:.3f} PS {m['generalization']:.3f} NS {m['specificity']:.3f} "
-            f"GE {m['fluency']:.1f} PPL {m['perplexity']:.2f} NKL {m['nkl']:.4f}")
+            f"GE {m['fluency']:.1f} greedy GE {m['greedy_entropy']:.1f} PPL {m['perplexity']:.2f} NKL {m['nkl']:.4f}")
 
 
 def results_markdown(res: dict) -> str:
     c, b, e = res["config"], res["baseline"], res["edited"]
+    fs = b["fluency_setup"]
 
     def rel(key: str) -> str:
         return f"{100 * (e[key] - b[key]) / b[key]:+.1f}%" if b[key] else "–"
@@ -221,13 +221,15 @@ def results_markdown(res: dict) -> str:
         f"{c['batch']}, all metrics after the last batch. Layers {c['layers']}; device {e['device']}; "
         f"load average at the end {c['load_average']}.",
         "",
-        "| run | efficacy | generalization | specificity | fluency (x100) | perplexity | NKL | s/edit |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | efficacy | generalization | specificity | fluency (x100) | greedy entropy (x100) | perplexity "
+        "| NKL | s/edit |",
+        "|---|---|---|---|---|---|---|---|---|",
         f"| unedited | {b['efficacy']:.3f} | {b['generalization']:.3f} | {b['specificity']:.3f} | "
-        f"{b['fluency']:.1f} | {b['perplexity']:.2f} | – | – |",
+        f"{b['fluency']:.1f} | {b['greedy_entropy']:.1f} | {b['perplexity']:.2f} | – | – |",
         f"| {c['method']} T{c['edits']} B{c['batch']} | {e['efficacy']:.3f} | {e['generalization']:.3f} | "
-        f"{e['specificity']:.3f} | {e['fluency']:.1f} ({rel('fluency')}) | {e['perplexity']:.2f} "
-        f"({rel('perplexity')}) | {e['nkl']:.4f} | {e['seconds_per_edit']:.2f} |",
+        f"{e['specificity']:.3f} | {e['fluency']:.1f} ({rel('fluency')}) | {e['greedy_entropy']:.1f} "
+        f"({rel('greedy_entropy')}) | {e['perplexity']:.2f} ({rel('perplexity')}) | {e['nkl']:.4f} | "
+        f"{e['seconds_per_edit']:.2f} |",
         "",
         f"- editing time {e['edit_seconds']:.1f} s ({e['seconds_per_edit']:.2f} s/edit); one-time work "
         f"(statistics, prefixes, projectors; near 0 when cached by an earlier run) {e['one_time_seconds']:.1f} s; "
@@ -236,8 +238,13 @@ def results_markdown(res: dict) -> str:
             f"{k} [{lo:.2f}, {hi:.2f}]" for k in ("efficacy", "generalization", "specificity")
             for lo, hi in [wilson_interval(round(e[k] * c["edits"]), c["edits"])]),
         f"- peak memory {e['peak_memory_mb']:.0f} MB",
-        f"- fluency on the first {c['fluency_prompts']} edit prompts; perplexity on {c['ppl_tokens']} "
-        f"held-out tokens; statistics {c['stats']['n_tokens']} tokens",
+        f"- fluency (METRICS.md generation entropy): {fs['new_tokens']} new tokens after each of the first "
+        f"{fs['prompts']} edit prompts (`prompt`), top-k sampling with k={fs['top_k']} from seed {fs['seed']}, "
+        f"all prompts in one batch; n-gram entropy of the generated text only (word and punctuation tokens, "
+        f"2-/3-grams weighted 2/3 and 4/3, log2), mean over prompts, x100",
+        f"- greedy entropy: the same n-gram entropy on greedy {fs['new_tokens']}-token continuations of the "
+        f"same prompts (sampling noise does not mask repetition there)",
+        f"- perplexity on {c['ppl_tokens']} held-out tokens; statistics {c['stats']['n_tokens']} tokens",
     ]
     if c.get("nullspace_dim"):
         lines.append(f"- null-space dimension per layer: {c['nullspace_dim']}")

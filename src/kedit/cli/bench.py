@@ -33,7 +33,8 @@ def register(sub) -> None:
     _add_run_args(b, "records edited in all", "override one hyperparameter", "curve.png")
     b.add_argument("--batch", "-B", type=int, default=10)
     b.add_argument("--eval-every", type=int, default=0, help="batches between curve points (0: ~10 points)")
-    b.add_argument("--fluency-prompts", type=int, default=32)
+    b.add_argument("--fluency-prompts", type=int, default=None,
+                   help="first N edit prompts for fluency and greedy entropy (default: all)")
     b.add_argument("--save-edit", action="store_true",
                    help="also write the summed deltas and the final editor state to OUT/edit (a `kedit edit` directory)")
     b.set_defaults(func=_lifelong)

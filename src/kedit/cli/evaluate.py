@@ -18,7 +18,7 @@ def register(sub) -> None:
     b.add_argument("--prompts", default=None, help="prompt list (one a line) instead of the shipped one")
     b.add_argument("--k", type=int, default=None, help="greedy tokens stored per prompt (params canary.k)")
     b.add_argument("--max-prompts", type=int, default=None)
-    b.add_argument("--params", default="params.yaml")
+    b.add_argument("--params", default=None, help="params file with a canary: block (default: kedit.params lookup)")
     b.add_argument("--out", default=None, help="default: <workspace>/canary/<slug>/")
     b.set_defaults(func=_canary_build)
 
@@ -31,7 +31,7 @@ def register(sub) -> None:
     g.add_argument("--canary", default=None, help="canary suite folder (default: <workspace>/canary/<champion>/ "
                                                   "if present, else built on the fly)")
     g.add_argument("--reference", default=None, help="reference text file for perplexity (params gates.reference_text)")
-    g.add_argument("--params", default="params.yaml", help="params file with the gates: block")
+    g.add_argument("--params", default=None, help="params file with the gates: block (default: kedit.params lookup)")
     g.set_defaults(func=_gate)
 
     e = sub.add_parser("evaluate", help="CounterFact efficacy / generalization / specificity / score of a model")
@@ -51,11 +51,11 @@ def _records(path: str | None) -> list[dict]:
 
 def _canary_build(args) -> int:
     from kedit.evaluation.canary import build_canary, canary_dir, parse_prompt_lines
-    from kedit.evaluation.gates import load_params_block
     from kedit.models.store import load_model
+    from kedit.params import load_params
 
     cfg = {"k": 8, "max_prompts": None}
-    cfg.update(load_params_block(args.params, "canary"))
+    cfg.update(load_params(args.params, workspace(args)).block("canary"))
     k = args.k or int(cfg["k"])
     ws = workspace(args)
     lm = load_model(args.model, ws)
@@ -83,7 +83,7 @@ def _gate(args) -> int:
     from kedit.models.store import load_model
 
     ws = workspace(args)
-    policy = GatePolicy.from_params(args.params)
+    policy = GatePolicy.from_params(args.params, ws)
     champion = load_model(args.champion, ws)
     candidate = load_model(args.candidate, ws)
     if champion.adapter.model_type != candidate.adapter.model_type:

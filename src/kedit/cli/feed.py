@@ -51,22 +51,14 @@ def register(sub) -> None:
 
 def _policy_args(p) -> None:
     p.add_argument("--params", default=None,
-                   help="params.yaml whose feeds: block sets the limits (default: workspace or cwd params.yaml)")
+                   help="params.yaml whose feeds: block sets the limits (default: kedit.params lookup order)")
 
 
 def _policy(args):
     from kedit.feeds.schema import FeedPolicy
+    from kedit.params import load_params
 
-    if args.params:
-        return FeedPolicy.from_params(args.params)
-    for cand in (workspace(args).root / "params.yaml", Path.cwd() / "params.yaml"):
-        if cand.is_file():
-            import yaml
-
-            params = yaml.safe_load(cand.read_text(encoding="utf-8")) or {}
-            if "feeds" in params:
-                return FeedPolicy.from_params(params)
-    return FeedPolicy()
+    return FeedPolicy.from_params({"feeds": load_params(args.params, workspace(args)).block("feeds")})
 
 
 def _summary(res) -> None:

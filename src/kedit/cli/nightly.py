@@ -166,8 +166,8 @@ def _demo(args) -> int:
             con.print("A reviewer would now run (and this demo runs it for you):\n"
                       f"  [bold]PREFECT_API_URL={stack.api_url} kedit approve {sid[:12]} --by {args.approver} "
                       f"--comment 'demo: reviewed gate report'[/bold]")
-            # a reviewer takes minutes; resuming within a second of the suspension can reach the process
-            # worker before it has released the run's slot (Prefect 3.8.8 then crashes the worker)
+            # a reviewer takes minutes; a resume within a second of the suspension crashed Prefect 3.8's
+            # process worker (not re-checked on the pinned 3.9), so the demo waits like a reviewer would
             time.sleep(15)
             api.decide(sid, True, args.approver, "demo: reviewed gate report")
             fr = api.wait(run["id"], ("COMPLETED",), timeout=args.timeout, on_poll=show)

@@ -38,15 +38,15 @@ def _common(p) -> None:
     p.add_argument("--window", type=int, default=None, help="neighbouring layers restored for mlp/attn (10)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-rows", type=int, default=None, help="rows per forward pass (memory vs speed)")
-    p.add_argument("--params", default="params.yaml", help="params file with a trace: block (optional)")
+    p.add_argument("--params", default=None, help="params file with a trace: block (default: kedit.params lookup)")
 
 
 def _settings(args) -> dict:
-    from kedit.evaluation.gates import load_params_block
+    from kedit.params import load_params
 
     cfg = {"samples": 10, "noise": 3.0, "window": 10, "seed": 0, "batch_rows": 512, "n": 100, "block_size": 5,
            "aggregate_kinds": ["mlp"]}
-    cfg.update(load_params_block(args.params, "trace"))
+    cfg.update(load_params(args.params, workspace(args)).block("trace"))
     for k in ("samples", "noise", "window", "seed", "batch_rows", "n", "block_size"):
         v = getattr(args, k, None)
         if v is not None:

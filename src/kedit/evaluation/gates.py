@@ -22,22 +22,6 @@ from kedit.evaluation.canary import CanarySuite, build_canary, compare, shipped_
 from kedit.models.store import LoadedModel
 
 
-def load_params_block(path: str | Path | None, block: str) -> dict:
-    """The ``block:`` mapping of a params YAML file; ``{}`` if the file or block is absent."""
-    import yaml
-
-    if not path:
-        return {}
-    p = Path(path)
-    if not p.exists():
-        return {}
-    data = yaml.safe_load(p.read_text()) or {}
-    section = data.get(block) or {}
-    if not isinstance(section, dict):
-        raise ValueError(f"{p}: `{block}:` must be a mapping, got {type(section).__name__}")
-    return section
-
-
 @dataclass
 class GatePolicy:
     """Thresholds of the promotion gate. ``None`` disables a check. Defaults suit SmolLM2-135M;
@@ -70,8 +54,12 @@ class GatePolicy:
         return cls(**data)
 
     @classmethod
-    def from_params(cls, path: str | Path | None = "params.yaml") -> GatePolicy:
-        return cls.from_dict(load_params_block(path, "gates"), where=f"{path}: gates")
+    def from_params(cls, path: str | Path | None = None, workspace=None) -> GatePolicy:
+        """The ``gates:`` block of params.yaml, found by :func:`kedit.params.find_params`."""
+        from kedit.params import load_params
+
+        params = load_params(path, workspace)
+        return cls.from_dict(params.block("gates"), where=f"{params.source}: gates")
 
 
 @dataclass

@@ -299,24 +299,36 @@ def canary_agreement(before_tokens: torch.Tensor, after_tokens: torch.Tensor, k:
 
 
 # --- generation and fluency --------------------------------------------------------------------
+# METRICS.md's fluency (GE): 100 new tokens per prompt, top-k sampling with k = 5 from a fixed seed.
+FLUENCY_TOKENS = 100
+FLUENCY_TOP_K = 5
+FLUENCY_SEED = 0
+
+
 def _generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, do_sample: bool,
-              top_k: int = 5, seed: int = 0, batch_size: int = 16) -> torch.Tensor:
-    """New tokens ``[n, max_new_tokens]``; exactly that many per prompt (EOS does not stop it)."""
+              top_k: int = FLUENCY_TOP_K, seed: int = FLUENCY_SEED, batch_size: int | None = 16) -> torch.Tensor:
+    """New tokens ``[n, max_new_tokens]``; exactly that many per prompt (EOS does not stop it).
+
+    Prompts are left-padded and generated ``batch_size`` at a time (``None``: all in one call). Sampling
+    is plain top-k (temperature 1, no top-p, no repetition penalty, whatever the model's generation
+    config says) from ``seed``; the draws depend on the batch, so a fixed prompt list and batch size
+    give the same tokens every time."""
     if not prompts:
         raise ValueError("generation: no prompts")
     seqs = encode_prompts(lm.tokenizer, prompts)
     pad = pad_id(lm.tokenizer)
     out = torch.empty(len(seqs), max_new_tokens, dtype=torch.long)
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=pad,
-                  do_sample=do_sample)
+                  do_sample=do_sample, repetition_penalty=1.0, no_repeat_ngram_size=0)
     if do_sample:
-        kwargs.update(top_k=top_k, top_p=1.0, temperature=1.0)
+        kwargs.update(top_k=top_k, top_p=1.0, temperature=1.0, min_p=None, typical_p=1.0)
     else:
         kwargs.update(top_k=None, top_p=None, temperature=None)
+    step = batch_size or len(seqs)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for start in range(0, len(seqs), batch_size):
-            chunk = seqs[start: start + batch_size]
+        for start in range(0, len(seqs), step):
+            chunk = seqs[start: start + step]
             ids, mask = left_pad(chunk, pad, lm.device)
             gen = lm.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
             out[start: start + len(chunk)] = gen[:, ids.shape[1]:].cpu()
@@ -324,35 +336,70 @@ def _generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, do_s
 
 
 def word_tokens(text: str) -> list[str]:
-    """Words and punctuation marks, the units of the n-gram entropy."""
+    """Words and punctuation marks (each mark its own token), the units of the n-gram entropy."""
     return _WORD_RE.findall(text)
 
 
-def ngram_entropy(text: str, weights: dict[int, float] | None = None) -> float:
-    """Weighted mean of the 2- and 3-gram Shannon entropies (bits) of ``text`` (not x100)."""
+def ngram_counts(words: Sequence[str], n: int) -> Counter:
+    """Frequencies of the ``n``-grams (consecutive word tuples) of ``words``."""
+    return Counter(tuple(words[i: i + n]) for i in range(len(words) - n + 1))
+
+
+def shannon_entropy_bits(counts: Counter) -> float:
+    """Shannon entropy (log base 2) of the frequency distribution ``counts``; 0 when empty."""
+    total = sum(counts.values())
+    return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+
+
+def weighted_ngram_entropy(words: Sequence[str], weights: dict[int, float] | None = None) -> float:
+    """METRICS.md's per-text entropy: mean over n of ``weight_n * H(n-grams)``, i.e.
+    ``(2/3 * H2 + 4/3 * H3) / 2`` for the default weights (bits, not x100)."""
     weights = weights or NGRAM_WEIGHTS
-    words = word_tokens(text)
-    ents = []
-    for n, w in weights.items():
-        grams = Counter(tuple(words[i: i + n]) for i in range(len(words) - n + 1))
-        total = sum(grams.values())
-        h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
-        ents.append(w * h)
-    return sum(ents) / len(ents)
+    return sum(w * shannon_entropy_bits(ngram_counts(words, n)) for n, w in weights.items()) / len(weights)
 
 
-def generate_texts(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 100, top_k: int = 5,
-                   seed: int = 0, batch_size: int = 16) -> list[str]:
-    """Prompt + ``max_new_tokens`` top-k-sampled tokens, from a fixed seed (deterministic per batch size)."""
-    new = _generate(lm, prompts, max_new_tokens, do_sample=True, top_k=top_k, seed=seed, batch_size=batch_size)
-    return [p + lm.tokenizer.decode(row.tolist(), skip_special_tokens=True) for p, row in zip(prompts, new)]
+def ngram_entropy(text: str, weights: dict[int, float] | None = None) -> float:
+    """:func:`weighted_ngram_entropy` of the word tokens of ``text``."""
+    return weighted_ngram_entropy(word_tokens(text), weights)
 
 
-def generation_entropy(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 100, top_k: int = 5,
-                       seed: int = 0, batch_size: int = 16) -> float:
-    """Fluency (GE) x100: mean over prompts of the n-gram entropy of prompt + generated text (as ROME)."""
-    texts = generate_texts(lm, prompts, max_new_tokens, top_k, seed, batch_size)
+def mean_entropy_x100(texts: Sequence[str]) -> float:
+    """The reported figure: 100 x the mean over texts of :func:`ngram_entropy`."""
+    if not texts:
+        raise ValueError("entropy: no texts")
     return 100.0 * sum(ngram_entropy(t) for t in texts) / len(texts)
+
+
+def _decode(lm: LoadedModel, new: torch.Tensor) -> list[str]:
+    return [lm.tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in new]
+
+
+def sampled_continuations(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = FLUENCY_TOKENS,
+                          top_k: int = FLUENCY_TOP_K, seed: int = FLUENCY_SEED) -> list[str]:
+    """The text of ``max_new_tokens`` top-k-sampled tokens after each prompt (without the prompt), all
+    prompts in one left-padded ``generate`` call from ``seed``: the same list gives the same texts."""
+    return _decode(lm, _generate(lm, prompts, max_new_tokens, do_sample=True, top_k=top_k, seed=seed,
+                                 batch_size=None))
+
+
+def greedy_continuations(lm: LoadedModel, prompts: Sequence[str],
+                         max_new_tokens: int = FLUENCY_TOKENS) -> list[str]:
+    """The text of the ``max_new_tokens`` greedy tokens after each prompt (without the prompt)."""
+    return _decode(lm, _generate(lm, prompts, max_new_tokens, do_sample=False, batch_size=None))
+
+
+def generation_entropy(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = FLUENCY_TOKENS,
+                       top_k: int = FLUENCY_TOP_K, seed: int = FLUENCY_SEED) -> float:
+    """Fluency (GE) exactly as METRICS.md defines it, x100: per prompt, ``max_new_tokens`` (100) new
+    tokens by top-k sampling (k = 5) from a fixed seed; the n-gram entropy of that generated text
+    (words and punctuation; 2- and 3-grams, log2, weights 2/3 and 4/3, averaged); mean over prompts."""
+    return mean_entropy_x100(sampled_continuations(lm, prompts, max_new_tokens, top_k, seed))
+
+
+def greedy_entropy(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = FLUENCY_TOKENS) -> float:
+    """The same n-gram entropy x100 on greedy continuations: no sampling noise to mask repetition, so it
+    falls sooner than :func:`generation_entropy` when edits make the model repeat itself."""
+    return mean_entropy_x100(greedy_continuations(lm, prompts, max_new_tokens))
 
 
 # --- perplexity --------------------------------------------------------------------------------

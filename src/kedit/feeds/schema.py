@@ -58,10 +58,9 @@ class FeedPolicy:
         if params is None:
             return cls()
         if isinstance(params, (str, Path)):
-            import yaml
+            from kedit.params import load_params
 
-            path = Path(params)
-            params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            params = {"feeds": load_params(params).block("feeds")}
         block = params.get("feeds", params) if isinstance(params, dict) else None
         if not isinstance(block, dict):
             raise ValueError("feeds: expected a mapping of policy values")

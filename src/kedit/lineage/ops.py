@@ -11,8 +11,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kedit.lineage.state import LineageError
 from kedit.lineage.store import LineageStore
 from kedit.workspace import Workspace
@@ -24,19 +22,10 @@ DEFAULTS: dict[str, Any] = {"snapshot_every": 20, "dvc_remote": None, "model_pre
 
 
 def lineage_params(ws: Workspace, params_file: str | Path | None = None) -> dict[str, Any]:
-    """The ``lineage:`` block of params.yaml (workspace root, else the current directory), over defaults."""
-    out = dict(DEFAULTS)
-    for cand in ([Path(params_file)] if params_file else [ws.root / "params.yaml", Path("params.yaml")]):
-        if cand.exists():
-            block = (yaml.safe_load(cand.read_text()) or {}).get("lineage") or {}
-            if not isinstance(block, dict):
-                raise ValueError(f"{cand}: `lineage:` must be a mapping")
-            unknown = set(block) - set(DEFAULTS)
-            if unknown:
-                raise ValueError(f"{cand}: unknown lineage keys {sorted(unknown)} (known: {sorted(DEFAULTS)})")
-            out.update(block)
-            break
-    return out
+    """The ``lineage:`` block of params.yaml (found by :func:`kedit.params.find_params`), over defaults."""
+    from kedit.params import load_params
+
+    return {**DEFAULTS, **load_params(params_file, ws).block("lineage")}
 
 
 def open_store(ws: Workspace, params: dict[str, Any] | None = None) -> LineageStore:
