@@ -37,7 +37,8 @@ class LifelongConfig:
     batch: int = 10
     offset: int = 0  # first record used
     eval_every: int = 0  # batches between curve points (0: about 10 points)
-    fluency_prompts: int | None = None  # first N edit prompts for fluency and greedy entropy (None: all T)
+    fluency_prompts: int | None = 100  # first N edit prompts for fluency and greedy entropy (None: all T;
+    # sampling 100 tokens for each of 10,000 prompts would dwarf the editing time on a CPU)
     fluency_tokens: int = 100  # new tokens generated per fluency prompt (METRICS.md: 100)
     ppl_tokens: int = 10_000  # held-out reference tokens for perplexity
     stats_corpus: str = "wiki-summaries-en"

@@ -33,8 +33,8 @@ def register(sub) -> None:
     _add_run_args(b, "records edited in all", "override one hyperparameter", "curve.png")
     b.add_argument("--batch", "-B", type=int, default=10)
     b.add_argument("--eval-every", type=int, default=0, help="batches between curve points (0: ~10 points)")
-    b.add_argument("--fluency-prompts", type=int, default=None,
-                   help="first N edit prompts for fluency and greedy entropy (default: all)")
+    b.add_argument("--fluency-prompts", type=int, default=100,
+                   help="first N edit prompts for fluency and greedy entropy (default 100; 0: all)")
     b.add_argument("--save-edit", action="store_true",
                    help="also write the summed deltas and the final editor state to OUT/edit (a `kedit edit` directory)")
     b.set_defaults(func=_lifelong)
@@ -61,7 +61,7 @@ def _lifelong(args) -> int:
 
     cfg = LifelongConfig(method=args.method, data=args.data or str(DEFAULT_DATA), edits=args.edits,
                          batch=args.batch, offset=args.offset, eval_every=args.eval_every,
-                         fluency_prompts=args.fluency_prompts, ppl_tokens=args.ppl_tokens,
+                         fluency_prompts=args.fluency_prompts or None, ppl_tokens=args.ppl_tokens,
                          stats_corpus=args.stats_corpus, stats_tokens=args.stats_tokens,
                          hparams_file=args.hparams, overrides=_parse_set(args.set))
     from kedit.cli import CLIError
