@@ -51,13 +51,14 @@ def test_each_bad_row_quarantined_with_its_reason(mixed):
     for rid, check in EXPECTED_REASON.items():
         assert rid in by_id, f"{rid} not quarantined"
         assert any(r.startswith(check + ":") for r in by_id[rid][0]), (rid, by_id[rid])
-    # id "g2" used by two different rows: both quarantined
-    assert len(by_id["g2"]) == 2 and all(r[0].startswith("id_unique:") for r in by_id["g2"])
-    assert res.counts["quarantined"] == len(EXPECTED_REASON) + 2 == len(res.quarantined)
-    # the exact duplicate of g3 is dropped, not quarantined; all other good rows are accepted
-    assert [(d.row["id"], d.reason.split(":")[0]) for d in res.dropped] == [("g3-again", "duplicate")]
-    assert sorted(res.accepted_ids) == sorted(["g1"] + [f"g{i}" for i in range(3, 21)])
-    assert res.counts["rows"] == 35 and res.counts["accepted"] == 19
+    # id "g2" reused by a different row on line 34: the first keeps it, the later one is quarantined
+    assert by_id["g2"] == [["duplicate_id: id 'g2' was first used on line 2 (kept); this row differs from it"]]
+    assert res.counts["quarantined"] == len(EXPECTED_REASON) + 1 == len(res.quarantined)
+    # the duplicate of g3's fact is dropped, not quarantined; all other good rows are accepted
+    assert [(d.row["id"], d.reason) for d in res.dropped] == [
+        ("g3-again", "duplicate: same fact and target as line 3 (id 'g3')")]
+    assert sorted(res.accepted_ids) == sorted([f"g{i}" for i in range(1, 21)])
+    assert res.counts["rows"] == 35 and res.counts["accepted"] == 20
     # quarantine file beside the feed, one JSON line per quarantined row with line number and reasons
     qfile = path.parent / "quarantine" / "2025-01-02.jsonl"
     assert res.quarantine_path == str(qfile)
@@ -81,8 +82,8 @@ def test_accepted_rows_are_normalised_edit_requests(mixed):
 def test_invalid_fraction_over_threshold_fails_whole_feed(tmp_path):
     path = _copy("mixed.jsonl", tmp_path)
     res = ingest_feed(path, FeedPolicy(max_invalid_fraction=0.2), now=NOW)
-    assert not res.passed and res.accepted == [] and res.counts["held_back"] == 19
-    assert "max_invalid_fraction" in res.message and "15 of 35" in res.message
+    assert not res.passed and res.accepted == [] and res.counts["held_back"] == 20
+    assert "max_invalid_fraction" in res.message and "14 of 35" in res.message
     assert "REJECTED" in Path(res.report_path).read_text()
     assert Path(res.quarantine_path).exists()  # the bad rows are still quarantined for inspection
 
@@ -184,7 +185,7 @@ def test_in_feed_duplicates_and_contradictions():
                                                                                 "target_new": "Y"}, dict(base)]
     quarantine, drop = in_feed_conflicts(rows)
     assert set(quarantine) == {2, 3} and all("contradictory" in v for v in quarantine.values())
-    assert set(drop) == {1, 4}  # b: same fact+target as a; the last row: exact copy of a
+    assert set(drop) == {1, 4}  # b and the last row: same fact and target as a
 
 
 def test_normalisation():
@@ -258,3 +259,106 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
     bad = _copy("bad_json.jsonl", tmp_path, "2025-01-03")
     assert main(["feed", "validate", str(bad)]) == 2
     assert f"{bad}:3: invalid JSON" in capsys.readouterr().err
+
+
+# --- hostile or sloppy producers --------------------------------------------------------------------------
+def _good(i: int, **kw) -> dict:
+    return {"id": f"h{i}", "subject": f"Subject {i}", "prompt": "{} is located in", "target_new": f"Place {i}",
+            "target_true": f"Home {i}", "source": "test", "observed_at": "2025-01-02T03:04:05Z", **kw}
+
+
+def _write_jsonl(tmp: Path, rows: list, name: str = "2025-01-02.jsonl", sep: str = "\n") -> Path:
+    """Rows (dicts, or raw text lines) as a JSONL file; non-ASCII characters written raw, not escaped."""
+    path = tmp / "feeds" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in rows]
+    path.write_bytes((sep.join(lines) + sep).encode("utf-8"))
+    return path
+
+
+def _reasons(res) -> dict[str, list[str]]:
+    return {q.row["id"]: q.reasons for q in res.quarantined}
+
+
+def test_invisible_unicode_is_quarantined_with_the_code_point_named(tmp_path):
+    rows = [_good(i) for i in range(1, 11)]
+    rows[0]["subject"] = "Ab\u202ec"                      # RIGHT-TO-LEFT OVERRIDE at position 3
+    rows[1]["target_new"] = "Pa\u200bris"                 # ZERO WIDTH SPACE
+    rows[2]["prompt"] = "{} is\ufeff located in"          # BOM inside text
+    rows[3]["source"] = "\u2066feed\u2069"                # isolates
+    rows[4]["paraphrases"] = ["fine", "Subject\u200d 5 is in"]
+    path = _write_jsonl(tmp_path, rows)
+    res = ingest_feed(path, LENIENT, now=NOW, record=False)
+    why = _reasons(res)
+    assert set(why) == {"h1", "h2", "h3", "h4", "h5"}, why
+    assert "invisible_chars:subject: subject contains U+202E RIGHT-TO-LEFT OVERRIDE at position 3" in why["h1"]
+    assert any("target_new contains U+200B ZERO WIDTH SPACE at position 3" in r for r in why["h2"])
+    assert any("prompt contains U+FEFF ZERO WIDTH NO-BREAK SPACE at position 6" in r for r in why["h3"])
+    assert any("U+2066 LEFT-TO-RIGHT ISOLATE at position 1" in r and "U+2069 POP DIRECTIONAL ISOLATE" in r
+               for r in why["h4"])
+    assert any(r.startswith("invisible_chars:paraphrases: paraphrases[1] contains U+200D ZERO WIDTH JOINER "
+                            "at position 8") for r in why["h5"]), why["h5"]
+    assert res.counts["quarantine_reasons"]["invisible_chars"] == 5
+    checks = {c["check"] for c in res.checks}
+    assert {"invisible_chars:subject", "invisible_chars:paraphrases"} <= checks  # in the GX suite itself
+    import jsonschema
+
+    with pytest.raises(jsonschema.ValidationError):  # the published schema says so too
+        jsonschema.validate(rows[0], feed_schema())
+
+
+def test_jsonl_splits_on_newline_only(tmp_path):
+    rows = [_good(i) for i in range(1, 6)]
+    rows[0]["subject"] = "Sub\u2028ject 1"               # raw LINE SEPARATOR inside a JSON string
+    rows[1]["source"] = "para\u2029graph"                 # raw PARAGRAPH SEPARATOR
+    rows[2]["relation"] = "next\x85line"                  # raw NEL (a C1 control character)
+    path = _write_jsonl(tmp_path, rows)
+    feed = read_feed(path)
+    assert [r["id"] for r in feed.rows] == ["h1", "h2", "h3", "h4", "h5"] and feed.lines == [1, 2, 3, 4, 5]
+    res = ingest_feed(path, LENIENT, now=NOW, record=False)
+    assert res.passed and res.accepted_ids == ["h1", "h2", "h4", "h5"]
+    assert res.accepted[0]["subject"] == "Sub ject 1" and res.accepted[1]["source"] == "para graph"
+    assert [q.line for q in res.quarantined] == [3]
+    assert any("relation contains U+0085" in r for r in res.quarantined[0].reasons), res.quarantined[0].reasons
+    crlf = _write_jsonl(tmp_path, rows[3:], name="2025-01-03.jsonl", sep="\r\n")
+    assert [r["id"] for r in read_feed(crlf).rows] == ["h4", "h5"] and read_feed(crlf).lines == [1, 2]
+
+
+def test_every_bad_jsonl_line_is_reported(tmp_path):
+    good = [_good(i) for i in range(1, 6)]
+    path = _write_jsonl(tmp_path, [good[0], "[1, 2]", good[1], '{"id": "x", oops}', "", "42", good[2], '"s"'])
+    with pytest.raises(FeedFormatError) as ei:
+        read_feed(path)
+    err = ei.value
+    assert err.line == 2 and [n for n, _ in err.problems] == [2, 4, 6, 8]
+    text = str(err)
+    for n, words in [(2, "got array"), (4, "invalid JSON"), (6, "got number"), (8, "got string")]:
+        assert f"{path}:{n}: " in text and words in text, text
+    assert "4 bad lines" in text
+
+
+def test_every_bad_csv_line_is_reported(tmp_path):
+    lines = (DATA / "good.csv").read_text().splitlines()
+    path = tmp_path / "2025-01-02.csv"
+    path.write_text("\n".join([lines[0], lines[1], "a,b", lines[2], "x,y,z", lines[3]]) + "\n")
+    with pytest.raises(FeedFormatError) as ei:
+        read_feed(path)
+    assert [n for n, _ in ei.value.problems] == [3, 5] and "got 2" in str(ei.value) and "got 3" in str(ei.value)
+
+
+def test_duplicate_id_keeps_first_and_quarantines_later_different_rows(tmp_path):
+    rows = [_good(i) for i in range(1, 9)]
+    rows.append({**_good(2), "target_new": "Elsewhere"})                 # line 9: same id as line 2, differs
+    rows.append(dict(reversed(list(_good(3).items()))))                  # line 10: field-identical to line 3
+    rows.append(_good(3))                                                # line 11: byte-identical to line 3
+    path = _write_jsonl(tmp_path, rows)
+    res = ingest_feed(path, LENIENT, now=NOW, record=False)
+    assert res.accepted_ids == [f"h{i}" for i in range(1, 9)]            # the first h2 is kept
+    assert [(q.line, q.row["target_new"]) for q in res.quarantined] == [(9, "Elsewhere")]
+    assert res.quarantined[0].reasons == [
+        "duplicate_id: id 'h2' was first used on line 2 (kept); this row differs from it"]
+    assert [(d.line, d.reason) for d in res.dropped] == [
+        (10, "duplicate: identical to line 3 (id 'h3')"), (11, "duplicate: identical to line 3 (id 'h3')")]
+    assert res.counts["drop_reasons"] == {"duplicate": 2} and res.counts["quarantined"] == 1
+    report = Path(res.report_path).read_text()
+    assert "## Dropped rows (2)" in report and "identical to line 3" in report

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kedit.atomic import write_json_atomic, write_text_atomic
-from kedit.feeds.dedup import already_applied, flip_flops, in_feed_conflicts
+from kedit.feeds.dedup import already_applied, duplicate_ids, flip_flops, in_feed_conflicts
 from kedit.feeds.expectations import run_suite
 from kedit.feeds.normalize import normalize_row
 from kedit.feeds.reader import read_feed
@@ -37,7 +37,7 @@ class QuarantinedRow:
 @dataclass
 class DroppedRow:
     line: int
-    row: dict[str, Any]  # normalised
+    row: dict[str, Any]  # normalised (as read, for an identical copy of an earlier row)
     reason: str
 
 
@@ -93,18 +93,24 @@ def ingest_feed(path: str | Path, policy: FeedPolicy | None = None, *,
     n = len(raw.rows)
     suite = run_suite(raw.rows, policy, now)
     reasons = suite.row_reasons(n)
+    dropped: dict[int, str] = {}
+    id_quarantine, id_copies = duplicate_ids(raw.rows, raw.lines)
+    for i, why in id_quarantine.items():
+        reasons[i].append(why)
+    for i, why in id_copies.items():
+        reasons[i] = []  # an identical copy is judged as the row it copies (kept or quarantined there)
+        dropped[i] = why
 
     norm: dict[int, dict[str, Any]] = {}
     for i in range(n):
-        if not reasons[i]:
+        if not reasons[i] and i not in dropped:
             row, problems = normalize_row(raw.rows[i])
             reasons[i].extend(problems)
             if not problems:
                 norm[i] = row
     pos = sorted(norm)
     rows = [norm[i] for i in pos]
-    dropped: dict[int, str] = {}
-    conflict_q, dup_drop = in_feed_conflicts(rows)
+    conflict_q, dup_drop = in_feed_conflicts(rows, [raw.lines[i] for i in pos])
     for j, why in conflict_q.items():
         reasons[pos[j]].append(why)
     for j, why in flip_flops(rows, history, policy.window_days).items():
@@ -142,7 +148,7 @@ def ingest_feed(path: str | Path, policy: FeedPolicy | None = None, *,
         notes.append("no-op check skipped (no champion predictor given)")
 
     quarantined = [QuarantinedRow(raw.lines[i], raw.rows[i], reasons[i]) for i in range(n) if reasons[i]]
-    dropped_rows = [DroppedRow(raw.lines[i], norm[i], dropped[i]) for i in sorted(dropped)]
+    dropped_rows = [DroppedRow(raw.lines[i], norm.get(i, raw.rows[i]), dropped[i]) for i in sorted(dropped)]
     accepted_idx = candidates if passed else []
     reason_counts = Counter(r.split(":", 1)[0] for q in quarantined for r in q.reasons)
     drop_counts = Counter(d.reason.split(":", 1)[0] for d in dropped_rows)

@@ -18,13 +18,32 @@ from kedit.feeds.schema import LIST_FIELDS, REQUIRED_FIELDS, FeedPolicy
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
-class FeedFormatError(ValueError):
-    """A feed file that cannot be read as a feed at all. ``str()`` reads ``file:line: problem``."""
+MAX_LISTED_PROBLEMS = 100  # bad lines named in the message; ``FeedFormatError.problems`` holds all
 
-    def __init__(self, path: str | Path, problem: str, line: int | None = None) -> None:
+
+class FeedFormatError(ValueError):
+    """A feed file that cannot be read as a feed at all. ``str()`` reads ``file:line: problem``, one
+    line per bad line of the file when there are several (``problems`` lists them all)."""
+
+    def __init__(self, path: str | Path, problem: str, line: int | None = None,
+                 problems: list[tuple[int, str]] | None = None) -> None:
         self.path, self.line, self.problem = str(path), line, problem
-        where = f"{path}:{line}" if line is not None else str(path)
-        super().__init__(f"{where}: {problem}")
+        self.problems = problems or ([(line, problem)] if line is not None else [])
+        if len(self.problems) > 1:
+            shown = [f"{path}:{n}: {p}" for n, p in self.problems[:MAX_LISTED_PROBLEMS]]
+            more = len(self.problems) - len(shown)
+            text = f"{path}: {problem}\n" + "\n".join(shown) + (f"\n... and {more} more bad lines" if more else "")
+        else:
+            text = f"{path}:{line}: {problem}" if line is not None else f"{path}: {problem}"
+        super().__init__(text)
+
+    @classmethod
+    def from_lines(cls, path: str | Path, problems: list[tuple[int, str]], what: str) -> FeedFormatError:
+        """One error for every bad line of a file (the first one's line is ``line``)."""
+        if len(problems) == 1:
+            return cls(path, problems[0][1], problems[0][0])
+        return cls(path, f"{len(problems)} bad lines ({what}); nothing is read from this file",
+                   problems[0][0], problems)
 
 
 @dataclass
@@ -51,19 +70,37 @@ def _decode(path: Path, data: bytes) -> str:
     return text.removeprefix("\ufeff")
 
 
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """Lines of a JSONL text. Split on ``\\n`` only (a trailing ``\\r`` is dropped): JSON strings may hold
+    raw U+2028, U+2029, U+0085 and other characters that ``str.splitlines`` would also break at."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [ln.removesuffix("\r") for ln in lines]
+
+
 def _read_jsonl(path: Path, text: str) -> tuple[list[dict], list[int]]:
-    rows, lines = [], []
-    for n, raw in enumerate(text.splitlines(), start=1):
+    """Every line parsed; all bad lines are reported together, so a producer can fix them in one go."""
+    rows, lines, bad = [], [], []
+    for n, raw in enumerate(jsonl_lines(text), start=1):
         if not raw.strip():
             continue
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise FeedFormatError(path, f"invalid JSON: {exc.msg} (column {exc.colno})", n) from None
+            bad.append((n, f"invalid JSON: {exc.msg} (column {exc.colno})"))
+            continue
         if not isinstance(obj, dict):
-            raise FeedFormatError(path, f"expected a JSON object per line, got {type(obj).__name__}", n)
+            bad.append((n, f"expected a JSON object per line, got {_JSON_TYPES.get(type(obj), type(obj).__name__)}"))
+            continue
         rows.append(obj)
         lines.append(n)
+    if bad:
+        raise FeedFormatError.from_lines(path, bad, "a JSONL feed holds one JSON object per line")
     return rows, lines
 
 
@@ -90,7 +127,7 @@ def _read_csv(path: Path, text: str) -> tuple[list[dict], list[int], list[str]]:
     if len(set(header)) != len(header):
         dup = sorted({h for h in header if header.count(h) > 1})
         raise FeedFormatError(path, f"duplicate column(s) in header: {dup}", 1)
-    rows, lines = [], []
+    rows, lines, bad = [], [], []
     while True:
         start = reader.line_num + 1
         try:
@@ -98,16 +135,20 @@ def _read_csv(path: Path, text: str) -> tuple[list[dict], list[int], list[str]]:
         except StopIteration:
             break
         except csv.Error as exc:
-            raise FeedFormatError(path, f"bad CSV: {exc}", start) from None
+            bad.append((start, f"bad CSV: {exc}"))
+            continue
         if not any(c.strip() for c in cells):
             continue
         if len(cells) != len(header):
-            raise FeedFormatError(path, f"expected {len(header)} fields, got {len(cells)}", start)
+            bad.append((start, f"expected {len(header)} fields, got {len(cells)}"))
+            continue
         row: dict[str, Any] = {}
         for key, cell in zip(header, cells):
             row[key] = None if cell == "" else (_list_cell(cell) if key in LIST_FIELDS else cell)
         rows.append(row)
         lines.append(start)
+    if bad:
+        raise FeedFormatError.from_lines(path, bad, f"a CSV feed row has the header's {len(header)} fields")
     return rows, lines, header
 
 
