@@ -62,6 +62,7 @@ class IngestResult:
     report_path: str | None = None
     previously_ingested: bool = False
     notes: list[str] = field(default_factory=list)
+    champion: str | None = None  # lineage state whose applied facts and history were checked (None: base)
 
     @property
     def accepted_ids(self) -> list[str]:
