@@ -364,38 +364,47 @@ def test_duplicate_id_keeps_first_and_quarantines_later_different_rows(tmp_path)
     assert "## Dropped rows (2)" in report and "identical to line 3" in report
 
 
-def test_feed_ingest_cli_runs_the_nightly_lineage_checks(workspace, tiny_lm, capsys, monkeypatch):
-    """`kedit feed ingest` and the nightly ingest step share one function: facts already applied on the
-    champion's path are dropped, and a change back within the window is quarantined as a flip-flop."""
-    from kedit.cli import main
+def champion_with_facts(workspace, lm) -> str:
+    """A promoted lineage state that applied h1 and h2 (Subject 1 -> Place 1, Subject 2 -> Place 2)."""
     from kedit.lineage.ops import open_store
     from tests.test_lineage import fabricate
 
     store = open_store(workspace)
-    applied = [{"id": "h1", "subject": "Subject 1", "prompt": "{} is located in", "target_new": "Place 1",
-                "target_true": "Home 1"},
-               {"id": "h2", "subject": "Subject 2", "prompt": "{} is located in", "target_new": "Place 2",
-                "target_true": "Home 2"}]
-    res = fabricate(tiny_lm, None, 0, ["h1", "h2"])
-    state = store.commit(tiny_lm, res, parent=None, hparams={"method": "alphaedit"},
+    facts = [{"id": f"h{i}", "subject": f"Subject {i}", "prompt": "{} is located in", "target_new": f"Place {i}",
+              "target_true": f"Home {i}"} for i in (1, 2)]
+    state = store.commit(lm, fabricate(lm, None, 0, ["h1", "h2"]), parent=None, hparams={"method": "alphaedit"},
                          feed={"path": "feeds/old.jsonl", "file_sha256": "x", "row_ids": ["h1", "h2"],
-                               "facts": applied})
+                               "facts": facts})
     store.record_gate(state.id, {"passed": True})
     store.approve(state.id, by="tester")
     store.promote(state.id, by="tester")
     assert store.champion() == state.id
+    return state.id
+
+
+def lineage_feed(workspace) -> Path:
+    """h1 is already applied; h2 changes Subject 2 back to Home 2 (a flip-flop); h3..h8 are new."""
     rows = [_good(1), _good(2, target_new="Home 2", target_true="Place 2",
                           observed_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))]
-    rows += [_good(i) for i in range(3, 9)]
-    path = _write_jsonl(Path(workspace.root), rows)
+    return _write_jsonl(Path(workspace.root), rows + [_good(i) for i in range(3, 9)])
+
+
+def test_feed_ingest_cli_runs_the_nightly_lineage_checks(workspace, tiny_lm, capsys, monkeypatch):
+    """`kedit feed ingest` and the nightly ingest step share one function: facts already applied on the
+    champion's path are dropped, and a change back within the window is quarantined as a flip-flop."""
+    from kedit.cli import main
+
+    champion = champion_with_facts(workspace, tiny_lm)
+    path = lineage_feed(workspace)
     monkeypatch.chdir(workspace.root)
-    rc = main(["-w", str(workspace.root), "feed", "ingest", str(path), "--json",
-               str(workspace.root / "out.json")])
+    rc = main(["-w", str(workspace.root), "feed", "ingest", str(path), "--json", str(workspace.root / "out.json")])
     out = json.loads((workspace.root / "out.json").read_text())
     assert rc == 0, capsys.readouterr()
+    assert out["champion"] == champion and f"champion {champion}" in capsys.readouterr().out
     assert out["counts"]["drop_reasons"] == {"already_applied": 1}
     assert out["counts"]["quarantine_reasons"] == {"flip_flop": 1}
     assert [r["id"] for r in out["accepted"]] == [f"h{i}" for i in range(3, 9)]
+    assert (workspace.feeds_dir / ".ingested.json").exists() and (workspace.feeds_dir / "reports").is_dir()
 
 
 def test_validate_writes_reports_into_the_workspace(tmp_path, capsys):
