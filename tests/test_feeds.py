@@ -417,3 +417,61 @@ def test_validate_writes_reports_into_the_workspace(tmp_path, capsys):
     assert (ws / "feeds" / "quarantine" / "2025-01-02.jsonl").exists()
     assert not (elsewhere.parent / "reports").exists() and not (elsewhere.parent / "quarantine").exists()
     assert str(ws / "feeds" / "reports" / "2025-01-02.md") in capsys.readouterr().out
+
+
+def test_hostile_json_lines_are_bad_lines_not_crashes(tmp_path):
+    """Each of these used to crash the reader (RecursionError, ValueError without a line), pass silently
+    (a repeated key: the last value wins unseen), or carry non-JSON NaN / a lone surrogate into the
+    quarantine file and report (which then could not be written as UTF-8)."""
+    good = json.dumps(_good(1))
+    hostile = {
+        2: ('{"id": "n", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        3: ('{"id": "i", "big": ' + "9" * 5000 + "}", "number too long"),
+        4: ('{"id": "c", "score": NaN}', "NaN is not JSON"),
+        5: (json.dumps(_good(5))[:-1] + ', "target_new": "Elsewhere"}', "key 'target_new' appears twice"),
+        6: (json.dumps(_good(6)).replace("Subject 6", "Subject \\ud800 6"), "lone surrogate \\ud800"),
+    }
+    path = _write_jsonl(tmp_path, [good] + [line for line, _ in hostile.values()] + [good.replace("h1", "h7")])
+    with pytest.raises(FeedFormatError) as ei:
+        read_feed(path)
+    assert [n for n, _ in ei.value.problems] == list(hostile), ei.value.problems
+    for (n, problem), (_, words) in zip(ei.value.problems, hostile.values()):
+        assert words in problem, (n, problem)
+
+
+def test_schema_pattern_rejects_a_single_control_character():
+    import jsonschema
+
+    for bad in ("A\x00", "\x00", "a\tb"):  # the old pattern let one through as its \S
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**_good(1), "subject": bad}, feed_schema())
+    jsonschema.validate(_good(1), feed_schema())
+
+
+def test_utf16_file_is_named_as_such(tmp_path):
+    path = tmp_path / "2025-01-02.jsonl"
+    path.write_bytes((json.dumps(_good(1)) + "\n").encode("utf-16"))
+    with pytest.raises(FeedFormatError, match="UTF-16 .*feeds must be UTF-8"):
+        read_feed(path)
+    path.write_bytes((json.dumps(_good(1)) + "\n").encode("utf-16-le"))  # no byte-order mark
+    with pytest.raises(FeedFormatError, match="NUL byte at column 2 .*UTF-16") as ei:
+        read_feed(path)
+    assert ei.value.line == 1
+
+
+def test_replacement_character_is_quarantined(tmp_path):
+    """U+FFFD means the text was decoded with the wrong encoding before it reached the feed."""
+    rows = [_good(i) for i in range(1, 6)]
+    rows[1]["target_new"] = "S\ufffdo Paulo"
+    res = ingest_feed(_write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
+    assert _reasons(res) == {"h2": ["encoding_damage:target_new: target_new contains U+FFFD REPLACEMENT "
+                                    "CHARACTER at position 2 (text decoded with the wrong encoding upstream)"]}
+
+
+def test_parquet_row_count_is_checked_before_reading(tmp_path):
+    import pandas as pd
+
+    pq = tmp_path / "2025-01-02.parquet"
+    pd.DataFrame([_good(i) for i in range(50)]).to_parquet(pq)
+    with pytest.raises(FeedFormatError, match="50 rows, over the limit of 10"):
+        read_feed(pq, FeedPolicy(max_rows=10))

@@ -20,6 +20,7 @@ from typing import Any
 
 from kedit.feeds.schema import (
     CONTROL_CHARS,
+    ENCODING_DAMAGE,
     FEED_FIELDS,
     INVISIBLE_CHARS,
     LIST_FIELDS,
@@ -156,6 +157,8 @@ def expectation_specs(policy: FeedPolicy, now: datetime) -> list[tuple[str, str,
              "ExpectColumnValuesToNotMatchRegex", {"column": c, "regex": CONTROL_CHARS}),
             (f"invisible_chars:{c}", f"{c} contains an invisible (bidi or zero-width) character", ROW,
              "ExpectColumnValuesToNotMatchRegex", {"column": c, "regex": INVISIBLE_CHARS}),
+            (f"encoding_damage:{c}", f"{c} contains U+FFFD (text decoded with the wrong encoding upstream)", ROW,
+             "ExpectColumnValuesToNotMatchRegex", {"column": c, "regex": ENCODING_DAMAGE}),
         ]
     specs += [
         ("prompt_one_slot", "prompt must contain exactly one '{}' and no other braces", ROW,
@@ -180,21 +183,25 @@ def expectation_specs(policy: FeedPolicy, now: datetime) -> list[tuple[str, str,
         specs.append((f"invisible_chars:{c}", f"an item of {c} contains an invisible (bidi or zero-width) "
                       "character", ROW, "ExpectColumnValuesToNotMatchRegex",
                       {"column": f"_{c}_text", "regex": INVISIBLE_CHARS}))
+        specs.append((f"encoding_damage:{c}", f"an item of {c} contains U+FFFD (text decoded with the wrong "
+                      "encoding upstream)", ROW, "ExpectColumnValuesToNotMatchRegex",
+                      {"column": f"_{c}_text", "regex": ENCODING_DAMAGE}))
     return specs
 
 
-_CONTROL_RE, _INVISIBLE_RE = re.compile(CONTROL_CHARS), re.compile(INVISIBLE_CHARS)
+_CHAR_CHECKS = {"no_control_chars": (re.compile(CONTROL_CHARS), ""),
+                "invisible_chars": (re.compile(INVISIBLE_CHARS), ""),
+                "encoding_damage": (re.compile(ENCODING_DAMAGE), " (text decoded with the wrong encoding upstream)")}
 
 
 def row_message(check: str, value: Any) -> str | None:
     """A failing row's own message for checks about characters: which code point, where (else None)."""
     kind, _, column = check.partition(":")
-    pattern = {"no_control_chars": _CONTROL_RE, "invisible_chars": _INVISIBLE_RE}.get(kind)
-    if pattern is None:
+    if kind not in _CHAR_CHECKS:
         return None
-    if column in LIST_FIELDS:
-        return describe_list_chars(value, column, pattern)
-    return describe_chars(value, column, pattern)
+    pattern, why = _CHAR_CHECKS[kind]
+    found = (describe_list_chars if column in LIST_FIELDS else describe_chars)(value, column, pattern)
+    return found + why if found else None
 
 
 def _positions(result: dict[str, Any], index: list[Any]) -> list[int]:

@@ -4,10 +4,12 @@ missing columns, empty, too big). Row *content* is judged later by the expectati
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,22 @@ class RawFeed:
     columns: list[str]
 
 
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"),
+              (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
 def _decode(path: Path, data: bytes) -> str:
+    """UTF-8 text of the file (one leading BOM dropped), or an error naming the encoding problem."""
+    for bom, name in _WIDE_BOMS:
+        if data.startswith(bom):
+            raise FeedFormatError(path, f"file is {name} encoded (byte-order mark {bom.hex(' ').upper()}); "
+                                        "feeds must be UTF-8 encoded", 1)
+    nul = data.find(b"\x00")
+    if nul >= 0:  # never valid in a JSONL or CSV feed; the usual cause is UTF-16 without a byte-order mark
+        line = data.count(b"\n", 0, nul) + 1
+        col = nul - (data.rfind(b"\n", 0, nul) + 1) + 1
+        raise FeedFormatError(path, f"NUL byte at column {col} (UTF-16 without a byte-order mark?); feeds must "
+                                    "be UTF-8 encoded text", line)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -83,6 +100,59 @@ def jsonl_lines(text: str) -> list[str]:
     return [ln.removesuffix("\r") for ln in lines]
 
 
+class _BadLine(Exception):
+    """Raised from the JSON parser's hooks: a line that parses but must not be read as a row."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise _BadLine(f"key {k!r} appears twice in one object (which value is meant?)")
+        seen.add(k)
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> Any:
+    raise _BadLine(f"{name} is not JSON (write null, or the value as a string)")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate (``\\ud800``) in any string or key of a parsed value: not valid Unicode,
+    it cannot be written back as UTF-8."""
+    if isinstance(value, str):
+        m = _SURROGATE.search(value)
+        return f"\\u{ord(m.group()):04x}" if m else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _lone_surrogate(k) if isinstance(k, str) else None
+        if found or (found := _lone_surrogate(v)):
+            return found
+    return None
+
+
+def parse_line(raw: str) -> Any:
+    """One JSONL line as strict JSON: no NaN/Infinity, no repeated key, no lone surrogate, bounded
+    nesting and number length. Raises ``ValueError`` with the reason."""
+    try:
+        obj = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except _BadLine as exc:
+        raise ValueError(f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError("invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # int() refuses a number of more than 4300 digits
+        raise ValueError(f"invalid JSON: number too long ({exc})") from None
+    found = _lone_surrogate(obj)
+    if found:
+        raise ValueError(f"invalid JSON: a string holds the lone surrogate {found} (not valid Unicode)")
+    return obj
+
+
 def _read_jsonl(path: Path, text: str) -> tuple[list[dict], list[int]]:
     """Every line parsed; all bad lines are reported together, so a producer can fix them in one go."""
     rows, lines, bad = [], [], []
@@ -90,9 +160,9 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[dict], list[int]]:
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            bad.append((n, f"invalid JSON: {exc.msg} (column {exc.colno})"))
+            obj = parse_line(raw)
+        except ValueError as exc:
+            bad.append((n, str(exc)))
             continue
         if not isinstance(obj, dict):
             bad.append((n, f"expected a JSON object per line, got {_JSON_TYPES.get(type(obj), type(obj).__name__)}"))
@@ -167,9 +237,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _read_parquet(path: Path) -> tuple[list[dict], list[int], list[str]]:
+def _read_parquet(path: Path, policy: FeedPolicy) -> tuple[list[dict], list[int], list[str]]:
     import pandas as pd
+    import pyarrow.parquet as pq
 
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception as exc:  # pyarrow raises several unrelated types for a corrupt file
+        raise FeedFormatError(path, f"not a readable Parquet file: {exc}") from None
+    # checked before decoding: a small compressed file can expand to far more than max_file_bytes
+    decoded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if meta.num_rows > policy.max_rows:
+        raise FeedFormatError(path, f"file holds {meta.num_rows:,} rows, over the limit of {policy.max_rows:,} "
+                                    "(feeds.max_rows)")
+    if decoded > policy.max_file_bytes:
+        raise FeedFormatError(path, f"file decodes to {decoded:,} bytes, over the limit of "
+                                    f"{policy.max_file_bytes:,} (feeds.max_file_bytes)")
     try:
         df = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several unrelated types for a corrupt file
@@ -203,7 +286,7 @@ def read_feed(path: str | Path, policy: FeedPolicy | None = None) -> RawFeed:
     elif fmt == "csv":
         rows, lines, columns = _read_csv(path, _decode(path, data))
     else:
-        rows, lines, columns = _read_parquet(path)
+        rows, lines, columns = _read_parquet(path, policy)
     if not rows:
         raise FeedFormatError(path, "file holds no rows")
     missing = [c for c in REQUIRED_FIELDS if c not in columns]

@@ -30,6 +30,9 @@ INVISIBLE_RANGES = ((0x061C, 0x061C), (0x200B, 0x200F), (0x202A, 0x202E), (0x206
                     (0x2066, 0x2069), (0xFEFF, 0xFEFF), (0xFFF9, 0xFFFB), (0xE0000, 0xE007F))
 INVISIBLE_CHARS = "[" + "".join(f"\\u{a:04x}" + (f"-\\u{b:04x}" if b > a else "") if b <= 0xFFFF
                                 else f"\\U{a:08x}-\\U{b:08x}" for a, b in INVISIBLE_RANGES) + "]"
+# U+FFFD REPLACEMENT CHARACTER: what a decoder leaves for bytes it could not read, i.e. the text went
+# through the wrong encoding before it reached the feed (the original characters are lost).
+ENCODING_DAMAGE = "[\\ufffd]"
 # Neither kind of character may appear in a string value. The JSON Schema pattern leaves out the tag
 # characters: an ECMA-262 pattern without the ``u`` flag cannot name code points above U+FFFF (the suite
 # checks them).
