@@ -475,3 +475,24 @@ def test_parquet_row_count_is_checked_before_reading(tmp_path):
     pd.DataFrame([_good(i) for i in range(50)]).to_parquet(pq)
     with pytest.raises(FeedFormatError, match="50 rows, over the limit of 10"):
         read_feed(pq, FeedPolicy(max_rows=10))
+
+
+def test_id_that_is_a_path_is_quarantined(tmp_path):
+    """Ids name files downstream (tracing writes reports/<key>/tracing/<id>): no separators, no '.'/'..'."""
+    rows = [_good(i) for i in range(1, 11)]
+    for i, bad in enumerate(["../../etc/cron.d/x", "/abs", "a\\b", ".."]):
+        rows[i]["id"] = bad
+    rows[4]["id"] = "Q42.P36:v1-ok"
+    res = ingest_feed(_write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
+    assert sorted(_reasons(res)) == sorted(["../../etc/cron.d/x", "/abs", "a\\b", ".."])
+    assert all(r[0].startswith("id_path_safe:") for r in _reasons(res).values())
+    assert "Q42.P36:v1-ok" in res.accepted_ids
+
+
+def test_unknown_columns_are_named_in_the_report(tmp_path):
+    """A misspelt optional column (``paraphrase``) would otherwise vanish without a word."""
+    rows = [_good(i) for i in range(1, 4)]
+    rows[0]["paraphrase"] = ["Subject 1 sits in"]
+    res = ingest_feed(_write_jsonl(tmp_path, rows), now=NOW, record=False)
+    assert res.passed and "unknown column(s) ['paraphrase'] ignored" in "; ".join(res.notes)
+    assert "unknown column(s) ['paraphrase'] ignored" in Path(res.report_path).read_text()

@@ -25,6 +25,7 @@ from kedit.feeds.schema import (
     INVISIBLE_CHARS,
     LIST_FIELDS,
     ONE_SLOT,
+    PATH_SAFE_ID,
     REQUIRED_FIELDS,
     STRING_FIELDS,
     FeedPolicy,
@@ -161,6 +162,8 @@ def expectation_specs(policy: FeedPolicy, now: datetime) -> list[tuple[str, str,
              "ExpectColumnValuesToNotMatchRegex", {"column": c, "regex": ENCODING_DAMAGE}),
         ]
     specs += [
+        ("id_path_safe", "id must not contain '/' or '\\' or be '.' or '..' (ids name files downstream)", ROW,
+         "ExpectColumnValuesToMatchRegex", {"column": "id", "regex": PATH_SAFE_ID}),
         ("prompt_one_slot", "prompt must contain exactly one '{}' and no other braces", ROW,
          "ExpectColumnValuesToMatchRegex", {"column": "prompt", "regex": ONE_SLOT}),
         ("targets_differ", "target_new equals target_true (not a change)", ROW,

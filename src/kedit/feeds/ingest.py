@@ -22,7 +22,7 @@ from kedit.feeds.dedup import already_applied, duplicate_ids, flip_flops, in_fee
 from kedit.feeds.expectations import run_suite
 from kedit.feeds.normalize import normalize_row
 from kedit.feeds.reader import read_feed
-from kedit.feeds.schema import FeedPolicy
+from kedit.feeds.schema import FEED_FIELDS, FeedPolicy
 
 LEDGER_NAME = ".ingested.json"
 
@@ -127,6 +127,9 @@ def ingest_feed(path: str | Path, policy: FeedPolicy | None = None, *,
     invalid_fraction = n_quarantined / n
     table_failures = suite.table_failures()
     notes: list[str] = []
+    unknown = [c for c in raw.columns if c not in FEED_FIELDS]
+    if unknown:
+        notes.append(f"unknown column(s) {unknown} ignored (a feed row has {list(FEED_FIELDS)})")
     if table_failures:
         passed, message = False, "feed failed as a whole: " + "; ".join(table_failures)
     elif invalid_fraction > policy.max_invalid_fraction:

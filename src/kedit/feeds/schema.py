@@ -36,7 +36,10 @@ ENCODING_DAMAGE = "[\\ufffd]"
 # Neither kind of character may appear in a string value. The JSON Schema pattern leaves out the tag
 # characters: an ECMA-262 pattern without the ``u`` flag cannot name code points above U+FFFF (the suite
 # checks them).
-_BANNED = "\\x00-\\x1f\\x7f-\\x9f" + INVISIBLE_CHARS[1:-1].replace("\\U000e0000-\\U000e007f", "")
+_BANNED = ("\\x00-\\x1f\\x7f-\\x9f" + INVISIBLE_CHARS[1:-1].replace("\\U000e0000-\\U000e007f", "")
+           + ENCODING_DAMAGE[1:-1])
+# Ids name files downstream (a traced fact's folder): no path separator, and not "." or "..".
+PATH_SAFE_ID = r"^(?!\.\.?$)[^/\\]+$"
 # Exactly one "{}" and no other brace, so ``prompt.format(subject)`` is safe and unambiguous.
 ONE_SLOT = r"^[^{}]*\{\}[^{}]*$"
 
@@ -110,7 +113,8 @@ def feed_schema(policy: FeedPolicy | None = None) -> dict[str, Any]:
     """JSON Schema (draft 2020-12) of one feed row under ``policy`` (default limits if None)."""
     p = policy or FeedPolicy()
     props: dict[str, Any] = {
-        "id": _string(p.max_id_chars, description="Unique id of the fact change within the feed"),
+        "id": {"allOf": [_string(p.max_id_chars), {"pattern": PATH_SAFE_ID}],
+               "description": "Unique id of the fact change within the feed (no '/' or '\\', not '.' or '..')"},
         "subject": _string(p.max_subject_chars, description="Entity whose fact changes, e.g. 'Eiffel Tower'"),
         "prompt": _string(p.max_prompt_chars, description="Template with exactly one '{}' for the subject"),
         "target_new": _string(p.max_target_chars, description="New object, no leading space"),
