@@ -496,3 +496,19 @@ def test_unknown_columns_are_named_in_the_report(tmp_path):
     res = ingest_feed(_write_jsonl(tmp_path, rows), now=NOW, record=False)
     assert res.passed and "unknown column(s) ['paraphrase'] ignored" in "; ".join(res.notes)
     assert "unknown column(s) ['paraphrase'] ignored" in Path(res.report_path).read_text()
+
+
+def test_report_and_quarantine_file_show_invisible_characters_escaped(tmp_path):
+    """A quarantined row is written as read, but a bidi override in it must not reorder what the
+    reviewer sees in the report or the quarantine file: such characters are written as \\u escapes."""
+    rows = [_good(i) for i in range(1, 6)]
+    rows[0]["id"] = "h1\u202etxt.exe"
+    rows[1]["subject"] = "Sub\x85ject \U000e0041"
+    res = ingest_feed(_write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
+    report = Path(res.report_path).read_text(encoding="utf-8")
+    qfile = Path(res.quarantine_path).read_text(encoding="utf-8")
+    for text in (report, qfile):
+        assert "\u202e" not in text and "\x85" not in text and "\U000e0041" not in text
+    assert "h1\\u202etxt.exe" in report
+    quarantined = [json.loads(x)["row"] for x in qfile.splitlines()]
+    assert quarantined[0]["id"] == rows[0]["id"] and quarantined[1]["subject"] == rows[1]["subject"]  # exact

@@ -10,6 +10,7 @@ A feed that fails as a whole (too many invalid rows, row count out of range) acc
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ from kedit.feeds.dedup import already_applied, duplicate_ids, flip_flops, in_fee
 from kedit.feeds.expectations import run_suite
 from kedit.feeds.normalize import normalize_row
 from kedit.feeds.reader import read_feed
-from kedit.feeds.schema import FEED_FIELDS, FeedPolicy
+from kedit.feeds.schema import CONTROL_CHARS, FEED_FIELDS, INVISIBLE_CHARS, FeedPolicy
 
 LEDGER_NAME = ".ingested.json"
 
@@ -172,8 +173,8 @@ def ingest_feed(path: str | Path, policy: FeedPolicy | None = None, *,
     stem = path.stem
     qpath = _default_dir(path, "quarantine", quarantine_dir) / f"{stem}.jsonl"
     if quarantined:
-        lines = [json.dumps({"line": q.line, "id": q.row.get("id"), "reasons": q.reasons, "row": q.row},
-                            ensure_ascii=False, default=str) for q in quarantined]
+        lines = [escape_hidden(json.dumps({"line": q.line, "id": q.row.get("id"), "reasons": q.reasons,
+                                           "row": q.row}, ensure_ascii=False, default=str)) for q in quarantined]
         write_text_atomic(qpath, "\n".join(lines) + "\n")
         result.quarantine_path = str(qpath)
     elif qpath.exists():
@@ -213,9 +214,26 @@ def to_edit_requests(rows: Iterable[dict[str, Any]]):
                         neighbors=list(r.get("neighbors") or []), id=r["id"]) for r in rows]
 
 
+_HIDDEN = re.compile(f"{CONTROL_CHARS}|{INVISIBLE_CHARS}")
+
+
+def escape_hidden(text: str) -> str:
+    """Control and invisible characters as JSON ``\\u`` escapes (a surrogate pair above U+FFFF), so a
+    bidi override in a quarantined row cannot reorder what a reviewer reads. Inside a JSON string the
+    result is the same JSON value."""
+    def esc(m: re.Match[str]) -> str:
+        cp = ord(m.group())
+        if cp <= 0xFFFF:
+            return f"\\u{cp:04x}"
+        cp -= 0x10000
+        return f"\\u{0xD800 + (cp >> 10):04x}\\u{0xDC00 + (cp & 0x3FF):04x}"
+
+    return _HIDDEN.sub(esc, text)
+
+
 def _cell(value: Any, limit: int = 80) -> str:
     s = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    s = s.replace("|", "\\|").replace("\n", " ")
+    s = escape_hidden(s.replace("|", "\\|").replace("\n", " "))
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
