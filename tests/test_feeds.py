@@ -177,6 +177,8 @@ def test_flip_flop_within_window_is_quarantined():
     assert flip_flops([row], history, window_days=5) == {}  # outside the window: a legitimate change
     same = [{**history[0], "target_new": "France"}]
     assert flip_flops([row], same, window_days=30) == {}  # re-stating the current value is not a flip
+    early = {**row, "observed_at": "0001-01-05T00:00:00Z"}  # valid, but 30 days before it is not a date
+    assert "flip_flop" in flip_flops([early], [{**history[0], "observed_at": "0001-01-01"}], window_days=30)[0]
 
 
 def test_in_feed_duplicates_and_contradictions():
@@ -512,3 +514,13 @@ def test_report_and_quarantine_file_show_invisible_characters_escaped(tmp_path):
     assert "h1\\u202etxt.exe" in report
     quarantined = [json.loads(x)["row"] for x in qfile.splitlines()]
     assert quarantined[0]["id"] == rows[0]["id"] and quarantined[1]["subject"] == rows[1]["subject"]  # exact
+
+
+def test_observed_at_out_of_range_in_utc_is_quarantined_not_a_crash(tmp_path):
+    """``datetime.fromisoformat`` accepts these, but they fall outside years 1-9999 in UTC (OverflowError)."""
+    rows = [_good(i) for i in range(1, 6)]
+    rows[0]["observed_at"] = "0001-01-01T00:00:00+23:59"
+    rows[1]["observed_at"] = "9999-12-31T23:59:59-23:59"
+    res = ingest_feed(_write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
+    assert {k: [r.split(":")[0] for r in v] for k, v in _reasons(res).items()} == {
+        "h1": ["observed_at_iso8601"], "h2": ["observed_at_iso8601"]}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kedit.feeds.expectations import parse_time
@@ -115,7 +115,11 @@ def flip_flops(rows: list[dict[str, Any]], history: Iterable[Any], window_days: 
     out: dict[int, str] = {}
     for i, r in enumerate(rows):
         now = parse_time(r["observed_at"])
-        recent = sorted(e for e in past.get(fact_key(r), []) if now - window <= e[0] <= now)
+        try:
+            start = now - window
+        except OverflowError:  # a valid observed_at within the window of year 1
+            start = datetime.min.replace(tzinfo=UTC)
+        recent = sorted(e for e in past.get(fact_key(r), []) if start <= e[0] <= now)
         if not recent:
             continue
         last_when, last_target, _ = recent[-1]

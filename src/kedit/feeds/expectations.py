@@ -77,9 +77,9 @@ def parse_time(value: Any) -> datetime | None:
         return None
     try:
         dt = datetime.fromisoformat(value.strip())
-    except ValueError:
+        return (dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt).astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: an offset takes it outside years 1-9999 in UTC
         return None
-    return (dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt).astimezone(UTC)
 
 
 # C0/C1 controls have no Unicode name; these are the ones a sloppy producer actually sends.
