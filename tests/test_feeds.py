@@ -524,3 +524,18 @@ def test_observed_at_out_of_range_in_utc_is_quarantined_not_a_crash(tmp_path):
     res = ingest_feed(_write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
     assert {k: [r.split(":")[0] for r in v] for k, v in _reasons(res).items()} == {
         "h1": ["observed_at_iso8601"], "h2": ["observed_at_iso8601"]}
+
+
+def test_csv_list_cell_that_is_hostile_json_is_a_bad_value_not_a_crash(tmp_path):
+    lines = (DATA / "good.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[1].split(",")
+    assert len(cells) == len(header)  # the row has no quoted commas, so a cell can be swapped in place
+    deep = list(cells)
+    deep[header.index("paraphrases")] = "[" * 50_000
+    big = list(cells)
+    big[header.index("paraphrases")] = "[" + "9" * 5000 + "]"
+    path = tmp_path / "2025-01-02.csv"
+    path.write_text("\n".join([lines[0], ",".join(deep), ",".join(big)] + lines[2:]) + "\n")
+    rows = read_feed(path).rows
+    assert isinstance(rows[0]["paraphrases"], str) and isinstance(rows[1]["paraphrases"], str)

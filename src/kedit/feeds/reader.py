@@ -179,8 +179,8 @@ def _list_cell(value: str) -> Any:
     value = value.strip()
     if value.startswith("["):
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
+            return parse_line(value)
+        except ValueError:
             return value  # left as a string: the suite reports it as not a list
     return [v.strip() for v in value.split("|") if v.strip()]
 
