@@ -93,11 +93,12 @@ _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", floa
 
 def jsonl_lines(text: str) -> list[str]:
     """Lines of a JSONL text. Split on ``\\n`` only (a trailing ``\\r`` is dropped): JSON strings may hold
-    raw U+2028, U+2029, U+0085 and other characters that ``str.splitlines`` would also break at."""
+    raw U+2028, U+2029, U+0085 and other characters that ``str.splitlines`` would also break at. A BOM
+    starting a line (files concatenated with their BOMs) is outside any value and is dropped."""
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    return [ln.removesuffix("\r") for ln in lines]
+    return [ln.removesuffix("\r").removeprefix("\ufeff") for ln in lines]
 
 
 class _BadLine(Exception):
