@@ -51,13 +51,14 @@ def test_each_bad_row_quarantined_with_its_reason(mixed):
     for rid, check in EXPECTED_REASON.items():
         assert rid in by_id, f"{rid} not quarantined"
         assert any(r.startswith(check + ":") for r in by_id[rid][0]), (rid, by_id[rid])
-    # id "g2" used by two different rows: both quarantined
-    assert len(by_id["g2"]) == 2 and all(r[0].startswith("id_unique:") for r in by_id["g2"])
-    assert res.counts["quarantined"] == len(EXPECTED_REASON) + 2 == len(res.quarantined)
-    # the exact duplicate of g3 is dropped, not quarantined; all other good rows are accepted
-    assert [(d.row["id"], d.reason.split(":")[0]) for d in res.dropped] == [("g3-again", "duplicate")]
-    assert sorted(res.accepted_ids) == sorted(["g1"] + [f"g{i}" for i in range(3, 21)])
-    assert res.counts["rows"] == 35 and res.counts["accepted"] == 19
+    # id "g2" reused by a different row on line 34: the first keeps it, the later one is quarantined
+    assert by_id["g2"] == [["duplicate_id: id 'g2' was first used on line 2 (kept); this row differs from it"]]
+    assert res.counts["quarantined"] == len(EXPECTED_REASON) + 1 == len(res.quarantined)
+    # the duplicate of g3's fact is dropped, not quarantined; all other good rows are accepted
+    assert [(d.row["id"], d.reason) for d in res.dropped] == [
+        ("g3-again", "duplicate: same fact and target as line 3 (id 'g3')")]
+    assert sorted(res.accepted_ids) == sorted([f"g{i}" for i in range(1, 21)])
+    assert res.counts["rows"] == 35 and res.counts["accepted"] == 20
     # quarantine file beside the feed, one JSON line per quarantined row with line number and reasons
     qfile = path.parent / "quarantine" / "2025-01-02.jsonl"
     assert res.quarantine_path == str(qfile)
@@ -81,8 +82,8 @@ def test_accepted_rows_are_normalised_edit_requests(mixed):
 def test_invalid_fraction_over_threshold_fails_whole_feed(tmp_path):
     path = _copy("mixed.jsonl", tmp_path)
     res = ingest_feed(path, FeedPolicy(max_invalid_fraction=0.2), now=NOW)
-    assert not res.passed and res.accepted == [] and res.counts["held_back"] == 19
-    assert "max_invalid_fraction" in res.message and "15 of 35" in res.message
+    assert not res.passed and res.accepted == [] and res.counts["held_back"] == 20
+    assert "max_invalid_fraction" in res.message and "14 of 35" in res.message
     assert "REJECTED" in Path(res.report_path).read_text()
     assert Path(res.quarantine_path).exists()  # the bad rows are still quarantined for inspection
 
@@ -176,6 +177,8 @@ def test_flip_flop_within_window_is_quarantined():
     assert flip_flops([row], history, window_days=5) == {}  # outside the window: a legitimate change
     same = [{**history[0], "target_new": "France"}]
     assert flip_flops([row], same, window_days=30) == {}  # re-stating the current value is not a flip
+    early = {**row, "observed_at": "0001-01-05T00:00:00Z"}  # valid, but 30 days before it is not a date
+    assert "flip_flop" in flip_flops([early], [{**history[0], "observed_at": "0001-01-01"}], window_days=30)[0]
 
 
 def test_in_feed_duplicates_and_contradictions():
@@ -184,7 +187,7 @@ def test_in_feed_duplicates_and_contradictions():
                                                                                 "target_new": "Y"}, dict(base)]
     quarantine, drop = in_feed_conflicts(rows)
     assert set(quarantine) == {2, 3} and all("contradictory" in v for v in quarantine.values())
-    assert set(drop) == {1, 4}  # b: same fact+target as a; the last row: exact copy of a
+    assert set(drop) == {1, 4}  # b and the last row: same fact and target as a
 
 
 def test_normalisation():
@@ -258,3 +261,294 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
     bad = _copy("bad_json.jsonl", tmp_path, "2025-01-03")
     assert main(["feed", "validate", str(bad)]) == 2
     assert f"{bad}:3: invalid JSON" in capsys.readouterr().err
+
+
+# --- hostile or sloppy producers --------------------------------------------------------------------------
+def _good(i: int, **kw) -> dict:
+    return {"id": f"h{i}", "subject": f"Subject {i}", "prompt": "{} is located in", "target_new": f"Place {i}",
+            "target_true": f"Home {i}", "source": "test", "observed_at": "2025-01-02T03:04:05Z", **kw}
+
+
+def _write_jsonl(tmp: Path, rows: list, name: str = "2025-01-02.jsonl", sep: str = "\n") -> Path:
+    """Rows (dicts, or raw text lines) as a JSONL file; non-ASCII characters written raw, not escaped."""
+    path = tmp / "feeds" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in rows]
+    path.write_bytes((sep.join(lines) + sep).encode("utf-8"))
+    return path
+
+
+def _reasons(res) -> dict[str, list[str]]:
+    return {q.row["id"]: q.reasons for q in res.quarantined}
+
+
+def test_invisible_unicode_is_quarantined_with_the_code_point_named(tmp_path):
+    rows = [_good(i) for i in range(1, 11)]
+    rows[0]["subject"] = "Ab\u202ec"                      # RIGHT-TO-LEFT OVERRIDE at position 3
+    rows[1]["target_new"] = "Pa\u200bris"                 # ZERO WIDTH SPACE
+    rows[2]["prompt"] = "{} is\ufeff located in"          # BOM inside text
+    rows[3]["source"] = "\u2066feed\u2069"                # isolates
+    rows[4]["paraphrases"] = ["fine", "Subject\u200d 5 is in"]
+    path = _write_jsonl(tmp_path, rows)
+    res = ingest_feed(path, LENIENT, now=NOW, record=False)
+    why = _reasons(res)
+    assert set(why) == {"h1", "h2", "h3", "h4", "h5"}, why
+    assert "invisible_chars:subject: subject contains U+202E RIGHT-TO-LEFT OVERRIDE at position 3" in why["h1"]
+    assert any("target_new contains U+200B ZERO WIDTH SPACE at position 3" in r for r in why["h2"])
+    assert any("prompt contains U+FEFF ZERO WIDTH NO-BREAK SPACE at position 6" in r for r in why["h3"])
+    assert any("U+2066 LEFT-TO-RIGHT ISOLATE at position 1" in r and "U+2069 POP DIRECTIONAL ISOLATE" in r
+               for r in why["h4"])
+    assert any(r.startswith("invisible_chars:paraphrases: paraphrases[1] contains U+200D ZERO WIDTH JOINER "
+                            "at position 8") for r in why["h5"]), why["h5"]
+    assert res.counts["quarantine_reasons"]["invisible_chars"] == 5
+    checks = {c["check"] for c in res.checks}
+    assert {"invisible_chars:subject", "invisible_chars:paraphrases"} <= checks  # in the GX suite itself
+    import jsonschema
+
+    with pytest.raises(jsonschema.ValidationError):  # the published schema says so too
+        jsonschema.validate(rows[0], feed_schema())
+
+
+def test_jsonl_splits_on_newline_only(tmp_path):
+    rows = [_good(i) for i in range(1, 6)]
+    rows[0]["subject"] = "Sub\u2028ject 1"               # raw LINE SEPARATOR inside a JSON string
+    rows[1]["source"] = "para\u2029graph"                 # raw PARAGRAPH SEPARATOR
+    rows[2]["relation"] = "next\x85line"                  # raw NEL (a C1 control character)
+    path = _write_jsonl(tmp_path, rows)
+    feed = read_feed(path)
+    assert [r["id"] for r in feed.rows] == ["h1", "h2", "h3", "h4", "h5"] and feed.lines == [1, 2, 3, 4, 5]
+    res = ingest_feed(path, LENIENT, now=NOW, record=False)
+    assert res.passed and res.accepted_ids == ["h1", "h2", "h4", "h5"]
+    assert res.accepted[0]["subject"] == "Sub ject 1" and res.accepted[1]["source"] == "para graph"
+    assert [q.line for q in res.quarantined] == [3]
+    assert any("relation contains U+0085" in r for r in res.quarantined[0].reasons), res.quarantined[0].reasons
+    crlf = _write_jsonl(tmp_path, rows[3:], name="2025-01-03.jsonl", sep="\r\n")
+    assert [r["id"] for r in read_feed(crlf).rows] == ["h4", "h5"] and read_feed(crlf).lines == [1, 2]
+
+
+def test_every_bad_jsonl_line_is_reported(tmp_path):
+    good = [_good(i) for i in range(1, 6)]
+    path = _write_jsonl(tmp_path, [good[0], "[1, 2]", good[1], '{"id": "x", oops}', "", "42", good[2], '"s"'])
+    with pytest.raises(FeedFormatError) as ei:
+        read_feed(path)
+    err = ei.value
+    assert err.line == 2 and [n for n, _ in err.problems] == [2, 4, 6, 8]
+    text = str(err)
+    for n, words in [(2, "got array"), (4, "invalid JSON"), (6, "got number"), (8, "got string")]:
+        assert f"{path}:{n}: " in text and words in text, text
+    assert "4 bad lines" in text
+
+
+def test_every_bad_csv_line_is_reported(tmp_path):
+    lines = (DATA / "good.csv").read_text().splitlines()
+    path = tmp_path / "2025-01-02.csv"
+    path.write_text("\n".join([lines[0], lines[1], "a,b", lines[2], "x,y,z", lines[3]]) + "\n")
+    with pytest.raises(FeedFormatError) as ei:
+        read_feed(path)
+    assert [n for n, _ in ei.value.problems] == [3, 5] and "got 2" in str(ei.value) and "got 3" in str(ei.value)
+
+
+def test_duplicate_id_keeps_first_and_quarantines_later_different_rows(tmp_path):
+    rows = [_good(i) for i in range(1, 9)]
+    rows.append({**_good(2), "target_new": "Elsewhere"})                 # line 9: same id as line 2, differs
+    rows.append(dict(reversed(list(_good(3).items()))))                  # line 10: field-identical to line 3
+    rows.append(_good(3))                                                # line 11: byte-identical to line 3
+    path = _write_jsonl(tmp_path, rows)
+    res = ingest_feed(path, LENIENT, now=NOW, record=False)
+    assert res.accepted_ids == [f"h{i}" for i in range(1, 9)]            # the first h2 is kept
+    assert [(q.line, q.row["target_new"]) for q in res.quarantined] == [(9, "Elsewhere")]
+    assert res.quarantined[0].reasons == [
+        "duplicate_id: id 'h2' was first used on line 2 (kept); this row differs from it"]
+    assert [(d.line, d.reason) for d in res.dropped] == [
+        (10, "duplicate: identical to line 3 (id 'h3')"), (11, "duplicate: identical to line 3 (id 'h3')")]
+    assert res.counts["drop_reasons"] == {"duplicate": 2} and res.counts["quarantined"] == 1
+    report = Path(res.report_path).read_text()
+    assert "## Dropped rows (2)" in report and "identical to line 3" in report
+
+
+def champion_with_facts(workspace, lm) -> str:
+    """A promoted lineage state that applied h1 and h2 (Subject 1 -> Place 1, Subject 2 -> Place 2)."""
+    from kedit.lineage.ops import open_store
+    from tests.test_lineage import fabricate
+
+    store = open_store(workspace)
+    facts = [{"id": f"h{i}", "subject": f"Subject {i}", "prompt": "{} is located in", "target_new": f"Place {i}",
+              "target_true": f"Home {i}"} for i in (1, 2)]
+    state = store.commit(lm, fabricate(lm, None, 0, ["h1", "h2"]), parent=None, hparams={"method": "alphaedit"},
+                         feed={"path": "feeds/old.jsonl", "file_sha256": "x", "row_ids": ["h1", "h2"],
+                               "facts": facts})
+    store.record_gate(state.id, {"passed": True})
+    store.approve(state.id, by="tester")
+    store.promote(state.id, by="tester")
+    assert store.champion() == state.id
+    return state.id
+
+
+def lineage_feed(workspace) -> Path:
+    """h1 is already applied; h2 changes Subject 2 back to Home 2 (a flip-flop); h3..h8 are new."""
+    rows = [_good(1), _good(2, target_new="Home 2", target_true="Place 2",
+                          observed_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))]
+    return _write_jsonl(Path(workspace.root), rows + [_good(i) for i in range(3, 9)])
+
+
+def test_feed_ingest_cli_runs_the_nightly_lineage_checks(workspace, tiny_lm, capsys, monkeypatch):
+    """`kedit feed ingest` and the nightly ingest step share one function: facts already applied on the
+    champion's path are dropped, and a change back within the window is quarantined as a flip-flop."""
+    from kedit.cli import main
+
+    champion = champion_with_facts(workspace, tiny_lm)
+    path = lineage_feed(workspace)
+    monkeypatch.chdir(workspace.root)
+    rc = main(["-w", str(workspace.root), "feed", "ingest", str(path), "--json", str(workspace.root / "out.json")])
+    out = json.loads((workspace.root / "out.json").read_text())
+    assert rc == 0, capsys.readouterr()
+    assert out["champion"] == champion and f"champion {champion}" in capsys.readouterr().out
+    assert out["counts"]["drop_reasons"] == {"already_applied": 1}
+    assert out["counts"]["quarantine_reasons"] == {"flip_flop": 1}
+    assert [r["id"] for r in out["accepted"]] == [f"h{i}" for i in range(3, 9)]
+    assert (workspace.feeds_dir / ".ingested.json").exists() and (workspace.feeds_dir / "reports").is_dir()
+
+
+def test_validate_writes_reports_into_the_workspace(tmp_path, capsys):
+    from kedit.cli import main
+
+    elsewhere = _copy("mixed.jsonl", tmp_path / "incoming")
+    ws = tmp_path / "ws"
+    assert main(["-w", str(ws), "feed", "validate", str(elsewhere)]) == 1  # rejected: over 20% invalid
+    assert (ws / "feeds" / "reports" / "2025-01-02.md").exists()
+    assert (ws / "feeds" / "quarantine" / "2025-01-02.jsonl").exists()
+    assert not (elsewhere.parent / "reports").exists() and not (elsewhere.parent / "quarantine").exists()
+    assert str(ws / "feeds" / "reports" / "2025-01-02.md") in capsys.readouterr().out
+
+
+def test_hostile_json_lines_are_bad_lines_not_crashes(tmp_path):
+    """Each of these used to crash the reader (RecursionError, ValueError without a line), pass silently
+    (a repeated key: the last value wins unseen), or carry non-JSON NaN / a lone surrogate into the
+    quarantine file and report (which then could not be written as UTF-8)."""
+    good = json.dumps(_good(1))
+    hostile = {
+        2: ('{"id": "n", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        3: ('{"id": "i", "big": ' + "9" * 5000 + "}", "number too long"),
+        4: ('{"id": "c", "score": NaN}', "NaN is not JSON"),
+        5: (json.dumps(_good(5))[:-1] + ', "target_new": "Elsewhere"}', "key 'target_new' appears twice"),
+        6: (json.dumps(_good(6)).replace("Subject 6", "Subject \\ud800 6"), "lone surrogate \\ud800"),
+    }
+    path = _write_jsonl(tmp_path, [good] + [line for line, _ in hostile.values()] + [good.replace("h1", "h7")])
+    with pytest.raises(FeedFormatError) as ei:
+        read_feed(path)
+    assert [n for n, _ in ei.value.problems] == list(hostile), ei.value.problems
+    for (n, problem), (_, words) in zip(ei.value.problems, hostile.values()):
+        assert words in problem, (n, problem)
+
+
+def test_schema_pattern_rejects_a_single_control_character():
+    import jsonschema
+
+    for bad in ("A\x00", "\x00", "a\tb"):  # the old pattern let one through as its \S
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**_good(1), "subject": bad}, feed_schema())
+    jsonschema.validate(_good(1), feed_schema())
+
+
+def test_utf16_file_is_named_as_such(tmp_path):
+    path = tmp_path / "2025-01-02.jsonl"
+    path.write_bytes((json.dumps(_good(1)) + "\n").encode("utf-16"))
+    with pytest.raises(FeedFormatError, match="UTF-16 .*feeds must be UTF-8"):
+        read_feed(path)
+    path.write_bytes((json.dumps(_good(1)) + "\n").encode("utf-16-le"))  # no byte-order mark
+    with pytest.raises(FeedFormatError, match="NUL byte at column 2 .*UTF-16") as ei:
+        read_feed(path)
+    assert ei.value.line == 1
+
+
+def test_replacement_character_is_quarantined(tmp_path):
+    """U+FFFD means the text was decoded with the wrong encoding before it reached the feed."""
+    rows = [_good(i) for i in range(1, 6)]
+    rows[1]["target_new"] = "S\ufffdo Paulo"
+    res = ingest_feed(_write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
+    assert _reasons(res) == {"h2": ["encoding_damage:target_new: target_new contains U+FFFD REPLACEMENT "
+                                    "CHARACTER at position 2 (text decoded with the wrong encoding upstream)"]}
+
+
+def test_parquet_row_count_is_checked_before_reading(tmp_path):
+    import pandas as pd
+
+    pq = tmp_path / "2025-01-02.parquet"
+    pd.DataFrame([_good(i) for i in range(50)]).to_parquet(pq)
+    with pytest.raises(FeedFormatError, match="50 rows, over the limit of 10"):
+        read_feed(pq, FeedPolicy(max_rows=10))
+
+
+def test_id_that_is_a_path_is_quarantined(tmp_path):
+    """Ids name files downstream (tracing writes reports/<key>/tracing/<id>): no separators, no '.'/'..'."""
+    rows = [_good(i) for i in range(1, 11)]
+    for i, bad in enumerate(["../../etc/cron.d/x", "/abs", "a\\b", ".."]):
+        rows[i]["id"] = bad
+    rows[4]["id"] = "Q42.P36:v1-ok"
+    res = ingest_feed(_write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
+    assert sorted(_reasons(res)) == sorted(["../../etc/cron.d/x", "/abs", "a\\b", ".."])
+    assert all(r[0].startswith("id_path_safe:") for r in _reasons(res).values())
+    assert "Q42.P36:v1-ok" in res.accepted_ids
+
+
+def test_unknown_columns_are_named_in_the_report(tmp_path):
+    """A misspelt optional column (``paraphrase``) would otherwise vanish without a word."""
+    rows = [_good(i) for i in range(1, 4)]
+    rows[0]["paraphrase"] = ["Subject 1 sits in"]
+    res = ingest_feed(_write_jsonl(tmp_path, rows), now=NOW, record=False)
+    assert res.passed and "unknown column(s) ['paraphrase'] ignored" in "; ".join(res.notes)
+    assert "unknown column(s) ['paraphrase'] ignored" in Path(res.report_path).read_text()
+
+
+def test_report_and_quarantine_file_show_invisible_characters_escaped(tmp_path):
+    """A quarantined row is written as read, but a bidi override in it must not reorder what the
+    reviewer sees in the report or the quarantine file: such characters are written as \\u escapes."""
+    rows = [_good(i) for i in range(1, 6)]
+    rows[0]["id"] = "h1\u202etxt.exe"
+    rows[1]["subject"] = "Sub\x85ject \U000e0041"
+    res = ingest_feed(_write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
+    report = Path(res.report_path).read_text(encoding="utf-8")
+    qfile = Path(res.quarantine_path).read_text(encoding="utf-8")
+    for text in (report, qfile):
+        assert "\u202e" not in text and "\x85" not in text and "\U000e0041" not in text
+    assert "h1\\u202etxt.exe" in report
+    quarantined = [json.loads(x)["row"] for x in qfile.splitlines()]
+    assert quarantined[0]["id"] == rows[0]["id"] and quarantined[1]["subject"] == rows[1]["subject"]  # exact
+
+
+def test_observed_at_out_of_range_in_utc_is_quarantined_not_a_crash(tmp_path):
+    """``datetime.fromisoformat`` accepts these, but they fall outside years 1-9999 in UTC (OverflowError)."""
+    rows = [_good(i) for i in range(1, 6)]
+    rows[0]["observed_at"] = "0001-01-01T00:00:00+23:59"
+    rows[1]["observed_at"] = "9999-12-31T23:59:59-23:59"
+    res = ingest_feed(_write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
+    assert {k: [r.split(":")[0] for r in v] for k, v in _reasons(res).items()} == {
+        "h1": ["observed_at_iso8601"], "h2": ["observed_at_iso8601"]}
+
+
+def test_csv_list_cell_that_is_hostile_json_is_a_bad_value_not_a_crash(tmp_path):
+    lines = (DATA / "good.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[1].split(",")
+    assert len(cells) == len(header)  # the row has no quoted commas, so a cell can be swapped in place
+    deep = list(cells)
+    deep[header.index("paraphrases")] = "[" * 50_000
+    big = list(cells)
+    big[header.index("paraphrases")] = "[" + "9" * 5000 + "]"
+    path = tmp_path / "2025-01-02.csv"
+    path.write_text("\n".join([lines[0], ",".join(deep), ",".join(big)] + lines[2:]) + "\n")
+    rows = read_feed(path).rows
+    assert isinstance(rows[0]["paraphrases"], str) and isinstance(rows[1]["paraphrases"], str)
+
+
+def test_byte_order_marks_of_concatenated_files_are_dropped(tmp_path):
+    """A BOM at the start of the file, or of a line (files concatenated with their BOMs), is an encoding
+    artefact outside any value: it is dropped. Inside a value it is quarantined (see invisible_chars)."""
+    a, b = json.dumps(_good(1)), json.dumps(_good(2))
+    path = tmp_path / "2025-01-02.jsonl"
+    path.write_bytes(("\ufeff" + a + "\n\ufeff" + b + "\n").encode("utf-8"))
+    feed = read_feed(path)
+    assert [r["id"] for r in feed.rows] == ["h1", "h2"] and feed.rows[0] == _good(1)
+    csv_path = tmp_path / "2025-01-02.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbf" + (DATA / "good.csv").read_bytes())
+    assert read_feed(csv_path).rows == read_feed(DATA / "good.csv").rows

@@ -36,6 +36,37 @@ def test_resolve_feed(workspace):
         resolve_feed(workspace, "2026-11-23")
 
 
+def test_ingest_step_and_feed_ingest_cli_agree(workspace, tiny_tokenizer, tmp_path, monkeypatch, capsys):
+    """The nightly ingest step and `kedit feed ingest --no-op-check` are one code path: same champion,
+    same drops (already applied), same quarantine (flip-flop), same accepted rows."""
+    import json
+
+    from kedit.cli import main
+    from kedit.models.store import import_hf, load_model
+    from kedit.refresh import ingest_step
+    from tests.conftest import make_tiny_model
+    from tests.test_feeds import champion_with_facts, lineage_feed
+
+    src = tmp_path / "tiny-src"
+    make_tiny_model("llama").save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    import_hf(workspace, src, slug="tiny-llama")
+    champion = champion_with_facts(workspace, load_model("tiny-llama", workspace))
+    path = lineage_feed(workspace)
+    (workspace.root / "params.yaml").write_text("model: {slug: tiny-llama}\nfeeds: {}\n")
+    monkeypatch.chdir(workspace.root)
+    monkeypatch.delenv("KEDIT_PARAMS", raising=False)
+    nightly = ingest_step(workspace, str(path), RefreshConfig(model="tiny-llama"))
+    assert nightly["champion"] == champion
+    assert nightly["counts"]["quarantine_reasons"] == {"flip_flop": 1}
+    assert nightly["counts"]["drop_reasons"].get("already_applied") == 1
+    assert main(["-w", str(workspace.root), "feed", "ingest", str(path), "--no-op-check",
+                 "--json", str(tmp_path / "cli.json")]) == 0, capsys.readouterr()
+    cli = json.loads((tmp_path / "cli.json").read_text())
+    assert cli["accepted"] == nightly["accepted"] and cli["counts"] == nightly["counts"]
+    assert nightly["report_path"] == str(workspace.feeds_dir / "reports" / f"{path.stem}.md")
+
+
 def test_predicts_targets_matches_greedy(tiny_lm):
     from kedit.evaluation.metrics import greedy_tokens
 

@@ -24,6 +24,7 @@ import torch
 
 from kedit import __version__
 from kedit.atomic import sha256_file, sha256_json, write_json_atomic
+from kedit.feeds.champion import applied_facts, fact_history  # noqa: F401 (moved there; kept importable)
 from kedit.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -101,24 +102,6 @@ def load_state_model(ws: Workspace, cfg: RefreshConfig, state_id: str | None):
     return lm, editor_state
 
 
-def applied_facts(store, state_id: str | None) -> set[tuple[str, str, str]]:
-    """(subject, prompt, target_new) of every fact applied on the path to ``state_id``."""
-    out: set[tuple[str, str, str]] = set()
-    for s in store.path(state_id) if state_id else []:
-        for f in s.feed.get("facts", []) or []:
-            out.add((f["subject"], f["prompt"], f["target_new"]))
-    return out
-
-
-def fact_history(store, state_id: str | None) -> list[dict[str, Any]]:
-    """Earlier fact changes on the champion's path, with the date they were applied."""
-    out = []
-    for s in store.path(state_id) if state_id else []:
-        for f in s.feed.get("facts", []) or []:
-            out.append({**f, "applied_at": s.created_at})
-    return out
-
-
 def predicts_targets(lm, rows: Sequence[dict[str, Any]]) -> list[bool]:
     """Which rows the model already answers with ``target_new`` under greedy decoding (one batch)."""
     from kedit.evaluation.metrics import encode_targets, greedy_tokens
@@ -130,6 +113,20 @@ def predicts_targets(lm, rows: Sequence[dict[str, Any]]) -> list[bool]:
     k = max(len(t) for t in targets)
     got = greedy_tokens(lm, prompts, k=k)
     return [got[i, : len(t)].tolist() == t for i, t in enumerate(targets)]
+
+
+def champion_predictor(ws: Workspace, cfg: RefreshConfig):
+    """The no-op check of an ingest: (state id, rows) -> does that state's model already answer each
+    row's ``target_new``? The model is loaded on the first call only (a feed with nothing left to
+    check loads nothing)."""
+    loaded: dict[str | None, Any] = {}
+
+    def predicts(state_id: str | None, rows: list[dict[str, Any]]) -> list[bool]:
+        if state_id not in loaded:
+            loaded[state_id], _ = load_state_model(ws, cfg, state_id)
+        return predicts_targets(loaded[state_id], rows)
+
+    return predicts
 
 
 class RunLog:
@@ -208,26 +205,17 @@ def reports_dir(ws: Workspace, key: str) -> Path:
 
 # --- steps ---------------------------------------------------------------------------------------
 def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
-    """Read, validate (Great Expectations), quarantine and deduplicate one feed against the champion."""
-    from kedit.feeds.ingest import ingest_feed
+    """Read, validate (Great Expectations), quarantine and deduplicate one feed against the champion
+    (the same function as ``kedit feed ingest``), with the champion model's no-op check."""
+    from kedit.feeds.champion import ingest_for_champion
     from kedit.feeds.schema import FeedPolicy
     from kedit.params import load_params
 
     path = resolve_feed(ws, feed)
     params = load_params(workspace=ws)
     policy = FeedPolicy.from_params({"feeds": params.block("feeds")})
-    store = open_lineage(ws)
-    champion = store.champion()
-    lm = None
-
-    def predicts(rows):
-        nonlocal lm
-        if lm is None:
-            lm, _ = load_state_model(ws, cfg, champion)
-        return predicts_targets(lm, rows)
-
-    res = ingest_feed(path, policy, applied_facts=frozenset(applied_facts(store, champion)),
-                      history=fact_history(store, champion), predicts_target=predicts)
+    res = ingest_for_champion(ws, path, policy, predictor=champion_predictor(ws, cfg))
+    champion = res.champion
     out = {"feed": str(path), "feed_sha256": res.sha256, "passed": bool(res.passed), "message": res.message,
            "champion": champion, "accepted": res.accepted, "counts": res.counts,
            "report_path": str(res.report_path) if res.report_path else None,

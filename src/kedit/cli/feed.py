@@ -17,14 +17,18 @@ def register(sub) -> None:
     v = s.add_parser("validate", help="run the feed expectation suite on one file (exit 0 = feed accepted)")
     v.add_argument("file")
     v.add_argument("--out", default=None,
-                   help="folder for quarantine/ and reports/ (default: beside the feed file)")
+                   help="folder for quarantine/ and reports/ (default: the workspace feeds/ folder)")
     _policy_args(v)
     v.set_defaults(func=_validate)
 
-    i = s.add_parser("ingest", help="validate + quarantine + dedup one feed into the workspace feeds/ folder, "
-                                    "recording its hash (no edits are applied)")
+    i = s.add_parser("ingest", help="validate + quarantine + dedup one feed against the champion into the "
+                                    "workspace feeds/ folder, recording its hash (no edits are applied); "
+                                    "the same checks as the nightly ingest step")
     i.add_argument("file")
     i.add_argument("--json", default=None, help="also write the full result as JSON here")
+    i.add_argument("--no-op-check", action="store_true",
+                   help="also drop rows the champion model already answers (loads the model, as the nightly "
+                        "step does)")
     _policy_args(i)
     i.set_defaults(func=_ingest)
 
@@ -80,20 +84,25 @@ def _summary(res) -> None:
 def _validate(args) -> int:
     from kedit.feeds.ingest import ingest_feed
 
-    out = Path(args.out) if args.out else None
+    out = Path(args.out) if args.out else workspace(args).feeds_dir
     res = ingest_feed(args.file, _policy(args), record=False,
-                      quarantine_dir=out / "quarantine" if out else None, report_dir=out / "reports" if out else None)
+                      quarantine_dir=out / "quarantine", report_dir=out / "reports")
     _summary(res)
     return 0 if res.passed else 1
 
 
 def _ingest(args) -> int:
     from kedit.atomic import write_json_atomic
-    from kedit.feeds.ingest import ingest_feed
+    from kedit.feeds.champion import ingest_for_champion
 
     ws = workspace(args)
-    res = ingest_feed(args.file, _policy(args), quarantine_dir=ws.feeds_dir / "quarantine",
-                      report_dir=ws.feeds_dir / "reports", ledger_path=ws.feeds_dir / ".ingested.json")
+    predictor = None
+    if args.no_op_check:
+        from kedit.refresh import RefreshConfig, champion_predictor
+
+        predictor = champion_predictor(ws, RefreshConfig.from_params())
+    res = ingest_for_champion(ws, args.file, _policy(args), predictor=predictor)
+    print(f"checked against champion {res.champion or 'base'} (facts already applied, flip-flops)")
     _summary(res)
     if args.json:
         write_json_atomic(args.json, res.to_dict())

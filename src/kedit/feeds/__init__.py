@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "ingest_for_champion": "champion",
     "IngestResult": "ingest", "ingest_feed": "ingest", "to_edit_requests": "ingest", "write_report": "ingest",
     "FeedFormatError": "reader", "read_feed": "reader",
     "FEED_FIELDS": "schema", "REQUIRED_FIELDS": "schema", "FeedPolicy": "schema", "feed_schema": "schema",

@@ -1,8 +1,9 @@
 """Deduplication and contradiction checks over normalised rows (pure functions, no I/O).
 
+* ids: the first row with an ``id`` keeps it; a later identical row is dropped, a later different
+  row is quarantined (naming the first row's line).
 * in-feed: rows with the same (subject, prompt) and the same target are duplicates (keep the first);
-  with different targets they contradict each other (quarantine them all). Rows sharing an ``id``
-  but differing in content are quarantined too.
+  with different targets they contradict each other (quarantine them all).
 * lineage: a (subject, prompt, target_new) already applied is dropped.
 * history: a fact whose target changes back to an earlier value within the window (A -> B -> A)
   is quarantined as a flip-flop.
@@ -10,9 +11,10 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kedit.feeds.expectations import parse_time
@@ -23,30 +25,48 @@ def fact_key(row: dict[str, Any]) -> tuple[str, str]:
     return row["subject"], row["prompt"]
 
 
-def _content(row: dict[str, Any]) -> tuple:
-    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(row.items()))
+def _id_key(value: Any) -> str | None:
+    if value is None:
+        return None
+    return normalize_text(value) if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
 
-def in_feed_conflicts(rows: list[dict[str, Any]]) -> tuple[dict[int, str], dict[int, str]]:
-    """Return (quarantine, drop): position -> reason, for contradictions and duplicates within one feed."""
+def duplicate_ids(rows: list[dict[str, Any]], lines: list[int]) -> tuple[dict[int, str], dict[int, str]]:
+    """Return (quarantine, drop): position -> reason, for rows reusing an earlier row's ``id``.
+
+    The first row with an id keeps it. A later row that is field-identical to it (the same fields with
+    the same values, as read) is a harmless re-send and is dropped (counted as ``duplicate``); a later
+    row that differs is quarantined, naming the line of the row that holds the id. Rows are compared as
+    read, before validation, so a later row cannot claim an id because the first one was invalid.
+    """
     quarantine: dict[int, str] = {}
     drop: dict[int, str] = {}
-    by_id: dict[str, list[int]] = defaultdict(list)
+    first: dict[str, int] = {}
     for i, r in enumerate(rows):
-        by_id[r["id"]].append(i)
-    for rid, idx in by_id.items():
-        if len(idx) > 1:
-            if len({_content(rows[i]) for i in idx}) == 1:
-                for i in idx[1:]:
-                    drop[i] = f"duplicate: exact copy of row {idx[0] + 1} (id {rid!r})"
-            else:
-                for i in idx:
-                    quarantine[i] = (f"id_unique: id {rid!r} is used by {len(idx)} rows with different "
-                                     "content")
+        key = _id_key(r.get("id"))
+        if key is None:
+            continue
+        j = first.setdefault(key, i)
+        if j == i:
+            continue
+        if r == rows[j]:
+            drop[i] = f"duplicate: identical to line {lines[j]} (id {r['id']!r})"
+        else:
+            quarantine[i] = (f"duplicate_id: id {r['id']!r} was first used on line {lines[j]} (kept); "
+                             "this row differs from it")
+    return quarantine, drop
+
+
+def in_feed_conflicts(rows: list[dict[str, Any]], lines: list[int] | None = None
+                      ) -> tuple[dict[int, str], dict[int, str]]:
+    """Return (quarantine, drop): position -> reason, for contradictions and duplicates of one fact
+    within a feed (``lines``: each row's line, for the reasons; default 1-based positions)."""
+    lines = lines or list(range(1, len(rows) + 1))
+    quarantine: dict[int, str] = {}
+    drop: dict[int, str] = {}
     by_fact: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
-        if i not in quarantine and i not in drop:
-            by_fact[fact_key(r)].append(i)
+        by_fact[fact_key(r)].append(i)
     for (subject, prompt), idx in by_fact.items():
         if len(idx) < 2:
             continue
@@ -57,7 +77,8 @@ def in_feed_conflicts(rows: list[dict[str, Any]]) -> tuple[dict[int, str], dict[
                                  f"targets {targets}")
         else:
             for i in idx[1:]:
-                drop[i] = f"duplicate: same fact and target as id {rows[idx[0]]['id']!r}"
+                drop[i] = (f"duplicate: same fact and target as line {lines[idx[0]]} "
+                           f"(id {rows[idx[0]]['id']!r})")
     return quarantine, drop
 
 
@@ -94,7 +115,11 @@ def flip_flops(rows: list[dict[str, Any]], history: Iterable[Any], window_days: 
     out: dict[int, str] = {}
     for i, r in enumerate(rows):
         now = parse_time(r["observed_at"])
-        recent = sorted(e for e in past.get(fact_key(r), []) if now - window <= e[0] <= now)
+        try:
+            start = now - window
+        except OverflowError:  # a valid observed_at within the window of year 1
+            start = datetime.min.replace(tzinfo=UTC)
+        recent = sorted(e for e in past.get(fact_key(r), []) if start <= e[0] <= now)
         if not recent:
             continue
         last_when, last_target, _ = recent[-1]

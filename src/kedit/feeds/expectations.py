@@ -12,15 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from kedit.feeds.schema import (
     CONTROL_CHARS,
+    ENCODING_DAMAGE,
     FEED_FIELDS,
+    INVISIBLE_CHARS,
     LIST_FIELDS,
     ONE_SLOT,
+    PATH_SAFE_ID,
     REQUIRED_FIELDS,
     STRING_FIELDS,
     FeedPolicy,
@@ -42,6 +47,7 @@ class CheckResult:
     unexpected_rows: list[int] = field(default_factory=list)  # 0-based positions in the feed
     observed: Any = None
     error: str | None = None
+    row_messages: dict[int, str] = field(default_factory=dict)  # position -> message naming the culprit
 
 
 @dataclass
@@ -56,7 +62,7 @@ class SuiteOutcome:
         for r in self.results:
             if r.kind == ROW:
                 for i in r.unexpected_rows:
-                    reasons[i].append(f"{r.check}: {r.message}")
+                    reasons[i].append(f"{r.check}: {r.row_messages.get(i, r.message)}")
         return reasons
 
     def table_failures(self) -> list[str]:
@@ -71,9 +77,45 @@ def parse_time(value: Any) -> datetime | None:
         return None
     try:
         dt = datetime.fromisoformat(value.strip())
-    except ValueError:
+        return (dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt).astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: an offset takes it outside years 1-9999 in UTC
         return None
-    return (dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt).astimezone(UTC)
+
+
+# C0/C1 controls have no Unicode name; these are the ones a sloppy producer actually sends.
+_CONTROL_NAMES = {0x00: "NULL", 0x09: "CHARACTER TABULATION", 0x0A: "LINE FEED", 0x0D: "CARRIAGE RETURN",
+                  0x1B: "ESCAPE", 0x7F: "DELETE", 0x85: "NEXT LINE"}
+
+
+def char_name(ch: str) -> str:
+    """``U+202E RIGHT-TO-LEFT OVERRIDE``: the code point and its name, so an invisible culprit can be found."""
+    cp = ord(ch)
+    return f"U+{cp:04X} " + (unicodedata.name(ch, "") or _CONTROL_NAMES.get(cp, "(control character)"))
+
+
+def describe_chars(value: Any, label: str, pattern: re.Pattern[str], limit: int = 3) -> str | None:
+    """``label contains U+.... NAME at position N[, ...]`` for the characters of ``value`` matching
+    ``pattern`` (positions 1-based, in characters); None if there are none or ``value`` is not a string."""
+    if not isinstance(value, str):
+        return None
+    hits = [(m.start() + 1, m.group()) for m in pattern.finditer(value)]
+    if not hits:
+        return None
+    named = ", ".join(f"{char_name(ch)} at position {pos}" for pos, ch in hits[:limit])
+    more = f" (and {len(hits) - limit} more)" if len(hits) > limit else ""
+    return f"{label} contains {named}{more}"
+
+
+def describe_list_chars(value: Any, label: str, pattern: re.Pattern[str]) -> str | None:
+    """Like :func:`describe_chars` for the first item of a list column that holds a matching character."""
+    if not isinstance(value, list):
+        return None
+    return next((d for i, v in enumerate(value) if (d := describe_chars(v, f"{label}[{i}]", pattern))), None)
+
+
+def _list_text(value: Any) -> str | None:
+    """The string items of a list column joined by spaces, for a regex check over all of them."""
+    return " ".join(v for v in value if isinstance(v, str)) if isinstance(value, list) else None
 
 
 def build_frame(rows: list[dict[str, Any]]):
@@ -87,6 +129,7 @@ def build_frame(rows: list[dict[str, Any]]):
     data["_observed_at_epoch"] = [t.timestamp() if t else float("nan") for t in times]
     for c in LIST_FIELDS:
         data[f"_{c}_json"] = [None if v is None else json.dumps(v) for v in data[c]]
+        data[f"_{c}_text"] = [_list_text(v) for v in data[c]]
     df = pd.DataFrame({k: pd.Series(v, dtype=object) for k, v in data.items()})
     df["_observed_at_epoch"] = df["_observed_at_epoch"].astype(float)
     return df
@@ -113,8 +156,14 @@ def expectation_specs(policy: FeedPolicy, now: datetime) -> list[tuple[str, str,
              {"column": c, "regex": r"\S"}),
             (f"no_control_chars:{c}", f"{c} contains a control character", ROW,
              "ExpectColumnValuesToNotMatchRegex", {"column": c, "regex": CONTROL_CHARS}),
+            (f"invisible_chars:{c}", f"{c} contains an invisible (bidi or zero-width) character", ROW,
+             "ExpectColumnValuesToNotMatchRegex", {"column": c, "regex": INVISIBLE_CHARS}),
+            (f"encoding_damage:{c}", f"{c} contains U+FFFD (text decoded with the wrong encoding upstream)", ROW,
+             "ExpectColumnValuesToNotMatchRegex", {"column": c, "regex": ENCODING_DAMAGE}),
         ]
     specs += [
+        ("id_path_safe", "id must not contain '/' or '\\' or be '.' or '..' (ids name files downstream)", ROW,
+         "ExpectColumnValuesToMatchRegex", {"column": "id", "regex": PATH_SAFE_ID}),
         ("prompt_one_slot", "prompt must contain exactly one '{}' and no other braces", ROW,
          "ExpectColumnValuesToMatchRegex", {"column": "prompt", "regex": ONE_SLOT}),
         ("targets_differ", "target_new equals target_true (not a change)", ROW,
@@ -134,7 +183,28 @@ def expectation_specs(policy: FeedPolicy, now: datetime) -> list[tuple[str, str,
         specs.append((f"list:{c}", f"{c} must be a list of at most {policy.max_list_items} non-blank strings of "
                       f"at most {policy.max_list_item_chars} characters without control characters", ROW,
                       "ExpectColumnValuesToMatchJsonSchema", {"column": f"_{c}_json", "json_schema": ls}))
+        specs.append((f"invisible_chars:{c}", f"an item of {c} contains an invisible (bidi or zero-width) "
+                      "character", ROW, "ExpectColumnValuesToNotMatchRegex",
+                      {"column": f"_{c}_text", "regex": INVISIBLE_CHARS}))
+        specs.append((f"encoding_damage:{c}", f"an item of {c} contains U+FFFD (text decoded with the wrong "
+                      "encoding upstream)", ROW, "ExpectColumnValuesToNotMatchRegex",
+                      {"column": f"_{c}_text", "regex": ENCODING_DAMAGE}))
     return specs
+
+
+_CHAR_CHECKS = {"no_control_chars": (re.compile(CONTROL_CHARS), ""),
+                "invisible_chars": (re.compile(INVISIBLE_CHARS), ""),
+                "encoding_damage": (re.compile(ENCODING_DAMAGE), " (text decoded with the wrong encoding upstream)")}
+
+
+def row_message(check: str, value: Any) -> str | None:
+    """A failing row's own message for checks about characters: which code point, where (else None)."""
+    kind, _, column = check.partition(":")
+    if kind not in _CHAR_CHECKS:
+        return None
+    pattern, why = _CHAR_CHECKS[kind]
+    found = (describe_list_chars if column in LIST_FIELDS else describe_chars)(value, column, pattern)
+    return found + why if found else None
 
 
 def _positions(result: dict[str, Any], index: list[Any]) -> list[int]:
@@ -172,8 +242,12 @@ def run_suite(rows: list[dict[str, Any]], policy: FeedPolicy, now: datetime | No
         message, kind = specs[check]
         exc = r.exception_info or {}
         err = exc.get("exception_message") if exc.get("raised_exception") else None
+        rows_failed = _positions(r.result or {}, index)
+        column = check.partition(":")[2]
+        detail = {i: m for i in rows_failed if column in df.columns
+                  and (m := row_message(check, df[column].iloc[i])) is not None}
         results.append(CheckResult(check, r.expectation_config.type, message, kind, bool(r.success),
-                                   _positions(r.result or {}, index), (r.result or {}).get("observed_value"), err))
+                                   rows_failed, (r.result or {}).get("observed_value"), err, detail))
     order = list(specs)
     results.sort(key=lambda x: order.index(x.check))
     return SuiteOutcome(results, bool(res.success), dict(res.statistics))

@@ -10,6 +10,7 @@ A feed that fails as a whole (too many invalid rows, row count out of range) acc
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -18,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from kedit.atomic import write_json_atomic, write_text_atomic
-from kedit.feeds.dedup import already_applied, flip_flops, in_feed_conflicts
+from kedit.feeds.dedup import already_applied, duplicate_ids, flip_flops, in_feed_conflicts
 from kedit.feeds.expectations import run_suite
 from kedit.feeds.normalize import normalize_row
 from kedit.feeds.reader import read_feed
-from kedit.feeds.schema import FeedPolicy
+from kedit.feeds.schema import CONTROL_CHARS, FEED_FIELDS, INVISIBLE_CHARS, FeedPolicy
 
 LEDGER_NAME = ".ingested.json"
 
@@ -37,7 +38,7 @@ class QuarantinedRow:
 @dataclass
 class DroppedRow:
     line: int
-    row: dict[str, Any]  # normalised
+    row: dict[str, Any]  # normalised (as read, for an identical copy of an earlier row)
     reason: str
 
 
@@ -62,6 +63,7 @@ class IngestResult:
     report_path: str | None = None
     previously_ingested: bool = False
     notes: list[str] = field(default_factory=list)
+    champion: str | None = None  # lineage state whose applied facts and history were checked (None: base)
 
     @property
     def accepted_ids(self) -> list[str]:
@@ -93,18 +95,24 @@ def ingest_feed(path: str | Path, policy: FeedPolicy | None = None, *,
     n = len(raw.rows)
     suite = run_suite(raw.rows, policy, now)
     reasons = suite.row_reasons(n)
+    dropped: dict[int, str] = {}
+    id_quarantine, id_copies = duplicate_ids(raw.rows, raw.lines)
+    for i, why in id_quarantine.items():
+        reasons[i].append(why)
+    for i, why in id_copies.items():
+        reasons[i] = []  # an identical copy is judged as the row it copies (kept or quarantined there)
+        dropped[i] = why
 
     norm: dict[int, dict[str, Any]] = {}
     for i in range(n):
-        if not reasons[i]:
+        if not reasons[i] and i not in dropped:
             row, problems = normalize_row(raw.rows[i])
             reasons[i].extend(problems)
             if not problems:
                 norm[i] = row
     pos = sorted(norm)
     rows = [norm[i] for i in pos]
-    dropped: dict[int, str] = {}
-    conflict_q, dup_drop = in_feed_conflicts(rows)
+    conflict_q, dup_drop = in_feed_conflicts(rows, [raw.lines[i] for i in pos])
     for j, why in conflict_q.items():
         reasons[pos[j]].append(why)
     for j, why in flip_flops(rows, history, policy.window_days).items():
@@ -120,6 +128,9 @@ def ingest_feed(path: str | Path, policy: FeedPolicy | None = None, *,
     invalid_fraction = n_quarantined / n
     table_failures = suite.table_failures()
     notes: list[str] = []
+    unknown = [c for c in raw.columns if c not in FEED_FIELDS]
+    if unknown:
+        notes.append(f"unknown column(s) {unknown} ignored (a feed row has {list(FEED_FIELDS)})")
     if table_failures:
         passed, message = False, "feed failed as a whole: " + "; ".join(table_failures)
     elif invalid_fraction > policy.max_invalid_fraction:
@@ -142,7 +153,7 @@ def ingest_feed(path: str | Path, policy: FeedPolicy | None = None, *,
         notes.append("no-op check skipped (no champion predictor given)")
 
     quarantined = [QuarantinedRow(raw.lines[i], raw.rows[i], reasons[i]) for i in range(n) if reasons[i]]
-    dropped_rows = [DroppedRow(raw.lines[i], norm[i], dropped[i]) for i in sorted(dropped)]
+    dropped_rows = [DroppedRow(raw.lines[i], norm.get(i, raw.rows[i]), dropped[i]) for i in sorted(dropped)]
     accepted_idx = candidates if passed else []
     reason_counts = Counter(r.split(":", 1)[0] for q in quarantined for r in q.reasons)
     drop_counts = Counter(d.reason.split(":", 1)[0] for d in dropped_rows)
@@ -162,8 +173,8 @@ def ingest_feed(path: str | Path, policy: FeedPolicy | None = None, *,
     stem = path.stem
     qpath = _default_dir(path, "quarantine", quarantine_dir) / f"{stem}.jsonl"
     if quarantined:
-        lines = [json.dumps({"line": q.line, "id": q.row.get("id"), "reasons": q.reasons, "row": q.row},
-                            ensure_ascii=False, default=str) for q in quarantined]
+        lines = [escape_hidden(json.dumps({"line": q.line, "id": q.row.get("id"), "reasons": q.reasons,
+                                           "row": q.row}, ensure_ascii=False, default=str)) for q in quarantined]
         write_text_atomic(qpath, "\n".join(lines) + "\n")
         result.quarantine_path = str(qpath)
     elif qpath.exists():
@@ -203,9 +214,26 @@ def to_edit_requests(rows: Iterable[dict[str, Any]]):
                         neighbors=list(r.get("neighbors") or []), id=r["id"]) for r in rows]
 
 
+_HIDDEN = re.compile(f"{CONTROL_CHARS}|{INVISIBLE_CHARS}")
+
+
+def escape_hidden(text: str) -> str:
+    """Control and invisible characters as JSON ``\\u`` escapes (a surrogate pair above U+FFFF), so a
+    bidi override in a quarantined row cannot reorder what a reviewer reads. Inside a JSON string the
+    result is the same JSON value."""
+    def esc(m: re.Match[str]) -> str:
+        cp = ord(m.group())
+        if cp <= 0xFFFF:
+            return f"\\u{cp:04x}"
+        cp -= 0x10000
+        return f"\\u{0xD800 + (cp >> 10):04x}\\u{0xDC00 + (cp & 0x3FF):04x}"
+
+    return _HIDDEN.sub(esc, text)
+
+
 def _cell(value: Any, limit: int = 80) -> str:
     s = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    s = s.replace("|", "\\|").replace("\n", " ")
+    s = escape_hidden(s.replace("|", "\\|").replace("\n", " "))
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 

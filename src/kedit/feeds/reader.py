@@ -4,10 +4,12 @@ missing columns, empty, too big). Row *content* is judged later by the expectati
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,32 @@ from kedit.feeds.schema import LIST_FIELDS, REQUIRED_FIELDS, FeedPolicy
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
-class FeedFormatError(ValueError):
-    """A feed file that cannot be read as a feed at all. ``str()`` reads ``file:line: problem``."""
+MAX_LISTED_PROBLEMS = 100  # bad lines named in the message; ``FeedFormatError.problems`` holds all
 
-    def __init__(self, path: str | Path, problem: str, line: int | None = None) -> None:
+
+class FeedFormatError(ValueError):
+    """A feed file that cannot be read as a feed at all. ``str()`` reads ``file:line: problem``, one
+    line per bad line of the file when there are several (``problems`` lists them all)."""
+
+    def __init__(self, path: str | Path, problem: str, line: int | None = None,
+                 problems: list[tuple[int, str]] | None = None) -> None:
         self.path, self.line, self.problem = str(path), line, problem
-        where = f"{path}:{line}" if line is not None else str(path)
-        super().__init__(f"{where}: {problem}")
+        self.problems = problems or ([(line, problem)] if line is not None else [])
+        if len(self.problems) > 1:
+            shown = [f"{path}:{n}: {p}" for n, p in self.problems[:MAX_LISTED_PROBLEMS]]
+            more = len(self.problems) - len(shown)
+            text = f"{path}: {problem}\n" + "\n".join(shown) + (f"\n... and {more} more bad lines" if more else "")
+        else:
+            text = f"{path}:{line}: {problem}" if line is not None else f"{path}: {problem}"
+        super().__init__(text)
+
+    @classmethod
+    def from_lines(cls, path: str | Path, problems: list[tuple[int, str]], what: str) -> FeedFormatError:
+        """One error for every bad line of a file (the first one's line is ``line``)."""
+        if len(problems) == 1:
+            return cls(path, problems[0][1], problems[0][0])
+        return cls(path, f"{len(problems)} bad lines ({what}); nothing is read from this file",
+                   problems[0][0], problems)
 
 
 @dataclass
@@ -40,7 +61,22 @@ class RawFeed:
     columns: list[str]
 
 
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"),
+              (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
 def _decode(path: Path, data: bytes) -> str:
+    """UTF-8 text of the file (one leading BOM dropped), or an error naming the encoding problem."""
+    for bom, name in _WIDE_BOMS:
+        if data.startswith(bom):
+            raise FeedFormatError(path, f"file is {name} encoded (byte-order mark {bom.hex(' ').upper()}); "
+                                        "feeds must be UTF-8 encoded", 1)
+    nul = data.find(b"\x00")
+    if nul >= 0:  # never valid in a JSONL or CSV feed; the usual cause is UTF-16 without a byte-order mark
+        line = data.count(b"\n", 0, nul) + 1
+        col = nul - (data.rfind(b"\n", 0, nul) + 1) + 1
+        raise FeedFormatError(path, f"NUL byte at column {col} (UTF-16 without a byte-order mark?); feeds must "
+                                    "be UTF-8 encoded text", line)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -51,19 +87,91 @@ def _decode(path: Path, data: bytes) -> str:
     return text.removeprefix("\ufeff")
 
 
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """Lines of a JSONL text. Split on ``\\n`` only (a trailing ``\\r`` is dropped): JSON strings may hold
+    raw U+2028, U+2029, U+0085 and other characters that ``str.splitlines`` would also break at. A BOM
+    starting a line (files concatenated with their BOMs) is outside any value and is dropped."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [ln.removesuffix("\r").removeprefix("\ufeff") for ln in lines]
+
+
+class _BadLine(Exception):
+    """Raised from the JSON parser's hooks: a line that parses but must not be read as a row."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise _BadLine(f"key {k!r} appears twice in one object (which value is meant?)")
+        seen.add(k)
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> Any:
+    raise _BadLine(f"{name} is not JSON (write null, or the value as a string)")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate (``\\ud800``) in any string or key of a parsed value: not valid Unicode,
+    it cannot be written back as UTF-8."""
+    if isinstance(value, str):
+        m = _SURROGATE.search(value)
+        return f"\\u{ord(m.group()):04x}" if m else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _lone_surrogate(k) if isinstance(k, str) else None
+        if found or (found := _lone_surrogate(v)):
+            return found
+    return None
+
+
+def parse_line(raw: str) -> Any:
+    """One JSONL line as strict JSON: no NaN/Infinity, no repeated key, no lone surrogate, bounded
+    nesting and number length. Raises ``ValueError`` with the reason."""
+    try:
+        obj = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except _BadLine as exc:
+        raise ValueError(f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError("invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # int() refuses a number of more than 4300 digits
+        raise ValueError(f"invalid JSON: number too long ({exc})") from None
+    found = _lone_surrogate(obj)
+    if found:
+        raise ValueError(f"invalid JSON: a string holds the lone surrogate {found} (not valid Unicode)")
+    return obj
+
+
 def _read_jsonl(path: Path, text: str) -> tuple[list[dict], list[int]]:
-    rows, lines = [], []
-    for n, raw in enumerate(text.splitlines(), start=1):
+    """Every line parsed; all bad lines are reported together, so a producer can fix them in one go."""
+    rows, lines, bad = [], [], []
+    for n, raw in enumerate(jsonl_lines(text), start=1):
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise FeedFormatError(path, f"invalid JSON: {exc.msg} (column {exc.colno})", n) from None
+            obj = parse_line(raw)
+        except ValueError as exc:
+            bad.append((n, str(exc)))
+            continue
         if not isinstance(obj, dict):
-            raise FeedFormatError(path, f"expected a JSON object per line, got {type(obj).__name__}", n)
+            bad.append((n, f"expected a JSON object per line, got {_JSON_TYPES.get(type(obj), type(obj).__name__)}"))
+            continue
         rows.append(obj)
         lines.append(n)
+    if bad:
+        raise FeedFormatError.from_lines(path, bad, "a JSONL feed holds one JSON object per line")
     return rows, lines
 
 
@@ -72,8 +180,8 @@ def _list_cell(value: str) -> Any:
     value = value.strip()
     if value.startswith("["):
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
+            return parse_line(value)
+        except ValueError:
             return value  # left as a string: the suite reports it as not a list
     return [v.strip() for v in value.split("|") if v.strip()]
 
@@ -90,7 +198,7 @@ def _read_csv(path: Path, text: str) -> tuple[list[dict], list[int], list[str]]:
     if len(set(header)) != len(header):
         dup = sorted({h for h in header if header.count(h) > 1})
         raise FeedFormatError(path, f"duplicate column(s) in header: {dup}", 1)
-    rows, lines = [], []
+    rows, lines, bad = [], [], []
     while True:
         start = reader.line_num + 1
         try:
@@ -98,16 +206,20 @@ def _read_csv(path: Path, text: str) -> tuple[list[dict], list[int], list[str]]:
         except StopIteration:
             break
         except csv.Error as exc:
-            raise FeedFormatError(path, f"bad CSV: {exc}", start) from None
+            bad.append((start, f"bad CSV: {exc}"))
+            continue
         if not any(c.strip() for c in cells):
             continue
         if len(cells) != len(header):
-            raise FeedFormatError(path, f"expected {len(header)} fields, got {len(cells)}", start)
+            bad.append((start, f"expected {len(header)} fields, got {len(cells)}"))
+            continue
         row: dict[str, Any] = {}
         for key, cell in zip(header, cells):
             row[key] = None if cell == "" else (_list_cell(cell) if key in LIST_FIELDS else cell)
         rows.append(row)
         lines.append(start)
+    if bad:
+        raise FeedFormatError.from_lines(path, bad, f"a CSV feed row has the header's {len(header)} fields")
     return rows, lines, header
 
 
@@ -126,9 +238,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _read_parquet(path: Path) -> tuple[list[dict], list[int], list[str]]:
+def _read_parquet(path: Path, policy: FeedPolicy) -> tuple[list[dict], list[int], list[str]]:
     import pandas as pd
+    import pyarrow.parquet as pq
 
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception as exc:  # pyarrow raises several unrelated types for a corrupt file
+        raise FeedFormatError(path, f"not a readable Parquet file: {exc}") from None
+    # checked before decoding: a small compressed file can expand to far more than max_file_bytes
+    decoded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if meta.num_rows > policy.max_rows:
+        raise FeedFormatError(path, f"file holds {meta.num_rows:,} rows, over the limit of {policy.max_rows:,} "
+                                    "(feeds.max_rows)")
+    if decoded > policy.max_file_bytes:
+        raise FeedFormatError(path, f"file decodes to {decoded:,} bytes, over the limit of "
+                                    f"{policy.max_file_bytes:,} (feeds.max_file_bytes)")
     try:
         df = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several unrelated types for a corrupt file
@@ -162,7 +287,7 @@ def read_feed(path: str | Path, policy: FeedPolicy | None = None) -> RawFeed:
     elif fmt == "csv":
         rows, lines, columns = _read_csv(path, _decode(path, data))
     else:
-        rows, lines, columns = _read_parquet(path)
+        rows, lines, columns = _read_parquet(path, policy)
     if not rows:
         raise FeedFormatError(path, "file holds no rows")
     missing = [c for c in REQUIRED_FIELDS if c not in columns]

@@ -21,6 +21,25 @@ LIST_FIELDS = ("paraphrases", "neighbors")
 
 # C0 and C1 control characters (tab and newline included): never legitimate inside a fact.
 CONTROL_CHARS = r"[\x00-\x1f\x7f-\x9f]"
+# Characters that change how text displays or compares without being visible: bidi embeddings,
+# overrides, isolates and marks (U+202A-U+202E, U+2066-U+2069, U+200E/U+200F, U+061C), zero-width
+# space/joiners and word joiners (U+200B-U+200D, U+2060-U+2064), the BOM inside text (U+FEFF),
+# interlinear annotation (U+FFF9-U+FFFB) and tag characters (U+E0000-U+E007F, invisible ASCII copies).
+# A fact carrying one can read differently to a reviewer than to the model.
+INVISIBLE_RANGES = ((0x061C, 0x061C), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x2064),
+                    (0x2066, 0x2069), (0xFEFF, 0xFEFF), (0xFFF9, 0xFFFB), (0xE0000, 0xE007F))
+INVISIBLE_CHARS = "[" + "".join(f"\\u{a:04x}" + (f"-\\u{b:04x}" if b > a else "") if b <= 0xFFFF
+                                else f"\\U{a:08x}-\\U{b:08x}" for a, b in INVISIBLE_RANGES) + "]"
+# U+FFFD REPLACEMENT CHARACTER: what a decoder leaves for bytes it could not read, i.e. the text went
+# through the wrong encoding before it reached the feed (the original characters are lost).
+ENCODING_DAMAGE = "[\\ufffd]"
+# Neither kind of character may appear in a string value. The JSON Schema pattern leaves out the tag
+# characters: an ECMA-262 pattern without the ``u`` flag cannot name code points above U+FFFF (the suite
+# checks them).
+_BANNED = ("\\x00-\\x1f\\x7f-\\x9f" + INVISIBLE_CHARS[1:-1].replace("\\U000e0000-\\U000e007f", "")
+           + ENCODING_DAMAGE[1:-1])
+# Ids name files downstream (a traced fact's folder): no path separator, and not "." or "..".
+PATH_SAFE_ID = r"^(?!\.\.?$)[^/\\]+$"
 # Exactly one "{}" and no other brace, so ``prompt.format(subject)`` is safe and unambiguous.
 ONE_SLOT = r"^[^{}]*\{\}[^{}]*$"
 
@@ -81,7 +100,7 @@ class FeedPolicy:
 
 def _string(max_len: int, **extra: Any) -> dict[str, Any]:
     return {"type": "string", "minLength": 1, "maxLength": max_len,
-            "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]*\\S[^\\x00-\\x1f\\x7f-\\x9f]*$", **extra}
+            "pattern": f"^[^{_BANNED}]*[^\\s{_BANNED}][^{_BANNED}]*$", **extra}
 
 
 def list_schema(policy: FeedPolicy) -> dict[str, Any]:
@@ -93,7 +112,8 @@ def feed_schema(policy: FeedPolicy | None = None) -> dict[str, Any]:
     """JSON Schema (draft 2020-12) of one feed row under ``policy`` (default limits if None)."""
     p = policy or FeedPolicy()
     props: dict[str, Any] = {
-        "id": _string(p.max_id_chars, description="Unique id of the fact change within the feed"),
+        "id": {"allOf": [_string(p.max_id_chars), {"pattern": PATH_SAFE_ID}],
+               "description": "Unique id of the fact change within the feed (no '/' or '\\', not '.' or '..')"},
         "subject": _string(p.max_subject_chars, description="Entity whose fact changes, e.g. 'Eiffel Tower'"),
         "prompt": _string(p.max_prompt_chars, description="Template with exactly one '{}' for the subject"),
         "target_new": _string(p.max_target_chars, description="New object, no leading space"),
@@ -109,7 +129,7 @@ def feed_schema(policy: FeedPolicy | None = None) -> dict[str, Any]:
         "observed_at": _string(p.max_text_chars, format="date-time",
                                description="ISO 8601 time the change was observed; not in the future"),
     }
-    props["prompt"]["pattern"] = "^[^{}\\x00-\\x1f\\x7f-\\x9f]*\\{\\}[^{}\\x00-\\x1f\\x7f-\\x9f]*$"
+    props["prompt"]["pattern"] = f"^[^{{}}{_BANNED}]*\\{{\\}}[^{{}}{_BANNED}]*$"
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://kedit.dev/schemas/feed-row.json",

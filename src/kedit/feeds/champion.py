@@ -1,0 +1,57 @@
+"""Ingest a feed against the workspace's champion: the one code path behind ``kedit feed ingest`` and
+the nightly ingest step, so both drop facts already applied on the champion's path, quarantine
+flip-flops against its history, and write the quarantine file, report and ledger into the
+workspace's ``feeds/`` folder. Only the no-op check (does the champion already answer
+``target_new``?) needs the model, so the caller passes it in as a predictor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from kedit.feeds.ingest import LEDGER_NAME, IngestResult, ingest_feed
+from kedit.feeds.schema import FeedPolicy
+from kedit.workspace import Workspace
+
+# (champion state id or None for the base model, candidate rows) -> does the champion already predict
+# each row's target_new?
+ChampionPredictor = Callable[[str | None, list[dict[str, Any]]], list[bool]]
+
+
+def applied_facts(store, state_id: str | None) -> set[tuple[str, str, str]]:
+    """(subject, prompt, target_new) of every fact applied on the path to ``state_id``."""
+    out: set[tuple[str, str, str]] = set()
+    for s in store.path(state_id) if state_id else []:
+        for f in s.feed.get("facts", []) or []:
+            out.add((f["subject"], f["prompt"], f["target_new"]))
+    return out
+
+
+def fact_history(store, state_id: str | None) -> list[dict[str, Any]]:
+    """Earlier fact changes on the champion's path, with the date they were applied."""
+    out = []
+    for s in store.path(state_id) if state_id else []:
+        for f in s.feed.get("facts", []) or []:
+            out.append({**f, "applied_at": s.created_at})
+    return out
+
+
+def ingest_for_champion(ws: Workspace, path: str | Path, policy: FeedPolicy | None = None, *,
+                        predictor: ChampionPredictor | None = None, now: datetime | None = None) -> IngestResult:
+    """:func:`~kedit.feeds.ingest.ingest_feed` with the lineage checks of the workspace's current
+    champion; quarantine, report and ledger go under ``ws.feeds_dir``. ``result.champion`` names the
+    state checked against (None: the base model)."""
+    from kedit.lineage.ops import open_store
+
+    store = open_store(ws)
+    champion = store.champion()
+    predicts = (lambda rows: predictor(champion, rows)) if predictor is not None else None
+    res = ingest_feed(path, policy, applied_facts=frozenset(applied_facts(store, champion)),
+                      history=fact_history(store, champion), predicts_target=predicts,
+                      quarantine_dir=ws.feeds_dir / "quarantine", report_dir=ws.feeds_dir / "reports",
+                      ledger_path=ws.feeds_dir / LEDGER_NAME, now=now)
+    res.champion = champion
+    return res
