@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from kedit.cli import main
 from kedit.orchestration import PrefectAPIError, PrefectRuns, expire_overdue, free_port, state_type
 from tests.test_lineage import run_batches, stored_lm  # noqa: F401  (fixture)
 
@@ -66,12 +67,14 @@ def test_prefect_yaml_names_the_installed_prefect():
 
 # -- errors and retries of Prefect's client ---------------------------------------------------------------
 
-def test_no_api_or_no_server_is_a_clear_error():
+def test_no_api_or_no_server_is_a_clear_error(capsys):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         with pytest.raises(PrefectAPIError, match="PREFECT_API_URL"):
             PrefectRuns()
+        assert main(["nightly", "status"]) == 2
+    assert "kedit nightly: error: no Prefect API: set PREFECT_API_URL" in capsys.readouterr().err
     runs = PrefectRuns(f"http://127.0.0.1:{free_port()}/api")
     assert runs.healthy() is False
     with pytest.raises(PrefectAPIError, match="unreachable"):
@@ -161,8 +164,8 @@ def test_trigger_is_idempotent_per_key(server, deployment):
         server.run_deployment("kedit-test-flow/no-such-deployment")
 
 
-def test_a_paused_run_resumes_with_the_verdict(server):
-    """A real flow pauses for an ``Approval`` input; ``decide`` finds it by state prefix and resumes it."""
+def test_a_paused_run_resumes_with_the_verdict(server, capsys):
+    """A real flow pauses for an ``Approval`` input; `kedit reject` finds it by state prefix and resumes it."""
     from prefect import flow
     from prefect.flow_runs import pause_flow_run
 
@@ -183,13 +186,15 @@ def test_a_paused_run_resumes_with_the_verdict(server):
         time.sleep(0.5)
     assert len(waiting) == 1 and waiting[0].state_ref == ref and waiting[0].waiting
     assert dt.timedelta(seconds=60) < waiting[0].deadline - dt.datetime.now(dt.UTC) <= dt.timedelta(seconds=120)
-    with pytest.raises(PrefectAPIError, match="no refresh is waiting"):
-        server.decide("ffffffffffff", True, "tester")
-    run = server.decide(ref[:12], False, "tester", "not today")
-    assert run.id == waiting[0].id
+    assert main(["nightly", "status"]) == 0
+    assert f"{waiting[0].id}  waiting on state {ref[:12]}" in capsys.readouterr().out
+    assert main(["approve", "ffffffffffff", "--by", "tester"]) == 2
+    assert "no refresh is waiting for approval of 'ffffffffffff'" in capsys.readouterr().err
+    assert main(["reject", ref[:12], "--by", "tester", "--comment", "not today"]) == 0
+    assert f"rejected state {ref[:12]} (flow run {waiting[0].name}) by tester" in capsys.readouterr().out
     th.join(60)
     assert out["result"] == {"approve": False, "approver": "tester", "comment": "not today"}
-    assert state_type(server.flow_run(run.id)) == "COMPLETED"
+    assert state_type(server.flow_run(waiting[0].id)) == "COMPLETED"
 
 
 def test_timed_out_approvals_are_rejected_once(server, deployment, workspace, stored_lm):  # noqa: F811
