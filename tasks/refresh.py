@@ -1,7 +1,7 @@
 """Tasks of the nightly refresh. Each wraps one ``kedit.refresh`` step and adds what orchestration
-needs: retries where a retry is safe, JSON-persisted results, and cache keys built from content
-hashes (feed sha256, parent state id, editor config), so a resumed or re-run refresh reuses finished
-work and never applies the same edits twice.
+needs: retries where a retry is safe, JSON-persisted results, and cache policies (``tasks.cache``) built
+from content hashes (feed sha256, parent state id, editor config) and the task source, so a resumed or
+re-run refresh reuses finished work and never applies the same edits twice.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from kedit import refresh
-from kedit.atomic import sha256_file, sha256_json
 from kedit.workspace import Workspace
+from tasks.cache import content_keyed, feed_keyed
 
 RESULTS = {"persist_result": True, "result_serializer": "json"}
 KEEP = timedelta(days=30)
@@ -34,39 +34,33 @@ def _champion(ws: Workspace) -> str:
     return f.read_text().strip() if f.exists() else "base"
 
 
-def ingest_key(_ctx, p: dict[str, Any]) -> str:
-    """Same feed bytes, same champion, same config -> same ingest outcome."""
-    ws = _ws(p["workspace"])
-    path = refresh.resolve_feed(ws, p["feed"])
-    return "ingest-" + sha256_json([sha256_file(path), _champion(ws), p["cfg"]])[:32]
-
-
-@task(name="ingest-feed", retries=2, retry_delay_seconds=5, cache_key_fn=ingest_key, cache_expiration=KEEP,
-      **RESULTS)
+# same feed bytes, same champion, same config -> same ingest outcome
+@task(name="ingest-feed", retries=2, retry_delay_seconds=5, cache_policy=feed_keyed(_champion),
+      cache_expiration=KEEP, **RESULTS)
 def ingest(workspace: str | None, feed: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return refresh.ingest_step(_ws(workspace), feed, _cfg(cfg))
 
 
-@task(name="causal-trace", retries=1, cache_key_fn=lambda _c, p: "trace-" + p["ingest"]["refresh_key"],
+@task(name="causal-trace", retries=1, cache_policy=content_keyed("trace", "ingest.refresh_key"),
       cache_expiration=KEEP, **RESULTS)
 def trace(workspace: str | None, cfg: dict[str, Any], ingest: dict[str, Any]) -> dict[str, Any]:
     return refresh.trace_step(_ws(workspace), _cfg(cfg), ingest["accepted"], ingest["refresh_key"])
 
 
 @task(name="apply-edits", retries=1, retry_delay_seconds=10,
-      cache_key_fn=lambda _c, p: "edit-" + p["ingest"]["refresh_key"], cache_expiration=KEEP, **RESULTS)
+      cache_policy=content_keyed("edit", "ingest.refresh_key"), cache_expiration=KEEP, **RESULTS)
 def edit(workspace: str | None, cfg: dict[str, Any], ingest: dict[str, Any]) -> dict[str, Any]:
     return refresh.edit_step(_ws(workspace), _cfg(cfg), ingest)
 
 
 @task(name="evaluate-and-gate", retries=1,
-      cache_key_fn=lambda _c, p: "gate-" + str(p["edit"]["state_id"]), cache_expiration=KEEP, **RESULTS)
+      cache_policy=content_keyed("gate", "edit.state_id"), cache_expiration=KEEP, **RESULTS)
 def gate(workspace: str | None, cfg: dict[str, Any], ingest: dict[str, Any], edit: dict[str, Any]) -> dict[str, Any]:
     return refresh.gate_step(_ws(workspace), _cfg(cfg), ingest, edit)
 
 
 @task(name="register-candidate", retries=2, retry_delay_seconds=5,
-      cache_key_fn=lambda _c, p: "register-" + p["state_id"], cache_expiration=KEEP, **RESULTS)
+      cache_policy=content_keyed("register", "state_id"), cache_expiration=KEEP, **RESULTS)
 def register(workspace: str | None, key: str, state_id: str) -> dict[str, Any]:
     return refresh.register_step(_ws(workspace), key, state_id)
 
@@ -76,7 +70,7 @@ def decide(workspace: str | None, key: str, state_id: str, approved: bool, by: s
     return refresh.decide_step(_ws(workspace), key, state_id, approved, by, comment)
 
 
-@task(name="gpu-result", cache_key_fn=lambda _c, p: "gpu-" + p["ingest"]["refresh_key"], cache_expiration=KEEP,
+@task(name="gpu-result", cache_policy=content_keyed("gpu", "ingest.refresh_key"), cache_expiration=KEEP,
       **RESULTS)
 def run_on_gpu_pool(deployment: str, workspace: str | None, cfg: dict[str, Any], ingest: dict[str, Any]) -> dict[str, Any]:
     """Run tracing + editing + evaluation as a deployment on the ``gpu`` pool and return its result.
@@ -96,15 +90,15 @@ def run_on_gpu_pool(deployment: str, workspace: str | None, cfg: dict[str, Any],
 @task(name="expire-overdue-approvals", cache_policy=NO_CACHE, retries=1)
 def expire_overdue(workspace: str | None) -> list[str]:
     """A timed-out approval rejects (suspended runs cannot time themselves out: they are not running)."""
-    import os
+    from prefect.settings import PREFECT_API_URL
 
     from kedit.lineage.ops import open_store
-    from kedit.orchestration import PrefectAPI
+    from kedit.orchestration import PrefectRuns
     from kedit.orchestration import expire_overdue as expire
 
-    if not os.environ.get("PREFECT_API_URL"):
+    if not PREFECT_API_URL.value():  # an ephemeral in-process run: no server holds waiting runs
         return []
-    return expire(PrefectAPI(), open_store(_ws(workspace)))
+    return expire(PrefectRuns(), open_store(_ws(workspace)))
 
 
 def report_path(workspace: str | None, key: str) -> Path:

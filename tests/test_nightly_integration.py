@@ -67,7 +67,7 @@ def stack_ws(smollm_ws, tmp_path_factory):
 def test_nightly_refresh_approve_rollback_rerun_reject(stack_ws, monkeypatch):
     from kedit.lineage.ops import open_store
     from kedit.lineage.registry import ModelRegistry, Tracking
-    from kedit.orchestration import LocalStack, PrefectAPIError, expire_overdue
+    from kedit.orchestration import LocalStack, PrefectAPIError, expire_overdue, state_type
 
     ws = stack_ws
     monkeypatch.setenv("KEDIT_PARAMS", str(ws.root / "params.yaml"))
@@ -78,11 +78,11 @@ def test_nightly_refresh_approve_rollback_rerun_reject(stack_ws, monkeypatch):
         api = stack.start()
         # 1. the nightly refresh runs on the cpu pool, its model work on the gpu pool, then suspends
         run = api.run_deployment("nightly-refresh/nightly", {"feed": "2026-01-05", "workspace": str(ws.root)})
-        fr = api.wait(run["id"], ("PAUSED",), timeout=1500)
-        assert fr["state"]["type"] == "PAUSED", _logs(stack, fr)
+        fr = api.wait(run.id, ("PAUSED",), timeout=1500)
+        assert state_type(fr) == "PAUSED", _logs(stack, fr)
         waiting = api.awaiting_approval()
         assert len(waiting) == 1
-        sid = waiting[0]["kedit_state"]
+        sid = waiting[0].state_ref
         store = open_store(ws)
         full = store.resolve(sid)
         assert store.champion() is None  # nothing promoted before the approval
@@ -96,8 +96,8 @@ def test_nightly_refresh_approve_rollback_rerun_reject(stack_ws, monkeypatch):
         # on the pinned 3.9. A reviewer takes longer than that.)
         time.sleep(10)
         api.decide(sid, True, "integration-test", "looks right")
-        fr = api.wait(run["id"], ("COMPLETED",), timeout=900)
-        assert fr["state"]["type"] == "COMPLETED", _logs(stack, fr)
+        fr = api.wait(run.id, timeout=900)  # until final: Prefect's wait_for_flow_run
+        assert state_type(fr) == "COMPLETED", _logs(stack, fr)
         store = open_store(ws)
         assert store.champion() == full
         champ = reg.alias("champion")
@@ -111,26 +111,26 @@ def test_nightly_refresh_approve_rollback_rerun_reject(stack_ws, monkeypatch):
 
         # 3. the same feed again: nothing new is applied, the champion stays
         run2 = api.run_deployment("nightly-refresh/nightly", {"feed": "2026-01-05", "workspace": str(ws.root)})
-        fr2 = api.wait(run2["id"], ("PAUSED",), timeout=600)
-        assert fr2["state"]["type"] == "COMPLETED", _logs(stack, fr2)
+        fr2 = api.wait(run2.id, ("PAUSED",), timeout=600)
+        assert state_type(fr2) == "COMPLETED", _logs(stack, fr2)
         assert len(open_store(ws).states()) == 1
 
         # 4a. a second feed whose approval times out: the suspended run is past its deadline, the sweep
         # (`kedit nightly expire`, also the first task of every nightly run) rejects it; champion unchanged
         run3 = api.run_deployment("nightly-refresh/nightly", {"feed": "2026-01-06", "workspace": str(ws.root),
                                                              "approval_timeout_s": 5})
-        fr3 = api.wait(run3["id"], ("PAUSED",), timeout=1500)
-        assert fr3["state"]["type"] == "PAUSED", _logs(stack, fr3)
+        fr3 = api.wait(run3.id, ("PAUSED",), timeout=1500)
+        assert state_type(fr3) == "PAUSED", _logs(stack, fr3)
         time.sleep(6)
         # past the deadline the run is either still waiting or already failed by the Prefect server's own
         # pause-expiration service (every 5 s); the sweep must see it either way
         late = api.timed_out_approvals()
-        assert [r["id"] for r in late] == [run3["id"]]
+        assert [r.id for r in late] == [str(run3.id)]
         with pytest.raises(PrefectAPIError, match="timed out"):
-            api.decide(late[0]["kedit_state"], True, "late-reviewer")
+            api.decide(late[0].state_ref, True, "late-reviewer")
         expired = expire_overdue(api, open_store(ws))
-        assert len(expired) == 1 and expired[0].startswith(late[0]["kedit_state"])
-        assert api.flow_run(run3["id"])["state"]["type"] == "FAILED"
+        assert len(expired) == 1 and expired[0].startswith(late[0].state_ref)
+        assert state_type(api.flow_run(run3.id)) == "FAILED"
         assert expire_overdue(api, open_store(ws)) == []  # recorded once
         store = open_store(ws)
         assert store.champion() == full
@@ -142,13 +142,13 @@ def test_nightly_refresh_approve_rollback_rerun_reject(stack_ws, monkeypatch):
         # candidate state, no new edit), the champion and its alias stay
         n_states = len(store.states())
         run4 = api.run_deployment("nightly-refresh/nightly", {"feed": "2026-01-06", "workspace": str(ws.root)})
-        fr4 = api.wait(run4["id"], ("PAUSED",), timeout=900)
-        assert fr4["state"]["type"] == "PAUSED", _logs(stack, fr4)
-        assert api.awaiting_approval()[0]["kedit_state"] == sid3[:16]
+        fr4 = api.wait(run4.id, ("PAUSED",), timeout=900)
+        assert state_type(fr4) == "PAUSED", _logs(stack, fr4)
+        assert api.awaiting_approval()[0].state_ref == sid3[:16]
         time.sleep(10)
         api.decide(sid3[:12], False, "integration-test", "not today")
-        fr4 = api.wait(run4["id"], ("COMPLETED",), timeout=900)
-        assert fr4["state"]["type"] == "COMPLETED", _logs(stack, fr4)
+        fr4 = api.wait(run4.id, ("COMPLETED",), timeout=900)
+        assert state_type(fr4) == "COMPLETED", _logs(stack, fr4)
         store = open_store(ws)
         assert len(store.states()) == n_states
         assert store.champion() == full
@@ -159,8 +159,8 @@ def test_nightly_refresh_approve_rollback_rerun_reject(stack_ws, monkeypatch):
         # 5. roll back to the base model through the rollback deployment
         run5 = api.run_deployment("rollback/rollback", {"state": "base", "by": "integration-test",
                                                          "reason": "test rollback", "workspace": str(ws.root)})
-        fr5 = api.wait(run5["id"], ("COMPLETED",), timeout=300)
-        assert fr5["state"]["type"] == "COMPLETED", _logs(stack, fr5)
+        fr5 = api.wait(run5.id, timeout=300)
+        assert state_type(fr5) == "COMPLETED", _logs(stack, fr5)
         store = open_store(ws)
         assert store.champion() is None
         assert any(e.type == "rollback" and e.comment == "test rollback" for e in store.events())
@@ -183,5 +183,5 @@ def _logs(stack, fr) -> str:
         p = stack.home / f"{name}.log"
         if p.exists():
             tail.append(f"--- {name} ---\n" + p.read_text()[-6000:])
-    return f"flow run {fr['name']} ended {fr['state']}\n" + "\n".join(tail)
+    return f"flow run {fr.name} ended {fr.state}\n" + "\n".join(tail)
 

@@ -1,10 +1,11 @@
-"""Unit tests of the refresh core and the Prefect REST client (no server, tiny models)."""
+"""Unit tests of the refresh core and the approval deadline rules (no server, tiny models); the Prefect
+client itself is tested in test_orchestration.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from kedit.orchestration import LocalStack, PrefectAPI, PrefectAPIError, approval_timeout_of, free_port
+from kedit.orchestration import LocalStack, approval_timeout_of
 from kedit.refresh import RefreshConfig, predicts_targets, refresh_key, resolve_feed
 
 
@@ -79,55 +80,6 @@ def test_predicts_targets_matches_greedy(tiny_lm):
     ids = tiny_lm.tokenizer(" " + predicted, add_special_tokens=False)["input_ids"]
     assert got[0] == (first[: len(ids)] == ids)
     assert got[1] is False
-
-
-def test_prefect_api_errors_are_clear(monkeypatch):
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    with pytest.raises(PrefectAPIError, match="PREFECT_API_URL"):
-        PrefectAPI()
-    api = PrefectAPI(f"http://127.0.0.1:{free_port()}/api", timeout=2)
-    assert api.healthy() is False
-    with pytest.raises(PrefectAPIError, match="unreachable"):
-        api.awaiting_approval()
-
-
-def test_prefect_api_retries_what_the_server_marks_retryable():
-    """Prefect answers 503 when its SQLite database is locked and tells clients to retry; the client
-    retries those (and only those) and then gives up with the status in the error."""
-    import http.server
-    import json
-    import threading
-
-    answers = {"/flaky": [503, 503, 200], "/down": [503] * 10, "/missing": [404, 200]}
-    seen: dict[str, int] = {}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            k = seen[self.path] = seen.get(self.path, 0) + 1
-            code = answers[self.path][k - 1]
-            body = json.dumps({"ok": True} if code == 200 else {"exception_message": "nope"}).encode()
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        api = PrefectAPI(f"http://127.0.0.1:{srv.server_address[1]}", retries=3, backoff=0.01)
-        assert api.call("POST", "/flaky", {}) == {"ok": True} and seen["/flaky"] == 3
-        with pytest.raises(PrefectAPIError, match=r"HTTP 503 .*after 4 attempts"):
-            api.call("POST", "/down", {})
-        assert seen["/down"] == 4
-        with pytest.raises(PrefectAPIError, match="HTTP 404"):
-            api.call("POST", "/missing", {})
-        assert seen["/missing"] == 1  # not retryable
-    finally:
-        srv.shutdown()
 
 
 def _state(kind, ts, key=None, deadline=None):

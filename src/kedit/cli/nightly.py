@@ -1,10 +1,12 @@
 """`kedit nightly demo|trigger|status`, `kedit approve`, `kedit reject`.
 
-These talk to Prefect over its REST API (``kedit.orchestration``): the core never imports Prefect.
+These talk to Prefect through its own client, in the ``kedit.orchestration`` adapter, imported inside each
+command: the core modules never import Prefect.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import shutil
@@ -43,27 +45,35 @@ def register(sub) -> None:
         a.set_defaults(func=_decide, approve=verdict == "approve")
 
 
-def _api():
-    from kedit.orchestration import PrefectAPI
+@contextlib.contextmanager
+def _runs():
+    """The Prefect server's runs; its errors (no API, unreachable, not found) as CLI errors."""
+    from kedit.orchestration import PrefectAPIError, PrefectRuns
 
-    return PrefectAPI()
+    try:
+        yield PrefectRuns()
+    except PrefectAPIError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _decide(args) -> int:
     if not args.by:
         raise CLIError("say who decides: --by NAME")
-    run = _api().decide(args.ref, args.approve, args.by, args.comment)
+    with _runs() as runs:
+        run = runs.decide(args.ref, args.approve, args.by, args.comment)
     verb = "approved" if args.approve else "rejected"
-    print(f"{verb} state {run['kedit_state'][:12]} (flow run {run['name']}) by {args.by}; the run resumes now")
+    print(f"{verb} state {run.state_ref[:12]} (flow run {run.name}) by {args.by}; the run resumes now")
     return 0
 
 
 def _status(args) -> int:
-    runs = _api().awaiting_approval()
-    if not runs:
+    with _runs() as runs:
+        waiting = runs.awaiting_approval()
+    if not waiting:
         print("no refresh is waiting for approval")
-    for r in runs:
-        print(f"{r['name']:28s} {r['id']}  waiting on state {r['kedit_state'][:12]}")
+    for r in waiting:
+        due = f"  deadline {r.deadline:%Y-%m-%d %H:%M:%S} UTC" if r.deadline else ""
+        print(f"{r.name:28s} {r.id}  waiting on state {r.state_ref[:12]}{due}")
     return 0
 
 
@@ -72,14 +82,16 @@ def _expire(args) -> int:
     from kedit.lineage.ops import open_store
     from kedit.orchestration import expire_overdue
 
-    done = expire_overdue(_api(), open_store(workspace(args)))
+    with _runs() as runs:
+        done = expire_overdue(runs, open_store(workspace(args)))
     print(f"rejected {len(done)} timed-out candidate(s): {[s[:12] for s in done]}")
     return 0
 
 
 def _trigger(args) -> int:
-    fr = _api().run_deployment(args.deployment, {"feed": args.feed})
-    print(f"started {fr['name']} ({fr['id']})")
+    with _runs() as runs:
+        fr = runs.run_deployment(args.deployment, {"feed": args.feed})
+    print(f"started {fr.name} ({fr.id})")
     return 0
 
 
@@ -89,7 +101,7 @@ def _demo(args) -> int:
     from rich.rule import Rule
 
     from kedit.models.store import ModelManifest
-    from kedit.orchestration import LocalStack
+    from kedit.orchestration import LocalStack, state_type
     from kedit.refresh import RefreshConfig
     from kedit.stats.collect import load_stats, stats_dir
     from kedit.workspace import Workspace
@@ -145,19 +157,19 @@ def _demo(args) -> int:
         con.print(f"Prefect API {stack.api_url} (UI: http://127.0.0.1:{stack.port}); logs in {stack.home}")
         con.print(Rule("5/6  nightly refresh"))
         run = api.run_deployment("nightly-refresh/nightly", {"feed": day, "workspace": str(ws.root)})
-        con.print(f"flow run {run['name']} started")
+        con.print(f"flow run {run.name} started")
         seen: list[str] = []
 
         def show(fr):
-            st = (fr.get("state") or {}).get("name")
+            st = fr.state.name if fr.state else None
             if not seen or seen[-1] != st:
                 seen.append(st)
-                con.print(f"  [{time.strftime('%H:%M:%S')}] {fr['name']}: {st}")
+                con.print(f"  [{time.strftime('%H:%M:%S')}] {fr.name}: {st}")
 
-        fr = api.wait(run["id"], ("PAUSED",), timeout=args.timeout, on_poll=show)
-        if (fr.get("state") or {}).get("type") == "PAUSED":
-            waiting = api.awaiting_approval(run["id"])
-            sid = waiting[0]["kedit_state"] if waiting else "?"
+        fr = api.wait(run.id, ("PAUSED",), timeout=args.timeout, on_poll=show)
+        if state_type(fr) == "PAUSED":
+            waiting = api.awaiting_approval(str(run.id))
+            sid = waiting[0].state_ref if waiting else "?"
             gate_md = next(iter(sorted(ws.reports_dir.glob("*/gate/gate.md"), key=lambda p: p.stat().st_mtime)), None)
             con.print(f"\nThe candidate passed the gates and waits for a human. Report: {gate_md}")
             if gate_md:
@@ -170,8 +182,8 @@ def _demo(args) -> int:
             # process worker (not re-checked on the pinned 3.9), so the demo waits like a reviewer would
             time.sleep(15)
             api.decide(sid, True, args.approver, "demo: reviewed gate report")
-            fr = api.wait(run["id"], ("COMPLETED",), timeout=args.timeout, on_poll=show)
-        final = (fr.get("state") or {}).get("type")
+            fr = api.wait(run.id, ("COMPLETED",), timeout=args.timeout, on_poll=show)
+        final = state_type(fr)
         if final != "COMPLETED":
             raise CLIError(f"nightly run ended {final}; see the worker logs in {stack.home}")
     finally:
