@@ -444,22 +444,38 @@ def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: d
     gate = report.to_dict()
     store.record_gate(sid, {"passed": gate["passed"], "checks": gate["checks"], "failed_ids": gate["failed_ids"],
                             "lost_ids": gate["lost_ids"]})
-    RunLog(ws, ingest["refresh_key"]).log(
+    runlog = RunLog(ws, ingest["refresh_key"])
+    runlog.log(
         "evaluation", metrics={c["name"]: c["value"] for c in gate["checks"] if c.get("value") is not None},
         tags={"kedit.gate": "passed" if gate["passed"] else "failed", "kedit.state": sid}, artifacts=[out_dir])
+    log_candidate_model(ws, store, sid, runlog, out_dir)
     return {"passed": bool(gate["passed"]), "report_dir": str(out_dir),
             "checks": [{k: c[k] for k in ("name", "value", "threshold", "passed")} for c in gate["checks"]],
             "failed_ids": gate["failed_ids"], "lost_ids": gate["lost_ids"]}
 
 
+def log_candidate_model(ws: Workspace, store, state_id: str, runlog: RunLog, gate_dir: Path) -> str | None:
+    """Every candidate, passed or failed, becomes a loadable MLflow model on the refresh's run, with its
+    gate metrics, verdict and report (``lineage.mlflow: false`` in params.yaml turns this off)."""
+    from kedit.lineage.ops import lineage_params
+    from kedit.lineage.registry import log_state_model
+
+    if not lineage_params(ws).get("mlflow", True):
+        return None
+    logged = log_state_model(runlog.tracking, store, store.get(state_id), run_id=runlog.parent_id,
+                             gate_dir=gate_dir)
+    return logged.model_id
+
+
 def register_step(ws: Workspace, key: str, state_id: str) -> dict[str, Any]:
-    """Register the candidate state as an MLflow model version with the ``candidate`` alias."""
+    """Register the candidate's logged MLflow model as a model version with the ``candidate`` alias."""
     from kedit.lineage.ops import register_candidate
 
     store = open_lineage(ws)
     runlog = RunLog(ws, key)
     mv = register_candidate(ws, store, state_id, run_id=runlog.parent_id)
-    return {"registered_model": mv.name, "version": str(mv.version), "state_id": state_id}
+    return {"registered_model": mv.name, "version": str(mv.version), "state_id": state_id,
+            "model_uri": f"models:/{mv.name}/{mv.version}", "source": mv.source}
 
 
 def decide_step(ws: Workspace, key: str, state_id: str, approved: bool, by: str, comment: str) -> dict[str, Any]:
