@@ -439,7 +439,9 @@ def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: d
     canary = without_edited_subjects(canary, [*ingest["accepted"], *prior_facts])
     canary.save(out_dir / "canary")
     report = run_gates(champ_lm, cand_lm, policy, new_edits=new, prior_edits=prior, canary=canary,
-                       progress=False)
+                       progress=False, candidate_state={"id": sid, "parent": ingest["champion"],
+                                                        "n_edits": edit.get("n_edits"),
+                                                        "feed": Path(ingest["feed"]).name})
     report.save(out_dir)
     gate = report.to_dict()
     store.record_gate(sid, {"passed": gate["passed"], "checks": gate["checks"], "failed_ids": gate["failed_ids"],
