@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -76,9 +77,19 @@ def test_champion_loads_through_mlflow_and_predicts_the_edited_answer(workspace,
     assert table["columns"][:3] == ["id", "subject", "prompt"] and table["data"][0][:3] == ["r2", "Rome",
                                                                                            "Rome is the capital of"]
 
-    # the base model is logged once, not once per state; each state carries only its lineage path
+    # the base model is logged once, not once per state; a state carries its own files and a snapshot
+    # of the edited tensors, its ancestors only their records (the same size at any depth)
     base_runs = tr.client.search_runs([tr.experiment_id], "tags.`kedit.kind` = 'base-model'")
     assert len(base_runs) == 1
+    lineage = Path(mlflow.artifacts.download_artifacts(f"{logged.artifact_location}/artifacts/workspace/lineage",
+                                                       dst_path=str(tmp_path / "m")))
+    held = {d.name: sorted(f.name for f in d.iterdir()) for d in (lineage / "states").iterdir()}
+    assert held[states[0].id] == held[states[1].id] == ["state.json"]
+    assert held[states[2].id] == ["deltas.safetensors", "editor_meta.json", "editor_state.safetensors",
+                                  "snapshot.safetensors", "state.json"]
+    from kedit.lineage.state import EditState
+
+    assert EditState.from_file(lineage / "states" / states[2].id / "state.json").id == states[2].id
 
     ops.promote(workspace, store, states[2].id, by="alice", params=NO_DVC)
     assert reg.alias("champion").tags["kedit.state_id"] == states[2].id

@@ -31,27 +31,29 @@ DEFAULT_NEW_TOKENS = 8
 
 
 def stage_state_lineage(store, state_id: str, dest: Path) -> Path:
-    """Copy what restoring ``state_id`` reads into ``dest/lineage``: every record on its path, the deltas
-    (and snapshot) from the nearest snapshot on, its editor state and the base values of the edited
-    tensors. The copy is a lineage store of its own, so ``materialise`` checks it like the original."""
+    """Write what restoring ``state_id`` reads into ``dest/lineage``, a lineage store of its own: the
+    records of every state on its path, and for the state itself its deltas, its editor state and a
+    snapshot of the edited tensors (verified against the record), so the copy has the same size at
+    any depth and ``materialise`` checks it exactly like the original. ``snapshot`` and ``files``
+    are bookkeeping outside the content hash: the state keeps its id."""
+    import dataclasses
+
+    from kedit.atomic import save_tensors_atomic, sha256_file, write_json_atomic
+
     target = store.get(state_id)
-    chain = store.path(target.id)
-    start = max((i for i, s in enumerate(chain) if s.snapshot), default=0)
     root = Path(dest) / "lineage"
-    for i, s in enumerate(chain):
-        src, out = store.state_dir(s.id), root / "states" / s.id
+    for s in store.path(target.id)[:-1]:
+        out = root / "states" / s.id
         out.mkdir(parents=True, exist_ok=True)
-        names = [STATE_FILE]
-        if i >= start:
-            names += [n for n in s.files if n.startswith("deltas") or (i == start and n == SNAPSHOT_FILE)]
-        if s.id == target.id:
-            names += [n for n in s.files if n.startswith("editor")]
-        for n in dict.fromkeys(names):
-            shutil.copy2(src / n, out / n)
-    base = root / "base" / target.base_model_hash
-    base.mkdir(parents=True, exist_ok=True)
-    for n in target.base_sha256:
-        shutil.copy2(store.base_dir / target.base_model_hash / f"{n}.safetensors", base / f"{n}.safetensors")
+        shutil.copy2(store.state_dir(s.id) / STATE_FILE, out / STATE_FILE)
+    out = root / "states" / target.id
+    out.mkdir(parents=True, exist_ok=True)
+    for n in target.files:
+        if n.startswith(("deltas", "editor")):
+            shutil.copy2(store.state_dir(target.id) / n, out / n)
+    save_tensors_atomic(out / SNAPSHOT_FILE, store.tensors(target.id), metadata={"state": target.id})
+    files = {p.name: sha256_file(p) for p in sorted(out.iterdir())}
+    write_json_atomic(out / STATE_FILE, dataclasses.replace(target, snapshot=True, files=files).to_dict())
     return root
 
 
