@@ -49,3 +49,26 @@ def test_curve_plot_draws_error_bars_and_labelled_baselines(tmp_path, monkeypatc
     assert len(set(styles.values())) == 3  # each baseline its own dash pattern, not only its colour
     assert ax.get_xlabel() == "records edited so far"
     assert ("perplexity change, % (right axis)" in labels) == with_ppl
+
+
+def test_console_does_not_wrap_outside_a_terminal(monkeypatch):
+    import io
+
+    from kedit.bench.console import make_console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    buf = io.StringIO()
+    con = make_console(file=buf)
+    cmd = "PREFECT_API_URL=http://127.0.0.1:4200/api kedit approve 3f9c2a7b1d04 --by alice " + "--comment 'x' " * 10
+    con.print(f"A reviewer would now run:\n  [bold]{cmd}[/bold]")
+    lines = buf.getvalue().splitlines()
+    assert lines[1].strip() == cmd.strip() and len(lines) == 2
+
+
+def test_top_level_help_reads_as_a_sentence(capsys):
+    from kedit.cli import build_parser
+
+    parser = build_parser()
+    desc = parser.description
+    assert desc[0].isalpha() and desc.endswith(".") and "``" not in desc and "<group>" not in desc
+    assert "kedit keeps a language model's facts up to date" in " ".join(parser.format_help().split())

@@ -85,16 +85,16 @@ def _trigger(args) -> int:
 
 def _demo(args) -> int:
     """The README's main command: everything a nightly refresh does, on this machine, no mocks."""
-    from rich.console import Console
     from rich.rule import Rule
 
+    from kedit.bench.console import make_console
     from kedit.models.store import ModelManifest
     from kedit.orchestration import LocalStack
     from kedit.refresh import RefreshConfig
     from kedit.stats.collect import load_stats, stats_dir
     from kedit.workspace import Workspace
 
-    con = Console()
+    con = make_console()  # not wrapped when piped: the printed `kedit approve ...` copy-pastes
     project = Path(__file__).resolve().parents[3]
     if not (project / "prefect.yaml").exists():
         raise CLIError(f"run the demo from a kedit checkout (no prefect.yaml in {project})")
@@ -165,7 +165,7 @@ def _demo(args) -> int:
             con.print(Rule("6/6  approval"))
             con.print("A reviewer would now run (and this demo runs it for you):\n"
                       f"  [bold]PREFECT_API_URL={stack.api_url} kedit approve {sid[:12]} --by {args.approver} "
-                      f"--comment 'demo: reviewed gate report'[/bold]")
+                      f"--comment 'demo: reviewed gate report'[/bold]", soft_wrap=True)
             # a reviewer takes minutes; resuming within a second of the suspension can reach the process
             # worker before it has released the run's slot (Prefect 3.8.8 then crashes the worker)
             time.sleep(15)

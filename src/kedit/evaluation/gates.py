@@ -168,11 +168,11 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
     the lineage (retention); ``canary``: the champion's stored suite (built on the fly when ``None``);
     ``candidate_state``: the lineage state under review (id, parent, n_edits, feed), named in the reports.
     """
-    from rich.console import Console
+    from kedit.bench.console import make_console
 
     policy = policy or GatePolicy()
     t0 = time.perf_counter()
-    console = Console(stderr=True, quiet=not progress)
+    console = make_console(stderr=True, quiet=not progress)
     new = [as_counterfact(r, k, "new_edits") for k, r in enumerate(new_edits)]
     prior = [as_counterfact(r, k, "prior_edits") for k, r in enumerate(prior_edits)]
     checks: list[Check] = []
