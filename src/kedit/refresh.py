@@ -26,6 +26,7 @@ import yaml
 
 from kedit import __version__
 from kedit.atomic import sha256_file, sha256_json, write_json_atomic
+from kedit.progress import reported
 from kedit.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ def reports_dir(ws: Workspace, key: str) -> Path:
 
 
 # --- steps ---------------------------------------------------------------------------------------
+@reported("ingest")
 def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
     """Read, validate (Great Expectations), quarantine and deduplicate one feed against the champion."""
     from kedit.feeds.ingest import ingest_feed
@@ -247,6 +249,7 @@ def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
     return out
 
 
+@reported("trace")
 def trace_step(ws: Workspace, cfg: RefreshConfig, rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """Causal-trace a sample of the feed's facts on the champion: where does the current fact live?"""
     from kedit.tracing import trace_fact
@@ -270,6 +273,7 @@ def trace_step(ws: Workspace, cfg: RefreshConfig, rows: list[dict[str, Any]], ke
     return {"traced": done, "dir": str(out_dir)}
 
 
+@reported("edit")
 def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict[str, Any]:
     """Apply the accepted rows on top of the champion and commit the result as a candidate state.
 
@@ -419,6 +423,7 @@ def without_edited_subjects(canary, facts: Sequence[dict[str, Any]]):
         continuations=[canary.continuations[i] for i in keep] if canary.continuations else [])
 
 
+@reported("gate")
 def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: dict[str, Any]) -> dict[str, Any]:
     """Compare the candidate with the champion on the gate policy; write gate.json / gate.md / gate.png."""
     from kedit.evaluation.canary import build_canary
@@ -469,6 +474,7 @@ def log_candidate_model(ws: Workspace, store, state_id: str, runlog: RunLog, gat
     return logged.model_id
 
 
+@reported("register")
 def register_step(ws: Workspace, key: str, state_id: str) -> dict[str, Any]:
     """Register the candidate's logged MLflow model as a model version with the ``candidate`` alias."""
     from kedit.lineage.ops import register_candidate
@@ -480,6 +486,7 @@ def register_step(ws: Workspace, key: str, state_id: str) -> dict[str, Any]:
             "model_uri": f"models:/{mv.name}/{mv.version}", "source": mv.source}
 
 
+@reported("decide")
 def decide_step(ws: Workspace, key: str, state_id: str, approved: bool, by: str, comment: str) -> dict[str, Any]:
     """Promote (champion alias, git tag, lineage event) or record the rejection; champion stays otherwise."""
     from kedit.lineage.ops import promote

@@ -90,6 +90,7 @@ def _demo(args) -> int:
     from kedit.bench.console import make_console
     from kedit.models.store import ModelManifest
     from kedit.orchestration import LocalStack
+    from kedit.progress import ProgressTail
     from kedit.refresh import RefreshConfig
     from kedit.stats.collect import load_stats, stats_dir
     from kedit.workspace import Workspace
@@ -144,11 +145,14 @@ def _demo(args) -> int:
         api = stack.start()
         con.print(f"Prefect API {stack.api_url} (UI: http://127.0.0.1:{stack.port}); logs in {stack.home}")
         con.print(Rule("5/6  nightly refresh"))
+        tail = ProgressTail(ws.root)  # the steps' progress lines, written by the workers
         run = api.run_deployment("nightly-refresh/nightly", {"feed": day, "workspace": str(ws.root)})
         con.print(f"flow run {run['name']} started")
         seen: list[str] = []
 
         def show(fr):
+            for line in tail.new_lines():
+                con.print(f"    {line}", markup=False, highlight=False)
             st = (fr.get("state") or {}).get("name")
             if not seen or seen[-1] != st:
                 seen.append(st)
