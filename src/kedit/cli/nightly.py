@@ -30,6 +30,9 @@ def register(sub) -> None:
     t = s.add_parser("trigger", help="start the deployed nightly refresh (needs PREFECT_API_URL)")
     t.add_argument("--feed", default="today")
     t.add_argument("--deployment", default="nightly-refresh/nightly")
+    t.add_argument("--follow", action="store_true",
+                   help="echo the steps' progress (the workspace's logs/progress.log) until the run ends or waits "
+                        "for approval")
     t.set_defaults(func=_trigger)
     st = s.add_parser("status", help="refresh runs waiting for approval")
     st.set_defaults(func=_status)
@@ -78,9 +81,30 @@ def _expire(args) -> int:
 
 
 def _trigger(args) -> int:
+    tail = _progress_tail(args) if args.follow else None  # before the start: the first steps' lines count
     fr = _api().run_deployment(args.deployment, {"feed": args.feed})
     print(f"started {fr['name']} ({fr['id']})")
+    if tail is not None:
+        _follow(tail, fr["id"])
     return 0
+
+
+def _progress_tail(args):
+    from kedit.cli import workspace
+    from kedit.progress import ProgressTail
+
+    return ProgressTail(workspace(args).root)
+
+
+def _follow(tail, run_id: str) -> None:
+    """Print the progress lines the run's steps append to the workspace's progress file while it runs."""
+    def echo(_fr) -> None:
+        for line in tail.new_lines():
+            print(f"  {line}", flush=True)
+
+    fr = _api().wait(run_id, ("PAUSED",), timeout=24 * 3600, on_poll=echo)
+    echo(fr)
+    print(f"{fr['name']}: {(fr.get('state') or {}).get('name')}")
 
 
 def _demo(args) -> int:
