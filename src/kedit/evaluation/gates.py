@@ -406,14 +406,15 @@ def _panel(ax, c: Check) -> None:
     vals = [b[1] for b in spec["bars"]]
     thr = spec["threshold"]
     if spec["kind"] == "change":
-        ax.bar(labels, vals, color=colour, width=0.5)
+        bars = ax.bar(labels, vals, color=colour, width=0.5)
         top, bottom = max(vals[0], thr), min(0.0, vals[0])
         span = (top - bottom) or 1.0
-        ax.set_ylim(bottom - 0.05 * span, top + 0.15 * span)
+        ax.set_ylim(bottom - (0.2 if bottom < 0 else 0.05) * span, top + 0.15 * span)  # room for the labels
         ax.axhline(0, color="gray", lw=0.5)
     else:
-        ax.bar(labels, vals, color=["tab:blue", colour], width=0.6)
-        ax.set_ylim(0, max(1.0, *(v for v in vals if v == v)) * 1.08)
+        bars = ax.bar(labels, vals, color=["tab:blue", colour], width=0.6)
+        ax.set_ylim(0, max(1.0, *(v for v in vals if v == v)) * 1.12)
+    ax.bar_label(bars, labels=[_fmt(v) for v in vals], fontsize=7, padding=1)  # a zero stays visible
     ax.axhline(thr, color="black", ls="--", lw=1)
     if spec["caption"]:
         ax.set_xlabel(spec["caption"], fontsize=7)
