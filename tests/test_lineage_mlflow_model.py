@@ -116,3 +116,28 @@ def test_state_without_its_base_model_is_refused(workspace, tiny_lm, monkeypatch
     s = store.commit(tiny_lm, res, parent=None, feed={"row_ids": ["r0"]}, hparams={})  # before applying it
     with pytest.raises(LineageError, match="not in .*model store"):
         log_state_model(Tracking(workspace), store, s)
+
+
+def test_refresh_logs_every_candidate_and_registers_the_logged_model(workspace, stored_lm, monkeypatch,  # noqa: F811
+                                                                     tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # lineage params from the (absent) workspace params.yaml: defaults
+    from kedit import refresh
+    from kedit.lineage.registry import TAG_GATE, find_state_model
+    from kedit.progress import ProgressTail
+
+    store = LineageStore(workspace.lineage_dir, snapshot_every=2)
+    failed, passed = commit_states(store, stored_lm(), 2)
+    runlog = refresh.RunLog(workspace, "k1")
+    gate_dir = tmp_path / "gate"
+    gate_dir.mkdir()
+    for sid, ok in ((failed.id, False), (passed.id, True)):
+        (gate_dir / "gate.json").write_text(json.dumps({"passed": ok, "checks": []}))
+        refresh.log_candidate_model(workspace, store, sid, runlog, gate_dir)
+    assert find_state_model(runlog.tracking, failed.id).tags[TAG_GATE] == "failed"  # logged, not registered
+    tail = ProgressTail(workspace.root)
+    out = refresh.register_step(workspace, "k1", passed.id)
+    assert out["source"] == find_state_model(runlog.tracking, passed.id).model_uri and out["version"] == "1"
+    assert [x.split(" ", 1)[1].split(" in ")[0] for x in tail.new_lines()] == ["register: started", "register: done"]
+    # the refresh's run goes on after registration (approval, promotion log into it later)
+    assert runlog.client.get_run(runlog.parent_id).info.status == "RUNNING"
