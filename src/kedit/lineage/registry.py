@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,10 +282,12 @@ def log_state_model(tracking: Tracking, store: Any, state: EditState, run_id: st
         root = Path(tmp) / ARTIFACT  # the folder's name is the artifact's path inside the model
         stage_state_lineage(store, state.id, root)
         (root / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-        info = mlflow.pyfunc.log_model(
-            name=STATE_MODEL, python_model=str(Path(entry.__file__)), artifacts={ARTIFACT: str(root)},
-            pip_requirements=_requirements(), tags=tags, signature=signature(),
-            metadata={"kedit_state": state.id, "parent": state.parent, "n_edits": state.n_edits})
+        with warnings.catch_warnings():  # the signature is explicit (it declares max_new_tokens); an input
+            warnings.filterwarnings("ignore", message=".*(type hint|input example).*")  # example would load it
+            info = mlflow.pyfunc.log_model(
+                name=STATE_MODEL, python_model=str(Path(entry.__file__)), artifacts={ARTIFACT: str(root)},
+                pip_requirements=_requirements(), tags=tags, signature=signature(),
+                metadata={"kedit_state": state.id, "parent": state.parent, "n_edits": state.n_edits})
         run = r.info.run_id
         metrics = {"n_edits": float(state.n_edits), "depth": float(state.depth)}
         for c in (gate or {}).get("checks", []):
