@@ -10,7 +10,7 @@ import torch
 
 from kedit.evaluation import metrics as M
 from kedit.evaluation.canary import CanarySuite, build_canary, compare, neighbourhood_prompts, shipped_prompts
-from kedit.evaluation.gates import GatePolicy, run_gates
+from kedit.evaluation.gates import Check, GatePolicy, panel_spec, run_gates
 from kedit.models.store import wrap_model
 
 REF_TEXT = ("The Eiffel Tower is located in Paris, the capital of France. Rome is the capital of Italy; "
@@ -134,6 +134,48 @@ def test_facts_that_did_not_take_are_listed(sharp_lm, tmp_path):
     rep.save(tmp_path)
     md = (tmp_path / "gate.md").read_text()
     assert "did not take" in md and "`f1`" in md
+
+
+def test_reports_name_the_state_and_plot_changes_against_thresholds(sharp_lm, tmp_path):
+    recs = taken_records(sharp_lm)
+    state = {"id": "ab" * 32, "parent": "cd" * 32, "n_edits": 3, "feed": "2026-11-22.jsonl"}
+    rep = run_gates(sharp_lm, damaged(sharp_lm), GatePolicy(**{**POLICY, "max_fluency_drop": None}),
+                    new_edits=recs[:3], canary=build_canary(sharp_lm, prompts=CANARY), reference_text=REF_TEXT,
+                    progress=False, candidate_state=state)
+    rep.save(tmp_path)
+    md = (tmp_path / "gate.md").read_text()
+    title = md.splitlines()[0]
+    assert title == f"# Promotion gate FAILED: state {'ab' * 6} (parent {'cd' * 6}, 3 edits)"
+    assert f"candidate state: `{'ab' * 32}`" in md and "3 from `2026-11-22.jsonl`" in md
+    assert md.count("tiny-trained") <= 1  # the model is named once, not as both sides
+    assert json.loads((tmp_path / "gate.json").read_text())["candidate_state"] == state
+
+    by = {c.name: c for c in rep.checks}
+    kl = panel_spec(by["neighbourhood_kl"])  # an increase: the number itself against its bound
+    assert kl["kind"] == "change" and kl["bars"] == [("KL (nats)", by["neighbourhood_kl"].value)]
+    assert kl["threshold"] == 0.05
+    ppl = panel_spec(by["perplexity_increase_pct"])
+    assert ppl["bars"][0][1] == pytest.approx(by["perplexity_increase_pct"].value) and ppl["threshold"] == 5.0
+    assert panel_spec(by["efficacy"])["kind"] == "level"
+    skipped = panel_spec(by["fluency_drop"])
+    assert skipped["kind"] == "skipped" and skipped["caption"].startswith("skipped") and not skipped["bars"]
+    assert "skipped" in panel_spec(by["retention"])["caption"]
+
+
+def test_panel_of_a_drop_is_the_drop():
+    c = Check("specificity_drop", 0.2, 0.1, False, "max", before=0.8, after=0.6, bound=0.7)
+    spec = panel_spec(c)
+    assert spec["bars"] == [("NS drop", 0.2)] and spec["threshold"] == 0.1
+    assert spec["caption"] == "champion 0.8 -> candidate 0.6"
+
+
+def test_header_without_a_state_names_the_model_once(sharp_lm, tmp_path):
+    twin = wrap_model(copy.deepcopy(sharp_lm.model), sharp_lm.tokenizer, slug="tiny-trained")
+    rep = run_gates(sharp_lm, twin, GatePolicy(**{**POLICY, "max_fluency_drop": None}), new_edits=[],
+                    canary=build_canary(sharp_lm, prompts=CANARY), reference_text=REF_TEXT, progress=False)
+    from kedit.evaluation.gates import subject_line
+
+    assert subject_line(rep).count("tiny-trained") == 1
 
 
 def test_policy_validation(tmp_path):

@@ -43,11 +43,13 @@ def test_mlflow_aliases_move_and_versions_stay(workspace, stored_lm, monkeypatch
     assert reg.alias("champion").tags[TAG_STATE] == states[0].id
     assert store.champion() == states[0].id
     assert len(reg.versions()) == 3  # moved, never deleted
-    # the registered artifacts are the state's files, downloadable by alias
+    # the registered version is an MLflow model holding the state's files, downloadable by alias
     import mlflow
 
     path = mlflow.artifacts.download_artifacts(f"models:/{reg.name}@champion", dst_path=str(workspace.root / "dl"))
-    names = {p.name for p in __import__("pathlib").Path(path).iterdir()}
+    state_dir = __import__("pathlib").Path(path) / "artifacts" / "workspace" / "lineage" / "states" / states[0].id
+    names = {p.name for p in state_dir.iterdir()}
+    assert "MLmodel" in {p.name for p in __import__("pathlib").Path(path).iterdir()}
     assert {"state.json", "deltas.safetensors", "editor_meta.json", "editor_state.safetensors"} <= names
     # registering the same state again returns its version
     assert ops.register_candidate(workspace, store, states[1].id, params=NO_DVC).version == reg.versions()[1].version

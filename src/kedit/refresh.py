@@ -25,6 +25,7 @@ import torch
 from kedit import __version__
 from kedit.atomic import sha256_file, sha256_json, write_json_atomic
 from kedit.feeds.champion import applied_facts, fact_history  # noqa: F401 (moved there; kept importable)
+from kedit.progress import reported
 from kedit.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ def reports_dir(ws: Workspace, key: str) -> Path:
 
 
 # --- steps ---------------------------------------------------------------------------------------
+@reported("ingest")
 def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
     """Read, validate (Great Expectations), quarantine and deduplicate one feed against the champion
     (the same function as ``kedit feed ingest``), with the champion model's no-op check."""
@@ -229,6 +231,7 @@ def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
     return out
 
 
+@reported("trace")
 def trace_step(ws: Workspace, cfg: RefreshConfig, rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """Causal-trace a sample of the feed's facts on the champion: where does the current fact live?"""
     from kedit.tracing import trace_fact
@@ -252,6 +255,7 @@ def trace_step(ws: Workspace, cfg: RefreshConfig, rows: list[dict[str, Any]], ke
     return {"traced": done, "dir": str(out_dir)}
 
 
+@reported("edit")
 def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict[str, Any]:
     """Apply the accepted rows on top of the champion and commit the result as a candidate state.
 
@@ -401,6 +405,7 @@ def without_edited_subjects(canary, facts: Sequence[dict[str, Any]]):
         continuations=[canary.continuations[i] for i in keep] if canary.continuations else [])
 
 
+@reported("gate")
 def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: dict[str, Any]) -> dict[str, Any]:
     """Compare the candidate with the champion on the gate policy; write gate.json / gate.md / gate.png."""
     from kedit.evaluation.canary import build_canary
@@ -421,29 +426,49 @@ def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: d
     canary = without_edited_subjects(canary, [*ingest["accepted"], *prior_facts])
     canary.save(out_dir / "canary")
     report = run_gates(champ_lm, cand_lm, policy, new_edits=new, prior_edits=prior, canary=canary,
-                       progress=False)
+                       progress=False, candidate_state={"id": sid, "parent": ingest["champion"],
+                                                        "n_edits": edit.get("n_edits"),
+                                                        "feed": Path(ingest["feed"]).name})
     report.save(out_dir)
     gate = report.to_dict()
     store.record_gate(sid, {"passed": gate["passed"], "checks": gate["checks"], "failed_ids": gate["failed_ids"],
                             "lost_ids": gate["lost_ids"]})
-    RunLog(ws, ingest["refresh_key"]).log(
+    runlog = RunLog(ws, ingest["refresh_key"])
+    runlog.log(
         "evaluation", metrics={c["name"]: c["value"] for c in gate["checks"] if c.get("value") is not None},
         tags={"kedit.gate": "passed" if gate["passed"] else "failed", "kedit.state": sid}, artifacts=[out_dir])
+    log_candidate_model(ws, store, sid, runlog, out_dir)
     return {"passed": bool(gate["passed"]), "report_dir": str(out_dir),
             "checks": [{k: c[k] for k in ("name", "value", "threshold", "passed")} for c in gate["checks"]],
             "failed_ids": gate["failed_ids"], "lost_ids": gate["lost_ids"]}
 
 
+def log_candidate_model(ws: Workspace, store, state_id: str, runlog: RunLog, gate_dir: Path) -> str | None:
+    """Every candidate, passed or failed, becomes a loadable MLflow model on the refresh's run, with its
+    gate metrics, verdict and report (``lineage.mlflow: false`` in params.yaml turns this off)."""
+    from kedit.lineage.ops import lineage_params
+    from kedit.lineage.registry import log_state_model
+
+    if not lineage_params(ws).get("mlflow", True):
+        return None
+    logged = log_state_model(runlog.tracking, store, store.get(state_id), run_id=runlog.parent_id,
+                             gate_dir=gate_dir)
+    return logged.model_id
+
+
+@reported("register")
 def register_step(ws: Workspace, key: str, state_id: str) -> dict[str, Any]:
-    """Register the candidate state as an MLflow model version with the ``candidate`` alias."""
+    """Register the candidate's logged MLflow model as a model version with the ``candidate`` alias."""
     from kedit.lineage.ops import register_candidate
 
     store = open_lineage(ws)
     runlog = RunLog(ws, key)
     mv = register_candidate(ws, store, state_id, run_id=runlog.parent_id)
-    return {"registered_model": mv.name, "version": str(mv.version), "state_id": state_id}
+    return {"registered_model": mv.name, "version": str(mv.version), "state_id": state_id,
+            "model_uri": f"models:/{mv.name}/{mv.version}", "source": mv.source}
 
 
+@reported("decide")
 def decide_step(ws: Workspace, key: str, state_id: str, approved: bool, by: str, comment: str) -> dict[str, Any]:
     """Promote (champion alias, git tag, lineage event) or record the rejection; champion stays otherwise."""
     from kedit.lineage.ops import promote

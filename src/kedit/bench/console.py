@@ -1,8 +1,28 @@
-"""What the benchmarks share to talk to people: a switchable rich log and a one-line device label."""
+"""What kedit's commands share to talk to people: a console that does not wrap when its output is not
+a terminal, a switchable rich log, and a one-line device label."""
 
 from __future__ import annotations
 
+import os
+import sys
+from typing import IO
+
 import torch
+
+PIPE_WIDTH = 120  # width of rules and tables when writing to a file or a pipe (text itself never wraps)
+
+
+def make_console(stderr: bool = False, file: IO[str] | None = None, **kw):
+    """A rich Console for kedit's output. In a terminal it wraps at the terminal's width as usual;
+    written to a file, a pipe or a CI log, lines are never wrapped (``soft_wrap``), so a printed
+    command such as ``kedit approve <state> --by <you>`` can be copied and pasted whole."""
+    from rich.console import Console
+
+    stream = file if file is not None else (sys.stderr if stderr else sys.stdout)
+    is_tty = bool(getattr(stream, "isatty", lambda: False)())
+    if not is_tty and not os.environ.get("COLUMNS"):
+        kw.setdefault("width", PIPE_WIDTH)
+    return Console(file=stream, soft_wrap=not is_tty, **kw)
 
 
 def device_str(device: torch.device) -> str:
@@ -21,9 +41,7 @@ class ProgressLog:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         if enabled:
-            from rich.console import Console
-
-            self.console = Console(stderr=True)
+            self.console = make_console(stderr=True)
 
     def __call__(self, msg: str) -> None:
         if self.enabled:

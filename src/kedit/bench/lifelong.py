@@ -267,33 +267,58 @@ def results_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# colour, marker, and the dash pattern of the unedited baseline (told apart even where two coincide)
+CURVE_STYLE = {"efficacy": ("tab:blue", "o", (0, (6, 3))), "generalization": ("tab:green", "s", (0, (1.5, 1.5))),
+               "specificity": ("tab:red", "^", (0, (8, 2, 2, 2)))}
+
+
+def curve_intervals(res: dict, key: str) -> list[tuple[float, float]]:
+    """95% Wilson interval of ``key`` at each curve point (over the records edited so far), the same
+    interval the report prints for the final numbers."""
+    return [wilson_interval(round(p[key] * p["edits"]), p["edits"]) for p in res["curve"]]
+
+
 def plot_curve(res: dict, path: str | Path) -> None:
+    """Efficacy, generalization and specificity of the records edited so far with 95% Wilson error bars;
+    each unedited baseline a dashed line in its metric's colour, labelled at the right; perplexity
+    change on its own axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     xs = [p["edits"] for p in res["curve"]]
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for key, colour in (("efficacy", "tab:blue"), ("generalization", "tab:green"), ("specificity", "tab:red")):
-        ax.plot(xs, [p[key] for p in res["curve"]], marker="o", color=colour, label=key)
-        ax.axhline(res["baseline"][key], color=colour, ls=":", lw=1)
+    fig, ax = plt.subplots(figsize=(7.4, 4.4))
+    edited, bases = [], []
+    dodge = 0.006 * (max(xs) - min(xs) or max(xs))  # error bars at one x side by side, not on top
+    for j, (key, (colour, marker, dashes)) in enumerate(CURVE_STYLE.items()):
+        ys = [p[key] for p in res["curve"]]
+        ci = curve_intervals(res, key)
+        # specificity is a mean over neighbour prompts, not a count: keep the bar on its side of the point
+        err = [[max(0.0, y - lo) for y, (lo, _) in zip(ys, ci)], [max(0.0, hi - y) for y, (_, hi) in zip(ys, ci)]]
+        edited.append(ax.errorbar([x + (j - 1) * dodge for x in xs], ys, yerr=err, marker=marker, color=colour, capsize=3, lw=1.5,
+                                  label=f"{key} (edited)"))
+        base = res["baseline"][key]
+        bases.append(ax.axhline(base, color=colour, ls=dashes, lw=1.3, alpha=0.8,
+                                label=f"{key}, unedited: {base:.2f}"))
     c = res["config"]
-    ax.set(xlabel="edits applied", ylabel="fraction of records edited so far", ylim=(0, 1.02),
-           title=f"{c['method']} on {c['model']}, batches of {c['batch']} (dotted: unedited)")
-    handles, labels = ax.get_legend_handles_labels()
+    ax.set(xlabel="records edited so far", ylabel="share of those records (95% interval)", ylim=(0, 1.05),
+           title=f"{c['method']} on {c['model']}, batches of {c['batch']} (dashed: the unedited model)")
+    handles = [*edited, *bases]  # the legend fills by column: edited curves, then their baselines
     ppl = [(p["edits"], p["perplexity"]) for p in res["curve"] if "perplexity" in p]
     if ppl:  # damage to general text on its own axis: % over the unedited model's perplexity
         base = res["baseline"]["perplexity"]
         ax2 = ax.twinx()
-        line, = ax2.plot([x for x, _ in ppl], [100 * (y / base - 1) for _, y in ppl], marker="s", color="tab:gray",
-                         ls="--", label="perplexity (right)")
-        ax2.set_ylabel("perplexity increase over unedited (%)")
-        ax2.set_ylim(bottom=min(0.0, *(100 * (y / base - 1) for _, y in ppl)))
-        handles.append(line), labels.append(line.get_label())
-    ax.legend(handles, labels, loc="lower left")
+        rel = [100 * (y / base - 1) for _, y in ppl]
+        line, = ax2.plot([x for x, _ in ppl], rel, marker="D", ms=4, color="dimgray", ls=":",
+                         label="perplexity change, % (right axis)")
+        ax2.set_ylabel("perplexity change vs unedited (%)")
+        ax2.set_ylim(min(0.0, *rel) - 1, max(1.0, *rel) * 1.3)
+        handles += [line, plt.Line2D([], [], alpha=0, label=" ")]  # 8 entries: 3 columns of 3, 3, 2
+    fig.legend(handles, [h.get_label() for h in handles], loc="lower center", ncol=3 if ppl else 2, fontsize=8,
+               frameon=False)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -11,6 +11,11 @@ import logging
 import os
 import sys
 
+DESCRIPTION = ("kedit keeps a language model's facts up to date: it edits facts into the weights "
+               "(ROME, MEMIT, AlphaEdit), gates each edit state against the current champion, and "
+               "versions every state so any of them can be audited and rolled back.")
+EPILOG = "Run `kedit COMMAND --help` for a command's options; `kedit nightly demo` runs the whole pipeline."
+
 # Command-group modules, in the order they appear in --help. Each owns its sub-commands.
 GROUPS = ["model", "stats", "edit", "trace", "evaluate", "feed", "lineage", "bench", "nightly"]
 
@@ -28,10 +33,10 @@ def quiet_env() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kedit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="kedit", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--workspace", "-w", default=None,
                         help="project folder holding models/, stats/, lineage/ (default: $KEDIT_HOME or cwd)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for group in GROUPS:
         try:

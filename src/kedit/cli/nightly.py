@@ -32,6 +32,9 @@ def register(sub) -> None:
     t = s.add_parser("trigger", help="start the deployed nightly refresh (needs PREFECT_API_URL)")
     t.add_argument("--feed", default="today")
     t.add_argument("--deployment", default="nightly-refresh/nightly")
+    t.add_argument("--follow", action="store_true",
+                   help="echo the steps' progress (the workspace's logs/progress.log) until the run ends or waits "
+                        "for approval")
     t.set_defaults(func=_trigger)
     st = s.add_parser("status", help="refresh runs waiting for approval")
     st.set_defaults(func=_status)
@@ -89,24 +92,46 @@ def _expire(args) -> int:
 
 
 def _trigger(args) -> int:
+    tail = _progress_tail(args) if args.follow else None  # before the start: the first steps' lines count
     with _runs() as runs:
         fr = runs.run_deployment(args.deployment, {"feed": args.feed})
-    print(f"started {fr.name} ({fr.id})")
+        print(f"started {fr.name} ({fr.id})")
+        if tail is not None:
+            _follow(runs, tail, fr.id)
     return 0
+
+
+def _progress_tail(args):
+    from kedit.cli import workspace
+    from kedit.progress import ProgressTail
+
+    return ProgressTail(workspace(args).root)
+
+
+def _follow(runs, tail, run_id) -> None:
+    """Print the progress lines the run's steps append to the workspace's progress file while it runs."""
+    def echo(_fr) -> None:
+        for line in tail.new_lines():
+            print(f"  {line}", flush=True)
+
+    fr = runs.wait(run_id, ("PAUSED",), timeout=24 * 3600, on_poll=echo)
+    echo(fr)
+    print(f"{fr.name}: {fr.state.name if fr.state else None}")
 
 
 def _demo(args) -> int:
     """The README's main command: everything a nightly refresh does, on this machine, no mocks."""
-    from rich.console import Console
     from rich.rule import Rule
 
+    from kedit.bench.console import make_console
     from kedit.models.store import ModelManifest
     from kedit.orchestration import LocalStack, state_type
+    from kedit.progress import ProgressTail
     from kedit.refresh import RefreshConfig
     from kedit.stats.collect import load_stats, stats_dir
     from kedit.workspace import Workspace
 
-    con = Console()
+    con = make_console()  # not wrapped when piped: the printed `kedit approve ...` copy-pastes
     project = Path(__file__).resolve().parents[3]
     if not (project / "prefect.yaml").exists():
         raise CLIError(f"run the demo from a kedit checkout (no prefect.yaml in {project})")
@@ -156,11 +181,14 @@ def _demo(args) -> int:
         api = stack.start()
         con.print(f"Prefect API {stack.api_url} (UI: http://127.0.0.1:{stack.port}); logs in {stack.home}")
         con.print(Rule("5/6  nightly refresh"))
+        tail = ProgressTail(ws.root)  # the steps' progress lines, written by the workers
         run = api.run_deployment("nightly-refresh/nightly", {"feed": day, "workspace": str(ws.root)})
         con.print(f"flow run {run.name} started")
         seen: list[str] = []
 
         def show(fr):
+            for line in tail.new_lines():
+                con.print(f"    {line}", markup=False, highlight=False)
             st = fr.state.name if fr.state else None
             if not seen or seen[-1] != st:
                 seen.append(st)
@@ -177,7 +205,7 @@ def _demo(args) -> int:
             con.print(Rule("6/6  approval"))
             con.print("A reviewer would now run (and this demo runs it for you):\n"
                       f"  [bold]PREFECT_API_URL={stack.api_url} kedit approve {sid[:12]} --by {args.approver} "
-                      f"--comment 'demo: reviewed gate report'[/bold]")
+                      f"--comment 'demo: reviewed gate report'[/bold]", soft_wrap=True)
             # a reviewer takes minutes; a resume within a second of the suspension crashed Prefect 3.8's
             # process worker (not re-checked on the pinned 3.9), so the demo waits like a reviewer would
             time.sleep(15)

@@ -99,6 +99,9 @@ class GateReport:
     policy: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # the edit state under review: {"id", "parent" (None: the base model), "n_edits", "feed"}; empty
+    # when two model-store entries are compared directly (``kedit gate``)
+    candidate_state: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -146,24 +149,26 @@ def _reference_text(policy: GatePolicy) -> str | None:
 def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy | None = None,
               new_edits: Sequence[dict] = (), prior_edits: Sequence[dict] = (), canary: CanarySuite | None = None,
               reference_text: str | None = None, fluency_prompts: Sequence[str] | None = None,
-              progress: bool = True) -> GateReport:
+              progress: bool = True, candidate_state: dict | None = None) -> GateReport:
     """Compare ``candidate`` with ``champion`` on every check of ``policy``.
 
     ``new_edits``: the records this candidate is meant to add; ``prior_edits``: the records already in
-    the lineage (retention); ``canary``: the champion's stored suite (built on the fly when ``None``).
+    the lineage (retention); ``canary``: the champion's stored suite (built on the fly when ``None``);
+    ``candidate_state``: the lineage state under review (id, parent, n_edits, feed), named in the reports.
     """
-    from rich.console import Console
+    from kedit.bench.console import make_console
 
     policy = policy or GatePolicy()
     t0 = time.perf_counter()
-    console = Console(stderr=True, quiet=not progress)
+    console = make_console(stderr=True, quiet=not progress)
     new = [as_counterfact(r, k, "new_edits") for k, r in enumerate(new_edits)]
     prior = [as_counterfact(r, k, "prior_edits") for k, r in enumerate(prior_edits)]
     checks: list[Check] = []
     notes: list[str] = []
     rep = GateReport(passed=False, checks=checks, policy=asdict(policy), notes=notes,
                      champion={"slug": champion.slug, "model_hash": champion.manifest.model_hash},
-                     candidate={"slug": candidate.slug, "model_hash": candidate.manifest.model_hash})
+                     candidate={"slug": candidate.slug, "model_hash": candidate.manifest.model_hash},
+                     candidate_state=dict(candidate_state or {}))
 
     with console.status("gate: scoring edits") as status:
         # new edits: efficacy, generalization, specificity (champion = before, candidate = after)
@@ -262,12 +267,37 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def subject_line(rep: GateReport) -> str:
+    """What is under review, in a few words: the candidate state (id, parent, edits), else the models."""
+    st = rep.candidate_state
+    if st.get("id"):
+        parent = str(st["parent"])[:12] if st.get("parent") else "base model"
+        edits = f", {st['n_edits']} edits" if st.get("n_edits") is not None else ""
+        return f"state {str(st['id'])[:12]} (parent {parent}{edits})"
+    cand, champ = rep.candidate, rep.champion
+    if cand["slug"] == champ["slug"]:
+        return f"{cand['slug']} {cand['model_hash'][:12]} vs {champ['model_hash'][:12]}"
+    return f"{cand['slug']} vs {champ['slug']}"
+
+
+def subject_details(rep: GateReport) -> list[str]:
+    """The header lines of gate.md: the candidate state, its parent (the champion), the model."""
+    st = rep.candidate_state
+    model = f"`{rep.candidate['slug']}` (base {rep.candidate['model_hash'][:12]})"
+    if st.get("id"):
+        out = [f"candidate state: `{st['id']}`",
+               f"parent (the champion): {'`' + str(st['parent']) + '`' if st.get('parent') else 'the base model'}"]
+        if st.get("n_edits") is not None:
+            out.append(f"edits: {st['n_edits']}" + (f" from `{st['feed']}`" if st.get("feed") else ""))
+        return [*out, f"model: {model}"]
+    return [f"candidate: {model}",
+            f"champion: `{rep.champion['slug']}` ({rep.champion['model_hash'][:12]})"]
+
+
 def gate_markdown(rep: GateReport) -> str:
     verdict = "PASSED" if rep.passed else "FAILED"
-    lines = [f"# Promotion gate: {verdict}", "",
-             f"- champion: `{rep.champion['slug']}` ({rep.champion['model_hash'][:12]})",
-             f"- candidate: `{rep.candidate['slug']}` ({rep.candidate['model_hash'][:12]})",
-             f"- {sum(c.passed for c in rep.checks)} of {len(rep.checks)} checks passed "
+    lines = [f"# Promotion gate {verdict}: {subject_line(rep)}", "", *[f"- {x}" for x in subject_details(rep)],
+             f"- {sum(c.passed and not c.skipped for c in rep.checks)} of {len(rep.checks)} checks passed "
              f"({sum(c.skipped for c in rep.checks)} skipped); {rep.seconds:.1f} s", "",
              "| check | value | threshold | champion | candidate | verdict | detail |",
              "|---|---|---|---|---|---|---|"]
@@ -300,8 +330,16 @@ def gate_markdown(rep: GateReport) -> str:
     return "\n".join(lines)
 
 
+# How each check reads on the chart: a "max" check is a drop or an increase with an upper bound, drawn as
+# that single number against its threshold; a "min" check is a level the candidate must reach, drawn
+# next to the champion's level.
+CHANGE_LABELS = {"specificity_drop": "NS drop", "neighbourhood_kl": "KL (nats)",
+                 "perplexity_increase_pct": "PPL increase (%)", "fluency_drop": "GE drop (x100)"}
+
+
 def plot_gate(rep: GateReport, path: str | Path) -> None:
-    """One small panel per check: champion vs candidate value of the underlying metric, bound dashed."""
+    """One panel per check: for a drop / increase, its size against the threshold; for a level, the
+    champion's and the candidate's against the threshold; a skipped check says so and why."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,21 +350,63 @@ def plot_gate(rep: GateReport, path: str | Path) -> None:
     checks = rep.checks
     cols = 4
     rows = math.ceil(len(checks) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.7 * rows + 0.5), squeeze=False)
     for ax in axes.flat[len(checks):]:
         ax.axis("off")
     for ax, c in zip(axes.flat, checks):
-        colour = "lightgray" if c.skipped else ("tab:green" if c.passed else "tab:red")
-        vals = [c.before if c.before is not None else 0.0, c.after if c.after is not None else 0.0]
-        ax.bar(["champion", "candidate"], vals, color=["tab:blue", colour])
-        if c.bound is not None:
-            ax.axhline(c.bound, color="black", ls="--", lw=1)
-        verdict = "skipped" if c.skipped else ("pass" if c.passed else "FAIL")
-        op = ">=" if c.direction == "min" else "<="
-        ax.set_title(f"{c.name}\n{_fmt(c.value)} {op} {_fmt(c.threshold)}: {verdict}", fontsize=8,
-                     color="black" if c.passed else "tab:red")
-        ax.tick_params(labelsize=7)
-    fig.suptitle(f"Promotion gate {'PASSED' if rep.passed else 'FAILED'}: {rep.candidate['slug']} vs "
-                 f"{rep.champion['slug']} (dashed: bound)", fontsize=9)
+        _panel(ax, c)
+    fig.suptitle(f"Promotion gate {'PASSED' if rep.passed else 'FAILED'}: {subject_line(rep)}\n"
+                 f"dashed line: threshold; green: pass, red: fail", fontsize=9)
     fig.tight_layout()
     _save_fig(fig, path)
+
+
+def panel_spec(c: Check) -> dict:
+    """What a check's panel shows: ``kind`` (skipped / change / level), the bars (label, value), the
+    threshold and a caption. A change (drop / increase) is one bar, the change itself, against its
+    threshold; a level is the champion's and the candidate's values against the threshold."""
+    if c.skipped:
+        return {"kind": "skipped", "bars": [], "threshold": None,
+                "caption": f"skipped ({c.detail})" if c.detail else "skipped"}
+    if c.direction == "max":
+        caption = (f"champion {_fmt(c.before)} -> candidate {_fmt(c.after)}"
+                   if c.before is not None and c.after is not None else c.detail)
+        return {"kind": "change", "bars": [(CHANGE_LABELS.get(c.name, c.name), c.value)],
+                "threshold": c.threshold, "caption": caption}
+    before = c.before if c.before is not None else float("nan")
+    return {"kind": "level", "bars": [("champion", before), ("candidate", c.value)], "threshold": c.threshold,
+            "caption": c.detail}
+
+
+def _panel(ax, c: Check) -> None:
+    spec = panel_spec(c)
+    op = ">=" if c.direction == "min" else "<="
+    if spec["kind"] == "skipped":
+        ax.set_xticks([]), ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_color("lightgray")
+        ax.set_title(c.name, fontsize=8, color="gray")
+        ax.text(0.5, 0.5, spec["caption"].replace(" (", "\n("), ha="center", va="center", fontsize=9,
+                color="gray", transform=ax.transAxes)
+        return
+    colour = "tab:green" if c.passed else "tab:red"
+    labels = [b[0] for b in spec["bars"]]
+    vals = [b[1] for b in spec["bars"]]
+    thr = spec["threshold"]
+    if spec["kind"] == "change":
+        bars = ax.bar(labels, vals, color=colour, width=0.5)
+        top, bottom = max(vals[0], thr), min(0.0, vals[0])
+        span = (top - bottom) or 1.0
+        ax.set_ylim(bottom - (0.2 if bottom < 0 else 0.05) * span, top + 0.15 * span)  # room for the labels
+        ax.axhline(0, color="gray", lw=0.5)
+    else:
+        bars = ax.bar(labels, vals, color=["tab:blue", colour], width=0.6)
+        ax.set_ylim(0, max(1.0, *(v for v in vals if v == v)) * 1.12)
+    ax.bar_label(bars, labels=[_fmt(v) for v in vals], fontsize=7, padding=1)  # a zero stays visible
+    ax.axhline(thr, color="black", ls="--", lw=1)
+    if spec["caption"]:
+        ax.set_xlabel(spec["caption"], fontsize=7)
+    verdict = "pass" if c.passed else "FAIL"
+    ax.set_title(f"{c.name}\n{_fmt(c.value)} {op} {_fmt(c.threshold)}: {verdict}", fontsize=8,
+                 color="black" if c.passed else "tab:red")
+    ax.tick_params(labelsize=7)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kedit.lineage.state import EDITOR_META_FILE, EDITOR_TENSORS_FILE, STATE_FILE, EditState, LineageError
+from kedit.lineage.state import EditState, LineageError
 from kedit.workspace import Workspace
 
 EXPERIMENT = "kedit-nightly"
@@ -26,6 +26,10 @@ TAG_PARENT = "kedit.parent_state"
 TAG_DVC = "kedit.dvc_rev"
 TAG_GIT = "kedit.git_commit"
 TAG_BASE = "kedit.base_model_hash"
+TAG_GATE = "kedit.gate"  # the gate verdict of a candidate: passed / failed
+TAG_KIND = "kedit.kind"
+STATE_MODEL = "edit-state"  # name of each state's logged MLflow model
+BASE_ARTIFACT = "base_model"
 
 
 def model_name(slug: str, prefix: str = "kedit") -> str:
@@ -111,36 +115,29 @@ class ModelRegistry:
         return None
 
     def register(self, state: EditState, state_dir: Path, run_id: str | None = None,
-                 dvc_rev: str | None = None, git_commit: str | None = None) -> Any:
-        """Log a state's deltas, editor state and record as artifacts and register them as a version.
+                 dvc_rev: str | None = None, git_commit: str | None = None, store: Any = None) -> Any:
+        """Register a state's logged MLflow model (see :func:`log_state_model`) as a version.
 
         Idempotent: a state already registered returns its version. The new version gets the
-        ``candidate`` alias. Logs into ``run_id`` (e.g. the nightly editing child run) or a new run.
+        ``candidate`` alias. A state not logged yet is logged into ``run_id`` (e.g. the nightly run)
+        or a new run. The version's source is the logged model, so ``models:/<name>@<alias>`` loads.
         """
         existing = self.version_of(state.id)
         if existing is not None:
             self._tag(existing.version, dvc_rev, git_commit)
             return existing
-        mlflow = _mlflow()
-        ctx = (mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) if run_id
-               else mlflow.start_run(run_name=f"register-{state.short}", experiment_id=self.tracking.experiment_id,
-                                     nested=mlflow.active_run() is not None))
-        with ctx as r, tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "state"
-            folder.mkdir()
-            for name in sorted(state.files) + [STATE_FILE]:
-                if name in (STATE_FILE, EDITOR_META_FILE, EDITOR_TENSORS_FILE) or name.startswith("deltas"):
-                    shutil.copy2(state_dir / name, folder / name)
-            artifact_path = f"states/{state.short}"
-            mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
-            mlflow.log_metrics({"n_edits": float(state.n_edits), "depth": float(state.depth)})
-            source = f"{r.info.artifact_uri}/{artifact_path}"
-            run = r.info.run_id
+        if store is None:
+            from kedit.lineage.store import LineageStore
+
+            store = LineageStore(Path(state_dir).parent.parent)
+        logged = find_state_model(self.tracking, state.id) or log_state_model(self.tracking, store, state, run_id)
+        tags = {TAG_STATE: state.id, TAG_PARENT: state.parent or "base", TAG_BASE: state.base_model_hash,
+                "kedit.method": state.method, "kedit.n_edits": str(state.n_edits)}
+        if logged.tags.get(TAG_GATE):
+            tags[TAG_GATE] = logged.tags[TAG_GATE]
         mv = self.client.create_model_version(
-            self.name, source=source, run_id=run,
-            tags={TAG_STATE: state.id, TAG_PARENT: state.parent or "base", TAG_BASE: state.base_model_hash,
-                  "kedit.method": state.method, "kedit.n_edits": str(state.n_edits)},
-            description=f"edit state {state.id}")
+            self.name, source=logged.model_uri, run_id=logged.source_run_id, tags=tags, model_id=logged.model_id,
+            description=f"edit state {state.id} (parent {state.parent or 'base'}, {state.n_edits} edits)")
         self._tag(mv.version, dvc_rev, git_commit)
         self.client.set_registered_model_alias(self.name, "candidate", mv.version)
         return self.client.get_model_version(self.name, mv.version)
@@ -167,3 +164,140 @@ class ModelRegistry:
             return self.client.get_model_version_by_alias(self.name, alias)
         except MlflowException:
             return None
+
+
+# --- each candidate state as a logged MLflow model ---------------------------------------------------
+@contextlib.contextmanager
+def _run_ctx(tracking: Tracking, run_id: str | None, name: str) -> Iterator[Any]:
+    """The run to log into: ``run_id`` (resumed, and left RUNNING if it was: the nightly run goes on
+    after registration), else a new one; nested when another run is active."""
+    mlflow = _mlflow()
+    nested = mlflow.active_run() is not None
+    if not run_id:
+        with mlflow.start_run(run_name=name, experiment_id=tracking.experiment_id, nested=nested) as r:
+            yield r
+        return
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield active
+        return
+    was = tracking.client.get_run(run_id).info.status
+    with mlflow.start_run(run_id=run_id, nested=nested) as r:
+        yield r
+    if was == "RUNNING":
+        tracking.client.update_run(run_id, status="RUNNING")
+
+
+def base_model_uri(tracking: Tracking, model_dir: Path, model_hash: str) -> str:
+    """URI of the base model folder, logged once per model hash (a run of kind ``base-model``), so each
+    state's model references it instead of carrying another full copy of the weights."""
+    query = f"tags.`{TAG_KIND}` = 'base-model' and tags.`{TAG_BASE}` = '{model_hash}'"
+    found = tracking.client.search_runs([tracking.experiment_id], filter_string=query, max_results=1)
+    if found:
+        return f"{found[0].info.artifact_uri}/{BASE_ARTIFACT}"
+    mlflow = _mlflow()
+    with _run_ctx(tracking, None, f"base-model-{Path(model_dir).name}") as r:
+        mlflow.set_tags({TAG_KIND: "base-model", TAG_BASE: model_hash})
+        mlflow.log_artifacts(str(model_dir), artifact_path=BASE_ARTIFACT)
+        return f"{r.info.artifact_uri}/{BASE_ARTIFACT}"
+
+
+def find_state_model(tracking: Tracking, state_id: str) -> Any | None:
+    """The logged MLflow model of an edit state, if there is one."""
+    found = tracking.client.search_logged_models([tracking.experiment_id],
+                                                 filter_string=f"tags.`{TAG_STATE}` = '{state_id}'", max_results=1)
+    return found[0] if found else None
+
+
+def gate_of(store: Any, state_id: str) -> dict | None:
+    """The last gate verdict recorded for a state (the store's ``gate`` event), if any."""
+    gates = [e.data.get("gate") for e in store.events() if e.type == "gate" and e.state == state_id]
+    return gates[-1] if gates else None
+
+
+def edited_facts_table(state: EditState) -> dict[str, list]:
+    """The facts a state applied, one column per field, with the edited model's recorded answer."""
+    facts = state.feed.get("facts") or []
+    preds = state.predictions or {}
+    cols: dict[str, list] = {k: [] for k in ("id", "subject", "prompt", "target_true", "target_new", "answer")}
+    for f in facts:
+        text = str(f.get("prompt", "")).replace("{}", str(f.get("subject", "")))
+        for k in ("id", "subject", "target_true", "target_new"):
+            cols[k].append("" if f.get(k) is None else str(f.get(k)))
+        cols["prompt"].append(text)
+        cols["answer"].append(preds.get(text, ""))
+    return cols
+
+
+def _requirements() -> list[str]:
+    """Pinned explicitly: MLflow's inference would import torchvision (absent) and fail."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("torch", "transformers", "safetensors", "mlflow", "pyyaml"):
+        try:
+            out.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def log_state_model(tracking: Tracking, store: Any, state: EditState, run_id: str | None = None,
+                    gate_dir: Path | None = None) -> Any:
+    """Log ``state`` as an MLflow pyfunc model (base model reference + its lineage path) into ``run_id``.
+
+    On the logged model: the gate metrics (from ``gate_dir/gate.json``, else the store's gate event),
+    the verdict as tag ``kedit.gate``, gate.md / gate.png as artifacts; on the run: the edited facts as
+    a table (``edited_facts/<id>.json``). Idempotent: a state already logged returns its model.
+    """
+    import json
+
+    from kedit.lineage import pyfunc_entry as entry
+    from kedit.lineage.mlflow_model import ARTIFACT, CONFIG_FILE, signature, stage_state_lineage
+    from kedit.models.store import ModelManifest
+
+    existing = find_state_model(tracking, state.id)
+    if existing is not None:
+        return existing
+    mlflow = _mlflow()
+    model_dir = tracking.ws.model_dir(state.base_model_slug)
+    try:
+        have = ModelManifest.read(model_dir).model_hash
+    except FileNotFoundError:
+        have = None
+    if have != state.base_model_hash:
+        raise LineageError(f"state {state.short}: its base model {state.base_model_slug} "
+                           f"({state.base_model_hash[:12]}) is not in {model_dir} (found {str(have)[:12]}); a "
+                           f"loadable MLflow model needs the base model in the model store")
+    base_uri = base_model_uri(tracking, model_dir, state.base_model_hash)
+    gate_file = Path(gate_dir) / "gate.json" if gate_dir else None
+    gate = json.loads(gate_file.read_text()) if gate_file and gate_file.exists() else gate_of(store, state.id)
+    tags = {TAG_STATE: state.id, TAG_PARENT: state.parent or "base", TAG_BASE: state.base_model_hash,
+            "kedit.method": state.method, "kedit.n_edits": str(state.n_edits)}
+    if gate is not None:
+        tags[TAG_GATE] = "passed" if gate.get("passed") else "failed"
+    config = {"state_id": state.id, "base_model_hash": state.base_model_hash, "base_model_uri": base_uri,
+              "base_model_path": str(model_dir), "base_model_slug": state.base_model_slug}
+    with _run_ctx(tracking, run_id, f"state-{state.short}") as r, tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / ARTIFACT  # the folder's name is the artifact's path inside the model
+        stage_state_lineage(store, state.id, root)
+        (root / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        with warnings.catch_warnings():  # the signature is explicit (it declares max_new_tokens); an input
+            warnings.filterwarnings("ignore", message=".*(type hint|input example).*")  # example would load it
+            info = mlflow.pyfunc.log_model(
+                name=STATE_MODEL, python_model=str(Path(entry.__file__)), artifacts={ARTIFACT: str(root)},
+                pip_requirements=_requirements(), tags=tags, signature=signature(),
+                metadata={"kedit_state": state.id, "parent": state.parent, "n_edits": state.n_edits})
+        run = r.info.run_id
+        metrics = {"n_edits": float(state.n_edits), "depth": float(state.depth)}
+        for c in (gate or {}).get("checks", []):
+            if c.get("value") is not None and not c.get("skipped"):
+                metrics[f"gate.{c['name']}"] = float(c["value"])
+        mlflow.log_metrics(metrics, run_id=run, model_id=info.model_id)
+        facts = edited_facts_table(state)
+        if facts["id"]:
+            mlflow.log_table(facts, artifact_file=f"edited_facts/{state.short}.json", run_id=run)
+    for name in ("gate.md", "gate.png", "gate.json"):
+        if gate_dir and (Path(gate_dir) / name).exists():
+            tracking.client.log_model_artifact(info.model_id, str(Path(gate_dir) / name), artifact_path="gate")
+    return tracking.client.get_logged_model(info.model_id)

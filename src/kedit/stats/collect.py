@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from kedit.atomic import save_tensors_atomic, sha256_json, write_json_atomic
+from kedit.progress import StepProgress, ticker
 from kedit.stats import DEFAULT_STATS_TOKENS
 from kedit.stats.corpus import Corpus, load_corpus
 from kedit.stats.second_moment import RunningMoment, accumulate_batch, tokenize_batches
@@ -111,7 +113,12 @@ def compute_stats(lm, layers: list[int], ws: Workspace, corpus: str | Corpus = "
     tokens = moments[all_layers[0]].count
     fwd_seconds = 0.0
     t0 = time.perf_counter()
-    bar, task = _progress(progress, max_tokens, tokens, f"stats {lm.slug} L{all_layers[0]}-{all_layers[-1]}")
+    tty = sys.stderr.isatty()  # a live bar in a terminal; elsewhere (pipes, logs, dvc repro) plain lines
+    bar, task = _progress(progress and tty, max_tokens, tokens, f"stats {lm.slug} L{all_layers[0]}-{all_layers[-1]}")
+    report = StepProgress(ws.root, "stats", echo=progress and not tty)
+    what = f"E[k kT] of {lm.slug} layers {all_layers[0]}-{all_layers[-1]} over {corpus.slug}"
+    report(f"{what}: collecting {max_tokens:,} tokens" + (f", resuming at {tokens:,}" if tokens else ""))
+    tick = ticker(report, max_tokens, what)
     try:
         for b, batch in enumerate(tokenize_batches(lm.tokenizer, corpus.texts(), batch_size, seq_len)):
             if b < done_batches:
@@ -125,6 +132,7 @@ def compute_stats(lm, layers: list[int], ws: Workspace, corpus: str | Corpus = "
             done_batches = b + 1
             if bar is not None:
                 bar.update(task, completed=min(tokens, max_tokens))
+            tick(min(tokens, max_tokens))
             if checkpoint_every and done_batches % checkpoint_every == 0:
                 _checkpoint(partial, moments, run_key, done_batches, tokens)
             if _stop_after_batches is not None and done_batches >= _stop_after_batches:
@@ -146,6 +154,7 @@ def compute_stats(lm, layers: list[int], ws: Workspace, corpus: str | Corpus = "
     save_tensors_atomic(out / TENSORS, {f"layer.{i}": m for i, m in mom2.items()})
     write_json_atomic(out / MANIFEST, manifest)  # last: its presence marks a complete directory
     shutil.rmtree(partial, ignore_errors=True)
+    report(f"{what}: {tokens:,} tokens in {manifest['seconds']:.0f} s -> {out}")
     return StatsBundle({i: mom2[i] for i in layers}, tokens, out, manifest)
 
 

@@ -1,0 +1,124 @@
+"""An edit state as a loadable MLflow model: a pyfunc that loads the base model and restores the state.
+
+Why a pyfunc of base + lineage state and not the transformers flavor of an exported directory: the
+flavor stores a full copy of the weights per state (538 MB for SmolLM2-135M), the pyfunc stores only
+what the state needs on top of the base model (the edited tensors' base values, the deltas since the
+nearest snapshot, the editor state: tens of MB) and references the base model, which is logged once
+per base-model hash. Measurements in docs/lineage.md.
+
+The model's artifacts are a small lineage store (``workspace/lineage/``) holding the state's path;
+loading goes through :func:`kedit.refresh.load_state_model`, kedit's own restore, so whatever a
+state carries (deltas, editor state, added modules) comes back exactly as the pipeline restores it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+from kedit.lineage.state import SNAPSHOT_FILE, STATE_FILE, LineageError
+
+ARTIFACT = "workspace"  # the pyfunc artifact: a folder holding lineage/ (a small lineage store) and
+CONFIG_FILE = "kedit_model.json"  # the state id and where its base model is
+DEFAULT_NEW_TOKENS = 8
+
+
+def stage_state_lineage(store, state_id: str, dest: Path) -> Path:
+    """Write what restoring ``state_id`` reads into ``dest/lineage``, a lineage store of its own: the
+    records of every state on its path, and for the state itself its deltas, its editor state and a
+    snapshot of the edited tensors (verified against the record), so the copy has the same size at
+    any depth and ``materialise`` checks it exactly like the original. ``snapshot`` and ``files``
+    are bookkeeping outside the content hash: the state keeps its id."""
+    import dataclasses
+
+    from kedit.atomic import save_tensors_atomic, sha256_file, write_json_atomic
+
+    target = store.get(state_id)
+    root = Path(dest) / "lineage"
+    for s in store.path(target.id)[:-1]:
+        out = root / "states" / s.id
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(store.state_dir(s.id) / STATE_FILE, out / STATE_FILE)
+    out = root / "states" / target.id
+    out.mkdir(parents=True, exist_ok=True)
+    for n in target.files:
+        if n.startswith(("deltas", "editor")):
+            shutil.copy2(store.state_dir(target.id) / n, out / n)
+    save_tensors_atomic(out / SNAPSHOT_FILE, store.tensors(target.id), metadata={"state": target.id})
+    files = {p.name: sha256_file(p) for p in sorted(out.iterdir())}
+    write_json_atomic(out / STATE_FILE, dataclasses.replace(target, snapshot=True, files=files).to_dict())
+    return root
+
+
+def signature():
+    """Prompts in, greedy continuations out; ``max_new_tokens`` as an inference parameter."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec(DataType.string)]), outputs=Schema([ColSpec(DataType.string)]),
+                          params=ParamSchema([ParamSpec("max_new_tokens", DataType.long, DEFAULT_NEW_TOKENS)]))
+
+
+def local_path(uri: str) -> Path | None:
+    """The folder a ``file://`` artifact URI names (None for remote stores)."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme not in ("file", ""):
+        return None
+    return Path(urllib.request.url2pathname(parsed.path))
+
+
+def resolve_base_model(config: dict[str, Any]) -> Path:
+    """The base model folder: the workspace copy it was logged from when it is still there with the same
+    hash, else the copy logged once in MLflow (read in place when local, downloaded otherwise)."""
+    from kedit.models.store import ModelManifest
+
+    want = config["base_model_hash"]
+    for cand in (config.get("base_model_path"), local_path(config.get("base_model_uri") or "")):
+        if cand and (Path(cand) / "kedit_manifest.json").exists():
+            if ModelManifest.read(Path(cand)).model_hash == want:
+                return Path(cand)
+    uri = config.get("base_model_uri")
+    if not uri:
+        raise LineageError(f"base model {want[:12]} not found locally and no base_model_uri recorded")
+    got = Path(mlflow.artifacts.download_artifacts(uri))
+    if ModelManifest.read(got).model_hash != want:
+        raise LineageError(f"{uri}: base model hash {ModelManifest.read(got).model_hash[:12]}, the state was "
+                           f"made on {want[:12]}")
+    return got
+
+
+class EditStateModel(mlflow.pyfunc.PythonModel):
+    """``predict(prompts) -> greedy continuations`` of the base model with one edit state restored."""
+
+    def load_context(self, context) -> None:
+        from kedit.refresh import RefreshConfig, load_state_model
+        from kedit.workspace import Workspace
+
+        root = Path(context.artifacts[ARTIFACT])
+        cfg = json.loads((root / CONFIG_FILE).read_text())
+        base = resolve_base_model(cfg)
+        ws = Workspace(root)
+        device = cfg.get("device") or os.environ.get("KEDIT_DEVICE") or "cpu"
+        self.lm, self.editor_state = load_state_model(ws, RefreshConfig(model=str(base), device=device),
+                                                      cfg["state_id"])
+        self.state_id = cfg["state_id"]
+
+    def predict(self, context, model_input, params=None):  # untyped: the logged signature declares params
+        """Greedy continuation of each prompt (a list of strings or a one-column DataFrame)."""
+        from kedit.evaluation.metrics import greedy_tokens
+
+        if hasattr(model_input, "iloc"):
+            model_input = model_input.iloc[:, 0].tolist()
+        prompts = [str(p) for p in model_input]
+        if not prompts:
+            return []
+        k = int((params or {}).get("max_new_tokens", DEFAULT_NEW_TOKENS))
+        toks = greedy_tokens(self.lm, prompts, k=k)
+        return [self.lm.tokenizer.decode(t, skip_special_tokens=True) for t in toks.tolist()]

@@ -1,0 +1,143 @@
+"""Each edit state as a loadable MLflow model: a real MLflow SQLite store, a tiny Llama in the model store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kedit.editors.base import apply_deltas
+from kedit.lineage import LineageStore, ops
+from tests.test_lineage import fabricate, stored_lm  # noqa: F401  (fixture re-export)
+
+NO_DVC = {"mlflow": True, "dvc": False, "snapshot_every": 2, "model_prefix": "kedit", "dvc_remote": None}
+PROMPTS = ["The Eiffel Tower is located in", "Rome is the capital of", "Danielle Darrieux speaks"]
+
+
+def greedy(lm, prompts, k=6):
+    from kedit.evaluation.metrics import greedy_tokens
+
+    return [lm.tokenizer.decode(t, skip_special_tokens=True) for t in greedy_tokens(lm, prompts, k=k).tolist()]
+
+
+def commit_states(store, lm, n):
+    """``n`` chained states with strong fabricated deltas (so the greedy answers move) and fact records."""
+    states, parent, prev = [], None, None
+    for i in range(n):
+        res = fabricate(lm, prev, seed=i, rows=[f"r{i}"], layers=(1, 2, 3))
+        res.deltas = {k: 400 * v for k, v in res.deltas.items()}
+        apply_deltas(lm.model, res.deltas)
+        facts = [{"id": f"r{i}", "subject": "Rome", "prompt": "{} is the capital of", "target_new": f"X{i}",
+                  "target_true": "Italy"}]
+        s = store.commit(lm, res, parent=parent, feed={"row_ids": [f"r{i}"], "facts": facts,
+                                                      "path": f"feeds/day{i}.jsonl", "file_sha256": f"f{i}"},
+                         hparams={"method": "alphaedit"}, predictions=dict(zip(PROMPTS, greedy(lm, PROMPTS))))
+        states.append(s)
+        parent, prev = s.id, res.state
+    return states
+
+
+def test_champion_loads_through_mlflow_and_predicts_the_edited_answer(workspace, stored_lm, monkeypatch,  # noqa: F811
+                                                                      tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import mlflow
+
+    from kedit.lineage.registry import TAG_GATE, ModelRegistry, Tracking, find_state_model, log_state_model
+
+    lm = stored_lm()
+    base_answers = greedy(lm, PROMPTS)
+    store = LineageStore(workspace.lineage_dir, snapshot_every=2)
+    states = commit_states(store, lm, 3)  # the 2nd is a snapshot: the 3rd replays from it
+    edited_answers = greedy(lm, PROMPTS)
+    assert edited_answers != base_answers  # the edits change what the model says
+
+    # the gate step logs the candidate with its report; registration then uses that logged model
+    gate_dir = tmp_path / "gate"
+    gate_dir.mkdir()
+    (gate_dir / "gate.json").write_text(json.dumps({"passed": True, "checks": [
+        {"name": "efficacy", "value": 1.0, "skipped": False}, {"name": "retention", "value": None, "skipped": True}]}))
+    (gate_dir / "gate.md").write_text("# Promotion gate: PASSED\n")
+    tr = Tracking(workspace)
+    with tr.run("nightly") as run:
+        logged = log_state_model(tr, store, states[2], run_id=run.info.run_id, gate_dir=gate_dir)
+        for s in states:
+            ops.register_candidate(workspace, store, s.id, run_id=run.info.run_id, params=NO_DVC)
+    assert logged.tags[TAG_GATE] == "passed" and logged.source_run_id == run.info.run_id
+    assert {m.key: m.value for m in logged.metrics} == {"gate.efficacy": 1.0, "n_edits": 1.0, "depth": 3.0}
+    assert find_state_model(tr, states[2].id).model_id == logged.model_id  # logged once
+    reg = ModelRegistry(tr, "tiny-llama")
+    v3 = reg.version_of(states[2].id)
+    assert v3.source == f"models:/{logged.model_id}" and v3.tags[TAG_GATE] == "passed"
+    art = mlflow.artifacts.download_artifacts(f"{logged.artifact_location}/gate/gate.md", dst_path=str(tmp_path / "a"))
+    assert "PASSED" in open(art).read()
+    table = json.loads(open(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path=f"edited_facts/{states[2].short}.json",
+        dst_path=str(tmp_path / "t"))).read())
+    assert table["columns"][:3] == ["id", "subject", "prompt"] and table["data"][0][:3] == ["r2", "Rome",
+                                                                                           "Rome is the capital of"]
+
+    # the base model is logged once, not once per state; a state carries its own files and a snapshot
+    # of the edited tensors, its ancestors only their records (the same size at any depth)
+    base_runs = tr.client.search_runs([tr.experiment_id], "tags.`kedit.kind` = 'base-model'")
+    assert len(base_runs) == 1
+    lineage = Path(mlflow.artifacts.download_artifacts(f"{logged.artifact_location}/artifacts/workspace/lineage",
+                                                       dst_path=str(tmp_path / "m")))
+    held = {d.name: sorted(f.name for f in d.iterdir()) for d in (lineage / "states").iterdir()}
+    assert held[states[0].id] == held[states[1].id] == ["state.json"]
+    assert held[states[2].id] == ["deltas.safetensors", "editor_meta.json", "editor_state.safetensors",
+                                  "snapshot.safetensors", "state.json"]
+    from kedit.lineage.state import EditState
+
+    assert EditState.from_file(lineage / "states" / states[2].id / "state.json").id == states[2].id
+
+    ops.promote(workspace, store, states[2].id, by="alice", params=NO_DVC)
+    assert reg.alias("champion").tags["kedit.state_id"] == states[2].id
+    model = mlflow.pyfunc.load_model(f"models:/{reg.name}@champion")
+    assert model.predict(PROMPTS, params={"max_new_tokens": 6}) == edited_answers
+    # an earlier state loads as itself (its path is replayed, not the champion's)
+    first = mlflow.pyfunc.load_model(f"models:/{reg.name}/{reg.version_of(states[0].id).version}")
+    assert first.predict(PROMPTS, params={"max_new_tokens": 6}) == states_answers(stored_lm, store, states[0].id)
+
+
+def states_answers(stored_lm, store, sid):  # noqa: F811
+    lm = stored_lm()
+    store.materialise(sid, lm)
+    return greedy(lm, PROMPTS)
+
+
+def test_state_without_its_base_model_is_refused(workspace, tiny_lm, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from kedit.lineage import LineageError
+    from kedit.lineage.registry import Tracking, log_state_model
+
+    store = LineageStore(workspace.lineage_dir)
+    res = fabricate(tiny_lm, None, seed=0, rows=["r0"])
+    s = store.commit(tiny_lm, res, parent=None, feed={"row_ids": ["r0"]}, hparams={})  # before applying it
+    with pytest.raises(LineageError, match="not in .*model store"):
+        log_state_model(Tracking(workspace), store, s)
+
+
+def test_refresh_logs_every_candidate_and_registers_the_logged_model(workspace, stored_lm, monkeypatch,  # noqa: F811
+                                                                     tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # lineage params from the (absent) workspace params.yaml: defaults
+    from kedit import refresh
+    from kedit.lineage.registry import TAG_GATE, find_state_model
+    from kedit.progress import ProgressTail
+
+    store = LineageStore(workspace.lineage_dir, snapshot_every=2)
+    failed, passed = commit_states(store, stored_lm(), 2)
+    runlog = refresh.RunLog(workspace, "k1")
+    gate_dir = tmp_path / "gate"
+    gate_dir.mkdir()
+    for sid, ok in ((failed.id, False), (passed.id, True)):
+        (gate_dir / "gate.json").write_text(json.dumps({"passed": ok, "checks": []}))
+        refresh.log_candidate_model(workspace, store, sid, runlog, gate_dir)
+    assert find_state_model(runlog.tracking, failed.id).tags[TAG_GATE] == "failed"  # logged, not registered
+    tail = ProgressTail(workspace.root)
+    out = refresh.register_step(workspace, "k1", passed.id)
+    assert out["source"] == find_state_model(runlog.tracking, passed.id).model_uri and out["version"] == "1"
+    assert [x.split(" ", 1)[1].split(" in ")[0] for x in tail.new_lines()] == ["register: started", "register: done"]
+    # the refresh's run goes on after registration (approval, promotion log into it later)
+    assert runlog.client.get_run(runlog.parent_id).info.status == "RUNNING"
