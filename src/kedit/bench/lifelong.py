@@ -20,7 +20,6 @@ import torch
 
 from kedit.atomic import write_json_atomic, write_text_atomic
 from kedit.bench.console import ProgressLog, device_str
-from kedit.editors.base import apply_deltas
 from kedit.editors.hparams import load_hparams
 from kedit.editors.io import request_from_record
 from kedit.evaluation.metrics import wilson_interval
@@ -92,9 +91,10 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     ``edit_out``: also write the sum of all batches' deltas and the final editor state there as a
     `kedit edit` directory, so the edited model can be inspected (``kedit predict --edits``),
     analysed, or edited further (``--state``) without repeating the run."""
-    from kedit.editors.common import as_key_stats, projector
+    from kedit.editors.common import EditCaches, as_key_stats, projector
     from kedit.editors.context import context_prefixes
     from kedit.editors.registry import get_editor
+    from kedit.editors.session import BatchReport, EditSession
     from kedit.evaluation.metrics import evaluate_counterfact, perplexity
     from kedit.stats.collect import ensure_stats
     from kedit.stats.corpus import heldout_text
@@ -116,41 +116,28 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     eval_seconds = time.perf_counter() - t
     log(f"baseline: {_fmt_row(baseline)} ({eval_seconds:.0f}s)")
 
+    caches = EditCaches()  # the edit session's: filled here, so its batches find them ready
     t = time.perf_counter()
     stats = ensure_stats(lm, layers, ws, cfg.stats_corpus, max_tokens=cfg.stats_tokens, progress=progress)
-    prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, ws.cache_dir)
+    prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, ws.cache_dir, caches.prefixes)
     nullspace = {}
     if cfg.method == "alphaedit":
         ks = as_key_stats(stats, layers, lm.adapter.key_dim())
         for i in layers:
-            nullspace[i] = projector(ks, i, lm.manifest.model_hash, hp.nullspace_threshold, hp.nullspace_mode)[1]
+            nullspace[i] = projector(ks, i, lm.manifest.model_hash, hp.nullspace_threshold, hp.nullspace_mode,
+                                     caches.projectors)[1]
     one_time = time.perf_counter() - t
     log(f"one-time work {one_time:.1f}s (stats {stats.n_tokens} tokens, {len(prefixes) - 1} prefixes"
         + (f", null-space dims {nullspace}" if nullspace else "") + ")")
 
-    editor = get_editor(cfg.method, hp, cache_dir=ws.cache_dir)
-    state = None
-    edit_seconds = 0.0
+    session = EditSession(lm, get_editor(cfg.method, hp, cache_dir=ws.cache_dir), stats, caches=caches)
     curve: list[dict] = []
-    diags: list[dict] = []
-    layer_infos: list[dict] = []
-    total: dict[str, torch.Tensor] = {}
-    for b in range(n_batches):
-        batch = requests[b * cfg.batch: (b + 1) * cfg.batch]
-        t = time.perf_counter()
-        res = editor.compute(lm, batch, state, stats)
-        apply_deltas(lm.model, res.deltas)
-        dt = time.perf_counter() - t
-        edit_seconds += dt
-        state = res.state
-        if edit_out is not None:
-            for name, d in res.deltas.items():
-                total[name] = d.clone() if name not in total else total[name] + d
-        diags += [asdict(d) for d in res.diagnostics]
-        layer_infos.append(res.layer_info)
-        done = min(cfg.edits, (b + 1) * cfg.batch)
+
+    def on_batch(rep: BatchReport) -> None:
+        nonlocal eval_seconds
+        b, dt, res, done = rep.index, rep.seconds, rep.result, rep.done
         met = sum(d.constraint_met for d in res.diagnostics)
-        log(f"batch {b + 1}/{n_batches}: {dt:.1f}s ({dt / len(batch):.2f} s/edit), v* met {met}/{len(batch)}, "
+        log(f"batch {b + 1}/{n_batches}: {dt:.1f}s ({dt / rep.n:.2f} s/edit), v* met {met}/{rep.n}, "
             f"z residual {res.layer_info.get('z', {}).get('relative_residual_after', float('nan')):.3f}")
         if (b + 1) % eval_every == 0 or b == n_batches - 1:
             t = time.perf_counter()
@@ -160,6 +147,11 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
                 point["perplexity"] = perplexity(lm, ref_text, max_tokens=cfg.ppl_tokens)
             eval_seconds += time.perf_counter() - t
             curve.append(point)
+
+    result = session.apply(requests, cfg.batch, on_batch)
+    edit_seconds = session.seconds
+    diags = [asdict(d) for d in result.diagnostics]
+    layer_infos = result.batch_layer_info
 
     t = time.perf_counter()
     edited, _ = _model_metrics(lm, records, fluency_prompts, ref_text, cfg.ppl_tokens, loc_before,
@@ -177,7 +169,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
         from kedit.editors.base import EditResult
         from kedit.editors.io import save_edit
 
-        save_edit(edit_out, EditResult(deltas=total, state=state, diagnostics=[], seconds=edit_seconds),
+        save_edit(edit_out, EditResult(deltas=result.deltas, state=result.state, diagnostics=[], seconds=edit_seconds),
                   {"benchmark": asdict(cfg), "requests": [r.to_dict() for r in requests]})
         log(f"edit ({len(requests)} requests, {n_batches} batches) -> {edit_out}")
     return {
