@@ -137,3 +137,67 @@ def test_sweep_settings_from_the_command_line():
         _sweep_settings(["L2=5"], None)
     with pytest.raises(CLIError, match="--setting expects"):
         _sweep_settings(None, ["[1, 2]"])
+
+
+def test_lifelong_resumed_after_a_kill_equals_a_straight_run(tiny_tokenizer, workspace, cf_file, corpus_file,
+                                                            tmp_path, monkeypatch):
+    """Killed after batch 2 of 3 (checkpoints every batch), resumed in a fresh model: the same curve,
+    metrics, diagnostics, summed deltas and editor state as an uninterrupted run, bit for bit."""
+    import dataclasses
+
+    import torch
+
+    import kedit.stats.corpus as corpus
+    from kedit.editors.io import load_deltas, load_state
+    from kedit.models.store import wrap_model
+    from tests.conftest import make_tiny_model
+
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    cfg = LifelongConfig(method="alphaedit", data=str(cf_file), edits=3, batch=1, eval_every=1, fluency_prompts=2,
+                         fluency_tokens=8, ppl_tokens=200, stats_corpus=str(corpus_file), stats_tokens=2000,
+                         overrides={"layers": [1, 2], "n_prefixes": 1, "prefix_len": 3, "v_steps": 3})
+
+    def fresh():  # what a new process loads
+        return wrap_model(make_tiny_model("llama"), tiny_tokenizer, slug="tiny-llama")
+
+    straight = run_lifelong(fresh(), workspace, cfg, progress=False, edit_out=tmp_path / "straight")
+    ck = tmp_path / "run" / "checkpoint.safetensors"
+
+    class Killed(Exception):
+        pass
+
+    def kill(rep):
+        if rep.index == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_lifelong(fresh(), workspace, cfg, progress=False, checkpoint=ck, checkpoint_every=1, on_batch=kill)
+    with pytest.raises(ValueError, match="batch differ"):
+        run_lifelong(fresh(), workspace, dataclasses.replace(cfg, batch=2), progress=False, checkpoint=ck,
+                     resume=True)
+    resumed = run_lifelong(fresh(), workspace, cfg, progress=False, edit_out=tmp_path / "resumed", checkpoint=ck,
+                           resume=True)
+    assert resumed["config"]["checkpoint"]["resumed_after_batches"] == 2
+    assert resumed["curve"] == straight["curve"] and len(resumed["curve"]) == 3
+    assert resumed["diagnostics"] == straight["diagnostics"] and resumed["layer_info"] == straight["layer_info"]
+    timing = ("seconds_per_edit", "edit_seconds", "one_time_seconds", "peak_memory_mb")
+    for block in ("baseline", "edited"):
+        assert {k: v for k, v in resumed[block].items() if k not in timing} == \
+            {k: v for k, v in straight[block].items() if k not in timing}
+    a, b = load_deltas(tmp_path / "straight"), load_deltas(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = load_state(tmp_path / "straight"), load_state(tmp_path / "resumed")
+    assert sorted(sa.tensors) == sorted(sb.tensors) and all(torch.equal(sa.tensors[k], sb.tensors[k]) for k in sa.tensors)
+    assert sa.meta == sb.meta
+    # a finished run's checkpoint (written after the last batch) resumes straight to the evaluation
+    again = run_lifelong(fresh(), workspace, cfg, progress=False, checkpoint=ck, resume=True)
+    assert again["config"]["checkpoint"]["resumed_after_batches"] == 3 and again["curve"] == straight["curve"]
+
+
+def test_checkpoint_flags_need_an_output_directory(capsys):
+    from kedit.cli import main
+
+    assert main(["bench", "lifelong", "--checkpoint-every", "5"]) == 2
+    assert "need --out" in capsys.readouterr().err
+    assert main(["bench", "lifelong", "--resume"]) == 2
+    assert "need --out" in capsys.readouterr().err

@@ -223,11 +223,11 @@ def test_weights_restored_when_a_step_raises(tiny_lm, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = memit.MultiLayerEditor.solve
 
-    def boom(self, lm, layer, K, R, state, stats, info):
+    def boom(self, lm, layer, K, R, state, stats, info, **kw):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("solver exploded")
-        return real(self, lm, layer, K, R, state, stats, info)
+        return real(self, lm, layer, K, R, state, stats, info, **kw)
 
     monkeypatch.setattr(memit.MultiLayerEditor, "solve", boom)
     with pytest.raises(RuntimeError, match="exploded"):
@@ -268,8 +268,16 @@ def test_context_prefixes_cached_on_disk(tiny_lm, tmp_path):
     assert p1[0] == "" and len(p1) == 3 and all("{" not in p and "}" not in p for p in p1)
     files = list((tmp_path / "contexts").glob("*.json"))
     assert len(files) == 1
-    context._MEMO.clear()
-    assert context.context_prefixes(tiny_lm, 2, 3, 0, tmp_path) == p1  # read back, not regenerated
+    import json
+
+    rec = json.loads(files[0].read_text())
+    files[0].write_text(json.dumps({**rec, "prefixes": ["from disk. ", *rec["prefixes"][1:]]}))
+    # no process-wide memo: a new call reads the file back (not regenerated, not remembered)
+    assert context.context_prefixes(tiny_lm, 2, 3, 0, tmp_path)[1].startswith("from disk")
+    memo: dict = {}
+    assert context.context_prefixes(tiny_lm, 2, 3, 0, tmp_path, memo)[1].startswith("from disk")
+    files[0].unlink()
+    assert context.context_prefixes(tiny_lm, 2, 3, 0, tmp_path, memo)[1].startswith("from disk")  # the run's memo
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])

@@ -113,34 +113,6 @@ def test_local_stack_environment_is_isolated(tmp_path):
     assert env["DO_NOT_TRACK"] == "1"
 
 
-def test_edit_in_batches_equals_sequential_batches(tiny_lm, tmp_path):
-    """A feed applied in batches of 2 == two editor calls in sequence: summed deltas, last state."""
-    import torch
-
-    from kedit.editors.base import apply_deltas
-    from kedit.editors.registry import get_editor
-    from kedit.refresh import edit_in_batches
-    from tests.test_editors_engine import REQS, _hp, _stats
-
-    stats = _stats(tiny_lm, rank=tiny_lm.adapter.key_dim() // 2)
-    base = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
-    editor = get_editor("alphaedit", _hp("alphaedit"), cache_dir=tmp_path)
-    res = edit_in_batches(editor, tiny_lm, REQS, None, stats, batch_size=2)
-    assert len(res.diagnostics) == 3 and res.layer_info["batches"] == {"n": 2, "size": 2}
-    assert res.state.meta["n_batches"] == 2 and res.state.meta["n_edits"] == 3
-    after = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
-
-    tiny_lm.model.load_state_dict(base)
-    r1 = editor.compute(tiny_lm, REQS[:2], None, stats)
-    apply_deltas(tiny_lm.model, r1.deltas)
-    r2 = editor.compute(tiny_lm, REQS[2:], r1.state, stats)
-    for name, d in res.deltas.items():
-        assert torch.allclose(d, r1.deltas[name] + r2.deltas[name], atol=1e-6)
-        assert torch.allclose(after[name], base[name] + d, atol=1e-5)
-    for k, v in r2.state.tensors.items():
-        assert torch.allclose(res.state.tensors[k], v)
-
-
 def test_canary_drops_prompts_about_edited_subjects(tiny_lm):
     from kedit.evaluation.canary import build_canary
     from kedit.refresh import without_edited_subjects

@@ -1,7 +1,8 @@
 """The one hook primitive: read or patch named modules' inputs/outputs inside a ``with`` block.
 
-Key collection, v* optimisation, causal tracing and statistics all use :class:`Trace`, so
-hook bookkeeping (registration, removal on error, tuple outputs) lives in one place.
+Key collection, v* optimisation, block-slice capture, causal tracing and statistics all use
+:class:`Trace`, so hook bookkeeping (registration, removal on error, tuple outputs, keyword
+arguments) lives in one place.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 from torch import nn
 
 EditFn = Callable[[str, torch.Tensor], torch.Tensor | None]
+# a module's first input, when a caller passes it by keyword (transformer blocks: ``hidden_states``)
+INPUT_KWARG = "hidden_states"
 
 
 def _first(x: Any) -> torch.Tensor:
@@ -34,7 +37,14 @@ class Trace:
       in ``self.inputs[name]`` / ``self.outputs[name]`` (detached unless ``detach=False``).
     - ``edit_input`` / ``edit_output``: ``fn(name, tensor) -> tensor | None`` may return a
       replacement (``None`` keeps the original); used to patch states by index.
-    - ``stop``: raise after the last traced module so the rest of the network is skipped.
+    - ``retain_call``: keep each module's other call arguments, ``self.calls[name] = (args, kwargs)``
+      without the first input (not detached: masks, rotary tables, caches), so the module can be
+      called again exactly as its model called it.
+    - ``stop``: raise after the last traced module so the rest of the network is skipped;
+      ``stop_before``: raise once every traced module has been *entered*, so the last one never runs.
+
+    The first input is the first positional argument, or the ``hidden_states`` keyword when the
+    call passes none.
     """
 
     def __init__(
@@ -48,6 +58,8 @@ class Trace:
         edit_output: EditFn | None = None,
         detach: bool = True,
         stop: bool = False,
+        retain_call: bool = False,
+        stop_before: bool = False,
     ) -> None:
         self.model = model
         self.names = list(dict.fromkeys(names))
@@ -57,10 +69,14 @@ class Trace:
         self.edit_output = edit_output
         self.detach = detach
         self.stop = stop
+        self.retain_call = retain_call
+        self.stop_before = stop_before
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, tuple[tuple, dict[str, Any]]] = {}
         self._handles: list[Any] = []
         self._remaining: set[str] = set()
+        self._unentered: set[str] = set()
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach() if self.detach else t
@@ -71,25 +87,39 @@ class Trace:
         if missing:
             raise KeyError(f"modules not found in {type(self.model).__name__}: {missing}")
         self._remaining = set(self.names)
-        for name in self.names:
-            mod = modules[name]
-            if self.retain_input or self.edit_input is not None:
-                self._handles.append(mod.register_forward_pre_hook(self._pre_hook(name)))
-            self._handles.append(mod.register_forward_hook(self._post_hook(name)))
+        self._unentered = set(self.names)
+        pre = self.retain_input or self.edit_input is not None or self.retain_call or self.stop_before
+        try:
+            for name in self.names:
+                mod = modules[name]
+                if pre:
+                    self._handles.append(mod.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
+                self._handles.append(mod.register_forward_hook(self._post_hook(name)))
+        except BaseException:
+            self._remove()
+            raise
         return self
 
     def _pre_hook(self, name: str):
-        def hook(_mod, args):
-            if not args:
-                return None
-            x = args[0]
-            if self.edit_input is not None:
+        def hook(_mod, args, kwargs):
+            by_kw = not args and kwargs.get(INPUT_KWARG) is not None
+            x = args[0] if args else kwargs.get(INPUT_KWARG)
+            result = None
+            if x is not None and self.edit_input is not None:
                 new = self.edit_input(name, x)
                 if new is not None:
                     x = new
-            if self.retain_input:
+                    result = (args, {**kwargs, INPUT_KWARG: x}) if by_kw else ((x, *args[1:]), kwargs)
+            if x is not None and self.retain_input:
                 self.inputs[name] = self._keep(x)
-            return (x, *args[1:]) if self.edit_input is not None else None
+            if self.retain_call:
+                rest = {k: v for k, v in kwargs.items() if k != INPUT_KWARG} if by_kw else dict(kwargs)
+                self.calls[name] = (tuple(args[1:]), rest)
+            if self.stop_before:
+                self._unentered.discard(name)
+                if not self._unentered:
+                    raise StopForward
+            return result
 
         return hook
 
@@ -111,10 +141,13 @@ class Trace:
 
         return hook
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def _remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._remove()
         return exc_type is StopForward
 
 

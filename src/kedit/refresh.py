@@ -265,6 +265,7 @@ def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict
     from kedit.editors.base import apply_deltas
     from kedit.editors.hparams import load_hparams
     from kedit.editors.registry import get_editor
+    from kedit.editors.session import EditSession
     from kedit.feeds.ingest import to_edit_requests
     from kedit.stats.collect import ensure_stats
 
@@ -284,7 +285,8 @@ def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict
     params = dict(lm.model.named_parameters())
     at_parent = {n: params[n].detach().clone() for n in names}
     t0 = time.perf_counter()
-    result = edit_in_batches(editor, lm, requests, editor_state, stats, cfg.edit_batch_size)
+    # the lifelong protocol: sequential batches, each preserving the keys of the ones before it
+    result = EditSession(lm, editor, stats, editor_state).apply(requests, cfg.edit_batch_size)
     seconds = time.perf_counter() - t0
     # the state records the summed delta on top of the parent: put the model exactly there
     with torch.no_grad():
@@ -309,26 +311,6 @@ def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict
         artifacts=[store.state_dir(state.id) / "state.json"], tags={"kedit.state": state.id})
     return {"state_id": state.id, "parent": parent, "n_edits": len(rows), "seconds": seconds,
             "layers": layers}
-
-
-def edit_in_batches(editor, lm, requests, state, stats, batch_size: int):
-    """Apply ``requests`` sequentially in batches of ``batch_size`` (the lifelong protocol: each batch
-    preserves the keys of the ones before it) and return one result: the summed deltas, the editor
-    state after the last batch, all diagnostics. The model is left with every batch applied."""
-    from kedit.editors.base import EditResult, apply_deltas
-
-    size = batch_size if batch_size and batch_size > 0 else len(requests)
-    total: dict[str, torch.Tensor] = {}
-    diagnostics, layer_info, seconds = [], {}, 0.0
-    for i in range(0, len(requests), size):
-        res = editor.compute(lm, requests[i:i + size], state, stats)
-        apply_deltas(lm.model, res.deltas)
-        for name, d in res.deltas.items():
-            total[name] = d.clone() if name not in total else total[name] + d
-        state, seconds = res.state, seconds + res.seconds
-        diagnostics += res.diagnostics
-        layer_info = {**res.layer_info, "batches": {"n": 1 + i // size, "size": size}}
-    return EditResult(deltas=total, state=state, diagnostics=diagnostics, layer_info=layer_info, seconds=seconds)
 
 
 def _predictions(lm, rows: list[dict[str, Any]], max_new_tokens: int = 6) -> dict[str, str]:

@@ -4,6 +4,10 @@ so far every K batches, for the curve), against the unedited baseline.
 
 Seconds per edit count only the editing calls (v*, keys, solves, applying the deltas); statistics,
 projectors, prefixes and evaluation are reported separately.
+
+A long run can write a checkpoint every N batches (the edit session's progress plus the baseline,
+the curve so far and the timings) and be resumed from it after a kill, with the same results as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +25,6 @@ import torch
 
 from kedit.atomic import write_json_atomic, write_text_atomic
 from kedit.bench.console import ProgressLog, device_str
-from kedit.editors.base import apply_deltas
 from kedit.editors.hparams import load_hparams
 from kedit.editors.io import request_from_record
 from kedit.evaluation.metrics import wilson_interval
@@ -86,15 +90,23 @@ def _model_metrics(lm, records: list[dict], fluency_prompts: list[str], ref_text
     return out, loc
 
 
-def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: str | Path | None = None) -> dict:
+def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: str | Path | None = None,
+                 checkpoint: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
+                 on_batch: Callable | None = None) -> dict:
     """Run the benchmark on ``lm`` (edited in memory) and return the results dictionary.
 
     ``edit_out``: also write the sum of all batches' deltas and the final editor state there as a
     `kedit edit` directory, so the edited model can be inspected (``kedit predict --edits``),
-    analysed, or edited further (``--state``) without repeating the run."""
-    from kedit.editors.common import as_key_stats, projector
+    analysed, or edited further (``--state``) without repeating the run.
+
+    ``checkpoint``: a file for the run's progress, written (atomically) every ``checkpoint_every``
+    batches and after the last; with ``resume``, a run whose checkpoint exists continues from it
+    (``lm`` must be the unedited model again) and gives the results of an uninterrupted run.
+    ``on_batch(report)`` is called after each batch's curve point and checkpoint."""
+    from kedit.editors.common import EditCaches, as_key_stats, projector
     from kedit.editors.context import context_prefixes
     from kedit.editors.registry import get_editor
+    from kedit.editors.session import BatchReport, EditSession
     from kedit.evaluation.metrics import evaluate_counterfact, perplexity
     from kedit.stats.collect import ensure_stats
     from kedit.stats.corpus import heldout_text
@@ -110,47 +122,48 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     fluency_prompts = [r["prompt"] for r in records[: cfg.fluency_prompts]]
     ref_text = heldout_text()
     log = ProgressLog(progress)
+    ck = _resume_point(lm, cfg, checkpoint, log) if resume else None
+    resumed_after = ck.batches_done if ck else 0
 
     t = time.perf_counter()
-    baseline, loc_before = _model_metrics(lm, records, fluency_prompts, ref_text, cfg.ppl_tokens, None, cfg.fluency_tokens)
-    eval_seconds = time.perf_counter() - t
+    if ck is None:
+        baseline, loc_before = _model_metrics(lm, records, fluency_prompts, ref_text, cfg.ppl_tokens, None,
+                                              cfg.fluency_tokens)
+    else:  # measured before the first batch; only the locality distributions are read again
+        baseline, loc_before = _resumed_baseline(lm, records, ck.extra)
+    eval_seconds = time.perf_counter() - t + (ck.extra["eval_seconds"] if ck else 0.0)
     log(f"baseline: {_fmt_row(baseline)} ({eval_seconds:.0f}s)")
 
+    caches = EditCaches()  # the edit session's: filled here, so its batches find them ready
     t = time.perf_counter()
     stats = ensure_stats(lm, layers, ws, cfg.stats_corpus, max_tokens=cfg.stats_tokens, progress=progress)
-    prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, ws.cache_dir)
+    prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, ws.cache_dir, caches.prefixes)
     nullspace = {}
     if cfg.method == "alphaedit":
         ks = as_key_stats(stats, layers, lm.adapter.key_dim())
         for i in layers:
-            nullspace[i] = projector(ks, i, lm.manifest.model_hash, hp.nullspace_threshold, hp.nullspace_mode)[1]
-    one_time = time.perf_counter() - t
+            nullspace[i] = projector(ks, i, lm.manifest.model_hash, hp.nullspace_threshold, hp.nullspace_mode,
+                                     caches.projectors)[1]
+    one_time = time.perf_counter() - t + (ck.extra["one_time_seconds"] if ck else 0.0)
     log(f"one-time work {one_time:.1f}s (stats {stats.n_tokens} tokens, {len(prefixes) - 1} prefixes"
         + (f", null-space dims {nullspace}" if nullspace else "") + ")")
 
     editor = get_editor(cfg.method, hp, cache_dir=ws.cache_dir)
-    state = None
-    edit_seconds = 0.0
-    curve: list[dict] = []
-    diags: list[dict] = []
-    layer_infos: list[dict] = []
-    total: dict[str, torch.Tensor] = {}
-    for b in range(n_batches):
-        batch = requests[b * cfg.batch: (b + 1) * cfg.batch]
-        t = time.perf_counter()
-        res = editor.compute(lm, batch, state, stats)
-        apply_deltas(lm.model, res.deltas)
-        dt = time.perf_counter() - t
-        edit_seconds += dt
-        state = res.state
-        if edit_out is not None:
-            for name, d in res.deltas.items():
-                total[name] = d.clone() if name not in total else total[name] + d
-        diags += [asdict(d) for d in res.diagnostics]
-        layer_infos.append(res.layer_info)
-        done = min(cfg.edits, (b + 1) * cfg.batch)
+    if ck is None:
+        session = EditSession(lm, editor, stats, caches=caches)
+        curve: list[dict] = []
+    else:
+        session = EditSession.resume(lm, editor, ck, stats, caches)
+        curve = ck.extra["curve"]
+        checkpoint_every = checkpoint_every or ck.extra["checkpoint_every"]
+        log(f"resumed after batch {session.batches_done}/{n_batches} ({session.n_edits} edits) from {checkpoint}")
+    checkpoint_seconds = 0.0
+
+    def after_batch(rep: BatchReport) -> None:
+        nonlocal eval_seconds, checkpoint_seconds
+        b, dt, res, done = rep.index, rep.seconds, rep.result, rep.done
         met = sum(d.constraint_met for d in res.diagnostics)
-        log(f"batch {b + 1}/{n_batches}: {dt:.1f}s ({dt / len(batch):.2f} s/edit), v* met {met}/{len(batch)}, "
+        log(f"batch {b + 1}/{n_batches}: {dt:.1f}s ({dt / rep.n:.2f} s/edit), v* met {met}/{rep.n}, "
             f"z residual {res.layer_info.get('z', {}).get('relative_residual_after', float('nan')):.3f}")
         if (b + 1) % eval_every == 0 or b == n_batches - 1:
             t = time.perf_counter()
@@ -160,6 +173,22 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
                 point["perplexity"] = perplexity(lm, ref_text, max_tokens=cfg.ppl_tokens)
             eval_seconds += time.perf_counter() - t
             curve.append(point)
+        if checkpoint is not None and checkpoint_every > 0 and ((b + 1) % checkpoint_every == 0
+                                                                or b == n_batches - 1):
+            t = time.perf_counter()
+            extra = {"config": _jsonable(asdict(cfg)), "model_hash": lm.manifest.model_hash, "baseline": baseline,
+                     "curve": curve, "eval_seconds": eval_seconds, "one_time_seconds": one_time,
+                     "peak_memory_mb": peak_memory_mb(lm.device), "checkpoint_every": checkpoint_every}
+            session.checkpoint(extra).save(checkpoint)
+            checkpoint_seconds += time.perf_counter() - t
+            log(f"checkpoint after batch {b + 1} -> {checkpoint} ({time.perf_counter() - t:.1f}s)")
+        if on_batch is not None:
+            on_batch(rep)
+
+    result = session.apply(requests[session.n_edits:], cfg.batch, after_batch)
+    edit_seconds = session.seconds
+    diags = [asdict(d) for d in result.diagnostics]
+    layer_infos = result.batch_layer_info
 
     t = time.perf_counter()
     edited, _ = _model_metrics(lm, records, fluency_prompts, ref_text, cfg.ppl_tokens, loc_before,
@@ -169,7 +198,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     edited["seconds_per_edit"] = edit_seconds / cfg.edits
     edited["edit_seconds"] = edit_seconds
     edited["one_time_seconds"] = one_time
-    edited["peak_memory_mb"] = peak_memory_mb(lm.device)
+    edited["peak_memory_mb"] = max(peak_memory_mb(lm.device), ck.extra["peak_memory_mb"] if ck else 0.0)
     edited["device"] = device_str(lm.device)
     baseline.update(seconds_per_edit=None, one_time_seconds=None, peak_memory_mb=None, device=edited["device"])
     log(f"edited:   {_fmt_row(edited)}  {edited['seconds_per_edit']:.2f} s/edit")
@@ -177,7 +206,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
         from kedit.editors.base import EditResult
         from kedit.editors.io import save_edit
 
-        save_edit(edit_out, EditResult(deltas=total, state=state, diagnostics=[], seconds=edit_seconds),
+        save_edit(edit_out, EditResult(deltas=result.deltas, state=result.state, diagnostics=[], seconds=edit_seconds),
                   {"benchmark": asdict(cfg), "requests": [r.to_dict() for r in requests]})
         log(f"edit ({len(requests)} requests, {n_batches} batches) -> {edit_out}")
     return {
@@ -185,13 +214,50 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
                    "hparams": hp.to_dict(), "threads": torch.get_num_threads(),
                    "stats": {"dir": str(stats.dir), "key": stats.key, "n_tokens": stats.n_tokens},
                    "prefixes": prefixes, "nullspace_dim": nullspace, "eval_seconds": eval_seconds,
-                   "load_average": _loadavg()},
+                   "load_average": _loadavg(),
+                   **({"checkpoint": {"path": str(checkpoint), "every": checkpoint_every,
+                                      "write_seconds": checkpoint_seconds, "resumed_after_batches": resumed_after}}
+                      if checkpoint is not None else {})},
         "baseline": baseline,
         "edited": edited,
         "curve": curve,
         "diagnostics": diags,
         "layer_info": layer_infos,
     }
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _resume_point(lm, cfg: LifelongConfig, checkpoint: str | Path | None, log):
+    """The checkpoint to continue from (``None``: none written yet, start at the first batch), after
+    checking that it belongs to this configuration and model."""
+    from kedit.editors.session import SessionCheckpoint
+
+    if checkpoint is None:
+        raise ValueError("resume needs the checkpoint file (run with --out and --checkpoint-every)")
+    if not Path(checkpoint).exists():
+        log(f"no checkpoint at {checkpoint}: starting from the first batch")
+        return None
+    ck = SessionCheckpoint.load(checkpoint)
+    if ck.extra.get("config") != _jsonable(asdict(cfg)):
+        old, new = ck.extra.get("config") or {}, _jsonable(asdict(cfg))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ValueError(f"{checkpoint} was written by a run with other settings ({', '.join(diff)} differ): "
+                         "resume with the same arguments, or start a new output directory")
+    if ck.extra.get("model_hash") != lm.manifest.model_hash:
+        raise ValueError(f"{checkpoint} was written for another model ({str(ck.extra.get('model_hash'))[:12]}, "
+                         f"this is {lm.manifest.model_hash[:12]})")
+    return ck
+
+
+def _resumed_baseline(lm, records: list[dict], extra: dict) -> tuple[dict, torch.Tensor]:
+    """The checkpointed baseline and the unedited model's locality distributions (too big to store,
+    deterministic to recompute: the model must be the unedited one, as at the first run's start)."""
+    from kedit.evaluation.metrics import next_token_logprobs
+
+    return dict(extra["baseline"]), next_token_logprobs(lm, [r["locality_prompt"] for r in records])
 
 
 def _loadavg() -> list[float] | None:

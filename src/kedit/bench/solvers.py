@@ -53,6 +53,7 @@ def _label(setting: dict[str, Any]) -> str:
 
 def run_sweep(lm, ws, cfg: SweepConfig, progress: bool = True) -> dict:
     from kedit.editors.base import apply_deltas
+    from kedit.editors.common import EditCaches
     from kedit.editors.linalg import output_change_share
     from kedit.editors.registry import get_editor
     from kedit.editors.vstar import vstar_signature
@@ -73,6 +74,7 @@ def run_sweep(lm, ws, cfg: SweepConfig, progress: bool = True) -> dict:
     log(f"unedited: ES {base_cf['efficacy']:.3f} PS {base_cf['generalization']:.3f} "
         f"NS {base_cf['specificity']:.3f} PPL {base_ppl:.3f}")
     vstars: dict[tuple, Any] = {}
+    caches = EditCaches()  # one model: the settings share prefixes and null-space bases
     rows = []
     for setting, hp in zip(cfg.settings, hps):
         layers = hp.resolve_layers(lm.adapter.num_layers)
@@ -80,7 +82,7 @@ def run_sweep(lm, ws, cfg: SweepConfig, progress: bool = True) -> dict:
         sig = vstar_signature(hp, layers[-1])
         editor = get_editor(cfg.method, hp, cache_dir=ws.cache_dir)
         t = time.perf_counter()
-        res = editor.compute(lm, requests, None, stats, vstar=vstars.get(sig))
+        res = editor.compute(lm, requests, None, stats, vstar=vstars.get(sig), caches=caches)
         seconds = time.perf_counter() - t
         reused = sig in vstars
         vstars[sig] = res.vstar

@@ -37,6 +37,10 @@ def register(sub) -> None:
                    help="first N edit prompts for fluency and greedy entropy (default 100; 0: all)")
     b.add_argument("--save-edit", action="store_true",
                    help="also write the summed deltas and the final editor state to OUT/edit (a `kedit edit` directory)")
+    b.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="write the run's progress to OUT/checkpoint.safetensors every N batches (and after the last)")
+    b.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.safetensors (same arguments; starts afresh if there is none)")
     b.set_defaults(func=_lifelong)
 
     w = s.add_parser("solvers", help="one batch of edits, v* optimised once, solver settings compared "
@@ -68,12 +72,23 @@ def _lifelong(args) -> int:
 
     if args.save_edit and not args.out:
         raise CLIError("--save-edit needs --out")
+    if (args.checkpoint_every or args.resume) and not args.out:
+        raise CLIError("--checkpoint-every and --resume need --out (the checkpoint is OUT/checkpoint.safetensors)")
+    if args.checkpoint_every < 0:
+        raise CLIError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    from pathlib import Path
+
+    ckpt = Path(args.out) / "checkpoint.safetensors" if args.out else None
     lm = load_lm(args)
     res = run_lifelong(lm, workspace(args), cfg, progress=not args.quiet,
-                       edit_out=f"{args.out}/edit" if args.save_edit else None)
+                       edit_out=f"{args.out}/edit" if args.save_edit else None,
+                       checkpoint=ckpt if (args.checkpoint_every or args.resume) else None,
+                       checkpoint_every=args.checkpoint_every, resume=args.resume)
     if args.out:
         write_results(res, args.out)
         print(f"results -> {args.out}/results.json, results.md, curve.png")
+        if ckpt is not None and ckpt.exists():  # the results are written: the progress record is spent
+            ckpt.unlink()
     print(results_markdown(res))
     return 0
 

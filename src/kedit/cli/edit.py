@@ -87,15 +87,19 @@ def _apply_dirs(lm, dirs: list[str]) -> None:
 def _edit(args) -> int:
     from rich.console import Console
 
-    from kedit.editors.base import apply_deltas
     from kedit.editors.hparams import load_hparams
     from kedit.editors.io import load_requests, load_state, save_edit
     from kedit.editors.registry import get_editor
+    from kedit.editors.session import BatchReport, EditSession
     from kedit.stats.collect import ensure_stats
 
     console = Console(stderr=True)
     ws = workspace(args)
     requests = load_requests(args.requests)
+    if not requests:
+        from kedit.cli import CLIError
+
+        raise CLIError(f"{args.requests}: no edit requests")
     lm = load_lm(args)
     _apply_dirs(lm, args.base_edits)
     hp = load_hparams(args.method, lm, args.hparams, _parse_set(args.set))
@@ -107,29 +111,16 @@ def _edit(args) -> int:
     editor = get_editor(args.method, hp, cache_dir=ws.cache_dir,
                         progress=lambda it, active, nll: console.log(f"v* step {it}: {active} active, NLL {nll:.3f}")
                         if args.verbose else None)
-    size = args.batch or len(requests)
-    total: dict = {}
-    diags, infos, seconds = [], [], 0.0
-    result = None
-    for start in range(0, len(requests), size):
-        batch = requests[start: start + size]
-        result = editor.compute(lm, batch, state, stats)
-        apply_deltas(lm.model, result.deltas)  # later batches see earlier ones
-        for k, v in result.deltas.items():
-            total[k] = total[k] + v if k in total else v.clone()
-        state = result.state
-        diags += result.diagnostics
-        infos.append(result.layer_info)
-        seconds += result.seconds
-        met = sum(d.constraint_met for d in result.diagnostics)
-        console.log(f"batch {start // size + 1}: {len(batch)} edits in {result.seconds:.1f}s, v* constraint met "
-                    f"{met}/{len(batch)}")
-    assert result is not None
-    result.deltas, result.diagnostics, result.layer_info, result.seconds = total, diags, infos[-1], seconds
+
+    def log_batch(rep: BatchReport) -> None:
+        met = sum(d.constraint_met for d in rep.result.diagnostics)
+        console.log(f"batch {rep.index + 1}: {rep.n} edits in {rep.seconds:.1f}s, v* constraint met {met}/{rep.n}")
+
+    result = EditSession(lm, editor, stats, state).apply(requests, args.batch, on_batch=log_batch)
     save_edit(args.out, result, {"method": args.method, "model": lm.slug, "model_hash": lm.manifest.model_hash,
                                  "hparams": hp.to_dict(), "requests": [r.to_dict() for r in requests],
-                                 "base_edits": args.base_edits, "layer_info_per_batch": infos})
-    print(f"{len(requests)} edits ({args.method}) in {seconds:.1f}s -> {args.out}")
+                                 "base_edits": args.base_edits, "layer_info_per_batch": result.batch_layer_info})
+    print(f"{len(requests)} edits ({args.method}) in {result.seconds:.1f}s -> {args.out}")
     return 0
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from kedit.editors.base import EditorState
-from kedit.editors.common import cache_name, projector
+from kedit.editors.common import EditCaches, cache_name, projector
 from kedit.editors.linalg import alphaedit_update_reduced
 from kedit.editors.memit import MultiLayerEditor
 
@@ -18,9 +18,11 @@ class AlphaEditEditor(MultiLayerEditor):
     def accumulates(self) -> bool:
         return True
 
-    def solve(self, lm, layer: int, K, R, state: EditorState, stats, info: dict) -> torch.Tensor:
+    def solve(self, lm, layer: int, K, R, state: EditorState, stats, info: dict,
+              caches: EditCaches | None = None) -> torch.Tensor:
         hp = self.hp
-        U, rank = projector(stats, layer, lm.manifest.model_hash, hp.nullspace_threshold, hp.nullspace_mode)
+        U, rank = projector(stats, layer, lm.manifest.model_hash, hp.nullspace_threshold, hp.nullspace_mode,
+                            None if caches is None else caches.projectors)
         info["nullspace_dim"] = float(rank)
         prev = state.tensors.get(cache_name(layer))
         C = stats.mom2[layer].to(K.device) if hp.nullspace_mom2_weight else None

@@ -1,12 +1,12 @@
-"""What the three editors share: key statistics access, the projector cache, weight snapshots that
-are restored even on error, and the state bookkeeping."""
+"""What the three editors share: key statistics access, the per-run caches (projectors, prefixes),
+weight snapshots that are restored even on error, and the state bookkeeping."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +52,28 @@ def as_key_stats(stats: Any, layers: list[int], key_dim: int) -> KeyStats:
     return ks
 
 
-_P_MEMO: dict[str, torch.Tensor] = {}
+@dataclass
+class EditCaches:
+    """What an editing run derives once and reuses for every batch: null-space bases and prompt prefixes.
+
+    Owned by the object that runs the edits (:class:`kedit.editors.session.EditSession`) and passed
+    down to the editor, so it lives exactly as long as the run: a long-lived worker that edits many
+    models keeps no process-wide memo growing with every model or statistics key. The disk caches
+    (``<stats dir>/projectors/``, ``<cache dir>/contexts/``) still make a new run's first use cheap.
+    """
+
+    projectors: dict[str, torch.Tensor] = field(default_factory=dict)
+    prefixes: dict[str, list[str]] = field(default_factory=dict)
 
 
-def projector(stats: KeyStats, layer: int, model_hash: str, threshold: float, mode: str
-              ) -> tuple[torch.Tensor, int]:
+def projector(stats: KeyStats, layer: int, model_hash: str, threshold: float, mode: str,
+              memo: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, int]:
     """Null-space basis U (projector P = U Uᵀ) and its dimension for one layer, computed once per
     (model, layer, stats, threshold) and cached next to the statistics (``<stats dir>/projectors/``,
-    float64) and in memory."""
+    float64) and in ``memo`` (a run's :attr:`EditCaches.projectors`) when given."""
     key = sha256_json({"model": model_hash, "layer": layer, "stats": stats.key, "thr": threshold, "mode": mode})
-    if key in _P_MEMO:
-        U = _P_MEMO[key]
+    if memo is not None and key in memo:
+        U = memo[key]
         return U, U.shape[1]
     path = stats.dir / "projectors" / f"U_L{layer}_{key[:16]}.safetensors" if stats.dir else None
     if path is not None and path.exists():
@@ -78,7 +89,8 @@ def projector(stats: KeyStats, layer: int, model_hash: str, threshold: float, mo
                                                      "threshold": repr(threshold), "mode": mode})
             except OSError as exc:  # read-only stats dir: keep it in memory only
                 log.warning("could not cache projector at %s: %s", path, exc)
-    _P_MEMO[key] = U
+    if memo is not None:
+        memo[key] = U
     return U, U.shape[1]
 
 

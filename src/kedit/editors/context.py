@@ -15,7 +15,6 @@ import torch
 from kedit.atomic import sha256_json, write_json_atomic
 
 OPENERS = ["The", "Therefore", "Because", "I", "You"]
-_MEMO: dict[str, list[str]] = {}
 
 
 def _clean(text: str) -> str:
@@ -45,14 +44,15 @@ def generate_prefixes(lm, n: int, length: int, seed: int = 0) -> list[str]:
 
 
 def context_prefixes(lm, n: int = 5, length: int = 10, seed: int = 0,
-                     cache_dir: str | Path | None = None) -> list[str]:
-    """``[""] + n`` model-written prefixes (the empty one is the bare prompt), cached by model hash."""
+                     cache_dir: str | Path | None = None, memo: dict[str, list[str]] | None = None) -> list[str]:
+    """``[""] + n`` model-written prefixes (the empty one is the bare prompt), cached on disk by model
+    hash and in ``memo`` (a run's :attr:`kedit.editors.common.EditCaches.prefixes`) when given."""
     if n <= 0:
         return [""]
     key = sha256_json({"model": lm.manifest.model_hash, "n": n, "length": length, "seed": seed})[:20]
     path = Path(cache_dir) / "contexts" / f"{key}.json" if cache_dir else None
-    if key in _MEMO:
-        prefixes = _MEMO[key][1:]
+    if memo is not None and key in memo:
+        prefixes = memo[key][1:]
     elif path is not None and path.exists():
         prefixes = json.loads(path.read_text())["prefixes"]
     else:
@@ -60,5 +60,7 @@ def context_prefixes(lm, n: int = 5, length: int = 10, seed: int = 0,
     if path is not None and not path.exists():
         write_json_atomic(path, {"model_hash": lm.manifest.model_hash, "n": n, "length": length,
                                  "seed": seed, "prefixes": prefixes})
-    _MEMO[key] = [""] + list(prefixes)
-    return list(_MEMO[key])
+    out = [""] + list(prefixes)
+    if memo is not None:
+        memo[key] = out
+    return list(out)

@@ -13,6 +13,7 @@ import torch
 
 from kedit.editors.base import EditorState, EditRequest, EditResult
 from kedit.editors.common import (
+    EditCaches,
     apply_layer_delta,
     as_key_stats,
     cache_name,
@@ -39,7 +40,8 @@ class MultiLayerEditor:
         self.progress = progress
 
     # per-layer solve: K [d_key, n], R [d_out, n] -> Δ [d_out, d_key]
-    def solve(self, lm, layer: int, K, R, state: EditorState, stats, info: dict) -> torch.Tensor:
+    def solve(self, lm, layer: int, K, R, state: EditorState, stats, info: dict,
+              caches: EditCaches | None = None) -> torch.Tensor:
         hp = self.hp
         prev = state.tensors.get(cache_name(layer)) if hp.memit_sequential else None
         return memit_update(stats.mom2[layer].to(K.device), K, R, hp.mom2_update_weight,
@@ -49,15 +51,18 @@ class MultiLayerEditor:
         return self.hp.memit_sequential
 
     def compute(self, lm, requests: list[EditRequest], state: EditorState | None = None,
-                stats=None, vstar: VStar | None = None) -> EditResult:
-        """``vstar``: a v* already optimised for these requests (a solver sweep reuses one)."""
+                stats=None, vstar: VStar | None = None, caches: EditCaches | None = None) -> EditResult:
+        """``vstar``: a v* already optimised for these requests (a solver sweep reuses one); ``caches``:
+        the run's projector / prefix caches (an :class:`~kedit.editors.session.EditSession` passes its own)."""
         t0 = time.perf_counter()
+        caches = EditCaches() if caches is None else caches
         check_requests(requests)
         hp = self.hp
         layers = hp.resolve_layers(lm.adapter.num_layers)
         state = check_state(state, self.method, layers, lm.manifest.model_hash)
         ks = as_key_stats(stats, layers, lm.adapter.key_dim())
-        prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir)
+        prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir,
+                                    caches.prefixes)
         per_row = hp.key_mode == "contexts"
         vs = vstar_for(lm, requests, prefixes, hp, layers[-1], vstar, progress=self.progress)
         z = (vs.v0 + vs.delta.to(torch.float64)).T  # [d, n]
@@ -82,7 +87,7 @@ class MultiLayerEditor:
                     K, R = K * w, R * w
                 edit_keys[layer] = K
                 info: dict[str, float] = {}
-                upd = self.solve(lm, layer, K, R, state, ks, info)
+                upd = self.solve(lm, layer, K, R, state, ks, info, caches=caches)
                 stored = apply_layer_delta(lm, layer, upd)
                 deltas[lm.adapter.weight_name(layer)] = stored.detach().cpu()
                 info.update(update_norm=float(upd.norm()), resid_norm=float(R.norm(dim=0).mean()),

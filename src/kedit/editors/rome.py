@@ -10,6 +10,7 @@ import torch
 
 from kedit.editors.base import EditorState, EditRequest, EditResult
 from kedit.editors.common import (
+    EditCaches,
     apply_layer_delta,
     as_key_stats,
     check_requests,
@@ -33,8 +34,9 @@ class ROMEEditor:
         self.progress = progress
 
     def compute(self, lm, requests: list[EditRequest], state: EditorState | None = None,
-                stats=None, vstar: VStar | None = None) -> EditResult:
-        """``vstar``: a v* already optimised for these requests (a solver sweep reuses one)."""
+                stats=None, vstar: VStar | None = None, caches: EditCaches | None = None) -> EditResult:
+        """``vstar``: a v* already optimised for these requests (a solver sweep reuses one); ``caches``:
+        the run's prefix cache (an :class:`~kedit.editors.session.EditSession` passes its own)."""
         t0 = time.perf_counter()
         check_requests(requests)
         hp = self.hp
@@ -44,7 +46,8 @@ class ROMEEditor:
         layer = layers[0]
         state = check_state(state, self.method, layers, lm.manifest.model_hash)
         ks = as_key_stats(stats, layers, lm.adapter.key_dim())
-        prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir)
+        prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir,
+                                    None if caches is None else caches.prefixes)
         vs = vstar_for(lm, requests, prefixes, hp, layer, vstar, progress=self.progress)
         with weights_restored(lm, layers):
             states = SubjectStates(lm, subject_rows(lm.tokenizer, requests, prefixes), layer, layer)

@@ -3,10 +3,8 @@
 v* only changes the residual stream at the last edit layer, so the blocks below it give the same
 output at every Adam step: we run them once, keep the hidden states, and each step replays only
 the blocks above. The per-block call arguments (rotary embeddings, masks...) are captured from
-one real forward, so every family is replayed with exactly the arguments its own model passes.
-
-(:class:`kedit.hooks.Trace` sees a block's first input only; capturing keyword arguments needs a
-``with_kwargs`` pre-hook, kept here and removed in ``finally``.)
+one real forward (a :class:`kedit.hooks.Trace` that keeps each block's call arguments and stops
+before the last one runs), so every family is replayed with exactly the arguments its own model passes.
 """
 
 from __future__ import annotations
@@ -18,9 +16,7 @@ from typing import Any
 
 import torch
 
-
-class _Captured(Exception):
-    pass
+from kedit.hooks import Trace
 
 
 def _index_rows(x: Any, rows: torch.Tensor, n: int) -> Any:
@@ -83,7 +79,7 @@ def cache_kwargs(lm, cache) -> dict:
     return {_cache_name(type(base_model(lm))): cache}
 
 
-@functools.cache
+@functools.lru_cache(maxsize=16)  # one entry per model class: bounded, for a worker that loads many models
 def _cache_name(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
@@ -104,36 +100,14 @@ def capture_blocks(lm, input_ids: torch.Tensor, start: int, stop: int, **forward
     full_stop = stop
     if uniform_blocks(lm.model):
         stop = start + 1
-    calls: list[tuple[tuple, dict]] = []
-    hidden: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def make(i: int):
-        def pre(_mod, args, kwargs):
-            if i == start:
-                hidden["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
-            rest = args[1:] if args else ()
-            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            calls.append((rest, kw))
-            if i == stop - 1:
-                raise _Captured
-        return pre
-
-    try:
-        for i in range(start, stop):
-            handles.append(layers[i].register_forward_pre_hook(make(i), with_kwargs=True))
-        with torch.no_grad():
-            try:
-                base_model(lm)(input_ids=input_ids, **({"use_cache": False} | forward_kwargs))
-            except _Captured:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    if len(calls) != stop - start or "h" not in hidden:
+    names = [lm.adapter.layer_name(i) for i in range(start, stop)]
+    with torch.no_grad(), Trace(lm.model, names, retain_input=True, retain_call=True, stop_before=True) as tr:
+        base_model(lm)(input_ids=input_ids, **({"use_cache": False} | forward_kwargs))
+    if len(tr.calls) != stop - start or names[0] not in tr.inputs:
         raise RuntimeError(f"{type(lm.model).__name__}: blocks {start}..{stop - 1} were not all called")
+    calls = [tr.calls[n] for n in names]
     calls = calls + [calls[-1]] * (full_stop - stop)
-    return BlockSlice(hidden=hidden["h"], calls=calls, start=start, stop=full_stop)
+    return BlockSlice(hidden=tr.inputs[names[0]], calls=calls, start=start, stop=full_stop)
 
 
 def unembed_states(lm, x: torch.Tensor) -> torch.Tensor:
