@@ -29,16 +29,12 @@ def _cfg(cfg: dict[str, Any]) -> refresh.RefreshConfig:
     return refresh.RefreshConfig(**cfg)
 
 
-def _champion(ws: Workspace) -> str:
-    f = ws.lineage_dir / "CHAMPION"
-    return f.read_text().strip() if f.exists() else "base"
-
-
 def ingest_key(_ctx, p: dict[str, Any]) -> str:
-    """Same feed bytes, same champion, same config -> same ingest outcome."""
+    """Same feed bytes, same champion, same config -> same ingest outcome. The champion comes from the
+    lineage events (``LineageStore.champion``, None: the base model), never from the CHAMPION copy."""
     ws = _ws(p["workspace"])
     path = refresh.resolve_feed(ws, p["feed"])
-    return "ingest-" + sha256_json([sha256_file(path), _champion(ws), p["cfg"]])[:32]
+    return "ingest-" + sha256_json([sha256_file(path), refresh.open_lineage(ws).champion(), p["cfg"]])[:32]
 
 
 @task(name="ingest-feed", retries=2, retry_delay_seconds=5, cache_key_fn=ingest_key, cache_expiration=KEEP,

@@ -45,6 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A reader that stops early (``kedit lineage log | head``) ends it quietly with
+    141 (128 + SIGPIPE, what a shell reports for a command cut off by its reader), not a traceback."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # inside the try: a closed pipe shows up here, not at interpreter exit
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's own final flush must not fail again
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     quiet_env()
     parser = build_parser()
     args = parser.parse_args(argv)
