@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A reader that stops early (``kedit lineage log | head``) ends it quietly with
-    141 (128 + SIGPIPE, what a shell reports for a command cut off by its reader), not a traceback."""
+    exit status 1 (as rich's own console does, and Python's documentation recommends), not a traceback."""
     try:
         try:
             return _main(argv)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # the interpreter's own final flush must not fail again
-        return 141
+        return 1
 
 
 def _main(argv: list[str] | None) -> int:
