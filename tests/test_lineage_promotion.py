@@ -328,7 +328,7 @@ def test_next_promotion_finishes_or_drops_an_interrupted_one(workspace, stored_l
     gate_and_approve(store, s2)
     ops.register_candidate(workspace, store, s2.id, params=MLFLOW_ONLY)
     # crashed after the event: recorded with its intent, MLflow not moved
-    intent = Intent(op="promote", target=s1.id, by="alice", message="", mlflow=True, dvc=False)
+    intent = Intent(op="promote", target=s1.id, by="alice", mlflow=True, dvc=False)
     write_intent(store.root, intent)
     ev = store.promote(s1.id, by="alice", data={"intent": intent.id})
     intent.done, intent.out = ["event"], {"event_seq": ev.seq}
@@ -342,7 +342,7 @@ def test_next_promotion_finishes_or_drops_an_interrupted_one(workspace, stored_l
     assert reg.alias("champion").tags[TAG_STATE] == s2.id and store.champion() == s2.id
     assert read_intent(store.root) is None and ops.divergences(workspace, store, MLFLOW_ONLY) == []
     # crashed before the event: nothing happened, the intent is dropped
-    write_intent(store.root, Intent(op="rollback", target=s1.id, by="carol", message="", mlflow=True, dvc=False))
+    write_intent(store.root, Intent(op="rollback", target=s1.id, by="carol", mlflow=True, dvc=False))
     res = ops.repair(workspace, store, MLFLOW_ONLY)
     assert any("nothing changed" in d for d in res["done"]) and res["after"] == []
     assert store.champion() == s2.id and reg.alias("champion").tags[TAG_STATE] == s2.id

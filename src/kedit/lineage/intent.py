@@ -37,7 +37,6 @@ class Intent:
     op: str
     target: str | None
     by: str
-    message: str
     mlflow: bool
     dvc: bool
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -72,6 +71,12 @@ def read_intent(root: Path) -> Intent | None:
 
 def write_intent(root: Path, intent: Intent) -> None:
     write_json_atomic(intent_path(root), asdict(intent))
+
+
+def adopt(root: Path, intent: Intent) -> None:
+    """This process takes over an interrupted intent (so readers see it in progress, not interrupted)."""
+    intent.pid, intent.host = os.getpid(), socket.gethostname()
+    write_intent(root, intent)
 
 
 def step_done(root: Path, intent: Intent, step: str, **out: Any) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from kedit.lineage.identity import describe
-from kedit.lineage.intent import Intent, clear_intent, read_intent, step_done, write_intent
+from kedit.lineage.intent import Intent, adopt, clear_intent, read_intent, step_done, write_intent
 from kedit.lineage.policy import refusal
 from kedit.lineage.registry import model_name
 from kedit.lineage.state import BASE, Event, LineageError, label
@@ -155,8 +155,8 @@ def _sync_intent(store: LineageStore, mlflow: bool, dvc: bool) -> Intent | None:
     ev = store.champion_event()
     if ev is None:
         return None
-    intent = Intent(op=ev.type, target=ev.state, by=ev.by, message=_message(ev), mlflow=mlflow, dvc=dvc,
-                    done=["event"], out={"event_seq": ev.seq})
+    intent = Intent(op=ev.type, target=ev.state, by=ev.by, mlflow=mlflow, dvc=dvc, done=["event"],
+                    out={"event_seq": ev.seq})
     write_intent(store.root, intent)  # a repair killed halfway is itself finished by the next command
     return intent
 
@@ -179,6 +179,7 @@ def finish_pending(ws: Workspace, store: LineageStore, params: dict[str, Any]) -
     store.write_champion_file()
     latest = store.champion_event()
     if latest is not None and latest.seq == recorded.seq:
+        adopt(store.root, intent)
         _follow(ws, store, intent, params)  # the steps it had not finished
     else:  # the champion moved since (through the store API alone): follow the store, not the old intent
         sync = _sync_intent(store, intent.mlflow, intent.dvc)
@@ -221,7 +222,7 @@ def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment:
         check = store.promotion_check(sid)
         if not check.ok and not (override or "").strip():
             raise refusal("promote", sid, check)
-        intent = Intent(op="promote", target=sid, by=by, message="", mlflow=mlflow, dvc=dvc)
+        intent = Intent(op="promote", target=sid, by=by, mlflow=mlflow, dvc=dvc)
         write_intent(store.root, intent)
         ev = store.promote(sid, by=by, comment=comment, override=override, data={"intent": intent.id})
         step_done(store.root, intent, "event", event_seq=ev.seq)
@@ -250,7 +251,7 @@ def rollback(ws: Workspace, store: LineageStore, state_id: str | None, by: str, 
         check = store.rollback_check(sid)
         if not check.ok and not force:
             raise refusal("rollback to", sid, check)
-        intent = Intent(op="rollback", target=sid, by=by, message="", mlflow=mlflow, dvc=dvc)
+        intent = Intent(op="rollback", target=sid, by=by, mlflow=mlflow, dvc=dvc)
         write_intent(store.root, intent)
         ev = store.rollback(sid, by=by, reason=reason, override=force, data={"intent": intent.id})
         step_done(store.root, intent, "event", event_seq=ev.seq)

@@ -274,7 +274,10 @@ class LineageStore:
         if state_id in ("champion", "@champion"):
             champ = self.champion()
             if champ is None:
-                raise LineageError(f"{self.root}: no champion yet (nothing promoted)")
+                ev = self.champion_event()
+                raise LineageError(f"{self.root}: the champion is the base model, which has no edit state ("
+                                   + (f"rolled back by event {ev.seq}" if ev else "nothing promoted yet")
+                                   + "); use 'base' where a command takes one (`kedit export base`)")
             return champ
         if state_id in ("HEAD", "latest"):
             states = self.states()
