@@ -83,9 +83,12 @@ def test_rollback_targets_are_former_champions_or_their_ancestors():
     assert not rollback_check([], states, a.id).ok
 
 
-def test_gate_failed_state_is_not_promoted_without_a_recorded_override(workspace, stored_lm, capsys, tmp_path):  # noqa: F811
+def test_gate_failed_state_is_not_promoted_without_a_recorded_override(workspace, stored_lm, capsys, tmp_path,  # noqa: F811
+                                                                        monkeypatch):
     """Issue 19.1: `lineage promote STATE --by mallory` of a gate-failed state used to return 0."""
     from kedit.cli import main
+
+    monkeypatch.delenv("KEDIT_IDENTITY", raising=False)
 
     lm = stored_lm()
     store = LineageStore(workspace.lineage_dir)
@@ -120,8 +123,9 @@ def test_gate_failed_state_is_not_promoted_without_a_recorded_override(workspace
     assert over[0].actor["os_user"] == os_user()[0] and over[0].actor["pid"] > 0
     # the log shows the override and does not call the promoter an approver of a failed gate
     assert main([*w, "lineage", "log"]) == 0
-    out = capsys.readouterr().out
-    assert "gate: FAIL" in out and "OVERRIDE (promote) by mallory" in out and "hotfix" in out
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps lines at the console width
+    assert "gate: FAIL" in out and f"OVERRIDE (promote) by mallory [{os_user()[0]}]: hotfix" in out
+    assert "approved by mallory" in out and f"promoted by mallory [{os_user()[0]}]" in out
     # the gate report says so
     assert "## Override" in (report / "gate.md").read_text() and "hotfix" in (report / "gate.md").read_text()
     assert json.loads((report / "override.json").read_text())["seq"] == over[0].seq

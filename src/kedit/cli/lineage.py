@@ -136,7 +136,7 @@ def _log(args) -> int:
         star = "[bold yellow]★ champion[/] " if e.champion else ""
         verdict = _verdict(e.gate)
         colour = "green" if "PASS" in verdict else ("red" if "FAIL" in verdict else "dim")
-        overrides = "".join(f"  [bold red]OVERRIDE ({o.data.get('action', '?')}) by {_people([o])}: "
+        overrides = "".join(f"  [bold red]OVERRIDE ({o.data.get('action', '?')}) by {escape(_people([o]))}: "
                             f"{escape(o.comment)}[/]" for o in e.overrides)
         return (f"{star}[cyan]{s.short}[/] {s.created_at}  {s.method}  feed {feed}  {s.n_edits} edits  "
                 f"[{colour}]{verdict}[/]" + (f"  approved by {escape(approved)}" if approved else "")
