@@ -1,4 +1,5 @@
-"""Operator flow: make an edit state the champion (lineage event, git tag, MLflow alias)."""
+"""Operator flow: make an edit state the champion (lineage event, git tag, MLflow alias), through
+``kedit.lineage.ops.promote`` like every other path."""
 
 from __future__ import annotations
 
@@ -13,5 +14,8 @@ from tasks import ops
 
 
 @flow(name="promote", log_prints=True)
-def promote(state: str, by: str, comment: str = "", workspace: str | None = None) -> dict:
-    return ops.promote(workspace, state, by, comment)
+def promote(state: str, by: str, comment: str = "", workspace: str | None = None,
+            override: str | None = None) -> dict:
+    """Needs a passed gate and an approval recorded for ``state``; ``override`` (a reason) goes past
+    them and is recorded as an override event."""
+    return ops.promote(workspace, state, by, comment, override)

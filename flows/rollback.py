@@ -13,5 +13,5 @@ from tasks import ops
 
 
 @flow(name="rollback", log_prints=True)
-def rollback(state: str, by: str, reason: str, workspace: str | None = None) -> dict:
-    return ops.rollback(workspace, state, by, reason)
+def rollback(state: str, by: str, reason: str, workspace: str | None = None, force: bool = False) -> dict:
+    return ops.rollback(workspace, state, by, reason, force)

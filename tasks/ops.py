@@ -11,21 +11,23 @@ from kedit.workspace import Workspace
 
 
 @task(name="promote-state", cache_policy=NO_CACHE)
-def promote(workspace: str | None, state: str, by: str, comment: str) -> dict[str, Any]:
+def promote(workspace: str | None, state: str, by: str, comment: str,
+            override: str | None = None) -> dict[str, Any]:
+    """``kedit.lineage.ops.promote``: refused without a passed gate and an approval unless ``override``."""
     from kedit.lineage.ops import open_store
     from kedit.lineage.ops import promote as do_promote
 
     ws = Workspace.default(workspace)
-    return do_promote(ws, open_store(ws), state, by=by, comment=comment)
+    return do_promote(ws, open_store(ws), state, by=by, comment=comment, override=override)
 
 
 @task(name="rollback-state", cache_policy=NO_CACHE)
-def rollback(workspace: str | None, state: str, by: str, reason: str) -> dict[str, Any]:
+def rollback(workspace: str | None, state: str, by: str, reason: str, force: bool = False) -> dict[str, Any]:
     from kedit.lineage.ops import open_store
     from kedit.lineage.ops import rollback as do_rollback
 
     ws = Workspace.default(workspace)
-    return do_rollback(ws, open_store(ws), state, by=by, reason=reason)
+    return do_rollback(ws, open_store(ws), state, by=by, reason=reason, force=force)
 
 
 @task(name="compute-stats", retries=1, cache_policy=NO_CACHE)

@@ -30,8 +30,9 @@ def _cfg(cfg: dict[str, Any]) -> refresh.RefreshConfig:
 
 
 def _champion(ws: Workspace) -> str:
-    f = ws.lineage_dir / "CHAMPION"
-    return f.read_text().strip() if f.exists() else "base"
+    """The champion from the lineage events (``LineageStore.champion``; base: "base"), never from the
+    CHAMPION convenience copy."""
+    return refresh.open_lineage(ws).champion() or "base"
 
 
 # same feed bytes, same champion, same config -> same ingest outcome

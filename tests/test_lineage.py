@@ -54,6 +54,12 @@ def feed(i: int) -> dict:
     return {"file_sha256": f"feed{i}", "path": f"feeds/day{i}.jsonl", "row_ids": [f"r{i}a", f"r{i}b"]}
 
 
+def gate_and_approve(store, s, by="alice") -> None:
+    """What a promotion needs first: a passed gate verdict against the parent, then an approval."""
+    store.record_gate(s.id, {"passed": True}, against=s.parent)
+    store.approve(s.id, by=by)
+
+
 def edited_hashes(lm, names) -> dict[str, str]:
     params = dict(lm.model.named_parameters())
     return {n: sha256_tensor(params[n]) for n in names}
@@ -91,6 +97,7 @@ def test_round_trip_rollback_and_branch(workspace, stored_lm):
     assert [s.parent for s in (s1, s2, s3)] == [None, s1.id, s2.id]
     assert (s1.snapshot, s2.snapshot, s3.snapshot) == (False, True, False)
     assert s3.editor_state["tensors"]["cache_c.1"]["sha256"] != s1.editor_state["tensors"]["cache_c.1"]["sha256"]
+    gate_and_approve(store, s3)
     store.promote(s3.id, by="alice", comment="nightly ok")
     store.rollback(s1.id, by="bob", reason="bad facts in day 2")
     assert store.champion() == s1.id
@@ -201,6 +208,7 @@ def test_lock_one_writer(workspace, stored_lm):
     lm = stored_lm()
     store = LineageStore(workspace.lineage_dir)
     (s1,) = run_batches(store, lm, 1)
+    gate_and_approve(store, s1)
     other = LineageStore(workspace.lineage_dir)
     with store.lock():
         with pytest.raises(LineageError, match=r"locked by pid \d+"):
@@ -243,7 +251,7 @@ def test_store_holds_no_pickle(workspace, stored_lm):
     lm = stored_lm()
     store = LineageStore(workspace.lineage_dir, snapshot_every=1)
     run_batches(store, lm, 2)
-    store.record_gate(store.states()[-1].id, {"passed": True})
+    store.record_gate(store.states()[-1].id, {"passed": True}, against=store.states()[-1].parent)
     kinds = {p.suffix for p in workspace.lineage_dir.rglob("*") if p.is_file()}
     assert kinds <= {".json", ".safetensors", ""}, kinds
     for p in workspace.lineage_dir.rglob("*.json"):
@@ -260,8 +268,8 @@ def test_cli_log_show_diff_verify_rollback_export(workspace, stored_lm, capsys, 
     lm = stored_lm()
     store = LineageStore(workspace.lineage_dir, snapshot_every=2)
     s1, s2 = run_batches(store, lm, 2)
-    store.record_gate(s2.id, {"passed": False, "locality": 0.7})
-    store.promote(s2.id, by="alice", comment="ok")
+    store.record_gate(s2.id, {"passed": False, "locality": 0.7}, against=s1.id)
+    store.promote(s2.id, by="alice", comment="ok", override="gate too strict for this test")
     w = ["-w", str(workspace.root)]
     assert main([*w, "lineage", "log"]) == 0
     out = capsys.readouterr().out

@@ -9,7 +9,12 @@ import pytest
 
 from kedit.lineage import LineageStore, ops
 from kedit.lineage.versioning import Versioning, state_tag
-from tests.test_lineage import edited_hashes, run_batches, stored_lm  # noqa: F401  (fixture re-export)
+from tests.test_lineage import (  # noqa: F401  (fixture re-export)
+    edited_hashes,
+    gate_and_approve,
+    run_batches,
+    stored_lm,
+)
 
 NO_DVC = {"mlflow": True, "dvc": False, "snapshot_every": 2, "model_prefix": "kedit", "dvc_remote": None}
 
@@ -37,6 +42,7 @@ def test_mlflow_aliases_move_and_versions_stay(workspace, stored_lm, monkeypatch
     assert reg.alias("candidate").tags[TAG_STATE] == states[-1].id
     assert reg.alias("champion") is None
 
+    gate_and_approve(store, states[2])
     ops.promote(workspace, store, states[2].id, by="alice", comment="gate passed", params=NO_DVC)
     assert reg.alias("champion").tags[TAG_STATE] == states[2].id
     ops.rollback(workspace, store, states[0].id, by="bob", reason="regression", params=NO_DVC)
@@ -64,8 +70,10 @@ def test_dvc_tag_checkout_and_fresh_clone(workspace, stored_lm, tmp_path):  # no
     v.ensure()
     assert v.initialised and "kedit" in v.dvc("remote", "list")
     (s1,) = run_batches(store, lm, 1)
+    gate_and_approve(store, s1)
     out1 = ops.promote(workspace, store, s1.id, by="alice", params=params)
     s2, s3 = run_batches(store, lm, 2, parent=s1.id, prev=store.editor_state(s1.id), seed0=10)
+    gate_and_approve(store, s3)
     out3 = ops.promote(workspace, store, s3.id, by="alice", params=params)
     assert set(v.tags()) == {state_tag(s1.id), state_tag(s3.id)}
     assert out1["git_commit"] != out3["git_commit"] and out1["dvc_rev.lineage"] != out3["dvc_rev.lineage"]

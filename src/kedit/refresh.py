@@ -414,7 +414,7 @@ def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: d
     report.save(out_dir)
     gate = report.to_dict()
     store.record_gate(sid, {"passed": gate["passed"], "checks": gate["checks"], "failed_ids": gate["failed_ids"],
-                            "lost_ids": gate["lost_ids"]})
+                            "lost_ids": gate["lost_ids"]}, against=ingest["champion"], report=str(out_dir))
     runlog = RunLog(ws, ingest["refresh_key"])
     runlog.log(
         "evaluation", metrics={c["name"]: c["value"] for c in gate["checks"] if c.get("value") is not None},
@@ -452,13 +452,15 @@ def register_step(ws: Workspace, key: str, state_id: str) -> dict[str, Any]:
 
 @reported("decide")
 def decide_step(ws: Workspace, key: str, state_id: str, approved: bool, by: str, comment: str) -> dict[str, Any]:
-    """Promote (champion alias, git tag, lineage event) or record the rejection; champion stays otherwise."""
-    from kedit.lineage.ops import promote
+    """Record the reviewer's verdict; on approval promote through ``kedit.lineage.ops.promote`` (the
+    promotion rules, one lock over the lineage event, git + DVC and the MLflow alias). A rejection
+    leaves the champion where it is."""
+    from kedit.lineage.ops import approve, promote
 
     store = open_lineage(ws)
     runlog = RunLog(ws, key)
     if approved:
-        store.approve(state_id, by=by, comment=comment)
+        approve(store, state_id, by=by, comment=comment)
         out = promote(ws, store, state_id, by=by, comment=comment)
         decision = "promoted"
     else:

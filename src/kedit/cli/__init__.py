@@ -50,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A reader that stops early (``kedit lineage log | head``) ends it quietly with
+    exit status 1 (as rich's own console does, and Python's documentation recommends), not a traceback."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # inside the try: a closed pipe shows up here, not at interpreter exit
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's own final flush must not fail again
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     quiet_env()
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,12 +1,10 @@
-"""`kedit lineage log|show|diff|verify|promote`, `kedit rollback S`, `kedit export S --out DIR`."""
+"""`kedit lineage log|show|diff|verify|repair|approve|promote`, `kedit rollback S`, `kedit export S --out DIR`."""
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 
-from kedit.cli import workspace
+from kedit.cli import CLIError, workspace
 
 
 def register(sub) -> None:
@@ -26,22 +24,39 @@ def register(sub) -> None:
     vf = s.add_parser("verify", help="re-hash every file and replay every state against its recorded hashes")
     vf.add_argument("--quick", action="store_true", help="files and records only, no replay")
     vf.set_defaults(func=_verify)
-    pr = s.add_parser("promote", help="make a state the champion (records who and why)")
+    rp = s.add_parser("repair", help="finish an interrupted promote/rollback; move git, DVC and MLflow to the "
+                                     "lineage's champion")
+    rp.set_defaults(func=_repair)
+    ap = s.add_parser("approve", help="record your approval of a state (after reading its gate report)")
+    ap.add_argument("state")
+    ap.add_argument("--by", default=None, help="name recorded beside your OS identity (default: $KEDIT_IDENTITY "
+                                               "or the OS user)")
+    ap.add_argument("--comment", default="")
+    ap.set_defaults(func=_approve)
+    pr = s.add_parser("promote", help="make a state the champion: needs a passed gate and an approval")
     pr.add_argument("state")
-    pr.add_argument("--by", default=None, help="who approves (default: $USER)")
+    pr.add_argument("--by", default=None, help="name recorded beside your OS identity (default: $KEDIT_IDENTITY "
+                                               "or the OS user)")
     pr.add_argument("--comment", default="")
+    pr.add_argument("--force", action="store_true",
+                    help="promote although the gate failed or no approval is recorded (needs --reason; "
+                         "recorded as an override)")
+    pr.add_argument("--reason", default=None, help="why the rules are overridden (with --force)")
     _follow_flags(pr)
     pr.set_defaults(func=_promote)
 
     rb = sub.add_parser("rollback", help="make an earlier edit state (or 'base') the champion again")
     rb.add_argument("state", help="state id, unique prefix, or 'base'")
     rb.add_argument("--reason", required=True, help="why (kept in the lineage events)")
-    rb.add_argument("--by", default=None, help="who (default: $USER)")
+    rb.add_argument("--by", default=None, help="name recorded beside your OS identity (default: $KEDIT_IDENTITY "
+                                               "or the OS user)")
+    rb.add_argument("--force", action="store_true",
+                    help="roll back to a state that was never champion nor an ancestor of one (an override)")
     _follow_flags(rb)
     rb.set_defaults(func=_rollback)
 
     ex = sub.add_parser("export", help="write a full HuggingFace model directory of an edit state")
-    ex.add_argument("state", help="state id, unique prefix, or 'champion'")
+    ex.add_argument("state", help="state id, unique prefix, 'champion' or 'base'")
     ex.add_argument("--out", required=True, help="output directory")
     ex.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     ex.set_defaults(func=_export)
@@ -58,23 +73,22 @@ def _store(args):
     ws = workspace(args)
     params = lineage_params(ws)
     if not (ws.lineage_dir / "states").exists():
-        from kedit.cli import CLIError
-
         raise CLIError(f"no lineage store in {ws.lineage_dir} (nothing has been edited in this workspace)")
     return ws, params, open_store(ws, params)
 
 
 def _who(args) -> str:
-    return args.by or os.environ.get("USER") or getpass.getuser()
+    """The free-text name an event records in ``by`` (the OS identity is recorded beside it anyway)."""
+    from kedit.lineage.identity import current_actor
+
+    return args.by or current_actor().identity
 
 
 def _follow(args, ws, params) -> tuple[bool, bool]:
-    from kedit.lineage.versioning import Versioning
+    from kedit.lineage.ops import stores_present
 
-    mlflow = not args.no_mlflow and bool(params.get("mlflow", True)) and (
-        (ws.root / "mlflow.db").exists() or bool(os.environ.get("MLFLOW_TRACKING_URI")))
-    dvc = not args.no_dvc and bool(params.get("dvc", True)) and Versioning(ws).initialised
-    return mlflow, dvc
+    mlflow, dvc = stores_present(ws, params)
+    return mlflow and not args.no_mlflow, dvc and not args.no_dvc
 
 
 def _verdict(gate: dict | None) -> str:
@@ -84,6 +98,16 @@ def _verdict(gate: dict | None) -> str:
     return "gate: PASS" if passed else ("gate: FAIL" if passed is not None else "gate: recorded")
 
 
+def _people(events) -> str:
+    from kedit.lineage.identity import describe
+
+    out = []
+    for e in events:
+        actor = describe(e.actor)
+        out.append(e.by if not actor or actor == e.by else f"{e.by} [{actor}]")
+    return ", ".join(dict.fromkeys(out))
+
+
 def _log(args) -> int:
     ws, _, store = _store(args)
     entries = store.log()
@@ -91,9 +115,12 @@ def _log(args) -> int:
         print(json.dumps([{"id": e.state.id, "parent": e.state.parent, "created_at": e.state.created_at,
                            "feed": e.state.feed, "method": e.state.method, "n_edits": e.state.n_edits,
                            "gate": e.gate, "champion": e.champion, "children": e.children,
-                           "approvals": [a.to_dict() for a in e.approvals]} for e in entries], indent=2))
+                           "approvals": [a.to_dict() for a in e.approvals],
+                           "promotions": [a.to_dict() for a in e.promotions],
+                           "overrides": [a.to_dict() for a in e.overrides]} for e in entries], indent=2))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.tree import Tree
 
     by_id = {e.state.id: e for e in entries}
@@ -104,12 +131,16 @@ def _log(args) -> int:
     def label(e) -> str:
         s = e.state
         feed = s.feed.get("path") or s.feed.get("name") or str(s.feed.get("file_sha256", ""))[:12]
-        who = ", ".join(sorted({a.by for a in e.approvals}))
+        approved = _people(e.approvals)
+        promoted = _people([p for p in e.promotions if p.type == "promote"])
         star = "[bold yellow]★ champion[/] " if e.champion else ""
         verdict = _verdict(e.gate)
         colour = "green" if "PASS" in verdict else ("red" if "FAIL" in verdict else "dim")
+        overrides = "".join(f"  [bold red]OVERRIDE ({o.data.get('action', '?')}) by {escape(_people([o]))}: "
+                            f"{escape(o.comment)}[/]" for o in e.overrides)
         return (f"{star}[cyan]{s.short}[/] {s.created_at}  {s.method}  feed {feed}  {s.n_edits} edits  "
-                f"[{colour}]{verdict}[/]" + (f"  approved by {who}" if who else "")
+                f"[{colour}]{verdict}[/]" + (f"  approved by {escape(approved)}" if approved else "")
+                + (f"  promoted by {escape(promoted)}" if promoted else "") + overrides
                 + ("  [dim](snapshot)[/]" if s.snapshot else ""))
 
     def add(node, sid) -> None:
@@ -155,13 +186,20 @@ def _diff(args) -> int:
 def _verify(args) -> int:
     from rich.progress import Progress
 
-    _, _, store = _store(args)
+    from kedit.lineage.ops import divergences
+
+    ws, params, store = _store(args)
     with Progress(transient=True) as prog:
         task = prog.add_task("replaying states", total=None)
         rep = store.verify(deep=not args.quick,
                            progress=lambda i, n: prog.update(task, completed=i, total=n))
     print(f"checked {rep.states} states, {rep.files} files, {rep.tensors} tensor hashes")
-    if rep.ok:
+    apart = divergences(ws, store, params)
+    for p in apart:
+        print(f"PROBLEM: {p}")
+    if apart:
+        print("(the lineage events are the truth: `kedit lineage repair` moves the other stores to them)")
+    if rep.ok and not apart:
         print("lineage OK")
         return 0
     for p in rep.problems:
@@ -169,13 +207,45 @@ def _verify(args) -> int:
     return 1
 
 
-def _promote(args) -> int:
+def _repair(args) -> int:
     from kedit.lineage import ops
 
     ws, params, store = _store(args)
+    out = ops.repair(ws, store, params)
+    for p in out["before"]:
+        print(f"found: {p}")
+    for d in out["done"]:
+        print(f"done: {d}")
+    for p in out["after"]:
+        print(f"PROBLEM (left): {p}")
+    if not out["before"]:
+        print("nothing to repair: git, DVC, MLflow and CHAMPION follow the lineage events")
+    return 1 if out["after"] else 0
+
+
+def _approve(args) -> int:
+    from kedit.lineage import ops
+
+    _, _, store = _store(args)
+    ev = ops.approve(store, args.state, by=_who(args), comment=args.comment)
+    check = store.promotion_check(ev.state)
+    print(f"approved {ev.state[:12]} (event {ev.seq}, by {_people([ev])})")
+    if not check.ok:
+        print("not promotable yet: " + "; ".join(check.unmet))
+    return 0
+
+
+def _promote(args) -> int:
+    from kedit.lineage import ops
+
+    if args.force and not (args.reason or "").strip():
+        raise CLIError("--force needs --reason WHY (recorded as an override event)")
+    if args.reason and not args.force:
+        raise CLIError("--reason is the reason for an override: give it with --force")
+    ws, params, store = _store(args)
     mlflow, dvc = _follow(args, ws, params)
     out = ops.promote(ws, store, args.state, by=_who(args), comment=args.comment, mlflow=mlflow, dvc=dvc,
-                      params=params)
+                      params=params, override=args.reason if args.force else None)
     _report("promoted", out)
     return 0
 
@@ -186,7 +256,7 @@ def _rollback(args) -> int:
     ws, params, store = _store(args)
     mlflow, dvc = _follow(args, ws, params)
     out = ops.rollback(ws, store, args.state, by=_who(args), reason=args.reason, mlflow=mlflow, dvc=dvc,
-                       params=params)
+                       params=params, force=args.force)
     _report("rolled back; champion is now", out)
     champ = out["champion"]
     if champ:
@@ -198,7 +268,12 @@ def _rollback(args) -> int:
 
 def _report(what: str, out: dict) -> None:
     champ = out.get("champion")
-    print(f"{what} {champ[:12] if champ else 'base'} (event {out['event']['seq']}, by {out['event']['by']})")
+    if out.get("repaired"):
+        print(out["repaired"])
+    ev = out["event"]
+    print(f"{what} {champ[:12] if champ else 'base'} (event {ev['seq']}, by {ev['by']})")
+    if ev["data"].get("override_event"):
+        print(f"  OVERRIDE recorded (event {ev['data']['override_event']}): the promotion rules were not met")
     if "tag" in out:
         print(f"  git {out['git_commit'][:12]} tag {out['tag']}, DVC lineage rev {out.get('dvc_rev.lineage', '')}")
     if "registered_model" in out:
@@ -209,7 +284,13 @@ def _export(args) -> int:
     from kedit.lineage import ops
 
     ws, _, store = _store(args)
-    out = ops.export(ws, store, store.resolve(args.state), args.out, force=args.force)
-    print(f"exported state {store.resolve(args.state)[:12]} to {out} (load with "
+    if args.state == "base":
+        sid = None
+    elif args.state in ("champion", "@champion"):
+        sid = store.champion()  # None after a rollback to the base model, or before any promotion
+    else:
+        sid = store.resolve(args.state)
+    out = ops.export(ws, store, sid, args.out, force=args.force)
+    print(f"exported {'state ' + sid[:12] if sid else 'the base model'} to {out} (load with "
           f"AutoModelForCausalLM.from_pretrained)")
     return 0

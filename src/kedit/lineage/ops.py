@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from kedit.lineage.state import LineageError
-from kedit.lineage.store import LineageStore
+from kedit.lineage.identity import describe
+from kedit.lineage.intent import Intent, adopt, clear_intent, read_intent, step_done, write_intent
+from kedit.lineage.policy import refusal
+from kedit.lineage.registry import model_name
+from kedit.lineage.state import BASE, Event, LineageError, label
+from kedit.lineage.store import LineageStore, _pid_alive
 from kedit.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -29,8 +36,13 @@ def lineage_params(ws: Workspace, params_file: str | Path | None = None) -> dict
 
 
 def open_store(ws: Workspace, params: dict[str, Any] | None = None) -> LineageStore:
+    """The workspace's lineage store; warns when an interrupted promote / rollback left the stores apart."""
     params = params or lineage_params(ws)
-    return LineageStore(ws.lineage_dir, snapshot_every=int(params["snapshot_every"]))
+    store = LineageStore(ws.lineage_dir, snapshot_every=int(params["snapshot_every"]))
+    note = pending_report(store)
+    if note:
+        log.warning(note)
+    return store
 
 
 def _versioning(ws: Workspace, params: dict[str, Any]):
@@ -56,53 +68,277 @@ def register_candidate(ws: Workspace, store: LineageStore, state_id: str, run_id
         s, store.state_dir(s.id), run_id=run_id, dvc_rev=v.dvc_rev() if v.initialised else None, git_commit=git)
 
 
-def _follow(ws: Workspace, store: LineageStore, state_id: str | None, message: str,
-            params: dict[str, Any], mlflow: bool, dvc: bool) -> dict[str, Any]:
-    """After the store moved the champion: tag the files in git + DVC, then move the MLflow alias."""
-    out: dict[str, Any] = {"champion": state_id}
-    if dvc and params.get("dvc", True) and state_id:
-        from kedit.lineage.versioning import state_tag
+# --- promote / rollback: one lock, an intent record, then store event -> git + DVC -> MLflow ---------
+PAUSE_ENV = "KEDIT_TEST_PAUSE_AT"  # test hook: sleep after a named step so a test can kill -9 the process
 
-        info = _versioning(ws, params).tag_state(state_id, message)
-        out.update(info, tag=state_tag(state_id))
-    if mlflow and params.get("mlflow", True) and state_id:
-        s = store.get(state_id)
+
+def _pause(step: str) -> None:
+    if os.environ.get(PAUSE_ENV) == step:
+        print(f"kedit: paused after step {step!r} ({PAUSE_ENV}), pid {os.getpid()}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+
+def stores_present(ws: Workspace, params: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether this workspace has an MLflow store (``mlflow.db`` or ``$MLFLOW_TRACKING_URI``) and a git +
+    DVC repository for a promotion to move, each also enabled in params.yaml."""
+    from kedit.lineage.versioning import Versioning
+
+    mlflow = bool(params.get("mlflow", True)) and (
+        (ws.root / "mlflow.db").exists() or bool(os.environ.get("MLFLOW_TRACKING_URI")))
+    dvc = bool(params.get("dvc", True)) and Versioning(ws).initialised
+    return mlflow, dvc
+
+
+def _message(ev: Event) -> str:
+    """The git commit message of a promotion / rollback; ``[kedit event N]`` ties the commit to the event."""
+    what = "promote state" if ev.type == "promote" else "rollback to state"
+    return f"kedit: {what} {label(ev.state)[:12]} [kedit event {ev.seq}] ({ev.by}: {ev.comment})"
+
+
+def _bases(store: LineageStore) -> dict[str, str]:
+    """Base model slug -> hash of the lineage's states (the latest state's hash per slug)."""
+    return {s.base_model_slug: s.base_model_hash for s in store.states()}
+
+
+def _move_champion_alias(ws: Workspace, store: LineageStore, target: str | None, params: dict[str, Any],
+                         dvc_rev: str | None, git_commit: str | None) -> dict[str, Any]:
+    """Point MLflow's ``champion`` alias at ``target``'s version (registered if missing), or at the base
+    model's version for ``target=None`` (registered on first use; see ModelRegistry.register_base)."""
+    if target:
+        s = store.get(target)
         reg = _registry(ws, s.base_model_slug, params)
         if reg.version_of(s.id) is None:
-            reg.register(s, store.state_dir(s.id), dvc_rev=out.get("dvc_rev.lineage"),
-                         git_commit=out.get("git_commit"))
-        elif out.get("git_commit"):
-            reg._tag(reg.version_of(s.id).version, out.get("dvc_rev.lineage"), out.get("git_commit"))
+            reg.register(s, store.state_dir(s.id), dvc_rev=dvc_rev, git_commit=git_commit)
+        elif git_commit:
+            reg._tag(reg.version_of(s.id).version, dvc_rev, git_commit)
         mv = reg.set_alias("champion", s.id)
-        out.update(registered_model=reg.name, version=mv.version)
+        return {"registered_model": reg.name, "version": str(mv.version)}
+    out: dict[str, Any] = {}
+    for slug, base_hash in _bases(store).items():
+        reg = _registry(ws, slug, params)
+        mv = reg.register_base(slug, base_hash)
+        reg.set_alias_version("champion", mv.version)
+        out = {"registered_model": reg.name, "version": str(mv.version)}
     return out
 
 
+def _follow(ws: Workspace, store: LineageStore, intent: Intent, params: dict[str, Any]) -> dict[str, Any]:
+    """The steps after the store event, each recorded in the intent when it finishes; then the intent goes."""
+    from kedit.lineage.versioning import state_tag
+
+    ev = next(e for e in store.events() if e.seq == intent.out["event_seq"])
+    if intent.dvc and "versioning" not in intent.done:
+        info = _versioning(ws, params).tag_state(label(intent.target), _message(ev))
+        step_done(store.root, intent, "versioning", **info, tag=state_tag(label(intent.target)))
+        _pause("versioning")
+    if intent.mlflow and "mlflow" not in intent.done:
+        moved = _move_champion_alias(ws, store, intent.target, params, intent.out.get("dvc_rev.lineage"),
+                                     intent.out.get("git_commit"))
+        step_done(store.root, intent, "mlflow", **moved)
+    clear_intent(store.root)
+    return {"champion": intent.target, **{k: v for k, v in intent.out.items() if k != "event_seq"}}
+
+
+def _sync_intent(store: LineageStore, mlflow: bool, dvc: bool) -> Intent | None:
+    """An intent that brings git + DVC and MLflow to the store's current champion (None: never promoted)."""
+    ev = store.champion_event()
+    if ev is None:
+        return None
+    intent = Intent(op=ev.type, target=ev.state, by=ev.by, mlflow=mlflow, dvc=dvc, done=["event"],
+                    out={"event_seq": ev.seq})
+    write_intent(store.root, intent)  # a repair killed halfway is itself finished by the next command
+    return intent
+
+
+def finish_pending(ws: Workspace, store: LineageStore, params: dict[str, Any]) -> str | None:
+    """Complete or drop what an interrupted promote / rollback left (call with the store locked).
+
+    Event not recorded: nothing had changed; the intent is dropped. Event recorded: git + DVC and
+    MLflow are brought to the store's champion (the truth), with the steps the intent had chosen."""
+    intent = read_intent(store.root)
+    if intent is None:
+        return None
+    recorded = next((e for e in store.events()
+                     if e.type in ("promote", "rollback") and e.data.get("intent") == intent.id), None)
+    if recorded is None:
+        clear_intent(store.root)
+        note = f"dropped an interrupted {intent.describe()}: it stopped before its event was recorded, nothing changed"
+        log.warning(note)
+        return note
+    store.write_champion_file()
+    latest = store.champion_event()
+    if latest is not None and latest.seq == recorded.seq:
+        adopt(store.root, intent)
+        _follow(ws, store, intent, params)  # the steps it had not finished
+    else:  # the champion moved since (through the store API alone): follow the store, not the old intent
+        sync = _sync_intent(store, intent.mlflow, intent.dvc)
+        if sync is not None:
+            _follow(ws, store, sync, params)
+    note = f"finished an interrupted {intent.describe()}"
+    log.warning(note)
+    return note
+
+
+def pending_report(store: LineageStore) -> str | None:
+    """One line about an interrupted promote / rollback (None: none, or one still running)."""
+    try:
+        intent = read_intent(store.root)
+    except LineageError as exc:
+        return str(exc)
+    if intent is None:
+        return None
+    holder = store._lock_holder()
+    if holder.get("pid") == intent.pid and holder.get("host") == intent.host and _pid_alive(intent.pid):
+        return None  # in progress, not interrupted
+    return (f"{store.root}: an interrupted {intent.describe()}; git/DVC and MLflow may not follow the lineage "
+            f"events: run `kedit lineage repair` (any promote or rollback also finishes it)")
+
+
 def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment: str = "",
-            mlflow: bool = True, dvc: bool = True, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Champion becomes ``state_id``: an event in the store, a git tag, the MLflow ``champion`` alias."""
+            mlflow: bool = True, dvc: bool = True, params: dict[str, Any] | None = None,
+            override: str | None = None) -> dict[str, Any]:
+    """Champion becomes ``state_id``: the store event, a git commit + tag, the MLflow ``champion`` alias.
+
+    The one way kedit promotes (CLI, Prefect flows and tasks, the nightly decide step): the rules of
+    :mod:`kedit.lineage.policy` (a passed gate for this state against its parent, then an approval)
+    or ``override`` (a reason, recorded as an override event and noted in the gate report). One lock
+    is held over every store; an intent record makes a crash between them resumable."""
     params = params or lineage_params(ws)
-    sid = store.resolve(state_id)
-    ev = store.promote(sid, by=by, comment=comment)
-    out = _follow(ws, store, sid, f"kedit: promote state {sid[:12]} ({by}: {comment})", params, mlflow, dvc)
-    return {"event": ev.to_dict(), **out}
+    mlflow, dvc = mlflow and bool(params.get("mlflow", True)), dvc and bool(params.get("dvc", True))
+    with store.lock(f"promote {state_id[:12]} by {by}"):
+        repaired = finish_pending(ws, store, params)
+        sid = store.resolve(state_id)
+        check = store.promotion_check(sid)
+        if not check.ok and not (override or "").strip():
+            raise refusal("promote", sid, check)
+        intent = Intent(op="promote", target=sid, by=by, mlflow=mlflow, dvc=dvc)
+        write_intent(store.root, intent)
+        ev = store.promote(sid, by=by, comment=comment, override=override, data={"intent": intent.id})
+        step_done(store.root, intent, "event", event_seq=ev.seq)
+        _pause("event")
+        out = _follow(ws, store, intent, params)
+    if ev.data.get("override_event"):
+        _note_override(store, ev)
+    return {"event": ev.to_dict(), **out, **({"repaired": repaired} if repaired else {})}
 
 
 def rollback(ws: Workspace, store: LineageStore, state_id: str | None, by: str, reason: str,
-             mlflow: bool = True, dvc: bool = True, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Champion becomes an earlier state (``None`` or ``base``: the base model). The next nightly run
-    continues from it with its editor state (``store.materialise(store.champion(), lm)``)."""
+             mlflow: bool = True, dvc: bool = True, params: dict[str, Any] | None = None,
+             force: bool = False) -> dict[str, Any]:
+    """Champion becomes an earlier state (``None`` or ``base``: the base model) in every store: the
+    event, a git commit + tag (``kedit/state/base`` for the base model) and the MLflow alias (for the
+    base model: a version standing for it). The next nightly run continues from it with its editor
+    state. A target that was never champion (nor an ancestor of one) needs ``force``, recorded as an
+    override with ``reason``."""
     params = params or lineage_params(ws)
-    sid = None if state_id in (None, "base") else store.resolve(state_id)
-    ev = store.rollback(sid, by=by, reason=reason)
-    label = sid[:12] if sid else "base"
-    out = _follow(ws, store, sid, f"kedit: rollback to state {label} ({by}: {reason})", params, mlflow, dvc)
-    return {"event": ev.to_dict(), **out}
+    mlflow, dvc = mlflow and bool(params.get("mlflow", True)), dvc and bool(params.get("dvc", True))
+    if not reason or not reason.strip():
+        raise ValueError("rollback: give a reason")
+    with store.lock(f"rollback {label(state_id)[:12]} by {by}"):
+        repaired = finish_pending(ws, store, params)
+        sid = None if state_id in (None, BASE) else store.resolve(state_id)
+        check = store.rollback_check(sid)
+        if not check.ok and not force:
+            raise refusal("rollback to", sid, check)
+        intent = Intent(op="rollback", target=sid, by=by, mlflow=mlflow, dvc=dvc)
+        write_intent(store.root, intent)
+        ev = store.rollback(sid, by=by, reason=reason, override=force, data={"intent": intent.id})
+        step_done(store.root, intent, "event", event_seq=ev.seq)
+        _pause("event")
+        out = _follow(ws, store, intent, params)
+    return {"event": ev.to_dict(), **out, **({"repaired": repaired} if repaired else {})}
+
+
+def approve(store: LineageStore, state_id: str, by: str, comment: str = "") -> Event:
+    """Record an approval of ``state_id`` (what a promotion needs after a passed gate)."""
+    return store.approve(store.resolve(state_id), by=by, comment=comment)
+
+
+def divergences(ws: Workspace, store: LineageStore, params: dict[str, Any] | None = None) -> list[str]:
+    """Where git + DVC, MLflow or the CHAMPION copy disagree with the lineage events (the truth)."""
+    from kedit.lineage.versioning import Versioning, state_tag
+
+    params = params or lineage_params(ws)
+    problems = [p for p in (pending_report(store), store.champion_file_problem()) if p]
+    ev = store.champion_event()
+    if ev is None:
+        return problems
+    mlflow, dvc = stores_present(ws, params)
+    want = label(ev.state)
+    if dvc:
+        tag = state_tag(want)
+        msg = Versioning(ws).tag_message(tag)
+        if msg is None or f"[kedit event {ev.seq}]" not in msg:
+            problems.append(f"git: tag {tag} {'is missing' if msg is None else 'points at an older commit'}; the "
+                            f"{ev.type} of {want[:12]} (event {ev.seq}) has no git commit")
+    if mlflow:
+        slugs = [store.get(ev.state).base_model_slug] if ev.state else list(_bases(store))
+        for slug in slugs:
+            name = model_name(slug, params.get("model_prefix") or "")
+            have = _alias_state(ws, name)
+            if have != want:
+                problems.append(f"MLflow: {name}@champion is {(have or 'not set')[:12]}, the lineage champion is "
+                                f"{want[:12]} (event {ev.seq})")
+    return problems
+
+
+def _alias_state(ws: Workspace, name: str, alias: str = "champion") -> str | None:
+    """The state tag of the version ``name@alias`` points at (None: no such model or alias). Read-only."""
+    from kedit.lineage.registry import TAG_STATE, _mlflow
+
+    _mlflow()
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(ws.mlflow_uri).get_model_version_by_alias(name, alias).tags.get(TAG_STATE)
+    except MlflowException:
+        return None
+
+
+def repair(ws: Workspace, store: LineageStore, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Bring every store to the lineage events: finish or drop an interrupted promote / rollback,
+    rewrite the CHAMPION copy, and move git + DVC and the MLflow alias where they disagree."""
+    params = params or lineage_params(ws)
+    with store.lock("repair"):
+        before = divergences(ws, store, params)
+        done = [n for n in [finish_pending(ws, store, params)] if n]
+        store.write_champion_file()
+        left = divergences(ws, store, params)
+        if any(p.startswith(("git:", "MLflow:")) for p in left):
+            mlflow, dvc = stores_present(ws, params)
+            intent = _sync_intent(store, mlflow, dvc)
+            if intent is not None:
+                _follow(ws, store, intent, params)
+                done.append(f"moved git + DVC and MLflow to the champion {label(intent.target)[:12]}")
+        after = divergences(ws, store, params)
+    return {"before": before, "done": done, "after": after}
+
+
+def _note_override(store: LineageStore, ev: Event) -> None:
+    """Append the override to the gate report the state's verdict came from (gate.md + override.json)."""
+    from kedit.atomic import write_json_atomic, write_text_atomic
+
+    over = next((e for e in store.events() if e.seq == ev.data.get("override_event")), None)
+    gates = [e for e in store.events() if e.type == "gate" and e.state == ev.state and e.data.get("report")]
+    if over is None or not gates:
+        return
+    report = Path(gates[-1].data["report"])
+    if not report.is_dir():
+        return
+    who = describe(over.actor)
+    note = (f"\n## Override\n\nPromoted on {over.at} by {over.by} ({who}) **despite unmet promotion rules**:\n\n"
+            + "".join(f"- {u}\n" for u in over.data.get("unmet", [])) + f"\nReason given: {over.comment}\n"
+            f"(lineage events {over.seq} override, {ev.seq} promote)\n")
+    md = report / "gate.md"
+    write_text_atomic(md, (md.read_text() if md.exists() else "") + note)
+    write_json_atomic(report / "override.json", over.to_dict())
 
 
 def export(ws: Workspace, store: LineageStore, state_id: str | None, out_dir: str | Path,
            force: bool = False) -> Path:
-    """Write a HuggingFace model directory of ``state_id`` (base model + replayed deltas) for serving."""
+    """Write a HuggingFace model directory of ``state_id`` (base model + replayed deltas) for serving;
+    ``None``: the base model the lineage edits (what ``champion`` is after a rollback to base)."""
     from dataclasses import asdict
 
     from kedit.atomic import write_json_atomic
@@ -112,19 +348,24 @@ def export(ws: Workspace, store: LineageStore, state_id: str | None, out_dir: st
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
     s = store.get(state_id) if state_id else None
-    slug = s.base_model_slug if s else None
-    if slug is None:
-        raise LineageError("export: name a state (the base model itself is in models/<slug>/)")
+    if s is not None:
+        slug, base_hash = s.base_model_slug, s.base_model_hash
+    else:
+        bases = _bases(store)
+        if len(bases) != 1:
+            raise LineageError(f"export base: the lineage edits {len(bases)} base models ({sorted(bases)}); "
+                               f"the base model itself is in models/<slug>/")
+        ((slug, base_hash),) = bases.items()
     lm = load_model(slug, ws)
-    if lm.manifest.model_hash != s.base_model_hash:
-        raise LineageError(f"export: models/{slug} has hash {lm.manifest.model_hash[:12]}, state {s.short} "
-                           f"was made on {s.base_model_hash[:12]}")
-    store.materialise(s.id, lm)
+    if lm.manifest.model_hash != base_hash:
+        raise LineageError(f"export: models/{slug} has hash {lm.manifest.model_hash[:12]}, the lineage "
+                           f"{'state ' + s.short if s else 'base'} is {base_hash[:12]}")
+    store.materialise(s.id if s else None, lm)
     tmp = out.parent / f".{out.name}.exporting"
     shutil.rmtree(tmp, ignore_errors=True)
     lm.model.save_pretrained(tmp)
     lm.tokenizer.save_pretrained(tmp)
-    write_json_atomic(tmp / "kedit_state.json", {"state": s.to_dict(), "base_model": asdict(lm.manifest)})
+    write_json_atomic(tmp / "kedit_state.json", {"state": s.to_dict() if s else None, "base_model": asdict(lm.manifest)})
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -135,5 +376,8 @@ def render_show(store: LineageStore, state_id: str) -> str:
     """A state's record and its events as indented JSON (``kedit lineage show``)."""
     s = store.get(state_id)
     evs = [e.to_dict() for e in store.events() if e.state == s.id]
+    check = store.promotion_check(s.id)
     return json.dumps({"state": s.to_dict(), "events": evs, "champion": store.champion() == s.id,
-                       "children": [c.id for c in store.children(s.id)]}, indent=2, sort_keys=True)
+                       "children": [c.id for c in store.children(s.id)],
+                       "promotion": {"allowed": check.ok, "unmet": check.unmet, "gate_event": check.gate_event,
+                                     "approval_event": check.approval_event}}, indent=2, sort_keys=True)

@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kedit.lineage.state import EditState, LineageError
+from kedit.lineage.state import (
+    BASE,
+    EditState,
+    LineageError,
+)
 from kedit.workspace import Workspace
 
 EXPERIMENT = "kedit-nightly"
@@ -165,6 +169,34 @@ class ModelRegistry:
         except MlflowException:
             return None
 
+    def register_base(self, slug: str, base_model_hash: str) -> Any:
+        """A version standing for the base model itself (no deltas), so ``champion`` can point at it.
+
+        A rollback to the base model moves the alias here rather than deleting it: a server that
+        resolves ``models:/<name>@champion`` then gets the base model (a record with no deltas), where
+        a missing alias would leave it on whatever it loaded last. Idempotent per base model hash."""
+        for v in self.versions():
+            if v.tags.get(TAG_STATE) == BASE and v.tags.get(TAG_BASE) == base_model_hash:
+                return v
+        mlflow = _mlflow()
+        import json
+
+        with mlflow.start_run(run_name=f"register-base-{slug}", experiment_id=self.tracking.experiment_id,
+                              nested=mlflow.active_run() is not None) as r, tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "base"
+            folder.mkdir()
+            (folder / "base.json").write_text(json.dumps(
+                {"state": None, "base_model_slug": slug, "base_model_hash": base_model_hash,
+                 "deltas": {}, "note": "the base model itself: no edit state, no deltas"}, indent=2))
+            mlflow.log_artifacts(str(folder), artifact_path="base")
+            source, run = f"{r.info.artifact_uri}/base", r.info.run_id
+        mv = self.client.create_model_version(
+            self.name, source=source, run_id=run, tags={TAG_STATE: BASE, TAG_BASE: base_model_hash},
+            description=f"the base model {slug} ({base_model_hash[:12]}) with no edits")
+        return self.client.get_model_version(self.name, mv.version)
+
+    def set_alias_version(self, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(self.name, alias, version)
 
 # --- each candidate state as a logged MLflow model ---------------------------------------------------
 @contextlib.contextmanager

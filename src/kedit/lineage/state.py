@@ -21,6 +21,14 @@ DELTAS_FILE = "deltas.safetensors"
 EDITOR_TENSORS_FILE = "editor_state.safetensors"
 EDITOR_META_FILE = "editor_meta.json"
 SNAPSHOT_FILE = "snapshot.safetensors"
+# How the base model (no edit state) is written wherever a record is text: the CHAMPION file, MLflow
+# tags, the git tag, CLI arguments. In Python it is ``None`` (``LineageStore.champion()``).
+BASE = "base"
+
+
+def label(state_id: str | None) -> str:
+    """A state id as text records write it: the id itself, or ``base`` for the base model."""
+    return state_id if state_id else BASE
 
 # Fields whose values define the state; the id is the sha256 of these in canonical JSON.
 CONTENT_FIELDS = ("schema", "parent", "base_model_hash", "base_model_slug", "feed", "method", "hparams",
@@ -104,7 +112,11 @@ class EditState:
 
 @dataclass(frozen=True)
 class Event:
-    """Something that happened to a state after it was written: promote, rollback, approve, gate."""
+    """Something that happened to a state after it was written: promote, rollback, approve, gate.
+
+    ``by`` is what the caller says (free text); ``actor`` is who the writing process ran as (see
+    :mod:`kedit.lineage.identity`): its OS account, the configured ``$KEDIT_IDENTITY``, host and pid.
+    """
 
     seq: int
     type: str
@@ -113,6 +125,7 @@ class Event:
     at: str
     comment: str = ""
     data: dict[str, Any] = field(default_factory=dict)
+    actor: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

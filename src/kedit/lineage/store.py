@@ -8,9 +8,12 @@ Layout of ``<workspace>/lineage/``::
     states/<id>/editor_meta.json          the editor's JSON metadata after the batch
     states/<id>/snapshot.safetensors      every `snapshot_every` levels: full edited tensors
     base/<model hash>/<param>.safetensors the base model's value of each tensor ever edited
-    events/<seq>-<type>.json              promote / rollback / approve / gate, appended, never edited
-    CHAMPION                              the current champion id (a convenience copy of the events)
-    .lock                                 one writer at a time
+    events/<seq>-<type>.json              promote / rollback / approve / reject / gate / override,
+                                          appended, never edited
+    CHAMPION                              the current champion id or ``base``: written from the events
+                                          after each promote / rollback, never read as the truth
+    .lock                                 one writer at a time (held over a whole promote / rollback)
+    .intent.json                          an interrupted promote / rollback (see kedit.lineage.ops)
 
 A commit stages all files in ``.staging/`` (each temp file + fsync + rename), writes ``state.json``
 last and publishes the directory with one atomic rename, so a crash leaves the old store or the new
@@ -46,7 +49,10 @@ from kedit.atomic import (
     write_text_atomic,
 )
 from kedit.editors.base import EditorState, EditResult
+from kedit.lineage.identity import current_actor
+from kedit.lineage.policy import Check, promotion_check, refusal, rollback_check
 from kedit.lineage.state import (
+    BASE,
     DELTAS_FILE,
     EDITOR_META_FILE,
     EDITOR_TENSORS_FILE,
@@ -56,13 +62,15 @@ from kedit.lineage.state import (
     Event,
     LineageCorruptError,
     LineageError,
+    label,
 )
 
 log = logging.getLogger(__name__)
 
 # The points between which a commit can be interrupted (tests inject a failure at each).
 COMMIT_STEPS = ("base", "deltas", "editor_state", "snapshot", "manifest", "publish")
-EVENT_TYPES = ("promote", "rollback", "approve", "reject", "gate")
+EVENT_TYPES = ("promote", "rollback", "approve", "reject", "gate", "override")
+CHAMPION_FILE = "CHAMPION"
 
 
 def _now() -> str:
@@ -100,7 +108,10 @@ class VerifyReport:
 
 @dataclass
 class LogEntry:
-    """One line of ``kedit lineage log``: a state plus what happened to it afterwards."""
+    """One line of ``kedit lineage log``: a state plus what happened to it afterwards.
+
+    ``approvals`` are approve events only (a promotion is not an approval); ``overrides`` are the
+    promotions / rollbacks that went past an unmet rule, with the reason given."""
 
     state: EditState
     children: list[str]
@@ -108,6 +119,8 @@ class LogEntry:
     gate: dict | None
     approvals: list[Event]
     promoted: bool
+    promotions: list[Event] = field(default_factory=list)
+    overrides: list[Event] = field(default_factory=list)
 
 
 class _Model:
@@ -179,13 +192,16 @@ class LineageStore:
 
     # --- locking -------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Exclusive writer lock (O_EXCL lock file). A lock left by a dead process on this host is taken over."""
+    def lock(self, op: str = "write") -> Iterator[None]:
+        """Exclusive writer lock (O_EXCL lock file). A lock left by a dead process on this host is taken over.
+
+        A second writer is refused at once with the holder's pid, host, start time and operation (no
+        queue): a promotion waiting behind another would act on a champion it has not seen."""
         if self._locked:  # re-entrant within one store object
             yield
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(), "op": op}
         for _ in range(2):
             try:
                 fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -198,10 +214,11 @@ class LineageStore:
                     with contextlib.suppress(FileNotFoundError):
                         self.lock_path.unlink()
                     continue
+                doing = f" ({holder['op']})" if holder.get("op") else ""
                 raise LineageError(
                     f"lineage store {self.root} is locked by pid {holder.get('pid')} on {holder.get('host')} "
-                    f"since {holder.get('since')} (another kedit writer is running); if that process is gone, "
-                    f"delete {self.lock_path}") from None
+                    f"since {holder.get('since')}{doing}: another kedit writer is running; try again when it "
+                    f"has finished (if that process is gone, delete {self.lock_path})") from None
         else:
             raise LineageError(f"could not acquire {self.lock_path}")
         with os.fdopen(fd, "w") as fh:
@@ -257,7 +274,10 @@ class LineageStore:
         if state_id in ("champion", "@champion"):
             champ = self.champion()
             if champ is None:
-                raise LineageError(f"{self.root}: no champion yet (nothing promoted)")
+                ev = self.champion_event()
+                raise LineageError(f"{self.root}: the champion is the base model, which has no edit state ("
+                                   + (f"rolled back by event {ev.seq}" if ev else "nothing promoted yet")
+                                   + "); use 'base' where a command takes one (`kedit export base`)")
             return champ
         if state_id in ("HEAD", "latest"):
             states = self.states()
@@ -301,11 +321,35 @@ class LineageStore:
         return sorted(evs, key=lambda e: e.seq)
 
     def champion(self) -> str | None:
-        """The state the last promote / rollback event chose (None: the base model)."""
+        """The champion: the state the last promote / rollback event chose (None: the base model).
+
+        The one answer kedit gives (CLI, tasks, flows): read from the events, never from the
+        ``CHAMPION`` file, which is only a copy for shell users."""
+        ev = self.champion_event()
+        return ev.state if ev else None
+
+    def champion_event(self) -> Event | None:
+        """The last promote / rollback event (None: nothing was ever promoted)."""
         for ev in reversed(self.events()):
             if ev.type in ("promote", "rollback"):
-                return ev.state
+                return ev
         return None
+
+    def champion_file_problem(self) -> str | None:
+        """What is wrong with the ``CHAMPION`` copy, if anything (stale or missing after a promotion)."""
+        if self.champion_event() is None:
+            return None
+        want = label(self.champion())
+        path = self.root / CHAMPION_FILE
+        have = path.read_text().strip() if path.exists() else None
+        if have == want:
+            return None
+        return f"{path}: {'missing' if have is None else f'says {have[:12]!r}'}, the events say {want[:12]!r}"
+
+    def write_champion_file(self) -> None:
+        """Rewrite the ``CHAMPION`` copy from the events."""
+        if self.champion_event() is not None:
+            write_text_atomic(self.root / CHAMPION_FILE, label(self.champion()) + "\n")
 
     def editor_state(self, state_id: str) -> EditorState:
         """The editor's persistent state after ``state_id`` (files checked against their hashes)."""
@@ -583,35 +627,76 @@ class LineageStore:
         return base, bool(applied)
 
     # --- events ---------------------------------------------------------------------------------
+    def next_seq(self) -> int:
+        return 1 + max((e.seq for e in self.events()), default=0)
+
     def _event(self, type_: str, state_id: str | None, by: str, comment: str = "",
                data: dict | None = None) -> Event:
         if type_ not in EVENT_TYPES:
             raise ValueError(f"unknown event type {type_!r}")
         if not by or not str(by).strip():
             raise ValueError(f"{type_}: say who does it (by=...)")
-        with self.lock():
+        with self.lock(f"{type_} {label(state_id)[:12]}"):
             sid = self.resolve(state_id) if state_id else None
-            seq = 1 + max((e.seq for e in self.events()), default=0)
+            seq = self.next_seq()
             ev = Event(seq=seq, type=type_, state=sid, by=str(by), at=_now(), comment=comment,
-                       data=_jsonable(data or {}, f"{type_} data"))
+                       data=_jsonable(data or {}, f"{type_} data"), actor=current_actor().to_dict())
             write_json_atomic(self.events_dir / f"{seq:06d}-{type_}.json", ev.to_dict())
             if type_ in ("promote", "rollback"):
-                write_text_atomic(self.root / "CHAMPION", (sid or "base") + "\n")
+                self.write_champion_file()
             return ev
 
-    def promote(self, state_id: str, by: str, comment: str = "") -> Event:
-        """Make ``state_id`` the champion (an approved promotion)."""
-        prev = self.champion()
-        return self._event("promote", state_id, by, comment, {"previous": prev})
+    def promotion_check(self, state_id: str) -> Check:
+        """The promotion rules (:mod:`kedit.lineage.policy`) for ``state_id`` over the recorded events."""
+        return promotion_check(self.events(), self.get(state_id))
 
-    def rollback(self, state_id: str | None, by: str, reason: str) -> Event:
-        """Make an earlier state (None: the base model) the champion again; the next edits branch from it."""
+    def rollback_check(self, state_id: str | None) -> Check:
+        self._refresh()
+        return rollback_check(self.events(), dict(self._index), self.resolve(state_id) if state_id else None)
+
+    def promote(self, state_id: str, by: str, comment: str = "", override: str | None = None,
+                data: dict | None = None) -> Event:
+        """Record that ``state_id`` is the champion, if the promotion rules are met.
+
+        Rules: a passed gate verdict for this state against its parent, then an approval (see
+        :mod:`kedit.lineage.policy`). ``override`` (a reason) goes past unmet rules and is recorded
+        as an ``override`` event before the promotion. This writes the store event only; use
+        :func:`kedit.lineage.ops.promote` to move git, DVC and MLflow with it under the same lock.
+        """
+        with self.lock(f"promote {state_id[:12]}"):
+            sid = self.resolve(state_id)
+            check = self.promotion_check(sid)
+            extra = {"gate_event": check.gate_event, "approval_event": check.approval_event}
+            extra.update(self._override("promote", sid, by, check, override))
+            return self._event("promote", sid, by, comment, {"previous": self.champion(), **extra, **(data or {})})
+
+    def rollback(self, state_id: str | None, by: str, reason: str, override: bool = False,
+                 data: dict | None = None) -> Event:
+        """Make an earlier state (None: the base model) the champion again; the next edits branch from it.
+
+        The target must be the base model, a former champion or an ancestor of one; ``override=True``
+        goes past that with ``reason`` recorded as an ``override`` event. Store event only: see
+        :func:`kedit.lineage.ops.rollback`."""
         if not reason or not reason.strip():
             raise ValueError("rollback: give a reason")
-        prev = self.champion()
-        return self._event("rollback", state_id, by, reason, {"previous": prev})
+        state_id = None if state_id == BASE else state_id
+        with self.lock(f"rollback {label(state_id)[:12]}"):
+            sid = self.resolve(state_id) if state_id else None
+            extra = self._override("rollback", sid, by, self.rollback_check(sid), reason if override else None)
+            return self._event("rollback", sid, by, reason, {"previous": self.champion(), **extra, **(data or {})})
+
+    def _override(self, action: str, sid: str | None, by: str, check: Check, reason: str | None) -> dict:
+        """Refuse an unmet rule, or record the override (with the rules it skipped) and name it."""
+        if check.ok:
+            return {}
+        if not reason or not reason.strip():
+            raise refusal(action, sid, check)
+        ev = self._event("override", sid, by, reason, {"action": action, "unmet": check.unmet,
+                                                         "gate_event": check.gate_event})
+        return {"override_event": ev.seq}
 
     def approve(self, state_id: str, by: str, comment: str = "") -> Event:
+        """Record a reviewer's approval (a separate event from the promotion it allows)."""
         return self._event("approve", state_id, by, comment)
 
     def reject(self, state_id: str, by: str, comment: str = "") -> Event:
@@ -619,9 +704,17 @@ class LineageStore:
         approval timed out); the champion does not move."""
         return self._event("reject", state_id, by, comment or "rejected")
 
-    def record_gate(self, state_id: str, gate: dict, by: str = "kedit-gate") -> Event:
-        """Attach a gate verdict (a JSON dict, e.g. {"passed": true, ...}) to a state."""
-        return self._event("gate", state_id, by, "", {"gate": gate})
+    def record_gate(self, state_id: str, gate: dict, against: str | None, by: str = "kedit-gate",
+                    report: str | None = None) -> Event:
+        """Attach a gate verdict (a JSON dict, e.g. {"passed": true, ...}) to a state.
+
+        ``against``: the state the candidate was compared with (None: the base model); a verdict
+        counts for promotion only when that is the state's parent. ``report``: the gate report folder,
+        where a later override is noted."""
+        data: dict[str, Any] = {"gate": gate, "against": self.resolve(against) if against else None}
+        if report:
+            data["report"] = str(report)
+        return self._event("gate", state_id, by, "", data)
 
     # --- views ----------------------------------------------------------------------------------
     def log(self) -> list[LogEntry]:
@@ -638,8 +731,10 @@ class LineageStore:
             gates = [e.data.get("gate") for e in evs if e.type == "gate"]
             out.append(LogEntry(state=s, children=kids.get(s.id, []), champion=s.id == champ,
                                 gate=gates[-1] if gates else None,
-                                approvals=[e for e in evs if e.type in ("approve", "promote")],
-                                promoted=any(e.type == "promote" for e in evs)))
+                                approvals=[e for e in evs if e.type == "approve"],
+                                promoted=any(e.type == "promote" for e in evs),
+                                promotions=[e for e in evs if e.type in ("promote", "rollback")],
+                                overrides=[e for e in evs if e.type == "override"]))
         return out
 
     def branches(self) -> list[list[str]]:

@@ -21,7 +21,7 @@ from kedit.workspace import Workspace
 
 TRACKED = ("lineage", "models", "stats")
 TAG_PREFIX = "kedit/state/"
-DVCIGNORE = ["lineage/.lock", "lineage/.staging/"]
+DVCIGNORE = ["lineage/.lock", "lineage/.staging/", "lineage/.intent.json"]
 GITIGNORE = ["mlflow.db", "mlartifacts/", ".dvc-remote/", ".kedit-cache/", "reports/", ".stack/"]
 
 
@@ -104,10 +104,13 @@ class Versioning:
             if self.git("diff", "--cached", "--name-only"):
                 self.git("commit", "-q", "-m", "kedit: DVC setup and default remote")
 
-    def snapshot(self, message: str, tag: str | None = None, push: bool = True) -> dict[str, str]:
+    def snapshot(self, message: str, tag: str | None = None, push: bool = True,
+                 always_commit: bool = False) -> dict[str, str]:
         """``dvc add`` the data folders, commit the .dvc files, optionally tag, and push to the remote.
 
-        Returns the git commit and, per folder, the DVC revision (the md5 of the tracked directory).
+        ``always_commit``: make a commit even when no file changed, so the message (e.g. the event a
+        promotion recorded) is in the history. Returns the git commit and, per folder, the DVC
+        revision (the md5 of the tracked directory).
         """
         self.ensure()
         staged = pipeline_outputs(self.root)
@@ -123,6 +126,8 @@ class Versioning:
                  *[f for f in ("dvc.yaml", "dvc.lock", "params.yaml") if (self.root / f).exists()])
         if self.git("diff", "--cached", "--name-only"):
             self.git("commit", "-q", "-m", message)
+        elif always_commit:
+            self.git("commit", "-q", "--allow-empty", "-m", message)
         commit = self.git("rev-parse", "HEAD")
         if tag:
             self.git("tag", "-f", tag, commit)
@@ -145,8 +150,15 @@ class Versioning:
         return str(outs[0].get("md5", ""))
 
     def tag_state(self, state_id: str, message: str) -> dict[str, str]:
-        """Commit the current data as the promoted state ``state_id`` and tag it ``kedit/state/<id>``."""
-        return self.snapshot(message, tag=state_tag(state_id))
+        """Commit the current data as the champion ``state_id`` (``base``: the base model) and tag it
+        ``kedit/state/<id>``; always one commit, so each promotion / rollback is in the history."""
+        return self.snapshot(message, tag=state_tag(state_id), always_commit=True)
+
+    def tag_message(self, tag: str) -> str | None:
+        """The full message of the commit ``tag`` points at (None: no such tag)."""
+        if tag not in self.tags():
+            return None
+        return self.git("log", "-1", "--format=%B", tag, check=False)
 
     def tags(self) -> list[str]:
         out = self.git("tag", "--list", f"{TAG_PREFIX}*", check=False)
