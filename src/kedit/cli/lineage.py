@@ -84,6 +84,14 @@ def _verdict(gate: dict | None) -> str:
     return "gate: PASS" if passed else ("gate: FAIL" if passed is not None else "gate: recorded")
 
 
+def _drift_column(gate: dict | None) -> str:
+    """``  drift ppl +x.x%``: the state's cumulative perplexity change from the base model, as gated."""
+    from kedit.evaluation.drift import drift_label
+
+    text = drift_label(gate)
+    return f"  [{'magenta' if '(over bound)' in text else 'dim'}]{text}[/]" if text else ""
+
+
 def _log(args) -> int:
     ws, _, store = _store(args)
     entries = store.log()
@@ -109,7 +117,7 @@ def _log(args) -> int:
         verdict = _verdict(e.gate)
         colour = "green" if "PASS" in verdict else ("red" if "FAIL" in verdict else "dim")
         return (f"{star}[cyan]{s.short}[/] {s.created_at}  {s.method}  feed {feed}  {s.n_edits} edits  "
-                f"[{colour}]{verdict}[/]" + (f"  approved by {who}" if who else "")
+                f"[{colour}]{verdict}[/]" + _drift_column(e.gate) + (f"  approved by {who}" if who else "")
                 + ("  [dim](snapshot)[/]" if s.snapshot else ""))
 
     def add(node, sid) -> None:

@@ -74,6 +74,7 @@ class Check:
     bound: float | None = None  # the threshold in the underlying metric's scale (for the chart)
     detail: str = ""
     skipped: bool = False
+    against: str = "champion"  # what "before" is: the champion, or "base" for the drift checks (drift.py)
 
 
 def _check(name, value, threshold, direction, before=None, after=None, bound=None, detail="") -> Check:
@@ -99,6 +100,13 @@ class GateReport:
     policy: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the gate failed, one line per failed check, naming the check and what it was compared with."""
+        return [f"{c.name} (against {c.against}): {_fmt(c.value)} "
+                f"{'<' if c.direction == 'min' else '>'} {_fmt(c.threshold)}" + (f"; {c.detail}" if c.detail else "")
+                for c in self.checks if not c.passed]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -146,11 +154,12 @@ def _reference_text(policy: GatePolicy) -> str | None:
 def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy | None = None,
               new_edits: Sequence[dict] = (), prior_edits: Sequence[dict] = (), canary: CanarySuite | None = None,
               reference_text: str | None = None, fluency_prompts: Sequence[str] | None = None,
-              progress: bool = True) -> GateReport:
+              progress: bool = True, drift=None) -> GateReport:
     """Compare ``candidate`` with ``champion`` on every check of ``policy``.
 
     ``new_edits``: the records this candidate is meant to add; ``prior_edits``: the records already in
-    the lineage (retention); ``canary``: the champion's stored suite (built on the fly when ``None``).
+    the lineage (retention); ``canary``: the champion's stored suite (built on the fly when ``None``);
+    ``drift``: a :class:`kedit.evaluation.drift.DriftGate` adds the checks against the base model.
     """
     from rich.console import Console
 
@@ -251,6 +260,10 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
         else:
             checks.append(_check("fluency_drop", None, policy.max_fluency_drop, "max", detail="disabled"))
 
+        if drift is not None:  # cumulative drift: the candidate against the base model (evaluation/drift.py)
+            status.update("gate: drift against the base model")
+            checks.extend(drift.checks(candidate, list(checks), gate_text=text, gate_tokens=policy.reference_tokens))
+
     rep.passed = all(c.passed for c in checks)
     rep.seconds = time.perf_counter() - t0
     return rep
@@ -271,12 +284,13 @@ def gate_markdown(rep: GateReport) -> str:
              f"({sum(c.skipped for c in rep.checks)} skipped); {rep.seconds:.1f} s", "",
              "| check | value | threshold | champion | candidate | verdict | detail |",
              "|---|---|---|---|---|---|---|"]
-    for c in rep.checks:
+    for c in [c for c in rep.checks if c.against == "champion"]:
         op = ">=" if c.direction == "min" else "<="
         verdict_c = "skipped" if c.skipped else ("pass" if c.passed else "**FAIL**")
         thr = f"{op} {_fmt(c.threshold)}" if c.threshold is not None else "–"
         lines.append(f"| {c.name} | {_fmt(c.value)} | {thr} | {_fmt(c.before)} | {_fmt(c.after)} | {verdict_c} "
                      f"| {c.detail} |")
+    lines += _drift_section(rep)
     lines += ["", "![value vs threshold](gate.png)", ""]
     if rep.failed_ids:
         lines += [f"## Edits that did not take ({len(rep.failed_ids)})", "",
@@ -300,6 +314,22 @@ def gate_markdown(rep: GateReport) -> str:
     return "\n".join(lines)
 
 
+def _drift_section(rep: GateReport) -> list[str]:
+    """The checks against the base model (cumulative drift), as their own table after the champion's."""
+    drift = [c for c in rep.checks if c.against == "base"]
+    if not drift:
+        return []
+    lines = ["", "## Against base (cumulative drift since the unedited model)", "",
+             "| check | value | threshold | base | candidate | verdict | detail |", "|---|---|---|---|---|---|---|"]
+    for c in drift:
+        op = ">=" if c.direction == "min" else "<="
+        verdict_c = "skipped" if c.skipped else ("pass" if c.passed else "**FAIL**")
+        thr = f"{op} {_fmt(c.threshold)}" if c.threshold is not None else "–"
+        lines.append(f"| {c.name} | {_fmt(c.value)} | {thr} | {_fmt(c.before)} | {_fmt(c.after)} | {verdict_c} "
+                     f"| {c.detail} |")
+    return lines
+
+
 def plot_gate(rep: GateReport, path: str | Path) -> None:
     """One small panel per check: champion vs candidate value of the underlying metric, bound dashed."""
     import matplotlib
@@ -318,7 +348,7 @@ def plot_gate(rep: GateReport, path: str | Path) -> None:
     for ax, c in zip(axes.flat, checks):
         colour = "lightgray" if c.skipped else ("tab:green" if c.passed else "tab:red")
         vals = [c.before if c.before is not None else 0.0, c.after if c.after is not None else 0.0]
-        ax.bar(["champion", "candidate"], vals, color=["tab:blue", colour])
+        ax.bar([c.against, "candidate"], vals, color=["tab:blue", colour])
         if c.bound is not None:
             ax.axhline(c.bound, color="black", ls="--", lw=1)
         verdict = "skipped" if c.skipped else ("pass" if c.passed else "FAIL")
