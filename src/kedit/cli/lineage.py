@@ -89,7 +89,7 @@ def _drift_column(gate: dict | None) -> str:
     from kedit.evaluation.drift import drift_label
 
     text = drift_label(gate)
-    return f"  [{'magenta' if '(over bound)' in text else 'dim'}]{text}[/]" if text else ""
+    return f"  [{'red' if '(drift FAIL)' in text else 'dim'}]{text}[/]" if text else ""
 
 
 def _log(args) -> int:

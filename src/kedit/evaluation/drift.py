@@ -273,7 +273,7 @@ def drift_label(gate: dict | None) -> str:
     v = d.get("perplexity_increase_pct")
     if v is None:
         return ""
-    return f"drift ppl {v:+.1f}%" + ("" if d.get("passed", True) else " (over bound)")
+    return f"drift ppl {v:+.1f}%" + ("" if d.get("passed", True) else " (drift FAIL)")
 
 
 def build_drift_gate(base: LoadedModel | Callable[[], LoadedModel], base_hash: str, prompts: Sequence[str],
