@@ -140,6 +140,9 @@ def test_base_reference_is_cached_and_invalidated_by_the_prompt_set(sharp_lm, tm
     other = base_reference(sharp_lm, h, CANARY, k=1, text=REF_TEXT[:200], reference_tokens=512, cache=cache)
     assert other.computed == 0 and other.computed_text
     assert other.perplexity == pytest.approx(M.perplexity(sharp_lm, REF_TEXT[:200], max_tokens=512))
+    # old prompt sets are pruned: only the newest `keep` entries of a base stay on disk
+    base_reference(sharp_lm, h, CANARY[:2], k=1, text=None, cache=cache, keep=2)
+    assert len(list((cache / h[:16]).iterdir())) == 2
 
 
 def test_a_corrupt_cache_entry_is_recomputed_not_trusted(sharp_lm, tmp_path):  # noqa: F811

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,6 +29,7 @@ from kedit.models.store import LoadedModel
 
 CHECK_PREFIX = "drift_"
 CACHE_VERSION = 1
+KEEP_ENTRIES = 8  # prompt sets cached per base model: each night's new neighbourhoods make a new one
 
 
 @dataclass
@@ -144,11 +146,12 @@ class BaseReference:
 
 def base_reference(base: LoadedModel | Callable[[], LoadedModel], base_hash: str, prompts: Sequence[str],
                    k: int = 1, text: str | None = None, reference_tokens: int = 4096,
-                   cache: Path | None = None, batch_size: int = 32) -> BaseReference:
+                   cache: Path | None = None, batch_size: int = 32, keep: int = KEEP_ENTRIES) -> BaseReference:
     """The base model's reference outputs on ``prompts`` (and ``text``), from ``cache`` when it holds them.
 
     ``base``: the base model, or a function that loads it (called only when something must be computed);
-    ``base_hash``: its content hash (the cache key; checked against the model when it is loaded).
+    ``base_hash``: its content hash (the cache key; checked against the model when it is loaded);
+    ``keep``: entries kept per base model (newest first; each holds ``[n, V]`` float32 log-probabilities).
     """
     prompts = list(dict.fromkeys(p for p in prompts if p))
     if not prompts:
@@ -164,8 +167,10 @@ def base_reference(base: LoadedModel | Callable[[], LoadedModel], base_hash: str
     nll = None
     tsha = text_sha256(text)
     if where is not None and where.parent.is_dir():
-        for d in sorted(where.parent.iterdir()):
-            old = BaseReference.load(d) if d.is_dir() else None
+        for d in _entries_newest_first(where.parent):
+            if all(p in rows for p in prompts) and (text is None or nll is not None):
+                break
+            old = BaseReference.load(d)
             if old is None or old.model_hash != base_hash:
                 continue
             if old.k >= k:
@@ -193,7 +198,20 @@ def base_reference(base: LoadedModel | Callable[[], LoadedModel], base_hash: str
                         reference_tokens=reference_tokens, computed=len(missing), computed_text=need_text)
     if where is not None:
         ref.save(where)
+        for old_dir in _entries_newest_first(where.parent)[max(1, keep):]:
+            if old_dir != where:
+                shutil.rmtree(old_dir, ignore_errors=True)
     return ref
+
+
+def _entries_newest_first(base_dir: Path) -> list[Path]:
+    def mtime(d: Path) -> float:
+        try:
+            return (d / "reference.json").stat().st_mtime
+        except OSError:
+            return 0.0
+
+    return sorted((d for d in base_dir.iterdir() if d.is_dir()), key=mtime, reverse=True)
 
 
 # --- the checks ---------------------------------------------------------------------------------
