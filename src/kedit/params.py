@@ -43,6 +43,8 @@ SCHEMA: dict[str, frozenset[str]] = {
                         "min_canary_agreement", "max_perplexity_increase_pct", "max_fluency_drop",
                         "min_retention", "canary_k", "fluency_prompts", "fluency_tokens", "reference_text",
                         "reference_tokens", "seed"}),
+    # cumulative drift of the candidate from the base model (kedit.evaluation.drift.DriftPolicy)
+    "drift": frozenset({"max_perplexity_increase_pct", "min_canary_agreement", "max_neighbourhood_kl"}),
     # RefreshConfig's own settings; its model and stats_* come from the model: and stats: blocks
     "refresh": frozenset({"method", "device", "trace_sample", "trace_noise_samples", "edit_batch_size",
                           "approval_timeout_s", "hparams_overrides"}),

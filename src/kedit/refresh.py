@@ -391,6 +391,7 @@ def without_edited_subjects(canary, facts: Sequence[dict[str, Any]]):
 def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: dict[str, Any]) -> dict[str, Any]:
     """Compare the candidate with the champion on the gate policy; write gate.json / gate.md / gate.png."""
     from kedit.evaluation.canary import build_canary
+    from kedit.evaluation.drift import drift_summary
     from kedit.evaluation.gates import GatePolicy, run_gates
 
     sid = edit["state_id"]
@@ -407,14 +408,19 @@ def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: d
     canary = build_canary(champ_lm, edits=prior_facts, k=max(1, policy.canary_k))
     canary = without_edited_subjects(canary, [*ingest["accepted"], *prior_facts])
     canary.save(out_dir / "canary")
+    drift = nightly_drift_gate(ws, cfg, policy, store.get(sid).base_model_hash, [*canary.prompts,
+                               *(r["locality_prompt"] for r in new)])
     report = run_gates(champ_lm, cand_lm, policy, new_edits=new, prior_edits=prior, canary=canary,
                        progress=False, candidate_state={"id": sid, "parent": ingest["champion"],
                                                         "n_edits": edit.get("n_edits"),
-                                                        "feed": Path(ingest["feed"]).name})
+                                                        "feed": Path(ingest["feed"]).name},
+                       reference_text=drift.reference_text, drift=drift)
     report.save(out_dir)
     gate = report.to_dict()
     store.record_gate(sid, {"passed": gate["passed"], "checks": gate["checks"], "failed_ids": gate["failed_ids"],
-                            "lost_ids": gate["lost_ids"]}, against=ingest["champion"], report=str(out_dir))
+                            "lost_ids": gate["lost_ids"],
+                            "drift": drift_summary(report.checks, drift.reference.model_hash)},
+                      against=ingest["champion"], report=str(out_dir))
     runlog = RunLog(ws, ingest["refresh_key"])
     runlog.log(
         "evaluation", metrics={c["name"]: c["value"] for c in gate["checks"] if c.get("value") is not None},
@@ -439,6 +445,21 @@ def log_candidate_model(ws: Workspace, store, state_id: str, runlog: RunLog, gat
 
 
 @reported("register")
+
+def nightly_drift_gate(ws: Workspace, cfg: RefreshConfig, policy, base_hash: str, prompts: Sequence[str]):
+    """The drift gate against the lineage's base model: its reference outputs come from the workspace
+    cache (the base model is loaded only when a prompt or the reference text is not cached yet)."""
+    from kedit.evaluation.drift import DriftPolicy, build_drift_gate, cache_root
+    from kedit.evaluation.gates import _reference_text
+
+    drift_policy = DriftPolicy.from_params(workspace=ws)
+    wants_text = policy.max_perplexity_increase_pct is not None or drift_policy.max_perplexity_increase_pct is not None
+    text = _reference_text(policy) if wants_text else None
+    return build_drift_gate(lambda: load_state_model(ws, cfg, None)[0], base_hash, prompts,
+                            drift_policy, canary_k=policy.canary_k, text=text,
+                            reference_tokens=policy.reference_tokens, cache=cache_root(ws))
+
+
 def register_step(ws: Workspace, key: str, state_id: str) -> dict[str, Any]:
     """Register the candidate's logged MLflow model as a model version with the ``candidate`` alias."""
     from kedit.lineage.ops import register_candidate

@@ -32,6 +32,8 @@ def register(sub) -> None:
                                                   "if present, else built on the fly)")
     g.add_argument("--reference", default=None, help="reference text file for perplexity (params gates.reference_text)")
     g.add_argument("--params", default=None, help="params file with the gates: block (default: kedit.params lookup)")
+    g.add_argument("--base", default=None,
+                   help="the unedited base model (slug or folder): adds the drift checks against it (params drift:)")
     g.set_defaults(func=_gate)
 
     e = sub.add_parser("evaluate", help="CounterFact efficacy / generalization / specificity / score of a model")
@@ -100,8 +102,11 @@ def _gate(args) -> int:
         if not ref.exists():
             raise FileNotFoundError(f"--reference: {ref} does not exist")
         text = ref.read_text(encoding="utf-8")
+    drift = _drift_gate(args, ws, policy, canary, text) if args.base else None
+    if drift is not None and text is None:
+        text = drift.reference_text
     rep = run_gates(champion, candidate, policy, new_edits=_records(args.new_edits),
-                    prior_edits=_records(args.prior_edits), canary=canary, reference_text=text)
+                    prior_edits=_records(args.prior_edits), canary=canary, reference_text=text, drift=drift)
     out = rep.save(args.out)
     for c in rep.checks:
         verdict = "skip" if c.skipped else ("PASS" if c.passed else "FAIL")
@@ -113,6 +118,24 @@ def _gate(args) -> int:
         print(f"  edits that did not take: {', '.join(map(str, rep.failed_ids))}")
     print(f"gate {'PASSED' if rep.passed else 'FAILED'}: {out / 'gate.md'}")
     return 0 if rep.passed else 1
+
+
+def _drift_gate(args, ws, policy, canary, text):
+    """The drift checks against ``--base``: its reference outputs on the canary prompts (the stored suite's,
+    else the shipped list) and the new edits' neighbourhoods, cached in the workspace."""
+    from kedit.evaluation.canary import neighbourhood_prompts, shipped_prompts
+    from kedit.evaluation.drift import DriftPolicy, build_drift_gate, cache_root
+    from kedit.evaluation.gates import _reference_text
+    from kedit.models.store import load_model
+
+    dpol = DriftPolicy.from_params(args.params, ws)
+    base = load_model(args.base, ws)
+    prompts = [*(canary.prompts if canary is not None else shipped_prompts()),
+               *neighbourhood_prompts(_records(args.new_edits))]
+    if text is None and dpol.max_perplexity_increase_pct is not None:
+        text = _reference_text(policy)
+    return build_drift_gate(base, base.manifest.model_hash, prompts, dpol, canary_k=policy.canary_k, text=text,
+                            reference_tokens=policy.reference_tokens, cache=cache_root(ws))
 
 
 def _evaluate(args) -> int:

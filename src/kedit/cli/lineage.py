@@ -108,6 +108,14 @@ def _people(events) -> str:
     return ", ".join(dict.fromkeys(out))
 
 
+def _drift_column(gate: dict | None) -> str:
+    """``  drift ppl +x.x%``: the state's cumulative perplexity change from the base model, as gated."""
+    from kedit.evaluation.drift import drift_label
+
+    text = drift_label(gate)
+    return f"  [{'red' if '(drift FAIL)' in text else 'dim'}]{text}[/]" if text else ""
+
+
 def _log(args) -> int:
     ws, _, store = _store(args)
     entries = store.log()
@@ -139,7 +147,7 @@ def _log(args) -> int:
         overrides = "".join(f"  [bold red]OVERRIDE ({o.data.get('action', '?')}) by {escape(_people([o]))}: "
                             f"{escape(o.comment)}[/]" for o in e.overrides)
         return (f"{star}[cyan]{s.short}[/] {s.created_at}  {s.method}  feed {feed}  {s.n_edits} edits  "
-                f"[{colour}]{verdict}[/]" + (f"  approved by {escape(approved)}" if approved else "")
+                f"[{colour}]{verdict}[/]" + _drift_column(e.gate) + (f"  approved by {escape(approved)}" if approved else "")
                 + (f"  promoted by {escape(promoted)}" if promoted else "") + overrides
                 + ("  [dim](snapshot)[/]" if s.snapshot else ""))
 

@@ -74,6 +74,7 @@ class Check:
     bound: float | None = None  # the threshold in the underlying metric's scale (for the chart)
     detail: str = ""
     skipped: bool = False
+    against: str = "champion"  # what "before" is: the champion, or "base" for the drift checks (drift.py)
 
 
 def _check(name, value, threshold, direction, before=None, after=None, bound=None, detail="") -> Check:
@@ -102,6 +103,13 @@ class GateReport:
     # the edit state under review: {"id", "parent" (None: the base model), "n_edits", "feed"}; empty
     # when two model-store entries are compared directly (``kedit gate``)
     candidate_state: dict = field(default_factory=dict)
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the gate failed, one line per failed check, naming the check and what it was compared with."""
+        return [f"{c.name} (against {c.against}): {_fmt(c.value)} "
+                f"{'<' if c.direction == 'min' else '>'} {_fmt(c.threshold)}" + (f"; {c.detail}" if c.detail else "")
+                for c in self.checks if not c.passed]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -149,12 +157,13 @@ def _reference_text(policy: GatePolicy) -> str | None:
 def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy | None = None,
               new_edits: Sequence[dict] = (), prior_edits: Sequence[dict] = (), canary: CanarySuite | None = None,
               reference_text: str | None = None, fluency_prompts: Sequence[str] | None = None,
-              progress: bool = True, candidate_state: dict | None = None) -> GateReport:
+              progress: bool = True, candidate_state: dict | None = None, drift=None) -> GateReport:
     """Compare ``candidate`` with ``champion`` on every check of ``policy``.
 
     ``new_edits``: the records this candidate is meant to add; ``prior_edits``: the records already in
     the lineage (retention); ``canary``: the champion's stored suite (built on the fly when ``None``);
     ``candidate_state``: the lineage state under review (id, parent, n_edits, feed), named in the reports.
+    ``drift``: a :class:`kedit.evaluation.drift.DriftGate` adds the checks against the base model.
     """
     from kedit.bench.console import make_console
 
@@ -256,6 +265,10 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
         else:
             checks.append(_check("fluency_drop", None, policy.max_fluency_drop, "max", detail="disabled"))
 
+        if drift is not None:  # cumulative drift: the candidate against the base model (evaluation/drift.py)
+            status.update("gate: drift against the base model")
+            checks.extend(drift.checks(candidate, list(checks), gate_text=text, gate_tokens=policy.reference_tokens))
+
     rep.passed = all(c.passed for c in checks)
     rep.seconds = time.perf_counter() - t0
     return rep
@@ -301,12 +314,13 @@ def gate_markdown(rep: GateReport) -> str:
              f"({sum(c.skipped for c in rep.checks)} skipped); {rep.seconds:.1f} s", "",
              "| check | value | threshold | champion | candidate | verdict | detail |",
              "|---|---|---|---|---|---|---|"]
-    for c in rep.checks:
+    for c in [c for c in rep.checks if c.against == "champion"]:
         op = ">=" if c.direction == "min" else "<="
         verdict_c = "skipped" if c.skipped else ("pass" if c.passed else "**FAIL**")
         thr = f"{op} {_fmt(c.threshold)}" if c.threshold is not None else "–"
         lines.append(f"| {c.name} | {_fmt(c.value)} | {thr} | {_fmt(c.before)} | {_fmt(c.after)} | {verdict_c} "
                      f"| {c.detail} |")
+    lines += _drift_section(rep)
     lines += ["", "![value vs threshold](gate.png)", ""]
     if rep.failed_ids:
         lines += [f"## Edits that did not take ({len(rep.failed_ids)})", "",
@@ -330,11 +344,26 @@ def gate_markdown(rep: GateReport) -> str:
     return "\n".join(lines)
 
 
+def _drift_section(rep: GateReport) -> list[str]:
+    """The checks against the base model (cumulative drift), as their own table after the champion's."""
+    drift = [c for c in rep.checks if c.against == "base"]
+    if not drift:
+        return []
+    lines = ["", "## Against base (cumulative drift since the unedited model)", "",
+             "| check | value | threshold | base | candidate | verdict | detail |", "|---|---|---|---|---|---|---|"]
+    for c in drift:
+        op = ">=" if c.direction == "min" else "<="
+        verdict_c = "skipped" if c.skipped else ("pass" if c.passed else "**FAIL**")
+        thr = f"{op} {_fmt(c.threshold)}" if c.threshold is not None else "–"
+        lines.append(f"| {c.name} | {_fmt(c.value)} | {thr} | {_fmt(c.before)} | {_fmt(c.after)} | {verdict_c} "
+                     f"| {c.detail} |")
+    return lines
 # How each check reads on the chart: a "max" check is a drop or an increase with an upper bound, drawn as
 # that single number against its threshold; a "min" check is a level the candidate must reach, drawn
 # next to the champion's level.
 CHANGE_LABELS = {"specificity_drop": "NS drop", "neighbourhood_kl": "KL (nats)",
-                 "perplexity_increase_pct": "PPL increase (%)", "fluency_drop": "GE drop (x100)"}
+                 "perplexity_increase_pct": "PPL increase (%)", "fluency_drop": "GE drop (x100)",
+                 "drift_perplexity_increase_pct": "PPL vs base (%)", "drift_neighbourhood_kl": "KL vs base (nats)"}
 
 
 def plot_gate(rep: GateReport, path: str | Path) -> None:
@@ -364,17 +393,18 @@ def plot_gate(rep: GateReport, path: str | Path) -> None:
 def panel_spec(c: Check) -> dict:
     """What a check's panel shows: ``kind`` (skipped / change / level), the bars (label, value), the
     threshold and a caption. A change (drop / increase) is one bar, the change itself, against its
-    threshold; a level is the champion's and the candidate's values against the threshold."""
+    threshold; a level is the reference's (champion, or base for a drift check) and the candidate's values
+    against the threshold."""
     if c.skipped:
         return {"kind": "skipped", "bars": [], "threshold": None,
                 "caption": f"skipped ({c.detail})" if c.detail else "skipped"}
     if c.direction == "max":
-        caption = (f"champion {_fmt(c.before)} -> candidate {_fmt(c.after)}"
+        caption = (f"{c.against} {_fmt(c.before)} -> candidate {_fmt(c.after)}"
                    if c.before is not None and c.after is not None else c.detail)
         return {"kind": "change", "bars": [(CHANGE_LABELS.get(c.name, c.name), c.value)],
                 "threshold": c.threshold, "caption": caption}
     before = c.before if c.before is not None else float("nan")
-    return {"kind": "level", "bars": [("champion", before), ("candidate", c.value)], "threshold": c.threshold,
+    return {"kind": "level", "bars": [(c.against, before), ("candidate", c.value)], "threshold": c.threshold,
             "caption": c.detail}
 
 
