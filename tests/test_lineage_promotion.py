@@ -355,7 +355,11 @@ def test_next_promotion_finishes_or_drops_an_interrupted_one(workspace, stored_l
 def test_one_champion_answer_whatever_the_champion_file_says(workspace, stored_lm):  # noqa: F811
     """Issue 17.2: the nightly ingest key read lineage/CHAMPION, the store read the events."""
     from kedit.refresh import RefreshConfig
-    from tasks.refresh import ingest_key
+    from tasks.cache import FeedKey
+    from tasks.refresh import _champion
+
+    def ingest_key(_ctx, inputs):  # the ingest task's cache key, as its policy computes it
+        return FeedKey(champion_of=_champion).compute_key(None, inputs, {})
 
     lm = stored_lm()
     store = LineageStore(workspace.lineage_dir)
@@ -367,7 +371,7 @@ def test_one_champion_answer_whatever_the_champion_file_says(workspace, stored_l
     p = {"workspace": str(workspace.root), "feed": "2026-01-05", "cfg": cfg}
 
     def expected() -> str:
-        return "ingest-" + sha256_json([sha256_file(feed), store.champion(), cfg])[:32]
+        return "ingest-" + sha256_json([sha256_file(feed), store.champion() or "base", cfg])[:32]
 
     assert ingest_key(None, p) == expected()  # nothing promoted, no file: the base model, None
     gate_and_approve(store, s1)
