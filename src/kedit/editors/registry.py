@@ -6,8 +6,9 @@ from kedit.editors.alphaedit import AlphaEditEditor
 from kedit.editors.hparams import METHODS, EditHparams, load_hparams
 from kedit.editors.memit import MEMITEditor
 from kedit.editors.rome import ROMEEditor
+from kedit.editors.tpatcher import TPatcherEditor
 
-EDITORS = {"rome": ROMEEditor, "memit": MEMITEditor, "alphaedit": AlphaEditEditor}
+EDITORS = {"rome": ROMEEditor, "memit": MEMITEditor, "alphaedit": AlphaEditEditor, "tpatcher": TPatcherEditor}
 
 
 def get_editor(method: str, hparams: EditHparams | None = None, model=None, cache_dir=None, progress=None):

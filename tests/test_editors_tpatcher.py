@@ -1,0 +1,167 @@
+"""T-Patcher on a tiny random Llama: margins hold, detaching restores the base model bit for bit,
+attach is idempotent, batched training equals one-at-a-time, the state survives save/load exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kedit.editors import attach as A
+from kedit.editors import tpatcher as T
+from kedit.editors.base import EditRequest
+from kedit.editors.hparams import EditHparams
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# targets that are one token of the tiny tokenizer: in a 4-layer random model an MLP input is mostly
+# its token's embedding, so multi-letter targets would put the same letters in the memory set
+REQS = [
+    EditRequest("{} is located in", "The Eiffel Tower", "capital", id="eiffel",
+                neighbors=["Rome is the capital of", "The quick brown fox"]),
+    EditRequest("{} speaks", "Danielle Darrieux", "play", id="darrieux"),
+    EditRequest("{} was created by", "Apple A5", "and", id="yasuda"),
+]
+PROBES = ["The Eiffel Tower is located in", "Danielle Darrieux speaks", "Berlin is the capital of Germany"]
+
+
+def _hp(**kw) -> EditHparams:
+    base = dict(method="tpatcher", layers=[2], n_prefixes=2, prefix_len=4, tp_memory_corpus="",
+                tp_steps=80, tp_lr=0.5, tp_key_lr=0.02, tp_stop_nll=0.5)
+    return EditHparams(**{**base, **kw})
+
+
+def _logits(lm, prompts=PROBES) -> torch.Tensor:
+    tok = lm.tokenizer
+    ids = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return lm.model(**ids).logits
+
+
+def _compute(lm, tmp_path, reqs=REQS, state=None, **kw):
+    from kedit.editors.registry import get_editor
+
+    return get_editor("tpatcher", _hp(**kw), cache_dir=tmp_path).compute(lm, reqs, state, None)
+
+
+def test_patches_fire_on_their_edit_and_stay_silent_on_the_memory_set(tiny_lm, tmp_path):
+    res = _compute(tiny_lm, tmp_path)
+    st = res.state
+    p = T.patches_of(st)
+    assert res.deltas == {} and p.n == 3 and st.meta["patch_facts"] == ["eiffel", "darrieux", "yasuda"]
+    # own inputs (stored per patch): pre-activation >= the activation margin
+    z_own = T.patch_preactivation(st.tensors[T.EDIT_X], p.key, p.bias)
+    own = z_own[torch.arange(z_own.shape[0]), st.tensors[T.EDIT_OWNER]]
+    assert (own >= st.meta["act_margin"] - 1e-5).all()
+    # memory set, recomputed directly: canaries, the neighbourhood prompts, the other facts' inputs
+    layer = st.meta["layer"]
+    mem = torch.cat([T.general_memory(tiny_lm, layer, "", 0), T.mlp_inputs(tiny_lm, layer, REQS[0].neighbors)])
+    assert (T.patch_preactivation(mem, p.key, p.bias) <= -st.meta["memory_margin"] + 1e-5).all()
+    others = z_own[st.tensors[T.EDIT_OWNER][:, None] != torch.arange(3)[None]]
+    assert (others <= -st.meta["memory_margin"] + 1e-5).all()
+    # and the edit took: the new target's probability rose on the bare prompt
+    from kedit.evaluation.metrics import target_logprobs
+
+    before = target_logprobs(tiny_lm, [r.text for r in REQS], [r.target_new for r in REQS])
+    h = T.attach(tiny_lm, st)
+    after = target_logprobs(tiny_lm, [r.text for r in REQS], [r.target_new for r in REQS])
+    h.remove()
+    assert (after > before + 1.0).all()
+
+
+def test_detach_and_dropping_patches_restore_the_base_output_bit_for_bit(tiny_lm, tmp_path):
+    base = _logits(tiny_lm)
+    st = _compute(tiny_lm, tmp_path).state
+    h = T.attach(tiny_lm, st)
+    edited = _logits(tiny_lm)
+    assert not torch.equal(edited[0], base[0])
+    with A.suspended(tiny_lm.model, T.METHOD):  # what compute does while it reads the base model
+        assert torch.equal(_logits(tiny_lm), base)
+    assert torch.equal(_logits(tiny_lm), edited) and h.active
+    h.remove()
+    assert torch.equal(_logits(tiny_lm), base) and A.attached(tiny_lm.model, T.METHOD) is None
+    # dropping every fact's patch leaves nothing to attach; dropping one keeps the others' rows
+    assert T.attach(tiny_lm, T.without_facts(st, ["eiffel", "darrieux", "yasuda"])) is None
+    assert torch.equal(_logits(tiny_lm), base)
+    one = T.without_facts(st, ["darrieux"])
+    assert one.meta["patch_facts"] == ["eiffel", "yasuda"]
+    assert torch.equal(one.tensors[T.KEY], st.tensors[T.KEY][[0, 2]])
+    assert sorted(set(one.tensors[T.EDIT_OWNER].tolist())) == [0, 1]
+    with pytest.raises(KeyError, match="nobody"):
+        T.without_facts(st, ["nobody"])
+
+
+def test_attach_is_idempotent(tiny_lm, tmp_path):
+    st = _compute(tiny_lm, tmp_path, reqs=REQS[:1]).state
+    mlp = tiny_lm.adapter.module(tiny_lm.adapter.mlp_name(st.meta["layer"]))
+    n_hooks = len(mlp._forward_hooks)
+    T.attach(tiny_lm, st)
+    once = _logits(tiny_lm)
+    h = T.attach(tiny_lm, st)
+    assert torch.equal(_logits(tiny_lm), once) and len(mlp._forward_hooks) == n_hooks + 1
+    h.remove()
+    assert len(mlp._forward_hooks) == n_hooks
+
+
+def test_batched_training_equals_one_at_a_time(tiny_lm, tmp_path):
+    """Each patch's loss reads only its own parameters, and a patch is silent (ReLU: exactly zero)
+    on every position of the other facts' rows, which are in its memory set. So with the same
+    memory set, training the batch gives each patch what training it alone gives (float tolerance:
+    the rows run in differently padded batches)."""
+    from kedit.editors.context import context_prefixes
+
+    hp = _hp()
+    layer = hp.layers[0]
+    prefixes = context_prefixes(tiny_lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, tmp_path)
+    general = T.general_memory(tiny_lm, layer, "", 0)
+    d_out = tiny_lm.adapter.out_dim(layer)
+    batch = T.build_problem(tiny_lm, REQS, prefixes, layer, None, None, general)
+    together, _ = T.train_patches(tiny_lm, batch, T.init_patches(batch, d_out, hp), hp)
+    for r in range(len(REQS)):
+        solo = T.build_problem(tiny_lm, [REQS[r]], prefixes, layer, None, None, general)
+        solo.neg_x = batch.neg_x  # the same memory set: the batch's, with this patch's own rows as its own
+        solo.neg_owner = torch.where(batch.neg_owner == r, 0, -1)
+        alone, _ = T.train_patches(tiny_lm, solo, T.init_patches(solo, d_out, hp), hp)
+        for a, b in ((alone.key, together.key), (alone.bias, together.bias), (alone.value, together.value)):
+            torch.testing.assert_close(a[0], b[r], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(together.value[0], together.value[1])
+
+
+def test_state_save_load_is_bit_exact_and_later_batches_keep_earlier_patches(tiny_lm, tmp_path):
+    from kedit.editors.io import load_state, save_edit
+
+    first = _compute(tiny_lm, tmp_path, reqs=REQS[:2])
+    save_edit(tmp_path / "e1", first)
+    loaded = load_state(tmp_path / "e1")
+    assert loaded.meta == first.state.meta and loaded.tensors.keys() == first.state.tensors.keys()
+    assert all(torch.equal(loaded.tensors[k], v) for k, v in first.state.tensors.items())
+    T.attach(tiny_lm, first.state)
+    want = _logits(tiny_lm)
+    T.attach(tiny_lm, loaded)
+    assert torch.equal(_logits(tiny_lm), want)
+    # the next batch runs on the attached model: earlier patches are frozen and kept row for row
+    second = _compute(tiny_lm, tmp_path, reqs=REQS[2:], state=loaded)
+    for k in (T.KEY, T.BIAS, T.VALUE):
+        assert torch.equal(second.state.tensors[k][:2], first.state.tensors[k])
+    assert second.state.meta["patch_facts"] == ["eiffel", "darrieux", "yasuda"]
+    assert second.state.meta["n_batches"] == 2
+    A.detach(tiny_lm.model, T.METHOD)
+
+
+def test_hparams_checks_and_late_layer():
+    assert EditHparams(method="tpatcher", layers="late").resolve_layers(30) == [24]
+    assert EditHparams(method="tpatcher", layers="late").resolve_layers(4) == [2]
+    with pytest.raises(ValueError, match="tp_lr must be positive"):
+        EditHparams(method="tpatcher", tp_lr=0)
+    with pytest.raises(ValueError, match="tp_memory_tokens"):
+        EditHparams(method="tpatcher", tp_memory_tokens=-1)
+
+
+def test_patch_output_matches_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    x, k, b, v = (torch.randn(5, 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(3, generator=g),
+                  torch.randn(3, 6, generator=g))
+    want = torch.zeros(5, 6)
+    for i in range(5):
+        for p in range(3):
+            want[i] += max(0.0, float(x[i] @ k[p] + b[p])) * v[p]
+    torch.testing.assert_close(T.patch_output(x, k, b, v), want)
