@@ -165,3 +165,26 @@ def test_patch_output_matches_a_direct_computation():
         for p in range(3):
             want[i] += max(0.0, float(x[i] @ k[p] + b[p])) * v[p]
     torch.testing.assert_close(T.patch_output(x, k, b, v), want)
+
+
+def test_lineage_restore_attaches_the_patches(tiny_lm, tiny_tokenizer, tmp_path):
+    """A committed T-Patcher state comes back on a freshly loaded model with its patches attached;
+    going back to the base state takes them off."""
+    from kedit.lineage import LineageStore
+    from kedit.models.store import wrap_model
+    from tests.conftest import make_tiny_model
+
+    base = _logits(tiny_lm)
+    res = _compute(tiny_lm, tmp_path, reqs=REQS[:2])
+    store = LineageStore(tmp_path / "lineage")
+    s = store.commit(tiny_lm, res, None, {"file_sha256": "f0", "row_ids": ["eiffel", "darrieux"]}, {})
+    T.attach(tiny_lm, res.state)
+    want = _logits(tiny_lm)
+    A.detach(tiny_lm.model, T.METHOD)
+    fresh = wrap_model(make_tiny_model("llama"), tiny_tokenizer, slug="tiny-llama")
+    st = store.materialise(s.id, fresh)
+    assert st.meta["patch_facts"] == ["eiffel", "darrieux"]
+    assert torch.equal(st.tensors[T.VALUE], res.state.tensors[T.VALUE])
+    assert torch.equal(_logits(fresh), want)
+    assert store.materialise(None, fresh) is None
+    assert torch.equal(_logits(fresh), base) and A.attached(fresh.model, T.METHOD) is None

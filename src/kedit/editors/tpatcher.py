@@ -104,12 +104,18 @@ def attach(lm, state: EditorState) -> _attach.Attachment | None:
     nothing attached when the state has no patches. ``.remove()`` restores the base model exactly."""
     if state.method != METHOD:
         raise ValueError(f"attach: state is for {state.method!r}, not {METHOD!r}")
-    patches = patches_of(state, lm.device)
+    model = getattr(lm, "model", lm)  # a LoadedModel or a bare module (the lineage store takes both)
+    adapter = getattr(lm, "adapter", None)
+    if adapter is None:
+        from kedit.models.adapters import ModelAdapter
+
+        adapter = ModelAdapter(model)
+    patches = patches_of(state, next(model.parameters()).device)
     if patches is None or patches.n == 0:
-        _attach.detach(lm.model, METHOD)
+        _attach.detach(model, METHOD)
         return None
     layer = int(state.meta["layer"])
-    return _attach.install(lm.model, METHOD, lm.adapter.mlp_name(layer), _mlp_hook(patches))
+    return _attach.install(model, METHOD, adapter.mlp_name(layer), _mlp_hook(patches))
 
 
 def without_facts(state: EditorState, fact_ids: list[str]) -> EditorState:
