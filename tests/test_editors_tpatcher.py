@@ -188,3 +188,63 @@ def test_lineage_restore_attaches_the_patches(tiny_lm, tiny_tokenizer, tmp_path)
     assert torch.equal(_logits(fresh), want)
     assert store.materialise(None, fresh) is None
     assert torch.equal(_logits(fresh), base) and A.attached(fresh.model, T.METHOD) is None
+
+
+def test_lifelong_bench_runs_tpatcher_with_its_patches_attached(tiny_lm, workspace, tmp_path, monkeypatch):
+    """The benchmark attaches each batch's state, so it measures the patched model."""
+    import json
+
+    import kedit.stats.corpus as corpus
+    from kedit.bench.lifelong import LifelongConfig, run_lifelong
+    from kedit.editors.io import load_state
+    from tests.conftest import TINY_TEXT
+    from tests.test_bench_lifelong import RECORDS
+
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    (tmp_path / "cf.json").write_text(json.dumps(RECORDS))
+    cfg = LifelongConfig(method="tpatcher", data=str(tmp_path / "cf.json"), edits=3, batch=2, fluency_prompts=2,
+                         fluency_tokens=8, ppl_tokens=200,
+                         overrides={"layers": [2], "n_prefixes": 1, "prefix_len": 3, "tp_steps": 5,
+                                    "tp_memory_corpus": ""})
+    res = run_lifelong(tiny_lm, workspace, cfg, progress=False, edit_out=tmp_path / "edit")
+    att = A.attached(tiny_lm.model, T.METHOD)
+    assert att is not None
+    assert res["edited"]["efficacy_magnitude"] != res["baseline"]["efficacy_magnitude"]
+    state = load_state(tmp_path / "edit")
+    assert state.meta["patch_facts"] == ["1", "2", "3"] and state.tensors[T.KEY].shape[0] == 3
+    att.remove()
+
+
+@pytest.mark.slow
+def test_real_model_three_edits_flip_and_canaries_keep_their_answers(smollm, tmp_path):
+    """SmolLM2-135M: three T-Patcher edits flip their prompts; the shipped canary prompts' greedy
+    answers do not change; detaching gives the base model back."""
+    from kedit.editors.hparams import load_hparams
+    from kedit.editors.registry import get_editor
+    from kedit.evaluation.canary import shipped_prompts
+    from kedit.evaluation.metrics import greedy_tokens, next_token_logprobs, target_logprobs
+    from tests.test_editors_real import EDITS
+
+    lm = smollm
+    reqs = [EditRequest(r["prompt"].replace(r["subject"], "{}"), r["subject"], r["target_new"], r["ground_truth"],
+                        id=r["subject"]) for r in EDITS]
+    prompts = [r["prompt"] for r in EDITS]
+
+    def wins():
+        new = target_logprobs(lm, prompts, [r["target_new"] for r in EDITS])
+        old = target_logprobs(lm, prompts, [r["ground_truth"] for r in EDITS])
+        return (new > old).tolist()
+
+    canaries = shipped_prompts()
+    before = greedy_tokens(lm, canaries, k=1)
+    base_lp = next_token_logprobs(lm, prompts)
+    assert not any(wins())
+    hp = load_hparams("tpatcher", lm, overrides={"n_prefixes": 3, "tp_memory_tokens": 2048})
+    res = get_editor("tpatcher", hp, cache_dir=tmp_path).compute(lm, reqs, None, None)
+    h = T.attach(lm, res.state)
+    try:
+        assert all(wins())
+        assert torch.equal(greedy_tokens(lm, canaries, k=1), before)
+    finally:
+        h.remove()
+    assert torch.equal(next_token_logprobs(lm, prompts), base_lp)
