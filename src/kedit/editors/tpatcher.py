@@ -313,7 +313,8 @@ def patch_losses(lm, prob: PatchProblem, p: Patches, hp: EditHparams) -> PatchLo
     logits = unembed_states(lm, out[prob.pair_row, prob.pair_col])
     logp = torch.log_softmax(logits, -1).gather(1, prob.pair_lab[:, None]).squeeze(1)
     nll = torch.zeros(n, device=h.device).index_add(0, prob.pair_req, -logp * prob.pair_w)
-    own = patch_preactivation(prob.pos_x, p.key, p.bias)[torch.arange(prob.pair_req.numel()), prob.pair_req]
+    own = patch_preactivation(prob.pos_x, p.key, p.bias)[torch.arange(prob.pair_req.numel(), device=h.device),
+                                                          prob.pair_req]
     viol = torch.relu(hp.tp_act_margin - own)
     cnt = torch.bincount(prob.pair_req, minlength=n).clamp_min(1)
     act = torch.zeros(n, device=h.device).index_add(0, prob.pair_req, viol) / cnt
@@ -374,9 +375,10 @@ def train_patches(lm, prob: PatchProblem, init: Patches, hp: EditHparams, progre
     with torch.no_grad():  # silence is the guarantee: shift a bias down until no memory row is within the margin
         z = patch_preactivation(prob.neg_x, out.key, out.bias)
         z = z.masked_fill(prob.neg_owner[:, None] == torch.arange(n, device=z.device)[None], -float("inf"))
-        excess = (z.max(0).values + hp.tp_memory_margin).clamp_min(0) if z.shape[0] else torch.zeros(n)
+        excess = (z.max(0).values + hp.tp_memory_margin).clamp_min(0) if z.shape[0] else out.bias * 0
         out.bias = out.bias - excess
-        own = patch_preactivation(prob.pos_x, out.key, out.bias)[torch.arange(prob.pair_req.numel()), prob.pair_req]
+        own = patch_preactivation(prob.pos_x, out.key, out.bias)[
+            torch.arange(prob.pair_req.numel(), device=z.device), prob.pair_req]
         act_low = torch.zeros(n, device=z.device).index_add(0, prob.pair_req, torch.relu(hp.tp_act_margin - own))
     info = [{"nll_start": float(first.nll[i]), "nll_end": float(last["nll"][i]),
              "loss_start": float(first.total[i]), "act_end": float(last["act"][i]),
