@@ -136,7 +136,11 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
 
     caches = EditCaches()  # the edit session's: filled here, so its batches find them ready
     t = time.perf_counter()
-    stats = ensure_stats(lm, layers, ws, cfg.stats_corpus, max_tokens=cfg.stats_tokens, progress=progress)
+    from kedit.editors.registry import ATTACHERS
+
+    # an editor that adds parameters reads no key statistics (its memory set plays their part)
+    stats = None if cfg.method in ATTACHERS else ensure_stats(lm, layers, ws, cfg.stats_corpus,
+                                                                max_tokens=cfg.stats_tokens, progress=progress)
     prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, ws.cache_dir, caches.prefixes)
     nullspace = {}
     if cfg.method == "alphaedit":
@@ -145,7 +149,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
             nullspace[i] = projector(ks, i, lm.manifest.model_hash, hp.nullspace_threshold, hp.nullspace_mode,
                                      caches.projectors)[1]
     one_time = time.perf_counter() - t + (ck.extra["one_time_seconds"] if ck else 0.0)
-    log(f"one-time work {one_time:.1f}s (stats {stats.n_tokens} tokens, {len(prefixes) - 1} prefixes"
+    log(f"one-time work {one_time:.1f}s (stats {getattr(stats, 'n_tokens', 0)} tokens, {len(prefixes) - 1} prefixes"
         + (f", null-space dims {nullspace}" if nullspace else "") + ")")
 
     editor = get_editor(cfg.method, hp, cache_dir=ws.cache_dir)
@@ -212,7 +216,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     return {
         "config": {**asdict(cfg), "model": lm.slug, "model_hash": lm.manifest.model_hash, "layers": layers,
                    "hparams": hp.to_dict(), "threads": torch.get_num_threads(),
-                   "stats": {"dir": str(stats.dir), "key": stats.key, "n_tokens": stats.n_tokens},
+                   "stats": {"dir": str(stats.dir), "key": stats.key, "n_tokens": stats.n_tokens} if stats else None,
                    "prefixes": prefixes, "nullspace_dim": nullspace, "eval_seconds": eval_seconds,
                    "load_average": _loadavg(),
                    **({"checkpoint": {"path": str(checkpoint), "every": checkpoint_every,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from kedit.cli import workspace
+from kedit.editors.hparams import METHODS
 from kedit.stats import DEFAULT_STATS_TOKENS
 
 
@@ -13,7 +14,7 @@ def _add_run_args(p, edits_help: str, set_help: str, plot: str) -> None:
     from kedit.cli.edit import add_model_args
 
     add_model_args(p)
-    p.add_argument("--method", default="alphaedit", choices=["rome", "memit", "alphaedit"])
+    p.add_argument("--method", default="alphaedit", choices=list(METHODS))
     p.add_argument("--data", default=None, help="flat CounterFact JSON (default ../shared/data/counterfact-dev.json)")
     p.add_argument("--edits", "-T", type=int, default=100, help=edits_help)
     p.add_argument("--offset", type=int, default=0, help="index of the first record used")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from kedit.cli import workspace
+from kedit.editors.hparams import METHODS
 from kedit.stats import DEFAULT_STATS_TOKENS
 
 
@@ -43,7 +44,7 @@ def load_lm(args):
 def register(sub) -> None:
     p = sub.add_parser("edit", help="compute ROME / MEMIT / AlphaEdit deltas for a request file")
     add_model_args(p)
-    p.add_argument("--method", default="alphaedit", choices=["rome", "memit", "alphaedit"])
+    p.add_argument("--method", default="alphaedit", choices=list(METHODS))
     p.add_argument("--requests", "-r", required=True,
                    help="JSON/JSONL: {prompt with {}, subject, target_new[, target_true, id]} or flat CounterFact")
     p.add_argument("--out", "-o", required=True, help="directory for deltas.safetensors, state.*, result.json")
@@ -77,11 +78,16 @@ def register(sub) -> None:
 
 
 def _apply_dirs(lm, dirs: list[str]) -> None:
+    """Add each edit directory's weight deltas; the last directory's editor state decides the added
+    computations (an added-capacity editor's state attaches its parameters, any other state none)."""
     from kedit.editors.base import apply_deltas
-    from kedit.editors.io import load_deltas
+    from kedit.editors.io import load_deltas, load_state
+    from kedit.editors.registry import attach_state
 
     for d in dirs:
         apply_deltas(lm.model, load_deltas(d))
+    if dirs:
+        attach_state(lm, load_state(dirs[-1]))
 
 
 def _edit(args) -> int:
@@ -89,7 +95,7 @@ def _edit(args) -> int:
 
     from kedit.editors.hparams import load_hparams
     from kedit.editors.io import load_requests, load_state, save_edit
-    from kedit.editors.registry import get_editor
+    from kedit.editors.registry import ATTACHERS, get_editor
     from kedit.editors.session import BatchReport, EditSession
     from kedit.stats.collect import ensure_stats
 
@@ -105,7 +111,7 @@ def _edit(args) -> int:
     hp = load_hparams(args.method, lm, args.hparams, _parse_set(args.set))
     layers = hp.resolve_layers(lm.adapter.num_layers)
     stats = None
-    if args.method in ("rome", "memit", "alphaedit"):
+    if args.method not in ATTACHERS:  # an editor that adds parameters reads no key statistics
         stats = ensure_stats(lm, layers, ws, args.stats_corpus, max_tokens=args.stats_tokens)
     state = load_state(args.state) if args.state else None
     editor = get_editor(args.method, hp, cache_dir=ws.cache_dir,

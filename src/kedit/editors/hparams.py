@@ -18,7 +18,7 @@ import yaml
 
 from kedit.atomic import sha256_json
 
-METHODS = ("rome", "memit", "alphaedit")
+METHODS = ("rome", "memit", "alphaedit", "tpatcher")
 # the string-valued settings and what each accepts: checked on every EditHparams, loaded or built
 _CHOICES = {"v_stop": ("nll", "most_probable"), "key_mode": ("average", "contexts"),
             "nullspace_mode": ("absolute", "relative_mean", "relative_max", "energy")}
@@ -29,7 +29,7 @@ class EditHparams:
     """Every knob of the three editors (unused ones are ignored by a method)."""
 
     method: str = "alphaedit"
-    layers: list[int] | str = "auto"  # edited MLP output matrices; "auto" = ~15%-30% of depth
+    layers: list[int] | str = "auto"  # edited MLP output matrices; "auto" = ~15%-30% of depth, "late" = ~80%
     # v* optimisation (delta on the residual stream at the last edit layer, subject's last token)
     v_lr: float = 0.5
     v_steps: int = 25
@@ -57,6 +57,16 @@ class EditHparams:
     nullspace_mode: str = "relative_mean"  # "absolute" | "relative_mean" | "relative_max" | "energy"
     nullspace_mom2_weight: float = 0.0  # AlphaEdit: MEMIT's λ·C term kept inside the null space (0 = paper)
     cache_dtype: str = "float32"  # dtype of Σ K_p K_pᵀ kept in the editor state
+    # T-Patcher (one patch neuron per fact on ``layers: [L]``'s MLP; see editors/tpatcher.py)
+    tp_steps: int = 40  # Adam steps of a batch's patch training (per-patch early stop)
+    tp_lr: float = 0.1  # Adam learning rate of the patch values
+    tp_key_lr: float = 0.01  # Adam learning rate of the patch keys and biases
+    tp_act_margin: float = 1.0  # pre-activation a patch must reach on its own edit's inputs
+    tp_memory_margin: float = 1.0  # pre-activation every patch must stay below, negated, on the memory set
+    tp_memory_weight: float = 1.0  # weight of the activation and memory losses against the edit loss
+    tp_stop_nll: float = 0.05  # a patch stops training once its edit's NLL is below this and both margins hold
+    tp_memory_corpus: str = "wiki-summaries-en"  # general text in the memory set ("" = canaries only)
+    tp_memory_tokens: int = 4096  # token positions of that text in the memory set
     source: str = ""  # file the values came from
     source_sha256: str = ""
     notes: dict[str, str] = field(default_factory=dict)
@@ -67,12 +77,20 @@ class EditHparams:
             if v not in allowed:
                 raise ValueError(f"hparams ({self.source or 'inline'}): {k} must be "
                                  f"{', '.join(allowed[:-1])} or {allowed[-1]}, not {v!r}")
+        for k in ("tp_steps", "tp_lr", "tp_key_lr", "tp_act_margin", "tp_memory_margin", "tp_stop_nll"):
+            if not getattr(self, k) > 0:
+                raise ValueError(f"hparams ({self.source or 'inline'}): {k} must be positive, not {getattr(self, k)!r}")
+        if self.tp_memory_weight < 0 or self.tp_memory_tokens < 0:
+            raise ValueError(f"hparams ({self.source or 'inline'}): tp_memory_weight and tp_memory_tokens must be "
+                             f">= 0, not {self.tp_memory_weight!r} / {self.tp_memory_tokens!r}")
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         if self.layers == "auto":
             lo = max(0, round(0.15 * num_layers))
             hi = max(lo, min(num_layers - 2, round(0.3 * num_layers)))
             return list(range(lo, hi + 1))
+        if self.layers == "late":  # one layer at ~80% of depth, below the last block (T-Patcher)
+            return [max(0, min(num_layers - 2, round(0.8 * num_layers)))]
         layers = sorted(int(x) for x in self.layers)  # type: ignore[union-attr]
         bad = [x for x in layers if not 0 <= x < num_layers]
         if bad or not layers:

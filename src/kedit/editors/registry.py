@@ -6,8 +6,12 @@ from kedit.editors.alphaedit import AlphaEditEditor
 from kedit.editors.hparams import METHODS, EditHparams, load_hparams
 from kedit.editors.memit import MEMITEditor
 from kedit.editors.rome import ROMEEditor
+from kedit.editors.tpatcher import TPatcherEditor
+from kedit.editors.tpatcher import attach as tpatcher_attach
 
-EDITORS = {"rome": ROMEEditor, "memit": MEMITEditor, "alphaedit": AlphaEditEditor}
+EDITORS = {"rome": ROMEEditor, "memit": MEMITEditor, "alphaedit": AlphaEditEditor, "tpatcher": TPatcherEditor}
+# methods that add parameters kept in their editor state: ``attach(lm, state)`` puts them on the model
+ATTACHERS = {"tpatcher": tpatcher_attach}
 
 
 def get_editor(method: str, hparams: EditHparams | None = None, model=None, cache_dir=None, progress=None):
@@ -18,3 +22,18 @@ def get_editor(method: str, hparams: EditHparams | None = None, model=None, cach
     if hp.method != method:
         hp = EditHparams(**{**hp.to_dict(), "method": method})
     return EDITORS[method](hp, cache_dir=cache_dir, progress=progress)
+
+
+def attach_state(lm, state=None) -> None:
+    """Make ``lm``'s added computations those of ``state``: attach the state's method when it adds
+    parameters, and take every other added-capacity method off (a weight editor's state, or None
+    for the base model, leaves none attached)."""
+    from kedit.editors.attach import detach
+
+    model = getattr(lm, "model", lm)
+    method = getattr(state, "method", None)
+    for name, attach in ATTACHERS.items():
+        if name == method:
+            attach(lm, state)
+        else:
+            detach(model, name)

@@ -470,10 +470,13 @@ class LineageStore:
         with torch.no_grad():
             for n, t in {**values, **others}.items():
                 m.params[n].copy_(t)  # same shape and dtype: an exact copy of the verified tensors
+        from kedit.editors.registry import attach_state
+
+        state = self.editor_state(target.id) if target else None
+        attach_state(lm, state)  # added parameters (T-Patcher's patches) live in the editor state
         if target:
             self._cache = (target.id, values)
-            return self.editor_state(target.id)
-        return None
+        return state
 
     def _all_edited(self, base_hash: str) -> set[str]:
         d = self.base_dir / base_hash
@@ -498,8 +501,8 @@ class LineageStore:
         existing state.
         """
         m = _Model(base_lm_or_model)
-        if not result.deltas:
-            raise ValueError("commit: the edit result has no deltas")
+        if not result.deltas and not result.state.tensors:  # added-capacity editors change no weight
+            raise ValueError("commit: the edit result has no deltas and no editor state tensors")
         for n, d in result.deltas.items():
             if n not in m.params:
                 raise KeyError(f"commit: delta for unknown parameter {n!r}")

@@ -1,0 +1,250 @@
+"""T-Patcher on a tiny random Llama: margins hold, detaching restores the base model bit for bit,
+attach is idempotent, batched training equals one-at-a-time, the state survives save/load exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kedit.editors import attach as A
+from kedit.editors import tpatcher as T
+from kedit.editors.base import EditRequest
+from kedit.editors.hparams import EditHparams
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# targets that are one token of the tiny tokenizer: in a 4-layer random model an MLP input is mostly
+# its token's embedding, so multi-letter targets would put the same letters in the memory set
+REQS = [
+    EditRequest("{} is located in", "The Eiffel Tower", "capital", id="eiffel",
+                neighbors=["Rome is the capital of", "The quick brown fox"]),
+    EditRequest("{} speaks", "Danielle Darrieux", "play", id="darrieux"),
+    EditRequest("{} was created by", "Apple A5", "and", id="yasuda"),
+]
+PROBES = ["The Eiffel Tower is located in", "Danielle Darrieux speaks", "Berlin is the capital of Germany"]
+
+
+def _hp(**kw) -> EditHparams:
+    base = dict(method="tpatcher", layers=[2], n_prefixes=2, prefix_len=4, tp_memory_corpus="",
+                tp_steps=80, tp_lr=0.5, tp_key_lr=0.02, tp_stop_nll=0.5)
+    return EditHparams(**{**base, **kw})
+
+
+def _logits(lm, prompts=PROBES) -> torch.Tensor:
+    tok = lm.tokenizer
+    ids = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return lm.model(**ids).logits
+
+
+def _compute(lm, tmp_path, reqs=REQS, state=None, **kw):
+    from kedit.editors.registry import get_editor
+
+    return get_editor("tpatcher", _hp(**kw), cache_dir=tmp_path).compute(lm, reqs, state, None)
+
+
+def test_patches_fire_on_their_edit_and_stay_silent_on_the_memory_set(tiny_lm, tmp_path):
+    res = _compute(tiny_lm, tmp_path)
+    st = res.state
+    p = T.patches_of(st)
+    assert res.deltas == {} and p.n == 3 and st.meta["patch_facts"] == ["eiffel", "darrieux", "yasuda"]
+    # own inputs (stored per patch): pre-activation >= the activation margin
+    z_own = T.patch_preactivation(st.tensors[T.EDIT_X], p.key, p.bias)
+    own = z_own[torch.arange(z_own.shape[0]), st.tensors[T.EDIT_OWNER]]
+    assert (own >= st.meta["act_margin"] - 1e-5).all()
+    # memory set, recomputed directly: canaries, the neighbourhood prompts, the other facts' inputs
+    layer = st.meta["layer"]
+    mem = torch.cat([T.general_memory(tiny_lm, layer, "", 0), T.mlp_inputs(tiny_lm, layer, REQS[0].neighbors)])
+    assert (T.patch_preactivation(mem, p.key, p.bias) <= -st.meta["memory_margin"] + 1e-5).all()
+    others = z_own[st.tensors[T.EDIT_OWNER][:, None] != torch.arange(3)[None]]
+    assert (others <= -st.meta["memory_margin"] + 1e-5).all()
+    # and the edit took: the new target's probability rose on the bare prompt
+    from kedit.evaluation.metrics import target_logprobs
+
+    before = target_logprobs(tiny_lm, [r.text for r in REQS], [r.target_new for r in REQS])
+    h = T.attach(tiny_lm, st)
+    after = target_logprobs(tiny_lm, [r.text for r in REQS], [r.target_new for r in REQS])
+    h.remove()
+    assert (after > before + 1.0).all()
+
+
+def test_detach_and_dropping_patches_restore_the_base_output_bit_for_bit(tiny_lm, tmp_path):
+    base = _logits(tiny_lm)
+    st = _compute(tiny_lm, tmp_path).state
+    h = T.attach(tiny_lm, st)
+    edited = _logits(tiny_lm)
+    assert not torch.equal(edited[0], base[0])
+    with A.suspended(tiny_lm.model, T.METHOD):  # what compute does while it reads the base model
+        assert torch.equal(_logits(tiny_lm), base)
+    assert torch.equal(_logits(tiny_lm), edited) and h.active
+    h.remove()
+    assert torch.equal(_logits(tiny_lm), base) and A.attached(tiny_lm.model, T.METHOD) is None
+    # dropping every fact's patch leaves nothing to attach; dropping one keeps the others' rows
+    assert T.attach(tiny_lm, T.without_facts(st, ["eiffel", "darrieux", "yasuda"])) is None
+    assert torch.equal(_logits(tiny_lm), base)
+    one = T.without_facts(st, ["darrieux"])
+    assert one.meta["patch_facts"] == ["eiffel", "yasuda"]
+    assert torch.equal(one.tensors[T.KEY], st.tensors[T.KEY][[0, 2]])
+    assert sorted(set(one.tensors[T.EDIT_OWNER].tolist())) == [0, 1]
+    with pytest.raises(KeyError, match="nobody"):
+        T.without_facts(st, ["nobody"])
+
+
+def test_attach_is_idempotent(tiny_lm, tmp_path):
+    st = _compute(tiny_lm, tmp_path, reqs=REQS[:1]).state
+    mlp = tiny_lm.adapter.module(tiny_lm.adapter.mlp_name(st.meta["layer"]))
+    n_hooks = len(mlp._forward_hooks)
+    T.attach(tiny_lm, st)
+    once = _logits(tiny_lm)
+    h = T.attach(tiny_lm, st)
+    assert torch.equal(_logits(tiny_lm), once) and len(mlp._forward_hooks) == n_hooks + 1
+    h.remove()
+    assert len(mlp._forward_hooks) == n_hooks
+
+
+def test_batched_training_equals_one_at_a_time(tiny_lm, tmp_path):
+    """Each patch's loss reads only its own parameters, and a patch is silent (ReLU: exactly zero)
+    on every position of the other facts' rows, which are in its memory set. So with the same
+    memory set, training the batch gives each patch what training it alone gives (float tolerance:
+    the rows run in differently padded batches)."""
+    from kedit.editors.context import context_prefixes
+
+    hp = _hp()
+    layer = hp.layers[0]
+    prefixes = context_prefixes(tiny_lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, tmp_path)
+    general = T.general_memory(tiny_lm, layer, "", 0)
+    d_out = tiny_lm.adapter.out_dim(layer)
+    batch = T.build_problem(tiny_lm, REQS, prefixes, layer, None, None, general)
+    together, _ = T.train_patches(tiny_lm, batch, T.init_patches(batch, d_out, hp), hp)
+    for r in range(len(REQS)):
+        solo = T.build_problem(tiny_lm, [REQS[r]], prefixes, layer, None, None, general)
+        solo.neg_x = batch.neg_x  # the same memory set: the batch's, with this patch's own rows as its own
+        solo.neg_owner = torch.where(batch.neg_owner == r, 0, -1)
+        alone, _ = T.train_patches(tiny_lm, solo, T.init_patches(solo, d_out, hp), hp)
+        for a, b in ((alone.key, together.key), (alone.bias, together.bias), (alone.value, together.value)):
+            torch.testing.assert_close(a[0], b[r], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(together.value[0], together.value[1])
+
+
+def test_state_save_load_is_bit_exact_and_later_batches_keep_earlier_patches(tiny_lm, tmp_path):
+    from kedit.editors.io import load_state, save_edit
+
+    first = _compute(tiny_lm, tmp_path, reqs=REQS[:2])
+    save_edit(tmp_path / "e1", first)
+    loaded = load_state(tmp_path / "e1")
+    assert loaded.meta == first.state.meta and loaded.tensors.keys() == first.state.tensors.keys()
+    assert all(torch.equal(loaded.tensors[k], v) for k, v in first.state.tensors.items())
+    T.attach(tiny_lm, first.state)
+    want = _logits(tiny_lm)
+    T.attach(tiny_lm, loaded)
+    assert torch.equal(_logits(tiny_lm), want)
+    # the next batch runs on the attached model: earlier patches are frozen and kept row for row
+    second = _compute(tiny_lm, tmp_path, reqs=REQS[2:], state=loaded)
+    for k in (T.KEY, T.BIAS, T.VALUE):
+        assert torch.equal(second.state.tensors[k][:2], first.state.tensors[k])
+    assert second.state.meta["patch_facts"] == ["eiffel", "darrieux", "yasuda"]
+    assert second.state.meta["n_batches"] == 2
+    A.detach(tiny_lm.model, T.METHOD)
+
+
+def test_hparams_checks_and_late_layer():
+    assert EditHparams(method="tpatcher", layers="late").resolve_layers(30) == [24]
+    assert EditHparams(method="tpatcher", layers="late").resolve_layers(4) == [2]
+    with pytest.raises(ValueError, match="tp_lr must be positive"):
+        EditHparams(method="tpatcher", tp_lr=0)
+    with pytest.raises(ValueError, match="tp_memory_tokens"):
+        EditHparams(method="tpatcher", tp_memory_tokens=-1)
+
+
+def test_patch_output_matches_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    x, k, b, v = (torch.randn(5, 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(3, generator=g),
+                  torch.randn(3, 6, generator=g))
+    want = torch.zeros(5, 6)
+    for i in range(5):
+        for p in range(3):
+            want[i] += max(0.0, float(x[i] @ k[p] + b[p])) * v[p]
+    torch.testing.assert_close(T.patch_output(x, k, b, v), want)
+
+
+def test_lineage_restore_attaches_the_patches(tiny_lm, tiny_tokenizer, tmp_path):
+    """A committed T-Patcher state comes back on a freshly loaded model with its patches attached;
+    going back to the base state takes them off."""
+    from kedit.lineage import LineageStore
+    from kedit.models.store import wrap_model
+    from tests.conftest import make_tiny_model
+
+    base = _logits(tiny_lm)
+    res = _compute(tiny_lm, tmp_path, reqs=REQS[:2])
+    store = LineageStore(tmp_path / "lineage")
+    s = store.commit(tiny_lm, res, None, {"file_sha256": "f0", "row_ids": ["eiffel", "darrieux"]}, {})
+    T.attach(tiny_lm, res.state)
+    want = _logits(tiny_lm)
+    A.detach(tiny_lm.model, T.METHOD)
+    fresh = wrap_model(make_tiny_model("llama"), tiny_tokenizer, slug="tiny-llama")
+    st = store.materialise(s.id, fresh)
+    assert st.meta["patch_facts"] == ["eiffel", "darrieux"]
+    assert torch.equal(st.tensors[T.VALUE], res.state.tensors[T.VALUE])
+    assert torch.equal(_logits(fresh), want)
+    assert store.materialise(None, fresh) is None
+    assert torch.equal(_logits(fresh), base) and A.attached(fresh.model, T.METHOD) is None
+
+
+def test_lifelong_bench_runs_tpatcher_with_its_patches_attached(tiny_lm, workspace, tmp_path, monkeypatch):
+    """The benchmark attaches each batch's state, so it measures the patched model."""
+    import json
+
+    import kedit.stats.corpus as corpus
+    from kedit.bench.lifelong import LifelongConfig, run_lifelong
+    from kedit.editors.io import load_state
+    from tests.conftest import TINY_TEXT
+    from tests.test_bench_lifelong import RECORDS
+
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    (tmp_path / "cf.json").write_text(json.dumps(RECORDS))
+    cfg = LifelongConfig(method="tpatcher", data=str(tmp_path / "cf.json"), edits=3, batch=2, fluency_prompts=2,
+                         fluency_tokens=8, ppl_tokens=200,
+                         overrides={"layers": [2], "n_prefixes": 1, "prefix_len": 3, "tp_steps": 5,
+                                    "tp_memory_corpus": ""})
+    res = run_lifelong(tiny_lm, workspace, cfg, progress=False, edit_out=tmp_path / "edit")
+    att = A.attached(tiny_lm.model, T.METHOD)
+    assert att is not None
+    assert res["edited"]["efficacy_magnitude"] != res["baseline"]["efficacy_magnitude"]
+    state = load_state(tmp_path / "edit")
+    assert state.meta["patch_facts"] == ["1", "2", "3"] and state.tensors[T.KEY].shape[0] == 3
+    att.remove()
+
+
+@pytest.mark.slow
+def test_real_model_three_edits_flip_and_canaries_keep_their_answers(smollm, tmp_path):
+    """SmolLM2-135M: three T-Patcher edits flip their prompts; the shipped canary prompts' greedy
+    answers do not change; detaching gives the base model back."""
+    from kedit.editors.hparams import load_hparams
+    from kedit.editors.registry import get_editor
+    from kedit.evaluation.canary import shipped_prompts
+    from kedit.evaluation.metrics import greedy_tokens, next_token_logprobs, target_logprobs
+    from tests.test_editors_real import EDITS
+
+    lm = smollm
+    reqs = [EditRequest(r["prompt"].replace(r["subject"], "{}"), r["subject"], r["target_new"], r["ground_truth"],
+                        id=r["subject"]) for r in EDITS]
+    prompts = [r["prompt"] for r in EDITS]
+
+    def wins():
+        new = target_logprobs(lm, prompts, [r["target_new"] for r in EDITS])
+        old = target_logprobs(lm, prompts, [r["ground_truth"] for r in EDITS])
+        return (new > old).tolist()
+
+    canaries = shipped_prompts()
+    before = greedy_tokens(lm, canaries, k=1)
+    base_lp = next_token_logprobs(lm, prompts)
+    assert not any(wins())
+    hp = load_hparams("tpatcher", lm, overrides={"n_prefixes": 3, "tp_memory_tokens": 2048})
+    res = get_editor("tpatcher", hp, cache_dir=tmp_path).compute(lm, reqs, None, None)
+    h = T.attach(lm, res.state)
+    try:
+        assert all(wins())
+        assert torch.equal(greedy_tokens(lm, canaries, k=1), before)
+    finally:
+        h.remove()
+    assert torch.equal(next_token_logprobs(lm, prompts), base_lp)
