@@ -264,7 +264,7 @@ def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict
     """
     from kedit.editors.base import apply_deltas
     from kedit.editors.hparams import load_hparams
-    from kedit.editors.registry import get_editor
+    from kedit.editors.registry import ATTACHERS, get_editor
     from kedit.editors.session import EditSession
     from kedit.feeds.ingest import to_edit_requests
     from kedit.stats.collect import ensure_stats
@@ -277,9 +277,11 @@ def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict
     lm, editor_state = load_state_model(ws, cfg, parent)
     hp = load_hparams(cfg.method, lm, overrides=cfg.hparams_overrides or None)
     layers = hp.resolve_layers(lm.adapter.num_layers)
-    stats = ensure_stats(lm, layers, ws, cfg.stats_corpus, max_tokens=cfg.stats_max_tokens,
-                         seq_len=cfg.stats_seq_len, batch_size=cfg.stats_batch_size)
-    editor = get_editor(cfg.method, hp, cache_dir=stats.dir)
+    # an editor that adds parameters reads no key statistics (its memory set plays their part)
+    stats = None if cfg.method in ATTACHERS else ensure_stats(
+        lm, layers, ws, cfg.stats_corpus, max_tokens=cfg.stats_max_tokens, seq_len=cfg.stats_seq_len,
+        batch_size=cfg.stats_batch_size)
+    editor = get_editor(cfg.method, hp, cache_dir=stats.dir if stats else ws.cache_dir)
     requests = to_edit_requests(rows)
     names = [lm.adapter.weight_name(i) for i in layers]
     params = dict(lm.model.named_parameters())
@@ -306,7 +308,7 @@ def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict
                          predictions=predictions, applied=True)
     RunLog(ws, ingest["refresh_key"]).log(
         "editing", params={"method": cfg.method, "parent": parent, "layers": layers, "n_edits": len(rows),
-                           "stats_key": stats.key, "hparams_sha256": hp.source_sha256},
+                           "stats_key": stats.key if stats else None, "hparams_sha256": hp.source_sha256},
         metrics={"seconds_per_edit": seconds / len(rows), "vstar_converged": sum(took)},
         artifacts=[store.state_dir(state.id) / "state.json"], tags={"kedit.state": state.id})
     return {"state_id": state.id, "parent": parent, "n_edits": len(rows), "seconds": seconds,
