@@ -157,3 +157,26 @@ def test_refresh_logs_every_candidate_and_registers_the_logged_model(workspace, 
     assert [x.split(" ", 1)[1].split(" in ")[0] for x in tail.new_lines()] == ["register: started", "register: done"]
     # the refresh's run goes on after registration (approval, promotion log into it later)
     assert runlog.client.get_run(runlog.parent_id).info.status == "RUNNING"
+
+
+def test_base_version_from_before_is_kept_and_a_loadable_one_registered(workspace, stored_lm, monkeypatch,  # noqa: F811
+                                                                        tmp_path):
+    """A base version whose source is a plain folder (not loadable) is not reused as champion's target."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import mlflow
+
+    from kedit.lineage.registry import TAG_BASE, TAG_STATE, ModelRegistry, Tracking
+
+    lm = stored_lm()
+    base_hash = lm.manifest.model_hash
+    reg = ModelRegistry(Tracking(workspace), "tiny-llama")
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "base.json").write_text(json.dumps({"state": None, "base_model_hash": base_hash}))
+    old = reg.client.create_model_version(reg.name, source=folder.as_uri(), tags={TAG_STATE: "base",
+                                                                                 TAG_BASE: base_hash})
+    mv = reg.register_base("tiny-llama", base_hash)
+    assert mv.version != old.version and mv.source.startswith("models:/")
+    assert reg.register_base("tiny-llama", base_hash).version == mv.version  # idempotent per hash
+    model = mlflow.pyfunc.load_model(f"models:/{reg.name}/{mv.version}")
+    assert model.predict(PROMPTS, params={"max_new_tokens": 6}) == greedy(lm, PROMPTS)
