@@ -9,7 +9,7 @@ import pytest
 
 from kedit.editors.base import apply_deltas
 from kedit.lineage import LineageStore, ops
-from tests.test_lineage import fabricate, stored_lm  # noqa: F401  (fixture re-export)
+from tests.test_lineage import fabricate, gate_and_approve, stored_lm  # noqa: F401  (fixture re-export)
 
 NO_DVC = {"mlflow": True, "dvc": False, "snapshot_every": 2, "model_prefix": "kedit", "dvc_remote": None}
 PROMPTS = ["The Eiffel Tower is located in", "Rome is the capital of", "Danielle Darrieux speaks"]
@@ -91,6 +91,7 @@ def test_champion_loads_through_mlflow_and_predicts_the_edited_answer(workspace,
 
     assert EditState.from_file(lineage / "states" / states[2].id / "state.json").id == states[2].id
 
+    gate_and_approve(store, states[2])  # promotion needs a gate verdict and an approval in the lineage
     ops.promote(workspace, store, states[2].id, by="alice", params=NO_DVC)
     assert reg.alias("champion").tags["kedit.state_id"] == states[2].id
     model = mlflow.pyfunc.load_model(f"models:/{reg.name}@champion")
@@ -98,6 +99,21 @@ def test_champion_loads_through_mlflow_and_predicts_the_edited_answer(workspace,
     # an earlier state loads as itself (its path is replayed, not the champion's)
     first = mlflow.pyfunc.load_model(f"models:/{reg.name}/{reg.version_of(states[0].id).version}")
     assert first.predict(PROMPTS, params={"max_new_tokens": 6}) == states_answers(stored_lm, store, states[0].id)
+
+    # rollback to base: champion now loads the base model itself, through the same pyfunc, bit for bit
+    ops.rollback(workspace, store, None, by="bob", reason="regressed", params=NO_DVC)
+    champ = reg.alias("champion")
+    assert champ.tags["kedit.state_id"] == "base" and champ.source.startswith("models:/")
+    model = mlflow.pyfunc.load_model(f"models:/{reg.name}@champion")
+    assert model.predict(PROMPTS, params={"max_new_tokens": 6}) == base_answers
+    from kedit.lineage.store import _Model
+
+    served = model.unwrap_python_model().lm
+    assert _Model(served).digest() == _Model(stored_lm()).digest()  # every weight is the base model's
+    assert len(tr.client.search_runs([tr.experiment_id], "tags.`kedit.kind` = 'base-model'")) == 1  # no 2nd copy
+    n = len(reg.versions())
+    ops.rollback(workspace, store, None, by="bob", reason="again", params=NO_DVC)
+    assert len(reg.versions()) == n and reg.alias("champion").version == champ.version
 
 
 def states_answers(stored_lm, store, sid):  # noqa: F811
@@ -141,3 +157,26 @@ def test_refresh_logs_every_candidate_and_registers_the_logged_model(workspace, 
     assert [x.split(" ", 1)[1].split(" in ")[0] for x in tail.new_lines()] == ["register: started", "register: done"]
     # the refresh's run goes on after registration (approval, promotion log into it later)
     assert runlog.client.get_run(runlog.parent_id).info.status == "RUNNING"
+
+
+def test_base_version_from_before_is_kept_and_a_loadable_one_registered(workspace, stored_lm, monkeypatch,  # noqa: F811
+                                                                        tmp_path):
+    """A base version whose source is a plain folder (not loadable) is not reused as champion's target."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import mlflow
+
+    from kedit.lineage.registry import TAG_BASE, TAG_STATE, ModelRegistry, Tracking
+
+    lm = stored_lm()
+    base_hash = lm.manifest.model_hash
+    reg = ModelRegistry(Tracking(workspace), "tiny-llama")
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "base.json").write_text(json.dumps({"state": None, "base_model_hash": base_hash}))
+    old = reg.client.create_model_version(reg.name, source=folder.as_uri(), tags={TAG_STATE: "base",
+                                                                                 TAG_BASE: base_hash})
+    mv = reg.register_base("tiny-llama", base_hash)
+    assert mv.version != old.version and mv.source.startswith("models:/")
+    assert reg.register_base("tiny-llama", base_hash).version == mv.version  # idempotent per hash
+    model = mlflow.pyfunc.load_model(f"models:/{reg.name}/{mv.version}")
+    assert model.predict(PROMPTS, params={"max_new_tokens": 6}) == greedy(lm, PROMPTS)

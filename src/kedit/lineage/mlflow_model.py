@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 from kedit.lineage.state import SNAPSHOT_FILE, STATE_FILE, LineageError
 
@@ -95,7 +96,8 @@ def resolve_base_model(config: dict[str, Any]) -> Path:
 
 
 class EditStateModel(mlflow.pyfunc.PythonModel):
-    """``predict(prompts) -> greedy continuations`` of the base model with one edit state restored."""
+    """``predict(prompts) -> greedy continuations`` of the base model with one edit state restored
+    (``state_id`` null: the base model itself, nothing restored)."""
 
     def load_context(self, context) -> None:
         from kedit.refresh import RefreshConfig, load_state_model
@@ -110,8 +112,12 @@ class EditStateModel(mlflow.pyfunc.PythonModel):
                                                       cfg["state_id"])
         self.state_id = cfg["state_id"]
 
-    def predict(self, context, model_input, params=None):  # untyped: the logged signature declares params
-        """Greedy continuation of each prompt (a list of strings or a one-column DataFrame)."""
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
+        """Greedy continuation of each prompt (a list of strings or a one-column DataFrame).
+
+        ``pd.DataFrame`` is what MLflow hands over under the logged column signature, and a hint MLflow
+        infers no signature from: a hint such as ``list[str]`` would make it replace the explicit
+        signature, dropping its ``max_new_tokens`` param. A plain list still works when called directly."""
         from kedit.evaluation.metrics import greedy_tokens
 
         if hasattr(model_input, "iloc"):

@@ -170,28 +170,22 @@ class ModelRegistry:
             return None
 
     def register_base(self, slug: str, base_model_hash: str) -> Any:
-        """A version standing for the base model itself (no deltas), so ``champion`` can point at it.
+        """A version standing for the base model itself (no edit state), so ``champion`` can point at it.
 
         A rollback to the base model moves the alias here rather than deleting it: a server that
-        resolves ``models:/<name>@champion`` then gets the base model (a record with no deltas), where
-        a missing alias would leave it on whatever it loaded last. Idempotent per base model hash."""
+        resolves ``models:/<name>@champion`` then loads the base model (the same pyfunc as every state,
+        with no state to restore; see :func:`log_base_model`), where a missing alias would leave it on
+        whatever it loaded last. Idempotent per base model hash; a base version registered before the
+        base was a loadable model (its source a plain folder) is left for the audit trail and a loadable
+        one is registered beside it."""
         for v in self.versions():
-            if v.tags.get(TAG_STATE) == BASE and v.tags.get(TAG_BASE) == base_model_hash:
+            if (v.tags.get(TAG_STATE) == BASE and v.tags.get(TAG_BASE) == base_model_hash
+                    and str(v.source).startswith("models:/")):
                 return v
-        mlflow = _mlflow()
-        import json
-
-        with mlflow.start_run(run_name=f"register-base-{slug}", experiment_id=self.tracking.experiment_id,
-                              nested=mlflow.active_run() is not None) as r, tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "base"
-            folder.mkdir()
-            (folder / "base.json").write_text(json.dumps(
-                {"state": None, "base_model_slug": slug, "base_model_hash": base_model_hash,
-                 "deltas": {}, "note": "the base model itself: no edit state, no deltas"}, indent=2))
-            mlflow.log_artifacts(str(folder), artifact_path="base")
-            source, run = f"{r.info.artifact_uri}/base", r.info.run_id
+        logged = log_base_model(self.tracking, slug, base_model_hash)
         mv = self.client.create_model_version(
-            self.name, source=source, run_id=run, tags={TAG_STATE: BASE, TAG_BASE: base_model_hash},
+            self.name, source=logged.model_uri, run_id=logged.source_run_id, model_id=logged.model_id,
+            tags={TAG_STATE: BASE, TAG_BASE: base_model_hash},
             description=f"the base model {slug} ({base_model_hash[:12]}) with no edits")
         return self.client.get_model_version(self.name, mv.version)
 
@@ -220,13 +214,19 @@ def _run_ctx(tracking: Tracking, run_id: str | None, name: str) -> Iterator[Any]
         tracking.client.update_run(run_id, status="RUNNING")
 
 
+def logged_base_model_uri(tracking: Tracking, model_hash: str) -> str | None:
+    """URI of the base model folder if it is already logged (a run of kind ``base-model``), else None."""
+    query = f"tags.`{TAG_KIND}` = 'base-model' and tags.`{TAG_BASE}` = '{model_hash}'"
+    found = tracking.client.search_runs([tracking.experiment_id], filter_string=query, max_results=1)
+    return f"{found[0].info.artifact_uri}/{BASE_ARTIFACT}" if found else None
+
+
 def base_model_uri(tracking: Tracking, model_dir: Path, model_hash: str) -> str:
     """URI of the base model folder, logged once per model hash (a run of kind ``base-model``), so each
     state's model references it instead of carrying another full copy of the weights."""
-    query = f"tags.`{TAG_KIND}` = 'base-model' and tags.`{TAG_BASE}` = '{model_hash}'"
-    found = tracking.client.search_runs([tracking.experiment_id], filter_string=query, max_results=1)
+    found = logged_base_model_uri(tracking, model_hash)
     if found:
-        return f"{found[0].info.artifact_uri}/{BASE_ARTIFACT}"
+        return found
     mlflow = _mlflow()
     with _run_ctx(tracking, None, f"base-model-{Path(model_dir).name}") as r:
         mlflow.set_tags({TAG_KIND: "base-model", TAG_BASE: model_hash})
@@ -274,6 +274,60 @@ def _requirements() -> list[str]:
     return out
 
 
+def _log_pyfunc(root: Path, config: dict[str, Any], tags: dict[str, str], metadata: dict[str, Any]) -> Any:
+    """Log the pyfunc (kedit's entry point, ``root`` as its workspace artifact) into the active run."""
+    import json
+
+    from kedit.lineage import pyfunc_entry as entry
+    from kedit.lineage.mlflow_model import ARTIFACT, CONFIG_FILE, signature
+
+    mlflow = _mlflow()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    with warnings.catch_warnings():  # the signature is explicit (it declares max_new_tokens); an input
+        warnings.filterwarnings("ignore", message=".*(type hint|input example).*")  # example would load it
+        return mlflow.pyfunc.log_model(
+            name=STATE_MODEL, python_model=str(Path(entry.__file__)), artifacts={ARTIFACT: str(root)},
+            pip_requirements=_requirements(), tags=tags, signature=signature(), metadata=metadata)
+
+
+def find_base_model(tracking: Tracking, base_model_hash: str) -> Any | None:
+    """The logged pyfunc model of the base model itself (no edit state), if there is one."""
+    query = f"tags.`{TAG_STATE}` = '{BASE}' and tags.`{TAG_BASE}` = '{base_model_hash}'"
+    found = tracking.client.search_logged_models([tracking.experiment_id], filter_string=query, max_results=1)
+    return found[0] if found else None
+
+
+def log_base_model(tracking: Tracking, slug: str, base_model_hash: str) -> Any:
+    """Log the base model as the same pyfunc as an edit state, with no state (an empty lineage path):
+    loading it gives the base model exactly. The weights are not copied again: the model references
+    the base model logged once per hash (:func:`base_model_uri`). Idempotent per base model hash."""
+    from kedit.lineage.mlflow_model import ARTIFACT
+    from kedit.models.store import ModelManifest
+
+    existing = find_base_model(tracking, base_model_hash)
+    if existing is not None:
+        return existing
+    model_dir = tracking.ws.model_dir(slug)
+    try:
+        have = ModelManifest.read(model_dir).model_hash
+    except FileNotFoundError:
+        have = None
+    base_uri = logged_base_model_uri(tracking, base_model_hash)
+    if base_uri is None:
+        if have != base_model_hash:
+            raise LineageError(f"base model {slug} ({base_model_hash[:12]}) is neither logged in MLflow nor in "
+                               f"{model_dir} (found {str(have)[:12]}); a loadable MLflow model of the base "
+                               f"model needs one of them")
+        base_uri = base_model_uri(tracking, model_dir, base_model_hash)
+    config = {"state_id": None, "base_model_hash": base_model_hash, "base_model_uri": base_uri,
+              "base_model_path": str(model_dir) if have == base_model_hash else None, "base_model_slug": slug}
+    tags = {TAG_STATE: BASE, TAG_BASE: base_model_hash, TAG_KIND: "base-state"}
+    with _run_ctx(tracking, None, f"register-base-{slug}"), tempfile.TemporaryDirectory() as tmp:
+        info = _log_pyfunc(Path(tmp) / ARTIFACT, config, tags, {"kedit_state": None, "base_model_slug": slug})
+    return tracking.client.get_logged_model(info.model_id)
+
+
 def log_state_model(tracking: Tracking, store: Any, state: EditState, run_id: str | None = None,
                     gate_dir: Path | None = None) -> Any:
     """Log ``state`` as an MLflow pyfunc model (base model reference + its lineage path) into ``run_id``.
@@ -284,8 +338,7 @@ def log_state_model(tracking: Tracking, store: Any, state: EditState, run_id: st
     """
     import json
 
-    from kedit.lineage import pyfunc_entry as entry
-    from kedit.lineage.mlflow_model import ARTIFACT, CONFIG_FILE, signature, stage_state_lineage
+    from kedit.lineage.mlflow_model import ARTIFACT, stage_state_lineage
     from kedit.models.store import ModelManifest
 
     existing = find_state_model(tracking, state.id)
@@ -313,13 +366,8 @@ def log_state_model(tracking: Tracking, store: Any, state: EditState, run_id: st
     with _run_ctx(tracking, run_id, f"state-{state.short}") as r, tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / ARTIFACT  # the folder's name is the artifact's path inside the model
         stage_state_lineage(store, state.id, root)
-        (root / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-        with warnings.catch_warnings():  # the signature is explicit (it declares max_new_tokens); an input
-            warnings.filterwarnings("ignore", message=".*(type hint|input example).*")  # example would load it
-            info = mlflow.pyfunc.log_model(
-                name=STATE_MODEL, python_model=str(Path(entry.__file__)), artifacts={ARTIFACT: str(root)},
-                pip_requirements=_requirements(), tags=tags, signature=signature(),
-                metadata={"kedit_state": state.id, "parent": state.parent, "n_edits": state.n_edits})
+        info = _log_pyfunc(root, config, tags, {"kedit_state": state.id, "parent": state.parent,
+                                                "n_edits": state.n_edits})
         run = r.info.run_id
         metrics = {"n_edits": float(state.n_edits), "depth": float(state.depth)}
         for c in (gate or {}).get("checks", []):
