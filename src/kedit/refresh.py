@@ -415,7 +415,7 @@ def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: d
     report = run_gates(champ_lm, cand_lm, policy, new_edits=new, prior_edits=prior, canary=canary,
                        progress=False, candidate_state={"id": sid, "parent": ingest["champion"],
                                                         "n_edits": edit.get("n_edits"),
-                                                        "feed": Path(ingest["feed"]).name},
+                                                        "feed": Path(ingest["feed"]).name if ingest.get("feed") else None},
                        reference_text=drift.reference_text, drift=drift)
     report.save(out_dir)
     gate = report.to_dict()
@@ -446,8 +446,6 @@ def log_candidate_model(ws: Workspace, store, state_id: str, runlog: RunLog, gat
     return logged.model_id
 
 
-@reported("register")
-
 def nightly_drift_gate(ws: Workspace, cfg: RefreshConfig, policy, base_hash: str, prompts: Sequence[str]):
     """The drift gate against the lineage's base model: its reference outputs come from the workspace
     cache (the base model is loaded only when a prompt or the reference text is not cached yet)."""
@@ -462,6 +460,7 @@ def nightly_drift_gate(ws: Workspace, cfg: RefreshConfig, policy, base_hash: str
                             reference_tokens=policy.reference_tokens, cache=cache_root(ws))
 
 
+@reported("register")
 def register_step(ws: Workspace, key: str, state_id: str) -> dict[str, Any]:
     """Register the candidate's logged MLflow model as a model version with the ``candidate`` alias."""
     from kedit.lineage.ops import register_candidate
