@@ -108,3 +108,18 @@ def test_dvc_tag_checkout_and_fresh_clone(workspace, stored_lm, tmp_path):  # no
     run_batches(store, lm2, 1, parent=s3.id, prev=store.editor_state(s3.id), seed0=20)
     ops.rollback(workspace, store, s2.id, by="bob", reason="audit", params=params)
     assert store.verify().ok and state_tag(s2.id) in v.tags()
+
+
+def test_tracking_leaves_the_process_environment_alone(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri writes $MLFLOW_TRACKING_URI, which Workspace.mlflow_uri reads first: one
+    workspace's store must not become every later workspace's store in the same process."""
+    import os
+
+    from kedit.lineage.registry import Tracking
+    from kedit.workspace import Workspace
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    a, b = Workspace(tmp_path / "a"), Workspace(tmp_path / "b")
+    Tracking(a)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert Tracking(b).uri.endswith(str(tmp_path / "b" / "mlflow.db"))

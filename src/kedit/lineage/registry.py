@@ -60,7 +60,15 @@ class Tracking:
         from mlflow.tracking import MlflowClient
 
         self.uri = self.ws.mlflow_uri
+        # MLflow 3 also writes the URI into $MLFLOW_TRACKING_URI, which Workspace.mlflow_uri reads first:
+        # left there, every later workspace in this process (a long-lived worker, a test run) would
+        # track into this one's store. Keep the process environment as it was.
+        before = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
         self.client = MlflowClient(self.uri)
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is None:
