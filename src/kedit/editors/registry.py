@@ -5,9 +5,10 @@ from __future__ import annotations
 from kedit.editors.alphaedit import AlphaEditEditor
 from kedit.editors.hparams import METHODS, EditHparams, load_hparams
 from kedit.editors.memit import MEMITEditor
+from kedit.editors.memoir import MemoirEditor
 from kedit.editors.rome import ROMEEditor
 
-EDITORS = {"rome": ROMEEditor, "memit": MEMITEditor, "alphaedit": AlphaEditEditor}
+EDITORS = {"rome": ROMEEditor, "memit": MEMITEditor, "alphaedit": AlphaEditEditor, "memoir": MemoirEditor}
 
 
 def get_editor(method: str, hparams: EditHparams | None = None, model=None, cache_dir=None, progress=None):
