@@ -58,7 +58,7 @@ class EditHparams:
     nullspace_mom2_weight: float = 0.0  # AlphaEdit: MEMIT's λ·C term kept inside the null space (0 = paper)
     cache_dtype: str = "float32"  # dtype of Σ K_p K_pᵀ kept in the editor state
     # memoir (sparse residual memory beside one down-projection; see editors/memoir.py)
-    mm_layer: int = 6  # block whose down-projection gets the memory (negative: from the end)
+    mm_layer: int = -1  # block whose down-projection gets the memory; -1: the last of `layers`
     mm_k: int = 64  # columns per fingerprint / written per edit
     mm_threshold: float = 0.5  # least overlap |M_q ∩ M_e| / k at which a token reads entry e
     mm_lr: float = 0.1  # Adam on each edit's block

@@ -7,45 +7,47 @@ change, and a token that matches no stored edit runs exactly the base computatio
 Mechanics (layer ``L``, down-projection input ``x`` of width ``d``, output width ``d_out``):
 
 - **Fingerprint of one token**: ``perm[top_k(x - μ)]`` as a sorted index set, where ``μ`` is the mean
-  down-projection input over general text (``mm_bg_docs`` documents of the statistics corpus, stored
+  down-projection input over general text (``mm_bg_docs`` documents of the statistics corpus, kept
   in the state) and ``perm`` a fixed seeded permutation of the ``d`` columns. Subtracting ``μ`` drops
   the features every token has; the top-k of what is left says what is particular to this token.
-  The permutation maps that set to the columns of W' the edit writes and reads, so the edit's input
-  features are not always the few that general text drives hardest. A bijection keeps overlaps, so
-  it changes which columns carry an edit, not how many columns two edits share.
-- **Entries**: an edit with target tokens ``t_1..t_m`` stores ``m`` entries, one per position that
-  predicts a target token (the prompt's last token for ``t_1``, token ``t_j`` for ``t_{j+1}``).
-  Entry ``e`` holds its column set ``M_e`` (``k`` indices: the fingerprint of the context-averaged
-  ``x - μ`` at that position over the bare prompt and its random-prefix contexts), its block
-  ``B_e`` (``[d_out, k]``, the entry's own contribution) and the fact id that owns it.
-  ``W' = Σ_e scatter(B_e → columns M_e)`` (:func:`residual_matrix`), so entries of different facts
-  may share columns, like MEMOIR's shared memory.
+  The permutation maps that set to the columns of W' the edit reads and writes, so an edit's
+  residual is not driven by the same few features general text drives hardest. A bijection keeps
+  overlaps: it changes which columns carry an edit, not how many columns two edits share.
+- **One entry per fact, at the subject**: MEMOIR fingerprints the prompt's mean activation at a
+  late layer. On SmolLM2 that key does not separate facts: a neighbourhood prompt (same relation,
+  another subject) overlaps a stored mask more than the fact's own paraphrase does (docs/editing.md,
+  "Sparse residual memory"). The subject's last token does separate them, so each fact stores one
+  entry there: ``M_e`` = the fingerprint of ``x - μ`` at the subject's last token averaged over the
+  bare prompt and its random-prefix contexts, its block ``B_e`` (``[d_out, k]``, the fact's own
+  contribution) and the fact id that owns it. ``W' = Σ_e scatter(B_e → columns M_e)``
+  (:func:`residual_matrix`): entries of different facts may share columns, as in MEMOIR's shared memory.
 - **Reading, per token**: every token's own fingerprint is compared with every entry's ``M_e``;
-  the best entry ``e*`` (largest overlap ``|M_q ∩ M_e| / k``, lowest index on ties) is used when its
-  overlap is at least ``mm_threshold``, and the down-projection output of that token gains
-  ``W'[:, M_e*] · x[M_e*]``. Other tokens are not touched at all (bit for bit the base output).
-  The decision is per token, from that token's activation only, so it is the same in a padded batch,
-  in a single prompt, with or without a KV cache: during **free generation** the prompt's tokens
-  decide in the prefill and every generated token decides for itself when it is fed back (this is
-  what lets a multi-token target continue: the entry of ``t_j`` fires on ``t_j``). In **perplexity
-  scoring** of long text, each token of each window decides on its own, so windows that match no
-  entry run the base model exactly.
-- **Writing**: each request's entries get fresh blocks ``B_e = 0``; the row of request ``r`` in
-  context ``c`` gets ``(W'_prev[:, M_e] + B_e) · x[M_e]`` added at entry ``e``'s position (the
-  positions that predict target tokens); Adam steps minimise the mean target NLL over the contexts,
-  one forward/backward for the whole batch (only the blocks above ``L`` are replayed, on the
-  positions from the prompt's last token on). Losses are summed over requests and each request
-  trains only its own blocks, so a batch gives each request the blocks it would get alone from the
-  same state (a test checks batched == one-at-a-time). A request stops at ``mm_stop_nll``.
-- **Retraction** (:func:`retract`): drop a fact's entries (masks and blocks) and recompute W' from
-  the remaining blocks; that fact's prompts then match nothing they did not match before the edit,
-  and where they match nothing, run the base model bit for bit. Other facts keep their blocks; on
-  columns they shared with the removed fact they lose its contribution.
+  the best entry ``e*`` (largest overlap ``|M_q ∩ M_e| / k``, the older entry on ties) is read when
+  its overlap is at least ``mm_threshold``: that token's down-projection output gains
+  ``W'[:, M_e*] · x[M_e*]``. Every other token's output is left untouched (bit for bit the base).
+  The decision uses the token's own activation only, so it is the same in a padded batch, alone,
+  with or without a KV cache. **Free generation**: the prompt's subject token fires in the prefill;
+  its changed keys and values stay in the cache, so every generated token sees the edited subject,
+  and each generated token decides for itself (it fires only if it is itself a stored subject).
+  **Perplexity scoring**: each token of each window decides on its own; a window in which no token
+  is (close to) a stored subject runs the base model exactly.
+- **Writing**: each request gets a fresh block ``B = 0``; its row in every context gets
+  ``(W'_prev[:, M] + B) · x[M]`` added at the subject's last token, and Adam minimises the mean
+  target NLL over the contexts, one forward/backward for the whole batch (only the blocks above
+  ``L`` and the tokens from the subject on are replayed). The block is trained in units of
+  ``1/‖x̄[M]‖`` so ``mm_lr`` means the same on every model. Losses are summed over requests and each
+  request owns its block; a request that reaches ``mm_stop_nll`` freezes (block and Adam moments),
+  so a batch gives each request the block it would get alone from the same state (tested).
+- **Retraction** (:func:`retract`): drop a fact's entry (mask and block) and recompute W' from the
+  remaining blocks. The fact's prompts then read no entry unless another fact's subject matches
+  them, and where they read none they run the base model bit for bit. Other facts keep their
+  blocks; on columns they shared with the removed fact they lose its contribution.
 
 State (``EditorState.tensors``): ``mm.W`` (W', float32 ``[d_out, d]``), ``mm.masks`` (int64
-``[entries, k]``), ``mm.blocks`` (float32 ``[entries, d_out, k]``), ``mm.bg_mean`` (float32 ``[d]``),
-``mm.perm`` (int64 ``[d]``). ``meta``: ``layer``, ``k``, ``threshold``, ``entry_owner`` (fact id per
-entry), ``entry_pos`` (target token index per entry) and the edit counters. Deltas are always empty.
+``[entries, k]``), ``mm.blocks`` (float32 ``[entries, d_out, k]``: ``4·d_out·k`` bytes per fact, the
+price of exact retraction), ``mm.bg_mean`` (float32 ``[d]``), ``mm.perm`` (int64 ``[d]``). ``meta``:
+``layer``, ``k``, ``threshold``, ``entry_owner`` (fact id per entry) and the edit counters. Deltas
+are always empty: the base weights never change.
 """
 
 from __future__ import annotations
@@ -174,8 +176,9 @@ def retract(state: EditorState, fact_id: str) -> EditorState:
 
 # --- state set-up --------------------------------------------------------------------------------
 def memory_layer(hp: EditHparams, num_layers: int) -> int:
-    """``mm_layer`` as a block index (negative counts from the end, like Python)."""
-    layer = hp.mm_layer + num_layers if hp.mm_layer < 0 else hp.mm_layer
+    """``mm_layer`` as a block index; -1 means the last of ``layers`` (where the weight editors write
+    the subject: the memory also reads and writes at the subject's last token)."""
+    layer = hp.resolve_layers(num_layers)[-1] if hp.mm_layer == -1 else hp.mm_layer
     if not 0 <= layer < num_layers - 1:
         raise ValueError(f"hparams ({hp.source or 'inline'}): mm_layer {hp.mm_layer} must name a block below "
                          f"the last of {num_layers}")
