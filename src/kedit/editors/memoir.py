@@ -318,7 +318,8 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
             for t, lab in enumerate(tgts[q]):
                 pr.append(j), pc.append(start + t), pl.append(lab), pq.append(q)
                 pw.append(1.0 / (len(tgts[q]) * n_ctx))
-        groups.append((torch.tensor(g, device=dev), sl, *(torch.tensor(v, device=dev) for v in (pr, pc, pl, pq)),
+        groups.append((torch.tensor(g, device=dev), torch.tensor([rows.req[r] for r in g], device=dev), sl,
+                       *(torch.tensor(v, device=dev) for v in (pr, pc, pl, pq)),
                        torch.tensor(pw, device=dev, dtype=torch.float32)))
 
     opt = torch.optim.Adam([scaled], lr=hp.mm_lr)
@@ -329,12 +330,19 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
         blocks = scaled / scale
         delta = torch.einsum("nok,nck->nco", w_old + blocks, xsel).reshape(n * n_ctx, -1)  # per row
         nll = torch.zeros(n, device=dev)
-        for g, sl, pr, pc, pl, pq, pw in groups:
-            h = sl.hidden.clone()
-            h[:, 0] = h[:, 0] + delta[g].to(h.dtype)  # the suffix starts at the subject's last token
-            out = sl.run(lm, h)
-            logp = torch.log_softmax(unembed_states(lm, out[pr, pc]), -1).gather(1, pl[:, None]).squeeze(1)
-            nll = nll.index_add(0, pq, -logp * pw)
+        for g, rq, sl, pr, pc, pl, pq, pw in groups:  # only the rows of requests still training
+            on = active[rq]
+            if not bool(on.any()):
+                continue
+            sel = on.nonzero().squeeze(1)
+            h = sl.hidden.index_select(0, sel)
+            h = torch.cat([h[:, :1] + delta[g[sel]].to(h.dtype)[:, None], h[:, 1:]], 1)  # suffix starts at the subject
+            out = sl.run(lm, h, rows=None if bool(on.all()) else sel)
+            local = torch.full_like(rq, -1)
+            local[sel] = torch.arange(sel.numel(), device=dev)
+            pm = on[pr]
+            logp = torch.log_softmax(unembed_states(lm, out[local[pr[pm]], pc[pm]]), -1)
+            nll = nll.index_add(0, pq[pm], -logp.gather(1, pl[pm][:, None]).squeeze(1) * pw[pm])
         with torch.no_grad():
             cur = nll.detach().cpu()
             if it == 0:
@@ -345,7 +353,7 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
             steps = torch.where(act, torch.full_like(steps, it), steps)
             active &= ~done.to(dev)
         if progress is not None:
-            progress(it, int(active.sum()), float(cur.mean()))
+            progress(it, int(active.sum()), float(cur[act].mean()))
         if not bool(active.any()):
             break
         opt.zero_grad(set_to_none=True)
