@@ -1,5 +1,6 @@
 """The sparse residual memory on the real embedded SmolLM2-135M: three edits flip their prompts, the
-canaries' greedy answers stay, and removing the memory gives the base model back exactly."""
+canaries that do not mention an edited subject keep their greedy answers, and removing the memory
+gives the base model back exactly."""
 
 import pytest
 import torch
@@ -31,7 +32,9 @@ def test_memoir_flips_facts_and_keeps_canaries(smollm, tmp_path):
     editor = get_editor("memoir", hp, cache_dir=tmp_path)
     editor.background_texts = list(islice(load_corpus("wiki-summaries-en").texts(), 60))
     reqs = [request_from_record(r) for r in EDITS]
-    canaries = shipped_prompts()
+    # a canary about an edited subject reads that subject's entry by design (like a ROME edit, the memory
+    # changes what the model says about the subject), so only the others must keep their answers
+    canaries = [p for p in shipped_prompts() if not any(r["subject"] in p for r in EDITS)]
 
     def wins():
         new = target_logprobs(lm, [r["prompt"] for r in EDITS], [r["target_new"] for r in EDITS])
