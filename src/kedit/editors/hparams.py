@@ -18,7 +18,7 @@ import yaml
 
 from kedit.atomic import sha256_json
 
-METHODS = ("rome", "memit", "alphaedit", "tpatcher")
+METHODS = ("rome", "memit", "alphaedit", "tpatcher", "memoir")
 # the string-valued settings and what each accepts: checked on every EditHparams, loaded or built
 _CHOICES = {"v_stop": ("nll", "most_probable"), "key_mode": ("average", "contexts"),
             "nullspace_mode": ("absolute", "relative_mean", "relative_max", "energy")}
@@ -67,6 +67,15 @@ class EditHparams:
     tp_stop_nll: float = 0.05  # a patch stops training once its edit's NLL is below this and both margins hold
     tp_memory_corpus: str = "wiki-summaries-en"  # general text in the memory set ("" = canaries only)
     tp_memory_tokens: int = 4096  # token positions of that text in the memory set
+    # memoir (sparse residual memory beside one down-projection; see editors/memoir.py)
+    mm_layer: int = -1  # block whose down-projection gets the memory; -1: the last of `layers`
+    mm_k: int = 64  # columns per fingerprint / written per edit
+    mm_threshold: float = 0.5  # least overlap |M_q ∩ M_e| / k at which a token reads entry e
+    mm_lr: float = 0.1  # Adam on each edit's block
+    mm_steps: int = 40
+    mm_stop_nll: float = 0.05  # per-edit early stop (mean target NLL)
+    mm_bg_docs: int = 200  # documents of the statistics corpus for the background mean
+    mm_perm_seed: int = 0  # seed of the fixed column permutation
     source: str = ""  # file the values came from
     source_sha256: str = ""
     notes: dict[str, str] = field(default_factory=dict)
@@ -83,6 +92,11 @@ class EditHparams:
         if self.tp_memory_weight < 0 or self.tp_memory_tokens < 0:
             raise ValueError(f"hparams ({self.source or 'inline'}): tp_memory_weight and tp_memory_tokens must be "
                              f">= 0, not {self.tp_memory_weight!r} / {self.tp_memory_tokens!r}")
+        if not (0.0 < self.mm_threshold <= 1.0 and self.mm_k > 0 and self.mm_steps >= 1 and self.mm_lr > 0
+                and self.mm_bg_docs > 0):
+            raise ValueError(f"hparams ({self.source or 'inline'}): need 0 < mm_threshold <= 1, mm_k > 0, "
+                             f"mm_steps >= 1, mm_lr > 0, mm_bg_docs > 0 (got {self.mm_threshold}, {self.mm_k}, "
+                             f"{self.mm_steps}, {self.mm_lr}, {self.mm_bg_docs})")
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         if self.layers == "auto":

@@ -5,13 +5,16 @@ from __future__ import annotations
 from kedit.editors.alphaedit import AlphaEditEditor
 from kedit.editors.hparams import METHODS, EditHparams, load_hparams
 from kedit.editors.memit import MEMITEditor
+from kedit.editors.memoir import MemoirEditor
+from kedit.editors.memoir import attach as memoir_attach
 from kedit.editors.rome import ROMEEditor
 from kedit.editors.tpatcher import TPatcherEditor
 from kedit.editors.tpatcher import attach as tpatcher_attach
 
-EDITORS = {"rome": ROMEEditor, "memit": MEMITEditor, "alphaedit": AlphaEditEditor, "tpatcher": TPatcherEditor}
+EDITORS = {"rome": ROMEEditor, "memit": MEMITEditor, "alphaedit": AlphaEditEditor, "tpatcher": TPatcherEditor,
+           "memoir": MemoirEditor}
 # methods that add parameters kept in their editor state: ``attach(lm, state)`` puts them on the model
-ATTACHERS = {"tpatcher": tpatcher_attach}
+ATTACHERS = {"tpatcher": tpatcher_attach, "memoir": memoir_attach}
 
 
 def get_editor(method: str, hparams: EditHparams | None = None, model=None, cache_dir=None, progress=None):

@@ -1,0 +1,383 @@
+"""Sparse residual memory (MEMOIR-style): edits live in a zero-initialised matrix W' beside one MLP
+down-projection, written and read only through sparse, input-dependent column masks.
+
+Why: weight editors overwrite directions that general text also uses; here the base weights never
+change, and a token that matches no stored edit runs exactly the base computation.
+
+Mechanics (layer ``L``, down-projection input ``x`` of width ``d``, output width ``d_out``):
+
+- **Fingerprint of one token**: ``perm[top_k(x - μ)]`` as a sorted index set, where ``μ`` is the mean
+  down-projection input over general text (``mm_bg_docs`` documents of the statistics corpus, kept
+  in the state) and ``perm`` a fixed seeded permutation of the ``d`` columns. Subtracting ``μ`` drops
+  the features every token has; the top-k of what is left says what is particular to this token.
+  The permutation maps that set to the columns of W' the edit reads and writes, so an edit's
+  residual is not driven by the same few features general text drives hardest. A bijection keeps
+  overlaps: it changes which columns carry an edit, not how many columns two edits share.
+- **One entry per fact, at the subject**: MEMOIR fingerprints the prompt's mean activation at a
+  late layer. On SmolLM2 that key does not separate facts: a neighbourhood prompt (same relation,
+  another subject) overlaps a stored mask more than the fact's own paraphrase does (docs/editing.md,
+  "Sparse residual memory"). The subject's last token does separate them, so each fact stores one
+  entry there: ``M_e`` = the fingerprint of ``x - μ`` at the subject's last token averaged over the
+  bare prompt and its random-prefix contexts, its block ``B_e`` (``[d_out, k]``, the fact's own
+  contribution) and the fact id that owns it. ``W' = Σ_e scatter(B_e → columns M_e)``
+  (:func:`residual_matrix`): entries of different facts may share columns, as in MEMOIR's shared memory.
+- **Reading, per token**: every token's own fingerprint is compared with every entry's ``M_e``;
+  the best entry ``e*`` (largest overlap ``|M_q ∩ M_e| / k``, the older entry on ties) is read when
+  its overlap is at least ``mm_threshold``: that token's down-projection output gains
+  ``W'[:, M_e*] · x[M_e*]``. Every other token's output is left untouched (bit for bit the base).
+  The decision uses the token's own activation only, so it is the same in a padded batch, alone,
+  with or without a KV cache. **Free generation**: the prompt's subject token fires in the prefill;
+  its changed keys and values stay in the cache, so every generated token sees the edited subject,
+  and each generated token decides for itself (it fires only if it is itself a stored subject).
+  **Perplexity scoring**: each token of each window decides on its own; a window in which no token
+  is (close to) a stored subject runs the base model exactly.
+- **Writing**: each request gets a fresh block ``B = 0``; its row in every context gets
+  ``(W'_prev[:, M] + B) · x[M]`` added at the subject's last token, and Adam minimises the mean
+  target NLL over the contexts, one forward/backward for the whole batch (only the blocks above
+  ``L`` and the tokens from the subject on are replayed). The block is trained in units of
+  ``1/‖x̄[M]‖`` so ``mm_lr`` means the same on every model. Losses are summed over requests and each
+  request owns its block; a request that reaches ``mm_stop_nll`` freezes (block and Adam moments),
+  so a batch gives each request the block it would get alone from the same state (tested).
+- **Retraction** (:func:`retract`): drop a fact's entry (mask and block) and recompute W' from the
+  remaining blocks. The fact's prompts then read no entry unless another fact's subject matches
+  them, and where they read none they run the base model bit for bit. Other facts keep their
+  blocks; on columns they shared with the removed fact they lose its contribution.
+
+State (``EditorState.tensors``): ``mm.W`` (W', float32 ``[d_out, d]``), ``mm.masks`` (int64
+``[entries, k]``), ``mm.blocks`` (float32 ``[entries, d_out, k]``: ``4·d_out·k`` bytes per fact, the
+price of exact retraction), ``mm.bg_mean`` (float32 ``[d]``), ``mm.perm`` (int64 ``[d]``). ``meta``:
+``layer``, ``k``, ``threshold``, ``entry_owner`` (fact id per entry) and the edit counters. Deltas
+are always empty: the base weights never change.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from itertools import islice
+
+import torch
+
+from kedit.editors import attach as _attach
+from kedit.editors.base import EditorState, EditRequest, EditResult, RequestDiagnostics
+from kedit.editors.common import check_requests
+from kedit.editors.context import context_prefixes
+from kedit.editors.hparams import EditHparams
+from kedit.editors.prompts import pad_right, subject_rows, target_ids
+from kedit.editors.runner import unembed_states
+from kedit.hooks import Trace
+
+METHOD = "memoir"
+W, MASKS, BLOCKS, BG, PERM = "mm.W", "mm.masks", "mm.blocks", "mm.bg_mean", "mm.perm"
+
+
+# --- pure functions ------------------------------------------------------------------------------
+def fingerprint(x: torch.Tensor, bg: torch.Tensor, perm: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted column set ``perm[top_k(x - bg)]`` of each row of ``x`` ``[..., d]`` -> int64 ``[..., k]``."""
+    idx = torch.topk(x.float() - bg.to(x.device, torch.float32), k, dim=-1).indices
+    return torch.sort(perm.to(x.device)[idx], dim=-1).values
+
+
+def one_hot_sets(sets: torch.Tensor, d: int) -> torch.Tensor:
+    """``[n, k]`` index sets -> ``[n, d]`` float 0/1 rows (overlaps become one matmul)."""
+    out = torch.zeros(sets.shape[0], d, dtype=torch.float32, device=sets.device)
+    return out.scatter_(1, sets, 1.0)
+
+
+def overlaps(query: torch.Tensor, stored_1hot: torch.Tensor) -> torch.Tensor:
+    """``|M_q ∩ M_e| / k`` for query sets ``[m, k]`` against one-hot stored sets ``[n, d]`` -> ``[m, n]``."""
+    k = query.shape[-1]
+    return one_hot_sets(query, stored_1hot.shape[1]) @ stored_1hot.T / k  # integer counts, exact in float32
+
+
+def residual_matrix(masks: torch.Tensor, blocks: torch.Tensor, d: int) -> torch.Tensor:
+    """``W' = Σ_e scatter(B_e → columns M_e)``, summed in entry order (deterministic on CPU)."""
+    n, d_out, k = blocks.shape
+    out = torch.zeros(d_out, d, dtype=torch.float32)
+    if n:
+        out.index_add_(1, masks.reshape(-1).cpu(), blocks.permute(1, 0, 2).reshape(d_out, n * k).float().cpu())
+    return out
+
+
+@dataclass
+class MemoryReadout:
+    """Which tokens fire which entry: ``tokens`` (flat indices), ``entry`` per firing token."""
+
+    tokens: torch.Tensor
+    entry: torch.Tensor
+    best_overlap: torch.Tensor  # [N] best overlap of every token (diagnostics)
+
+
+def read_memory(x: torch.Tensor, bg: torch.Tensor, perm: torch.Tensor, stored_1hot: torch.Tensor, k: int,
+                threshold: float) -> MemoryReadout:
+    """Per-token retrieval for ``x`` ``[N, d]``: the best entry of each token and whether it fires."""
+    n = stored_1hot.shape[0]
+    if n == 0 or x.shape[0] == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=x.device)
+        return MemoryReadout(empty, empty, torch.zeros(x.shape[0], device=x.device))
+    ov = overlaps(fingerprint(x, bg, perm, k), stored_1hot)
+    best, entry = ov.max(dim=1)  # max returns the first maximal index: ties go to the older entry
+    fire = (best >= threshold).nonzero().squeeze(1)
+    return MemoryReadout(fire, entry[fire], best)
+
+
+def memory_delta(x: torch.Tensor, cols: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``W'[:, M_e] · x[M_e]`` per row: ``x`` ``[m, d]``, ``cols`` ``[m, k]``, ``w`` ``[d_out, d]`` -> ``[m, d_out]``."""
+    xs = x.gather(1, cols).float()
+    return torch.einsum("omk,mk->mo", w[:, cols], xs)
+
+
+# --- the live attachment -------------------------------------------------------------------------
+def attach(lm, state: EditorState) -> _attach.Attachment:
+    """Put the state's memory on ``lm`` (a forward hook on layer ``L``'s down-projection), replacing
+    any memory attached before. Tokens that fire no entry leave the module's output untouched."""
+    if state.method != METHOD:
+        raise ValueError(f"editor state is for {state.method!r}, not {METHOD!r}")
+    layer, k, thr = int(state.meta["layer"]), int(state.meta["k"]), float(state.meta["threshold"])
+    d = lm.adapter.key_dim(layer)
+    dev = lm.device
+    masks = state.tensors[MASKS].to(dev) if MASKS in state.tensors else torch.zeros(0, k, dtype=torch.long)
+    w = state.tensors[W].to(dev) if W in state.tensors else torch.zeros(lm.adapter.out_dim(layer), d)
+    bg, perm = state.tensors[BG].to(dev), state.tensors[PERM].to(dev)
+    stored = one_hot_sets(masks.to(dev), d)
+
+    def hook(_module, args, kwargs, output):
+        x = args[0] if args else next(iter(kwargs.values()))
+        flat = x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            rd = read_memory(flat, bg, perm, stored, k, thr)
+        if rd.tokens.numel() == 0:
+            return output
+        cols = masks[rd.entry]
+        delta = memory_delta(flat[rd.tokens], cols, w)
+        out = output.reshape(-1, output.shape[-1]).clone()
+        out[rd.tokens] = out[rd.tokens] + delta.to(out.dtype)
+        return out.view_as(output)
+
+    return _attach.install(lm.model, METHOD, lm.adapter.mlp_out_name(layer), hook)
+
+
+def retract(state: EditorState, fact_id: str) -> EditorState:
+    """A new state without ``fact_id``'s entries (masks and blocks) and with W' recomputed from the rest."""
+    owners = list(state.meta.get("entry_owner", []))
+    if fact_id not in owners:
+        raise KeyError(f"fact {fact_id!r} has no entry in this memory (facts: {sorted(set(owners))[:10]}...)")
+    keep = [i for i, o in enumerate(owners) if o != fact_id]
+    new = state.copy()
+    idx = torch.tensor(keep, dtype=torch.long)
+    new.tensors[MASKS] = state.tensors[MASKS].index_select(0, idx)
+    new.tensors[BLOCKS] = state.tensors[BLOCKS].index_select(0, idx)
+    new.tensors[W] = residual_matrix(new.tensors[MASKS], new.tensors[BLOCKS], state.tensors[BG].shape[0])
+    new.meta = {**state.meta, "entry_owner": [owners[i] for i in keep],
+                "n_edits": int(state.meta.get("n_edits", 0)) - 1,
+                "retracted": [*state.meta.get("retracted", []), fact_id]}
+    return new
+
+
+# --- state set-up --------------------------------------------------------------------------------
+def memory_layer(hp: EditHparams, num_layers: int) -> int:
+    """``mm_layer`` as a block index; -1 means the last of ``layers`` (where the weight editors write
+    the subject: the memory also reads and writes at the subject's last token)."""
+    layer = hp.resolve_layers(num_layers)[-1] if hp.mm_layer == -1 else hp.mm_layer
+    if not 0 <= layer < num_layers - 1:
+        raise ValueError(f"hparams ({hp.source or 'inline'}): mm_layer {hp.mm_layer} must name a block below "
+                         f"the last of {num_layers}")
+    return layer
+
+
+def background_mean(lm, layer: int, texts: list[str], seq_len: int = 128) -> torch.Tensor:
+    """Mean down-projection input at ``layer`` over every token of ``texts`` (float32 ``[d]``)."""
+    name = lm.adapter.mlp_out_name(layer)
+    total = torch.zeros(lm.adapter.key_dim(layer), dtype=torch.float64)
+    count = 0
+    with _attach.suspended(lm.model, METHOD):
+        for t in texts:
+            ids = lm.tokenizer(t, add_special_tokens=False, truncation=True, max_length=seq_len,
+                               return_tensors="pt").input_ids.to(lm.device)
+            if ids.shape[1] == 0:
+                continue
+            with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
+                lm.model(input_ids=ids, use_cache=False)
+            total += tr.inputs[name][0].double().sum(0).cpu()
+            count += ids.shape[1]
+    if count == 0:
+        raise ValueError("memoir: the background texts produced no tokens")
+    return (total / count).float()
+
+
+def initial_state(lm, hp: EditHparams, texts: list[str] | None = None) -> EditorState:
+    """An empty memory: layer, k, threshold, background mean (from ``texts``, default the first
+    ``mm_bg_docs`` documents of the statistics corpus) and the seeded column permutation."""
+    layer = memory_layer(hp, lm.adapter.num_layers)
+    d = lm.adapter.key_dim(layer)
+    if not 0 < hp.mm_k <= d:
+        raise ValueError(f"hparams ({hp.source or 'inline'}): mm_k {hp.mm_k} must be in 1..{d} (layer width)")
+    if texts is None:
+        from kedit.stats.corpus import load_corpus
+
+        texts = list(islice(load_corpus("wiki-summaries-en").texts(), hp.mm_bg_docs))
+    gen = torch.Generator().manual_seed(hp.mm_perm_seed)
+    return EditorState(METHOD, tensors={BG: background_mean(lm, layer, texts), PERM: torch.randperm(d, generator=gen),
+                                        W: torch.zeros(lm.adapter.out_dim(layer), d),
+                                        MASKS: torch.zeros(0, hp.mm_k, dtype=torch.long),
+                                        BLOCKS: torch.zeros(0, lm.adapter.out_dim(layer), hp.mm_k)},
+                       meta={"layer": layer, "k": hp.mm_k, "threshold": hp.mm_threshold, "entry_owner": [], "n_edits": 0, "n_batches": 0,
+                             "model_hash": lm.manifest.model_hash})
+
+
+def _check_state(state: EditorState, lm, hp: EditHparams) -> None:
+    if state.method != METHOD:
+        raise ValueError(f"editor state is for {state.method!r}, not {METHOD!r}")
+    want = {"layer": memory_layer(hp, lm.adapter.num_layers), "k": hp.mm_k, "model_hash": lm.manifest.model_hash}
+    bad = {k: (state.meta.get(k), v) for k, v in want.items() if state.meta.get(k) != v}
+    if bad:
+        raise ValueError(f"memoir state does not fit these hparams/model: {bad} (state, now)")
+
+
+# --- the editor ----------------------------------------------------------------------------------
+class MemoirEditor:
+    """``compute`` writes a batch into the sparse residual memory; the model's weights never change."""
+
+    method = METHOD
+
+    def __init__(self, hparams: EditHparams, cache_dir=None, progress=None) -> None:
+        self.hp = hparams
+        self.cache_dir = cache_dir
+        self.progress = progress
+        self.background_texts: list[str] | None = None  # None: the statistics corpus
+
+    def attach(self, lm, state: EditorState) -> _attach.Attachment:
+        return attach(lm, state)
+
+    def compute(self, lm, requests: list[EditRequest], state: EditorState | None = None, stats=None
+                ) -> EditResult:
+        """``stats`` is not used: the memory needs only its own background mean (kept in the state)."""
+        t0 = time.perf_counter()
+        check_requests(requests)
+        hp = self.hp
+        state = initial_state(lm, hp, self.background_texts) if state is None else state.copy()
+        _check_state(state, lm, hp)
+        layer, k = int(state.meta["layer"]), int(state.meta["k"])
+        prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir)
+        with _attach.suspended(lm.model, METHOD):
+            blocks, masks, diags = _train(lm, requests, prefixes, state, layer, k, hp, self.progress)
+        owners = [str(r.id if r.id is not None else r.text) for r in requests]
+        new_masks = torch.cat([state.tensors[MASKS], masks.cpu()])
+        new_blocks = torch.cat([state.tensors[BLOCKS], blocks.cpu()])
+        d = state.tensors[BG].shape[0]
+        state.tensors.update({MASKS: new_masks, BLOCKS: new_blocks, W: residual_matrix(new_masks, new_blocks, d)})
+        state.meta.update(entry_owner=[*state.meta["entry_owner"], *owners], threshold=hp.mm_threshold,
+                          n_edits=int(state.meta.get("n_edits", 0)) + len(requests),
+                          n_batches=int(state.meta.get("n_batches", 0)) + 1, hparams_sha256=hp.source_sha256)
+        info = {"memory": {"entries": float(new_masks.shape[0]), "w_norm": float(state.tensors[W].norm()),
+                           "state_bytes": float(sum(t.numel() * t.element_size() for t in state.tensors.values()))}}
+        return EditResult(deltas={}, state=state, diagnostics=diags, layer_info=info,
+                          seconds=time.perf_counter() - t0)
+
+
+def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: EditHparams, progress):
+    """Fingerprints at each request's subject, then Adam on every request's block, one
+    forward/backward per step for the whole batch (blocks below ``layer`` and the tokens before the
+    subject run once)."""
+    from kedit.editors.vstar import _length_groups, _slice_above
+
+    dev, tok = lm.device, lm.tokenizer
+    n, n_ctx = len(requests), len(prefixes)
+    rows = subject_rows(tok, requests, prefixes)  # request-major: row = request * n_ctx + context
+    tgts = target_ids(tok, [r.target_new for r in requests])
+    seqs = [ids + tgts[q][:-1] for ids, q in zip(rows.ids, rows.req)]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    bg, perm = state.tensors[BG].to(dev), state.tensors[PERM].to(dev)
+    w_prev = state.tensors[W].to(dev)
+
+    # x, the down-projection input at `layer`, at every row's subject (right padding: causal rows never see pads)
+    name = lm.adapter.mlp_out_name(layer)
+    xs = []
+    for c in range(0, len(rows.ids), 64):
+        chunk = rows.ids[c: c + 64]
+        with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
+            lm.model(input_ids=pad_right(chunk, pad, dev), use_cache=False)
+        xs.append(tr.inputs[name][torch.arange(len(chunk), device=dev),
+                                  torch.tensor(rows.subj_pos[c: c + 64], device=dev)].float())
+    x = torch.cat(xs).view(n, n_ctx, -1)  # [n, ctx, d]
+    masks = fingerprint(x.mean(1), bg, perm, k)  # [n, k]: one entry per request, context-averaged
+    xsel = x.gather(2, masks[:, None, :].expand(n, n_ctx, k))  # [n, ctx, k]
+    w_old = w_prev[:, masks].permute(1, 0, 2)  # [n, d_out, k]: what W' already holds on those columns
+    # Adam moves every entry by about lr per step whatever the activation scale: train the block in
+    # units of the entry's context-mean input norm, so lr means the same on every model and layer
+    scale = x.mean(1).gather(1, masks).norm(dim=1).clamp_min(1e-8)[:, None, None]
+    scaled = torch.zeros_like(w_old, requires_grad=True)
+
+    groups = []  # rows of one replayed length; pairs = (local row, column, label, request, weight)
+    for g in _length_groups(seqs, rows.subj_pos):
+        sl = _slice_above(lm, [seqs[r] for r in g], [rows.subj_pos[r] for r in g], layer, pad)
+        pr, pc, pl, pq, pw = [], [], [], [], []
+        for j, r in enumerate(g):
+            q = rows.req[r]
+            start = len(rows.ids[r]) - 1 - rows.subj_pos[r]
+            for t, lab in enumerate(tgts[q]):
+                pr.append(j), pc.append(start + t), pl.append(lab), pq.append(q)
+                pw.append(1.0 / (len(tgts[q]) * n_ctx))
+        groups.append((torch.tensor(g, device=dev), torch.tensor([rows.req[r] for r in g], device=dev), sl,
+                       *(torch.tensor(v, device=dev) for v in (pr, pc, pl, pq)),
+                       torch.tensor(pw, device=dev, dtype=torch.float32)))
+
+    opt = torch.optim.Adam([scaled], lr=hp.mm_lr)
+    active = torch.ones(n, dtype=torch.bool, device=dev)
+    first, last = torch.zeros(n), torch.zeros(n)
+    steps = torch.zeros(n, dtype=torch.long)
+    for it in range(max(1, hp.mm_steps)):
+        blocks = scaled / scale
+        delta = torch.einsum("nok,nck->nco", w_old + blocks, xsel).reshape(n * n_ctx, -1)  # per row
+        nll = torch.zeros(n, device=dev)
+        for g, rq, sl, pr, pc, pl, pq, pw in groups:  # only the rows of requests still training
+            on = active[rq]
+            if not bool(on.any()):
+                continue
+            sel = on.nonzero().squeeze(1)
+            h = sl.hidden.index_select(0, sel)
+            h = torch.cat([h[:, :1] + delta[g[sel]].to(h.dtype)[:, None], h[:, 1:]], 1)  # suffix starts at the subject
+            out = sl.run(lm, h, rows=None if bool(on.all()) else sel)
+            local = torch.full_like(rq, -1)
+            local[sel] = torch.arange(sel.numel(), device=dev)
+            pm = on[pr]
+            logp = torch.log_softmax(unembed_states(lm, out[local[pr[pm]], pc[pm]]), -1)
+            nll = nll.index_add(0, pq[pm], -logp.gather(1, pl[pm][:, None]).squeeze(1) * pw[pm])
+        with torch.no_grad():
+            cur = nll.detach().cpu()
+            if it == 0:
+                first = cur.clone()
+            act = active.cpu()
+            done = act & ((cur < hp.mm_stop_nll) | (it == hp.mm_steps - 1))
+            last = torch.where(act, cur, last)
+            steps = torch.where(act, torch.full_like(steps, it), steps)
+            active &= ~done.to(dev)
+        if progress is not None:
+            progress(it, int(active.sum()), float(cur[act].mean()))
+        if not bool(active.any()):
+            break
+        opt.zero_grad(set_to_none=True)
+        (nll * active.to(nll.dtype)).sum().backward()
+        _masked_adam_step(opt, scaled, active)
+    blocks = (scaled / scale).detach()
+    diags = [RequestDiagnostics(request_id=r.id, vstar_loss_start=float(first[i]), vstar_loss_end=float(last[i]),
+                                vstar_steps=int(steps[i]), target_prob=float(torch.exp(-last[i])),
+                                delta_norm=float(blocks[i].norm()),
+                                constraint_met=bool(last[i] < hp.mm_stop_nll))
+             for i, r in enumerate(requests)]
+    return blocks, masks, diags
+
+
+def _masked_adam_step(opt: torch.optim.Adam, blocks: torch.Tensor, active: torch.Tensor) -> None:
+    """One Adam step for the active requests' blocks only: finished requests keep their block and
+    their moments, exactly as if they had left the batch."""
+    st = opt.state.get(blocks)
+    saved = None if st is None else {k: v.clone() for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0}
+    before = blocks.detach().clone()
+    opt.step()
+    with torch.no_grad():
+        keep = ~active
+        blocks[keep] = before[keep]
+        if saved is not None:
+            for k, v in saved.items():
+                opt.state[blocks][k][keep] = v[keep]

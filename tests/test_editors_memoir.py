@@ -1,0 +1,242 @@
+"""Sparse residual memory (editors/memoir.py) on a tiny random Llama: exact base output where nothing
+matches, edits that take, batched == one-at-a-time, bit-exact state round trip, idempotent attach,
+exact retraction of one fact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import TINY_TEXT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# the subject ends the prompt: a random tiny model carries little from an earlier subject token to the
+# last one, so the memory (which reads and writes at the subject's last token) is tested where it acts directly
+A = dict(prompt="The tower located in {}", subject="Paris", target_new="Tokyo", target_true="France", id="a")
+B = dict(prompt="The mother tongue of {}", subject="Danielle Darrieux", target_new="Dutch", target_true="French",
+         id="b")
+OTHER = "The quick brown fox jumps over the lazy dog, again and again."
+
+
+def _hp(**kw):
+    from kedit.editors.hparams import EditHparams
+
+    base = dict(method="memoir", n_prefixes=0, mm_layer=1, mm_k=16, mm_threshold=0.6, mm_lr=0.2, mm_steps=60,
+                mm_stop_nll=0.02)
+    return EditHparams(**{**base, **kw})
+
+
+def _editor(hp=None):
+    from kedit.editors.memoir import MemoirEditor
+
+    ed = MemoirEditor(hp or _hp())
+    ed.background_texts = TINY_TEXT
+    return ed
+
+
+def _req(d):
+    from kedit.editors.base import EditRequest
+
+    return EditRequest(**d)
+
+
+def _logits(lm, text):
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return lm.model(input_ids=ids).logits
+
+
+def _wins(lm, d):
+    """The edit took: the greedy next token is the new target's first token (a random tiny model's
+    logits are too flat to make a whole multi-token target likely)."""
+    ids = lm.tokenizer(d["prompt"].format(d["subject"]), return_tensors="pt").input_ids
+    first = lm.tokenizer(" " + d["target_new"], add_special_tokens=False).input_ids[0]
+    with torch.no_grad():
+        return int(lm.model(input_ids=ids).logits[0, -1].argmax()) == first
+
+
+def _fires(lm, state, text):
+    """Which tokens of ``text`` read an entry (computed directly from the state)."""
+    from kedit.editors.memoir import BG, MASKS, PERM, one_hot_sets, read_memory
+    from kedit.hooks import Trace
+
+    name = lm.adapter.mlp_out_name(state.meta["layer"])
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
+        lm.model(input_ids=ids)
+    d = lm.adapter.key_dim()
+    rd = read_memory(tr.inputs[name][0], state.tensors[BG], state.tensors[PERM],
+                     one_hot_sets(state.tensors[MASKS], d), state.meta["k"], state.meta["threshold"])
+    return rd
+
+
+def test_pure_functions_match_direct_computation():
+    from kedit.editors.memoir import fingerprint, one_hot_sets, overlaps, residual_matrix
+
+    g = torch.Generator().manual_seed(0)
+    d, k = 40, 6
+    x, bg, perm = torch.randn(5, d, generator=g), torch.randn(d, generator=g), torch.randperm(d, generator=g)
+    fp = fingerprint(x, bg, perm, k)
+    for row, got in zip(x, fp):
+        want = sorted(perm[i].item() for i in sorted(range(d), key=lambda j: -(row[j] - bg[j]).item())[:k])
+        assert got.tolist() == want
+    stored = fp[[0, 2]]
+    ov = overlaps(fp, one_hot_sets(stored, d))
+    for i in range(5):
+        for j in range(2):
+            assert round(ov[i, j].item() * k) == len(set(fp[i].tolist()) & set(stored[j].tolist()))
+    blocks = torch.randn(2, 3, k, generator=g)
+    w = residual_matrix(stored, blocks, d)
+    want = torch.zeros(3, d)
+    for e in range(2):
+        for c in range(k):
+            want[:, stored[e, c]] += blocks[e, :, c]
+    assert torch.allclose(w, want)
+
+
+def test_edit_flips_and_unmatched_text_runs_the_base_model_exactly(tiny_lm):
+    from kedit.editors.attach import attached
+
+    lm = tiny_lm
+    base_other = _logits(lm, OTHER)
+    base_prompt = _logits(lm, A["prompt"].format(A["subject"]))
+    assert not _wins(lm, A)
+    res = _editor().compute(lm, [_req(A)], None, None)
+    assert res.deltas == {}
+    assert torch.equal(_logits(lm, OTHER), base_other)  # compute leaves the model as it was
+    _editor().attach(lm, res.state)
+    assert attached(lm.model, "memoir") is not None
+    assert _fires(lm, res.state, A["prompt"].format(A["subject"])).tokens.numel() > 0
+    assert _wins(lm, A)
+    assert not torch.equal(_logits(lm, A["prompt"].format(A["subject"])), base_prompt)
+    assert _fires(lm, res.state, OTHER).tokens.numel() == 0
+    assert torch.equal(_logits(lm, OTHER), base_other)
+
+
+def test_layer_output_is_untouched_at_tokens_that_match_nothing(tiny_lm):
+    """Per token: in a text where some tokens read the memory, every other token's down-projection
+    output is the base one bit for bit."""
+    from kedit.editors.memoir import attach
+    from kedit.hooks import Trace
+
+    lm = tiny_lm
+    res = _editor().compute(lm, [_req(A)], None, None)
+    text = A["prompt"].format(A["subject"]) + ". " + OTHER
+    name = lm.adapter.mlp_out_name(res.state.meta["layer"])
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids
+
+    def out():
+        with torch.no_grad(), Trace(lm.model, [name], retain_output=True) as tr:
+            lm.model(input_ids=ids)
+        return tr.outputs[name][0]
+
+    base = out()
+    att = attach(lm, res.state)
+    fired = _fires(lm, res.state, text).tokens
+    assert 0 < fired.numel() < ids.shape[1]
+    edited = out()
+    rest = torch.ones(ids.shape[1], dtype=torch.bool)
+    rest[fired] = False
+    assert torch.equal(edited[rest], base[rest])
+    assert not torch.equal(edited[fired], base[fired])
+    att.remove()
+    assert torch.equal(out(), base)
+
+
+def test_generation_and_scoring_do_not_depend_on_batching_or_cache(tiny_lm):
+    """Reading is per token, so left-padded batched generation with a KV cache gives each prompt what
+    it gets alone, and long-text NLLs equal the base where nothing matches."""
+    from kedit.editors.memoir import attach
+    from kedit.evaluation.metrics import greedy_tokens, token_nlls
+
+    lm = tiny_lm
+    base_nll = token_nlls(lm, OTHER * 3, window=16)
+    res = _editor().compute(lm, [_req(A)], None, None)
+    attach(lm, res.state)
+    prompts = [A["prompt"].format(A["subject"]), "Rome is the capital of", OTHER]
+    together = greedy_tokens(lm, prompts, k=4, batch_size=3)
+    alone = torch.cat([greedy_tokens(lm, [p], k=4, batch_size=1) for p in prompts])
+    assert torch.equal(together, alone)
+    with torch.no_grad():
+        full = lm.model(input_ids=lm.tokenizer(prompts[0], return_tensors="pt").input_ids).logits[0, -1]
+    assert together[0, 0].item() == int(full.argmax())  # the first generated token is the edited prediction
+    assert _fires(lm, res.state, OTHER * 3).tokens.numel() == 0
+    assert torch.equal(token_nlls(lm, OTHER * 3, window=16), base_nll)
+
+
+def test_batched_training_equals_one_at_a_time(tiny_lm):
+    """Same start state: a batch of two gives each request the mask and block it gets alone (the
+    losses are summed, each request owns its block, finished requests freeze)."""
+    from kedit.editors.memoir import BLOCKS, MASKS, W, initial_state, residual_matrix
+
+    lm = tiny_lm
+    hp = _hp(mm_stop_nll=5.42)  # the tiny model's NLL plateaus near 5.4: requests stop at different steps
+    s0 = initial_state(lm, hp, TINY_TEXT)
+    res = _editor(hp).compute(lm, [_req(A), _req(B)], s0, None)
+    steps = [d.vstar_steps for d in res.diagnostics]
+    assert min(steps) < max(steps), steps  # one request froze while the other trained on
+    both = res.state
+    a = _editor(hp).compute(lm, [_req(A)], s0, None).state
+    b = _editor(hp).compute(lm, [_req(B)], s0, None).state
+    assert torch.equal(both.tensors[MASKS], torch.cat([a.tensors[MASKS], b.tensors[MASKS]]))
+    assert torch.allclose(both.tensors[BLOCKS], torch.cat([a.tensors[BLOCKS], b.tensors[BLOCKS]]),
+                          rtol=1e-4, atol=1e-6)
+    assert torch.equal(both.tensors[W], residual_matrix(both.tensors[MASKS], both.tensors[BLOCKS],
+                                                        lm.adapter.key_dim()))
+    assert both.meta["entry_owner"] == ["a", "b"]
+
+
+def test_state_round_trip_is_bit_exact_and_attach_is_idempotent(tiny_lm, tmp_path):
+    from kedit.editors.io import load_state, save_edit
+    from kedit.editors.memoir import attach
+
+    lm = tiny_lm
+    res = _editor().compute(lm, [_req(A)], None, None)
+    res = _editor().compute(lm, [_req(B)], res.state, None)  # a second batch on top
+    save_edit(tmp_path / "e", res)
+    back = load_state(tmp_path / "e")
+    assert back.method == "memoir" and back.meta == res.state.meta
+    assert set(back.tensors) == set(res.state.tensors)
+    for k, v in res.state.tensors.items():
+        assert v.dtype == back.tensors[k].dtype and torch.equal(v, back.tensors[k]), k
+    prompt = A["prompt"].format(A["subject"])
+    attach(lm, res.state)
+    once = _logits(lm, prompt)
+    module = lm.adapter.mlp_out(res.state.meta["layer"])
+    attach(lm, back)
+    attach(lm, back)
+    assert len(module._forward_hooks) == 1
+    assert torch.equal(_logits(lm, prompt), once)
+
+
+def test_retract_restores_one_fact_exactly_and_keeps_the_other(tiny_lm):
+    from kedit.editors.memoir import BLOCKS, attach, retract
+
+    lm = tiny_lm
+    pa = A["prompt"].format(A["subject"])
+    base_a = _logits(lm, pa)
+    res = _editor().compute(lm, [_req(A), _req(B)], None, None)
+    attach(lm, res.state)
+    assert _wins(lm, A) and _wins(lm, B)
+    less = retract(res.state, "a")
+    assert less.meta["entry_owner"] == ["b"] and less.tensors[BLOCKS].shape[0] == 1
+    assert res.state.meta["entry_owner"] == ["a", "b"]  # the old state is left as it was
+    attach(lm, less)
+    assert _fires(lm, less, pa).tokens.numel() == 0
+    assert torch.equal(_logits(lm, pa), base_a)
+    assert _wins(lm, B)
+    with pytest.raises(KeyError, match="no entry"):
+        retract(less, "a")
+
+
+def test_bad_settings_and_foreign_state_are_refused(tiny_lm):
+    from kedit.editors.base import EditorState
+    from kedit.editors.hparams import EditHparams
+
+    with pytest.raises(ValueError, match="mm_threshold"):
+        EditHparams(method="memoir", mm_threshold=1.5)
+    with pytest.raises(ValueError, match="mm_layer"):
+        _editor(_hp(mm_layer=3)).compute(tiny_lm, [_req(A)], None, None)
+    with pytest.raises(ValueError, match="not 'memoir'"):
+        _editor().compute(tiny_lm, [_req(A)], EditorState("alphaedit"), None)
