@@ -377,7 +377,7 @@ def champion_with_facts(workspace, lm) -> str:
     state = store.commit(lm, fabricate(lm, None, 0, ["h1", "h2"]), parent=None, hparams={"method": "alphaedit"},
                          feed={"path": "feeds/old.jsonl", "file_sha256": "x", "row_ids": ["h1", "h2"],
                                "facts": facts})
-    store.record_gate(state.id, {"passed": True})
+    store.record_gate(state.id, {"passed": True}, against=None)
     store.approve(state.id, by="tester")
     store.promote(state.id, by="tester")
     assert store.champion() == state.id

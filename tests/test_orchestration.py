@@ -297,8 +297,8 @@ def test_ingest_key_follows_feed_bytes_and_champion(workspace):
     k2 = _key(t.ingest, **inputs)
     assert k2 != key
     workspace.lineage_dir.mkdir(parents=True, exist_ok=True)
-    (workspace.lineage_dir / "CHAMPION").write_text("abc\n")
-    assert _key(t.ingest, **inputs) != k2
+    (workspace.lineage_dir / "CHAMPION").write_text("abc\n")  # a stale convenience copy is not the champion:
+    assert _key(t.ingest, **inputs) == k2  # the key follows the lineage events (test_lineage_promotion)
 
 
 def test_prefect_reuses_a_content_keyed_result(server, tmp_path):
