@@ -19,7 +19,10 @@ from typing import Any
 from kedit.editors.base import EditRequest
 from kedit.editors.io import request_from_record
 
-SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+# ../shared/data beside the repository (a checkout at /work/main finds /work/shared), else beside the
+# working directory's parent (a checkout one level deeper, run from its root)
+SHARED_DATA_DIRS = (Path(__file__).resolve().parents[3].parent / "shared" / "data",
+                    Path("..") / "shared" / "data", Path("..") / ".." / "shared" / "data")
 
 
 def zsre_template(src: str, subject: str, where: str = "record") -> tuple[str, str, bool]:
@@ -103,7 +106,10 @@ class BenchDataset:
     evaluate: Callable[[Any, list[dict], Any, list], dict]  # (lm, records, reference, ids) -> metrics
 
     def default_data(self) -> Path:
-        return SHARED_DATA / self.file
+        """The data set's file in the first ../shared/data that has it (else the first candidate, which
+        then fails to load with a clear message)."""
+        found = [d / self.file for d in SHARED_DATA_DIRS if (d / self.file).exists()]
+        return (found or [SHARED_DATA_DIRS[0] / self.file])[0]
 
     def load(self, path: str | Path, n: int, offset: int = 0) -> list[dict]:
         path = Path(path)
