@@ -181,3 +181,28 @@ def test_default_data_is_the_first_shared_folder_that_has_the_file(tmp_path, mon
     monkeypatch.setattr(D, "SHARED_DATA_DIRS", (tmp_path / "a", tmp_path / "b"))
     assert get_dataset("zsre").default_data() == tmp_path / "b" / "zsre-dev-1k.json"
     assert get_dataset("counterfact").default_data() == tmp_path / "a" / "counterfact-dev.json"
+
+
+def test_cli_dataset_choice_picks_its_default_file(monkeypatch, tmp_path, capsys):
+    import kedit.bench.datasets as D
+    import kedit.bench.lifelong as L
+    import kedit.cli.edit as E
+    from kedit.cli import main
+
+    (tmp_path / "zsre-dev-1k.json").write_text("[]")
+    monkeypatch.setattr(D, "SHARED_DATA_DIRS", (tmp_path,))
+    seen = {}
+
+    def fake_run(lm, ws, cfg, **kw):  # stop before any model work: only the configuration is checked
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(E, "load_lm", lambda args: None)
+    monkeypatch.setattr(L, "run_lifelong", fake_run)
+    with pytest.raises(SystemExit):
+        main(["bench", "lifelong", "--dataset", "zsre"])
+    assert seen["cfg"].dataset == "zsre" and seen["cfg"].data == str(tmp_path / "zsre-dev-1k.json")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "lifelong", "--dataset", "squad"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'squad'" in capsys.readouterr().err
