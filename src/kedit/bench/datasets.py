@@ -109,7 +109,7 @@ class BenchDataset:
         """The data set's file in the first ../shared/data that has it (else the first candidate, which
         then fails to load with a clear message)."""
         found = [d / self.file for d in SHARED_DATA_DIRS if (d / self.file).exists()]
-        return (found or [SHARED_DATA_DIRS[0] / self.file])[0]
+        return (found or [SHARED_DATA_DIRS[0] / self.file])[0].resolve()
 
     def load(self, path: str | Path, n: int, offset: int = 0) -> list[dict]:
         path = Path(path)

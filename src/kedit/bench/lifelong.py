@@ -32,7 +32,7 @@ from kedit.editors.hparams import load_hparams
 from kedit.evaluation.metrics import wilson_interval
 from kedit.stats import DEFAULT_STATS_TOKENS
 
-DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "counterfact-dev.json"
+DEFAULT_DATA = get_dataset("counterfact").default_data()  # ../shared/data/counterfact-dev.json
 
 
 @dataclass
