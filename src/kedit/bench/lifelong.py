@@ -1,6 +1,7 @@
-"""The lifelong editing benchmark: T CounterFact records applied in batches of B to one model,
+"""The lifelong editing benchmark: T CounterFact (or zsRE) records applied in batches of B to one model,
 every METRICS.md metric measured on all T records after the last batch (and on the records edited
-so far every K batches, for the curve), against the unedited baseline.
+so far every K batches, for the curve), against the unedited baseline. The data set decides how a
+record becomes a request and how it is scored (:mod:`kedit.bench.datasets`).
 
 Seconds per edit count only the editing calls (v*, keys, solves, applying the deltas); statistics,
 projectors, prefixes and evaluation are reported separately.
@@ -25,12 +26,13 @@ import torch
 
 from kedit.atomic import write_json_atomic, write_text_atomic
 from kedit.bench.console import ProgressLog, device_str
+from kedit.bench.datasets import get_dataset
+from kedit.bench.footprint import edit_footprint, state_bytes
 from kedit.editors.hparams import load_hparams
-from kedit.editors.io import request_from_record
 from kedit.evaluation.metrics import wilson_interval
 from kedit.stats import DEFAULT_STATS_TOKENS
 
-DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "counterfact-dev.json"
+DEFAULT_DATA = get_dataset("counterfact").default_data()  # ../shared/data/counterfact-dev.json
 
 
 @dataclass
@@ -49,20 +51,11 @@ class LifelongConfig:
     stats_tokens: int = DEFAULT_STATS_TOKENS
     hparams_file: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "counterfact"  # kedit.bench.datasets: counterfact or zsre
 
 
 def load_counterfact(path: str | Path, n: int, offset: int = 0) -> list[dict]:
-    from kedit.evaluation.metrics import check_counterfact
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"CounterFact file {path} not found (pass --data)")
-    data = json.loads(path.read_text())
-    recs = data[offset: offset + n]
-    if len(recs) < n:
-        raise ValueError(f"{path}: asked for {n} records from offset {offset}, only {len(recs)} available")
-    check_counterfact(recs, str(path))
-    return recs
+    return get_dataset("counterfact").load(path, n, offset)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -71,13 +64,14 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _model_metrics(lm, records: list[dict], fluency_prompts: list[str], ref_text: str, ppl_tokens: int,
-                   loc_before: torch.Tensor | None, fluency_tokens: int = 100) -> tuple[dict, torch.Tensor]:
+def _model_metrics(lm, ds, records: list[dict], reference: Any, ids: list, fluency_prompts: list[str],
+                   ref_text: str, ppl_tokens: int, loc_before: torch.Tensor | None,
+                   fluency_tokens: int = 100) -> tuple[dict, torch.Tensor]:
     from kedit.evaluation import metrics as M
 
-    cf = M.evaluate_counterfact(lm, records)
-    loc = M.next_token_logprobs(lm, [r["locality_prompt"] for r in records])
-    out = {k: cf[k] for k in ("efficacy", "generalization", "specificity", "efficacy_magnitude", "score")}
+    cf = ds.evaluate(lm, records, reference, ids)
+    loc = M.next_token_logprobs(lm, [r[ds.locality_field] for r in records])
+    out = {k: cf[k] for k in ds.report}
     # fluency is METRICS.md's GE (top-k 5 sampling from a fixed seed); greedy_entropy the same n-gram
     # entropy of greedy continuations of the same prompts, which sampling noise cannot mask
     out["fluency"] = M.generation_entropy(lm, fluency_prompts, max_new_tokens=fluency_tokens)
@@ -86,6 +80,8 @@ def _model_metrics(lm, records: list[dict], fluency_prompts: list[str], ref_text
                             "top_k": M.FLUENCY_TOP_K, "seed": M.FLUENCY_SEED}
     out["perplexity"] = M.perplexity(lm, ref_text, max_tokens=ppl_tokens)
     out["nkl"] = 0.0 if loc_before is None else M.neighbourhood_kl(loc_before, loc)
+    # METRICS.md's canary agreement with the locality prompts as the canary set: greedy next token unchanged
+    out["canary_agreement"] = 1.0 if loc_before is None else M.canary_agreement(loc_before.argmax(-1), loc.argmax(-1))
     out["failed_ids"] = cf["failed_ids"]
     return out, loc
 
@@ -107,30 +103,33 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     from kedit.editors.context import context_prefixes
     from kedit.editors.registry import get_editor
     from kedit.editors.session import BatchReport, EditSession
-    from kedit.evaluation.metrics import evaluate_counterfact, perplexity
+    from kedit.evaluation.metrics import perplexity
     from kedit.stats.collect import ensure_stats
     from kedit.stats.corpus import heldout_text
 
     if cfg.edits <= 0 or cfg.batch <= 0:
         raise ValueError("edits and batch must be positive")
-    records = load_counterfact(cfg.data, cfg.edits, cfg.offset)
-    requests = [request_from_record(r, f"{cfg.data} record {cfg.offset + i}") for i, r in enumerate(records)]
+    ds = get_dataset(cfg.dataset)
+    records = ds.load(cfg.data, cfg.edits, cfg.offset)
+    requests = ds.requests(records, cfg.data, cfg.offset)
+    ids = [r.get("case_id", cfg.offset + i) for i, r in enumerate(records)]
     hp = load_hparams(cfg.method, lm, cfg.hparams_file, cfg.overrides)
     layers = hp.resolve_layers(lm.adapter.num_layers)
     n_batches = math.ceil(cfg.edits / cfg.batch)
     eval_every = cfg.eval_every or max(1, n_batches // 10)
-    fluency_prompts = [r["prompt"] for r in records[: cfg.fluency_prompts]]
+    fluency_prompts = [r[ds.prompt_field] for r in records[: cfg.fluency_prompts]]
     ref_text = heldout_text()
     log = ProgressLog(progress)
     ck = _resume_point(lm, cfg, checkpoint, log) if resume else None
     resumed_after = ck.batches_done if ck else 0
 
     t = time.perf_counter()
+    reference = ds.reference(lm, records)  # the unedited model's answers that locality compares with
     if ck is None:
-        baseline, loc_before = _model_metrics(lm, records, fluency_prompts, ref_text, cfg.ppl_tokens, None,
-                                              cfg.fluency_tokens)
+        baseline, loc_before = _model_metrics(lm, ds, records, reference, ids, fluency_prompts, ref_text,
+                                              cfg.ppl_tokens, None, cfg.fluency_tokens)
     else:  # measured before the first batch; only the locality distributions are read again
-        baseline, loc_before = _resumed_baseline(lm, records, ck.extra)
+        baseline, loc_before = _resumed_baseline(lm, ds, records, ck.extra)
     eval_seconds = time.perf_counter() - t + (ck.extra["eval_seconds"] if ck else 0.0)
     log(f"baseline: {_fmt_row(baseline)} ({eval_seconds:.0f}s)")
 
@@ -162,17 +161,20 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
         checkpoint_every = checkpoint_every or ck.extra["checkpoint_every"]
         log(f"resumed after batch {session.batches_done}/{n_batches} ({session.n_edits} edits) from {checkpoint}")
     checkpoint_seconds = 0.0
+    first_state = ck.extra.get("first_state") if ck else None  # state size after the first batch
 
     def after_batch(rep: BatchReport) -> None:
-        nonlocal eval_seconds, checkpoint_seconds
+        nonlocal eval_seconds, checkpoint_seconds, first_state
+        if first_state is None:
+            first_state = {"edits": rep.done, "bytes": state_bytes(rep.result.state)}
         b, dt, res, done = rep.index, rep.seconds, rep.result, rep.done
         met = sum(d.constraint_met for d in res.diagnostics)
         log(f"batch {b + 1}/{n_batches}: {dt:.1f}s ({dt / rep.n:.2f} s/edit), v* met {met}/{rep.n}, "
             f"z residual {res.layer_info.get('z', {}).get('relative_residual_after', float('nan')):.3f}")
         if (b + 1) % eval_every == 0 or b == n_batches - 1:
             t = time.perf_counter()
-            cf = evaluate_counterfact(lm, records[:done])
-            point = {"edits": done, **{k: cf[k] for k in ("efficacy", "generalization", "specificity")}}
+            cf = ds.evaluate(lm, records[:done], reference, ids[:done])
+            point = {"edits": done, **{k: cf[k] for k in ds.metrics}}
             if b < n_batches - 1:  # the last point takes the final evaluation's perplexity
                 point["perplexity"] = perplexity(lm, ref_text, max_tokens=cfg.ppl_tokens)
             eval_seconds += time.perf_counter() - t
@@ -182,7 +184,8 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
             t = time.perf_counter()
             extra = {"config": _jsonable(asdict(cfg)), "model_hash": lm.manifest.model_hash, "baseline": baseline,
                      "curve": curve, "eval_seconds": eval_seconds, "one_time_seconds": one_time,
-                     "peak_memory_mb": peak_memory_mb(lm.device), "checkpoint_every": checkpoint_every}
+                     "peak_memory_mb": peak_memory_mb(lm.device), "checkpoint_every": checkpoint_every,
+                     "first_state": first_state}
             session.checkpoint(extra).save(checkpoint)
             checkpoint_seconds += time.perf_counter() - t
             log(f"checkpoint after batch {b + 1} -> {checkpoint} ({time.perf_counter() - t:.1f}s)")
@@ -195,8 +198,8 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     layer_infos = result.batch_layer_info
 
     t = time.perf_counter()
-    edited, _ = _model_metrics(lm, records, fluency_prompts, ref_text, cfg.ppl_tokens, loc_before,
-                               cfg.fluency_tokens)
+    edited, _ = _model_metrics(lm, ds, records, reference, ids, fluency_prompts, ref_text, cfg.ppl_tokens,
+                               loc_before, cfg.fluency_tokens)
     eval_seconds += time.perf_counter() - t
     curve[-1]["perplexity"] = edited["perplexity"]
     edited["seconds_per_edit"] = edit_seconds / cfg.edits
@@ -204,6 +207,8 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     edited["one_time_seconds"] = one_time
     edited["peak_memory_mb"] = max(peak_memory_mb(lm.device), ck.extra["peak_memory_mb"] if ck else 0.0)
     edited["device"] = device_str(lm.device)
+    edited.update(edit_footprint(result.deltas, result.state, cfg.edits, (first_state or {}).get("bytes"),
+                                 (first_state or {}).get("edits")))
     baseline.update(seconds_per_edit=None, one_time_seconds=None, peak_memory_mb=None, device=edited["device"])
     log(f"edited:   {_fmt_row(edited)}  {edited['seconds_per_edit']:.2f} s/edit")
     if edit_out is not None:
@@ -218,7 +223,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
                    "hparams": hp.to_dict(), "threads": torch.get_num_threads(),
                    "stats": {"dir": str(stats.dir), "key": stats.key, "n_tokens": stats.n_tokens} if stats else None,
                    "prefixes": prefixes, "nullspace_dim": nullspace, "eval_seconds": eval_seconds,
-                   "load_average": _loadavg(),
+                   "load_average": _loadavg(), "subject_fallbacks": ds.subject_fallbacks(records),
                    **({"checkpoint": {"path": str(checkpoint), "every": checkpoint_every,
                                       "write_seconds": checkpoint_seconds, "resumed_after_batches": resumed_after}}
                       if checkpoint is not None else {})},
@@ -256,12 +261,12 @@ def _resume_point(lm, cfg: LifelongConfig, checkpoint: str | Path | None, log):
     return ck
 
 
-def _resumed_baseline(lm, records: list[dict], extra: dict) -> tuple[dict, torch.Tensor]:
+def _resumed_baseline(lm, ds, records: list[dict], extra: dict) -> tuple[dict, torch.Tensor]:
     """The checkpointed baseline and the unedited model's locality distributions (too big to store,
     deterministic to recompute: the model must be the unedited one, as at the first run's start)."""
     from kedit.evaluation.metrics import next_token_logprobs
 
-    return dict(extra["baseline"]), next_token_logprobs(lm, [r["locality_prompt"] for r in records])
+    return dict(extra["baseline"]), next_token_logprobs(lm, [r[ds.locality_field] for r in records])
 
 
 def _loadavg() -> list[float] | None:
@@ -273,14 +278,30 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+SHORT = {"efficacy": "ES", "generalization": "PS", "specificity": "NS", "reliability": "Rel",
+         "locality": "Loc"}
+
+
+def _dataset_of(res_or_config: dict):
+    c = res_or_config.get("config", res_or_config)
+    return get_dataset(c.get("dataset", "counterfact"))
+
+
 def _fmt_row(m: dict) -> str:
-    return (f"ES {m['efficacy']:.3f} PS {m['generalization']:.3f} NS {m['specificity']:.3f} "
+    keys = [k for k in ("efficacy", "reliability", "generalization", "specificity", "locality") if k in m]
+    return (" ".join(f"{SHORT[k]} {m[k]:.3f}" for k in keys) + " "
             f"GE {m['fluency']:.1f} greedy GE {m['greedy_entropy']:.1f} PPL {m['perplexity']:.2f} NKL {m['nkl']:.4f}")
 
 
 def results_markdown(res: dict) -> str:
     c, b, e = res["config"], res["baseline"], res["edited"]
     fs = b["fluency_setup"]
+    ds = _dataset_of(res)
+    cols = [k for k in ds.report if k in b]
+    head = {"efficacy_magnitude": "EM", "score": "S"}
+
+    def cells(m: dict) -> str:
+        return " | ".join(f"{m[k]:.3f}" for k in cols)
 
     def rel(key: str) -> str:
         return f"{100 * (e[key] - b[key]) / b[key]:+.1f}%" if b[key] else "–"
@@ -288,29 +309,39 @@ def results_markdown(res: dict) -> str:
     lines = [
         f"# Lifelong editing: {c['method']} on {c['model']}",
         "",
-        f"{c['edits']} CounterFact records from `{Path(c['data']).name}` (offset {c['offset']}), batches of "
+        f"{c['edits']} {ds.title} from `{Path(c['data']).name}` (offset {c['offset']}), batches of "
         f"{c['batch']}, all metrics after the last batch. Layers {c['layers']}; device {e['device']}; "
         f"load average at the end {c['load_average']}.",
         "",
-        "| run | efficacy | generalization | specificity | fluency (x100) | greedy entropy (x100) | perplexity "
-        "| NKL | s/edit |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| unedited | {b['efficacy']:.3f} | {b['generalization']:.3f} | {b['specificity']:.3f} | "
-        f"{b['fluency']:.1f} | {b['greedy_entropy']:.1f} | {b['perplexity']:.2f} | – | – |",
-        f"| {c['method']} T{c['edits']} B{c['batch']} | {e['efficacy']:.3f} | {e['generalization']:.3f} | "
-        f"{e['specificity']:.3f} | {e['fluency']:.1f} ({rel('fluency')}) | {e['greedy_entropy']:.1f} "
-        f"({rel('greedy_entropy')}) | {e['perplexity']:.2f} ({rel('perplexity')}) | {e['nkl']:.4f} | "
-        f"{e['seconds_per_edit']:.2f} |",
+        "| run | " + " | ".join(head.get(k, k) for k in cols) + " | fluency (x100) | greedy entropy (x100) | "
+        "perplexity | NKL | canary agreement | s/edit | added bytes/edit |",
+        "|---|" + "---|" * (len(cols) + 7),
+        f"| unedited | {cells(b)} | {b['fluency']:.1f} | {b['greedy_entropy']:.1f} | {b['perplexity']:.2f} "
+        "| – | – | – | – |",
+        f"| {c['method']} T{c['edits']} B{c['batch']} | {cells(e)} | {e['fluency']:.1f} ({rel('fluency')}) | "
+        f"{e['greedy_entropy']:.1f} ({rel('greedy_entropy')}) | {e['perplexity']:.2f} ({rel('perplexity')}) | "
+        f"{e['nkl']:.4f} | {_fmt(e.get('canary_agreement'), '.3f')} | {e['seconds_per_edit']:.2f} | "
+        f"{_fmt(e.get('added_bytes_per_edit'), ',.0f')} |",
         "",
         f"- editing time {e['edit_seconds']:.1f} s ({e['seconds_per_edit']:.2f} s/edit); one-time work "
         f"(statistics, prefixes, projectors; near 0 when cached by an earlier run) {e['one_time_seconds']:.1f} s; "
         f"evaluation {c['eval_seconds']:.0f} s",
-        f"- 95% intervals over the {c['edits']} records (Wilson): " + ", ".join(
-            f"{k} [{lo:.2f}, {hi:.2f}]" for k in ("efficacy", "generalization", "specificity")
-            for lo, hi in [wilson_interval(round(e[k] * c["edits"]), c["edits"])]),
+        *([f"- 95% intervals over the {c['edits']} records (Wilson): " + ", ".join(
+            f"{k} [{lo:.2f}, {hi:.2f}]" for k in ds.metrics
+            for lo, hi in [wilson_interval(round(e[k] * c["edits"]), c["edits"])])] if ds.name == "counterfact" else
+          [f"- {', '.join(ds.metrics)}: mean over the {c['edits']} records of the per-record token-level accuracy "
+           "under teacher forcing (reliability: tokens of ` alt` after `src` that are the argmax prediction; "
+           "generalization: the same after `rephrase`; locality: tokens of ` loc_ans` after `loc` whose argmax "
+           f"is the unedited model's); subject found only case-insensitively in {c.get('subject_fallbacks', 0)} "
+           "questions"]),
         f"- peak memory {e['peak_memory_mb']:.0f} MB",
+        *([f"- memory growth: summed weight deltas {e['delta_bytes']:,} B + editor state {e['state_bytes']:,} B "
+           f"= {e['added_bytes']:,} B, {e['added_bytes_per_edit']:,.0f} B per edit; editor state growth per edit "
+           f"after the first batch {_fmt(e.get('state_growth_bytes_per_edit'), ',.0f')} B"] if "added_bytes" in e
+          else []),
+        "- canary agreement (METRICS.md) on the locality prompts: share whose greedy next token is unchanged",
         f"- fluency (METRICS.md generation entropy): {fs['new_tokens']} new tokens after each of the first "
-        f"{fs['prompts']} edit prompts (`prompt`), top-k sampling with k={fs['top_k']} from seed {fs['seed']}, "
+        f"{fs['prompts']} edit prompts (`{ds.prompt_field}`), top-k sampling with k={fs['top_k']} from seed {fs['seed']}, "
         f"all prompts in one batch; n-gram entropy of the generated text only (word and punctuation tokens, "
         f"2-/3-grams weighted 2/3 and 4/3, log2), mean over prompts, x100",
         f"- greedy entropy: the same n-gram entropy on greedy {fs['new_tokens']}-token continuations of the "
@@ -331,10 +362,14 @@ def results_markdown(res: dict) -> str:
     lines.append(f"- v* early-stop constraint met for {met}/{len(res['diagnostics'])} requests; mean steps "
                  f"{sum(d['vstar_steps'] for d in res['diagnostics']) / max(1, len(res['diagnostics'])):.1f}")
     lines += ["", "## Curve (records edited so far; perplexity of the held-out text)", "",
-              "| edits | efficacy | generalization | specificity | perplexity |", "|---|---|---|---|---|"]
-    lines += [f"| {p['edits']} | {p['efficacy']:.3f} | {p['generalization']:.3f} | {p['specificity']:.3f} | "
+              "| edits | " + " | ".join(ds.metrics) + " | perplexity |", "|---|---|---|---|---|"]
+    lines += [f"| {p['edits']} | " + " | ".join(f"{p[k]:.3f}" for k in ds.metrics) + " | "
               + (f"{p['perplexity']:.2f} |" if "perplexity" in p else "– |") for p in res["curve"]]
     return "\n".join(lines) + "\n"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
 
 
 # colour, marker, and the dash pattern of the unedited baseline (told apart even where two coincide)
@@ -345,6 +380,8 @@ CURVE_STYLE = {"efficacy": ("tab:blue", "o", (0, (6, 3))), "generalization": ("t
 def curve_intervals(res: dict, key: str) -> list[tuple[float, float]]:
     """95% Wilson interval of ``key`` at each curve point (over the records edited so far), the same
     interval the report prints for the final numbers."""
+    if _dataset_of(res).name != "counterfact":  # token-level means, not counts: no binomial interval
+        return [(p[key], p[key]) for p in res["curve"]]
     return [wilson_interval(round(p[key] * p["edits"]), p["edits"]) for p in res["curve"]]
 
 
@@ -361,7 +398,7 @@ def plot_curve(res: dict, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(7.4, 4.4))
     edited, bases = [], []
     dodge = 0.006 * (max(xs) - min(xs) or max(xs))  # error bars at one x side by side, not on top
-    for j, (key, (colour, marker, dashes)) in enumerate(CURVE_STYLE.items()):
+    for j, (key, (colour, marker, dashes)) in enumerate(zip(_dataset_of(res).metrics, CURVE_STYLE.values())):
         ys = [p[key] for p in res["curve"]]
         ci = curve_intervals(res, key)
         # specificity is a mean over neighbour prompts, not a count: keep the bar on its side of the point

@@ -1,4 +1,4 @@
-"""`kedit bench lifelong`: sequential CounterFact editing benchmark (results.json / .md / curve.png);
+"""`kedit bench lifelong`: sequential CounterFact or zsRE editing benchmark (results.json / .md / curve.png);
 `kedit bench solvers`: one batch, v* once, solver settings compared (results.json / .md / frontier.png)."""
 
 from __future__ import annotations
@@ -30,8 +30,11 @@ def _add_run_args(p, edits_help: str, set_help: str, plot: str) -> None:
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks")
     s = p.add_subparsers(dest="bench_cmd", required=True)
-    b = s.add_parser("lifelong", help="apply T CounterFact edits in batches of B, then measure every metric")
+    b = s.add_parser("lifelong", help="apply T CounterFact (or zsRE) edits in batches of B, then measure every metric")
     _add_run_args(b, "records edited in all", "override one hyperparameter", "curve.png")
+    b.add_argument("--dataset", default="counterfact", choices=["counterfact", "zsre"],
+                   help="counterfact (efficacy/generalization/specificity) or zsre (reliability/generalization/"
+                        "locality, token-level); --data defaults to ../shared/data/<its file>")
     b.add_argument("--batch", "-B", type=int, default=10)
     b.add_argument("--eval-every", type=int, default=0, help="batches between curve points (0: ~10 points)")
     b.add_argument("--fluency-prompts", type=int, default=100,
@@ -55,8 +58,8 @@ def register(sub) -> None:
 
 
 def _lifelong(args) -> int:
+    from kedit.bench.datasets import get_dataset
     from kedit.bench.lifelong import (
-        DEFAULT_DATA,
         LifelongConfig,
         results_markdown,
         run_lifelong,
@@ -64,7 +67,8 @@ def _lifelong(args) -> int:
     )
     from kedit.cli.edit import _parse_set, load_lm
 
-    cfg = LifelongConfig(method=args.method, data=args.data or str(DEFAULT_DATA), edits=args.edits,
+    cfg = LifelongConfig(method=args.method, data=args.data or str(get_dataset(args.dataset).default_data()),
+                         dataset=args.dataset, edits=args.edits,
                          batch=args.batch, offset=args.offset, eval_every=args.eval_every,
                          fluency_prompts=args.fluency_prompts or None, ppl_tokens=args.ppl_tokens,
                          stats_corpus=args.stats_corpus, stats_tokens=args.stats_tokens,

@@ -435,3 +435,98 @@ def perplexity(lm: LoadedModel, text: str, max_tokens: int = 20000, window: int 
                batch_size: int = 4) -> float:
     """Token-level perplexity: ``exp`` of the mean of :func:`token_nlls`."""
     return math.exp(float(token_nlls(lm, text, max_tokens, window, batch_size).mean()))
+
+
+# --- zsRE: token-level accuracy under teacher forcing --------------------------------------------
+def target_token_predictions(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str],
+                             batch_size: int = 32) -> tuple[list[list[int]], list[list[int]]]:
+    """The argmax token the model predicts at each position of ``" " + target`` after its prompt (teacher
+    forcing: position i sees the prompt and the true target tokens before i), and the target's token ids.
+
+    One forward pass per length-sorted batch of pairs; lists come back in input order."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    n = len(prompts)
+    if n == 0:
+        return [], []
+    tok = lm.tokenizer
+    p_ids, t_ids = encode_prompts(tok, prompts), encode_targets(tok, targets)
+    seqs = [p + t for p, t in zip(p_ids, t_ids)]
+    lengths = [len(s) for s in seqs]
+    order = sorted(range(n), key=lambda i: (lengths[i], i))
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    preds: list[list[int]] = [[] for _ in range(n)]
+    pad = pad_id(tok)
+    with torch.no_grad():
+        for batch in _batches(order, lengths, batch_size, vocab):
+            ids, mask, pos = right_pad([seqs[i] for i in batch], pad, lm.device)
+            top = _forward_logits(lm, ids, mask, pos).argmax(dim=-1).cpu()
+            for row, i in enumerate(batch):
+                start = len(p_ids[i])  # the logits at position j predict token j+1
+                preds[i] = top[row, start - 1: start - 1 + len(t_ids[i])].tolist()
+    return preds, t_ids
+
+
+def token_accuracy(predicted: Sequence[int], target: Sequence[int]) -> float:
+    """Fraction of positions where the predicted token equals the target token (zsRE's reliability /
+    generalization per record, and its locality with the unedited model's predictions as the target)."""
+    if len(predicted) != len(target) or not target:
+        raise ValueError(f"token_accuracy: need equal non-empty lengths, got {len(predicted)} and {len(target)}")
+    return sum(int(p == t) for p, t in zip(predicted, target)) / len(target)
+
+
+ZSRE_FIELDS = ("subject", "src", "rephrase", "alt", "loc", "loc_ans")
+
+
+def check_zsre(records: Sequence[dict], where: str = "records") -> None:
+    """Raise a clear error naming the record and field if a zsRE record is malformed."""
+    for k, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}[{k}]: expected a dict, got {type(r).__name__}")
+        missing = [f for f in ZSRE_FIELDS if f not in r]
+        if missing:
+            raise ValueError(f"{where}[{k}]: missing zsRE fields {missing}")
+        for f in ZSRE_FIELDS:
+            if not isinstance(r[f], str) or not r[f].strip():
+                raise ValueError(f"{where}[{k}]: zsRE field {f!r} must be a non-empty string")
+
+
+def zsre_locality_predictions(lm: LoadedModel, records: Sequence[dict], batch_size: int = 32) -> list[list[int]]:
+    """The model's argmax predictions over ``loc_ans`` after ``loc`` (teacher forcing): what an edited
+    model's locality is measured against, taken from the unedited model."""
+    return target_token_predictions(lm, [r["loc"] for r in records], [r["loc_ans"] for r in records],
+                                    batch_size)[0]
+
+
+def evaluate_zsre(lm: LoadedModel, records: Sequence[dict], loc_before: Sequence[Sequence[int]] | None = None,
+                  batch_size: int = 32, ids: Sequence | None = None) -> dict:
+    """zsRE's metrics as in MEND / ROME / MEMIT / EasyEdit, each a mean over records of a per-record
+    token-level accuracy under teacher forcing:
+
+    - **reliability**: fraction of the tokens of ``" " + alt`` after ``src`` that are the argmax prediction;
+    - **generalization**: the same on ``rephrase``;
+    - **locality**: fraction of the positions of ``" " + loc_ans`` after ``loc`` whose argmax prediction
+      equals the unedited model's (``loc_before``, from :func:`zsre_locality_predictions`); 1.0 when
+      ``loc_before`` is None (the model compared with itself).
+
+    All three prompt sets are scored together in length-sorted batches. ``failed_ids`` lists the records
+    whose reliability is below 1 (some token of the new answer is not the argmax)."""
+    check_zsre(records)
+    n = len(records)
+    if n == 0:
+        raise ValueError("evaluate_zsre: no records")
+    if loc_before is not None and len(loc_before) != n:
+        raise ValueError(f"evaluate_zsre: {len(loc_before)} locality references for {n} records")
+    prompts = [r["src"] for r in records] + [r["rephrase"] for r in records] + [r["loc"] for r in records]
+    targets = [r["alt"] for r in records] * 2 + [r["loc_ans"] for r in records]
+    preds, t_ids = target_token_predictions(lm, prompts, targets, batch_size)
+    rel = [token_accuracy(preds[i], t_ids[i]) for i in range(n)]
+    gen = [token_accuracy(preds[n + i], t_ids[n + i]) for i in range(n)]
+    loc_now = preds[2 * n:]
+    ref = loc_now if loc_before is None else loc_before
+    loc = [token_accuracy(loc_now[i], ref[i]) for i in range(n)]
+    ids = list(range(n)) if ids is None else list(ids)
+    return {"reliability": sum(rel) / n, "generalization": sum(gen) / n, "locality": sum(loc) / n, "n": n,
+            "ids": ids, "reliability_per_record": rel, "generalization_per_record": gen,
+            "locality_per_record": loc, "locality_predictions": loc_now,
+            "failed_ids": [i for i, a in zip(ids, rel) if a < 1.0]}
