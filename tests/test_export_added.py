@@ -54,7 +54,7 @@ def _load_elsewhere(d, prompts, tmp_path) -> dict:
     return json.loads(res.read_text())
 
 
-def _export_and_compare(workspace, lm, res, prompts, tmp_path):
+def _export_and_compare(workspace, lm, res, prompts, tmp_path, capsys):
     """Commit ``res`` as a lineage state, export it with the CLI, and compare a kedit-free load with
     kedit's attached model on every prompt (logits and greedy generation)."""
     from kedit.cli import main
@@ -65,6 +65,7 @@ def _export_and_compare(workspace, lm, res, prompts, tmp_path):
                      evaluation={}, predictions=predict(lm))
     out = tmp_path / "served"
     assert main(["-w", str(workspace.root), "export", s.id[:10], "--out", str(out)]) == 0
+    assert "trust_remote_code=True" in capsys.readouterr().out
     shipped = {p.name for p in out.glob("*.py")}
     assert shipped == {"configuration_kedit_added.py", "modeling_kedit_added.py"}
     for p in out.glob("*.py"):
@@ -90,20 +91,20 @@ def _export_and_compare(workspace, lm, res, prompts, tmp_path):
     return out, got, base
 
 
-def test_tpatcher_state_exports_with_its_patches(workspace, stored_lm, tmp_path):  # noqa: F811
+def test_tpatcher_state_exports_with_its_patches(workspace, stored_lm, tmp_path, capsys):  # noqa: F811
     from tests.test_editors_tpatcher import PROBES, REQS, _compute
 
     lm = stored_lm()
     res = _compute(lm, tmp_path, reqs=REQS[:1])
-    _export_and_compare(workspace, lm, res, [PROBES[0], PROBES[2]], tmp_path)
+    _export_and_compare(workspace, lm, res, [PROBES[0], PROBES[2]], tmp_path, capsys)
 
 
-def test_memoir_state_exports_with_its_memory(workspace, stored_lm, tmp_path):  # noqa: F811
+def test_memoir_state_exports_with_its_memory(workspace, stored_lm, tmp_path, capsys):  # noqa: F811
     from tests.test_editors_memoir import OTHER, A, _editor, _req
 
     lm = stored_lm()
     res = _editor().compute(lm, [_req(A)], None, None)
-    out, got, _ = _export_and_compare(workspace, lm, res, [A["prompt"].format(A["subject"]), OTHER], tmp_path)
+    out, got, _ = _export_and_compare(workspace, lm, res, [A["prompt"].format(A["subject"]), OTHER], tmp_path, capsys)
     # text that matches no stored mask runs the base model exactly
     from kedit.editors.registry import attach_state
 
