@@ -112,3 +112,41 @@ def test_memoir_state_exports_with_its_memory(workspace, stored_lm, tmp_path, ca
     with torch.no_grad():
         base_other = lm.model(input_ids=torch.tensor([lm.tokenizer(OTHER).input_ids])).logits[0]
     torch.testing.assert_close(torch.tensor(got["logits"][1]), base_other, atol=1e-5, rtol=1e-5)
+
+
+def test_states_that_add_nothing_export_plain_and_other_architectures_get_their_own_base_class(
+        tiny_tokenizer, tmp_path):
+    """Pure parts: no added tensors -> no remote code; the shipped class subclasses the model's own
+    architecture (GPT-2 here), and its hook equals kedit's attached one (random patches that fire)."""
+    from transformers import AutoModelForCausalLM
+
+    from kedit.editors import tpatcher as T
+    from kedit.editors.base import EditorState
+    from kedit.editors.registry import attach_state
+    from kedit.export import added_parameters, save_with_added
+    from kedit.models.store import wrap_model
+    from tests.conftest import make_tiny_model
+
+    lm = wrap_model(make_tiny_model("gpt2"), tiny_tokenizer, slug="tiny-gpt2")
+    assert added_parameters(lm, None) is None
+    assert added_parameters(lm, EditorState("alphaedit", {"cache_c.1": torch.zeros(2, 2)})) is None
+    assert added_parameters(lm, EditorState("tpatcher", {}, {"layer": 1})) is None
+    g = torch.Generator().manual_seed(0)
+    d, d_out = lm.model.config.n_embd, lm.model.config.n_embd
+    state = EditorState("tpatcher", {T.KEY: torch.randn(3, d, generator=g), T.BIAS: torch.randn(3, generator=g),
+                                     T.VALUE: torch.randn(3, d_out, generator=g)}, {"layer": 1})
+    added = added_parameters(lm, state)
+    assert added.spec["module"] == lm.adapter.mlp_name(1)
+    save_with_added(lm, added, tmp_path / "gpt2")
+    assert 'BASE_MODEL_CLASS = "GPT2LMHeadModel"' in (tmp_path / "gpt2" / "modeling_kedit_added.py").read_text()
+    served = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", trust_remote_code=True).eval()
+    assert isinstance(served, type(lm.model))
+    ids = torch.tensor([lm.tokenizer("The quick brown fox jumps").input_ids])
+    with torch.no_grad():
+        base = lm.model(input_ids=ids).logits
+        attach_state(lm, state)
+        want = lm.model(input_ids=ids).logits
+        got = served(input_ids=ids).logits
+    attach_state(lm, None)
+    assert (want - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
