@@ -292,6 +292,9 @@ def test_cli_log_show_diff_verify_rollback_export(workspace, stored_lm, capsys, 
     params = dict(served.named_parameters())
     assert {n: sha256_tensor(params[n]) for n in s1.tensor_sha256} == s1.tensor_sha256
     assert json.loads((tmp_path / "served" / "kedit_state.json").read_text())["state"]["id"] == s1.id
+    # a weight-edit state is a plain directory: no shipped code, no auto_map
+    assert not list((tmp_path / "served").glob("*.py"))
+    assert "auto_map" not in json.loads((tmp_path / "served" / "config.json").read_text())
     _flip(workspace.lineage_dir / "states" / s2.id / DELTAS_FILE, 500)
     assert main([*w, "lineage", "verify", "--quick"]) == 1
     assert "deltas.safetensors" in capsys.readouterr().out

@@ -299,6 +299,7 @@ def _export(args) -> int:
     else:
         sid = store.resolve(args.state)
     out = ops.export(ws, store, sid, args.out, force=args.force)
+    remote = (out / "modeling_kedit_added.py").exists()  # added parameters ship their own code
     print(f"exported {'state ' + sid[:12] if sid else 'the base model'} to {out} (load with "
-          f"AutoModelForCausalLM.from_pretrained)")
+          f"AutoModelForCausalLM.from_pretrained{'(DIR, trust_remote_code=True)' if remote else ''})")
     return 0

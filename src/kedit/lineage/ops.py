@@ -338,10 +338,12 @@ def _note_override(store: LineageStore, ev: Event) -> None:
 def export(ws: Workspace, store: LineageStore, state_id: str | None, out_dir: str | Path,
            force: bool = False) -> Path:
     """Write a HuggingFace model directory of ``state_id`` (base model + replayed deltas) for serving;
-    ``None``: the base model the lineage edits (what ``champion`` is after a rollback to base)."""
+    ``None``: the base model the lineage edits (what ``champion`` is after a rollback to base). A state
+    that adds parameters (T-Patcher, memory) also ships its code: see :mod:`kedit.export`."""
     from dataclasses import asdict
 
     from kedit.atomic import write_json_atomic
+    from kedit.export import added_parameters, save_with_added
     from kedit.models.store import load_model
 
     out = Path(out_dir)
@@ -360,10 +362,14 @@ def export(ws: Workspace, store: LineageStore, state_id: str | None, out_dir: st
     if lm.manifest.model_hash != base_hash:
         raise LineageError(f"export: models/{slug} has hash {lm.manifest.model_hash[:12]}, the lineage "
                            f"{'state ' + s.short if s else 'base'} is {base_hash[:12]}")
-    store.materialise(s.id if s else None, lm)
+    editor_state = store.materialise(s.id if s else None, lm)
+    added = added_parameters(lm, editor_state)
     tmp = out.parent / f".{out.name}.exporting"
     shutil.rmtree(tmp, ignore_errors=True)
-    lm.model.save_pretrained(tmp)
+    if added is None:
+        lm.model.save_pretrained(tmp)
+    else:  # added parameters: the directory ships its own code (load with trust_remote_code=True)
+        save_with_added(lm, added, tmp)
     lm.tokenizer.save_pretrained(tmp)
     write_json_atomic(tmp / "kedit_state.json", {"state": s.to_dict() if s else None, "base_model": asdict(lm.manifest)})
     if out.exists():

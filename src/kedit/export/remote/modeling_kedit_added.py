@@ -1,0 +1,105 @@
+"""A base causal LM plus the parameters a kedit edit state added (shipped with ``kedit export``).
+
+Needs only torch and transformers. The added computation is a forward hook on one module of the
+base model, the same computation kedit attaches in-process (``kedit.editors.tpatcher.attach`` /
+``kedit.editors.memoir.attach``):
+
+- ``tpatcher``: on one MLP, ``output += Σ_p relu(k_p·x + b_p) v_p`` with ``x`` the MLP input.
+- ``memoir``: on one down-projection, each token's fingerprint ``sort(perm[top_k(x - μ)])`` is matched
+  against the stored masks; a token whose best overlap ``|M_q ∩ M_e| / k`` reaches the threshold gets
+  ``W'[:, M_e] · x[M_e]`` added to its output; every other token's output is left untouched.
+
+The added tensors are float32 buffers/parameters of ``kedit_added`` and the computation runs in float32,
+as in kedit, whatever dtype the base model is loaded in.
+"""
+
+import torch
+import transformers
+from torch import nn
+
+from .configuration_kedit_added import KeditAddedConfig
+
+BASE_MODEL_CLASS = "LlamaForCausalLM"  # kedit export writes the base architecture's model class here
+
+_BaseModel = getattr(transformers, BASE_MODEL_CLASS)
+
+
+class PatchNeurons(nn.Module):
+    """T-Patcher's patches: keys [P, d_in], biases [P], values [P, d_out]."""
+
+    def __init__(self, spec):
+        super().__init__()
+        n, d_in, d_out = int(spec["n"]), int(spec["d_in"]), int(spec["d_out"])
+        self.register_buffer("key", torch.zeros(n, d_in, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(n, dtype=torch.float32))
+        self.register_buffer("value", torch.zeros(n, d_out, dtype=torch.float32))
+
+    def hook(self, _module, args, kwargs, output):
+        x = args[0] if args else next(iter(kwargs.values()))
+        out = output[0] if isinstance(output, tuple) else output
+        key, bias, value = self.key.float(), self.bias.float(), self.value.float()
+        add = (torch.relu(x.to(key.dtype) @ key.T + bias) @ value).to(out.dtype)
+        new = out + add
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+class SparseResidualMemory(nn.Module):
+    """MEMOIR-style memory: W' [d_out, d], masks [entries, k], background mean [d], permutation [d]."""
+
+    def __init__(self, spec):
+        super().__init__()
+        n, d, d_out = int(spec["n_entries"]), int(spec["d"]), int(spec["d_out"])
+        self.k, self.threshold = int(spec["k"]), float(spec["threshold"])
+        self.register_buffer("W", torch.zeros(d_out, d, dtype=torch.float32))
+        self.register_buffer("masks", torch.zeros(n, self.k, dtype=torch.long))
+        self.register_buffer("bg_mean", torch.zeros(d, dtype=torch.float32))
+        self.register_buffer("perm", torch.arange(d, dtype=torch.long))
+        self._stored = None  # one-hot masks, built on first use
+
+    def _one_hot(self, sets, d):
+        out = torch.zeros(sets.shape[0], d, dtype=torch.float32, device=sets.device)
+        return out.scatter_(1, sets, 1.0)
+
+    def hook(self, _module, args, kwargs, output):
+        if self.masks.shape[0] == 0:
+            return output
+        x = args[0] if args else next(iter(kwargs.values()))
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] == 0:
+            return output
+        d, k = flat.shape[-1], self.k
+        masks = self.masks.to(flat.device)
+        key = (masks.device, masks.data_ptr(), masks._version)
+        if self._stored is None or self._stored[0] != key:
+            self._stored = (key, self._one_hot(masks, d))
+        stored = self._stored[1]
+        with torch.no_grad():
+            idx = torch.topk(flat.float() - self.bg_mean.to(flat.device, torch.float32), k, dim=-1).indices
+            query = torch.sort(self.perm.to(flat.device)[idx], dim=-1).values
+            ov = self._one_hot(query, d) @ stored.T / k
+            best, entry = ov.max(dim=1)  # the first maximal index: ties go to the older entry
+            fire = (best >= self.threshold).nonzero().squeeze(1)
+        if fire.numel() == 0:
+            return output
+        cols = masks[entry[fire]]
+        w = self.W.to(flat.device, torch.float32)
+        delta = torch.einsum("omk,mk->mo", w[:, cols], flat[fire].gather(1, cols).float())
+        out = output.reshape(-1, output.shape[-1]).clone()
+        out[fire] = out[fire] + delta.to(out.dtype)
+        return out.view_as(output)
+
+
+ADDED_MODULES = {"tpatcher": PatchNeurons, "memoir": SparseResidualMemory}
+
+
+class KeditAddedForCausalLM(_BaseModel):
+    config_class = KeditAddedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        spec = config.kedit_added
+        if spec.get("method") not in ADDED_MODULES:
+            raise ValueError(f"config.kedit_added.method is {spec.get('method')!r}; this code knows "
+                             f"{sorted(ADDED_MODULES)}")
+        self.kedit_added = ADDED_MODULES[spec["method"]](spec)
+        self.get_submodule(spec["module"]).register_forward_hook(self.kedit_added.hook, with_kwargs=True)

@@ -1,0 +1,152 @@
+"""`kedit export` of states that add parameters (T-Patcher, memory): the directory loads in a process
+without kedit through transformers' remote code and computes what kedit's attached model computes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kedit.lineage.store import LineageStore
+from tests.test_lineage import feed, predict, stored_lm  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# loads the directory with transformers only: any attempt to import kedit fails, and none may have happened
+LOADER = r"""
+import importlib.abc, json, sys
+class NoKedit(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "kedit" or name.startswith("kedit."):
+            raise ImportError("kedit must not be needed to load an exported directory")
+sys.meta_path.insert(0, NoKedit())
+import torch
+from transformers import AutoModelForCausalLM
+d, job = sys.argv[1], json.load(open(sys.argv[2]))
+try:  # without remote code the directory is refused, never silently loaded as the unedited base model
+    AutoModelForCausalLM.from_pretrained(d)
+    raise SystemExit("loaded without trust_remote_code")
+except ValueError as e:
+    assert "trust_remote_code" in str(e), e
+m = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()
+out = {"class": type(m).__name__, "mro": [c.__name__ for c in type(m).__mro__], "logits": []}
+with torch.no_grad():
+    for ids in job["prompts"]:
+        out["logits"].append(m(input_ids=torch.tensor([ids])).logits[0].tolist())
+    g = m.generate(torch.tensor([job["prompts"][0]]), max_new_tokens=6, do_sample=False)
+out["generated"] = g[0].tolist()
+assert not any(k == "kedit" or k.startswith("kedit.") for k in sys.modules), "kedit was imported"
+json.dump(out, open(sys.argv[3], "w"))
+"""
+
+
+def _load_elsewhere(d, prompts, tmp_path) -> dict:
+    job, res, script = tmp_path / "job.json", tmp_path / "res.json", tmp_path / "load.py"
+    job.write_text(json.dumps({"prompts": prompts}))
+    script.write_text(LOADER)
+    # -I: no PYTHONPATH, no user site, no current directory on the path (so no kedit sources)
+    r = subprocess.run([sys.executable, "-I", str(script), str(d), str(job), str(res)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(res.read_text())
+
+
+def _export_and_compare(workspace, lm, res, prompts, tmp_path, capsys):
+    """Commit ``res`` as a lineage state, export it with the CLI, and compare a kedit-free load with
+    kedit's attached model on every prompt (logits and greedy generation)."""
+    from kedit.cli import main
+    from kedit.editors.registry import attach_state
+
+    store = LineageStore(workspace.lineage_dir)
+    s = store.commit(lm, res, parent=None, feed=feed(0), hparams={"method": res.state.method},
+                     evaluation={}, predictions=predict(lm))
+    out = tmp_path / "served"
+    assert main(["-w", str(workspace.root), "export", s.id[:10], "--out", str(out)]) == 0
+    assert "trust_remote_code=True" in capsys.readouterr().out
+    shipped = {p.name for p in out.glob("*.py")}
+    assert shipped == {"configuration_kedit_added.py", "modeling_kedit_added.py"}
+    for p in out.glob("*.py"):
+        assert "import kedit" not in p.read_text() and "from kedit" not in p.read_text()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_kedit_added.KeditAddedForCausalLM"
+    assert cfg["kedit_added"]["method"] == res.state.method
+
+    ids = [lm.tokenizer(p).input_ids for p in prompts]
+    got = _load_elsewhere(out, ids, tmp_path)
+    assert "LlamaForCausalLM" in got["mro"]
+    attach_state(lm, res.state)
+    with torch.no_grad():
+        want = [lm.model(input_ids=torch.tensor([i])).logits[0] for i in ids]
+        gen = lm.model.generate(torch.tensor([ids[0]]), max_new_tokens=6, do_sample=False)
+    for w, g in zip(want, got["logits"]):
+        torch.testing.assert_close(torch.tensor(g), w, atol=1e-5, rtol=1e-5)
+    assert got["generated"] == gen[0].tolist() and len(got["generated"]) > len(ids[0])
+    attach_state(lm, None)
+    with torch.no_grad():
+        base = lm.model(input_ids=torch.tensor([ids[0]])).logits[0]
+    assert (base - want[0]).abs().max() > 1e-3  # the edit changes the edited prompt: the hook matters
+    return out, got, base
+
+
+def test_tpatcher_state_exports_with_its_patches(workspace, stored_lm, tmp_path, capsys):  # noqa: F811
+    from tests.test_editors_tpatcher import PROBES, REQS, _compute
+
+    lm = stored_lm()
+    res = _compute(lm, tmp_path, reqs=REQS[:1])
+    _export_and_compare(workspace, lm, res, [PROBES[0], PROBES[2]], tmp_path, capsys)
+
+
+def test_memoir_state_exports_with_its_memory(workspace, stored_lm, tmp_path, capsys):  # noqa: F811
+    from tests.test_editors_memoir import OTHER, A, _editor, _req
+
+    lm = stored_lm()
+    res = _editor().compute(lm, [_req(A)], None, None)
+    out, got, _ = _export_and_compare(workspace, lm, res, [A["prompt"].format(A["subject"]), OTHER], tmp_path, capsys)
+    # text that matches no stored mask runs the base model exactly
+    from kedit.editors.registry import attach_state
+
+    attach_state(lm, None)
+    with torch.no_grad():
+        base_other = lm.model(input_ids=torch.tensor([lm.tokenizer(OTHER).input_ids])).logits[0]
+    torch.testing.assert_close(torch.tensor(got["logits"][1]), base_other, atol=1e-5, rtol=1e-5)
+
+
+def test_states_that_add_nothing_export_plain_and_other_architectures_get_their_own_base_class(
+        tiny_tokenizer, tmp_path):
+    """Pure parts: no added tensors -> no remote code; the shipped class subclasses the model's own
+    architecture (GPT-2 here), and its hook equals kedit's attached one (random patches that fire)."""
+    from transformers import AutoModelForCausalLM
+
+    from kedit.editors import tpatcher as T
+    from kedit.editors.base import EditorState
+    from kedit.editors.registry import attach_state
+    from kedit.export import added_parameters, save_with_added
+    from kedit.models.store import wrap_model
+    from tests.conftest import make_tiny_model
+
+    lm = wrap_model(make_tiny_model("gpt2"), tiny_tokenizer, slug="tiny-gpt2")
+    assert added_parameters(lm, None) is None
+    assert added_parameters(lm, EditorState("alphaedit", {"cache_c.1": torch.zeros(2, 2)})) is None
+    assert added_parameters(lm, EditorState("tpatcher", {}, {"layer": 1})) is None
+    g = torch.Generator().manual_seed(0)
+    d, d_out = lm.model.config.n_embd, lm.model.config.n_embd
+    state = EditorState("tpatcher", {T.KEY: torch.randn(3, d, generator=g), T.BIAS: torch.randn(3, generator=g),
+                                     T.VALUE: torch.randn(3, d_out, generator=g)}, {"layer": 1})
+    added = added_parameters(lm, state)
+    assert added.spec["module"] == lm.adapter.mlp_name(1)
+    save_with_added(lm, added, tmp_path / "gpt2")
+    assert 'BASE_MODEL_CLASS = "GPT2LMHeadModel"' in (tmp_path / "gpt2" / "modeling_kedit_added.py").read_text()
+    served = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", trust_remote_code=True).eval()
+    assert isinstance(served, type(lm.model))
+    ids = torch.tensor([lm.tokenizer("The quick brown fox jumps").input_ids])
+    with torch.no_grad():
+        base = lm.model(input_ids=ids).logits
+        attach_state(lm, state)
+        want = lm.model(input_ids=ids).logits
+        got = served(input_ids=ids).logits
+    attach_state(lm, None)
+    assert (want - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
