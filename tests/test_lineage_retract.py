@@ -80,6 +80,9 @@ def test_tpatcher_retract_through_the_cli_removes_exactly_one_fact(workspace, st
         assert torch.equal(after[f], edited[f]), f
     parent_es = store.editor_state(s2.id)
     assert torch.equal(es.tensors[T.VALUE], parent_es.tensors[T.VALUE][[1, 2]])
+    assert main([*w, "lineage", "log"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "retraction of eiffel by carol:" in out and "withdrawn" in out
     # the diff names the fact that owns each patch row, added and removed
     assert main([*w, "lineage", "diff", s2.id[:10], new.id[:10]]) == 0
     out = capsys.readouterr().out

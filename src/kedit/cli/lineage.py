@@ -151,7 +151,10 @@ def _log(args) -> int:
 
     def label(e) -> str:
         s = e.state
-        feed = s.feed.get("path") or s.feed.get("name") or str(s.feed.get("file_sha256", ""))[:12]
+        feed = "feed " + (s.feed.get("path") or s.feed.get("name") or str(s.feed.get("file_sha256", ""))[:12])
+        if s.feed.get("kind") == "retraction":  # kedit.lineage.retract: no feed, one fact taken out
+            feed = (f"[magenta]retraction of {escape(', '.join(s.feed.get('retracted', [])))} by "
+                    f"{escape(str(s.feed.get('by')))}: {escape(str(s.feed.get('reason')))}[/]")
         approved = _people(e.approvals)
         promoted = _people([p for p in e.promotions if p.type == "promote"])
         star = "[bold yellow]★ champion[/] " if e.champion else ""
@@ -159,7 +162,7 @@ def _log(args) -> int:
         colour = "green" if "PASS" in verdict else ("red" if "FAIL" in verdict else "dim")
         overrides = "".join(f"  [bold red]OVERRIDE ({o.data.get('action', '?')}) by {escape(_people([o]))}: "
                             f"{escape(o.comment)}[/]" for o in e.overrides)
-        return (f"{star}[cyan]{s.short}[/] {s.created_at}  {s.method}  feed {feed}  {s.n_edits} edits  "
+        return (f"{star}[cyan]{s.short}[/] {s.created_at}  {s.method}  {feed}  {s.n_edits} edits  "
                 f"[{colour}]{verdict}[/]" + _drift_column(e.gate) + (f"  approved by {escape(approved)}" if approved else "")
                 + (f"  promoted by {escape(promoted)}" if promoted else "") + overrides
                 + ("  [dim](snapshot)[/]" if s.snapshot else ""))
@@ -351,8 +354,8 @@ def _retract(args) -> int:
             print("or append its line to the next feed file so the nightly refresh applies it", file=sys.stderr)
         return 2
     print(f"retracted fact {args.fact} from {sid[:12]}: new state {new.short} ({new.method}, parent {sid[:12]})")
-    print(f"it is a candidate: gate it, then `kedit lineage approve {new.short}` and "
-          f"`kedit lineage promote {new.short}`")
+    print(f"it is a candidate like any other: promoting it needs a passed gate verdict recorded against "
+          f"{sid[:12]} and then `kedit lineage approve {new.short}`, `kedit lineage promote {new.short}`")
     return 0
 
 
