@@ -70,6 +70,13 @@ def test_tpatcher_retract_through_the_cli_removes_exactly_one_fact(workspace, st
     assert new.feed["kind"] == "retraction" and new.feed["retracted"] == ["eiffel"]
     assert new.feed["from_state"] == s2.id and new.feed["by"] == "carol" and new.feed["reason"] == "source withdrawn"
     assert set(store.facts(new.id)) == {"darrieux", "yasuda"}  # the later batch's fact stays
+    # retention gates and the feed's already-applied check no longer see the retracted fact
+    from kedit.feeds.champion import applied_facts
+
+    assert [f["id"] for f in store.fact_records(new.id)] == ["darrieux", "yasuda"]
+    assert [f["id"] for f in store.fact_records(s2.id)] == ["eiffel", "darrieux", "yasuda"]
+    assert ("The Eiffel Tower", "{} is located in", "capital") not in applied_facts(store, new.id)
+    assert ("The Eiffel Tower", "{} is located in", "capital") in applied_facts(store, s2.id)
     # restored on a fresh model: the retracted prompt is the base model's, the others are as they were
     fresh = stored_lm()
     es = store.materialise(new.id, fresh)

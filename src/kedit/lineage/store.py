@@ -757,6 +757,18 @@ class LineageStore:
                 out.pop(str(rid), None)
         return out
 
+    def fact_records(self, state_id: str | None) -> list[dict]:
+        """The feed records (``feed["facts"]``) of every fact applied on the path to ``state_id``, in
+        order, less those a later state on the path retracted (what retention gates and the feed's
+        already-applied check must see)."""
+        out: list[dict] = []
+        for s in self.path(state_id) if state_id else []:
+            out.extend(s.feed.get("facts", []) or [])
+            gone = {str(r) for r in s.feed.get("retracted", []) or []}
+            if gone:
+                out = [f for f in out if str(f.get("id")) not in gone]
+        return out
+
     def diff(self, a: str | None, b: str | None) -> dict[str, Any]:
         """Facts added / removed going from state ``a`` to ``b`` and the per-tensor weight change."""
         fa, fb = self.facts(a), self.facts(b)
