@@ -402,8 +402,7 @@ def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: d
     cand_lm, _ = load_state_model(ws, cfg, sid)
     policy = GatePolicy.from_params(workspace=ws)
     new = gate_records(champ_lm, ingest["accepted"])
-    prior_facts = [f for s in (store.path(ingest["champion"]) if ingest["champion"] else [])
-                   for f in s.feed.get("facts", []) or []]
+    prior_facts = store.fact_records(ingest["champion"])  # less retracted facts: retention must not ask for them
     prior = gate_records(champ_lm, prior_facts) if prior_facts else []
     out_dir = reports_dir(ws, ingest["refresh_key"]) / "gate"
     # the canary suite is what the champion answers today: shipped prompts + past edits' neighbourhoods

@@ -1,8 +1,10 @@
-"""`kedit lineage log|show|diff|verify|repair|approve|promote`, `kedit rollback S`, `kedit export S --out DIR`."""
+"""`kedit lineage log|show|diff|verify|repair|approve|promote`, `kedit rollback S`, `kedit retract FACT`,
+`kedit export S --out DIR`."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 from kedit.cli import CLIError, workspace
 
@@ -54,6 +56,17 @@ def register(sub) -> None:
                     help="roll back to a state that was never champion nor an ancestor of one (an override)")
     _follow_flags(rb)
     rb.set_defaults(func=_rollback)
+
+    rt = sub.add_parser("retract", help="remove one fact exactly from a T-Patcher / memory state, as a new "
+                                        "candidate state (weight editors: offers an edit back)")
+    rt.add_argument("fact", help="the fact's id (a feed row id)")
+    rt.add_argument("--by", required=True, help="who retracts it (recorded in the new state)")
+    rt.add_argument("--reason", required=True, help="why (recorded in the new state)")
+    rt.add_argument("--state", default="champion", help="state to retract from (default: the champion)")
+    rt.add_argument("--request-out", default=None,
+                    help="where to write the edit-back request for a weight editor's fact "
+                         "(default: <workspace>/retractions/<fact>-edit-back.jsonl)")
+    rt.set_defaults(func=_retract)
 
     ex = sub.add_parser("export", help="write a full HuggingFace model directory of an edit state")
     ex.add_argument("state", help="state id, unique prefix, 'champion' or 'base'")
@@ -138,7 +151,10 @@ def _log(args) -> int:
 
     def label(e) -> str:
         s = e.state
-        feed = s.feed.get("path") or s.feed.get("name") or str(s.feed.get("file_sha256", ""))[:12]
+        feed = "feed " + (s.feed.get("path") or s.feed.get("name") or str(s.feed.get("file_sha256", ""))[:12])
+        if s.feed.get("kind") == "retraction":  # kedit.lineage.retract: no feed, one fact taken out
+            feed = (f"[magenta]retraction of {escape(', '.join(s.feed.get('retracted', [])))} by "
+                    f"{escape(str(s.feed.get('by')))}: {escape(str(s.feed.get('reason')))}[/]")
         approved = _people(e.approvals)
         promoted = _people([p for p in e.promotions if p.type == "promote"])
         star = "[bold yellow]★ champion[/] " if e.champion else ""
@@ -146,7 +162,7 @@ def _log(args) -> int:
         colour = "green" if "PASS" in verdict else ("red" if "FAIL" in verdict else "dim")
         overrides = "".join(f"  [bold red]OVERRIDE ({o.data.get('action', '?')}) by {escape(_people([o]))}: "
                             f"{escape(o.comment)}[/]" for o in e.overrides)
-        return (f"{star}[cyan]{s.short}[/] {s.created_at}  {s.method}  feed {feed}  {s.n_edits} edits  "
+        return (f"{star}[cyan]{s.short}[/] {s.created_at}  {s.method}  {feed}  {s.n_edits} edits  "
                 f"[{colour}]{verdict}[/]" + _drift_column(e.gate) + (f"  approved by {escape(approved)}" if approved else "")
                 + (f"  promoted by {escape(promoted)}" if promoted else "") + overrides
                 + ("  [dim](snapshot)[/]" if s.snapshot else ""))
@@ -178,6 +194,7 @@ def _diff(args) -> int:
     a = None if args.a == "base" else store.resolve(args.a)
     b = None if args.b == "base" else store.resolve(args.b)
     d = store.diff(a, b)
+    d["rows"] = _row_diff(store, a, b)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -188,7 +205,36 @@ def _diff(args) -> int:
     print(f"{'module':48s} {'||W_b - W_a||':>14s} {'||W_b||':>10s}")
     for n, v in d["modules"].items():
         print(f"{n:48s} {v['delta_norm']:14.6f} {v['weight_norm']:10.4f}")
+    rows = d["rows"]
+    if rows:
+        print(f"added rows ({rows['from_method'] or '-'} {rows['rows_from']} rows -> "
+              f"{rows['to_method'] or '-'} {rows['rows_to']} rows; the fact that owns each):")
+        for what, side in (("added", "in " + (b or "base")[:12]), ("removed", "in " + (a or "base")[:12])):
+            for fact, idx in rows[what].items():
+                print(f"  {'+' if what == 'added' else '-'} fact {fact}: rows {_ranges(idx)} {side}")
+        if not rows["added"] and not rows["removed"]:
+            print("  no fact gained or lost a row")
     return 0
+
+
+def _row_diff(store, a: str | None, b: str | None) -> dict | None:
+    """Owners of the added rows (patches, memory entries) on each side; None when neither side has any."""
+    from kedit.lineage.retract import owner_diff, row_owners
+
+    oa, ob = row_owners(store, a), row_owners(store, b)
+    return owner_diff(oa, ob) if oa or ob else None
+
+
+def _ranges(idx: list[int]) -> str:
+    """``0-2,5``: row indices as ranges."""
+    out, start = [], None
+    for i, x in enumerate(idx):
+        if start is None:
+            start = x
+        if i + 1 == len(idx) or idx[i + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ",".join(out)
 
 
 def _verify(args) -> int:
@@ -286,6 +332,35 @@ def _report(what: str, out: dict) -> None:
         print(f"  git {out['git_commit'][:12]} tag {out['tag']}, DVC lineage rev {out.get('dvc_rev.lineage', '')}")
     if "registered_model" in out:
         print(f"  MLflow {out['registered_model']} version {out['version']} -> alias champion")
+
+
+def _retract(args) -> int:
+    from kedit.lineage.retract import RetractionImpossible, retract, write_request
+    from kedit.models.store import load_model
+
+    ws, _, store = _store(args)
+    sid = store.resolve(args.state)
+    lm = load_model(store.get(sid).base_model_slug, ws)
+    try:
+        new = retract(store, lm, sid, args.fact, by=args.by, reason=args.reason)
+    except RetractionImpossible as exc:
+        print(f"kedit retract: cannot retract: {exc}", file=sys.stderr)
+        if exc.request is not None:
+            path = write_request(exc.request, args.request_out or ws.root / "retractions"
+                                 / f"{_safe(args.fact)}-edit-back.jsonl")
+            print(f"wrote the edit back to {exc.request['target_new']!r} (the old object) to {path}", file=sys.stderr)
+            print(f"apply it: kedit edit --method {exc.method} --requests {path} --out "
+                  f"{ws.root / 'retractions' / (_safe(args.fact) + '-edit-back')}", file=sys.stderr)
+            print("or append its line to the next feed file so the nightly refresh applies it", file=sys.stderr)
+        return 2
+    print(f"retracted fact {args.fact} from {sid[:12]}: new state {new.short} ({new.method}, parent {sid[:12]})")
+    print(f"it is a candidate like any other: promoting it needs a passed gate verdict recorded against "
+          f"{sid[:12]} and then `kedit lineage approve {new.short}`, `kedit lineage promote {new.short}`")
+    return 0
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _export(args) -> int:

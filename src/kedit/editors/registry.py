@@ -7,14 +7,23 @@ from kedit.editors.hparams import METHODS, EditHparams, load_hparams
 from kedit.editors.memit import MEMITEditor
 from kedit.editors.memoir import MemoirEditor
 from kedit.editors.memoir import attach as memoir_attach
+from kedit.editors.memoir import retract as memoir_retract
 from kedit.editors.rome import ROMEEditor
 from kedit.editors.tpatcher import TPatcherEditor
 from kedit.editors.tpatcher import attach as tpatcher_attach
+from kedit.editors.tpatcher import without_facts as tpatcher_without_facts
 
 EDITORS = {"rome": ROMEEditor, "memit": MEMITEditor, "alphaedit": AlphaEditEditor, "tpatcher": TPatcherEditor,
            "memoir": MemoirEditor}
 # methods that add parameters kept in their editor state: ``attach(lm, state)`` puts them on the model
 ATTACHERS = {"tpatcher": tpatcher_attach, "memoir": memoir_attach}
+# the same methods keep each fact in rows of their own: ``retract(state, fact_id)`` is a new state
+# without that fact's rows (its other tensors rebuilt from the rest), the old state left as it was
+RETRACTORS = {"tpatcher": lambda state, fact_id: tpatcher_without_facts(state, [fact_id]),
+              "memoir": memoir_retract}
+# which fact owns each added row (patch row / memory entry), in row order, for `kedit lineage diff`
+OWNERS = {"tpatcher": lambda state: [str(o) for o in state.meta.get("patch_facts", [])],
+          "memoir": lambda state: [str(o) for o in state.meta.get("entry_owner", [])]}
 
 
 def get_editor(method: str, hparams: EditHparams | None = None, model=None, cache_dir=None, progress=None):

@@ -22,12 +22,9 @@ ChampionPredictor = Callable[[str | None, list[dict[str, Any]]], list[bool]]
 
 
 def applied_facts(store, state_id: str | None) -> set[tuple[str, str, str]]:
-    """(subject, prompt, target_new) of every fact applied on the path to ``state_id``."""
-    out: set[tuple[str, str, str]] = set()
-    for s in store.path(state_id) if state_id else []:
-        for f in s.feed.get("facts", []) or []:
-            out.add((f["subject"], f["prompt"], f["target_new"]))
-    return out
+    """(subject, prompt, target_new) of every fact applied on the path to ``state_id`` (a retracted
+    fact is no longer applied: a feed may bring it again)."""
+    return {(f["subject"], f["prompt"], f["target_new"]) for f in store.fact_records(state_id)}
 
 
 def fact_history(store, state_id: str | None) -> list[dict[str, Any]]:

@@ -747,11 +747,26 @@ class LineageStore:
         return [[x.id for x in self.path(s.id)] for s in states if s.id not in parents]
 
     def facts(self, state_id: str | None) -> dict[str, str]:
-        """Row id -> feed file hash of every fact applied on the path to ``state_id``."""
+        """Row id -> feed file hash of every fact applied on the path to ``state_id`` (less those a later
+        state retracted: its feed lists them under ``retracted``, see :mod:`kedit.lineage.retract`)."""
         out: dict[str, str] = {}
         for s in self.path(state_id) if state_id else []:
             for rid in s.feed.get("row_ids", []) or []:
                 out[str(rid)] = s.feed.get("file_sha256", "")
+            for rid in s.feed.get("retracted", []) or []:
+                out.pop(str(rid), None)
+        return out
+
+    def fact_records(self, state_id: str | None) -> list[dict]:
+        """The feed records (``feed["facts"]``) of every fact applied on the path to ``state_id``, in
+        order, less those a later state on the path retracted (what retention gates and the feed's
+        already-applied check must see)."""
+        out: list[dict] = []
+        for s in self.path(state_id) if state_id else []:
+            out.extend(s.feed.get("facts", []) or [])
+            gone = {str(r) for r in s.feed.get("retracted", []) or []}
+            if gone:
+                out = [f for f in out if str(f.get("id")) not in gone]
         return out
 
     def diff(self, a: str | None, b: str | None) -> dict[str, Any]:
