@@ -57,6 +57,11 @@ class EditHparams:
     nullspace_mode: str = "relative_mean"  # "absolute" | "relative_mean" | "relative_max" | "energy"
     nullspace_mom2_weight: float = 0.0  # AlphaEdit: MEMIT's λ·C term kept inside the null space (0 = paper)
     cache_dtype: str = "float32"  # dtype of Σ K_p K_pᵀ kept in the editor state
+    # norm-anchored v* (NAS; MEMIT/AlphaEdit only, editors/norm_anchor.py): rescale each request's MLP
+    # output target at the last edit layer to the base model's mean norm; skip requests above
+    # v_norm_skip_factor times that mean (reported in the diagnostics and layer_info)
+    v_norm_anchor: bool = False
+    v_norm_skip_factor: float = 2.0
     source: str = ""  # file the values came from
     source_sha256: str = ""
     notes: dict[str, str] = field(default_factory=dict)
@@ -67,6 +72,16 @@ class EditHparams:
             if v not in allowed:
                 raise ValueError(f"hparams ({self.source or 'inline'}): {k} must be "
                                  f"{', '.join(allowed[:-1])} or {allowed[-1]}, not {v!r}")
+        if not isinstance(self.v_norm_anchor, bool):
+            raise ValueError(f"hparams ({self.source or 'inline'}): v_norm_anchor must be true or false, "
+                             f"not {self.v_norm_anchor!r}")
+        if self.v_norm_anchor and self.method == "rome":
+            raise ValueError(f"hparams ({self.source or 'inline'}): v_norm_anchor applies to memit and "
+                             "alphaedit, not rome")
+        f = self.v_norm_skip_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 1.0 or f == float("inf"):
+            raise ValueError(f"hparams ({self.source or 'inline'}): v_norm_skip_factor must be a finite "
+                             f"number >= 1 (a request is skipped above factor x the anchor norm), not {f!r}")
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         if self.layers == "auto":
