@@ -125,6 +125,25 @@ def test_solver_sweep_reuses_vstar_and_restores_the_model(tiny_lm, workspace, cf
     assert (out / "frontier.png").stat().st_size > 1000
 
 
+def test_solver_sweep_reports_the_norm_anchor(tiny_lm, workspace, cf_file, corpus_file, monkeypatch):
+    import kedit.stats.corpus as corpus
+    from kedit.bench.solvers import SweepConfig, run_sweep
+    from kedit.editors.norm_anchor import clear_memo
+
+    clear_memo()
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    cfg = SweepConfig(method="alphaedit", data=str(cf_file), edits=3, ppl_tokens=200, stats_corpus=str(corpus_file),
+                      stats_tokens=2000, base={"layers": [1, 2], "n_prefixes": 1, "prefix_len": 3, "v_steps": 3},
+                      settings=[{}, {"v_norm_anchor": True}])
+    res = run_sweep(tiny_lm, workspace, cfg, progress=False)
+    plain, anchored = res["rows"]
+    assert "norm_anchor" not in plain and anchored["vstar_reused"]  # the anchor does not change v*
+    assert anchored["norm_anchor"]["anchor_norm"] > 0 and anchored["norm_anchor"]["n_skipped"] == 0
+    # the anchor was cached beside the statistics
+    assert list(workspace.stats_dir.rglob("vstar_anchor/L2_*.json"))
+    clear_memo()
+
+
 def test_sweep_settings_from_the_command_line():
     from kedit.cli import CLIError
     from kedit.cli.bench import _sweep_settings

@@ -170,7 +170,9 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
         b, dt, res, done = rep.index, rep.seconds, rep.result, rep.done
         met = sum(d.constraint_met for d in res.diagnostics)
         log(f"batch {b + 1}/{n_batches}: {dt:.1f}s ({dt / rep.n:.2f} s/edit), v* met {met}/{rep.n}, "
-            f"z residual {res.layer_info.get('z', {}).get('relative_residual_after', float('nan')):.3f}")
+            f"z residual {res.layer_info.get('z', {}).get('relative_residual_after', float('nan')):.3f}"
+            + (f", norm anchor skipped {sum(d.norm_anchor_skipped for d in res.diagnostics)}"
+               if "norm_anchor" in res.layer_info else ""))
         if (b + 1) % eval_every == 0 or b == n_batches - 1:
             t = time.perf_counter()
             cf = ds.evaluate(lm, records[:done], reference, ids[:done])

@@ -112,6 +112,8 @@ def run_sweep(lm, ws, cfg: SweepConfig, progress: bool = True) -> dict:
                "output_change_share": share,
                "nullspace_dim": {i: info.get(f"L{i}", {}).get("nullspace_dim") for i in layers},
                "solve_seconds": seconds, "vstar_reused": reused}
+        if "norm_anchor" in info:  # v_norm_anchor: the anchor and the ids of the facts it skipped
+            row["norm_anchor"] = info["norm_anchor"]
         rows.append(row)
         log(f"{row['label']}: ES {row['efficacy']:.3f} PS {row['generalization']:.3f} NS {row['specificity']:.3f} "
             f"PPL {row['perplexity_increase_pct']:+.2f}% unwritten {row['unwritten']:.3f} "

@@ -68,6 +68,7 @@ class RequestDiagnostics:
     target_prob: float  # P(target_new) at the end of the v* optimisation (teacher forcing)
     delta_norm: float  # ‖v* − v‖ at the last edit layer
     constraint_met: bool  # loss reached the early-stop threshold
+    norm_anchor_skipped: bool = False  # v_norm_anchor: v* norm above the skip factor, fact NOT applied
 
 
 @dataclass

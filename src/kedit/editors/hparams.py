@@ -76,6 +76,11 @@ class EditHparams:
     mm_stop_nll: float = 0.05  # per-edit early stop (mean target NLL)
     mm_bg_docs: int = 200  # documents of the statistics corpus for the background mean
     mm_perm_seed: int = 0  # seed of the fixed column permutation
+    # norm-anchored v* (NAS; MEMIT/AlphaEdit only, editors/norm_anchor.py): rescale each request's MLP
+    # output target at the last edit layer to the base model's mean norm; skip requests above
+    # v_norm_skip_factor times that mean (reported in the diagnostics and layer_info)
+    v_norm_anchor: bool = False
+    v_norm_skip_factor: float = 2.0
     source: str = ""  # file the values came from
     source_sha256: str = ""
     notes: dict[str, str] = field(default_factory=dict)
@@ -97,6 +102,16 @@ class EditHparams:
             raise ValueError(f"hparams ({self.source or 'inline'}): need 0 < mm_threshold <= 1, mm_k > 0, "
                              f"mm_steps >= 1, mm_lr > 0, mm_bg_docs > 0 (got {self.mm_threshold}, {self.mm_k}, "
                              f"{self.mm_steps}, {self.mm_lr}, {self.mm_bg_docs})")
+        if not isinstance(self.v_norm_anchor, bool):
+            raise ValueError(f"hparams ({self.source or 'inline'}): v_norm_anchor must be true or false, "
+                             f"not {self.v_norm_anchor!r}")
+        if self.v_norm_anchor and self.method == "rome":
+            raise ValueError(f"hparams ({self.source or 'inline'}): v_norm_anchor applies to memit and "
+                             "alphaedit, not rome")
+        f = self.v_norm_skip_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 1.0 or f == float("inf"):
+            raise ValueError(f"hparams ({self.source or 'inline'}): v_norm_skip_factor must be a finite "
+                             f"number >= 1 (a request is skipped above factor x the anchor norm), not {f!r}")
 
     def resolve_layers(self, num_layers: int) -> list[int]:
         if self.layers == "auto":

@@ -25,6 +25,7 @@ from kedit.editors.context import context_prefixes
 from kedit.editors.hparams import EditHparams
 from kedit.editors.keys import SubjectStates, average_by_request
 from kedit.editors.linalg import memit_update
+from kedit.editors.norm_anchor import anchor_batch
 from kedit.editors.prompts import subject_rows
 from kedit.editors.vstar import VStar, vstar_for
 
@@ -65,6 +66,13 @@ class MultiLayerEditor:
                                     caches.prefixes)
         per_row = hp.key_mode == "contexts"
         vs = vstar_for(lm, requests, prefixes, hp, layers[-1], vstar, progress=self.progress)
+        optimised, diagnostics, anchor_info = vs, vs.diagnostics, None
+        if hp.v_norm_anchor:  # NAS: rescale each v* to the base model's mean norm, skip outliers
+            anchored = anchor_batch(lm, requests, prefixes, vs, hp, layers[-1], state, ks.dir)
+            requests, vs, diagnostics, anchor_info = (anchored.requests, anchored.vstar, anchored.diagnostics,
+                                                      anchored.info)
+            if not requests:
+                return self._nothing_applied(lm, layers, state, ks, diagnostics, anchor_info, optimised, t0)
         z = (vs.v0 + vs.delta.to(torch.float64)).T  # [d, n]
         rows = subject_rows(lm.tokenizer, requests, prefixes)
         row_req = torch.tensor(rows.req, device=z.device)
@@ -105,6 +113,8 @@ class MultiLayerEditor:
         final_keys = edit_keys if self.accumulates() else {}
         miss = (z - z_after).norm(dim=0) / (z - vs.v0.T).norm(dim=0).clamp_min(1e-12)
         layer_info["z"] = {"relative_residual_after": float(miss.mean())}
+        if anchor_info is not None:
+            layer_info["norm_anchor"] = anchor_info
         new_state = state
         if self.accumulates():
             dt = getattr(torch, hp.cache_dtype)
@@ -115,8 +125,19 @@ class MultiLayerEditor:
         new_state.meta.update(n_edits=int(state.meta.get("n_edits", 0)) + len(requests),
                               n_batches=int(state.meta.get("n_batches", 0)) + 1,
                               hparams_sha256=hp.source_sha256, stats_key=ks.key)
-        return EditResult(deltas=deltas, state=new_state, diagnostics=vs.diagnostics, layer_info=layer_info,
-                          seconds=time.perf_counter() - t0, vstar=vs)
+        return EditResult(deltas=deltas, state=new_state, diagnostics=diagnostics, layer_info=layer_info,
+                          seconds=time.perf_counter() - t0, vstar=optimised)
+
+    def _nothing_applied(self, lm, layers, state, ks, diagnostics, anchor_info, vs, t0) -> EditResult:
+        """Every request of the batch was skipped by the norm anchor: zero deltas, the state unchanged
+        but for the batch count, and the skipped ids in ``layer_info``."""
+        new_state = state
+        new_state.meta.update(n_batches=int(state.meta.get("n_batches", 0)) + 1,
+                              hparams_sha256=self.hp.source_sha256, stats_key=ks.key)
+        deltas = {lm.adapter.weight_name(i): torch.zeros_like(lm.adapter.mlp_out(i).weight).detach().cpu()
+                  for i in layers}
+        return EditResult(deltas=deltas, state=new_state, diagnostics=diagnostics,
+                          layer_info={"norm_anchor": anchor_info}, seconds=time.perf_counter() - t0, vstar=vs)
 
 
 class MEMITEditor(MultiLayerEditor):
