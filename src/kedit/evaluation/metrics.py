@@ -155,17 +155,25 @@ COUNTERFACT_FIELDS = ("case_id", "prompt", "target_new", "subject", "ground_trut
                       "locality_prompt", "locality_ground_truth")
 
 
-def check_counterfact(records: Sequence[dict], where: str = "records") -> None:
-    """Raise a clear error naming the record and field if a flat CounterFact record is malformed."""
+def check_fields(records: Sequence[dict], fields: Sequence[str], strings: Sequence[str], where: str,
+                 kind: str = "", id_field: str | None = None) -> None:
+    """Raise a clear error naming the record and field when a record is not a dict, lacks one of
+    ``fields`` or has an empty / non-string value in one of ``strings``."""
     for k, r in enumerate(records):
         if not isinstance(r, dict):
             raise ValueError(f"{where}[{k}]: expected a dict, got {type(r).__name__}")
-        missing = [f for f in COUNTERFACT_FIELDS if f not in r]
+        at = f"{where}[{k}]" + (f" ({id_field}={r.get(id_field)!r})" if id_field else "")
+        missing = [f for f in fields if f not in r]
         if missing:
-            raise ValueError(f"{where}[{k}] (case_id={r.get('case_id')!r}): missing fields {missing}")
-        for f in COUNTERFACT_FIELDS[1:]:
+            raise ValueError(f"{at}: missing {kind}fields {missing}")
+        for f in strings:
             if not isinstance(r[f], str) or not r[f].strip():
-                raise ValueError(f"{where}[{k}] (case_id={r['case_id']!r}): field {f!r} must be a non-empty string")
+                raise ValueError(f"{at}: {kind}field {f!r} must be a non-empty string")
+
+
+def check_counterfact(records: Sequence[dict], where: str = "records") -> None:
+    """Raise a clear error naming the record and field if a flat CounterFact record is malformed."""
+    check_fields(records, COUNTERFACT_FIELDS, COUNTERFACT_FIELDS[1:], where, id_field="case_id")
 
 
 def harmonic_mean(values: Sequence[float]) -> float:
@@ -480,15 +488,7 @@ ZSRE_FIELDS = ("subject", "src", "rephrase", "alt", "loc", "loc_ans")
 
 def check_zsre(records: Sequence[dict], where: str = "records") -> None:
     """Raise a clear error naming the record and field if a zsRE record is malformed."""
-    for k, r in enumerate(records):
-        if not isinstance(r, dict):
-            raise ValueError(f"{where}[{k}]: expected a dict, got {type(r).__name__}")
-        missing = [f for f in ZSRE_FIELDS if f not in r]
-        if missing:
-            raise ValueError(f"{where}[{k}]: missing zsRE fields {missing}")
-        for f in ZSRE_FIELDS:
-            if not isinstance(r[f], str) or not r[f].strip():
-                raise ValueError(f"{where}[{k}]: zsRE field {f!r} must be a non-empty string")
+    check_fields(records, ZSRE_FIELDS, ZSRE_FIELDS, where, kind="zsRE ")
 
 
 def zsre_locality_predictions(lm: LoadedModel, records: Sequence[dict], batch_size: int = 32) -> list[list[int]]:
