@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -105,34 +105,48 @@ def _forward_logits(lm: LoadedModel, ids, mask, pos) -> torch.Tensor:
 
 
 # --- target scoring ----------------------------------------------------------------------------
+def _teacher_forced(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], batch_size: int
+                    ) -> tuple[list[list[int]], Iterator[tuple[torch.Tensor, list[tuple[int, int, slice]]]]]:
+    """Teacher-forced passes over ``(prompt, " " + target)`` pairs: each pair's target token ids, and per
+    length-sorted batch (little padding) its logits ``[b, L, V]`` with ``(row, pair, positions)``, where
+    ``logits[row, positions]`` predict the pair's target tokens (the logits at j predict token j+1).
+    Run it under ``torch.no_grad()``."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    tok = lm.tokenizer
+    p_ids, t_ids = encode_prompts(tok, prompts), encode_targets(tok, targets)
+    seqs = [p + t for p, t in zip(p_ids, t_ids)]
+    lengths = [len(s) for s in seqs]
+    order = sorted(range(len(seqs)), key=lambda i: (lengths[i], i))
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    pad = pad_id(tok)
+
+    def passes() -> Iterator[tuple[torch.Tensor, list[tuple[int, int, slice]]]]:
+        for batch in _batches(order, lengths, batch_size, vocab):
+            ids, mask, pos = right_pad([seqs[i] for i in batch], pad, lm.device)
+            yield _forward_logits(lm, ids, mask, pos), [
+                (row, i, slice(len(p_ids[i]) - 1, len(p_ids[i]) - 1 + len(t_ids[i]))) for row, i in enumerate(batch)]
+
+    return t_ids, passes()
+
+
 def _score_pairs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str],
                  batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed target log-probs and target token counts, ``[n]`` each, in few batched passes.
-
-    Pairs are sorted by length so a batch carries little padding; results come back in input order.
-    """
+    """Summed target log-probs and target token counts, ``[n]`` each, in few batched passes
+    (results in input order)."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     n = len(prompts)
     if n == 0:
         return torch.zeros(0), torch.zeros(0)
-    tok = lm.tokenizer
-    p_ids, t_ids = encode_prompts(tok, prompts), encode_targets(tok, targets)
-    seqs = [p + t for p, t in zip(p_ids, t_ids)]
-    lengths = [len(s) for s in seqs]
-    order = sorted(range(n), key=lambda i: (lengths[i], i))
-    vocab = lm.model.get_output_embeddings().weight.shape[0]
-    sums = torch.zeros(n, dtype=torch.float64)
-    counts = torch.tensor([len(t) for t in t_ids], dtype=torch.float64)
-    pad = pad_id(tok)
     with torch.no_grad():
-        for batch in _batches(order, lengths, batch_size, vocab):
-            ids, mask, pos = right_pad([seqs[i] for i in batch], pad, lm.device)
-            logp = torch.log_softmax(_forward_logits(lm, ids, mask, pos), dim=-1)
-            for row, i in enumerate(batch):
-                start, tl = len(p_ids[i]), len(t_ids[i])
-                # the logits at position j predict token j+1
-                preds = logp[row, start - 1: start - 1 + tl]
+        t_ids, passes = _teacher_forced(lm, prompts, targets, batch_size)
+        sums = torch.zeros(n, dtype=torch.float64)
+        counts = torch.tensor([len(t) for t in t_ids], dtype=torch.float64)
+        for logits, rows in passes:
+            logp = torch.log_softmax(logits, dim=-1)
+            for row, i, at in rows:
+                preds = logp[row, at]
                 tgt = torch.tensor(t_ids[i], device=preds.device)
                 sums[i] = preds.gather(1, tgt[:, None]).sum().double().cpu()
     return sums, counts
@@ -454,24 +468,15 @@ def target_token_predictions(lm: LoadedModel, prompts: Sequence[str], targets: S
     One forward pass per length-sorted batch of pairs; lists come back in input order."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    n = len(prompts)
-    if n == 0:
+    if not prompts:
         return [], []
-    tok = lm.tokenizer
-    p_ids, t_ids = encode_prompts(tok, prompts), encode_targets(tok, targets)
-    seqs = [p + t for p, t in zip(p_ids, t_ids)]
-    lengths = [len(s) for s in seqs]
-    order = sorted(range(n), key=lambda i: (lengths[i], i))
-    vocab = lm.model.get_output_embeddings().weight.shape[0]
-    preds: list[list[int]] = [[] for _ in range(n)]
-    pad = pad_id(tok)
+    preds: list[list[int]] = [[] for _ in prompts]
     with torch.no_grad():
-        for batch in _batches(order, lengths, batch_size, vocab):
-            ids, mask, pos = right_pad([seqs[i] for i in batch], pad, lm.device)
-            top = _forward_logits(lm, ids, mask, pos).argmax(dim=-1).cpu()
-            for row, i in enumerate(batch):
-                start = len(p_ids[i])  # the logits at position j predict token j+1
-                preds[i] = top[row, start - 1: start - 1 + len(t_ids[i])].tolist()
+        t_ids, passes = _teacher_forced(lm, prompts, targets, batch_size)
+        for logits, rows in passes:
+            top = logits.argmax(dim=-1).cpu()
+            for row, i, at in rows:
+                preds[i] = top[row, at].tolist()
     return preds, t_ids
 
 
