@@ -17,7 +17,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,13 +43,9 @@ class DriftPolicy:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "drift") -> DriftPolicy:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown drift settings {unknown}; known: {sorted(names)}")
-        for k, v in data.items():
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
-                raise ValueError(f"{where}.{k}: expected a number or null, got {v!r}")
+        from kedit.evaluation.gates import check_settings
+
+        check_settings(cls, data, where, "drift", allow_bool=False)
         return cls(**{k: (None if v is None else float(v)) for k, v in data.items()})
 
     @classmethod

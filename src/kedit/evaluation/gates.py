@@ -22,6 +22,21 @@ from kedit.evaluation.canary import CanarySuite, build_canary, compare, shipped_
 from kedit.models.store import LoadedModel
 
 
+def check_settings(cls, data: dict, where: str, kind: str, text_keys: tuple[str, ...] = (),
+                   allow_bool: bool = True) -> None:
+    """A policy block's keys are ``cls``'s fields and its values numbers or null (``text_keys`` aside);
+    the error names the block, the key and the known keys."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown {kind} settings {unknown}; known: {sorted(names)}")
+    for k, v in data.items():
+        if k in text_keys or v is None:
+            continue
+        if (isinstance(v, bool) and not allow_bool) or not isinstance(v, int | float):
+            raise ValueError(f"{where}.{k}: expected a number or null, got {v!r}")
+
+
 @dataclass
 class GatePolicy:
     """Thresholds of the promotion gate. ``None`` disables a check. Defaults suit SmolLM2-135M;
@@ -44,13 +59,7 @@ class GatePolicy:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "gates") -> GatePolicy:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown gate settings {unknown}; known: {sorted(names)}")
-        for k, v in data.items():
-            if k not in ("reference_text",) and v is not None and not isinstance(v, int | float):
-                raise ValueError(f"{where}.{k}: expected a number or null, got {v!r}")
+        check_settings(cls, data, where, "gate", text_keys=("reference_text",))
         return cls(**data)
 
     @classmethod
