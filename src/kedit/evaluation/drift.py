@@ -25,6 +25,7 @@ import torch
 from kedit.atomic import save_tensors_atomic, sha256_bytes, sha256_json, sha256_tensor, write_json_atomic
 from kedit.evaluation import metrics as M
 from kedit.evaluation.canary import CanarySuite, compare
+from kedit.evaluation.gates import check_settings
 from kedit.models.store import LoadedModel
 
 CHECK_PREFIX = "drift_"
@@ -43,8 +44,6 @@ class DriftPolicy:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "drift") -> DriftPolicy:
-        from kedit.evaluation.gates import check_settings
-
         check_settings(cls, data, where, "drift", allow_bool=False)
         return cls(**{k: (None if v is None else float(v)) for k, v in data.items()})
 
