@@ -22,8 +22,10 @@ OTHER = "The quick brown fox jumps over the lazy dog, again and again."
 def _hp(**kw):
     from kedit.editors.hparams import EditHparams
 
+    # v_*: the shipped solver's v* (a random tiny model needs a larger δ than the norm clamp of a real one
+    # allows); mm_lr/mm_steps/mm_stop_nll: the "adam" solver's
     base = dict(method="memoir", n_prefixes=0, mm_layer=1, mm_k=16, mm_threshold=0.6, mm_lr=0.2, mm_steps=60,
-                mm_stop_nll=0.02)
+                mm_stop_nll=0.02, v_lr=0.5, v_steps=60, clamp_norm_factor=4.0, v_weight_decay=0.0, kl_factor=0.0)
     return EditHparams(**{**base, **kw})
 
 
@@ -93,6 +95,30 @@ def test_pure_functions_match_direct_computation():
         for c in range(k):
             want[:, stored[e, c]] += blocks[e, :, c]
     assert torch.allclose(w, want)
+
+
+def test_closed_form_block_fits_every_context_and_matches_the_normal_equations():
+    from kedit.editors.memoir import closed_form_blocks
+
+    g = torch.Generator().manual_seed(1)
+    n, ctx, k, d_out = 3, 4, 9, 5
+    x = torch.randn(n, ctx, k, generator=g, dtype=torch.float64)
+    w_old = torch.randn(n, d_out, k, generator=g, dtype=torch.float64)
+    target = torch.randn(n, d_out, generator=g, dtype=torch.float64)
+    b = closed_form_blocks(target, x, w_old, ridge=0.0).double()
+    got = torch.einsum("nok,nck->nco", w_old + b, x)
+    assert torch.allclose(got, target[:, None, :].expand_as(got), atol=1e-4)  # every context is written
+    for i in range(n):  # the least-norm solution: rows of B lie in the span of the contexts' inputs
+        r = target[i][:, None] - w_old[i] @ x[i].T  # [d_out, ctx]
+        assert torch.allclose(b[i], r @ torch.linalg.pinv(x[i].T), atol=1e-4)
+    lam = 0.5
+    b = closed_form_blocks(target, x, w_old, ridge=lam).double()
+    for i in range(n):  # ridge: B = R (XᵀX + λ·mean‖x‖² I)⁻¹ Xᵀ with X = [k, ctx]
+        xt = x[i].T
+        r = target[i][:, None] - w_old[i] @ xt
+        lam_i = lam * (xt * xt).sum(0).mean()
+        assert torch.allclose(b[i], r @ torch.linalg.inv(xt.T @ xt + lam_i * torch.eye(ctx, dtype=xt.dtype)) @ xt.T,
+                              atol=1e-4)
 
 
 def test_edit_flips_and_unmatched_text_runs_the_base_model_exactly(tiny_lm):
@@ -165,13 +191,15 @@ def test_generation_and_scoring_do_not_depend_on_batching_or_cache(tiny_lm):
     assert torch.equal(token_nlls(lm, OTHER * 3, window=16), base_nll)
 
 
-def test_batched_training_equals_one_at_a_time(tiny_lm):
+@pytest.mark.parametrize("solver", ["vstar", "adam"])
+def test_batched_training_equals_one_at_a_time(tiny_lm, solver):
     """Same start state: a batch of two gives each request the mask and block it gets alone (the
-    losses are summed, each request owns its block, finished requests freeze)."""
+    losses are summed, each request owns its δ or block, finished requests freeze)."""
     from kedit.editors.memoir import BLOCKS, MASKS, W, initial_state, residual_matrix
 
     lm = tiny_lm
-    hp = _hp(mm_stop_nll=5.42)  # the tiny model's NLL plateaus near 5.4: requests stop at different steps
+    # the tiny model's NLL plateaus near 5.4: requests stop at different steps
+    hp = _hp(mm_solver=solver, mm_stop_nll=5.42, v_stop_nll=5.4)
     s0 = initial_state(lm, hp, TINY_TEXT)
     res = _editor(hp).compute(lm, [_req(A), _req(B)], s0, None)
     steps = [d.vstar_steps for d in res.diagnostics]

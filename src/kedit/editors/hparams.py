@@ -20,7 +20,7 @@ from kedit.atomic import sha256_json
 
 METHODS = ("rome", "memit", "alphaedit", "tpatcher", "memoir")
 # the string-valued settings and what each accepts: checked on every EditHparams, loaded or built
-_CHOICES = {"v_stop": ("nll", "most_probable"), "key_mode": ("average", "contexts"),
+_CHOICES = {"v_stop": ("nll", "most_probable"), "key_mode": ("average", "contexts"), "mm_solver": ("vstar", "adam"),
             "nullspace_mode": ("absolute", "relative_mean", "relative_max", "energy")}
 
 
@@ -71,6 +71,11 @@ class EditHparams:
     mm_layer: int = -1  # block whose down-projection gets the memory; -1: the last of `layers`
     mm_k: int = 64  # columns per fingerprint / written per edit
     mm_threshold: float = 0.5  # least overlap |M_q ∩ M_e| / k at which a token reads entry e
+    # how an edit's block is found: "vstar" = the batch's v* (the output change at the subject that makes
+    # the model predict the target, as the weight editors compute it) written into the block in closed
+    # form (ridge least squares over the prompt contexts); "adam" = Adam on the block itself (MEMOIR's way)
+    mm_solver: str = "vstar"
+    mm_ridge: float = 0.01  # "vstar": ridge of the closed form, times the mean squared norm of the masked inputs
     mm_lr: float = 0.1  # Adam on each edit's block
     mm_steps: int = 40
     mm_stop_nll: float = 0.05  # per-edit early stop (mean target NLL)
@@ -98,10 +103,10 @@ class EditHparams:
             raise ValueError(f"hparams ({self.source or 'inline'}): tp_memory_weight and tp_memory_tokens must be "
                              f">= 0, not {self.tp_memory_weight!r} / {self.tp_memory_tokens!r}")
         if not (0.0 < self.mm_threshold <= 1.0 and self.mm_k > 0 and self.mm_steps >= 1 and self.mm_lr > 0
-                and self.mm_bg_docs > 0):
+                and self.mm_bg_docs > 0 and self.mm_ridge >= 0):
             raise ValueError(f"hparams ({self.source or 'inline'}): need 0 < mm_threshold <= 1, mm_k > 0, "
-                             f"mm_steps >= 1, mm_lr > 0, mm_bg_docs > 0 (got {self.mm_threshold}, {self.mm_k}, "
-                             f"{self.mm_steps}, {self.mm_lr}, {self.mm_bg_docs})")
+                             f"mm_steps >= 1, mm_lr > 0, mm_bg_docs > 0, mm_ridge >= 0 (got {self.mm_threshold}, "
+                             f"{self.mm_k}, {self.mm_steps}, {self.mm_lr}, {self.mm_bg_docs}, {self.mm_ridge})")
         if not isinstance(self.v_norm_anchor, bool):
             raise ValueError(f"hparams ({self.source or 'inline'}): v_norm_anchor must be true or false, "
                              f"not {self.v_norm_anchor!r}")
