@@ -88,13 +88,17 @@ def test_pure_functions_match_direct_computation():
     for i in range(5):
         for j in range(2):
             assert round(ov[i, j].item() * k) == len(set(fp[i].tolist()) & set(stored[j].tolist()))
-    blocks = torch.randn(2, 3, k, generator=g)
-    w = residual_matrix(stored, blocks, d)
+    u, v = torch.randn(2, 3, 2, generator=g), torch.randn(2, 2, k, generator=g)
+    blocks = u @ v
+    w = residual_matrix(stored, u, v, d)
     want = torch.zeros(3, d)
     for e in range(2):
         for c in range(k):
             want[:, stored[e, c]] += blocks[e, :, c]
     assert torch.allclose(w, want)
+    # grown entry by entry (in small chunks) it is the same matrix, bit for bit
+    grown = residual_matrix(stored[:1], u[:1], v[:1], d)
+    assert torch.equal(residual_matrix(stored[1:], u[1:], v[1:], d, start=grown), residual_matrix(stored, u, v, d, chunk=1))
 
 
 def test_closed_form_block_fits_every_context_and_matches_the_normal_equations():
@@ -105,14 +109,16 @@ def test_closed_form_block_fits_every_context_and_matches_the_normal_equations()
     x = torch.randn(n, ctx, k, generator=g, dtype=torch.float64)
     w_old = torch.randn(n, d_out, k, generator=g, dtype=torch.float64)
     target = torch.randn(n, d_out, generator=g, dtype=torch.float64)
-    b = closed_form_blocks(target, x, w_old, ridge=0.0).double()
+    u, v = closed_form_blocks(target, x, w_old, ridge=0.0)
+    assert u.shape == (n, d_out, ctx) and v.shape == (n, ctx, k)  # stored as factors of rank ctx
+    b = (u @ v).double()
     got = torch.einsum("nok,nck->nco", w_old + b, x)
     assert torch.allclose(got, target[:, None, :].expand_as(got), atol=1e-4)  # every context is written
     for i in range(n):  # the least-norm solution: rows of B lie in the span of the contexts' inputs
         r = target[i][:, None] - w_old[i] @ x[i].T  # [d_out, ctx]
         assert torch.allclose(b[i], r @ torch.linalg.pinv(x[i].T), atol=1e-4)
     lam = 0.5
-    b = closed_form_blocks(target, x, w_old, ridge=lam).double()
+    b = torch.bmm(*closed_form_blocks(target, x, w_old, ridge=lam)).double()
     for i in range(n):  # ridge: B = R (XᵀX + λ·mean‖x‖² I)⁻¹ Xᵀ with X = [k, ctx]
         xt = x[i].T
         r = target[i][:, None] - w_old[i] @ xt
@@ -195,7 +201,7 @@ def test_generation_and_scoring_do_not_depend_on_batching_or_cache(tiny_lm):
 def test_batched_training_equals_one_at_a_time(tiny_lm, solver):
     """Same start state: a batch of two gives each request the mask and block it gets alone (the
     losses are summed, each request owns its δ or block, finished requests freeze)."""
-    from kedit.editors.memoir import BLOCKS, MASKS, W, initial_state, residual_matrix
+    from kedit.editors.memoir import BLOCK_U, BLOCK_V, MASKS, W, initial_state, residual_matrix
 
     lm = tiny_lm
     # the tiny model's NLL plateaus near 5.4: requests stop at different steps
@@ -208,10 +214,10 @@ def test_batched_training_equals_one_at_a_time(tiny_lm, solver):
     a = _editor(hp).compute(lm, [_req(A)], s0, None).state
     b = _editor(hp).compute(lm, [_req(B)], s0, None).state
     assert torch.equal(both.tensors[MASKS], torch.cat([a.tensors[MASKS], b.tensors[MASKS]]))
-    assert torch.allclose(both.tensors[BLOCKS], torch.cat([a.tensors[BLOCKS], b.tensors[BLOCKS]]),
-                          rtol=1e-4, atol=1e-6)
-    assert torch.equal(both.tensors[W], residual_matrix(both.tensors[MASKS], both.tensors[BLOCKS],
-                                                        lm.adapter.key_dim()))
+    for key in (BLOCK_U, BLOCK_V):
+        assert torch.allclose(both.tensors[key], torch.cat([a.tensors[key], b.tensors[key]]), rtol=1e-4, atol=1e-6)
+    assert torch.equal(both.tensors[W], residual_matrix(both.tensors[MASKS], both.tensors[BLOCK_U],
+                                                        both.tensors[BLOCK_V], lm.adapter.key_dim()))
     assert both.meta["entry_owner"] == ["a", "b"]
 
 
@@ -239,7 +245,7 @@ def test_state_round_trip_is_bit_exact_and_attach_is_idempotent(tiny_lm, tmp_pat
 
 
 def test_retract_restores_one_fact_exactly_and_keeps_the_other(tiny_lm):
-    from kedit.editors.memoir import BLOCKS, attach, retract
+    from kedit.editors.memoir import BLOCK_U, attach, retract
 
     lm = tiny_lm
     pa = A["prompt"].format(A["subject"])
@@ -248,7 +254,7 @@ def test_retract_restores_one_fact_exactly_and_keeps_the_other(tiny_lm):
     attach(lm, res.state)
     assert _wins(lm, A) and _wins(lm, B)
     less = retract(res.state, "a")
-    assert less.meta["entry_owner"] == ["b"] and less.tensors[BLOCKS].shape[0] == 1
+    assert less.meta["entry_owner"] == ["b"] and less.tensors[BLOCK_U].shape[0] == 1
     assert res.state.meta["entry_owner"] == ["a", "b"]  # the old state is left as it was
     attach(lm, less)
     assert _fires(lm, less, pa).tokens.numel() == 0

@@ -113,7 +113,7 @@ def test_memoir_retract_removes_exactly_one_fact_through_the_lineage(tiny_lm, ti
     its output bit for bit. A fact sharing columns keeps its own entry bit for bit, but W' on the shared
     columns loses the retracted block (the memory superposes blocks there), so its output may move."""
     from kedit.editors.base import EditRequest
-    from kedit.editors.memoir import BLOCKS, MASKS, W, residual_matrix
+    from kedit.editors.memoir import BLOCK_U, BLOCK_V, MASKS, W, residual_matrix
     from kedit.lineage.retract import owner_diff, retract, row_owners
     from kedit.models.store import wrap_model
     from tests.conftest import make_tiny_model
@@ -139,9 +139,10 @@ def test_memoir_retract_removes_exactly_one_fact_through_the_lineage(tiny_lm, ti
     es = store.materialise(new.id, fresh)
     assert es.meta["entry_owner"] == ["b", "d"]
     assert torch.equal(es.tensors[MASKS], old.tensors[MASKS][1:])
-    assert torch.equal(es.tensors[BLOCKS], old.tensors[BLOCKS][1:])
-    assert torch.equal(es.tensors[W], residual_matrix(old.tensors[MASKS][1:], old.tensors[BLOCKS][1:],
-                                                      lm.adapter.key_dim()))
+    assert torch.equal(es.tensors[BLOCK_U], old.tensors[BLOCK_U][1:])
+    assert torch.equal(es.tensors[BLOCK_V], old.tensors[BLOCK_V][1:])
+    assert torch.equal(es.tensors[W], residual_matrix(old.tensors[MASKS][1:], old.tensors[BLOCK_U][1:],
+                                                      old.tensors[BLOCK_V][1:], lm.adapter.key_dim()))
     after = _outputs(fresh, prompts)
     assert torch.equal(after["a"], base["a"]) and torch.equal(after["d"], edited["d"])
     diff = owner_diff(row_owners(store, s2.id), row_owners(store, new.id))

@@ -169,8 +169,9 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
             first_state = {"edits": rep.done, "bytes": state_bytes(rep.result.state)}
         b, dt, res, done = rep.index, rep.seconds, rep.result, rep.done
         met = sum(d.constraint_met for d in res.diagnostics)
-        log(f"batch {b + 1}/{n_batches}: {dt:.1f}s ({dt / rep.n:.2f} s/edit), v* met {met}/{rep.n}, "
-            f"z residual {res.layer_info.get('z', {}).get('relative_residual_after', float('nan')):.3f}"
+        z = res.layer_info.get("z", {}).get("relative_residual_after")
+        log(f"batch {b + 1}/{n_batches}: {dt:.1f}s ({dt / rep.n:.2f} s/edit), v* met {met}/{rep.n}"
+            + (f", z residual {z:.3f}" if z is not None else "")
             + (f", norm anchor skipped {sum(d.norm_anchor_skipped for d in res.diagnostics)}"
                if "norm_anchor" in res.layer_info else ""))
         if (b + 1) % eval_every == 0 or b == n_batches - 1:
@@ -181,6 +182,8 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
                 point["perplexity"] = perplexity(lm, ref_text, max_tokens=cfg.ppl_tokens)
             eval_seconds += time.perf_counter() - t
             curve.append(point)
+            log(f"after {done} edits: " + " ".join(f"{k} {point[k]:.3f}" for k in ds.metrics)
+                + (f" perplexity {point['perplexity']:.2f}" if "perplexity" in point else ""))
         if checkpoint is not None and checkpoint_every > 0 and ((b + 1) % checkpoint_every == 0
                                                                 or b == n_batches - 1):
             t = time.perf_counter()

@@ -52,8 +52,9 @@ Mechanics (layer ``L``, down-projection input ``x`` of width ``d``, output width
   blocks; on columns they shared with the removed fact they lose its contribution.
 
 State (``EditorState.tensors``): ``mm.W`` (W', float32 ``[d_out, d]``), ``mm.masks`` (int64
-``[entries, k]``), ``mm.blocks`` (float32 ``[entries, d_out, k]``: ``4·d_out·k`` bytes per fact, the
-price of exact retraction), ``mm.bg_mean`` (float32 ``[d]``), ``mm.perm`` (int64 ``[d]``). ``meta``:
+``[entries, k]``), ``mm.block_u`` / ``mm.block_v`` (float32 ``[entries, d_out, r]`` / ``[entries, r, k]``,
+each entry's block as ``U V``: ``r = contexts`` for the closed form, ``r = k`` for Adam; the price of
+exact retraction, ``4·(d_out + k)·r`` bytes per fact), ``mm.bg_mean`` (float32 ``[d]``), ``mm.perm`` (int64 ``[d]``). ``meta``:
 ``layer``, ``k``, ``threshold``, ``entry_owner`` (fact id per entry) and the edit counters. Deltas
 are always empty: the base weights never change.
 """
@@ -76,7 +77,8 @@ from kedit.editors.runner import unembed_states
 from kedit.hooks import Trace
 
 METHOD = "memoir"
-W, MASKS, BLOCKS, BG, PERM = "mm.W", "mm.masks", "mm.blocks", "mm.bg_mean", "mm.perm"
+W, MASKS, BG, PERM = "mm.W", "mm.masks", "mm.bg_mean", "mm.perm"
+BLOCK_U, BLOCK_V = "mm.block_u", "mm.block_v"  # entry e's block is U_e @ V_e
 
 
 # --- pure functions ------------------------------------------------------------------------------
@@ -98,13 +100,24 @@ def overlaps(query: torch.Tensor, stored_1hot: torch.Tensor) -> torch.Tensor:
     return one_hot_sets(query, stored_1hot.shape[1]) @ stored_1hot.T / k  # integer counts, exact in float32
 
 
-def residual_matrix(masks: torch.Tensor, blocks: torch.Tensor, d: int) -> torch.Tensor:
-    """``W' = Σ_e scatter(B_e → columns M_e)``, summed in entry order (deterministic on CPU)."""
-    n, d_out, k = blocks.shape
-    out = torch.zeros(d_out, d, dtype=torch.float32)
-    if n:
-        out.index_add_(1, masks.reshape(-1).cpu(), blocks.permute(1, 0, 2).reshape(d_out, n * k).float().cpu())
+def residual_matrix(masks: torch.Tensor, u: torch.Tensor, v: torch.Tensor, d: int,
+                    start: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
+    """``W' = start + Σ_e scatter(U_e V_e → columns M_e)`` (``start`` default 0), added in entry order
+    so a W' grown batch by batch equals one rebuilt from all entries (deterministic on CPU). Blocks are
+    formed ``chunk`` entries at a time: 10,000 full blocks would take 1.5 GB on SmolLM2."""
+    n, d_out = u.shape[0], u.shape[1]
+    out = torch.zeros(d_out, d, dtype=torch.float32) if start is None else start.float().cpu().clone()
+    for i in range(0, n, chunk):
+        b = (u[i: i + chunk].float().cpu() @ v[i: i + chunk].float().cpu())  # [c, d_out, k]
+        c, _, k = b.shape
+        out.index_add_(1, masks[i: i + chunk].reshape(-1).cpu(), b.permute(1, 0, 2).reshape(d_out, c * k))
     return out
+
+
+def block_rank(hp: EditHparams) -> int:
+    """Rank of the stored blocks: the closed form's block lies in the span of the prompt contexts'
+    inputs (one per context), Adam's is a full ``[d_out, k]`` block."""
+    return hp.n_prefixes + 1 if hp.mm_solver == "vstar" else hp.mm_k
 
 
 @dataclass
@@ -136,19 +149,20 @@ def memory_delta(x: torch.Tensor, cols: torch.Tensor, w: torch.Tensor) -> torch.
 
 
 def closed_form_blocks(target: torch.Tensor, xsel: torch.Tensor, w_old: torch.Tensor, ridge: float
-                       ) -> torch.Tensor:
-    """Each request's block ``B`` [n, d_out, k] such that ``(W'_old + B) · x_c[M] ≈ target`` in every
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each request's block ``B = U V`` (``U`` [n, d_out, ctx], ``V`` [n, ctx, k]) such that ``(W'_old + B) · x_c[M] ≈ target`` in every
     context ``c``: the ridge least-squares solution ``B = R (XᵀX + λI)⁻¹ Xᵀ`` with ``X`` = the contexts'
     masked inputs ``xsel`` [n, ctx, k], ``R`` = ``target`` [n, d_out] minus what ``W'_old`` [n, d_out, k]
     already gives, and ``λ = ridge`` × the mean ``‖x_c[M]‖²`` (scale-free). With ``λ = 0`` and
-    independent contexts it fits every context exactly with the least-norm block."""
+    independent contexts it fits every context exactly with the least-norm block. Kept as the two
+    factors ``U = Rᵀ``, ``V = (XᵀX + λI)⁻¹Xᵀ``: ``(d_out + k) · ctx`` numbers per fact, not ``d_out · k``."""
     x = xsel.double()
     r = target.double()[:, None, :] - torch.einsum("nok,nck->nco", w_old.double(), x)  # [n, ctx, d_out]
     gram = x @ x.transpose(1, 2)  # [n, ctx, ctx]
     lam = ridge * gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
     eye = torch.eye(gram.shape[1], dtype=gram.dtype, device=gram.device)
     coef = torch.linalg.solve(gram + lam[:, None, None] * eye, x)  # [n, ctx, k]
-    return (r.transpose(1, 2) @ coef).float()
+    return r.transpose(1, 2).float(), coef.float()
 
 
 # --- the live attachment -------------------------------------------------------------------------
@@ -190,8 +204,10 @@ def retract(state: EditorState, fact_id: str) -> EditorState:
     new = state.copy()
     idx = torch.tensor(keep, dtype=torch.long)
     new.tensors[MASKS] = state.tensors[MASKS].index_select(0, idx)
-    new.tensors[BLOCKS] = state.tensors[BLOCKS].index_select(0, idx)
-    new.tensors[W] = residual_matrix(new.tensors[MASKS], new.tensors[BLOCKS], state.tensors[BG].shape[0])
+    for key in (BLOCK_U, BLOCK_V):
+        new.tensors[key] = state.tensors[key].index_select(0, idx)
+    new.tensors[W] = residual_matrix(new.tensors[MASKS], new.tensors[BLOCK_U], new.tensors[BLOCK_V],
+                                     state.tensors[BG].shape[0])
     new.meta = {**state.meta, "entry_owner": [owners[i] for i in keep],
                 "n_edits": int(state.meta.get("n_edits", 0)) - 1,
                 "retracted": [*state.meta.get("retracted", []), fact_id]}
@@ -244,15 +260,17 @@ def initial_state(lm, hp: EditHparams, texts: list[str] | None = None) -> Editor
     return EditorState(METHOD, tensors={BG: background_mean(lm, layer, texts), PERM: torch.randperm(d, generator=gen),
                                         W: torch.zeros(lm.adapter.out_dim(layer), d),
                                         MASKS: torch.zeros(0, hp.mm_k, dtype=torch.long),
-                                        BLOCKS: torch.zeros(0, lm.adapter.out_dim(layer), hp.mm_k)},
-                       meta={"layer": layer, "k": hp.mm_k, "threshold": hp.mm_threshold, "entry_owner": [], "n_edits": 0, "n_batches": 0,
-                             "model_hash": lm.manifest.model_hash})
+                                        BLOCK_U: torch.zeros(0, lm.adapter.out_dim(layer), block_rank(hp)),
+                                        BLOCK_V: torch.zeros(0, block_rank(hp), hp.mm_k)},
+                       meta={"layer": layer, "k": hp.mm_k, "rank": block_rank(hp), "threshold": hp.mm_threshold,
+                             "entry_owner": [], "n_edits": 0, "n_batches": 0, "model_hash": lm.manifest.model_hash})
 
 
 def _check_state(state: EditorState, lm, hp: EditHparams) -> None:
     if state.method != METHOD:
         raise ValueError(f"editor state is for {state.method!r}, not {METHOD!r}")
-    want = {"layer": memory_layer(hp, lm.adapter.num_layers), "k": hp.mm_k, "model_hash": lm.manifest.model_hash}
+    want = {"layer": memory_layer(hp, lm.adapter.num_layers), "k": hp.mm_k, "rank": block_rank(hp),
+            "model_hash": lm.manifest.model_hash}
     bad = {k: (state.meta.get(k), v) for k, v in want.items() if state.meta.get(k) != v}
     if bad:
         raise ValueError(f"memoir state does not fit these hparams/model: {bad} (state, now)")
@@ -279,17 +297,21 @@ class MemoirEditor:
         t0 = time.perf_counter()
         check_requests(requests)
         hp = self.hp
-        state = initial_state(lm, hp, self.background_texts) if state is None else state.copy()
+        # a shallow copy: every tensor of the new state is built anew below (cat, W' from a clone), so the
+        # caller's state is never written and a large memory is not cloned once per batch
+        state = initial_state(lm, hp, self.background_texts) if state is None else \
+            EditorState(state.method, dict(state.tensors), dict(state.meta))
         _check_state(state, lm, hp)
         layer, k = int(state.meta["layer"]), int(state.meta["k"])
         prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir)
         with _attach.suspended(lm.model, METHOD):
-            blocks, masks, diags = _train(lm, requests, prefixes, state, layer, k, hp, self.progress)
+            (u, v), masks, diags = _train(lm, requests, prefixes, state, layer, k, hp, self.progress)
         owners = [str(r.id if r.id is not None else r.text) for r in requests]
         new_masks = torch.cat([state.tensors[MASKS], masks.cpu()])
-        new_blocks = torch.cat([state.tensors[BLOCKS], blocks.cpu()])
         d = state.tensors[BG].shape[0]
-        state.tensors.update({MASKS: new_masks, BLOCKS: new_blocks, W: residual_matrix(new_masks, new_blocks, d)})
+        state.tensors.update({MASKS: new_masks, BLOCK_U: torch.cat([state.tensors[BLOCK_U], u.cpu()]),
+                              BLOCK_V: torch.cat([state.tensors[BLOCK_V], v.cpu()]),
+                              W: residual_matrix(masks.cpu(), u, v, d, start=state.tensors[W])})
         state.meta.update(entry_owner=[*state.meta["entry_owner"], *owners], threshold=hp.mm_threshold,
                           n_edits=int(state.meta.get("n_edits", 0)) + len(requests),
                           n_batches=int(state.meta.get("n_batches", 0)) + 1, hparams_sha256=hp.source_sha256)
@@ -386,12 +408,13 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
         (nll * active.to(nll.dtype)).sum().backward()
         _masked_adam_step(opt, scaled, active)
     blocks = (scaled / scale).detach()
+    eye = torch.eye(k, device=blocks.device).expand(n, k, k).contiguous()
     diags = [RequestDiagnostics(request_id=r.id, vstar_loss_start=float(first[i]), vstar_loss_end=float(last[i]),
                                 vstar_steps=int(steps[i]), target_prob=float(torch.exp(-last[i])),
                                 delta_norm=float(blocks[i].norm()),
                                 constraint_met=bool(last[i] < hp.mm_stop_nll))
              for i, r in enumerate(requests)]
-    return blocks, masks, diags
+    return (blocks, eye), masks, diags
 
 
 def _masked_adam_step(opt: torch.optim.Adam, blocks: torch.Tensor, active: torch.Tensor) -> None:
@@ -416,5 +439,5 @@ def _blocks_from_vstar(lm, requests, prefixes, hp: EditHparams, layer: int, xsel
     from kedit.editors.vstar import optimise_vstar
 
     vs = optimise_vstar(lm, requests, prefixes, hp, layer, progress=progress)
-    blocks = closed_form_blocks(vs.delta.to(xsel.device), xsel, w_old, hp.mm_ridge)
-    return blocks, masks, [replace(d, delta_norm=float(b.norm())) for d, b in zip(vs.diagnostics, blocks)]
+    u, v = closed_form_blocks(vs.delta.to(xsel.device), xsel, w_old, hp.mm_ridge)
+    return (u, v), masks, [replace(d, delta_norm=float((a @ b).norm())) for d, a, b in zip(vs.diagnostics, u, v)]
