@@ -130,3 +130,30 @@ def test_failed_gate_is_recorded_and_refuses_promotion(workspace, stored_lm, cap
     assert main([*w, "lineage", "promote", s2.id[:10], "--by", "erin", "--no-mlflow", "--no-dvc"]) == 2
     assert "FAILED" in capsys.readouterr().err
     assert LineageStore(workspace.lineage_dir).champion() == s1.id
+
+
+def test_memoir_retraction_gated_through_the_python_api(workspace, stored_lm):  # noqa: F811
+    """The sparse memory's retraction: the gate records a verdict against the parent that the promotion
+    rules count, and the retraction check finds the retracted object gone."""
+    from kedit.editors.base import EditRequest
+    from kedit.lineage.gate import gate_state
+    from kedit.lineage.retract import retract
+    from tests.test_editors_memoir import A, B, _editor
+
+    lm = stored_lm()
+    store = LineageStore(workspace.lineage_dir)
+    _, s2 = _two_batches(store, lm, lambda lm, rq, es: _editor().compute(lm, rq, es, None),
+                         [[EditRequest(**A)], [EditRequest(**B)]])
+    new = retract(store, lm, s2.id, "a", by="dana", reason="wrong source")
+    res = gate_state(workspace, store, new.id[:10], by="dave", mlflow=False)
+    checks = {c["name"]: c for c in res.checks}
+    assert res.state_id == new.id and res.parent == s2.id and res.retracted == ["a"]
+    assert checks["retraction"]["value"] == 1.0 and "a: 'Tokyo'" in checks["retraction"]["detail"]
+    assert checks["efficacy"]["skipped"]
+    assert (res.report_dir / "gate.md").exists() and not (workspace.root / "mlflow.db").exists()
+    store.approve(new.id, by="erin")
+    check = store.promotion_check(new.id)
+    assert check.gate_event == res.event_seq
+    assert res.passed and check.ok, check.unmet
+    store.promote(new.id, by="erin")
+    assert store.champion() == new.id
