@@ -151,6 +151,7 @@ def test_memoir_retraction_gated_through_the_python_api(workspace, stored_lm):  
     assert checks["retraction"]["value"] == 1.0 and "a: 'Tokyo'" in checks["retraction"]["detail"]
     assert checks["efficacy"]["skipped"]
     assert (res.report_dir / "gate.md").exists() and not (workspace.root / "mlflow.db").exists()
+    assert f"the parent {s2.id[:12]} is not the champion (the base model)" in (res.report_dir / "gate.md").read_text()
     store.approve(new.id, by="erin")
     check = store.promotion_check(new.id)
     assert check.gate_event == res.event_seq

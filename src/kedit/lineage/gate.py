@@ -128,6 +128,10 @@ def gate_state(ws: Workspace, store: LineageStore, state_ref: str, by: str = "ke
                        progress=False, reference_text=drift.reference_text, drift=drift,
                        candidate_state={"id": sid, "parent": parent, "feed": feed,
                                         "n_edits": None if kind == RETRACTION else state.n_edits})
+    champion = store.champion()
+    if parent != champion:
+        report.notes.append(f"the parent {(parent or 'base')[:12]} is not the champion "
+                            f"({champion[:12] if champion else 'the base model'}): the \"champion\" columns are the parent's")
     if state.n_edits and not new_facts:
         report.notes.append(f"{state.n_edits} edits of this state have no records in the lineage (feed facts): "
                             f"the edit checks could not score them")
