@@ -136,13 +136,13 @@ class RunLog:
     Runs are found again by tag, so a resumed or retried refresh logs into the same runs.
     """
 
-    def __init__(self, ws: Workspace, refresh_key: str, name: str = "nightly-refresh") -> None:
+    def __init__(self, ws: Workspace, refresh_key: str, name: str = "nightly-refresh", kind: str = "refresh") -> None:
         from kedit.lineage.registry import Tracking
 
         self.tracking = Tracking(ws)
         self.client = self.tracking.client
         self.key = refresh_key
-        self.parent_id = self._find_or_create(name, {"kedit.refresh": refresh_key, "kedit.kind": "refresh"})
+        self.parent_id = self._find_or_create(name, {"kedit.refresh": refresh_key, "kedit.kind": kind})
 
     def _find_or_create(self, name: str, tags: dict[str, str]) -> str:
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())

@@ -1,4 +1,4 @@
-"""`kedit lineage log|show|diff|verify|repair|approve|promote`, `kedit rollback S`, `kedit retract FACT`,
+"""`kedit lineage log|show|diff|verify|repair|gate|approve|promote`, `kedit rollback S`, `kedit retract FACT`,
 `kedit export S --out DIR`."""
 
 from __future__ import annotations
@@ -29,6 +29,13 @@ def register(sub) -> None:
     rp = s.add_parser("repair", help="finish an interrupted promote/rollback; move git, DVC and MLflow to the "
                                      "lineage's champion")
     rp.set_defaults(func=_repair)
+    gt = s.add_parser("gate", help="gate a candidate state against its parent (e.g. a retraction) and record the "
+                                   "verdict; exits 1 if any check fails")
+    gt.add_argument("state", help="state id or unique prefix (not the champion, not 'base')")
+    gt.add_argument("--by", default=None, help="name recorded with the verdict (default: $KEDIT_IDENTITY "
+                                               "or the OS user)")
+    gt.add_argument("--no-mlflow", action="store_true", help="do not log the candidate and its gate to MLflow")
+    gt.set_defaults(func=_gate)
     ap = s.add_parser("approve", help="record your approval of a state (after reading its gate report)")
     ap.add_argument("state")
     ap.add_argument("--by", default=None, help="name recorded beside your OS identity (default: $KEDIT_IDENTITY "
@@ -277,6 +284,30 @@ def _repair(args) -> int:
     return 1 if out["after"] else 0
 
 
+def _gate(args) -> int:
+    from kedit.lineage.gate import gate_state
+
+    ws, _, store = _store(args)
+    res = gate_state(ws, store, args.state, by=_who(args), mlflow=False if args.no_mlflow else None)
+    for c in res.checks:
+        verdict = "skip" if c["skipped"] else ("PASS" if c["passed"] else "FAIL")
+        op = ">=" if c["direction"] == "min" else "<="
+        val = "-" if c["value"] is None else f"{c['value']:.4g}"
+        thr = "-" if c["threshold"] is None else f"{op} {c['threshold']:g}"
+        print(f"  {verdict:4s} {c['name']:24s} {val:>10s} {thr:>10s}  {c['detail']}")
+    if res.failed_ids:
+        print(f"  edits that did not take: {', '.join(map(str, res.failed_ids))}")
+    if res.lost_ids:
+        print(f"  earlier edits lost: {', '.join(map(str, res.lost_ids))}")
+    against = res.parent[:12] if res.parent else "the base model"
+    print(f"gate {'PASSED' if res.passed else 'FAILED'} for {res.state_id[:12]} against its parent {against} "
+          f"(event {res.event_seq}): {res.report_dir / 'gate.md'}")
+    if res.passed:
+        print(f"next: read the report, then `kedit lineage approve {res.state_id[:12]}` and "
+              f"`kedit lineage promote {res.state_id[:12]}`")
+    return 0 if res.passed else 1
+
+
 def _approve(args) -> int:
     from kedit.lineage import ops
 
@@ -356,6 +387,7 @@ def _retract(args) -> int:
     print(f"retracted fact {args.fact} from {sid[:12]}: new state {new.short} ({new.method}, parent {sid[:12]})")
     print(f"it is a candidate like any other: promoting it needs a passed gate verdict recorded against "
           f"{sid[:12]} and then `kedit lineage approve {new.short}`, `kedit lineage promote {new.short}`")
+    print(f"gate it: kedit lineage gate {new.short}")
     return 0
 
 
