@@ -198,7 +198,7 @@ def _demo(args) -> int:
         if state_type(fr) == "PAUSED":
             waiting = api.awaiting_approval(str(run.id))
             sid = waiting[0].state_ref if waiting else "?"
-            gate_md = next(iter(sorted(ws.reports_dir.glob("*/gate/gate.md"), key=lambda p: p.stat().st_mtime)), None)
+            gate_md = max(_refresh_gates(ws), key=lambda p: p.stat().st_mtime, default=None)  # this run's
             con.print(f"\nThe candidate passed the gates and waits for a human. Report: {gate_md}")
             if gate_md:
                 con.print(gate_md.read_text()[:3000], markup=False, highlight=False)
@@ -226,7 +226,7 @@ def _demo(args) -> int:
     store = open_store(ws)
     _print_log(con, store)
     champ = store.champion()
-    gates = sorted(ws.reports_dir.glob("*/gate/gate.md"), key=lambda p: p.stat().st_mtime)
+    gates = sorted(_refresh_gates(ws), key=lambda p: p.stat().st_mtime)
     con.print(f"\ngate report:  {gates[-1] if gates else '-'}")
     con.print(f"champion:     {champ or 'base model'}")
     con.print(f"MLflow:       mlflow ui --backend-store-uri {ws.mlflow_uri}")
@@ -242,3 +242,8 @@ def _print_log(con, store) -> None:
         mark = "*" if e.champion else " "
         con.print(f"{mark} {s.short}  parent {s.parent[:12] if s.parent else 'base        '}  {s.created_at}  "
                   f"{s.method:9s} {s.n_edits:3d} edits  gate {verdict:6s}  feed {Path(s.feed.get('path', '-')).name}")
+
+
+def _refresh_gates(ws) -> list:
+    """The nightly refreshes' gate reports (``kedit lineage gate`` writes its own under reports/state-*)."""
+    return [p for p in ws.reports_dir.glob("*/gate/gate.md") if not p.parent.parent.name.startswith("state-")]

@@ -303,12 +303,12 @@ def subject_line(rep: GateReport) -> str:
 
 
 def subject_details(rep: GateReport) -> list[str]:
-    """The header lines of gate.md: the candidate state, its parent (the champion), the model."""
+    """The header lines of gate.md: the candidate state, its parent (what it is compared with), the model."""
     st = rep.candidate_state
     model = f"`{rep.candidate['slug']}` (base {rep.candidate['model_hash'][:12]})"
     if st.get("id"):
         out = [f"candidate state: `{st['id']}`",
-               f"parent (the champion): {'`' + str(st['parent']) + '`' if st.get('parent') else 'the base model'}"]
+               f"parent (compared with): {'`' + str(st['parent']) + '`' if st.get('parent') else 'the base model'}"]
         if st.get("n_edits") is not None:
             out.append(f"edits: {st['n_edits']}" + (f" from `{st['feed']}`" if st.get("feed") else ""))
         return [*out, f"model: {model}"]
