@@ -220,3 +220,18 @@ def test_checkpoint_flags_need_an_output_directory(capsys):
     assert "need --out" in capsys.readouterr().err
     assert main(["bench", "lifelong", "--resume"]) == 2
     assert "need --out" in capsys.readouterr().err
+
+
+def test_lifelong_bench_reports_an_editor_that_adds_parameters(tiny_lm, workspace, cf_file, tmp_path, monkeypatch):
+    """T-Patcher reads no key statistics: the run, its report and its memory growth still come out."""
+    import kedit.stats.corpus as corpus
+
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    cfg = LifelongConfig(method="tpatcher", data=str(cf_file), edits=3, batch=2, fluency_prompts=2, fluency_tokens=8,
+                         ppl_tokens=200, overrides={"layers": [2], "n_prefixes": 1, "prefix_len": 3, "tp_steps": 3,
+                                                    "tp_memory_corpus": ""})
+    res = run_lifelong(tiny_lm, workspace, cfg, progress=False)
+    assert res["config"]["stats"] is None
+    assert res["edited"]["state_bytes"] > 0 and res["edited"]["delta_bytes"] == 0
+    md = (write_results(res, tmp_path / "out") / "results.md").read_text()
+    assert "no key statistics" in md and "| tpatcher T3 B2 |" in md

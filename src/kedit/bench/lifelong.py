@@ -351,7 +351,9 @@ def results_markdown(res: dict) -> str:
         f"2-/3-grams weighted 2/3 and 4/3, log2), mean over prompts, x100",
         f"- greedy entropy: the same n-gram entropy on greedy {fs['new_tokens']}-token continuations of the "
         f"same prompts (sampling noise does not mask repetition there)",
-        f"- perplexity on {c['ppl_tokens']} held-out tokens; statistics {c['stats']['n_tokens']} tokens",
+        f"- perplexity on {c['ppl_tokens']} held-out tokens; "
+        + (f"statistics {c['stats']['n_tokens']} tokens" if c.get("stats") else "no key statistics (the editor "
+           "adds parameters and reads none)"),
     ]
     if c.get("nullspace_dim"):
         lines.append(f"- null-space dimension per layer: {c['nullspace_dim']}")
