@@ -264,6 +264,31 @@ def test_retract_restores_one_fact_exactly_and_keeps_the_other(tiny_lm):
         retract(less, "a")
 
 
+def test_own_read_keeps_every_other_fact_exact_when_masks_share_columns(tiny_lm):
+    """``mm_read: own``: a token reads its entry's block alone, so retracting a fact whose columns
+    overlap another fact's leaves the other fact's logits bit for bit; ``shared`` W' does not."""
+    from kedit.editors.memoir import BLOCK_U, BLOCK_V, MASKS, W, attach, own_block_delta, retract
+
+    lm = tiny_lm
+    pb = B["prompt"].format(B["subject"])
+    for read in ("own", "shared"):
+        hp = _hp(mm_read=read, mm_k=48)  # wide masks on the tiny model's 128 columns: the two facts overlap
+        res = _editor(hp).compute(lm, [_req(A), _req(B)], None, None)
+        m = res.state.tensors[MASKS]
+        assert set(m[0].tolist()) & set(m[1].tolist())
+        attach(lm, res.state)
+        edited_b = _logits(lm, pb)
+        attach(lm, retract(res.state, "a"))
+        assert torch.equal(_logits(lm, pb), edited_b) == (read == "own"), read
+    # the per-entry read is U_e V_e x[M_e]
+    g = torch.Generator().manual_seed(3)
+    x, u, v = torch.randn(2, 128, generator=g), torch.randn(2, 5, 3, generator=g), torch.randn(2, 3, 48, generator=g)
+    cols = res.state.tensors[MASKS]
+    want = torch.stack([u[i] @ v[i] @ x[i, cols[i]] for i in range(2)])
+    assert torch.allclose(own_block_delta(x, cols, u, v), want, atol=1e-5)
+    assert BLOCK_U in res.state.tensors and BLOCK_V in res.state.tensors and W in res.state.tensors
+
+
 def test_bad_settings_and_foreign_state_are_refused(tiny_lm):
     from kedit.editors.base import EditorState
     from kedit.editors.hparams import EditHparams

@@ -21,6 +21,7 @@ from kedit.atomic import sha256_json
 METHODS = ("rome", "memit", "alphaedit", "tpatcher", "memoir")
 # the string-valued settings and what each accepts: checked on every EditHparams, loaded or built
 _CHOICES = {"v_stop": ("nll", "most_probable"), "key_mode": ("average", "contexts"), "mm_solver": ("vstar", "adam"),
+            "mm_read": ("own", "shared"),
             "nullspace_mode": ("absolute", "relative_mean", "relative_max", "energy")}
 
 
@@ -75,6 +76,9 @@ class EditHparams:
     # the model predict the target, as the weight editors compute it) written into the block in closed
     # form (ridge least squares over the prompt contexts); "adam" = Adam on the block itself (MEMOIR's way)
     mm_solver: str = "vstar"
+    # what a token that matches entry e reads: "own" = e's block alone (facts never interfere, retraction
+    # is exact for every other fact); "shared" = W'[:, M_e], the sum of every block on e's columns (MEMOIR)
+    mm_read: str = "own"
     mm_ridge: float = 0.01  # "vstar": ridge of the closed form, times the mean squared norm of the masked inputs
     mm_lr: float = 0.1  # Adam on each edit's block
     mm_steps: int = 40

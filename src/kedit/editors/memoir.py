@@ -23,8 +23,13 @@ Mechanics (layer ``L``, down-projection input ``x`` of width ``d``, output width
   (:func:`residual_matrix`): entries of different facts may share columns, as in MEMOIR's shared memory.
 - **Reading, per token**: every token's own fingerprint is compared with every entry's ``M_e``;
   the best entry ``e*`` (largest overlap ``|M_q ∩ M_e| / k``, the older entry on ties) is read when
-  its overlap is at least ``mm_threshold``: that token's down-projection output gains
-  ``W'[:, M_e*] · x[M_e*]``. Every other token's output is left untouched (bit for bit the base).
+  its overlap is at least ``mm_threshold``: that token's down-projection output gains its entry's
+  own block's output ``U_e* V_e* · x[M_e*]`` (``mm_read: own``, shipped) or, as in MEMOIR, the shared
+  ``W'[:, M_e*] · x[M_e*]`` (``mm_read: shared``: every block written on those columns). SmolLM2's
+  down-projection has only 1,536 columns, so at k = 64 each column carries the blocks of about one
+  fact in 24: by 70 facts the shared read carries as much of other facts' blocks as of the matched
+  one, and efficacy fell from 0.95 (20 edits) to 0.89 (70) in the lifelong benchmark; the own read
+  keeps facts apart. Every other token's output is left untouched (bit for bit the base).
   The decision uses the token's own activation only, so it is the same in a padded batch, alone,
   with or without a KV cache. **Free generation**: the prompt's subject token fires in the prefill;
   its changed keys and values stay in the cache, so every generated token sees the edited subject,
@@ -49,13 +54,14 @@ Mechanics (layer ``L``, down-projection input ``x`` of width ``d``, output width
 - **Retraction** (:func:`retract`): drop a fact's entry (mask and block) and recompute W' from the
   remaining blocks. The fact's prompts then read no entry unless another fact's subject matches
   them, and where they read none they run the base model bit for bit. Other facts keep their
-  blocks; on columns they shared with the removed fact they lose its contribution.
+  blocks; with the own read their outputs do not change at all (tested), with the shared read they
+  lose the removed fact's contribution on the columns they shared with it.
 
 State (``EditorState.tensors``): ``mm.W`` (W', float32 ``[d_out, d]``), ``mm.masks`` (int64
 ``[entries, k]``), ``mm.block_u`` / ``mm.block_v`` (float32 ``[entries, d_out, r]`` / ``[entries, r, k]``,
 each entry's block as ``U V``: ``r = contexts`` for the closed form, ``r = k`` for Adam; the price of
 exact retraction, ``4·(d_out + k)·r`` bytes per fact), ``mm.bg_mean`` (float32 ``[d]``), ``mm.perm`` (int64 ``[d]``). ``meta``:
-``layer``, ``k``, ``threshold``, ``entry_owner`` (fact id per entry) and the edit counters. Deltas
+``layer``, ``k``, ``rank``, ``read``, ``threshold``, ``entry_owner`` (fact id per entry) and the edit counters. Deltas
 are always empty: the base weights never change.
 """
 
@@ -142,6 +148,13 @@ def read_memory(x: torch.Tensor, bg: torch.Tensor, perm: torch.Tensor, stored_1h
     return MemoryReadout(fire, entry[fire], best)
 
 
+def own_block_delta(x: torch.Tensor, cols: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``U_e V_e · x[M_e]`` per row, each row reading only its entry's own block: ``x`` ``[m, d]``, ``cols``
+    ``[m, k]``, ``u`` ``[m, d_out, r]``, ``v`` ``[m, r, k]`` (the rows' entries) -> ``[m, d_out]``."""
+    xs = x.gather(1, cols).float()
+    return torch.bmm(u.float(), torch.bmm(v.float(), xs[:, :, None]))[:, :, 0]
+
+
 def memory_delta(x: torch.Tensor, cols: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``W'[:, M_e] · x[M_e]`` per row: ``x`` ``[m, d]``, ``cols`` ``[m, k]``, ``w`` ``[d_out, d]`` -> ``[m, d_out]``."""
     xs = x.gather(1, cols).float()
@@ -175,7 +188,11 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
     d = lm.adapter.key_dim(layer)
     dev = lm.device
     masks = state.tensors[MASKS].to(dev) if MASKS in state.tensors else torch.zeros(0, k, dtype=torch.long)
-    w = state.tensors[W].to(dev) if W in state.tensors else torch.zeros(lm.adapter.out_dim(layer), d)
+    own = state.meta.get("read", "shared") == "own"
+    if own:
+        u, v = state.tensors[BLOCK_U].to(dev), state.tensors[BLOCK_V].to(dev)
+    else:
+        w = state.tensors[W].to(dev) if W in state.tensors else torch.zeros(lm.adapter.out_dim(layer), d)
     bg, perm = state.tensors[BG].to(dev), state.tensors[PERM].to(dev)
     stored = one_hot_sets(masks.to(dev), d)
 
@@ -187,7 +204,8 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
         if rd.tokens.numel() == 0:
             return output
         cols = masks[rd.entry]
-        delta = memory_delta(flat[rd.tokens], cols, w)
+        delta = own_block_delta(flat[rd.tokens], cols, u[rd.entry], v[rd.entry]) if own else \
+            memory_delta(flat[rd.tokens], cols, w)
         out = output.reshape(-1, output.shape[-1]).clone()
         out[rd.tokens] = out[rd.tokens] + delta.to(out.dtype)
         return out.view_as(output)
@@ -262,7 +280,8 @@ def initial_state(lm, hp: EditHparams, texts: list[str] | None = None) -> Editor
                                         MASKS: torch.zeros(0, hp.mm_k, dtype=torch.long),
                                         BLOCK_U: torch.zeros(0, lm.adapter.out_dim(layer), block_rank(hp)),
                                         BLOCK_V: torch.zeros(0, block_rank(hp), hp.mm_k)},
-                       meta={"layer": layer, "k": hp.mm_k, "rank": block_rank(hp), "threshold": hp.mm_threshold,
+                       meta={"layer": layer, "k": hp.mm_k, "rank": block_rank(hp), "read": hp.mm_read,
+                             "threshold": hp.mm_threshold,
                              "entry_owner": [], "n_edits": 0, "n_batches": 0, "model_hash": lm.manifest.model_hash})
 
 
@@ -270,6 +289,7 @@ def _check_state(state: EditorState, lm, hp: EditHparams) -> None:
     if state.method != METHOD:
         raise ValueError(f"editor state is for {state.method!r}, not {METHOD!r}")
     want = {"layer": memory_layer(hp, lm.adapter.num_layers), "k": hp.mm_k, "rank": block_rank(hp),
+            "read": hp.mm_read,
             "model_hash": lm.manifest.model_hash}
     bad = {k: (state.meta.get(k), v) for k, v in want.items() if state.meta.get(k) != v}
     if bad:
@@ -348,7 +368,10 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
     x = torch.cat(xs).view(n, n_ctx, -1)  # [n, ctx, d]
     masks = fingerprint(x.mean(1), bg, perm, k)  # [n, k]: one entry per request, context-averaged
     xsel = x.gather(2, masks[:, None, :].expand(n, n_ctx, k))  # [n, ctx, k]
-    w_old = w_prev[:, masks].permute(1, 0, 2)  # [n, d_out, k]: what W' already holds on those columns
+    # what a token reading this entry already gets on its columns: nothing when each entry is read alone,
+    # the other entries' sum there when W' is shared
+    w_old = w_prev[:, masks].permute(1, 0, 2) if state.meta.get("read", "shared") == "shared" \
+        else torch.zeros(n, w_prev.shape[0], k, device=dev)  # [n, d_out, k]
     if hp.mm_solver == "vstar":
         return _blocks_from_vstar(lm, requests, prefixes, hp, layer, xsel, w_old, masks, progress)
     # Adam moves every entry by about lr per step whatever the activation scale: train the block in

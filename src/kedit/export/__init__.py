@@ -58,8 +58,12 @@ def added_parameters(lm, state: EditorState | None) -> AddedParameters | None:
         spec = {"method": "memoir", "layer": layer, "module": lm.adapter.mlp_out_name(layer),
                 "k": int(state.meta["k"]), "threshold": float(state.meta["threshold"]),
                 "n_entries": int(t[M.MASKS].shape[0]), "d": int(t[M.W].shape[1]), "d_out": int(t[M.W].shape[0]),
-                "facts": list(state.meta.get("entry_owner", []))}
-        return AddedParameters(spec, {"W": t[M.W], "masks": t[M.MASKS], "bg_mean": t[M.BG], "perm": t[M.PERM]})
+                "facts": list(state.meta.get("entry_owner", [])), "read": state.meta.get("read", "shared")}
+        tensors = {"W": t[M.W], "masks": t[M.MASKS], "bg_mean": t[M.BG], "perm": t[M.PERM]}
+        if spec["read"] == "own":  # each entry's own block, as factors
+            spec["rank"] = int(t[M.BLOCK_U].shape[2])
+            tensors.update(block_u=t[M.BLOCK_U], block_v=t[M.BLOCK_V])
+        return AddedParameters(spec, tensors)
     return None
 
 

@@ -7,7 +7,8 @@ base model, the same computation kedit attaches in-process (``kedit.editors.tpat
 - ``tpatcher``: on one MLP, ``output += Σ_p relu(k_p·x + b_p) v_p`` with ``x`` the MLP input.
 - ``memoir``: on one down-projection, each token's fingerprint ``sort(perm[top_k(x - μ)])`` is matched
   against the stored masks; a token whose best overlap ``|M_q ∩ M_e| / k`` reaches the threshold gets
-  ``W'[:, M_e] · x[M_e]`` added to its output; every other token's output is left untouched.
+  ``U_e V_e · x[M_e]`` (its entry's own block; ``read: own``) or ``W'[:, M_e] · x[M_e]`` (``read:
+  shared``) added to its output; every other token's output is left untouched.
 
 The added tensors are float32 buffers/parameters of ``kedit_added`` and the computation runs in float32,
 as in kedit, whatever dtype the base model is loaded in.
@@ -44,7 +45,8 @@ class PatchNeurons(nn.Module):
 
 
 class SparseResidualMemory(nn.Module):
-    """MEMOIR-style memory: W' [d_out, d], masks [entries, k], background mean [d], permutation [d]."""
+    """MEMOIR-style memory: W' [d_out, d], masks [entries, k], background mean [d], permutation [d]; with
+    ``read: own`` also each entry's block as factors U [entries, d_out, r] and V [entries, r, k]."""
 
     def __init__(self, spec):
         super().__init__()
@@ -54,6 +56,11 @@ class SparseResidualMemory(nn.Module):
         self.register_buffer("masks", torch.zeros(n, self.k, dtype=torch.long))
         self.register_buffer("bg_mean", torch.zeros(d, dtype=torch.float32))
         self.register_buffer("perm", torch.arange(d, dtype=torch.long))
+        self.own = spec.get("read", "shared") == "own"
+        if self.own:
+            r = int(spec["rank"])
+            self.register_buffer("block_u", torch.zeros(n, d_out, r, dtype=torch.float32))
+            self.register_buffer("block_v", torch.zeros(n, r, self.k, dtype=torch.float32))
         self._stored = None  # one-hot masks, built on first use
 
     def _one_hot(self, sets, d):
@@ -82,8 +89,15 @@ class SparseResidualMemory(nn.Module):
         if fire.numel() == 0:
             return output
         cols = masks[entry[fire]]
-        w = self.W.to(flat.device, torch.float32)
-        delta = torch.einsum("omk,mk->mo", w[:, cols], flat[fire].gather(1, cols).float())
+        xs = flat[fire].gather(1, cols).float()
+        if self.own:
+            e = entry[fire]
+            u = self.block_u.to(flat.device, torch.float32)[e]
+            v = self.block_v.to(flat.device, torch.float32)[e]
+            delta = torch.bmm(u, torch.bmm(v, xs[:, :, None]))[:, :, 0]
+        else:
+            w = self.W.to(flat.device, torch.float32)
+            delta = torch.einsum("omk,mk->mo", w[:, cols], xs)
         out = output.reshape(-1, output.shape[-1]).clone()
         out[fire] = out[fire] + delta.to(out.dtype)
         return out.view_as(output)
