@@ -115,6 +115,10 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     ids = [r.get("case_id", cfg.offset + i) for i, r in enumerate(records)]
     hp = load_hparams(cfg.method, lm, cfg.hparams_file, cfg.overrides)
     layers = hp.resolve_layers(lm.adapter.num_layers)
+    if cfg.method == "memoir":  # the memory sits on one layer (mm_layer; -1: the last of `layers`)
+        from kedit.editors.memoir import memory_layer
+
+        layers = [memory_layer(hp, lm.adapter.num_layers)]
     n_batches = math.ceil(cfg.edits / cfg.batch)
     eval_every = cfg.eval_every or max(1, n_batches // 10)
     fluency_prompts = [r[ds.prompt_field] for r in records[: cfg.fluency_prompts]]
