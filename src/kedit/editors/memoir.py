@@ -39,14 +39,15 @@ Mechanics (layer ``L``, down-projection input ``x`` of width ``d``, output width
 - **Writing** (``mm_solver: vstar``, shipped): the batch's v* at layer ``L`` (the change of the
   layer's output at the subject's last token that makes every prompt context predict the target,
   optimised exactly as the weight editors do, in one batched forward/backward per step) is written
-  into each request's block in closed form, ``(W'_prev[:, M] + B) · x_c[M] ≈ δ`` in every context
-  ``c`` (ridge least squares over the contexts, :func:`closed_form_blocks`). v* moves one
+  into each request's block in closed form, ``B · x_c[M] ≈ δ`` in every context ``c`` (with the
+  shared read ``(W'_prev[:, M] + B) · x_c[M] ≈ δ``; ridge least squares over the contexts,
+  :func:`closed_form_blocks`). v* moves one
   ``d_out``-vector per request where Adam on the block moves ``d_out × k`` numbers, and it is shared
   with AlphaEdit's code path: on SmolLM2 it needs 4-19 steps where the block needed up to 40, at a
   tenth of the time per edit (docs/editing.md).
 - **Writing** (``mm_solver: adam``, MEMOIR's way): each request gets a fresh block ``B = 0``; its
-  row in every context gets ``(W'_prev[:, M] + B) · x[M]`` added at the subject's last token, and Adam minimises the mean
-  target NLL over the contexts, one forward/backward for the whole batch (only the blocks above
+  row in every context gets ``B · x[M]`` (shared read: ``(W'_prev[:, M] + B) · x[M]``) added at the
+  subject's last token, and Adam minimises the mean target NLL over the contexts, one forward/backward for the whole batch (only the blocks above
   ``L`` and the tokens from the subject on are replayed). The block is trained in units of
   ``1/‖x̄[M]‖`` so ``mm_lr`` means the same on every model. Losses are summed over requests and each
   request owns its block; a request that reaches ``mm_stop_nll`` freezes (block and Adam moments),
@@ -59,10 +60,11 @@ Mechanics (layer ``L``, down-projection input ``x`` of width ``d``, output width
 
 State (``EditorState.tensors``): ``mm.W`` (W', float32 ``[d_out, d]``), ``mm.masks`` (int64
 ``[entries, k]``), ``mm.block_u`` / ``mm.block_v`` (float32 ``[entries, d_out, r]`` / ``[entries, r, k]``,
-each entry's block as ``U V``: ``r = contexts`` for the closed form, ``r = k`` for Adam; the price of
-exact retraction, ``4·(d_out + k)·r`` bytes per fact), ``mm.bg_mean`` (float32 ``[d]``), ``mm.perm`` (int64 ``[d]``). ``meta``:
-``layer``, ``k``, ``rank``, ``read``, ``threshold``, ``entry_owner`` (fact id per entry) and the edit counters. Deltas
-are always empty: the base weights never change.
+each entry's block as ``U V``: ``r = contexts`` for the closed form, ``r = k`` for Adam; the price
+of exact retraction, ``4·(d_out + k)·r`` bytes per fact), ``mm.bg_mean`` (float32 ``[d]``),
+``mm.perm`` (int64 ``[d]``). ``meta``: ``layer``, ``k``, ``rank``, ``read``, ``threshold``,
+``entry_owner`` (fact id per entry) and the edit counters. Deltas are always empty: the base
+weights never change.
 """
 
 from __future__ import annotations
@@ -163,8 +165,8 @@ def memory_delta(x: torch.Tensor, cols: torch.Tensor, w: torch.Tensor) -> torch.
 
 def closed_form_blocks(target: torch.Tensor, xsel: torch.Tensor, w_old: torch.Tensor, ridge: float
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each request's block ``B = U V`` (``U`` [n, d_out, ctx], ``V`` [n, ctx, k]) such that ``(W'_old + B) · x_c[M] ≈ target`` in every
-    context ``c``: the ridge least-squares solution ``B = R (XᵀX + λI)⁻¹ Xᵀ`` with ``X`` = the contexts'
+    """Each request's block ``B = U V`` (``U`` [n, d_out, ctx], ``V`` [n, ctx, k]) such that
+    ``(W'_old + B) · x_c[M] ≈ target`` in every context ``c``: the ridge least-squares solution ``B = R (XᵀX + λI)⁻¹ Xᵀ`` with ``X`` = the contexts'
     masked inputs ``xsel`` [n, ctx, k], ``R`` = ``target`` [n, d_out] minus what ``W'_old`` [n, d_out, k]
     already gives, and ``λ = ridge`` × the mean ``‖x_c[M]‖²`` (scale-free). With ``λ = 0`` and
     independent contexts it fits every context exactly with the least-norm block. Kept as the two
