@@ -36,7 +36,7 @@ class RefreshConfig:
     """What a nightly refresh does; read from the ``refresh:`` block of params.yaml, overridable."""
 
     model: str = "smollm2-135m"
-    method: str = "alphaedit"
+    method: str = "memoir"  # params.yaml refresh.method: the editor measured best over 1,000+ edits
     device: str = "cpu"
     trace_sample: int = 1
     trace_noise_samples: int = 5
