@@ -181,6 +181,12 @@ def closed_form_blocks(target: torch.Tensor, xsel: torch.Tensor, w_old: torch.Te
 
 
 # --- the live attachment -------------------------------------------------------------------------
+def reads_own_block(state: EditorState) -> bool:
+    """``mm_read: own``: a matching token reads its entry's block alone (states from before the
+    setting existed read the shared W')."""
+    return state.meta.get("read", "shared") == "own"
+
+
 def attach(lm, state: EditorState) -> _attach.Attachment:
     """Put the state's memory on ``lm`` (a forward hook on layer ``L``'s down-projection), replacing
     any memory attached before. Tokens that fire no entry leave the module's output untouched."""
@@ -190,7 +196,7 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
     d = lm.adapter.key_dim(layer)
     dev = lm.device
     masks = state.tensors[MASKS].to(dev) if MASKS in state.tensors else torch.zeros(0, k, dtype=torch.long)
-    own = state.meta.get("read", "shared") == "own"
+    own = reads_own_block(state)
     if own:
         u, v = state.tensors[BLOCK_U].to(dev), state.tensors[BLOCK_V].to(dev)
     else:
@@ -372,10 +378,11 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
     xsel = x.gather(2, masks[:, None, :].expand(n, n_ctx, k))  # [n, ctx, k]
     # what a token reading this entry already gets on its columns: nothing when each entry is read alone,
     # the other entries' sum there when W' is shared
-    w_old = w_prev[:, masks].permute(1, 0, 2) if state.meta.get("read", "shared") == "shared" \
-        else torch.zeros(n, w_prev.shape[0], k, device=dev)  # [n, d_out, k]
+    w_old = torch.zeros(n, w_prev.shape[0], k, device=dev) if reads_own_block(state) \
+        else w_prev[:, masks].permute(1, 0, 2)  # [n, d_out, k]
     if hp.mm_solver == "vstar":
-        return _blocks_from_vstar(lm, requests, prefixes, hp, layer, xsel, w_old, masks, progress)
+        uv, diags = _blocks_from_vstar(lm, requests, prefixes, hp, layer, xsel, w_old, progress)
+        return uv, masks, diags
     # Adam moves every entry by about lr per step whatever the activation scale: train the block in
     # units of the entry's context-mean input norm, so lr means the same on every model and layer
     scale = x.mean(1).gather(1, masks).norm(dim=1).clamp_min(1e-8)[:, None, None]
@@ -458,11 +465,11 @@ def _masked_adam_step(opt: torch.optim.Adam, blocks: torch.Tensor, active: torch
 
 
 def _blocks_from_vstar(lm, requests, prefixes, hp: EditHparams, layer: int, xsel: torch.Tensor,
-                       w_old: torch.Tensor, masks: torch.Tensor, progress):
+                       w_old: torch.Tensor, progress):
     """The batch's v* at ``layer`` (on the model without the memory: the subject token of a new fact
     reads its own entry, not an older one), written into each request's block in closed form."""
     from kedit.editors.vstar import optimise_vstar
 
     vs = optimise_vstar(lm, requests, prefixes, hp, layer, progress=progress)
     u, v = closed_form_blocks(vs.delta.to(xsel.device), xsel, w_old, hp.mm_ridge)
-    return (u, v), masks, [replace(d, delta_norm=float((a @ b).norm())) for d, a, b in zip(vs.diagnostics, u, v)]
+    return (u, v), [replace(d, delta_norm=float((a @ b).norm())) for d, a, b in zip(vs.diagnostics, u, v)]
