@@ -60,7 +60,7 @@ def _wins(lm, d):
 
 def _fires(lm, state, text):
     """Which tokens of ``text`` read an entry (computed directly from the state)."""
-    from kedit.editors.memoir import BG, MASKS, PERM, one_hot_sets, read_memory
+    from kedit.editors.memoir import BG, EXACT, MASKS, PERM, one_hot_sets, read_memory
     from kedit.hooks import Trace
 
     name = lm.adapter.mlp_out_name(state.meta["layer"])
@@ -68,8 +68,10 @@ def _fires(lm, state, text):
     with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
         lm.model(input_ids=ids)
     d = lm.adapter.key_dim()
+    exact = one_hot_sets(state.tensors[EXACT], d) if EXACT in state.tensors else None
     rd = read_memory(tr.inputs[name][0], state.tensors[BG], state.tensors[PERM],
-                     one_hot_sets(state.tensors[MASKS], d), state.meta["k"], state.meta["threshold"])
+                     one_hot_sets(state.tensors[MASKS], d), state.meta["k"], state.meta["threshold"],
+                     exact, state.meta.get("exact_threshold", 1.0))
     return rd
 
 
@@ -99,6 +101,30 @@ def test_pure_functions_match_direct_computation():
     # grown entry by entry (in small chunks) it is the same matrix, bit for bit
     grown = residual_matrix(stored[:1], u[:1], v[:1], d)
     assert torch.equal(residual_matrix(stored[1:], u[1:], v[1:], d, start=grown), residual_matrix(stored, u, v, d, chunk=1))
+
+
+def test_exact_keys_fire_their_entry_strictly_and_win_over_masks():
+    """``read_memory``: a token whose exact-key overlap reaches the exact threshold reads that entry even
+    when its mask overlap is below ``threshold`` or another entry's mask overlaps it more; below both
+    thresholds nothing fires."""
+    from kedit.editors.memoir import fingerprint, one_hot_sets, read_memory
+
+    g = torch.Generator().manual_seed(4)
+    d, k = 64, 8
+    x, bg, perm = torch.randn(4, d, generator=g), torch.zeros(d), torch.arange(d)
+    fp = fingerprint(x, bg, perm, k)
+    masks = torch.stack([fp[1], torch.tensor([c for c in range(d) if c not in fp[0]][:k])])  # entry 0: x1's set
+    exact = torch.stack([fp[3], fp[0]])  # entry 1's exact key is x0's own set
+    rd = read_memory(x, bg, perm, one_hot_sets(masks, d), k, 0.5)
+    assert rd.tokens.tolist() == [1] and rd.entry.tolist() == [0]  # masks only: x1 reads entry 0
+    rd = read_memory(x, bg, perm, one_hot_sets(masks, d), k, 0.5, one_hot_sets(exact, d), 1.0)
+    assert rd.tokens.tolist() == [0, 1, 3] and rd.entry.tolist() == [1, 0, 0]
+    # x0 overlaps entry 1's mask not at all, yet its exact key fires entry 1; x2 matches nothing
+    rd = read_memory(x[[2]], bg, perm, one_hot_sets(masks, d), k, 0.5, one_hot_sets(exact, d), 1.0)
+    assert rd.tokens.numel() == 0
+    ov = len(set(fp[1].tolist()) & set(fp[3].tolist())) / k  # x1 also reads x3's exact key at this overlap
+    rd = read_memory(x[[1]], bg, perm, one_hot_sets(masks, d), k, 0.5, one_hot_sets(exact[:1], d), 1.0)
+    assert rd.entry.tolist() == [0] and ov < 1.0
 
 
 def test_closed_form_block_fits_every_context_and_matches_the_normal_equations():
@@ -201,7 +227,7 @@ def test_generation_and_scoring_do_not_depend_on_batching_or_cache(tiny_lm):
 def test_batched_training_equals_one_at_a_time(tiny_lm, solver):
     """Same start state: a batch of two gives each request the mask and block it gets alone (the
     losses are summed, each request owns its δ or block, finished requests freeze)."""
-    from kedit.editors.memoir import BLOCK_U, BLOCK_V, MASKS, W, initial_state, residual_matrix
+    from kedit.editors.memoir import BLOCK_U, BLOCK_V, EXACT, MASKS, W, initial_state, residual_matrix
 
     lm = tiny_lm
     # the tiny model's NLL plateaus near 5.4: requests stop at different steps
@@ -219,6 +245,7 @@ def test_batched_training_equals_one_at_a_time(tiny_lm, solver):
     assert torch.equal(both.tensors[W], residual_matrix(both.tensors[MASKS], both.tensors[BLOCK_U],
                                                         both.tensors[BLOCK_V], lm.adapter.key_dim()))
     assert both.meta["entry_owner"] == ["a", "b"]
+    assert torch.equal(both.tensors[EXACT], torch.cat([a.tensors[EXACT], b.tensors[EXACT]]))
 
 
 def test_state_round_trip_is_bit_exact_and_attach_is_idempotent(tiny_lm, tmp_path):
@@ -244,8 +271,40 @@ def test_state_round_trip_is_bit_exact_and_attach_is_idempotent(tiny_lm, tmp_pat
     assert torch.equal(_logits(lm, prompt), once)
 
 
+def test_exact_key_is_the_bare_prompts_fingerprint_and_old_states_get_their_masks(tiny_lm):
+    """Each entry's exact key is the fingerprint of its own prompt's subject token (no prefix); with it
+    the prompt fires even at a mask threshold it does not reach; a state written before exact keys
+    existed gets its entries' masks as exact keys when it is edited further."""
+    from kedit.editors.memoir import BG, EXACT, MASKS, PERM, fingerprint
+    from kedit.hooks import Trace
+
+    lm = tiny_lm
+    hp = _hp(n_prefixes=2, prefix_len=3)
+    res = _editor(hp).compute(lm, [_req(A)], None, None)
+    st = res.state
+    assert st.meta["exact_threshold"] == hp.mm_exact_threshold and st.tensors[EXACT].shape == (1, hp.mm_k)
+    name = lm.adapter.mlp_out_name(st.meta["layer"])
+    ids = lm.tokenizer(A["prompt"].format(A["subject"]), return_tensors="pt").input_ids
+    with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
+        lm.model(input_ids=ids)
+    x_subj = tr.inputs[name][0, -1]  # the subject ends the prompt
+    assert torch.equal(st.tensors[EXACT][0], fingerprint(x_subj, st.tensors[BG], st.tensors[PERM], hp.mm_k))
+    strict = st.copy()
+    strict.meta["threshold"] = 1.0  # no mask reads at all: only the exact key
+    assert _fires(lm, strict, A["prompt"].format(A["subject"])).tokens.tolist() == [ids.shape[1] - 1]
+    old = st.copy()
+    del old.tensors[EXACT]
+    del old.meta["exact_threshold"]
+    new = _editor(hp).compute(lm, [_req(B)], old, None).state
+    assert torch.equal(new.tensors[EXACT][0], st.tensors[MASKS][0]) and new.tensors[EXACT].shape[0] == 2
+    off = _editor(_hp(n_prefixes=2, prefix_len=3, mm_exact_key=False)).compute(lm, [_req(A)], None, None).state
+    assert EXACT not in off.tensors and "exact_threshold" not in off.meta
+    with pytest.raises(ValueError, match="mm_exact_threshold"):
+        _hp(mm_exact_threshold=0.0)
+
+
 def test_retract_restores_one_fact_exactly_and_keeps_the_other(tiny_lm):
-    from kedit.editors.memoir import BLOCK_U, attach, retract
+    from kedit.editors.memoir import BLOCK_U, EXACT, attach, retract
 
     lm = tiny_lm
     pa = A["prompt"].format(A["subject"])
@@ -255,6 +314,7 @@ def test_retract_restores_one_fact_exactly_and_keeps_the_other(tiny_lm):
     assert _wins(lm, A) and _wins(lm, B)
     less = retract(res.state, "a")
     assert less.meta["entry_owner"] == ["b"] and less.tensors[BLOCK_U].shape[0] == 1
+    assert torch.equal(less.tensors[EXACT], res.state.tensors[EXACT][1:])
     assert res.state.meta["entry_owner"] == ["a", "b"]  # the old state is left as it was
     attach(lm, less)
     assert _fires(lm, less, pa).tokens.numel() == 0

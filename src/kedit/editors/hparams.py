@@ -72,6 +72,10 @@ class EditHparams:
     mm_layer: int = -1  # block whose down-projection gets the memory; -1: the last of `layers`
     mm_k: int = 64  # columns per fingerprint / written per edit
     mm_threshold: float = 0.5  # least overlap |M_q ∩ M_e| / k at which a token reads entry e
+    # each entry also keeps the fingerprint of its own prompt (no prefix) as an exact key, read at a
+    # strict overlap: near the start of a text the subject's activation is unlike its prefixed contexts
+    mm_exact_key: bool = True
+    mm_exact_threshold: float = 0.95
     # how an edit's block is found: "vstar" = the batch's v* (the output change at the subject that makes
     # the model predict the target, as the weight editors compute it) written into the block in closed
     # form (ridge least squares over the prompt contexts); "adam" = Adam on the block itself (MEMOIR's way)
@@ -111,6 +115,9 @@ class EditHparams:
             raise ValueError(f"hparams ({self.source or 'inline'}): need 0 < mm_threshold <= 1, mm_k > 0, "
                              f"mm_steps >= 1, mm_lr > 0, mm_bg_docs > 0, mm_ridge >= 0 (got {self.mm_threshold}, "
                              f"{self.mm_k}, {self.mm_steps}, {self.mm_lr}, {self.mm_bg_docs}, {self.mm_ridge})")
+        if not isinstance(self.mm_exact_key, bool) or not 0.0 < self.mm_exact_threshold <= 1.0:
+            raise ValueError(f"hparams ({self.source or 'inline'}): need mm_exact_key true or false and "
+                             f"0 < mm_exact_threshold <= 1 (got {self.mm_exact_key!r}, {self.mm_exact_threshold!r})")
         if not isinstance(self.v_norm_anchor, bool):
             raise ValueError(f"hparams ({self.source or 'inline'}): v_norm_anchor must be true or false, "
                              f"not {self.v_norm_anchor!r}")

@@ -30,6 +30,16 @@ Mechanics (layer ``L``, down-projection input ``x`` of width ``d``, output width
   fact in 24: by 70 facts the shared read carries as much of other facts' blocks as of the matched
   one, and efficacy fell from 0.95 (20 edits) to 0.89 (70) in the lifelong benchmark; the own read
   keeps facts apart. Every other token's output is left untouched (bit for bit the base).
+- **Exact keys** (``mm_exact_key``): each entry also keeps ``X_e``, the fingerprint of its own prompt
+  without a prefix, and a token whose overlap with some ``X_e`` reaches ``mm_exact_threshold`` (0.95)
+  reads entry ``e`` whatever its mask overlap. Why: SmolLM2 has no BOS token, so in the bare prompt the
+  subject sits next to the attention sink and its activation is unlike its prefixed contexts; the
+  context-averaged mask is dominated by the prefixed ones, and on CounterFact dev 0-199 every fact
+  that failed on its own prompt (11 of 200) overlapped its own mask there by only 0.14-0.34 (0.62-0.94
+  in the prefixed contexts). The same key serves every text that starts the same way up to the
+  subject (most paraphrases). It must be strict: tokens at the very start of a text all look alike at
+  this layer and overlap the exact keys up to 0.8; read at 0.8 they fired on 0.3% of held-out wiki
+  tokens and perplexity rose 42%, at 0.9-0.95 none fired (docs/editing.md).
   The decision uses the token's own activation only, so it is the same in a padded batch, alone,
   with or without a KV cache. **Free generation**: the prompt's subject token fires in the prefill;
   its changed keys and values stay in the cache, so every generated token sees the edited subject,
@@ -52,17 +62,17 @@ Mechanics (layer ``L``, down-projection input ``x`` of width ``d``, output width
   ``1/‖x̄[M]‖`` so ``mm_lr`` means the same on every model. Losses are summed over requests and each
   request owns its block; a request that reaches ``mm_stop_nll`` freezes (block and Adam moments),
   so a batch gives each request the block it would get alone from the same state (tested).
-- **Retraction** (:func:`retract`): drop a fact's entry (mask and block) and recompute W' from the
+- **Retraction** (:func:`retract`): drop a fact's entry (mask, exact key and block) and recompute W' from the
   remaining blocks. The fact's prompts then read no entry unless another fact's subject matches
   them, and where they read none they run the base model bit for bit. Other facts keep their
   blocks; with the own read their outputs do not change at all (tested), with the shared read they
   lose the removed fact's contribution on the columns they shared with it.
 
 State (``EditorState.tensors``): ``mm.W`` (W', float32 ``[d_out, d]``), ``mm.masks`` (int64
-``[entries, k]``), ``mm.block_u`` / ``mm.block_v`` (float32 ``[entries, d_out, r]`` / ``[entries, r, k]``,
+``[entries, k]``), ``mm.exact`` (int64 ``[entries, k]``, the exact keys), ``mm.block_u`` / ``mm.block_v`` (float32 ``[entries, d_out, r]`` / ``[entries, r, k]``,
 each entry's block as ``U V``: ``r = contexts`` for the closed form, ``r = k`` for Adam; the price
 of exact retraction, ``4·(d_out + k)·r`` bytes per fact), ``mm.bg_mean`` (float32 ``[d]``),
-``mm.perm`` (int64 ``[d]``). ``meta``: ``layer``, ``k``, ``rank``, ``read``, ``threshold``,
+``mm.perm`` (int64 ``[d]``). ``meta``: ``layer``, ``k``, ``rank``, ``read``, ``threshold``, ``exact_threshold``,
 ``entry_owner`` (fact id per entry) and the edit counters. Deltas are always empty: the base
 weights never change.
 """
@@ -87,6 +97,7 @@ from kedit.hooks import Trace
 METHOD = "memoir"
 W, MASKS, BG, PERM = "mm.W", "mm.masks", "mm.bg_mean", "mm.perm"
 BLOCK_U, BLOCK_V = "mm.block_u", "mm.block_v"  # entry e's block is U_e @ V_e
+EXACT = "mm.exact"  # entry e's exact key: the fingerprint of its own prompt, without a prefix
 
 
 # --- pure functions ------------------------------------------------------------------------------
@@ -138,15 +149,25 @@ class MemoryReadout:
 
 
 def read_memory(x: torch.Tensor, bg: torch.Tensor, perm: torch.Tensor, stored_1hot: torch.Tensor, k: int,
-                threshold: float) -> MemoryReadout:
-    """Per-token retrieval for ``x`` ``[N, d]``: the best entry of each token and whether it fires."""
+                threshold: float, exact_1hot: torch.Tensor | None = None, exact_threshold: float = 1.0
+                ) -> MemoryReadout:
+    """Per-token retrieval for ``x`` ``[N, d]``: the best entry of each token and whether it fires.
+
+    A token fires the entry whose mask it overlaps most if that overlap reaches ``threshold``; with
+    exact keys (``exact_1hot``, one row per entry), a token whose best exact-key overlap reaches
+    ``exact_threshold`` fires that entry instead, whatever its mask overlaps."""
     n = stored_1hot.shape[0]
     if n == 0 or x.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
         return MemoryReadout(empty, empty, torch.zeros(x.shape[0], device=x.device))
-    ov = overlaps(fingerprint(x, bg, perm, k), stored_1hot)
-    best, entry = ov.max(dim=1)  # max returns the first maximal index: ties go to the older entry
-    fire = (best >= threshold).nonzero().squeeze(1)
+    query = fingerprint(x, bg, perm, k)
+    best, entry = overlaps(query, stored_1hot).max(dim=1)  # max returns the first maximal index: ties go to the older entry
+    hit = best >= threshold
+    if exact_1hot is not None and exact_1hot.shape[0]:
+        best_x, entry_x = overlaps(query, exact_1hot).max(dim=1)
+        exact = best_x >= exact_threshold
+        entry, hit = torch.where(exact, entry_x, entry), hit | exact
+    fire = hit.nonzero().squeeze(1)
     return MemoryReadout(fire, entry[fire], best)
 
 
@@ -193,6 +214,7 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
     if state.method != METHOD:
         raise ValueError(f"editor state is for {state.method!r}, not {METHOD!r}")
     layer, k, thr = int(state.meta["layer"]), int(state.meta["k"]), float(state.meta["threshold"])
+    thr_x = float(state.meta.get("exact_threshold", 1.0))
     d = lm.adapter.key_dim(layer)
     dev = lm.device
     masks = state.tensors[MASKS].to(dev) if MASKS in state.tensors else torch.zeros(0, k, dtype=torch.long)
@@ -203,12 +225,13 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
         w = state.tensors[W].to(dev) if W in state.tensors else torch.zeros(lm.adapter.out_dim(layer), d)
     bg, perm = state.tensors[BG].to(dev), state.tensors[PERM].to(dev)
     stored = one_hot_sets(masks.to(dev), d)
+    exact = one_hot_sets(state.tensors[EXACT].to(dev), d) if EXACT in state.tensors else None
 
     def hook(_module, args, kwargs, output):
         x = args[0] if args else next(iter(kwargs.values()))
         flat = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
-            rd = read_memory(flat, bg, perm, stored, k, thr)
+            rd = read_memory(flat, bg, perm, stored, k, thr, exact, thr_x)
         if rd.tokens.numel() == 0:
             return output
         cols = masks[rd.entry]
@@ -230,8 +253,9 @@ def retract(state: EditorState, fact_id: str) -> EditorState:
     new = state.copy()
     idx = torch.tensor(keep, dtype=torch.long)
     new.tensors[MASKS] = state.tensors[MASKS].index_select(0, idx)
-    for key in (BLOCK_U, BLOCK_V):
-        new.tensors[key] = state.tensors[key].index_select(0, idx)
+    for key in (BLOCK_U, BLOCK_V, EXACT):
+        if key in state.tensors:
+            new.tensors[key] = state.tensors[key].index_select(0, idx)
     new.tensors[W] = residual_matrix(new.tensors[MASKS], new.tensors[BLOCK_U], new.tensors[BLOCK_V],
                                      state.tensors[BG].shape[0])
     new.meta = {**state.meta, "entry_owner": [owners[i] for i in keep],
@@ -283,14 +307,16 @@ def initial_state(lm, hp: EditHparams, texts: list[str] | None = None) -> Editor
 
         texts = list(islice(load_corpus("wiki-summaries-en").texts(), hp.mm_bg_docs))
     gen = torch.Generator().manual_seed(hp.mm_perm_seed)
-    return EditorState(METHOD, tensors={BG: background_mean(lm, layer, texts), PERM: torch.randperm(d, generator=gen),
-                                        W: torch.zeros(lm.adapter.out_dim(layer), d),
-                                        MASKS: torch.zeros(0, hp.mm_k, dtype=torch.long),
-                                        BLOCK_U: torch.zeros(0, lm.adapter.out_dim(layer), block_rank(hp)),
-                                        BLOCK_V: torch.zeros(0, block_rank(hp), hp.mm_k)},
-                       meta={"layer": layer, "k": hp.mm_k, "rank": block_rank(hp), "read": hp.mm_read,
-                             "threshold": hp.mm_threshold,
-                             "entry_owner": [], "n_edits": 0, "n_batches": 0, "model_hash": lm.manifest.model_hash})
+    tensors = {BG: background_mean(lm, layer, texts), PERM: torch.randperm(d, generator=gen),
+               W: torch.zeros(lm.adapter.out_dim(layer), d), MASKS: torch.zeros(0, hp.mm_k, dtype=torch.long),
+               BLOCK_U: torch.zeros(0, lm.adapter.out_dim(layer), block_rank(hp)),
+               BLOCK_V: torch.zeros(0, block_rank(hp), hp.mm_k)}
+    meta = {"layer": layer, "k": hp.mm_k, "rank": block_rank(hp), "read": hp.mm_read, "threshold": hp.mm_threshold,
+            "entry_owner": [], "n_edits": 0, "n_batches": 0, "model_hash": lm.manifest.model_hash}
+    if hp.mm_exact_key:
+        tensors[EXACT] = torch.zeros(0, hp.mm_k, dtype=torch.long)
+        meta["exact_threshold"] = hp.mm_exact_threshold
+    return EditorState(METHOD, tensors=tensors, meta=meta)
 
 
 def _check_state(state: EditorState, lm, hp: EditHparams) -> None:
@@ -333,13 +359,20 @@ class MemoirEditor:
         layer, k = int(state.meta["layer"]), int(state.meta["k"])
         prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir)
         with _attach.suspended(lm.model, METHOD):
-            (u, v), masks, diags = _train(lm, requests, prefixes, state, layer, k, hp, self.progress)
+            (u, v), masks, exact, diags = _train(lm, requests, prefixes, state, layer, k, hp, self.progress)
         owners = [str(r.id if r.id is not None else r.text) for r in requests]
         new_masks = torch.cat([state.tensors[MASKS], masks.cpu()])
         d = state.tensors[BG].shape[0]
         state.tensors.update({MASKS: new_masks, BLOCK_U: torch.cat([state.tensors[BLOCK_U], u.cpu()]),
                               BLOCK_V: torch.cat([state.tensors[BLOCK_V], v.cpu()]),
                               W: residual_matrix(masks.cpu(), u, v, d, start=state.tensors[W])})
+        if hp.mm_exact_key:  # a state from before exact keys: its entries' masks stand in for them
+            old = state.tensors.get(EXACT, state.tensors[MASKS][: len(state.meta["entry_owner"])])
+            state.tensors[EXACT] = torch.cat([old, exact.cpu()])
+            state.meta["exact_threshold"] = hp.mm_exact_threshold
+        else:
+            state.tensors.pop(EXACT, None)
+            state.meta.pop("exact_threshold", None)
         state.meta.update(entry_owner=[*state.meta["entry_owner"], *owners], threshold=hp.mm_threshold,
                           n_edits=int(state.meta.get("n_edits", 0)) + len(requests),
                           n_batches=int(state.meta.get("n_batches", 0)) + 1, hparams_sha256=hp.source_sha256)
@@ -375,6 +408,7 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
                                   torch.tensor(rows.subj_pos[c: c + 64], device=dev)].float())
     x = torch.cat(xs).view(n, n_ctx, -1)  # [n, ctx, d]
     masks = fingerprint(x.mean(1), bg, perm, k)  # [n, k]: one entry per request, context-averaged
+    exact = fingerprint(x[:, 0], bg, perm, k)  # [n, k]: the bare prompt's own (context 0 has no prefix)
     xsel = x.gather(2, masks[:, None, :].expand(n, n_ctx, k))  # [n, ctx, k]
     # what a token reading this entry already gets on its columns: nothing when each entry is read alone,
     # the other entries' sum there when W' is shared
@@ -382,7 +416,7 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
         else w_prev[:, masks].permute(1, 0, 2)  # [n, d_out, k]
     if hp.mm_solver == "vstar":
         uv, diags = _blocks_from_vstar(lm, requests, prefixes, hp, layer, xsel, w_old, progress)
-        return uv, masks, diags
+        return uv, masks, exact, diags
     # Adam moves every entry by about lr per step whatever the activation scale: train the block in
     # units of the entry's context-mean input norm, so lr means the same on every model and layer
     scale = x.mean(1).gather(1, masks).norm(dim=1).clamp_min(1e-8)[:, None, None]
@@ -446,7 +480,7 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
                                 delta_norm=float(blocks[i].norm()),
                                 constraint_met=bool(last[i] < hp.mm_stop_nll))
              for i, r in enumerate(requests)]
-    return (blocks, eye), masks, diags
+    return (blocks, eye), masks, exact, diags
 
 
 def _masked_adam_step(opt: torch.optim.Adam, blocks: torch.Tensor, active: torch.Tensor) -> None:
