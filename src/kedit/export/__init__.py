@@ -60,6 +60,9 @@ def added_parameters(lm, state: EditorState | None) -> AddedParameters | None:
                 "n_entries": int(t[M.MASKS].shape[0]), "d": int(t[M.W].shape[1]), "d_out": int(t[M.W].shape[0]),
                 "facts": list(state.meta.get("entry_owner", [])), "read": state.meta.get("read", "shared")}
         tensors = {"W": t[M.W], "masks": t[M.MASKS], "bg_mean": t[M.BG], "perm": t[M.PERM]}
+        if M.EXACT in t:  # each entry's exact key, read at its own (strict) threshold
+            spec["exact_threshold"] = float(state.meta["exact_threshold"])
+            tensors["exact"] = t[M.EXACT]
         if spec["read"] == "own":  # each entry's own block, as factors
             spec["rank"] = int(t[M.BLOCK_U].shape[2])
             tensors.update(block_u=t[M.BLOCK_U], block_v=t[M.BLOCK_V])

@@ -8,7 +8,9 @@ base model, the same computation kedit attaches in-process (``kedit.editors.tpat
 - ``memoir``: on one down-projection, each token's fingerprint ``sort(perm[top_k(x - μ)])`` is matched
   against the stored masks; a token whose best overlap ``|M_q ∩ M_e| / k`` reaches the threshold gets
   ``U_e V_e · x[M_e]`` (its entry's own block; ``read: own``) or ``W'[:, M_e] · x[M_e]`` (``read:
-  shared``) added to its output; every other token's output is left untouched.
+  shared``) added to its output; every other token's output is left untouched. With exact keys
+  (``exact_threshold`` in the spec), a token whose overlap with entry ``e``'s exact key reaches that
+  threshold reads entry ``e`` whatever its mask overlap.
 
 The added tensors are float32 buffers/parameters of ``kedit_added`` and the computation runs in float32,
 as in kedit, whatever dtype the base model is loaded in.
@@ -57,11 +59,14 @@ class SparseResidualMemory(nn.Module):
         self.register_buffer("bg_mean", torch.zeros(d, dtype=torch.float32))
         self.register_buffer("perm", torch.arange(d, dtype=torch.long))
         self.own = spec.get("read", "shared") == "own"
+        self.exact_threshold = spec.get("exact_threshold")
+        if self.exact_threshold is not None:
+            self.register_buffer("exact", torch.zeros(n, self.k, dtype=torch.long))
         if self.own:
             r = int(spec["rank"])
             self.register_buffer("block_u", torch.zeros(n, d_out, r, dtype=torch.float32))
             self.register_buffer("block_v", torch.zeros(n, r, self.k, dtype=torch.float32))
-        self._stored = None  # one-hot masks, built on first use
+        self._stored = None  # one-hot masks (and exact keys), built on first use
 
     def _one_hot(self, sets, d):
         out = torch.zeros(sets.shape[0], d, dtype=torch.float32, device=sets.device)
@@ -76,16 +81,22 @@ class SparseResidualMemory(nn.Module):
             return output
         d, k = flat.shape[-1], self.k
         masks = self.masks.to(flat.device)
-        key = (masks.device, masks.data_ptr(), masks._version)
+        exact = self.exact.to(flat.device) if self.exact_threshold is not None else None
+        key = (masks.device, masks.data_ptr(), masks._version,
+               None if exact is None else (exact.data_ptr(), exact._version))
         if self._stored is None or self._stored[0] != key:
-            self._stored = (key, self._one_hot(masks, d))
-        stored = self._stored[1]
+            self._stored = (key, self._one_hot(masks, d), None if exact is None else self._one_hot(exact, d))
+        stored, stored_exact = self._stored[1], self._stored[2]
         with torch.no_grad():
             idx = torch.topk(flat.float() - self.bg_mean.to(flat.device, torch.float32), k, dim=-1).indices
-            query = torch.sort(self.perm.to(flat.device)[idx], dim=-1).values
-            ov = self._one_hot(query, d) @ stored.T / k
-            best, entry = ov.max(dim=1)  # the first maximal index: ties go to the older entry
-            fire = (best >= self.threshold).nonzero().squeeze(1)
+            query = self._one_hot(torch.sort(self.perm.to(flat.device)[idx], dim=-1).values, d)
+            best, entry = (query @ stored.T / k).max(dim=1)  # the first maximal index: ties go to the older entry
+            hit = best >= self.threshold
+            if stored_exact is not None:
+                best_x, entry_x = (query @ stored_exact.T / k).max(dim=1)
+                exact_hit = best_x >= self.exact_threshold
+                entry, hit = torch.where(exact_hit, entry_x, entry), hit | exact_hit
+            fire = hit.nonzero().squeeze(1)
         if fire.numel() == 0:
             return output
         cols = masks[entry[fire]]
