@@ -156,8 +156,29 @@ def test_lifelong_zsre_run_reports_token_metrics_and_memory_growth(tiny_lm, work
     assert (out / "curve.png").stat().st_size > 1000
 
 
-def test_counterfact_report_shows_every_metrics_md_metric():
-    """ES, PS, NS, EM, S, fluency, perplexity, NKL, canary agreement, s/edit, one-time s, peak memory."""
+def test_invalid_records_are_left_out_with_their_reason_and_ids_keep_the_file_index(tmp_path):
+    """``load_valid`` (``bench lifelong --skip-invalid``): a record without a new answer is left out with
+    its reason, the next valid record takes its place, and request ids are the records' file indices;
+    without the option the same file is refused, naming the record."""
+    ds = get_dataset("zsre")
+    data = tmp_path / "zsre.json"
+    data.write_text(json.dumps([ZSRE[0], {**ZSRE[1], "alt": ""}, ZSRE[2]]))
+    recs, index, skipped = ds.load_valid(data, 2)
+    assert recs == [ZSRE[0], ZSRE[2]] and index == [0, 2]
+    assert [k["record"] for k in skipped] == [1] and "alt" in skipped[0]["reason"]
+    assert [r.id for r in ds.requests(recs, str(data), 0, index)] == ["0", "2"]
+    assert ds.load_valid(data, 1, offset=1)[1] == [2]
+    with pytest.raises(ValueError, match="only 2 available"):
+        ds.load_valid(data, 3)
+    with pytest.raises(ValueError, match=r"\[1\].*alt"):
+        ds.load(data, 3)
+    res = _fake_results()
+    res["config"]["skipped_records"] = skipped
+    assert "Left out as invalid: record 1 (" in results_markdown(res)
+    assert "Left out" not in results_markdown(_fake_results())
+
+
+def _fake_results() -> dict:
     m = {"efficacy": 0.9, "generalization": 0.8, "specificity": 0.7, "efficacy_magnitude": 0.25, "score": 0.79,
          "fluency": 600.0, "greedy_entropy": 500.0, "perplexity": 20.0, "nkl": 0.01, "canary_agreement": 0.95,
          "fluency_setup": {"prompts": 2, "new_tokens": 8, "top_k": 5, "seed": 0}}
@@ -167,7 +188,12 @@ def test_counterfact_report_shows_every_metrics_md_metric():
                       "layers": [1], "load_average": None, "eval_seconds": 1.0, "ppl_tokens": 100,
                       "stats": {"n_tokens": 10}},
            "baseline": m, "edited": edited, "curve": [], "diagnostics": []}
-    md = results_markdown(res)
+    return res
+
+
+def test_counterfact_report_shows_every_metrics_md_metric():
+    """ES, PS, NS, EM, S, fluency, perplexity, NKL, canary agreement, s/edit, one-time s, peak memory."""
+    md = results_markdown(_fake_results())
     assert "| EM | S |" in md and "| 0.250 | 0.790 |" in md
     assert "| canary agreement |" in md and "| 0.950 |" in md and "| 2 |" in md  # 16 bytes / 10 edits
     assert "one-time work" in md and "peak memory 900 MB" in md and "1.50 s/edit" in md

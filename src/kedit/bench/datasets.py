@@ -124,8 +124,39 @@ class BenchDataset:
         self.check(recs, str(path))
         return recs
 
-    def requests(self, records: list[dict], path: str, offset: int) -> list[EditRequest]:
-        return [self.to_request(r, str(offset + i), f"{path} record {offset + i}") for i, r in enumerate(records)]
+    def load_valid(self, path: str | Path, n: int, offset: int = 0) -> tuple[list[dict], list[int], list[dict]]:
+        """The first ``n`` records from ``offset`` that pass the data set's check, their indices in the
+        file, and the records left out (``{"record": index, "reason": ...}``): a benchmark over a file
+        with a few unusable rows (zsRE dev has records without a new answer) runs on the rest and says
+        which were left out and why."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{self.name} file {path} not found (pass --data)")
+        data = json.loads(path.read_text())
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of {self.name} records, got {type(data).__name__}")
+        recs, index, skipped = [], [], []
+        for i in range(offset, len(data)):
+            if len(recs) == n:
+                break
+            try:
+                self.check([data[i]], f"{path}[{i}]")
+                self.to_request(data[i], str(i), f"{path} record {i}")
+            except (ValueError, KeyError, TypeError) as exc:
+                skipped.append({"record": i, "reason": str(exc)})
+                continue
+            recs.append(data[i])
+            index.append(i)
+        if len(recs) < n:
+            raise ValueError(f"{path}: asked for {n} valid records from offset {offset}, only {len(recs)} "
+                             f"available ({len(skipped)} left out, e.g. {skipped[:1]})")
+        return recs, index, skipped
+
+    def requests(self, records: list[dict], path: str, offset: int, index: list[int] | None = None
+                 ) -> list[EditRequest]:
+        """One request per record, its id the record's index in the file (``index``; default offset + i)."""
+        idx = index if index is not None else [offset + i for i in range(len(records))]
+        return [self.to_request(r, str(i), f"{path} record {i}") for i, r in zip(idx, records)]
 
     def subject_fallbacks(self, records: list[dict]) -> int:
         """Records whose subject was found in the prompt only case-insensitively (zsRE)."""

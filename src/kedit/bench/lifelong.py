@@ -52,6 +52,7 @@ class LifelongConfig:
     hparams_file: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     dataset: str = "counterfact"  # kedit.bench.datasets: counterfact or zsre
+    skip_invalid: bool = False  # leave out records that fail the data set's check (listed in the results)
 
 
 def load_counterfact(path: str | Path, n: int, offset: int = 0) -> list[dict]:
@@ -110,9 +111,13 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     if cfg.edits <= 0 or cfg.batch <= 0:
         raise ValueError("edits and batch must be positive")
     ds = get_dataset(cfg.dataset)
-    records = ds.load(cfg.data, cfg.edits, cfg.offset)
-    requests = ds.requests(records, cfg.data, cfg.offset)
-    ids = [r.get("case_id", cfg.offset + i) for i, r in enumerate(records)]
+    if cfg.skip_invalid:
+        records, index, skipped = ds.load_valid(cfg.data, cfg.edits, cfg.offset)
+    else:
+        records, skipped = ds.load(cfg.data, cfg.edits, cfg.offset), []
+        index = list(range(cfg.offset, cfg.offset + len(records)))
+    requests = ds.requests(records, cfg.data, cfg.offset, index)
+    ids = [r.get("case_id", i) for i, r in zip(index, records)]
     hp = load_hparams(cfg.method, lm, cfg.hparams_file, cfg.overrides)
     layers = hp.resolve_layers(lm.adapter.num_layers)
     if cfg.method == "memoir":  # the memory sits on one layer (mm_layer; -1: the last of `layers`)
@@ -233,6 +238,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
                    "stats": {"dir": str(stats.dir), "key": stats.key, "n_tokens": stats.n_tokens} if stats else None,
                    "prefixes": prefixes, "nullspace_dim": nullspace, "eval_seconds": eval_seconds,
                    "load_average": _loadavg(), "subject_fallbacks": ds.subject_fallbacks(records),
+                   "skipped_records": skipped,
                    **({"checkpoint": {"path": str(checkpoint), "every": checkpoint_every,
                                       "write_seconds": checkpoint_seconds, "resumed_after_batches": resumed_after}}
                       if checkpoint is not None else {})},
@@ -320,7 +326,8 @@ def results_markdown(res: dict) -> str:
         "",
         f"{c['edits']} {ds.title} from `{Path(c['data']).name}` (offset {c['offset']}), batches of "
         f"{c['batch']}, all metrics after the last batch. Layers {c['layers']}; device {e['device']}; "
-        f"load average at the end {c['load_average']}.",
+        f"load average at the end {c['load_average']}." + "".join(
+            f" Left out as invalid: record {k['record']} ({k['reason']})." for k in c.get("skipped_records", [])),
         "",
         "| run | " + " | ".join(head.get(k, k) for k in cols) + " | fluency (x100) | greedy entropy (x100) | "
         "perplexity | NKL | canary agreement | s/edit | added bytes/edit |",

@@ -39,6 +39,9 @@ def register(sub) -> None:
     b.add_argument("--eval-every", type=int, default=0, help="batches between curve points (0: ~10 points)")
     b.add_argument("--fluency-prompts", type=int, default=100,
                    help="first N edit prompts for fluency and greedy entropy (default 100; 0: all)")
+    b.add_argument("--skip-invalid", action="store_true",
+                   help="leave out records that fail the data set's check (each listed with its reason in "
+                        "the results) and take the next valid ones")
     b.add_argument("--save-edit", action="store_true",
                    help="also write the summed deltas and the final editor state to OUT/edit (a `kedit edit` directory)")
     b.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
@@ -68,7 +71,7 @@ def _lifelong(args) -> int:
     from kedit.cli.edit import _parse_set, load_lm
 
     cfg = LifelongConfig(method=args.method, data=args.data or str(get_dataset(args.dataset).default_data()),
-                         dataset=args.dataset, edits=args.edits,
+                         dataset=args.dataset, edits=args.edits, skip_invalid=args.skip_invalid,
                          batch=args.batch, offset=args.offset, eval_every=args.eval_every,
                          fluency_prompts=args.fluency_prompts or None, ppl_tokens=args.ppl_tokens,
                          stats_corpus=args.stats_corpus, stats_tokens=args.stats_tokens,
