@@ -30,6 +30,12 @@ Mechanics (layer ``L``, down-projection input ``x`` of width ``d``, output width
   fact in 24: by 70 facts the shared read carries as much of other facts' blocks as of the matched
   one, and efficacy fell from 0.95 (20 edits) to 0.89 (70) in the lifelong benchmark; the own read
   keeps facts apart. Every other token's output is left untouched (bit for bit the base).
+  The decision uses the token's own activation only, so it is the same in a padded batch, alone,
+  with or without a KV cache. **Free generation**: the prompt's subject token fires in the prefill;
+  its changed keys and values stay in the cache, so every generated token sees the edited subject,
+  and each generated token decides for itself (it fires only if it is itself a stored subject).
+  **Perplexity scoring**: each token of each window decides on its own; a window in which no token
+  is (close to) a stored subject runs the base model exactly.
 - **Exact keys** (``mm_exact_key``): each entry also keeps ``X_e``, the fingerprint of its own prompt
   without a prefix, and a token whose overlap with some ``X_e`` reaches ``mm_exact_threshold`` (0.95)
   reads entry ``e`` whatever its mask overlap. Why: SmolLM2 has no BOS token, so in the bare prompt the
@@ -40,12 +46,6 @@ Mechanics (layer ``L``, down-projection input ``x`` of width ``d``, output width
   subject (most paraphrases). It must be strict: tokens at the very start of a text all look alike at
   this layer and overlap the exact keys up to 0.8; read at 0.8 they fired on 0.3% of held-out wiki
   tokens and perplexity rose 42%, at 0.9-0.95 none fired (docs/editing.md).
-  The decision uses the token's own activation only, so it is the same in a padded batch, alone,
-  with or without a KV cache. **Free generation**: the prompt's subject token fires in the prefill;
-  its changed keys and values stay in the cache, so every generated token sees the edited subject,
-  and each generated token decides for itself (it fires only if it is itself a stored subject).
-  **Perplexity scoring**: each token of each window decides on its own; a window in which no token
-  is (close to) a stored subject runs the base model exactly.
 - **Writing** (``mm_solver: vstar``, shipped): the batch's v* at layer ``L`` (the change of the
   layer's output at the subject's last token that makes every prompt context predict the target,
   optimised exactly as the weight editors do, in one batched forward/backward per step) is written
