@@ -111,13 +111,18 @@ class BenchDataset:
         found = [d / self.file for d in SHARED_DATA_DIRS if (d / self.file).exists()]
         return (found or [SHARED_DATA_DIRS[0] / self.file])[0].resolve()
 
-    def load(self, path: str | Path, n: int, offset: int = 0) -> list[dict]:
+    def _read(self, path: str | Path) -> tuple[Path, list]:
+        """The file's JSON list of records (a clear error if it is missing or not a list)."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{self.name} file {path} not found (pass --data)")
         data = json.loads(path.read_text())
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of {self.name} records, got {type(data).__name__}")
+        return path, data
+
+    def load(self, path: str | Path, n: int, offset: int = 0) -> list[dict]:
+        path, data = self._read(path)
         recs = data[offset: offset + n]
         if len(recs) < n:
             raise ValueError(f"{path}: asked for {n} records from offset {offset}, only {len(recs)} available")
@@ -129,12 +134,7 @@ class BenchDataset:
         file, and the records left out (``{"record": index, "reason": ...}``): a benchmark over a file
         with a few unusable rows (zsRE dev has records without a new answer) runs on the rest and says
         which were left out and why."""
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"{self.name} file {path} not found (pass --data)")
-        data = json.loads(path.read_text())
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of {self.name} records, got {type(data).__name__}")
+        path, data = self._read(path)
         recs, index, skipped = [], [], []
         for i in range(offset, len(data)):
             if len(recs) == n:

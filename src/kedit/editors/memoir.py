@@ -361,14 +361,15 @@ class MemoirEditor:
         with _attach.suspended(lm.model, METHOD):
             (u, v), masks, exact, diags = _train(lm, requests, prefixes, state, layer, k, hp, self.progress)
         owners = [str(r.id if r.id is not None else r.text) for r in requests]
+        # a state from before exact keys: its entries' masks stand in for their exact keys
+        old_exact = state.tensors.get(EXACT, state.tensors[MASKS])
         new_masks = torch.cat([state.tensors[MASKS], masks.cpu()])
         d = state.tensors[BG].shape[0]
         state.tensors.update({MASKS: new_masks, BLOCK_U: torch.cat([state.tensors[BLOCK_U], u.cpu()]),
                               BLOCK_V: torch.cat([state.tensors[BLOCK_V], v.cpu()]),
                               W: residual_matrix(masks.cpu(), u, v, d, start=state.tensors[W])})
-        if hp.mm_exact_key:  # a state from before exact keys: its entries' masks stand in for them
-            old = state.tensors.get(EXACT, state.tensors[MASKS][: len(state.meta["entry_owner"])])
-            state.tensors[EXACT] = torch.cat([old, exact.cpu()])
+        if hp.mm_exact_key:
+            state.tensors[EXACT] = torch.cat([old_exact, exact.cpu()])
             state.meta["exact_threshold"] = hp.mm_exact_threshold
         else:
             state.tensors.pop(EXACT, None)
