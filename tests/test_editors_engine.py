@@ -367,3 +367,25 @@ def test_hparam_overrides_are_coerced_to_numbers():
         load_hparams("alphaedit", "smollm2-135m", overrides={"v_stop": "sometimes"})
     with pytest.raises(ValueError, match=r"hparams \(inline\): key_mode must be average or contexts"):
         EditHparams(key_mode="bogus")  # built directly, not loaded: checked all the same
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bfloat16_vstar_tracks_float32_and_its_delta_works_in_float32(family, tiny_tokenizer):
+    from kedit.models.store import wrap_model
+    from tests.conftest import make_tiny_model
+
+    lm = wrap_model(make_tiny_model(family), tiny_tokenizer, slug=f"tiny-{family}")
+    reqs = [EditRequest("A photo of {}", "The Eiffel Tower", "capital", id="a"),
+            EditRequest("We talked about {}", "Danielle Darrieux", "the", id="b")]
+    hp = _hp("memit", v_steps=30, v_lr=0.1, v_stop="most_probable", v_stop_nll=1e-3, clamp_norm_factor=100.0,
+             v_weight_decay=0.0)
+    f32 = optimise_vstar(lm, reqs, PREFIXES, hp, 1)
+    bf16 = optimise_vstar(lm, reqs, PREFIXES, EditHparams(**{**hp.to_dict(), "v_dtype": "bfloat16"}), 1)
+    assert torch.equal(bf16.v0, f32.v0)  # v₀ comes from the float32 prefix pass either way
+    assert bf16.delta.dtype == torch.float32
+    for a, b in zip(bf16.diagnostics, f32.diagnostics):
+        assert a.constraint_met and a.vstar_loss_start == pytest.approx(b.vstar_loss_start, rel=0.05)
+    # found with bfloat16 matmuls, each δ still makes its targets the top predictions in float32
+    assert _top_tokens_hit(lm, reqs, bf16, 1) == [True] * len(reqs)
+    with pytest.raises(ValueError, match="v_dtype"):
+        EditHparams(v_dtype="float16")

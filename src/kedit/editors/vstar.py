@@ -44,7 +44,7 @@ class VStar:
 
 # the hyperparameters v* reads: settings that differ only elsewhere (the solve) can share one v*
 VSTAR_FIELDS = ("v_lr", "v_steps", "v_weight_decay", "kl_factor", "clamp_norm_factor", "v_stop_nll",
-                "v_stop", "v_prefix_cache", "n_prefixes", "prefix_len", "prefix_seed")
+                "v_stop", "v_prefix_cache", "v_dtype", "n_prefixes", "prefix_len", "prefix_seed")
 
 
 def vstar_signature(hp: EditHparams, layer: int) -> tuple:
@@ -114,6 +114,8 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     b1, b2, eps = 0.9, 0.999, 1e-8
     max_norm = hp.clamp_norm_factor * v0_norm
 
+    autocast = torch.autocast(device_type=torch.device(dev).type, dtype=torch.bfloat16,
+                              enabled=hp.v_dtype == "bfloat16")
     active = torch.ones(n, dtype=torch.bool, device=dev)
     kl_init: torch.Tensor | None = None
     loss_start = torch.zeros(n)
@@ -125,15 +127,17 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     for it in range(max(1, hp.v_steps)):
         act_idx = active.nonzero().squeeze(1)
         xs, pids, kxs, kreqs = [], [], [], []
-        for g in groups:  # rows of one suffix length each: no padding in the replayed blocks
-            x, pid, kx, kreq = g.step(lm, delta, active)
-            xs.append(x), pids.append(pid), kxs.append(kx), kreqs.append(kreq)
-        pid, kreq = torch.cat(pids), torch.cat(kreqs)
-        logits = unembed_states(lm, torch.cat(xs))
+        with autocast:
+            for g in groups:  # rows of one suffix length each: no padding in the replayed blocks
+                x, pid, kx, kreq = g.step(lm, delta, active)
+                xs.append(x), pids.append(pid), kxs.append(kx), kreqs.append(kreq)
+            pid, kreq = torch.cat(pids), torch.cat(kreqs)
+            logits = unembed_states(lm, torch.cat(xs)).float()
+            kl_logits = unembed_states(lm, torch.cat(kxs)).float()
         logp = torch.log_softmax(logits, dim=-1).gather(1, pair_lab_t[pid][:, None]).squeeze(1)
         nll = torch.zeros(n, device=dev).index_add(0, pair_req[pid], -logp * pair_w_t[pid])
 
-        kl_logp = torch.log_softmax(unembed_states(lm, torch.cat(kxs)), dim=-1)
+        kl_logp = torch.log_softmax(kl_logits, dim=-1)
         if kl_init is None:  # every request is active at the first step
             kl_init = torch.zeros(n, kl_logp.shape[1], device=dev)
             kl_init[kreq] = kl_logp.detach()
