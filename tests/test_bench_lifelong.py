@@ -235,3 +235,61 @@ def test_lifelong_bench_reports_an_editor_that_adds_parameters(tiny_lm, workspac
     assert res["edited"]["state_bytes"] > 0 and res["edited"]["delta_bytes"] == 0
     md = (write_results(res, tmp_path / "out") / "results.md").read_text()
     assert "no key statistics" in md and "| tpatcher T3 B2 |" in md
+
+
+def test_curve_sample_is_evenly_spaced_and_keeps_the_ends():
+    from kedit.bench.lifelong import curve_sample
+
+    assert curve_sample(5, 0) == [0, 1, 2, 3, 4] and curve_sample(5, 8) == [0, 1, 2, 3, 4]
+    assert curve_sample(10_000, 1000)[:3] == [0, 10, 20] and curve_sample(10_000, 1000)[-1] == 9999
+    assert len(curve_sample(10_000, 1000)) == 1000 and curve_sample(7, 1) == [6]
+    assert curve_sample(7, 3) == [0, 3, 6]
+
+
+def test_curve_records_samples_points_and_the_baseline_is_checkpointed(tiny_tokenizer, workspace, cf_file,
+                                                                        corpus_file, tmp_path, monkeypatch):
+    """A kill inside the first batch resumes from the checkpoint written after the baseline (no second
+    baseline evaluation) and ends as a straight run does; curve points before the last score the sample."""
+    import kedit.bench.lifelong as L
+    import kedit.stats.corpus as corpus
+    from kedit.models.store import wrap_model
+    from tests.conftest import make_tiny_model
+
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    cfg = LifelongConfig(method="memoir", data=str(cf_file), edits=3, batch=1, eval_every=1, curve_records=1,
+                         fluency_prompts=2, fluency_tokens=8, ppl_tokens=200,
+                         overrides={"layers": [1], "n_prefixes": 1, "prefix_len": 3, "v_steps": 3, "mm_bg_docs": 4})
+
+    def fresh():
+        return wrap_model(make_tiny_model("llama"), tiny_tokenizer, slug="tiny-llama")
+
+    straight = run_lifelong(fresh(), workspace, cfg, progress=False)
+    assert [p["records"] for p in straight["curve"]] == [1, 1, 3]  # the last point scores every record
+    ck = tmp_path / "run" / "checkpoint.safetensors"
+
+    class Killed(Exception):
+        pass
+
+    import kedit.editors.session as S
+
+    real_step = S.EditSession.step
+
+    def killed_step(self, *a, **k):
+        raise Killed
+
+    monkeypatch.setattr(S.EditSession, "step", killed_step)
+    with pytest.raises(Killed):
+        run_lifelong(fresh(), workspace, cfg, progress=False, checkpoint=ck, checkpoint_every=1)
+    assert S.SessionCheckpoint.load(ck).batches_done == 0
+    monkeypatch.setattr(S.EditSession, "step", real_step)
+    calls = []
+    real_metrics = L._model_metrics
+    monkeypatch.setattr(L, "_model_metrics", lambda *a, **k: calls.append(a[8]) or real_metrics(*a, **k))
+    resumed = run_lifelong(fresh(), workspace, cfg, progress=False, checkpoint=ck, resume=True)
+    assert len(calls) == 1 and calls[0] is not None  # only the final evaluation ran; the baseline was read back
+    assert resumed["config"]["checkpoint"]["resumed_after_batches"] == 0
+    assert resumed["curve"] == straight["curve"] and resumed["diagnostics"] == straight["diagnostics"]
+    timing = ("seconds_per_edit", "edit_seconds", "one_time_seconds", "peak_memory_mb")
+    for block in ("baseline", "edited"):
+        assert {k: v for k, v in resumed[block].items() if k not in timing} == \
+            {k: v for k, v in straight[block].items() if k not in timing}

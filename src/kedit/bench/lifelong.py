@@ -43,6 +43,10 @@ class LifelongConfig:
     batch: int = 10
     offset: int = 0  # first record used
     eval_every: int = 0  # batches between curve points (0: about 10 points)
+    # curve points before the last score an evenly spaced sample of at most this many of the records
+    # edited so far (0: all of them); the final evaluation scores every record. At T=10,000 scoring all
+    # records at every point costs more than the editing on a CPU.
+    curve_records: int = 0
     fluency_prompts: int | None = 100  # first N edit prompts for fluency and greedy entropy (None: all T;
     # sampling 100 tokens for each of 10,000 prompts would dwarf the editing time on a CPU)
     fluency_tokens: int = 100  # new tokens generated per fluency prompt (METRICS.md: 100)
@@ -185,8 +189,10 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
                if "norm_anchor" in res.layer_info else ""))
         if (b + 1) % eval_every == 0 or b == n_batches - 1:
             t = time.perf_counter()
-            cf = ds.evaluate(lm, records[:done], reference, ids[:done])
-            point = {"edits": done, **{k: cf[k] for k in ds.metrics}}
+            pick = curve_sample(done, 0 if b == n_batches - 1 else cfg.curve_records)
+            ref = None if reference is None else [reference[i] for i in pick]
+            cf = ds.evaluate(lm, [records[i] for i in pick], ref, [ids[i] for i in pick])
+            point = {"edits": done, **{k: cf[k] for k in ds.metrics}, "records": len(pick)}
             if b < n_batches - 1:  # the last point takes the final evaluation's perplexity
                 point["perplexity"] = perplexity(lm, ref_text, max_tokens=cfg.ppl_tokens)
             eval_seconds += time.perf_counter() - t
@@ -195,16 +201,23 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
                 + (f" perplexity {point['perplexity']:.2f}" if "perplexity" in point else ""))
         if checkpoint is not None and checkpoint_every > 0 and ((b + 1) % checkpoint_every == 0
                                                                 or b == n_batches - 1):
-            t = time.perf_counter()
-            extra = {"config": _jsonable(asdict(cfg)), "model_hash": lm.manifest.model_hash, "baseline": baseline,
-                     "curve": curve, "eval_seconds": eval_seconds, "one_time_seconds": one_time,
-                     "peak_memory_mb": peak_memory_mb(lm.device), "checkpoint_every": checkpoint_every,
-                     "first_state": first_state}
-            session.checkpoint(extra).save(checkpoint)
-            checkpoint_seconds += time.perf_counter() - t
-            log(f"checkpoint after batch {b + 1} -> {checkpoint} ({time.perf_counter() - t:.1f}s)")
+            save_checkpoint(f"batch {b + 1}")
         if on_batch is not None:
             on_batch(rep)
+
+    def save_checkpoint(after: str) -> None:
+        nonlocal checkpoint_seconds
+        t = time.perf_counter()
+        extra = {"config": _jsonable(asdict(cfg)), "model_hash": lm.manifest.model_hash, "baseline": baseline,
+                 "curve": curve, "eval_seconds": eval_seconds, "one_time_seconds": one_time,
+                 "peak_memory_mb": peak_memory_mb(lm.device), "checkpoint_every": checkpoint_every,
+                 "first_state": first_state}
+        session.checkpoint(extra).save(checkpoint)
+        checkpoint_seconds += time.perf_counter() - t
+        log(f"checkpoint after {after} -> {checkpoint} ({time.perf_counter() - t:.1f}s)")
+
+    if ck is None and checkpoint is not None and checkpoint_every > 0:
+        save_checkpoint("the baseline")  # over 10,000 records the baseline alone takes an hour on a CPU
 
     result = session.apply(requests[session.n_edits:], cfg.batch, after_batch)
     edit_seconds = session.seconds
@@ -265,8 +278,10 @@ def _resume_point(lm, cfg: LifelongConfig, checkpoint: str | Path | None, log):
         log(f"no checkpoint at {checkpoint}: starting from the first batch")
         return None
     ck = SessionCheckpoint.load(checkpoint)
-    if ck.extra.get("config") != _jsonable(asdict(cfg)):
-        old, new = ck.extra.get("config") or {}, _jsonable(asdict(cfg))
+    # a setting added to LifelongConfig after the checkpoint was written counts as its default
+    old = {**_jsonable(asdict(LifelongConfig())), **(ck.extra.get("config") or {})}
+    new = _jsonable(asdict(cfg))
+    if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise ValueError(f"{checkpoint} was written by a run with other settings ({', '.join(diff)} differ): "
                          "resume with the same arguments, or start a new output directory")
@@ -274,6 +289,16 @@ def _resume_point(lm, cfg: LifelongConfig, checkpoint: str | Path | None, log):
         raise ValueError(f"{checkpoint} was written for another model ({str(ck.extra.get('model_hash'))[:12]}, "
                          f"this is {lm.manifest.model_hash[:12]})")
     return ck
+
+
+def curve_sample(done: int, limit: int) -> list[int]:
+    """Indices of the records a curve point scores: all ``done`` edited so far, or at most ``limit``
+    of them evenly spaced (first and last included) when ``limit`` > 0."""
+    if limit <= 0 or done <= limit:
+        return list(range(done))
+    if limit == 1:
+        return [done - 1]
+    return sorted({round(i * (done - 1) / (limit - 1)) for i in range(limit)})
 
 
 def _resumed_baseline(lm, ds, records: list[dict], extra: dict) -> tuple[dict, torch.Tensor]:
@@ -379,10 +404,11 @@ def results_markdown(res: dict) -> str:
     met = sum(d["constraint_met"] for d in res["diagnostics"])
     lines.append(f"- v* early-stop constraint met for {met}/{len(res['diagnostics'])} requests; mean steps "
                  f"{sum(d['vstar_steps'] for d in res['diagnostics']) / max(1, len(res['diagnostics'])):.1f}")
-    lines += ["", "## Curve (records edited so far; perplexity of the held-out text)", "",
-              "| edits | " + " | ".join(ds.metrics) + " | perplexity |", "|---|---|---|---|---|"]
-    lines += [f"| {p['edits']} | " + " | ".join(f"{p[k]:.3f}" for k in ds.metrics) + " | "
-              + (f"{p['perplexity']:.2f} |" if "perplexity" in p else "– |") for p in res["curve"]]
+    lines += ["", "## Curve (records edited so far, or an evenly spaced sample of them; perplexity of the held-out "
+              "text)", "", "| edits | records scored | " + " | ".join(ds.metrics) + " | perplexity |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {p['edits']} | {p.get('records', p['edits'])} | " + " | ".join(f"{p[k]:.3f}" for k in ds.metrics)
+              + " | " + (f"{p['perplexity']:.2f} |" if "perplexity" in p else "– |") for p in res["curve"]]
     return "\n".join(lines) + "\n"
 
 
@@ -400,7 +426,8 @@ def curve_intervals(res: dict, key: str) -> list[tuple[float, float]]:
     interval the report prints for the final numbers."""
     if _dataset_of(res).name != "counterfact":  # token-level means, not counts: no binomial interval
         return [(p[key], p[key]) for p in res["curve"]]
-    return [wilson_interval(round(p[key] * p["edits"]), p["edits"]) for p in res["curve"]]
+    return [wilson_interval(round(p[key] * p.get("records", p["edits"])), p.get("records", p["edits"]))
+            for p in res["curve"]]
 
 
 def plot_curve(res: dict, path: str | Path) -> None:

@@ -37,6 +37,9 @@ def register(sub) -> None:
                         "locality, token-level); --data defaults to ../shared/data/<its file>")
     b.add_argument("--batch", "-B", type=int, default=10)
     b.add_argument("--eval-every", type=int, default=0, help="batches between curve points (0: ~10 points)")
+    b.add_argument("--curve-records", type=int, default=0, metavar="N",
+                   help="curve points before the last score N evenly spaced records of those edited so far "
+                        "(default 0: all); the final evaluation scores every record")
     b.add_argument("--fluency-prompts", type=int, default=100,
                    help="first N edit prompts for fluency and greedy entropy (default 100; 0: all)")
     b.add_argument("--skip-invalid", action="store_true",
@@ -73,6 +76,7 @@ def _lifelong(args) -> int:
     cfg = LifelongConfig(method=args.method, data=args.data or str(get_dataset(args.dataset).default_data()),
                          dataset=args.dataset, edits=args.edits, skip_invalid=args.skip_invalid,
                          batch=args.batch, offset=args.offset, eval_every=args.eval_every,
+                         curve_records=args.curve_records,
                          fluency_prompts=args.fluency_prompts or None, ppl_tokens=args.ppl_tokens,
                          stats_corpus=args.stats_corpus, stats_tokens=args.stats_tokens,
                          hparams_file=args.hparams, overrides=_parse_set(args.set))
