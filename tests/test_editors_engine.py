@@ -387,5 +387,25 @@ def test_bfloat16_vstar_tracks_float32_and_its_delta_works_in_float32(family, ti
         assert a.constraint_met and a.vstar_loss_start == pytest.approx(b.vstar_loss_start, rel=0.05)
     # found with bfloat16 matmuls, each δ still makes its targets the top predictions in float32
     assert _top_tokens_hit(lm, reqs, bf16, 1) == [True] * len(reqs)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert not ALL_ATTENTION_FUNCTIONS._local_mapping  # the float32 attention override is gone again
+    assert all(p.dtype == torch.float32 for p in lm.model.parameters())
     with pytest.raises(ValueError, match="v_dtype"):
         EditHparams(v_dtype="float16")
+
+
+def test_matmul_weights_in_swaps_copies_and_restores_the_same_parameters(tiny_lm):
+    from kedit.editors.runner import matmul_weights_in
+
+    head, block = tiny_lm.adapter.unembed, tiny_lm.adapter.module(tiny_lm.adapter.layer_name(1))
+    before = {n: p for n, p in tiny_lm.model.named_parameters()}
+    values = {n: p.detach().clone() for n, p in before.items()}
+    with matmul_weights_in([block, head], torch.bfloat16):
+        inside = dict(tiny_lm.model.named_parameters(remove_duplicate=False))
+        mats = [n for n in inside if n.startswith(tiny_lm.adapter.layer_name(1) + ".") and inside[n].dim() == 2]
+        assert mats and all(inside[n].dtype == torch.bfloat16 for n in mats)
+        assert all(p.dtype == torch.float32 for n, p in inside.items() if p.dim() == 1)
+        assert tiny_lm.adapter.module(tiny_lm.adapter.layer_name(0)).mlp.down_proj.weight.dtype == torch.float32
+    after = dict(tiny_lm.model.named_parameters())
+    assert all(after[n] is before[n] and torch.equal(after[n], values[n]) for n in before)

@@ -12,6 +12,7 @@ target tokens are all the top prediction in every context) is frozen and its row
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +24,12 @@ from kedit.editors.prompts import pad_right, shared_heads, subject_rows, target_
 from kedit.editors.runner import (
     BlockSlice,
     PrefixCache,
+    attention_in_float32,
     base_model,
     cache_kwargs,
     capture_blocks,
     head_layout,
+    matmul_weights_in,
     unembed_states,
 )
 
@@ -114,8 +117,9 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     b1, b2, eps = 0.9, 0.999, 1e-8
     max_norm = hp.clamp_norm_factor * v0_norm
 
-    autocast = torch.autocast(device_type=torch.device(dev).type, dtype=torch.bfloat16,
-                              enabled=hp.v_dtype == "bfloat16")
+    bf16 = hp.v_dtype == "bfloat16"
+    autocast = torch.autocast(device_type=torch.device(dev).type, dtype=torch.bfloat16, enabled=bf16)
+    replayed = [lm.adapter.module(lm.adapter.layer_name(i)) for i in range(layer + 1, n_layers)]
     active = torch.ones(n, dtype=torch.bool, device=dev)
     kl_init: torch.Tensor | None = None
     loss_start = torch.zeros(n)
@@ -124,61 +128,65 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     steps_used = torch.zeros(n, dtype=torch.long)
     met_end = torch.zeros(n, dtype=torch.bool)
     it = 0
-    for it in range(max(1, hp.v_steps)):
-        act_idx = active.nonzero().squeeze(1)
-        xs, pids, kxs, kreqs = [], [], [], []
-        with autocast:
-            for g in groups:  # rows of one suffix length each: no padding in the replayed blocks
-                x, pid, kx, kreq = g.step(lm, delta, active)
-                xs.append(x), pids.append(pid), kxs.append(kx), kreqs.append(kreq)
-            pid, kreq = torch.cat(pids), torch.cat(kreqs)
-            logits = unembed_states(lm, torch.cat(xs)).float()
-            kl_logits = unembed_states(lm, torch.cat(kxs)).float()
-        logp = torch.log_softmax(logits, dim=-1).gather(1, pair_lab_t[pid][:, None]).squeeze(1)
-        nll = torch.zeros(n, device=dev).index_add(0, pair_req[pid], -logp * pair_w_t[pid])
+    with ExitStack() as low_precision:
+        if bf16:  # the replayed blocks' and the unembedding's matrices as bfloat16 copies, attention float32
+            low_precision.enter_context(matmul_weights_in([*replayed, lm.adapter.unembed], torch.bfloat16))
+            low_precision.enter_context(attention_in_float32(lm))
+        for it in range(max(1, hp.v_steps)):
+            act_idx = active.nonzero().squeeze(1)
+            xs, pids, kxs, kreqs = [], [], [], []
+            with autocast:
+                for g in groups:  # rows of one suffix length each: no padding in the replayed blocks
+                    x, pid, kx, kreq = g.step(lm, delta, active)
+                    xs.append(x), pids.append(pid), kxs.append(kx), kreqs.append(kreq)
+                pid, kreq = torch.cat(pids), torch.cat(kreqs)
+                logits = unembed_states(lm, torch.cat(xs)).float()
+                kl_logits = unembed_states(lm, torch.cat(kxs)).float()
+            logp = torch.log_softmax(logits, dim=-1).gather(1, pair_lab_t[pid][:, None]).squeeze(1)
+            nll = torch.zeros(n, device=dev).index_add(0, pair_req[pid], -logp * pair_w_t[pid])
 
-        kl_logp = torch.log_softmax(kl_logits, dim=-1)
-        if kl_init is None:  # every request is active at the first step
-            kl_init = torch.zeros(n, kl_logp.shape[1], device=dev)
-            kl_init[kreq] = kl_logp.detach()
-        kl_term = torch.zeros(n, device=dev)
-        kl_term[kreq] = (kl_logp.exp() * (kl_logp - kl_init[kreq])).sum(-1)
-        wd = hp.v_weight_decay * (delta.norm(dim=1) / v0_norm) ** 2
-        loss = nll + hp.kl_factor * kl_term + wd
+            kl_logp = torch.log_softmax(kl_logits, dim=-1)
+            if kl_init is None:  # every request is active at the first step
+                kl_init = torch.zeros(n, kl_logp.shape[1], device=dev)
+                kl_init[kreq] = kl_logp.detach()
+            kl_term = torch.zeros(n, device=dev)
+            kl_term[kreq] = (kl_logp.exp() * (kl_logp - kl_init[kreq])).sum(-1)
+            wd = hp.v_weight_decay * (delta.norm(dim=1) / v0_norm) ** 2
+            loss = nll + hp.kl_factor * kl_term + wd
 
-        with torch.no_grad():
-            if it == 0:
-                loss_start = loss.detach().cpu().clone()
-            met = nll.detach() < hp.v_stop_nll
-            if hp.v_stop == "most_probable":  # no target token of the request is outranked anywhere
-                missed = torch.zeros(n, device=dev).index_add(
-                    0, pair_req[pid], (logits.detach().argmax(-1) != pair_lab_t[pid]).to(torch.float32))
-                met = met | (missed == 0)
-            done = active & (met | torch.tensor(it == hp.v_steps - 1, device=dev))
-            for i in done.nonzero().squeeze(1).tolist():
-                loss_end[i] = float(loss[i])
-                nll_end[i] = float(nll[i])
-                steps_used[i] = it
-                met_end[i] = bool(met[i])
-            active = active & ~done
-        if progress is not None:
-            progress(it, int(active.sum()), float(nll.detach()[act_idx].mean()))
-        if not bool(active.any()):
-            break
-        (loss * active.to(loss.dtype)).sum().backward()
-        with torch.no_grad():
-            g = delta.grad
-            a = active[:, None]
-            m.copy_(torch.where(a, b1 * m + (1 - b1) * g, m))
-            v.copy_(torch.where(a, b2 * v + (1 - b2) * g * g, v))
-            t_step += active.to(t_step.dtype)
-            tt = t_step.clamp_min(1)[:, None]
-            step = hp.v_lr * (m / (1 - b1 ** tt)) / ((v / (1 - b2 ** tt)).sqrt() + eps)
-            delta.sub_(torch.where(a, step, torch.zeros_like(step)))
-            norms = delta.norm(dim=1)
-            scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
-            delta.mul_(scale[:, None])
-            delta.grad = None
+            with torch.no_grad():
+                if it == 0:
+                    loss_start = loss.detach().cpu().clone()
+                met = nll.detach() < hp.v_stop_nll
+                if hp.v_stop == "most_probable":  # no target token of the request is outranked anywhere
+                    missed = torch.zeros(n, device=dev).index_add(
+                        0, pair_req[pid], (logits.detach().argmax(-1) != pair_lab_t[pid]).to(torch.float32))
+                    met = met | (missed == 0)
+                done = active & (met | torch.tensor(it == hp.v_steps - 1, device=dev))
+                for i in done.nonzero().squeeze(1).tolist():
+                    loss_end[i] = float(loss[i])
+                    nll_end[i] = float(nll[i])
+                    steps_used[i] = it
+                    met_end[i] = bool(met[i])
+                active = active & ~done
+            if progress is not None:
+                progress(it, int(active.sum()), float(nll.detach()[act_idx].mean()))
+            if not bool(active.any()):
+                break
+            (loss * active.to(loss.dtype)).sum().backward()
+            with torch.no_grad():
+                g = delta.grad
+                a = active[:, None]
+                m.copy_(torch.where(a, b1 * m + (1 - b1) * g, m))
+                v.copy_(torch.where(a, b2 * v + (1 - b2) * g * g, v))
+                t_step += active.to(t_step.dtype)
+                tt = t_step.clamp_min(1)[:, None]
+                step = hp.v_lr * (m / (1 - b1 ** tt)) / ((v / (1 - b2 ** tt)).sqrt() + eps)
+                delta.sub_(torch.where(a, step, torch.zeros_like(step)))
+                norms = delta.norm(dim=1)
+                scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+                delta.mul_(scale[:, None])
+                delta.grad = None
 
     final = delta.detach()
     diags = [
