@@ -20,8 +20,8 @@ from kedit.atomic import sha256_json
 
 METHODS = ("rome", "memit", "alphaedit", "tpatcher", "memoir")
 # the string-valued settings and what each accepts: checked on every EditHparams, loaded or built
-_CHOICES = {"v_stop": ("nll", "most_probable"), "v_dtype": ("float32", "bfloat16"), "key_mode": ("average", "contexts"), "mm_solver": ("vstar", "adam"),
-            "mm_read": ("own", "shared"),
+_CHOICES = {"v_stop": ("nll", "most_probable"), "v_dtype": ("float32", "bfloat16"),
+            "key_mode": ("average", "contexts"), "mm_solver": ("vstar", "adam"), "mm_read": ("own", "shared"),
             "nullspace_mode": ("absolute", "relative_mean", "relative_max", "energy")}
 
 

@@ -153,6 +153,8 @@ def attention_in_float32(lm) -> Iterator[None]:
     had, prev, inner = name in local, local.get(name), fns[name]
 
     def run(module, q, k, v, mask, *args, **kwargs):
+        if not torch.is_autocast_enabled(q.device.type):  # autocast is per thread: others run as they were
+            return inner(module, q, k, v, mask, *args, **kwargs)
         with torch.autocast(q.device.type, enabled=False):
             return inner(module, q.float(), k.float(), v.float(), mask, *args, **kwargs)
 
