@@ -8,6 +8,8 @@ on the KL prompt, plus ``v_weight_decay`` · (‖δ‖/‖v₀‖)². Losses are
 each step replays only the blocks above and unembeds only the positions that predict target
 tokens. A request whose NLL falls below ``v_stop_nll`` (or, with ``v_stop: most_probable``, whose
 target tokens are all the top prediction in every context) is frozen and its rows leave the batch.
+With ``v_dtype: bfloat16`` the replayed matrices run as bfloat16 copies under autocast (attention,
+δ and everything else float32): 1.5x faster on a CPU with bfloat16 units, the same edits on SmolLM2.
 """
 
 from __future__ import annotations
