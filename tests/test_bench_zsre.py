@@ -151,7 +151,7 @@ def test_lifelong_zsre_run_reports_token_metrics_and_memory_growth(tiny_lm, work
     assert "3 zsRE records from `zsre.json`" in md
     assert "| reliability | generalization | locality |" in md and "added bytes/edit" in md
     assert "memory growth: summed weight deltas" in md and "case-insensitively in 1 questions" in md
-    assert "| edits | reliability | generalization | locality | perplexity |" in md
+    assert "| edits | records scored | reliability | generalization | locality | perplexity |" in md
     assert json.loads((out / "results.json").read_text())["edited"]["added_bytes"] == e["added_bytes"]
     assert (out / "curve.png").stat().st_size > 1000
 
