@@ -217,7 +217,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
         log(f"checkpoint after {after} -> {checkpoint} ({time.perf_counter() - t:.1f}s)")
 
     if ck is None and checkpoint is not None and checkpoint_every > 0:
-        save_checkpoint("the baseline")  # over 10,000 records the baseline alone takes an hour on a CPU
+        save_checkpoint("the baseline")  # over 10,000 records the baseline is a long evaluation of its own
 
     result = session.apply(requests[session.n_edits:], cfg.batch, after_batch)
     edit_seconds = session.seconds
