@@ -177,7 +177,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     first_state = ck.extra.get("first_state") if ck else None  # state size after the first batch
 
     def after_batch(rep: BatchReport) -> None:
-        nonlocal eval_seconds, checkpoint_seconds, first_state
+        nonlocal eval_seconds, first_state
         if first_state is None:
             first_state = {"edits": rep.done, "bytes": state_bytes(rep.result.state)}
         b, dt, res, done = rep.index, rep.seconds, rep.result, rep.done

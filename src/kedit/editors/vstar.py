@@ -142,8 +142,8 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
                     x, pid, kx, kreq = g.step(lm, delta, active)
                     xs.append(x), pids.append(pid), kxs.append(kx), kreqs.append(kreq)
                 pid, kreq = torch.cat(pids), torch.cat(kreqs)
-                logits = unembed_states(lm, torch.cat(xs)).float()
-                kl_logits = unembed_states(lm, torch.cat(kxs)).float()
+                logits = unembed_states(lm, torch.cat(xs))  # float32 logits
+                kl_logits = unembed_states(lm, torch.cat(kxs))
             logp = torch.log_softmax(logits, dim=-1).gather(1, pair_lab_t[pid][:, None]).squeeze(1)
             nll = torch.zeros(n, device=dev).index_add(0, pair_req[pid], -logp * pair_w_t[pid])
 
