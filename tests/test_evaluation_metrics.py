@@ -51,6 +51,46 @@ def test_single_token_target_is_next_token_logprob(tiny_lm):
     assert torch.allclose(nxt.exp().sum(-1), torch.ones(len(PROMPTS)), atol=1e-4)
 
 
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward lacks ``logits_to_keep`` (as some remote-code classes do)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache)
+
+
+def test_scoring_projects_only_target_positions_and_matches_full_logits(tiny_lm):
+    """The ``logits_to_keep`` path (only the scored positions reach the unembedding) gives what the full
+    logits give, for target scoring, next-token distributions and zsRE's argmax predictions."""
+    full = type(tiny_lm)(_NoLogitsToKeep(tiny_lm.model), tiny_lm.tokenizer, tiny_lm.adapter, tiny_lm.manifest,
+                         tiny_lm.path)
+    assert tiny_lm.takes_logits_to_keep and not full.takes_logits_to_keep
+    calls = []
+    head = tiny_lm.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[:-1].numel()))
+    try:
+        fast = M.target_logprobs(tiny_lm, PROMPTS, TARGETS, reduce="sum", batch_size=3)
+        assert sum(calls) == sum(len(tiny_lm.tokenizer(" " + t, add_special_tokens=False)["input_ids"])
+                                 for t in TARGETS)
+        calls.clear()
+        torch.testing.assert_close(fast, M.target_logprobs(full, PROMPTS, TARGETS, reduce="sum", batch_size=3),
+                                   atol=1e-5, rtol=0)
+        assert sum(calls) > len(PROMPTS) * 4  # the fallback projects every position
+        torch.testing.assert_close(M.next_token_logprobs(tiny_lm, PROMPTS, batch_size=3),
+                                   M.next_token_logprobs(full, PROMPTS, batch_size=3), atol=1e-5, rtol=0)
+        assert M.target_token_predictions(tiny_lm, PROMPTS, TARGETS) == M.target_token_predictions(full, PROMPTS,
+                                                                                                      TARGETS)
+    finally:
+        handle.remove()
+
+
 def test_tokenizer_without_pad_uses_eos(tiny_lm):
     tok = copy.deepcopy(tiny_lm.tokenizer)
     tok.pad_token = None

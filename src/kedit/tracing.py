@@ -12,7 +12,6 @@ passes rather than thousands.
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 import time
@@ -108,15 +107,8 @@ class Setup:
     noise: torch.Tensor  # [S, n_subject_tokens, d]
 
 
-def _supports_logits_to_keep(model) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _last_probs(lm: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
-    kw = {"logits_to_keep": 1} if _supports_logits_to_keep(lm.model) else {}
+    kw = {"logits_to_keep": 1} if lm.takes_logits_to_keep else {}
     logits = lm.model(input_ids=ids, use_cache=False, **kw).logits[:, -1]
     return torch.softmax(logits.float(), dim=-1)
 

@@ -104,12 +104,29 @@ def _forward_logits(lm: LoadedModel, ids, mask, pos) -> torch.Tensor:
     return out.logits.float()
 
 
+def _logits_at(lm: LoadedModel, ids, mask, pos, keep: torch.Tensor) -> torch.Tensor:
+    """Logits at the ``True`` positions of ``keep`` (``[b, L]`` bool), flattened row by row to
+    ``[keep.sum(), V]`` float32.
+
+    Scoring needs a handful of positions per sequence; projecting only those onto the vocabulary
+    (transformers' ``logits_to_keep`` mask) skips most of the unembedding and the log-softmax, which
+    on a 135M model with a 49k vocabulary is a large share of an evaluation pass. Models whose
+    forward lacks ``logits_to_keep`` get the full logits, indexed the same way."""
+    keep = keep.to(ids.device)
+    if lm.takes_logits_to_keep:
+        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                       logits_to_keep=keep)
+        return out.logits.reshape(-1, out.logits.shape[-1]).float()
+    return _forward_logits(lm, ids, mask, pos)[keep]
+
+
 # --- target scoring ----------------------------------------------------------------------------
 def _teacher_forced(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], batch_size: int
                     ) -> tuple[list[list[int]], Iterator[tuple[torch.Tensor, list[tuple[int, int, slice]]]]]:
     """Teacher-forced passes over ``(prompt, " " + target)`` pairs: each pair's target token ids, and per
-    length-sorted batch (little padding) its logits ``[b, L, V]`` with ``(row, pair, positions)``, where
-    ``logits[row, positions]`` predict the pair's target tokens (the logits at j predict token j+1).
+    length-sorted batch (little padding) the logits that predict target tokens, ``[n_tokens, V]``, with
+    ``(pair, rows)`` where ``logits[rows]`` predict the pair's target tokens in order (the logits at
+    position j predict token j+1; no other position is projected onto the vocabulary).
     Run it under ``torch.no_grad()``."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
@@ -121,11 +138,17 @@ def _teacher_forced(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[s
     vocab = lm.model.get_output_embeddings().weight.shape[0]
     pad = pad_id(tok)
 
-    def passes() -> Iterator[tuple[torch.Tensor, list[tuple[int, int, slice]]]]:
+    def passes() -> Iterator[tuple[torch.Tensor, list[tuple[int, slice]]]]:
         for batch in _batches(order, lengths, batch_size, vocab):
             ids, mask, pos = right_pad([seqs[i] for i in batch], pad, lm.device)
-            yield _forward_logits(lm, ids, mask, pos), [
-                (row, i, slice(len(p_ids[i]) - 1, len(p_ids[i]) - 1 + len(t_ids[i]))) for row, i in enumerate(batch)]
+            keep = torch.zeros(ids.shape, dtype=torch.bool)
+            rows, start = [], 0
+            for row, i in enumerate(batch):
+                first = len(p_ids[i]) - 1
+                keep[row, first: first + len(t_ids[i])] = True
+                rows.append((i, slice(start, start + len(t_ids[i]))))
+                start += len(t_ids[i])
+            yield _logits_at(lm, ids, mask, pos, keep), rows
 
     return t_ids, passes()
 
@@ -145,8 +168,8 @@ def _score_pairs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str]
         counts = torch.tensor([len(t) for t in t_ids], dtype=torch.float64)
         for logits, rows in passes:
             logp = torch.log_softmax(logits, dim=-1)
-            for row, i, at in rows:
-                preds = logp[row, at]
+            for i, at in rows:
+                preds = logp[at]
                 tgt = torch.tensor(t_ids[i], device=preds.device)
                 sums[i] = preds.gather(1, tgt[:, None]).sum().double().cpu()
     return sums, counts
@@ -279,9 +302,9 @@ def next_token_logprobs(lm: LoadedModel, prompts: Sequence[str], batch_size: int
     with torch.no_grad():
         for batch in _batches(order, lengths, batch_size, vocab):
             ids, mask, pos = right_pad([seqs[i] for i in batch], pad, lm.device)
-            logits = _forward_logits(lm, ids, mask, pos)
-            last = torch.tensor([lengths[i] - 1 for i in batch], device=logits.device)
-            rows = logits[torch.arange(len(batch), device=logits.device), last]
+            keep = torch.zeros(ids.shape, dtype=torch.bool)
+            keep[torch.arange(len(batch)), torch.tensor([lengths[i] - 1 for i in batch])] = True
+            rows = _logits_at(lm, ids, mask, pos, keep)  # one per sequence, in batch order
             out[torch.tensor(batch)] = torch.log_softmax(rows, dim=-1).cpu()
     return out
 
@@ -475,8 +498,8 @@ def target_token_predictions(lm: LoadedModel, prompts: Sequence[str], targets: S
         t_ids, passes = _teacher_forced(lm, prompts, targets, batch_size)
         for logits, rows in passes:
             top = logits.argmax(dim=-1).cpu()
-            for row, i, at in rows:
-                preds[i] = top[row, at].tolist()
+            for i, at in rows:
+                preds[i] = top[at].tolist()
     return preds, t_ids
 
 

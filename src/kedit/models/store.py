@@ -6,6 +6,7 @@ and reloaded in well under a second afterwards.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -68,6 +69,15 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def takes_logits_to_keep(self) -> bool:
+        """Whether the forward accepts transformers' ``logits_to_keep`` (project only some positions
+        onto the vocabulary); remote-code and older model classes may not."""
+        try:
+            return "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):
+            return False
 
 
 def _package_dir(package: str, install_hint: str) -> Path:
