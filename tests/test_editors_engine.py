@@ -395,6 +395,77 @@ def test_bfloat16_vstar_tracks_float32_and_its_delta_works_in_float32(family, ti
         EditHparams(v_dtype="float16")
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "broadcast"])
+def test_packed_gqa_attention_equals_repeat_kv_sdpa(mask_kind):
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from kedit.editors.runner import packed_gqa_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    b, h, kv, q, k, d = 4, 6, 2, 3, 7, 8
+    query, key, value = (torch.randn(b, n, t, d, generator=g) for n, t in ((h, q), (kv, k), (kv, k)))
+    allowed = torch.ones(q, k, dtype=torch.bool).tril(k - q)  # a suffix after a cached prefix
+    allowed = allowed.expand(1 if mask_kind == "broadcast" else b, 1, q, k).clone()
+    allowed[0, 0, 1, 0] = False  # one row masks a prefix token: the mask is per row, not a plain causal one
+    mask = allowed if mask_kind != "additive" else torch.zeros(allowed.shape).masked_fill(~allowed, -1e9)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, h // kv), repeat_kv(value, h // kv), attn_mask=mask, scale=0.3).transpose(1, 2)
+    got = packed_gqa_sdpa(query, key, value, mask, scaling=0.3)
+    assert got.shape == (b, q, h, d) and torch.allclose(got, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="packed GQA"):
+        packed_gqa_sdpa(query, key[:, :1].expand(b, 4, k, d), value, mask)
+
+
+def test_vstar_replay_attention_packs_gqa_and_matches_the_model_kernel(tiny_tokenizer, monkeypatch):
+    """The tiny llama has 4 query heads over 2 kv heads: v*'s replay takes the packed path, and the
+    optimised δ is the one transformers' own SDPA kernel gives."""
+    from kedit.editors import runner
+    from kedit.models.store import wrap_model
+    from tests.conftest import make_tiny_model
+
+    lm = wrap_model(make_tiny_model("llama"), tiny_tokenizer, slug="tiny-llama")
+    assert lm.model.config._attn_implementation == "sdpa"
+    reqs = [EditRequest("A photo of {}", "The Eiffel Tower", "capital", id="a"),
+            EditRequest("We talked about {}", "Danielle Darrieux", "the", id="b")]
+    hp = _hp("memit", v_steps=6, v_stop_nll=1e-6)
+    calls = {"packed": 0}
+    packed = runner.packed_gqa_sdpa
+
+    def counting(*a, **kw):
+        calls["packed"] += 1
+        return packed(*a, **kw)
+
+    monkeypatch.setattr(runner, "packed_gqa_sdpa", counting)
+    fast = optimise_vstar(lm, reqs, PREFIXES, hp, 1)
+    assert calls["packed"] > 0
+    monkeypatch.setattr(runner, "_packable", lambda *a: False)
+    plain = optimise_vstar(lm, reqs, PREFIXES, hp, 1)
+    assert torch.allclose(fast.delta, plain.delta, rtol=1e-4, atol=1e-5)
+    assert [d.vstar_steps for d in fast.diagnostics] == [d.vstar_steps for d in plain.diagnostics]
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_vstar_taps_are_the_module_inputs_a_direct_forward_gives(tiny_lm, prefix_cache):
+    """v*'s first pass hands back an MLP's input at every context's subject (memoir's fingerprints read
+    it there instead of running the model again): the same as a plain forward of each prompt."""
+    from kedit.hooks import Trace
+
+    reqs = [EditRequest("A photo of {}", "The Eiffel Tower", "capital", id="a"),
+            EditRequest("We talked about {} today", "Danielle Darrieux", "the", id="b")]
+    name = tiny_lm.adapter.mlp_out_name(1)
+    vs = optimise_vstar(tiny_lm, reqs, PREFIXES, _hp("memit", v_steps=1, v_prefix_cache=prefix_cache), 1,
+                        taps=[name])
+    rows = subject_rows(tiny_lm.tokenizer, reqs, PREFIXES)
+    x = vs.taps[name]
+    assert x.shape == (2, len(PREFIXES), tiny_lm.model.config.intermediate_size) and x.dtype == torch.float32
+    for i, (ids, pos, q) in enumerate(zip(rows.ids, rows.subj_pos, rows.req)):
+        with torch.no_grad(), Trace(tiny_lm.model, [name], retain_input=True) as tr:
+            tiny_lm.model(input_ids=torch.tensor([ids]))
+        assert torch.allclose(x[q, i % len(PREFIXES)], tr.inputs[name][0, pos], atol=1e-5)
+    with pytest.raises(ValueError, match="did not run below block"):
+        optimise_vstar(tiny_lm, reqs, PREFIXES, _hp("memit", v_steps=1), 1, taps=[tiny_lm.adapter.mlp_out_name(2)])
+
+
 def test_matmul_weights_in_swaps_copies_and_restores_the_same_parameters(tiny_lm):
     from kedit.editors.runner import matmul_weights_in
 

@@ -398,16 +398,23 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
     bg, perm = state.tensors[BG].to(dev), state.tensors[PERM].to(dev)
     w_prev = state.tensors[W].to(dev)
 
-    # x, the down-projection input at `layer`, at every row's subject (right padding: causal rows never see pads)
+    # x, the down-projection input at `layer`, at every row's subject
     name = lm.adapter.mlp_out_name(layer)
-    xs = []
-    for c in range(0, len(rows.ids), 64):
-        chunk = rows.ids[c: c + 64]
-        with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
-            lm.model(input_ids=pad_right(chunk, pad, dev), use_cache=False)
-        xs.append(tr.inputs[name][torch.arange(len(chunk), device=dev),
-                                  torch.tensor(rows.subj_pos[c: c + 64], device=dev)].float())
-    x = torch.cat(xs).view(n, n_ctx, -1)  # [n, ctx, d]
+    vs = None
+    if hp.mm_solver == "vstar":  # v*'s own first pass reads x (on the model without the memory, as here)
+        from kedit.editors.vstar import optimise_vstar
+
+        vs = optimise_vstar(lm, requests, prefixes, hp, layer, progress=progress, taps=[name])
+        x = vs.taps[name]
+    else:  # right padding: causal rows never see pads
+        xs = []
+        for c in range(0, len(rows.ids), 64):
+            chunk = rows.ids[c: c + 64]
+            with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
+                lm.model(input_ids=pad_right(chunk, pad, dev), use_cache=False)
+            xs.append(tr.inputs[name][torch.arange(len(chunk), device=dev),
+                                      torch.tensor(rows.subj_pos[c: c + 64], device=dev)].float())
+        x = torch.cat(xs).view(n, n_ctx, -1)  # [n, ctx, d]
     masks = fingerprint(x.mean(1), bg, perm, k)  # [n, k]: one entry per request, context-averaged
     exact = fingerprint(x[:, 0], bg, perm, k)  # [n, k]: the bare prompt's own (context 0 has no prefix)
     xsel = x.gather(2, masks[:, None, :].expand(n, n_ctx, k))  # [n, ctx, k]
@@ -415,8 +422,8 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
     # the other entries' sum there when W' is shared
     w_old = torch.zeros(n, w_prev.shape[0], k, device=dev) if reads_own_block(state) \
         else w_prev[:, masks].permute(1, 0, 2)  # [n, d_out, k]
-    if hp.mm_solver == "vstar":
-        uv, diags = _blocks_from_vstar(lm, requests, prefixes, hp, layer, xsel, w_old, progress)
+    if vs is not None:
+        uv, diags = _blocks_from_vstar(vs, hp, xsel, w_old)
         return uv, masks, exact, diags
     # Adam moves every entry by about lr per step whatever the activation scale: train the block in
     # units of the entry's context-mean input norm, so lr means the same on every model and layer
@@ -499,12 +506,8 @@ def _masked_adam_step(opt: torch.optim.Adam, blocks: torch.Tensor, active: torch
                 opt.state[blocks][k][keep] = v[keep]
 
 
-def _blocks_from_vstar(lm, requests, prefixes, hp: EditHparams, layer: int, xsel: torch.Tensor,
-                       w_old: torch.Tensor, progress):
-    """The batch's v* at ``layer`` (on the model without the memory: the subject token of a new fact
-    reads its own entry, not an older one), written into each request's block in closed form."""
-    from kedit.editors.vstar import optimise_vstar
-
-    vs = optimise_vstar(lm, requests, prefixes, hp, layer, progress=progress)
+def _blocks_from_vstar(vs, hp: EditHparams, xsel: torch.Tensor, w_old: torch.Tensor):
+    """The batch's v* at the memory layer (on the model without the memory: the subject token of a new
+    fact reads its own entry, not an older one), written into each request's block in closed form."""
     u, v = closed_form_blocks(vs.delta.to(xsel.device), xsel, w_old, hp.mm_ridge)
     return (u, v), [replace(d, delta_norm=float((a @ b).norm())) for d, a, b in zip(vs.diagnostics, u, v)]

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ class BlockSlice:
     calls: list[tuple[tuple, dict]]
     start: int
     stop: int
+    taps: dict[str, torch.Tensor] = field(default_factory=dict)  # inputs of modules run below ``start``
 
     def run(self, lm, hidden: torch.Tensor | None = None, rows: torch.Tensor | None = None,
             upto: int | None = None, begin: int | None = None,
@@ -94,9 +95,12 @@ def uniform_blocks(model) -> bool:
     return not types or len(set(types)) == 1
 
 
-def capture_blocks(lm, input_ids: torch.Tensor, start: int, stop: int, **forward_kwargs) -> BlockSlice:
+def capture_blocks(lm, input_ids: torch.Tensor, start: int, stop: int, taps: Sequence[str] = (),
+                   **forward_kwargs) -> BlockSlice:
     """One no-grad forward up to block ``stop-1``'s input (or only ``start``'s, when all blocks take the
-    same arguments); returns the states entering ``start`` and every block's call arguments."""
+    same arguments); returns the states entering ``start`` and every block's call arguments. ``taps``:
+    modules that run below block ``start`` whose (first) input the same pass keeps, in ``.taps``, so
+    a caller that needs, e.g., an MLP's input on these rows does not run the model again."""
     layers = lm.adapter.module(lm.adapter.spec.layers)
     if not 0 <= start < stop <= len(layers):
         raise ValueError(f"block slice [{start}, {stop}) outside 0..{len(layers)}")
@@ -104,13 +108,17 @@ def capture_blocks(lm, input_ids: torch.Tensor, start: int, stop: int, **forward
     if uniform_blocks(lm.model):
         stop = start + 1
     names = [lm.adapter.layer_name(i) for i in range(start, stop)]
-    with torch.no_grad(), Trace(lm.model, names, retain_input=True, retain_call=True, stop_before=True) as tr:
+    with torch.no_grad(), Trace(lm.model, names, retain_input=True, retain_call=True, stop_before=True) as tr, \
+            Trace(lm.model, taps, retain_input=True) as tapped:
         base_model(lm)(input_ids=input_ids, **({"use_cache": False} | forward_kwargs))
     if len(tr.calls) != stop - start or names[0] not in tr.inputs:
         raise RuntimeError(f"{type(lm.model).__name__}: blocks {start}..{stop - 1} were not all called")
+    missing = [t for t in taps if t not in tapped.inputs]
+    if missing:
+        raise ValueError(f"taps {missing} did not run below block {start}")
     calls = [tr.calls[n] for n in names]
     calls = calls + [calls[-1]] * (full_stop - stop)
-    return BlockSlice(hidden=tr.inputs[names[0]], calls=calls, start=start, stop=full_stop)
+    return BlockSlice(hidden=tr.inputs[names[0]], calls=calls, start=start, stop=full_stop, taps=dict(tapped.inputs))
 
 
 @contextmanager
@@ -137,12 +145,50 @@ def matmul_weights_in(modules: list[nn.Module], dtype: torch.dtype) -> Iterator[
             setattr(sub, name, p)
 
 
+def packed_gqa_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                    scaling: float | None = None) -> torch.Tensor:
+    """Grouped-query attention without copying keys and values once per query head.
+
+    ``query`` [b, heads, q, d]; ``key``/``value`` [b, kv_heads, k, d]; ``mask`` [b or 1, 1, q, k] (bool,
+    True = attend, or additive float), the same for every head. Query heads ``i·g .. i·g+g-1`` read kv
+    head ``i`` (transformers' ``repeat_kv`` order), so they are stacked along the query axis of their kv
+    head, and the mask is tiled to match: one SDPA call on the kv heads as they are. Returns
+    [b, q, heads, d], the layout transformers' attention functions return. Why: a replayed suffix of a
+    few tokens attends to a cached prefix several times its length, and ``repeat_kv`` copied that
+    prefix's keys and values three times per layer and step on SmolLM2 (9 query heads, 3 kv heads):
+    fwd+bwd of one layer's attention for 600 rows took 205 ms, 40 ms packed."""
+    b, h, q, d = query.shape
+    kv = key.shape[1]
+    g = h // kv
+    if kv * g != h or mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"packed GQA: {h} query heads over {kv} kv heads with a {tuple(mask.shape)} mask")
+    mb = mask.shape[0]
+    qp = query.reshape(b, kv, g * q, d)
+    mp = mask[:, :, None].expand(mb, 1, g, q, mask.shape[-1]).reshape(mb, 1, g * q, mask.shape[-1])
+    out = torch.nn.functional.scaled_dot_product_attention(qp, key, value, attn_mask=mp, scale=scaling)
+    return out.reshape(b, h, q, value.shape[-1]).transpose(1, 2).contiguous()
+
+
+def _packable(module, query, mask, dropout, kwargs) -> bool:
+    """The call is one that :func:`packed_gqa_sdpa` computes exactly as transformers' SDPA would."""
+    return (getattr(module, "num_key_value_groups", 1) > 1 and isinstance(mask, torch.Tensor)
+            and mask.dim() == 4 and mask.shape[1] == 1 and query.shape[2] > 1 and not dropout
+            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+            and not kwargs.get("output_attentions", False))
+
+
 @contextmanager
-def attention_in_float32(lm) -> Iterator[None]:
-    """Run the model's registered attention kernel (e.g. SDPA) in float32 inside a bfloat16 autocast:
-    q, k and v are cast up and autocast is off in the kernel. On a CPU the bfloat16 SDPA backward took
-    six times the float32 one and ate most of what bfloat16 matmuls saved. The override lives in
-    transformers' attention registry for the duration only (models with eager attention run as they are)."""
+def replay_attention(lm) -> Iterator[None]:
+    """The attention kernel for replayed blocks, installed in transformers' attention registry for
+    the duration only:
+
+    - inside a bfloat16 autocast, q, k and v are cast up and the kernel runs in float32 with autocast
+      off (on a CPU the bfloat16 SDPA backward took six times the float32 one and ate most of what
+      bfloat16 matmuls saved; autocast is per thread, so other threads' calls run as they were);
+    - with SDPA, grouped-query heads and an explicit mask (a suffix replayed against a prefix cache),
+      :func:`packed_gqa_sdpa` replaces ``repeat_kv`` + SDPA: the same attention, without the copies.
+
+    Other kernels (eager, flash, flex) and calls that do not fit run the registered kernel unchanged."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as fns
 
     name = getattr(lm.model.config, "_attn_implementation", None)
@@ -151,12 +197,18 @@ def attention_in_float32(lm) -> Iterator[None]:
         return
     local = fns._local_mapping  # the registry's per-instance overrides (transformers' GeneralInterface)
     had, prev, inner = name in local, local.get(name), fns[name]
+    pack = name == "sdpa"
+
+    def kernel(module, q, k, v, mask, *args, dropout=0.0, scaling=None, **kwargs):
+        if pack and not args and _packable(module, q, mask, dropout, kwargs):
+            return packed_gqa_sdpa(q, k, v, mask, scaling), None
+        return inner(module, q, k, v, mask, *args, dropout=dropout, scaling=scaling, **kwargs)
 
     def run(module, q, k, v, mask, *args, **kwargs):
-        if not torch.is_autocast_enabled(q.device.type):  # autocast is per thread: others run as they were
-            return inner(module, q, k, v, mask, *args, **kwargs)
+        if not torch.is_autocast_enabled(q.device.type):
+            return kernel(module, q, k, v, mask, *args, **kwargs)
         with torch.autocast(q.device.type, enabled=False):
-            return inner(module, q.float(), k.float(), v.float(), mask, *args, **kwargs)
+            return kernel(module, q.float(), k.float(), v.float(), mask, *args, **kwargs)
 
     fns[name] = run
     try:

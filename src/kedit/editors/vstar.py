@@ -14,8 +14,9 @@ With ``v_dtype: bfloat16`` the replayed matrices run as bfloat16 copies under au
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,12 +27,12 @@ from kedit.editors.prompts import pad_right, shared_heads, subject_rows, target_
 from kedit.editors.runner import (
     BlockSlice,
     PrefixCache,
-    attention_in_float32,
     base_model,
     cache_kwargs,
     capture_blocks,
     head_layout,
     matmul_weights_in,
+    replay_attention,
     unembed_states,
 )
 
@@ -45,6 +46,9 @@ class VStar:
     seconds: float = 0.0
     layer: int = -1  # the layer whose output δ changes
     request_ids: tuple = ()
+    # inputs of the modules asked for with ``taps`` at each prompt context's subject, before any δ:
+    # [n, contexts, d_in] float32 (request-major, the rows of ``subject_rows(tok, requests, prefixes)``)
+    taps: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # the hyperparameters v* reads: settings that differ only elsewhere (the solve) can share one v*
@@ -68,7 +72,9 @@ def vstar_for(lm, requests: list[EditRequest], prefixes: list[str], hp: EditHpar
 
 
 def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: EditHparams, layer: int,
-                   progress=None) -> VStar:
+                   progress=None, taps: Sequence[str] = ()) -> VStar:
+    """``taps``: modules at or below ``layer`` whose input at every context's subject token the first
+    (no-grad) pass also returns, in ``VStar.taps``: what an editor would otherwise run the model for."""
     import time
 
     t0 = time.perf_counter()
@@ -102,8 +108,16 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
         raise ValueError(f"v*: edit layer {layer} must be below the last block ({n_layers - 1})")
     split = (ctx.subj_pos + kl.subj_pos) if hp.v_prefix_cache else [0] * len(seqs)
     all_pos = ctx.subj_pos + kl.subj_pos
-    groups = [_Group.build(lm, g, seqs, split, all_pos, rows_req, layer, pad, pair_row, pair_col, kl_row0)
+    groups = [_Group.build(lm, g, seqs, split, all_pos, rows_req, layer, pad, pair_row, pair_col, kl_row0, taps)
               for g in _length_groups(seqs, split)]
+    tapped = {}
+    for name in taps:  # the context rows' inputs at their subject, in row order
+        rows_in = torch.cat([g.rows for g in groups])
+        at = torch.cat([g.sl.taps[name][torch.arange(g.rows.numel(), device=dev), g.subj] for g in groups])
+        keep = rows_in < kl_row0
+        x = torch.empty(kl_row0, at.shape[-1], dtype=torch.float32, device=dev)
+        x[rows_in[keep]] = at[keep].float()
+        tapped[name] = x.view(n, n_ctx, -1)
 
     ctx_rows = torch.arange(kl_row0, device=dev)
     h0 = torch.zeros(len(seqs), groups[0].sl.hidden.shape[-1], dtype=torch.float64, device=dev)
@@ -131,9 +145,9 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     met_end = torch.zeros(n, dtype=torch.bool)
     it = 0
     with ExitStack() as low_precision:
-        if bf16:  # the replayed blocks' and the unembedding's matrices as bfloat16 copies, attention float32
+        low_precision.enter_context(replay_attention(lm))  # float32 under autocast; GQA without repeat_kv
+        if bf16:  # the replayed blocks' and the unembedding's matrices as bfloat16 copies
             low_precision.enter_context(matmul_weights_in([*replayed, lm.adapter.unembed], torch.bfloat16))
-            low_precision.enter_context(attention_in_float32(lm))
         for it in range(max(1, hp.v_steps)):
             act_idx = active.nonzero().squeeze(1)
             xs, pids, kxs, kreqs = [], [], [], []
@@ -199,7 +213,7 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
         for i, r in enumerate(requests)
     ]
     return VStar(delta=final, v0=v0, diagnostics=diags, steps=it, seconds=time.perf_counter() - t0, layer=layer,
-                 request_ids=tuple(r.id for r in requests))
+                 request_ids=tuple(r.id for r in requests), taps=tapped)
 
 
 def _length_groups(seqs: list[list[int]], split: list[int]) -> list[list[int]]:
@@ -227,7 +241,7 @@ class _Group:
 
     @classmethod
     def build(cls, lm, rows: list[int], seqs, split, subj_pos, rows_req, layer, pad, pair_row, pair_col,
-              kl_row0) -> _Group:
+              kl_row0, taps: Sequence[str] = ()) -> _Group:
         dev = lm.device
         local = {r: j for j, r in enumerate(rows)}
         pairs = [(pi, local[r], c - split[r]) for pi, (r, c) in enumerate(zip(pair_row, pair_col)) if r in local]
@@ -236,7 +250,7 @@ class _Group:
         def col(items, k):
             return torch.tensor([t[k] for t in items], dtype=torch.long, device=dev)
 
-        sl = _slice_above(lm, [seqs[r] for r in rows], [split[r] for r in rows], layer, pad)
+        sl = _slice_above(lm, [seqs[r] for r in rows], [split[r] for r in rows], layer, pad, taps)
         return cls(rows=torch.tensor(rows, device=dev), req=rows_req[torch.tensor(rows, device=dev)],
                    subj=torch.tensor([subj_pos[r] - split[r] for r in rows], device=dev), sl=sl,
                    pair_idx=col(pairs, 0), pair_lrow=col(pairs, 1), pair_col=col(pairs, 2),
@@ -285,14 +299,14 @@ def _prefix_cache(lm, seqs: list[list[int]], split: list[int], pad: int) -> tupl
     return cache, lay.valid()
 
 
-def _slice_above(lm, seqs: list[list[int]], split: list[int], layer: int, pad: int):
+def _slice_above(lm, seqs: list[list[int]], split: list[int], layer: int, pad: int, taps: Sequence[str] = ()):
     """Blocks ``layer+1..`` ready to replay. With ``split`` > 0, tokens before ``split[r]`` (those before
     the subject's last token, which δ cannot affect) go into a read-only :class:`PrefixCache` and only
     the suffix is replayed: most of a prefixed prompt is computed once, not at every step."""
     dev = lm.device
     n_layers = lm.adapter.num_layers
     if max(split) == 0:
-        return capture_blocks(lm, pad_right(seqs, pad, dev), layer + 1, n_layers)
+        return capture_blocks(lm, pad_right(seqs, pad, dev), layer + 1, n_layers, taps)
     cache, valid = _prefix_cache(lm, seqs, split, pad)
     cache.frozen = True
     suffix = [s[p:] for s, p in zip(seqs, split)]
@@ -302,5 +316,5 @@ def _slice_above(lm, seqs: list[list[int]], split: list[int], layer: int, pad: i
     for i, suf in enumerate(suffix):
         mask[i, valid.shape[1]: valid.shape[1] + len(suf)] = 1
     pos = torch.tensor(split, device=dev)[:, None] + torch.arange(width, device=dev)[None]
-    return capture_blocks(lm, suf_ids, layer + 1, n_layers, attention_mask=mask, position_ids=pos,
+    return capture_blocks(lm, suf_ids, layer + 1, n_layers, taps, attention_mask=mask, position_ids=pos,
                           **cache_kwargs(lm, cache), use_cache=True)
