@@ -199,10 +199,10 @@ def replay_attention(lm) -> Iterator[None]:
     had, prev, inner = name in local, local.get(name), fns[name]
     pack = name == "sdpa"
 
-    def kernel(module, q, k, v, mask, *args, dropout=0.0, scaling=None, **kwargs):
-        if pack and not args and _packable(module, q, mask, dropout, kwargs):
-            return packed_gqa_sdpa(q, k, v, mask, scaling), None
-        return inner(module, q, k, v, mask, *args, dropout=dropout, scaling=scaling, **kwargs)
+    def kernel(module, q, k, v, mask, *args, **kwargs):  # arguments passed on as they came
+        if pack and not args and _packable(module, q, mask, kwargs.get("dropout", 0.0), kwargs):
+            return packed_gqa_sdpa(q, k, v, mask, kwargs.get("scaling")), None
+        return inner(module, q, k, v, mask, *args, **kwargs)
 
     def run(module, q, k, v, mask, *args, **kwargs):
         if not torch.is_autocast_enabled(q.device.type):
