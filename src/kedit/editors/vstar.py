@@ -111,13 +111,11 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     groups = [_Group.build(lm, g, seqs, split, all_pos, rows_req, layer, pad, pair_row, pair_col, kl_row0, taps)
               for g in _length_groups(seqs, split)]
     tapped = {}
-    for name in taps:  # the context rows' inputs at their subject, in row order
-        rows_in = torch.cat([g.rows for g in groups])
-        at = torch.cat([g.sl.taps[name][torch.arange(g.rows.numel(), device=dev), g.subj] for g in groups])
-        keep = rows_in < kl_row0
-        x = torch.empty(kl_row0, at.shape[-1], dtype=torch.float32, device=dev)
-        x[rows_in[keep]] = at[keep].float()
-        tapped[name] = x.view(n, n_ctx, -1)
+    for name in taps:  # each row's input at its subject (as h0 below), kept for the context rows
+        x = torch.empty(len(seqs), groups[0].sl.taps[name].shape[-1], dtype=torch.float32, device=dev)
+        for g in groups:
+            x[g.rows] = g.sl.taps[name][torch.arange(g.rows.numel(), device=dev), g.subj].float()
+        tapped[name] = x[:kl_row0].view(n, n_ctx, -1)
 
     ctx_rows = torch.arange(kl_row0, device=dev)
     h0 = torch.zeros(len(seqs), groups[0].sl.hidden.shape[-1], dtype=torch.float64, device=dev)
