@@ -60,7 +60,18 @@ def _wins(lm, d):
 
 def _fires(lm, state, text):
     """Which tokens of ``text`` read an entry (computed directly from the state)."""
-    from kedit.editors.memoir import BG, EXACT, MASKS, PERM, one_hot_sets, read_memory
+    from kedit.editors.memoir import (
+        BG,
+        EXACT,
+        MASKS,
+        PERM,
+        SPAN,
+        SPAN_ON,
+        SpanGuard,
+        one_hot_sets,
+        previous_tokens,
+        read_memory,
+    )
     from kedit.hooks import Trace
 
     name = lm.adapter.mlp_out_name(state.meta["layer"])
@@ -69,9 +80,12 @@ def _fires(lm, state, text):
         lm.model(input_ids=ids)
     d = lm.adapter.key_dim()
     exact = one_hot_sets(state.tensors[EXACT], d) if EXACT in state.tensors else None
-    rd = read_memory(tr.inputs[name][0], state.tensors[BG], state.tensors[PERM],
+    x = tr.inputs[name]
+    span = SpanGuard(*previous_tokens(x, None), one_hot_sets(state.tensors[SPAN], d), state.tensors[SPAN_ON],
+                     state.meta["span_threshold"]) if SPAN in state.tensors else None
+    rd = read_memory(x[0], state.tensors[BG], state.tensors[PERM],
                      one_hot_sets(state.tensors[MASKS], d), state.meta["k"], state.meta["threshold"],
-                     exact, state.meta.get("exact_threshold", 1.0))
+                     exact, state.meta.get("exact_threshold", 1.0), span)
     return rd
 
 
@@ -125,6 +139,88 @@ def test_exact_keys_fire_their_entry_strictly_and_win_over_masks():
     ov = len(set(fp[1].tolist()) & set(fp[3].tolist())) / k  # x1 also reads x3's exact key at this overlap
     rd = read_memory(x[[1]], bg, perm, one_hot_sets(masks, d), k, 0.5, one_hot_sets(exact[:1], d), 1.0)
     assert rd.entry.tolist() == [0] and ov < 1.0
+
+
+def test_span_keys_let_a_token_read_a_guarded_entry_only_after_the_right_token():
+    """``read_memory`` with span keys: a guarded entry counts only where the token before overlaps its
+    span key (none at the start of a text); the best entry is taken among those a token may read;
+    unguarded entries and exact keys are not affected. ``previous_tokens`` shifts within each row and
+    takes position 0's from the continued call."""
+    from kedit.editors.memoir import SpanGuard, fingerprint, one_hot_sets, previous_tokens, read_memory
+
+    g = torch.Generator().manual_seed(5)
+    d, k = 64, 8
+    x, bg, perm = torch.randn(1, 4, d, generator=g), torch.zeros(d), torch.arange(d)
+    carry = torch.randn(1, d, generator=g)
+    prev, has = previous_tokens(x, None)
+    assert torch.equal(prev[1:], x[0, :-1]) and has.tolist() == [False, True, True, True]
+    prev_c, has_c = previous_tokens(x, carry)
+    assert torch.equal(prev_c[0], carry[0]) and torch.equal(prev_c[1:], x[0, :-1]) and bool(has_c.all())
+    flat = x[0]
+    fp = fingerprint(flat, bg, perm, k)
+    other = torch.tensor([c for c in range(d) if c not in fp[3] and c not in fp[1]][:k])
+    half = torch.cat([fp[3][: k // 2 + 2], other[: k // 2 - 2]]).sort().values  # overlaps x3 by 0.75
+    masks = one_hot_sets(torch.stack([fp[3], half, fp[0]]), d)  # entry 0: x3 exactly; entry 1: x3 at 0.75
+    spans = one_hot_sets(torch.stack([fp[1], fp[2], other]), d)
+
+    def read(guarded, prev=prev, has=has, exact=None):
+        span = SpanGuard(prev, has, spans, torch.tensor(guarded), 1.0)
+        return read_memory(flat, bg, perm, masks, k, 0.7, exact, 1.0, span)
+
+    rd = read([False, False, False])  # nothing guarded: x3 reads entry 0, x0 entry 2
+    assert rd.tokens.tolist() == [0, 3] and rd.entry.tolist() == [2, 0]
+    rd = read([True, False, False])  # entry 0 wants x1 before, x3 has x2: it reads entry 1 instead
+    assert rd.tokens.tolist() == [0, 3] and rd.entry.tolist() == [2, 1]
+    rd = read([True, True, False])  # entry 1 wants x2 before: x3 reads it
+    assert rd.entry.tolist() == [2, 1]
+    rd = read([True, True, True])  # entry 2 guarded: x0 is the first token and reads nothing
+    assert rd.tokens.tolist() == [3] and rd.entry.tolist() == [1]
+    rd = read([True, True, True], prev_c, has_c)  # after a continued call, x0's token before is `carry`
+    assert rd.tokens.tolist() == [3]
+    rd = read([True, True, True], exact=one_hot_sets(fp[[0]], d))  # exact keys are not guarded
+    assert rd.tokens.tolist() == [0, 3] and rd.entry.tolist() == [0, 1]
+
+
+def test_span_keys_are_the_token_before_the_subject_and_cached_decoding_decides_as_the_full_forward(tiny_lm):
+    """A subject of several tokens gets a span key (the fingerprint before its last token), one of one
+    token none; with the memory attached, a KV-cache step onto the subject's last token reads the entry
+    as the full forward does, and the same token without its context reads nothing."""
+    from kedit.editors.memoir import EXACT, SPAN, SPAN_ON, attach, fingerprint
+    from kedit.editors.prompts import subject_rows
+    from kedit.editors.runner import cache_kwargs
+    from kedit.hooks import Trace
+
+    lm = tiny_lm
+    text = B["prompt"].format(B["subject"])
+    rows = subject_rows(lm.tokenizer, [_req(B), _req(A)], [""])
+    assert rows.subj_first[0] < rows.subj_pos[0]  # "Danielle Darrieux" spans several tokens
+    res = _editor(_hp(mm_threshold=0.5)).compute(lm, [_req(B), _req(A)], None, None)
+    st = res.state
+    single = rows.subj_first[1] == rows.subj_pos[1]
+    assert st.tensors[SPAN_ON].tolist() == [True, not single]
+    name = lm.adapter.mlp_out_name(st.meta["layer"])
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
+        lm.model(input_ids=ids)
+    want = fingerprint(tr.inputs[name][0, rows.subj_pos[0] - 1], st.tensors["mm.bg_mean"], st.tensors["mm.perm"],
+                       st.meta["k"])
+    assert torch.equal(st.tensors[SPAN][0], want)  # no prefixes: the bare prompt's token before the last
+    del st.tensors[EXACT], st.meta["exact_threshold"]  # the mask (and its span key) must carry the read
+    assert _fires(lm, st, text).tokens.tolist() == [ids.shape[1] - 1]
+    with torch.no_grad():
+        base_last = lm.model(input_ids=ids[:, -1:]).logits[0, -1]
+        attach(lm, st)
+        full = lm.model(input_ids=ids).logits[0, -1]
+        out = lm.model(input_ids=ids[:, :-1], use_cache=True)
+        cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
+        step = lm.model(input_ids=ids[:, -1:], **cache_kwargs(lm, cache), use_cache=True).logits[0, -1]
+        alone = lm.model(input_ids=ids[:, -1:]).logits[0, -1]  # no token before: the guarded entry stays shut
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+    assert torch.equal(alone, base_last)
+    gen = lm.model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert int(gen[0, ids.shape[1]]) == int(full.argmax())
+    st.tensors[SPAN][0] = torch.tensor([c for c in range(lm.adapter.key_dim()) if c not in want][: st.meta["k"]])
+    assert _fires(lm, st, text).tokens.numel() == 0
 
 
 def test_closed_form_block_fits_every_context_and_matches_the_normal_equations():

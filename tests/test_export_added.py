@@ -120,6 +120,21 @@ def test_memoir_state_exports_with_its_memory(workspace, stored_lm, tmp_path, ca
     torch.testing.assert_close(torch.tensor(got["logits"][1]), base_other, atol=1e-5, rtol=1e-5)
 
 
+def test_memoir_span_keys_export_and_decode_as_in_kedit(workspace, stored_lm, tmp_path, capsys):  # noqa: F811
+    """A subject of several tokens read through its mask and span key: the shipped code guards the entry
+    the same way, in a full forward and in cached greedy decoding (the token before a decoded token is
+    the previous call's last one)."""
+    from tests.test_editors_memoir import OTHER, B, _editor, _fires, _hp, _req
+
+    lm = stored_lm()
+    res = _editor(_hp(mm_threshold=0.5)).compute(lm, [_req(B)], None, None)
+    del res.state.tensors["mm.exact"], res.state.meta["exact_threshold"]
+    text = B["prompt"].format(B["subject"])
+    assert bool(res.state.tensors["mm.span_on"][0]) and _fires(lm, res.state, text).tokens.numel() == 1
+    out, _, _ = _export_and_compare(workspace, lm, res, [text, OTHER], tmp_path, capsys)
+    assert json.loads((out / "config.json").read_text())["kedit_added"]["span_threshold"] == 0.3
+
+
 def test_states_that_add_nothing_export_plain_and_other_architectures_get_their_own_base_class(
         tiny_tokenizer, tmp_path):
     """Pure parts: no added tensors -> no remote code; the shipped class subclasses the model's own

@@ -169,7 +169,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
         session = EditSession(lm, editor, stats, caches=caches)
         curve: list[dict] = []
     else:
-        session = EditSession.resume(lm, editor, ck, stats, caches)
+        session = EditSession.resume(lm, editor, ck, stats, caches, applied=requests)
         curve = ck.extra["curve"]
         checkpoint_every = checkpoint_every or ck.extra["checkpoint_every"]
         log(f"resumed after batch {session.batches_done}/{n_batches} ({session.n_edits} edits) from {checkpoint}")

@@ -28,7 +28,10 @@ class Attachment:
     method: str
     module_name: str
     hook: Callable[..., Any]
+    # further hooks installed and removed with the main one: (module name, "pre" | "post", hook), with kwargs
+    extra: tuple[tuple[str, str, Callable[..., Any]], ...] = ()
     _handle: Any = field(default=None, repr=False)
+    _extra_handles: list[Any] = field(default_factory=list, repr=False)
 
     @property
     def active(self) -> bool:
@@ -38,23 +41,31 @@ class Attachment:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        for h in self._extra_handles:
+            h.remove()
+        self._extra_handles = []
         per_model = _ATTACHED.get(self.model)
         if per_model is not None and per_model.get(self.method) is self:
             del per_model[self.method]
 
     def _install(self) -> None:
         modules = dict(self.model.named_modules())
-        if self.module_name not in modules:
-            raise KeyError(f"{type(self.model).__name__} has no module {self.module_name!r} to attach "
-                           f"{self.method} to")
+        for name in (self.module_name, *(e[0] for e in self.extra)):
+            if name not in modules:
+                raise KeyError(f"{type(self.model).__name__} has no module {name!r} to attach {self.method} to")
         self._handle = modules[self.module_name].register_forward_hook(self.hook, with_kwargs=True)
+        for name, kind, hook in self.extra:
+            reg = modules[name].register_forward_pre_hook if kind == "pre" else modules[name].register_forward_hook
+            self._extra_handles.append(reg(hook, with_kwargs=True))
 
 
-def install(model: nn.Module, method: str, module_name: str, hook: Callable[..., Any]) -> Attachment:
-    """Register ``hook`` (``hook(module, args, kwargs, output) -> output``) on ``module_name``,
-    replacing any hook ``method`` had on ``model``."""
+def install(model: nn.Module, method: str, module_name: str, hook: Callable[..., Any],
+            extra: tuple[tuple[str, str, Callable[..., Any]], ...] = ()) -> Attachment:
+    """Register ``hook`` (``hook(module, args, kwargs, output) -> output``) on ``module_name``, and the
+    ``extra`` hooks (``(module name, "pre" | "post", hook)``; ``""`` is the model itself), replacing
+    any hooks ``method`` had on ``model``."""
     detach(model, method)
-    att = Attachment(model, method, module_name, hook)
+    att = Attachment(model, method, module_name, hook, tuple(extra))
     att._install()
     _ATTACHED.setdefault(model, {})[method] = att
     return att

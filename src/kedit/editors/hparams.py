@@ -79,6 +79,11 @@ class EditHparams:
     # strict overlap: near the start of a text the subject's activation is unlike its prefixed contexts
     mm_exact_key: bool = True
     mm_exact_threshold: float = 0.95
+    # span key: an entry whose subject spans several tokens also keeps the fingerprint of the token before
+    # the subject's last one, and a token reads it through its mask only if the token before it overlaps
+    # that key by mm_span_threshold (so "Adi Shankar" does not read the entry of "Ravi Shankar")
+    mm_span_key: bool = True
+    mm_span_threshold: float = 0.3
     # how an edit's block is found: "vstar" = the batch's v* (the output change at the subject that makes
     # the model predict the target, as the weight editors compute it) written into the block in closed
     # form (ridge least squares over the prompt contexts); "adam" = Adam on the block itself (MEMOIR's way)
@@ -118,6 +123,9 @@ class EditHparams:
             raise ValueError(f"hparams ({self.source or 'inline'}): need 0 < mm_threshold <= 1, mm_k > 0, "
                              f"mm_steps >= 1, mm_lr > 0, mm_bg_docs > 0, mm_ridge >= 0 (got {self.mm_threshold}, "
                              f"{self.mm_k}, {self.mm_steps}, {self.mm_lr}, {self.mm_bg_docs}, {self.mm_ridge})")
+        if not isinstance(self.mm_span_key, bool) or not 0.0 <= self.mm_span_threshold <= 1.0:
+            raise ValueError(f"hparams ({self.source or 'inline'}): need mm_span_key true or false and "
+                             f"0 <= mm_span_threshold <= 1 (got {self.mm_span_key!r}, {self.mm_span_threshold!r})")
         if not isinstance(self.mm_exact_key, bool) or not 0.0 < self.mm_exact_threshold <= 1.0:
             raise ValueError(f"hparams ({self.source or 'inline'}): need mm_exact_key true or false and "
                              f"0 < mm_exact_threshold <= 1 (got {self.mm_exact_key!r}, {self.mm_exact_threshold!r})")

@@ -46,6 +46,18 @@ Mechanics (layer ``L``, down-projection input ``x`` of width ``d``, output width
   subject (most paraphrases). It must be strict: tokens at the very start of a text all look alike at
   this layer and overlap the exact keys up to 0.8; read at 0.8 they fired on 0.3% of held-out wiki
   tokens and perplexity rose 42%, at 0.9-0.95 none fired (docs/editing.md).
+- **Span keys** (``mm_span_key``): the fingerprint of a subject's last token is dominated by that
+  token, so an entry fired on other names that end the same way: with 2,800 CounterFact facts stored,
+  "Adi Shankar" read "Ravi Shankar", "Johann Sebastian Bach" read "Carl Philipp Emanuel Bach", "the
+  Nobel Prize" read "Sydney Peace Prize"; such partial matches were 34 of the 48 entries that fired on
+  10,000 held-out wiki tokens and 70% of the perplexity change (docs/editing.md). An entry whose
+  subject spans several tokens therefore also keeps ``P_e``, the fingerprint of the token before the
+  subject's last one (context-averaged), and a token reads it through its mask only if the token
+  before it overlaps ``P_e`` by ``mm_span_threshold``; the best entry is taken among those it may
+  read. The token before position 0 of a call is the previous call's last token when the call
+  continues a KV cache (a pre-hook on the whole model sees the cache), otherwise there is none and no
+  guarded entry fires there: decoding with a cache decides as the full forward does. (Beam search,
+  which reorders cached rows, is not followed.) Exact keys are not guarded.
 - **Writing** (``mm_solver: vstar``, shipped): the batch's v* at layer ``L`` (the change of the
   layer's output at the subject's last token that makes every prompt context predict the target,
   optimised exactly as the weight editors do, in one batched forward/backward per step) is written
@@ -72,7 +84,9 @@ State (``EditorState.tensors``): ``mm.W`` (W', float32 ``[d_out, d]``), ``mm.mas
 ``[entries, k]``), ``mm.exact`` (int64 ``[entries, k]``, the exact keys), ``mm.block_u`` / ``mm.block_v`` (float32 ``[entries, d_out, r]`` / ``[entries, r, k]``,
 each entry's block as ``U V``: ``r = contexts`` for the closed form, ``r = k`` for Adam; the price
 of exact retraction, ``4·(d_out + k)·r`` bytes per fact), ``mm.bg_mean`` (float32 ``[d]``),
-``mm.perm`` (int64 ``[d]``). ``meta``: ``layer``, ``k``, ``rank``, ``read``, ``threshold``, ``exact_threshold``,
+``mm.perm`` (int64 ``[d]``), ``mm.span`` / ``mm.span_on`` (int64 ``[entries, k]`` / bool ``[entries]``, the
+span keys and which entries have one). ``meta``: ``layer``, ``k``, ``rank``, ``read``, ``threshold``,
+``exact_threshold``, ``span_threshold``,
 ``entry_owner`` (fact id per entry) and the edit counters. Deltas are always empty: the base
 weights never change.
 """
@@ -98,6 +112,9 @@ METHOD = "memoir"
 W, MASKS, BG, PERM = "mm.W", "mm.masks", "mm.bg_mean", "mm.perm"
 BLOCK_U, BLOCK_V = "mm.block_u", "mm.block_v"  # entry e's block is U_e @ V_e
 EXACT = "mm.exact"  # entry e's exact key: the fingerprint of its own prompt, without a prefix
+# entry e's span key: the fingerprint of the token before its subject's last token (context-averaged),
+# and whether it has one (its subject spans several tokens)
+SPAN, SPAN_ON = "mm.span", "mm.span_on"
 
 
 # --- pure functions ------------------------------------------------------------------------------
@@ -145,30 +162,65 @@ class MemoryReadout:
 
     tokens: torch.Tensor
     entry: torch.Tensor
-    best_overlap: torch.Tensor  # [N] best overlap of every token (diagnostics)
+    best_overlap: torch.Tensor  # [N] best overlap of every token with an entry it may read (diagnostics)
+
+
+@dataclass
+class SpanGuard:
+    """The span keys of a memory and what each token had before it.
+
+    ``prev`` ``[N, d]`` is the down-projection input at the token before each token (any value where
+    ``has_prev`` is False: the first token of a text); ``keys_1hot`` ``[entries, d]`` the entries' span
+    keys, ``guarded`` ``[entries]`` which entries have one (a subject of several tokens)."""
+
+    prev: torch.Tensor
+    has_prev: torch.Tensor
+    keys_1hot: torch.Tensor
+    guarded: torch.Tensor
+    threshold: float
 
 
 def read_memory(x: torch.Tensor, bg: torch.Tensor, perm: torch.Tensor, stored_1hot: torch.Tensor, k: int,
-                threshold: float, exact_1hot: torch.Tensor | None = None, exact_threshold: float = 1.0
-                ) -> MemoryReadout:
+                threshold: float, exact_1hot: torch.Tensor | None = None, exact_threshold: float = 1.0,
+                span: SpanGuard | None = None) -> MemoryReadout:
     """Per-token retrieval for ``x`` ``[N, d]``: the best entry of each token and whether it fires.
 
     A token fires the entry whose mask it overlaps most if that overlap reaches ``threshold``; with
-    exact keys (``exact_1hot``, one row per entry), a token whose best exact-key overlap reaches
-    ``exact_threshold`` fires that entry instead, whatever its mask overlaps."""
+    span keys, a guarded entry counts for a token only if the token before it overlaps the entry's
+    span key by ``span.threshold`` (the first token of a text reads no guarded entry); with exact keys
+    (``exact_1hot``, one row per entry), a token whose best exact-key overlap reaches
+    ``exact_threshold`` fires that entry instead, whatever its mask or span overlaps."""
     n = stored_1hot.shape[0]
     if n == 0 or x.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
         return MemoryReadout(empty, empty, torch.zeros(x.shape[0], device=x.device))
     query = fingerprint(x, bg, perm, k)
-    best, entry = overlaps(query, stored_1hot).max(dim=1)  # max returns the first maximal index: ties go to the older entry
+    ov = overlaps(query, stored_1hot)
+    if span is not None and bool(span.guarded.any()):
+        prev_ok = overlaps(fingerprint(span.prev, bg, perm, k), span.keys_1hot) >= span.threshold
+        allowed = ~span.guarded[None, :] | (prev_ok & span.has_prev[:, None])
+        ov = torch.where(allowed, ov, torch.full_like(ov, -1.0))
+    best, entry = ov.max(dim=1)  # max returns the first maximal index: ties go to the older entry
     hit = best >= threshold
     if exact_1hot is not None and exact_1hot.shape[0]:
         best_x, entry_x = overlaps(query, exact_1hot).max(dim=1)
         exact = best_x >= exact_threshold
         entry, hit = torch.where(exact, entry_x, entry), hit | exact
     fire = hit.nonzero().squeeze(1)
-    return MemoryReadout(fire, entry[fire], best)
+    return MemoryReadout(fire, entry[fire], best.clamp_min(0.0))
+
+
+def previous_tokens(x: torch.Tensor, carry: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input at the token before each token of ``x`` ``[B, T, d]``, flattened to ``[B·T, d]``, and
+    whether there is one: within the call the row's previous position; at position 0 the last token of
+    the call this one continues (``carry`` ``[B, d]``, KV-cache decoding) or none."""
+    b, t, d = x.shape
+    first = carry.to(x.dtype) if carry is not None else torch.zeros(b, d, dtype=x.dtype, device=x.device)
+    prev = torch.cat([first[:, None, :], x[:, :-1]], dim=1).reshape(b * t, d)
+    has = torch.ones(b, t, dtype=torch.bool, device=x.device)
+    if carry is None:
+        has[:, 0] = False
+    return prev, has.reshape(b * t)
 
 
 def own_block_delta(x: torch.Tensor, cols: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -226,12 +278,31 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
     bg, perm = state.tensors[BG].to(dev), state.tensors[PERM].to(dev)
     stored = one_hot_sets(masks.to(dev), d)
     exact = one_hot_sets(state.tensors[EXACT].to(dev), d) if EXACT in state.tensors else None
+    guarded = state.tensors[SPAN_ON].to(dev) if SPAN_ON in state.tensors else None
+    spans = one_hot_sets(state.tensors[SPAN].to(dev), d) if guarded is not None and bool(guarded.any()) else None
+    thr_s = float(state.meta.get("span_threshold", 0.0))
+    # the token before position 0 of a call: the last token of the previous call, when this call continues
+    # it through a KV cache (seen by a pre-hook on the whole model); otherwise there is none
+    calls = {"live": False, "continuing": False, "carry": None}
+
+    def model_pre(_module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x: `cache`
+        calls.update(live=True, continuing=_cache_length(cache) > 0)
+
+    def model_post(_module, args, kwargs, output):
+        calls.update(live=False, continuing=False)
 
     def hook(_module, args, kwargs, output):
         x = args[0] if args else next(iter(kwargs.values()))
         flat = x.reshape(-1, x.shape[-1])
+        span = None
+        if spans is not None and x.dim() == 3:
+            carry = calls["carry"]
+            carry = carry if calls["continuing"] and carry is not None and carry.shape[0] == x.shape[0] else None
+            calls["carry"] = x[:, -1].detach().clone() if calls["live"] else None
+            span = SpanGuard(*previous_tokens(x, carry), spans, guarded, thr_s)
         with torch.no_grad():
-            rd = read_memory(flat, bg, perm, stored, k, thr, exact, thr_x)
+            rd = read_memory(flat, bg, perm, stored, k, thr, exact, thr_x, span)
         if rd.tokens.numel() == 0:
             return output
         cols = masks[rd.entry]
@@ -241,7 +312,20 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
         out[rd.tokens] = out[rd.tokens] + delta.to(out.dtype)
         return out.view_as(output)
 
-    return _attach.install(lm.model, METHOD, lm.adapter.mlp_out_name(layer), hook)
+    extra = (("", "pre", model_pre), ("", "post", model_post)) if spans is not None else ()
+    return _attach.install(lm.model, METHOD, lm.adapter.mlp_out_name(layer), hook, extra)
+
+
+def _cache_length(cache) -> int:
+    """Tokens already in a KV cache passed to the model (0: none, a fresh text)."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    try:  # legacy tuple of (key, value) per layer
+        return int(cache[0][0].shape[-2])
+    except (IndexError, TypeError, AttributeError):
+        return 0
 
 
 def retract(state: EditorState, fact_id: str) -> EditorState:
@@ -253,7 +337,7 @@ def retract(state: EditorState, fact_id: str) -> EditorState:
     new = state.copy()
     idx = torch.tensor(keep, dtype=torch.long)
     new.tensors[MASKS] = state.tensors[MASKS].index_select(0, idx)
-    for key in (BLOCK_U, BLOCK_V, EXACT):
+    for key in (BLOCK_U, BLOCK_V, EXACT, SPAN, SPAN_ON):
         if key in state.tensors:
             new.tensors[key] = state.tensors[key].index_select(0, idx)
     new.tensors[W] = residual_matrix(new.tensors[MASKS], new.tensors[BLOCK_U], new.tensors[BLOCK_V],
@@ -345,6 +429,13 @@ class MemoirEditor:
     def attach(self, lm, state: EditorState) -> _attach.Attachment:
         return attach(lm, state)
 
+    def upgrade(self, lm, state: EditorState, applied: list[EditRequest]) -> EditorState:
+        """``state`` with span keys added when these hparams want them and it was written without
+        (``applied``: its facts in entry order); otherwise ``state`` itself."""
+        if not self.hp.mm_span_key or SPAN in state.tensors or state.method != METHOD:
+            return state
+        return with_span_keys(lm, state, applied, self.hp, self.cache_dir)
+
     def compute(self, lm, requests: list[EditRequest], state: EditorState | None = None, stats=None
                 ) -> EditResult:
         """``stats`` is not used: the memory needs only its own background mean (kept in the state)."""
@@ -360,6 +451,7 @@ class MemoirEditor:
         prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir)
         with _attach.suspended(lm.model, METHOD):
             (u, v), masks, exact, diags = _train(lm, requests, prefixes, state, layer, k, hp, self.progress)
+            spans = span_keys(lm, requests, prefixes, state, layer, k) if hp.mm_span_key else None
         owners = [str(r.id if r.id is not None else r.text) for r in requests]
         # a state from before exact keys: its entries' masks stand in for their exact keys
         old_exact = state.tensors.get(EXACT, state.tensors[MASKS])
@@ -374,6 +466,17 @@ class MemoirEditor:
         else:
             state.tensors.pop(EXACT, None)
             state.meta.pop("exact_threshold", None)
+        n_old = state.tensors[MASKS].shape[0] - masks.shape[0]
+        if spans is not None:  # a memory from before span keys: its entries stay unguarded
+            old_keys = state.tensors.get(SPAN, state.tensors[MASKS][:n_old])
+            old_on = state.tensors.get(SPAN_ON, torch.zeros(n_old, dtype=torch.bool))
+            state.tensors[SPAN] = torch.cat([old_keys, spans[0].cpu()])
+            state.tensors[SPAN_ON] = torch.cat([old_on, spans[1].cpu()])
+            state.meta["span_threshold"] = hp.mm_span_threshold
+        else:
+            state.tensors.pop(SPAN, None)
+            state.tensors.pop(SPAN_ON, None)
+            state.meta.pop("span_threshold", None)
         state.meta.update(entry_owner=[*state.meta["entry_owner"], *owners], threshold=hp.mm_threshold,
                           n_edits=int(state.meta.get("n_edits", 0)) + len(requests),
                           n_batches=int(state.meta.get("n_batches", 0)) + 1, hparams_sha256=hp.source_sha256)
@@ -381,6 +484,63 @@ class MemoirEditor:
                            "state_bytes": float(sum(t.numel() * t.element_size() for t in state.tensors.values()))}}
         return EditResult(deltas={}, state=state, diagnostics=diags, layer_info=info,
                           seconds=time.perf_counter() - t0)
+
+
+def inputs_at(lm, name: str, seqs: list[list[int]], pos: list[int], chunk: int = 64) -> torch.Tensor:
+    """Module ``name``'s input at position ``pos[i]`` of each sequence (float32 ``[rows, d]``), from
+    right-padded forwards that stop at the module (causal rows never see their pads)."""
+    dev = lm.device
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    xs = []
+    for c in range(0, len(seqs), chunk):
+        part = seqs[c: c + chunk]
+        with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
+            lm.model(input_ids=pad_right(part, pad, dev), use_cache=False)
+        xs.append(tr.inputs[name][torch.arange(len(part), device=dev),
+                                  torch.tensor(pos[c: c + chunk], device=dev)].float())
+    return torch.cat(xs) if xs else torch.zeros(0, lm.adapter.key_dim(0), device=dev)
+
+
+def span_keys(lm, requests: list[EditRequest], prefixes: list[str], state: EditorState, layer: int, k: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each request's span key and whether it has one: the fingerprint of the down-projection input at
+    the token before the subject's last token, averaged over the prompt contexts, for subjects that
+    span several tokens in every context (``[n, k]`` int64, ``[n]`` bool; unguarded rows hold
+    ``0..k-1`` and are never read). Only those tokens run, up to the memory layer."""
+    rows = subject_rows(lm.tokenizer, requests, prefixes)
+    n, n_ctx = len(requests), len(prefixes)
+    multi = torch.tensor([f < p for f, p in zip(rows.subj_first, rows.subj_pos)]).view(n, n_ctx)
+    guarded = multi.all(1)
+    keys = torch.arange(k, dtype=torch.long).expand(n, k).clone()
+    pick = [r for r in range(len(rows.ids)) if bool(guarded[rows.req[r]])]
+    if pick:
+        x = inputs_at(lm, lm.adapter.mlp_out_name(layer), [rows.ids[r][: rows.subj_pos[r]] for r in pick],
+                      [rows.subj_pos[r] - 1 for r in pick]).view(-1, n_ctx, lm.adapter.key_dim(layer))
+        keys[guarded] = fingerprint(x.mean(1), state.tensors[BG], state.tensors[PERM], k).cpu()
+    return keys, guarded
+
+
+def with_span_keys(lm, state: EditorState, requests: list[EditRequest], hp: EditHparams, cache_dir=None
+                   ) -> EditorState:
+    """A memory written before span keys, with them added: ``requests`` are its facts in entry order
+    (``entry_owner``); masks, blocks and exact keys are unchanged."""
+    owners = list(state.meta.get("entry_owner", []))
+    ids = [str(r.id if r.id is not None else r.text) for r in requests]
+    if ids != owners:
+        raise ValueError(f"memoir: the requests ({len(ids)}) are not the memory's facts in entry order "
+                         f"({len(owners)} entries)")
+    prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, cache_dir)
+    new = state.copy()
+    keys, on = [], []
+    with _attach.suspended(lm.model, METHOD):
+        for i in range(0, len(requests), 256):
+            kk, oo = span_keys(lm, requests[i: i + 256], prefixes, state, int(state.meta["layer"]),
+                               int(state.meta["k"]))
+            keys.append(kk), on.append(oo)
+    new.tensors[SPAN] = torch.cat(keys) if keys else torch.zeros(0, int(state.meta["k"]), dtype=torch.long)
+    new.tensors[SPAN_ON] = torch.cat(on) if on else torch.zeros(0, dtype=torch.bool)
+    new.meta = {**state.meta, "span_threshold": hp.mm_span_threshold}
+    return new
 
 
 def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: EditHparams, progress):
@@ -406,15 +566,8 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
 
         vs = optimise_vstar(lm, requests, prefixes, hp, layer, progress=progress, taps=[name])
         x = vs.taps[name]
-    else:  # right padding: causal rows never see pads
-        xs = []
-        for c in range(0, len(rows.ids), 64):
-            chunk = rows.ids[c: c + 64]
-            with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
-                lm.model(input_ids=pad_right(chunk, pad, dev), use_cache=False)
-            xs.append(tr.inputs[name][torch.arange(len(chunk), device=dev),
-                                      torch.tensor(rows.subj_pos[c: c + 64], device=dev)].float())
-        x = torch.cat(xs).view(n, n_ctx, -1)  # [n, ctx, d]
+    else:
+        x = inputs_at(lm, name, rows.ids, rows.subj_pos).view(n, n_ctx, -1)  # [n, ctx, d]
     masks = fingerprint(x.mean(1), bg, perm, k)  # [n, k]: one entry per request, context-averaged
     exact = fingerprint(x[:, 0], bg, perm, k)  # [n, k]: the bare prompt's own (context 0 has no prefix)
     xsel = x.gather(2, masks[:, None, :].expand(n, n_ctx, k))  # [n, ctx, k]

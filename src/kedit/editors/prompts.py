@@ -3,7 +3,7 @@ the target tokens (``" " + target`` after the prompt, as the metrics score it)."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,12 +12,14 @@ from kedit.editors.base import EditRequest
 
 @dataclass
 class PromptRows:
-    """One row per (request, prefix): token ids, the subject's last-token index, the owning request."""
+    """One row per (request, prefix): token ids, the subject's last-token index, the owning request and
+    the subject's first-token index (``subj_first < subj_pos``: the subject spans several tokens)."""
 
     ids: list[list[int]]
     subj_pos: list[int]
     req: list[int]
     n_requests: int
+    subj_first: list[int] = field(default_factory=list)
 
 
 def _encode_with_offsets(tok, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
@@ -42,19 +44,21 @@ def subject_rows(tok, requests: list[EditRequest], prefixes: list[str], template
                  ) -> PromptRows:
     """Rows ``prefix + prompt`` for every request and prefix (or ``template`` with the subject, e.g.
     ``"{} is a"`` for the KL prompts), with the subject's last token located by character offsets."""
-    texts, ends, owners = [], [], []
+    texts, starts, ends, owners = [], [], [], []
     for r_i, r in enumerate(requests):
         prompt = template if template is not None else r.prompt
         head = prompt.index("{}")
         body = prompt.replace("{}", r.subject, 1)
         for p in prefixes:
             texts.append(p + body)
+            starts.append(len(p) + head + len(r.subject) - len(r.subject.lstrip()))
             ends.append(len(p) + head + len(r.subject))
             owners.append(r_i)
     ids, offs = _encode_with_offsets(tok, texts)
-    pos = [last_token_before(o, e, f"request {requests[r].id or requests[r].subject!r}")
-           for o, e, r in zip(offs, ends, owners)]
-    return PromptRows(ids=ids, subj_pos=pos, req=owners, n_requests=len(requests))
+    where = [f"request {requests[r].id or requests[r].subject!r}" for r in owners]
+    pos = [last_token_before(o, e, w) for o, e, w in zip(offs, ends, where)]
+    first = [last_token_before(o, s + 1, w) for o, s, w in zip(offs, starts, where)]
+    return PromptRows(ids=ids, subj_pos=pos, req=owners, n_requests=len(requests), subj_first=first)
 
 
 def target_ids(tok, targets: list[str]) -> list[list[int]]:

@@ -245,10 +245,13 @@ class EditSession:
 
     @classmethod
     def resume(cls, lm, editor, checkpoint: SessionCheckpoint, stats=None,
-               caches: EditCaches | None = None) -> EditSession:
+               caches: EditCaches | None = None, applied: list[EditRequest] | None = None) -> EditSession:
         """A session that continues ``checkpoint`` on ``lm``, which must be where the checkpointed session
         began: the edited parameters take their checkpointed values, the editor state and counters
-        are restored (and torch's CPU generator, so anything random continues as it would have)."""
+        are restored (and torch's CPU generator, so anything random continues as it would have).
+
+        ``applied``: the requests the checkpoint holds, in order; an editor with ``upgrade(lm, state,
+        applied)`` then brings a state written by an older version up to date (memoir: span keys)."""
         method = getattr(editor, "method", type(editor).__name__)
         if checkpoint.method != method:
             raise ValueError(f"checkpoint is of a {checkpoint.method!r} session, the editor is {method!r}")
@@ -267,6 +270,8 @@ class EditSession:
                 params[name].copy_(w.to(device=params[name].device, dtype=params[name].dtype))
         session = cls(lm, editor, stats, None, caches)
         session._state = None if checkpoint.state is None else checkpoint.state.copy()
+        if session._state is not None and applied is not None and hasattr(editor, "upgrade"):
+            session._state = editor.upgrade(lm, session._state, applied[: checkpoint.n_edits])
         session._total = {k: v.clone() for k, v in checkpoint.deltas.items()}
         session._start_sha256 = dict(checkpoint.start_sha256)
         session.diagnostics = list(checkpoint.diagnostics)

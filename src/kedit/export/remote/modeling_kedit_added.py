@@ -10,7 +10,10 @@ base model, the same computation kedit attaches in-process (``kedit.editors.tpat
   ``U_e V_e · x[M_e]`` (its entry's own block; ``read: own``) or ``W'[:, M_e] · x[M_e]`` (``read:
   shared``) added to its output; every other token's output is left untouched. With exact keys
   (``exact_threshold`` in the spec), a token whose overlap with entry ``e``'s exact key reaches that
-  threshold reads entry ``e`` whatever its mask overlap.
+  threshold reads entry ``e`` whatever its mask overlap. With span keys (``span_threshold`` in the
+  spec), an entry marked in ``span_on`` counts for a token's mask match only if the token before it
+  overlaps the entry's span key by that threshold: within a call the previous position, at the start
+  of a call that continues a KV cache the previous call's last token, at the start of a text none.
 
 The added tensors are float32 buffers/parameters of ``kedit_added`` and the computation runs in float32,
 as in kedit, whatever dtype the base model is loaded in.
@@ -62,6 +65,11 @@ class SparseResidualMemory(nn.Module):
         self.exact_threshold = spec.get("exact_threshold")
         if self.exact_threshold is not None:
             self.register_buffer("exact", torch.zeros(n, self.k, dtype=torch.long))
+        self.span_threshold = spec.get("span_threshold")
+        if self.span_threshold is not None:
+            self.register_buffer("span", torch.zeros(n, self.k, dtype=torch.long))
+            self.register_buffer("span_on", torch.zeros(n, dtype=torch.bool))
+        self.continuing, self.live, self.carry = False, False, None  # set around each call of the model
         if self.own:
             r = int(spec["rank"])
             self.register_buffer("block_u", torch.zeros(n, d_out, r, dtype=torch.float32))
@@ -72,6 +80,10 @@ class SparseResidualMemory(nn.Module):
         out = torch.zeros(sets.shape[0], d, dtype=torch.float32, device=sets.device)
         return out.scatter_(1, sets, 1.0)
 
+    def _fingerprint(self, x, d):
+        idx = torch.topk(x.float() - self.bg_mean.to(x.device, torch.float32), self.k, dim=-1).indices
+        return self._one_hot(torch.sort(self.perm.to(x.device)[idx], dim=-1).values, d)
+
     def hook(self, _module, args, kwargs, output):
         if self.masks.shape[0] == 0:
             return output
@@ -80,6 +92,20 @@ class SparseResidualMemory(nn.Module):
         if flat.shape[0] == 0:
             return output
         d, k = flat.shape[-1], self.k
+        allowed = None
+        if self.span_threshold is not None and x.dim() == 3:
+            b, t = x.shape[0], x.shape[1]
+            carry = self.carry if self.continuing and self.carry is not None and self.carry.shape[0] == b else None
+            self.carry = x[:, -1].detach().clone() if self.live else None
+            first = carry.to(x.dtype) if carry is not None else torch.zeros_like(x[:, 0])
+            prev = torch.cat([first[:, None], x[:, :-1]], 1).reshape(b * t, d)
+            has = torch.ones(b, t, dtype=torch.bool, device=x.device)
+            if carry is None:
+                has[:, 0] = False
+            with torch.no_grad():
+                spans = self._one_hot(self.span.to(flat.device), d)
+                prev_ok = (self._fingerprint(prev, d) @ spans.T / k) >= self.span_threshold
+                allowed = ~self.span_on.to(flat.device)[None] | (prev_ok & has.reshape(-1)[:, None])
         masks = self.masks.to(flat.device)
         exact = self.exact.to(flat.device) if self.exact_threshold is not None else None
         key = (masks.device, masks.data_ptr(), masks._version,
@@ -88,9 +114,11 @@ class SparseResidualMemory(nn.Module):
             self._stored = (key, self._one_hot(masks, d), None if exact is None else self._one_hot(exact, d))
         stored, stored_exact = self._stored[1], self._stored[2]
         with torch.no_grad():
-            idx = torch.topk(flat.float() - self.bg_mean.to(flat.device, torch.float32), k, dim=-1).indices
-            query = self._one_hot(torch.sort(self.perm.to(flat.device)[idx], dim=-1).values, d)
-            best, entry = (query @ stored.T / k).max(dim=1)  # the first maximal index: ties go to the older entry
+            query = self._fingerprint(flat, d)
+            ov = query @ stored.T / k
+            if allowed is not None:
+                ov = torch.where(allowed, ov, torch.full_like(ov, -1.0))
+            best, entry = ov.max(dim=1)  # the first maximal index: ties go to the older entry
             hit = best >= self.threshold
             if stored_exact is not None:
                 best_x, entry_x = (query @ stored_exact.T / k).max(dim=1)
@@ -128,3 +156,14 @@ class KeditAddedForCausalLM(_BaseModel):
                              f"{sorted(ADDED_MODULES)}")
         self.kedit_added = ADDED_MODULES[spec["method"]](spec)
         self.get_submodule(spec["module"]).register_forward_hook(self.kedit_added.hook, with_kwargs=True)
+
+    def forward(self, *args, **kwargs):
+        """The base forward, telling the added module whether this call continues a KV cache."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x: `cache`
+        length = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        added = self.kedit_added
+        added.live, added.continuing = True, length > 0
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            added.live, added.continuing = False, False
