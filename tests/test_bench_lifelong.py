@@ -73,6 +73,8 @@ def test_lifelong_bench_writes_results(tiny_lm, workspace, cf_file, corpus_file,
     assert res["edited"]["nkl"] >= 0 and res["baseline"]["nkl"] == 0
     assert [p["edits"] for p in res["curve"]] == [2, 3]
     assert res["curve"][0]["perplexity"] > 0 and res["curve"][-1]["perplexity"] == res["edited"]["perplexity"]
+    # the last point is the final evaluation itself (every record, scored once)
+    assert all(res["curve"][-1][m] == res["edited"][m] for m in ("efficacy", "generalization", "specificity"))
     assert len(res["diagnostics"]) == 3 and set(res["config"]["nullspace_dim"]) == {1, 2}
     out = write_results(res, tmp_path / "out")
     data = json.loads((out / "results.json").read_text())

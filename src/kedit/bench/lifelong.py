@@ -187,18 +187,19 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
             + (f", z residual {z:.3f}" if z is not None else "")
             + (f", norm anchor skipped {sum(d.norm_anchor_skipped for d in res.diagnostics)}"
                if "norm_anchor" in res.layer_info else ""))
-        if (b + 1) % eval_every == 0 or b == n_batches - 1:
+        if b == n_batches - 1:  # the last point is the final evaluation's (every record): not scored twice
+            curve.append({"edits": done, "records": len(records)})
+        elif (b + 1) % eval_every == 0:
             t = time.perf_counter()
-            pick = curve_sample(done, 0 if b == n_batches - 1 else cfg.curve_records)
+            pick = curve_sample(done, cfg.curve_records)
             ref = None if reference is None else [reference[i] for i in pick]
             cf = ds.evaluate(lm, [records[i] for i in pick], ref, [ids[i] for i in pick])
             point = {"edits": done, **{k: cf[k] for k in ds.metrics}, "records": len(pick)}
-            if b < n_batches - 1:  # the last point takes the final evaluation's perplexity
-                point["perplexity"] = perplexity(lm, ref_text, max_tokens=cfg.ppl_tokens)
+            point["perplexity"] = perplexity(lm, ref_text, max_tokens=cfg.ppl_tokens)
             eval_seconds += time.perf_counter() - t
             curve.append(point)
             log(f"after {done} edits: " + " ".join(f"{k} {point[k]:.3f}" for k in ds.metrics)
-                + (f" perplexity {point['perplexity']:.2f}" if "perplexity" in point else ""))
+                + f" perplexity {point['perplexity']:.2f}")
         if checkpoint is not None and checkpoint_every > 0 and ((b + 1) % checkpoint_every == 0
                                                                 or b == n_batches - 1):
             save_checkpoint(f"batch {b + 1}")
@@ -228,7 +229,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     edited, _ = _model_metrics(lm, ds, records, reference, ids, fluency_prompts, ref_text, cfg.ppl_tokens,
                                loc_before, cfg.fluency_tokens)
     eval_seconds += time.perf_counter() - t
-    curve[-1]["perplexity"] = edited["perplexity"]
+    curve[-1].update({k: edited[k] for k in ds.metrics}, perplexity=edited["perplexity"])
     edited["seconds_per_edit"] = edit_seconds / cfg.edits
     edited["edit_seconds"] = edit_seconds
     edited["one_time_seconds"] = one_time
