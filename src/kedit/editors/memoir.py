@@ -296,11 +296,12 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
         x = args[0] if args else next(iter(kwargs.values()))
         flat = x.reshape(-1, x.shape[-1])
         span = None
-        if spans is not None and x.dim() == 3:
+        if spans is not None:
+            seq = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])  # a bare [tokens, d] input is one text
             carry = calls["carry"]
-            carry = carry if calls["continuing"] and carry is not None and carry.shape[0] == x.shape[0] else None
-            calls["carry"] = x[:, -1].detach().clone() if calls["live"] else None
-            span = SpanGuard(*previous_tokens(x, carry), spans, guarded, thr_s)
+            carry = carry if calls["continuing"] and carry is not None and carry.shape[0] == seq.shape[0] else None
+            calls["carry"] = seq[:, -1].detach().clone() if calls["live"] else None
+            span = SpanGuard(*previous_tokens(seq, carry), spans, guarded, thr_s)
         with torch.no_grad():
             rd = read_memory(flat, bg, perm, stored, k, thr, exact, thr_x, span)
         if rd.tokens.numel() == 0:

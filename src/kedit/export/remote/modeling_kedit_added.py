@@ -92,27 +92,30 @@ class SparseResidualMemory(nn.Module):
         if flat.shape[0] == 0:
             return output
         d, k = flat.shape[-1], self.k
+        masks = self.masks.to(flat.device)
+        exact = self.exact.to(flat.device) if self.exact_threshold is not None else None
+        span = self.span.to(flat.device) if self.span_threshold is not None else None
+        key = (masks.device, masks.data_ptr(), masks._version,
+               None if exact is None else (exact.data_ptr(), exact._version),
+               None if span is None else (span.data_ptr(), span._version))
+        if self._stored is None or self._stored[0] != key:
+            self._stored = (key, self._one_hot(masks, d), None if exact is None else self._one_hot(exact, d),
+                            None if span is None else self._one_hot(span, d))
+        stored, stored_exact, stored_span = self._stored[1], self._stored[2], self._stored[3]
         allowed = None
-        if self.span_threshold is not None and x.dim() == 3:
-            b, t = x.shape[0], x.shape[1]
+        if stored_span is not None:
+            seq = x if x.dim() == 3 else x.reshape(1, -1, d)  # a bare [tokens, d] input is one text
+            b, t = seq.shape[0], seq.shape[1]
             carry = self.carry if self.continuing and self.carry is not None and self.carry.shape[0] == b else None
-            self.carry = x[:, -1].detach().clone() if self.live else None
-            first = carry.to(x.dtype) if carry is not None else torch.zeros_like(x[:, 0])
-            prev = torch.cat([first[:, None], x[:, :-1]], 1).reshape(b * t, d)
+            self.carry = seq[:, -1].detach().clone() if self.live else None
+            first = carry.to(seq.dtype) if carry is not None else torch.zeros_like(seq[:, 0])
+            prev = torch.cat([first[:, None], seq[:, :-1]], 1).reshape(b * t, d)
             has = torch.ones(b, t, dtype=torch.bool, device=x.device)
             if carry is None:
                 has[:, 0] = False
             with torch.no_grad():
-                spans = self._one_hot(self.span.to(flat.device), d)
-                prev_ok = (self._fingerprint(prev, d) @ spans.T / k) >= self.span_threshold
+                prev_ok = (self._fingerprint(prev, d) @ stored_span.T / k) >= self.span_threshold
                 allowed = ~self.span_on.to(flat.device)[None] | (prev_ok & has.reshape(-1)[:, None])
-        masks = self.masks.to(flat.device)
-        exact = self.exact.to(flat.device) if self.exact_threshold is not None else None
-        key = (masks.device, masks.data_ptr(), masks._version,
-               None if exact is None else (exact.data_ptr(), exact._version))
-        if self._stored is None or self._stored[0] != key:
-            self._stored = (key, self._one_hot(masks, d), None if exact is None else self._one_hot(exact, d))
-        stored, stored_exact = self._stored[1], self._stored[2]
         with torch.no_grad():
             query = self._fingerprint(flat, d)
             ov = query @ stored.T / k
