@@ -462,6 +462,8 @@ def test_vstar_taps_are_the_module_inputs_a_direct_forward_gives(tiny_lm, prefix
         with torch.no_grad(), Trace(tiny_lm.model, [name], retain_input=True) as tr:
             tiny_lm.model(input_ids=torch.tensor([ids]))
         assert torch.allclose(x[q, i % len(PREFIXES)], tr.inputs[name][0, pos], atol=1e-5)
+        # and at the token before the subject's (from the prefix cache's pass, or the replayed rows)
+        assert torch.allclose(vs.taps_before[name][q, i % len(PREFIXES)], tr.inputs[name][0, pos - 1], atol=1e-5)
     with pytest.raises(ValueError, match="did not run below block"):
         optimise_vstar(tiny_lm, reqs, PREFIXES, _hp("memit", v_steps=1), 1, taps=[tiny_lm.adapter.mlp_out_name(2)])
 

@@ -205,6 +205,10 @@ def test_span_keys_are_the_token_before_the_subject_and_cached_decoding_decides_
     want = fingerprint(tr.inputs[name][0, rows.subj_pos[0] - 1], st.tensors["mm.bg_mean"], st.tensors["mm.perm"],
                        st.meta["k"])
     assert torch.equal(st.tensors[SPAN][0], want)  # no prefixes: the bare prompt's token before the last
+    # written from v*'s first pass (above) or by running those tokens again: the same keys
+    from kedit.editors.memoir import span_keys
+    again = span_keys(lm, [_req(B), _req(A)], [""], st, st.meta["layer"], st.meta["k"])
+    assert torch.equal(again[0][st.tensors[SPAN_ON]], st.tensors[SPAN][st.tensors[SPAN_ON]])
     del st.tensors[EXACT], st.meta["exact_threshold"]  # the mask (and its span key) must carry the read
     assert _fires(lm, st, text).tokens.tolist() == [ids.shape[1] - 1]
     with torch.no_grad():

@@ -451,8 +451,9 @@ class MemoirEditor:
         layer, k = int(state.meta["layer"]), int(state.meta["k"])
         prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir)
         with _attach.suspended(lm.model, METHOD):
-            (u, v), masks, exact, diags = _train(lm, requests, prefixes, state, layer, k, hp, self.progress)
-            spans = span_keys(lm, requests, prefixes, state, layer, k) if hp.mm_span_key else None
+            (u, v), masks, exact, diags, before = _train(lm, requests, prefixes, state, layer, k, hp,
+                                                         self.progress)
+            spans = span_keys(lm, requests, prefixes, state, layer, k, before) if hp.mm_span_key else None
         owners = [str(r.id if r.id is not None else r.text) for r in requests]
         # a state from before exact keys: its entries' masks stand in for their exact keys
         old_exact = state.tensors.get(EXACT, state.tensors[MASKS])
@@ -502,19 +503,23 @@ def inputs_at(lm, name: str, seqs: list[list[int]], pos: list[int], chunk: int =
     return torch.cat(xs) if xs else torch.zeros(0, lm.adapter.key_dim(0), device=dev)
 
 
-def span_keys(lm, requests: list[EditRequest], prefixes: list[str], state: EditorState, layer: int, k: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def span_keys(lm, requests: list[EditRequest], prefixes: list[str], state: EditorState, layer: int, k: int,
+              before: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each request's span key and whether it has one: the fingerprint of the down-projection input at
     the token before the subject's last token, averaged over the prompt contexts, for subjects that
     span several tokens in every context (``[n, k]`` int64, ``[n]`` bool; unguarded rows hold
-    ``0..k-1`` and are never read). Only those tokens run, up to the memory layer."""
+    ``0..k-1`` and are never read). ``before`` (``[n, contexts, d]``): those inputs as v*'s first pass
+    read them; without it only those tokens run, up to the memory layer."""
     rows = subject_rows(lm.tokenizer, requests, prefixes)
     n, n_ctx = len(requests), len(prefixes)
     multi = torch.tensor([f < p for f, p in zip(rows.subj_first, rows.subj_pos)]).view(n, n_ctx)
     guarded = multi.all(1)
     keys = torch.arange(k, dtype=torch.long).expand(n, k).clone()
     pick = [r for r in range(len(rows.ids)) if bool(guarded[rows.req[r]])]
-    if pick:
+    if pick and before is not None:
+        keys[guarded] = fingerprint(before[guarded.to(before.device)].mean(1), state.tensors[BG],
+                                    state.tensors[PERM], k).cpu()
+    elif pick:
         x = inputs_at(lm, lm.adapter.mlp_out_name(layer), [rows.ids[r][: rows.subj_pos[r]] for r in pick],
                       [rows.subj_pos[r] - 1 for r in pick]).view(-1, n_ctx, lm.adapter.key_dim(layer))
         keys[guarded] = fingerprint(x.mean(1), state.tensors[BG], state.tensors[PERM], k).cpu()
@@ -545,9 +550,10 @@ def with_span_keys(lm, state: EditorState, requests: list[EditRequest], hp: Edit
 
 
 def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: EditHparams, progress):
-    """Fingerprints at each request's subject, then Adam on every request's block, one
-    forward/backward per step for the whole batch (blocks below ``layer`` and the tokens before the
-    subject run once)."""
+    """Fingerprints at each request's subject, then each request's block: v*'s closed form, or Adam on
+    the block, one forward/backward per step for the whole batch (blocks below ``layer`` and the
+    tokens before the subject run once). Also returns the memory layer's input at the token before
+    each context's subject when v*'s first pass read it (``[n, contexts, d]``, else ``None``)."""
     from kedit.editors.vstar import _length_groups, _slice_above
 
     dev, tok = lm.device, lm.tokenizer
@@ -566,9 +572,9 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
         from kedit.editors.vstar import optimise_vstar
 
         vs = optimise_vstar(lm, requests, prefixes, hp, layer, progress=progress, taps=[name])
-        x = vs.taps[name]
+        x, before = vs.taps[name], vs.taps_before[name]
     else:
-        x = inputs_at(lm, name, rows.ids, rows.subj_pos).view(n, n_ctx, -1)  # [n, ctx, d]
+        x, before = inputs_at(lm, name, rows.ids, rows.subj_pos).view(n, n_ctx, -1), None  # [n, ctx, d]
     masks = fingerprint(x.mean(1), bg, perm, k)  # [n, k]: one entry per request, context-averaged
     exact = fingerprint(x[:, 0], bg, perm, k)  # [n, k]: the bare prompt's own (context 0 has no prefix)
     xsel = x.gather(2, masks[:, None, :].expand(n, n_ctx, k))  # [n, ctx, k]
@@ -578,7 +584,7 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
         else w_prev[:, masks].permute(1, 0, 2)  # [n, d_out, k]
     if vs is not None:
         uv, diags = _blocks_from_vstar(vs, hp, xsel, w_old)
-        return uv, masks, exact, diags
+        return uv, masks, exact, diags, before
     # Adam moves every entry by about lr per step whatever the activation scale: train the block in
     # units of the entry's context-mean input norm, so lr means the same on every model and layer
     scale = x.mean(1).gather(1, masks).norm(dim=1).clamp_min(1e-8)[:, None, None]
@@ -642,7 +648,7 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
                                 delta_norm=float(blocks[i].norm()),
                                 constraint_met=bool(last[i] < hp.mm_stop_nll))
              for i, r in enumerate(requests)]
-    return (blocks, eye), masks, exact, diags
+    return (blocks, eye), masks, exact, diags, None
 
 
 def _masked_adam_step(opt: torch.optim.Adam, blocks: torch.Tensor, active: torch.Tensor) -> None:

@@ -46,6 +46,9 @@ class BlockSlice:
     start: int
     stop: int
     taps: dict[str, torch.Tensor] = field(default_factory=dict)  # inputs of modules run below ``start``
+    # with a prefix cache: the same modules' input at each row's last cached token, [rows, d] (zeros for
+    # a row with nothing cached)
+    taps_before: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def run(self, lm, hidden: torch.Tensor | None = None, rows: torch.Tensor | None = None,
             upto: int | None = None, begin: int | None = None,

@@ -35,6 +35,7 @@ from kedit.editors.runner import (
     replay_attention,
     unembed_states,
 )
+from kedit.hooks import Trace
 
 
 @dataclass
@@ -49,6 +50,9 @@ class VStar:
     # inputs of the modules asked for with ``taps`` at each prompt context's subject, before any δ:
     # [n, contexts, d_in] float32 (request-major, the rows of ``subject_rows(tok, requests, prefixes)``)
     taps: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the same modules' input at the token before each context's subject token (zeros where the subject
+    # token opens the text): [n, contexts, d_in] float32
+    taps_before: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # the hyperparameters v* reads: settings that differ only elsewhere (the solve) can share one v*
@@ -110,12 +114,19 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     all_pos = ctx.subj_pos + kl.subj_pos
     groups = [_Group.build(lm, g, seqs, split, all_pos, rows_req, layer, pad, pair_row, pair_col, kl_row0, taps)
               for g in _length_groups(seqs, split)]
-    tapped = {}
+    tapped, tapped_before = {}, {}
     for name in taps:  # each row's input at its subject (as h0 below), kept for the context rows
         x = torch.empty(len(seqs), groups[0].sl.taps[name].shape[-1], dtype=torch.float32, device=dev)
+        xb = torch.zeros_like(x)  # and at the token before it: in the prefix cache, or in the replayed rows
         for g in groups:
-            x[g.rows] = g.sl.taps[name][torch.arange(g.rows.numel(), device=dev), g.subj].float()
+            ar = torch.arange(g.rows.numel(), device=dev)
+            x[g.rows] = g.sl.taps[name][ar, g.subj].float()
+            if name in g.sl.taps_before:
+                xb[g.rows] = g.sl.taps_before[name].float()
+            else:
+                xb[g.rows] = torch.where((g.subj > 0)[:, None], g.sl.taps[name][ar, (g.subj - 1).clamp_min(0)].float(), 0.0)
         tapped[name] = x[:kl_row0].view(n, n_ctx, -1)
+        tapped_before[name] = xb[:kl_row0].view(n, n_ctx, -1)
 
     ctx_rows = torch.arange(kl_row0, device=dev)
     h0 = torch.zeros(len(seqs), groups[0].sl.hidden.shape[-1], dtype=torch.float64, device=dev)
@@ -211,7 +222,7 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
         for i, r in enumerate(requests)
     ]
     return VStar(delta=final, v0=v0, diagnostics=diags, steps=it, seconds=time.perf_counter() - t0, layer=layer,
-                 request_ids=tuple(r.id for r in requests), taps=tapped)
+                 request_ids=tuple(r.id for r in requests), taps=tapped, taps_before=tapped_before)
 
 
 def _length_groups(seqs: list[list[int]], split: list[int]) -> list[list[int]]:
@@ -272,29 +283,49 @@ class _Group:
                 out[local[self.kl_lrow[km]], self.kl_col[km]], self.kl_req[km])
 
 
-def _prefix_cache(lm, seqs: list[list[int]], split: list[int], pad: int) -> tuple[PrefixCache, torch.Tensor]:
-    """K/V of each row's tokens before ``split[r]``, and a [rows, cache length] mask of the cache slots
-    that hold them. Leading tokens shared by a group of rows (:func:`shared_heads`) run once per
-    group; the rest of each row runs behind its group's copy (:class:`HeadLayout`)."""
+def _prefix_cache(lm, seqs: list[list[int]], split: list[int], pad: int, taps: Sequence[str] = ()
+                  ) -> tuple[PrefixCache, torch.Tensor, dict[str, torch.Tensor]]:
+    """K/V of each row's tokens before ``split[r]``, a [rows, cache length] mask of the cache slots
+    that hold them, and the ``taps`` modules' input at each row's last cached token ([rows, d], zeros
+    for a row with nothing cached). Leading tokens shared by a group of rows (:func:`shared_heads`) run
+    once per group; the rest of each row runs behind its group's copy (:class:`HeadLayout`)."""
     dev = lm.device
     cut = [s[:p] for s, p in zip(seqs, split)]
-    lay = head_layout(cut, shared_heads(seqs, split), pad, dev)
+    heads = shared_heads(seqs, split)
+    lay = head_layout(cut, heads, pad, dev)
     cache = PrefixCache(config=lm.model.config)
+    before: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         if lay is None:  # right-padded, no mask: real tokens never see the pads
             ids = pad_right([c if c else [pad] for c in cut], pad, dev)
-            base_model(lm)(input_ids=ids, **cache_kwargs(lm, cache), use_cache=True)
+            with Trace(lm.model, taps, retain_input=True) as tr:
+                base_model(lm)(input_ids=ids, **cache_kwargs(lm, cache), use_cache=True)
             valid = torch.zeros(len(cut), ids.shape[1], dtype=torch.long, device=dev)
             for i, c in enumerate(cut):
                 valid[i, :len(c)] = 1
-            return cache, valid
+            last = torch.tensor([max(len(c) - 1, 0) for c in cut], device=dev)
+            has = torch.tensor([len(c) > 0 for c in cut], device=dev)[:, None]
+            for name in taps:
+                x = tr.inputs[name][torch.arange(len(cut), device=dev), last]
+                before[name] = torch.where(has, x, torch.zeros_like(x))
+            return cache, valid, before
         head_cache = PrefixCache(config=lm.model.config)
-        base_model(lm)(input_ids=lay.heads, **cache_kwargs(lm, head_cache), use_cache=True)
+        with Trace(lm.model, taps, retain_input=True) as th:
+            base_model(lm)(input_ids=lay.heads, **cache_kwargs(lm, head_cache), use_cache=True)
         for li, layer in enumerate(head_cache.layers):  # every row starts from its group's head
             cache.update(layer.keys.index_select(0, lay.pick), layer.values.index_select(0, lay.pick), li)
-        base_model(lm)(input_ids=lay.rest, attention_mask=lay.mask, position_ids=lay.pos,
-                       **cache_kwargs(lm, cache), use_cache=True)
-    return cache, lay.valid()
+        with Trace(lm.model, taps, retain_input=True) as tr:
+            base_model(lm)(input_ids=lay.rest, attention_mask=lay.mask, position_ids=lay.pos,
+                           **cache_kwargs(lm, cache), use_cache=True)
+        for name in taps:  # the last cached token is the rest's last, or the head's when the rest is empty
+            x = torch.zeros(len(cut), tr.inputs[name].shape[-1], dtype=tr.inputs[name].dtype, device=dev)
+            for i, (n_rest, m) in enumerate(zip(lay.lengths, heads)):
+                if n_rest > 0:
+                    x[i] = tr.inputs[name][i, n_rest - 1]
+                elif m > 0:
+                    x[i] = th.inputs[name][lay.pick[i], m - 1]
+            before[name] = x
+    return cache, lay.valid(), before
 
 
 def _slice_above(lm, seqs: list[list[int]], split: list[int], layer: int, pad: int, taps: Sequence[str] = ()):
@@ -305,7 +336,7 @@ def _slice_above(lm, seqs: list[list[int]], split: list[int], layer: int, pad: i
     n_layers = lm.adapter.num_layers
     if max(split) == 0:
         return capture_blocks(lm, pad_right(seqs, pad, dev), layer + 1, n_layers, taps)
-    cache, valid = _prefix_cache(lm, seqs, split, pad)
+    cache, valid, before = _prefix_cache(lm, seqs, split, pad, taps)
     cache.frozen = True
     suffix = [s[p:] for s, p in zip(seqs, split)]
     suf_ids = pad_right(suffix, pad, dev)
@@ -314,5 +345,7 @@ def _slice_above(lm, seqs: list[list[int]], split: list[int], layer: int, pad: i
     for i, suf in enumerate(suffix):
         mask[i, valid.shape[1]: valid.shape[1] + len(suf)] = 1
     pos = torch.tensor(split, device=dev)[:, None] + torch.arange(width, device=dev)[None]
-    return capture_blocks(lm, suf_ids, layer + 1, n_layers, taps, attention_mask=mask, position_ids=pos,
-                          **cache_kwargs(lm, cache), use_cache=True)
+    sl = capture_blocks(lm, suf_ids, layer + 1, n_layers, taps, attention_mask=mask, position_ids=pos,
+                        **cache_kwargs(lm, cache), use_cache=True)
+    sl.taps_before = before
+    return sl
