@@ -382,6 +382,12 @@ def test_bfloat16_vstar_tracks_float32_and_its_delta_works_in_float32(family, ti
     f32 = optimise_vstar(lm, reqs, PREFIXES, hp, 1)
     bf16 = optimise_vstar(lm, reqs, PREFIXES, EditHparams(**{**hp.to_dict(), "v_dtype": "bfloat16"}), 1)
     assert torch.equal(bf16.v0, f32.v0)  # v₀ comes from the float32 prefix pass either way
+    assert (f32.dtype, bf16.dtype) == ("float32", "bfloat16")
+    auto = optimise_vstar(lm, reqs, PREFIXES, EditHparams(**{**hp.to_dict(), "v_dtype": "auto"}), 1)
+    from kedit.editors.precision import resolve_v_dtype
+
+    assert auto.dtype == resolve_v_dtype("auto", "cpu")  # bfloat16 only on a CPU with bfloat16 units
+    assert torch.equal(auto.delta, (bf16 if auto.dtype == "bfloat16" else f32).delta)
     assert bf16.delta.dtype == torch.float32
     for a, b in zip(bf16.diagnostics, f32.diagnostics):
         assert a.constraint_met and a.vstar_loss_start == pytest.approx(b.vstar_loss_start, rel=0.05)

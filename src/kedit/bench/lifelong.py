@@ -29,6 +29,7 @@ from kedit.bench.console import ProgressLog, device_str
 from kedit.bench.datasets import get_dataset
 from kedit.bench.footprint import edit_footprint, state_bytes
 from kedit.editors.hparams import load_hparams
+from kedit.editors.precision import resolve_v_dtype
 from kedit.evaluation.metrics import wilson_interval
 from kedit.stats import DEFAULT_STATS_TOKENS
 
@@ -249,6 +250,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     return {
         "config": {**asdict(cfg), "model": lm.slug, "model_hash": lm.manifest.model_hash, "layers": layers,
                    "hparams": hp.to_dict(), "threads": torch.get_num_threads(),
+                   "v_matmul_dtype": resolve_v_dtype(hp.v_dtype, lm.device),
                    "stats": {"dir": str(stats.dir), "key": stats.key, "n_tokens": stats.n_tokens} if stats else None,
                    "prefixes": prefixes, "nullspace_dim": nullspace, "eval_seconds": eval_seconds,
                    "load_average": _loadavg(), "subject_fallbacks": ds.subject_fallbacks(records),
@@ -352,6 +354,7 @@ def results_markdown(res: dict) -> str:
         "",
         f"{c['edits']} {ds.title} from `{Path(c['data']).name}` (offset {c['offset']}), batches of "
         f"{c['batch']}, all metrics after the last batch. Layers {c['layers']}; device {e['device']}; "
+        f"v* matmuls in {c.get('v_matmul_dtype', 'float32')}; "
         f"load average at the end {c['load_average']}." + "".join(
             f" Left out as invalid: record {k['record']} ({k['reason']})." for k in c.get("skipped_records", [])),
         "",

@@ -20,7 +20,7 @@ from kedit.atomic import sha256_json
 
 METHODS = ("rome", "memit", "alphaedit", "tpatcher", "memoir")
 # the string-valued settings and what each accepts: checked on every EditHparams, loaded or built
-_CHOICES = {"v_stop": ("nll", "most_probable"), "v_dtype": ("float32", "bfloat16"),
+_CHOICES = {"v_stop": ("nll", "most_probable"), "v_dtype": ("float32", "bfloat16", "auto"),
             "key_mode": ("average", "contexts"), "mm_solver": ("vstar", "adam"), "mm_read": ("own", "shared"),
             "nullspace_mode": ("absolute", "relative_mean", "relative_max", "energy")}
 
@@ -43,7 +43,8 @@ class EditHparams:
     v_stop: str = "nll"
     v_prefix_cache: bool = True  # replay only the tokens from the subject on (pre-subject K/V cached)
     # matmul precision of v*'s replayed blocks and unembedding ("bfloat16": autocast, δ, the residual
-    # stream, norms, softmax and Adam stay float32); the prefix cache and v₀ are float32 either way
+    # stream, norms, softmax and Adam stay float32); the prefix cache and v₀ are float32 either way.
+    # "auto": bfloat16 where the device has bfloat16 matrix units, else float32 (editors/precision.py)
     v_dtype: str = "float32"
     # random prefixes (generated once per model by the model itself)
     n_prefixes: int = 5

@@ -9,7 +9,9 @@ each step replays only the blocks above and unembeds only the positions that pre
 tokens. A request whose NLL falls below ``v_stop_nll`` (or, with ``v_stop: most_probable``, whose
 target tokens are all the top prediction in every context) is frozen and its rows leave the batch.
 With ``v_dtype: bfloat16`` the replayed matrices run as bfloat16 copies under autocast (attention,
-δ and everything else float32): 1.5x faster on a CPU with bfloat16 units, the same edits on SmolLM2.
+δ and everything else float32): 1.5x faster on a CPU with bfloat16 units, the same edits on SmolLM2;
+``v_dtype: auto`` does so only where the device has such units (a CPU without them runs bfloat16
+products 200x slower than float32, see precision.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from kedit.editors.base import EditRequest, RequestDiagnostics
 from kedit.editors.hparams import EditHparams
 from kedit.editors.keys import average_by_request
+from kedit.editors.precision import resolve_v_dtype
 from kedit.editors.prompts import pad_right, shared_heads, subject_rows, target_ids
 from kedit.editors.runner import (
     BlockSlice,
@@ -46,6 +49,7 @@ class VStar:
     steps: int  # Adam steps of the longest-running request
     seconds: float = 0.0
     layer: int = -1  # the layer whose output δ changes
+    dtype: str = "float32"  # the replayed matmuls' precision as run (``v_dtype`` resolved on the device)
     request_ids: tuple = ()
     # inputs of the modules asked for with ``taps`` at each prompt context's subject, before any δ:
     # [n, contexts, d_in] float32 (request-major, the rows of ``subject_rows(tok, requests, prefixes)``)
@@ -142,7 +146,7 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     b1, b2, eps = 0.9, 0.999, 1e-8
     max_norm = hp.clamp_norm_factor * v0_norm
 
-    bf16 = hp.v_dtype == "bfloat16"
+    bf16 = resolve_v_dtype(hp.v_dtype, dev) == "bfloat16"
     autocast = torch.autocast(device_type=torch.device(dev).type, dtype=torch.bfloat16, enabled=bf16)
     replayed = [lm.adapter.module(lm.adapter.layer_name(i)) for i in range(layer + 1, n_layers)]
     active = torch.ones(n, dtype=torch.bool, device=dev)
@@ -222,7 +226,7 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
         for i, r in enumerate(requests)
     ]
     return VStar(delta=final, v0=v0, diagnostics=diags, steps=it, seconds=time.perf_counter() - t0, layer=layer,
-                 request_ids=tuple(r.id for r in requests), taps=tapped, taps_before=tapped_before)
+                 dtype="bfloat16" if bf16 else "float32", request_ids=tuple(r.id for r in requests), taps=tapped, taps_before=tapped_before)
 
 
 def _length_groups(seqs: list[list[int]], split: list[int]) -> list[list[int]]:
