@@ -302,6 +302,46 @@ def test_layer_output_is_untouched_at_tokens_that_match_nothing(tiny_lm):
     assert torch.equal(out(), base)
 
 
+def test_read_scale_scales_what_a_reading_token_adds_and_nothing_else(tiny_lm):
+    """``mm_read_scale`` s: a reading token's down-projection output is base + s · (what scale 1 adds);
+    the other tokens stay the base ones bit for bit. The setting lives in the state (absent at 1.0, so
+    states written without it read as before) and a later batch's hparams set it for every entry."""
+    from kedit.editors.memoir import attach
+    from kedit.hooks import Trace
+
+    lm = tiny_lm
+    res = _editor().compute(lm, [_req(A)], None, None)
+    assert "read_scale" not in res.state.meta
+    text = A["prompt"].format(A["subject"]) + ". " + OTHER
+    name = lm.adapter.mlp_out_name(res.state.meta["layer"])
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids
+
+    def out(state=None):
+        att = attach(lm, state) if state is not None else None
+        with torch.no_grad(), Trace(lm.model, [name], retain_output=True) as tr:
+            lm.model(input_ids=ids)
+        if att is not None:
+            att.remove()
+        return tr.outputs[name][0]
+
+    base, full = out(), out(res.state)
+    half_state = res.state.copy()
+    half_state.meta["read_scale"] = 0.5
+    half = out(half_state)
+    fired = _fires(lm, res.state, text).tokens
+    rest = torch.ones(ids.shape[1], dtype=torch.bool)
+    rest[fired] = False
+    assert fired.numel() > 0 and torch.equal(half[rest], base[rest])
+    torch.testing.assert_close(half[fired] - base[fired], 0.5 * (full[fired] - base[fired]), atol=1e-5, rtol=1e-4)
+    assert (half[fired] - base[fired]).norm() > 0
+    scaled = _editor(_hp(mm_read_scale=0.5)).compute(lm, [_req(B)], res.state, None).state
+    assert scaled.meta["read_scale"] == 0.5
+    assert "read_scale" not in _editor().compute(lm, [_req(B)], scaled, None).state.meta
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="mm_read_scale"):
+            _hp(mm_read_scale=bad)
+
+
 def test_generation_and_scoring_do_not_depend_on_batching_or_cache(tiny_lm):
     """Reading is per token, so left-padded batched generation with a KV cache gives each prompt what
     it gets alone, and long-text NLLs equal the base where nothing matches."""

@@ -92,6 +92,9 @@ class EditHparams:
     # what a token that matches entry e reads: "own" = e's block alone (facts never interfere, retraction
     # is exact for every other fact); "shared" = W'[:, M_e], the sum of every block on e's columns (MEMOIR)
     mm_read: str = "own"
+    # share of an entry's block that a reading token adds (1: all of it). Below 1 every read writes less:
+    # less damage where general text reads an entry, bought with generalization (docs/editing.md, read scale)
+    mm_read_scale: float = 1.0
     mm_ridge: float = 0.01  # "vstar": ridge of the closed form, times the mean squared norm of the masked inputs
     mm_lr: float = 0.1  # Adam on each edit's block
     mm_steps: int = 40
@@ -124,6 +127,9 @@ class EditHparams:
             raise ValueError(f"hparams ({self.source or 'inline'}): need 0 < mm_threshold <= 1, mm_k > 0, "
                              f"mm_steps >= 1, mm_lr > 0, mm_bg_docs > 0, mm_ridge >= 0 (got {self.mm_threshold}, "
                              f"{self.mm_k}, {self.mm_steps}, {self.mm_lr}, {self.mm_bg_docs}, {self.mm_ridge})")
+        if not 0.0 < self.mm_read_scale <= 1.0:
+            raise ValueError(f"hparams ({self.source or 'inline'}): need 0 < mm_read_scale <= 1 "
+                             f"(got {self.mm_read_scale!r})")
         if not isinstance(self.mm_span_key, bool) or not 0.0 <= self.mm_span_threshold <= 1.0:
             raise ValueError(f"hparams ({self.source or 'inline'}): need mm_span_key true or false and "
                              f"0 <= mm_span_threshold <= 1 (got {self.mm_span_key!r}, {self.mm_span_threshold!r})")

@@ -254,6 +254,12 @@ def closed_form_blocks(target: torch.Tensor, xsel: torch.Tensor, w_old: torch.Te
 
 
 # --- the live attachment -------------------------------------------------------------------------
+def read_scale(state: EditorState) -> float:
+    """``mm_read_scale``: the share of an entry's output change a reading token gets (1.0 for states
+    from before the setting)."""
+    return float(state.meta.get("read_scale", 1.0))
+
+
 def reads_own_block(state: EditorState) -> bool:
     """``mm_read: own``: a matching token reads its entry's block alone (states from before the
     setting existed read the shared W')."""
@@ -267,6 +273,7 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
         raise ValueError(f"editor state is for {state.method!r}, not {METHOD!r}")
     layer, k, thr = int(state.meta["layer"]), int(state.meta["k"]), float(state.meta["threshold"])
     thr_x = float(state.meta.get("exact_threshold", 1.0))
+    scale = read_scale(state)
     d = lm.adapter.key_dim(layer)
     dev = lm.device
     masks = state.tensors[MASKS].to(dev) if MASKS in state.tensors else torch.zeros(0, k, dtype=torch.long)
@@ -309,6 +316,8 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
         cols = masks[rd.entry]
         delta = own_block_delta(flat[rd.tokens], cols, u[rd.entry], v[rd.entry]) if own else \
             memory_delta(flat[rd.tokens], cols, w)
+        if scale != 1.0:
+            delta = delta * scale
         out = output.reshape(-1, output.shape[-1]).clone()
         out[rd.tokens] = out[rd.tokens] + delta.to(out.dtype)
         return out.view_as(output)
@@ -401,6 +410,8 @@ def initial_state(lm, hp: EditHparams, texts: list[str] | None = None) -> Editor
     if hp.mm_exact_key:
         tensors[EXACT] = torch.zeros(0, hp.mm_k, dtype=torch.long)
         meta["exact_threshold"] = hp.mm_exact_threshold
+    if hp.mm_read_scale != 1.0:
+        meta["read_scale"] = hp.mm_read_scale
     return EditorState(METHOD, tensors=tensors, meta=meta)
 
 
@@ -479,6 +490,10 @@ class MemoirEditor:
             state.tensors.pop(SPAN, None)
             state.tensors.pop(SPAN_ON, None)
             state.meta.pop("span_threshold", None)
+        if hp.mm_read_scale != 1.0:  # a read setting: it applies to every entry, old and new
+            state.meta["read_scale"] = hp.mm_read_scale
+        else:
+            state.meta.pop("read_scale", None)
         state.meta.update(entry_owner=[*state.meta["entry_owner"], *owners], threshold=hp.mm_threshold,
                           n_edits=int(state.meta.get("n_edits", 0)) + len(requests),
                           n_batches=int(state.meta.get("n_batches", 0)) + 1, hparams_sha256=hp.source_sha256)

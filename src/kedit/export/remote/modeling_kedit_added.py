@@ -14,6 +14,7 @@ base model, the same computation kedit attaches in-process (``kedit.editors.tpat
   spec), an entry marked in ``span_on`` counts for a token's mask match only if the token before it
   overlaps the entry's span key by that threshold: within a call the previous position, at the start
   of a call that continues a KV cache the previous call's last token, at the start of a text none.
+  With ``read_scale`` in the spec, a reading token adds that share of its entry's output change.
 
 The added tensors are float32 buffers/parameters of ``kedit_added`` and the computation runs in float32,
 as in kedit, whatever dtype the base model is loaded in.
@@ -65,6 +66,7 @@ class SparseResidualMemory(nn.Module):
         self.exact_threshold = spec.get("exact_threshold")
         if self.exact_threshold is not None:
             self.register_buffer("exact", torch.zeros(n, self.k, dtype=torch.long))
+        self.read_scale = float(spec.get("read_scale", 1.0))
         self.span_threshold = spec.get("span_threshold")
         if self.span_threshold is not None:
             self.register_buffer("span", torch.zeros(n, self.k, dtype=torch.long))
@@ -140,6 +142,8 @@ class SparseResidualMemory(nn.Module):
         else:
             w = self.W.to(flat.device, torch.float32)
             delta = torch.einsum("omk,mk->mo", w[:, cols], xs)
+        if self.read_scale != 1.0:
+            delta = delta * self.read_scale
         out = output.reshape(-1, output.shape[-1]).clone()
         out[fire] = out[fire] + delta.to(out.dtype)
         return out.view_as(output)
