@@ -342,6 +342,22 @@ def test_read_scale_scales_what_a_reading_token_adds_and_nothing_else(tiny_lm):
             _hp(mm_read_scale=bad)
 
 
+def test_text_inputs_are_the_modules_inputs_window_by_window(tiny_lm):
+    from kedit.editors.memoir import text_inputs
+    from kedit.hooks import Trace
+
+    lm = tiny_lm
+    name = lm.adapter.mlp_out_name(1)
+    text = " ".join([OTHER] * 3)
+    ids, x = text_inputs(lm, name, text, max_tokens=11, window=4)
+    want = lm.tokenizer(text, add_special_tokens=False).input_ids[:11]
+    assert ids.tolist() == want and x.shape == (11, lm.adapter.key_dim(1))
+    for i in range(0, 11, 4):  # each window is a fresh text of its own
+        with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
+            lm.model(input_ids=torch.tensor([want[i: i + 4]]), use_cache=False)
+        torch.testing.assert_close(x[i: i + 4], tr.inputs[name][0].float())
+
+
 def test_generation_and_scoring_do_not_depend_on_batching_or_cache(tiny_lm):
     """Reading is per token, so left-padded batched generation with a KV cache gives each prompt what
     it gets alone, and long-text NLLs equal the base where nothing matches."""

@@ -20,10 +20,20 @@ from kedit.editors.attach import detach
 from kedit.editors.context import context_prefixes
 from kedit.editors.hparams import load_hparams
 from kedit.editors.io import load_state
-from kedit.editors.memoir import BG, EXACT, MASKS, PERM, attach, fingerprint, one_hot_sets, read_memory
+from kedit.editors.memoir import (
+    BG,
+    EXACT,
+    MASKS,
+    PERM,
+    attach,
+    fingerprint,
+    one_hot_sets,
+    read_memory,
+    text_inputs,
+)
 from kedit.editors.prompts import pad_right, subject_rows
 from kedit.editors.registry import get_editor
-from kedit.evaluation.metrics import perplexity, target_logprobs
+from kedit.evaluation.metrics import evaluate_counterfact, perplexity
 from kedit.hooks import Trace
 from kedit.models.store import load_model
 from kedit.stats.corpus import heldout_text
@@ -60,22 +70,16 @@ layer, k = int(state.meta["layer"]), int(state.meta["k"])
 name, d = lm.adapter.mlp_out_name(layer), state.tensors[BG].shape[0]
 
 
-def score(kind):
-    p = [r["prompt"] if kind == "es" else r["rephrase_prompt"] if kind == "ps" else r["locality_prompt"] for r in recs]
-    new = target_logprobs(lm, p, [r["target_new"] for r in recs])
-    old = target_logprobs(lm, p, [r["ground_truth"] if kind != "ns" else r["locality_ground_truth"] for r in recs])
-    return (new > old) if kind != "ns" else (old > new)
+def score() -> dict[str, torch.Tensor]:
+    """Per record: efficacy, generalization and specificity verdicts (METRICS.md)."""
+    ev = evaluate_counterfact(lm, recs)
+    return {k_: torch.tensor(ev[f"{long}_ok"]) for k_, long in
+            (("es", "efficacy"), ("ps", "generalization"), ("ns", "specificity"))}
 
 
 ref = heldout_text()
-ids = lm.tokenizer(ref, return_tensors="pt", add_special_tokens=False).input_ids[:, : a.ppl_tokens]
-wiki_x = []
-for i in range(0, ids.shape[1], 512):
-    with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
-        lm.model(input_ids=ids[:, i: i + 512], use_cache=False)
-    wiki_x.append(tr.inputs[name][0])
-wiki_x = torch.cat(wiki_x)
-base = {k_: float(score(k_).double().mean()) for k_ in ("es", "ps", "ns")}
+_, wiki_x = text_inputs(lm, name, ref, a.ppl_tokens)
+base = {k_: float(v.double().mean()) for k_, v in score().items()}
 base["ppl"] = perplexity(lm, ref, max_tokens=a.ppl_tokens)
 print("unedited", base, flush=True)
 rows = []
@@ -88,7 +92,7 @@ for ex in a.exact.split(","):
         else:
             st.meta["exact_threshold"] = float(ex)
         attach(lm, st)
-        s = {k_: score(k_) for k_ in ("es", "ps", "ns")}
+        s = score()
         ppl = perplexity(lm, ref, max_tokens=a.ppl_tokens)
         exact = one_hot_sets(st.tensors[EXACT], d) if EXACT in st.tensors else None
         fired = read_memory(wiki_x, st.tensors[BG], st.tensors[PERM], one_hot_sets(st.tensors[MASKS], d), k, thr,

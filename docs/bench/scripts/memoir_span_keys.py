@@ -23,8 +23,7 @@ from kedit.editors.attach import detach
 from kedit.editors.hparams import load_hparams
 from kedit.editors.io import load_state
 from kedit.editors.session import SessionCheckpoint
-from kedit.evaluation.metrics import perplexity, target_logprobs
-from kedit.hooks import Trace
+from kedit.evaluation.metrics import evaluate_counterfact, perplexity
 from kedit.models.store import load_model
 from kedit.stats.corpus import heldout_text
 from kedit.workspace import Workspace
@@ -59,13 +58,8 @@ print(f"span keys for {len(owners)} entries in {time.time() - t:.0f}s; "
 layer, k = int(state.meta["layer"]), int(state.meta["k"])
 name, d = lm.adapter.mlp_out_name(layer), state.tensors[M.BG].shape[0]
 ref = heldout_text()
-ids = lm.tokenizer(ref, return_tensors="pt", add_special_tokens=False).input_ids[:, : a.ppl_tokens]
-xs = []
-for i in range(0, ids.shape[1], 512):
-    with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
-        lm.model(input_ids=ids[:, i: i + 512], use_cache=False)
-    xs.append(tr.inputs[name][0])
-x = torch.cat(xs)
+ids, x = M.text_inputs(lm, name, ref, a.ppl_tokens)
+ids = ids[None]
 rd = M.read_memory(x, state.tensors[M.BG], state.tensors[M.PERM], M.one_hot_sets(state.tensors[M.MASKS], d), k,
                    float(state.meta["threshold"]))
 own, partial = set(), set()
@@ -107,20 +101,14 @@ for label, v in split.items():
 sample = [recs[i] for i in curve_sample(len(owners), a.records)]
 
 
-def score(kind):
-    p = [r["prompt"] if kind == "es" else r["rephrase_prompt"] if kind == "ps" else r["locality_prompt"] for r in sample]
-    new = target_logprobs(lm, p, [r["target_new"] for r in sample])
-    old = target_logprobs(lm, p, [r["ground_truth"] if kind != "ns" else r["locality_ground_truth"] for r in sample])
-    return float(((new > old) if kind != "ns" else (old > new)).double().mean())
-
-
 rows = []
 for thr in [None, *(float(t) for t in a.thresholds.split(","))]:
     st = unguarded if thr is None else keyed.copy()
     if thr is not None:
         st.meta["span_threshold"] = thr
     M.attach(lm, st)
-    row = dict(span_threshold=thr, **{kind: score(kind) for kind in ("es", "ps", "ns")})
+    ev = evaluate_counterfact(lm, sample)
+    row = dict(span_threshold=thr, es=ev["efficacy"], ps=ev["generalization"], ns=ev["specificity"])
     detach(lm.model, "memoir")
     row["ppl_change"] = ppl_of(st) / base - 1
     rows.append(row)

@@ -503,6 +503,20 @@ class MemoirEditor:
                           seconds=time.perf_counter() - t0)
 
 
+def text_inputs(lm, name: str, text: str, max_tokens: int, window: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``max_tokens`` tokens of ``text`` (int64 ``[T]``) and module ``name``'s input at each
+    (float32 ``[T, d]``), read in consecutive windows of ``window`` tokens, each a fresh text, as
+    perplexity reads it: which held-out tokens would read the memory, and through which entries."""
+    ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0, :max_tokens]
+    xs = []
+    with _attach.suspended(lm.model, METHOD):
+        for i in range(0, ids.shape[0], window):
+            with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
+                lm.model(input_ids=ids[None, i: i + window].to(lm.device), use_cache=False)
+            xs.append(tr.inputs[name][0].float().cpu())
+    return ids, torch.cat(xs) if xs else torch.zeros(0, lm.adapter.key_dim(0))
+
+
 def inputs_at(lm, name: str, seqs: list[list[int]], pos: list[int], chunk: int = 64) -> torch.Tensor:
     """Module ``name``'s input at position ``pos[i]`` of each sequence (float32 ``[rows, d]``), from
     right-padded forwards that stop at the module (causal rows never see their pads)."""
