@@ -508,13 +508,15 @@ def text_inputs(lm, name: str, text: str, max_tokens: int, window: int = 512) ->
     (float32 ``[T, d]``), read in consecutive windows of ``window`` tokens, each a fresh text, as
     perplexity reads it: which held-out tokens would read the memory, and through which entries."""
     ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0, :max_tokens]
+    if ids.numel() == 0:
+        raise ValueError("text_inputs: the text has no tokens")
     xs = []
     with _attach.suspended(lm.model, METHOD):
         for i in range(0, ids.shape[0], window):
             with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
                 lm.model(input_ids=ids[None, i: i + window].to(lm.device), use_cache=False)
             xs.append(tr.inputs[name][0].float().cpu())
-    return ids, torch.cat(xs) if xs else torch.zeros(0, lm.adapter.key_dim(0))
+    return ids, torch.cat(xs)
 
 
 def inputs_at(lm, name: str, seqs: list[list[int]], pos: list[int], chunk: int = 64) -> torch.Tensor:

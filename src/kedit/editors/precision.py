@@ -3,8 +3,9 @@
 bfloat16 matrix products are fast only on hardware with bfloat16 units: CUDA GPUs from compute
 capability 8.0 (Ampere) on, and x86 CPUs with AVX512-BF16 or AMX. Elsewhere PyTorch falls back to
 a generic kernel: on a 2-core AVX2 AMD EPYC a 2048² bfloat16 product ran at 0.3 GFLOP/s against 69
-in float32, and a memoir batch that takes 0.9 s per edit with bfloat16 units took 30 s. ``v_dtype:
-auto`` asks for bfloat16 where it is fast and float32 everywhere else.
+in float32, and memoir on SmolLM2 (CounterFact T=20, B=10) took 29.9 s per edit with v* in bfloat16,
+against 2.0 on a CPU with bfloat16 units. ``v_dtype: auto`` asks for bfloat16 where it is fast and
+float32 everywhere else.
 """
 
 from __future__ import annotations

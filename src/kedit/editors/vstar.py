@@ -226,7 +226,8 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
         for i, r in enumerate(requests)
     ]
     return VStar(delta=final, v0=v0, diagnostics=diags, steps=it, seconds=time.perf_counter() - t0, layer=layer,
-                 dtype="bfloat16" if bf16 else "float32", request_ids=tuple(r.id for r in requests), taps=tapped, taps_before=tapped_before)
+                 dtype="bfloat16" if bf16 else "float32", request_ids=tuple(r.id for r in requests),
+                 taps=tapped, taps_before=tapped_before)
 
 
 def _length_groups(seqs: list[list[int]], split: list[int]) -> list[list[int]]:
