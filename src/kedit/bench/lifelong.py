@@ -250,7 +250,8 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     return {
         "config": {**asdict(cfg), "model": lm.slug, "model_hash": lm.manifest.model_hash, "layers": layers,
                    "hparams": hp.to_dict(), "threads": torch.get_num_threads(),
-                   "v_matmul_dtype": resolve_v_dtype(hp.v_dtype, lm.device),
+                   # T-Patcher trains its patches directly and runs no v*
+                   "v_matmul_dtype": None if cfg.method == "tpatcher" else resolve_v_dtype(hp.v_dtype, lm.device),
                    "stats": {"dir": str(stats.dir), "key": stats.key, "n_tokens": stats.n_tokens} if stats else None,
                    "prefixes": prefixes, "nullspace_dim": nullspace, "eval_seconds": eval_seconds,
                    "load_average": _loadavg(), "subject_fallbacks": ds.subject_fallbacks(records),
@@ -354,7 +355,7 @@ def results_markdown(res: dict) -> str:
         "",
         f"{c['edits']} {ds.title} from `{Path(c['data']).name}` (offset {c['offset']}), batches of "
         f"{c['batch']}, all metrics after the last batch. Layers {c['layers']}; device {e['device']}; "
-        f"v* matmuls in {c.get('v_matmul_dtype', 'float32')}; "
+        + (f"v* matmuls in {c['v_matmul_dtype']}; " if c.get("v_matmul_dtype") else "") +
         f"load average at the end {c['load_average']}." + "".join(
             f" Left out as invalid: record {k['record']} ({k['reason']})." for k in c.get("skipped_records", [])),
         "",
