@@ -17,10 +17,11 @@ from typing import Any
 import yaml
 
 from kedit.atomic import sha256_json
+from kedit.editors.precision import V_DTYPES
 
 METHODS = ("rome", "memit", "alphaedit", "tpatcher", "memoir")
 # the string-valued settings and what each accepts: checked on every EditHparams, loaded or built
-_CHOICES = {"v_stop": ("nll", "most_probable"), "v_dtype": ("float32", "bfloat16", "auto"),
+_CHOICES = {"v_stop": ("nll", "most_probable"), "v_dtype": V_DTYPES,
             "key_mode": ("average", "contexts"), "mm_solver": ("vstar", "adam"), "mm_read": ("own", "shared"),
             "nullspace_mode": ("absolute", "relative_mean", "relative_max", "energy")}
 

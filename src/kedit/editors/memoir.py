@@ -410,8 +410,6 @@ def initial_state(lm, hp: EditHparams, texts: list[str] | None = None) -> Editor
     if hp.mm_exact_key:
         tensors[EXACT] = torch.zeros(0, hp.mm_k, dtype=torch.long)
         meta["exact_threshold"] = hp.mm_exact_threshold
-    if hp.mm_read_scale != 1.0:
-        meta["read_scale"] = hp.mm_read_scale
     return EditorState(METHOD, tensors=tensors, meta=meta)
 
 

@@ -146,7 +146,8 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     b1, b2, eps = 0.9, 0.999, 1e-8
     max_norm = hp.clamp_norm_factor * v0_norm
 
-    bf16 = resolve_v_dtype(hp.v_dtype, dev) == "bfloat16"
+    v_dtype = resolve_v_dtype(hp.v_dtype, dev)
+    bf16 = v_dtype == "bfloat16"
     autocast = torch.autocast(device_type=torch.device(dev).type, dtype=torch.bfloat16, enabled=bf16)
     replayed = [lm.adapter.module(lm.adapter.layer_name(i)) for i in range(layer + 1, n_layers)]
     active = torch.ones(n, dtype=torch.bool, device=dev)
@@ -226,7 +227,7 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
         for i, r in enumerate(requests)
     ]
     return VStar(delta=final, v0=v0, diagnostics=diags, steps=it, seconds=time.perf_counter() - t0, layer=layer,
-                 dtype="bfloat16" if bf16 else "float32", request_ids=tuple(r.id for r in requests),
+                 dtype=v_dtype, request_ids=tuple(r.id for r in requests),
                  taps=tapped, taps_before=tapped_before)
 
 
