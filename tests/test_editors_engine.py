@@ -176,6 +176,26 @@ def test_vstar_early_stop_masks_converged_requests(tiny_lm):
     assert torch.count_nonzero(vs.delta) == 0
 
 
+def test_vstar_init_starts_adam_there_and_keeps_the_unedited_kl_reference(tiny_lm):
+    hp = _hp("memit", v_steps=5, v_lr=0.05, kl_factor=1.0, clamp_norm_factor=100.0)
+    cold = optimise_vstar(tiny_lm, REQS, PREFIXES, hp, 2)
+    zero = optimise_vstar(tiny_lm, REQS, PREFIXES, hp, 2, init=torch.zeros_like(cold.delta))
+    assert torch.equal(zero.delta, cold.delta)
+    # started where the cold run ended: its first loss is the cold run's last one, KL term included
+    # (a KL measured from the start instead would read 0 there), and a second run moves on from there
+    warm = optimise_vstar(tiny_lm, REQS, PREFIXES, hp, 2, init=cold.delta)
+    for c, w in zip(cold.diagnostics, warm.diagnostics):
+        assert w.vstar_loss_start == pytest.approx(c.vstar_loss_end, rel=1e-4, abs=1e-6)
+        assert w.vstar_loss_end < c.vstar_loss_end
+    met = _hp("memit", v_steps=5, v_lr=0.05, clamp_norm_factor=100.0,
+              v_stop_nll=max(d.vstar_loss_end for d in cold.diagnostics) + 1.0)
+    done = optimise_vstar(tiny_lm, REQS, PREFIXES, met, 2, init=cold.delta)
+    assert all(d.vstar_steps == 0 and d.constraint_met for d in done.diagnostics)
+    assert torch.equal(done.delta, cold.delta)
+    with pytest.raises(ValueError, match="init has shape"):
+        optimise_vstar(tiny_lm, REQS, PREFIXES, hp, 2, init=cold.delta[:2])
+
+
 def _top_tokens_hit(lm, reqs, vs, layer):
     """Whether, with each δ added to the layer-``layer`` output at its subject, every target token is
     the model's top prediction in every context (checked with a hook on the real forward)."""

@@ -515,3 +515,50 @@ def test_bad_settings_and_foreign_state_are_refused(tiny_lm):
         _editor(_hp(mm_layer=3)).compute(tiny_lm, [_req(A)], None, None)
     with pytest.raises(ValueError, match="not 'memoir'"):
         _editor().compute(tiny_lm, [_req(A)], EditorState("alphaedit"), None)
+
+
+def test_warm_start_is_the_mean_stored_vstar_of_the_same_object():
+    from kedit.editors.memoir import warm_start
+
+    g = torch.Generator().manual_seed(0)
+    vs = torch.randn(4, 5, generator=g)
+    init, hits = warm_start(["Paris", "Rome", " Paris", None], vs, ["Paris ", "Berlin", "Rome"])
+    assert hits == 2
+    mean = (vs[0] + vs[2]) / 2  # the mean's direction at the entries' mean length
+    assert torch.allclose(init[0], mean / mean.norm() * (vs[0].norm() + vs[2].norm()) / 2)
+    assert torch.allclose(init[2], vs[1])
+    assert torch.count_nonzero(init[1]) == 0  # a new object starts from 0
+    empty, none = warm_start([], torch.zeros(0, 5), ["Paris"])
+    assert none == 0 and torch.count_nonzero(empty) == 0
+
+
+def test_warm_start_stores_each_entrys_vstar_and_starts_the_same_object_there(tiny_lm, monkeypatch):
+    from kedit.editors import vstar as vstar_mod
+    from kedit.editors.memoir import VSTAR, retract
+
+    lm = tiny_lm
+    starts = []
+    real = vstar_mod.optimise_vstar
+    monkeypatch.setattr(vstar_mod, "optimise_vstar",
+                        lambda *a, **k: starts.append(k.get("init")) or real(*a, **k))
+    ed = _editor(_hp(mm_warm_start=True))
+    first = ed.compute(lm, [_req(A), _req(B)], None, None)
+    assert starts[0] is None  # an empty memory has nothing to start from
+    st = first.state
+    assert st.meta["entry_target"] == ["Tokyo", "Dutch"] and st.tensors[VSTAR].shape == (2, lm.adapter.out_dim(1))
+    assert first.layer_info["memory"]["warm_started"] == 0.0
+    c = dict(A, subject="Danielle Darrieux", id="c")  # the object "Tokyo" again, and a new one
+    d = dict(B, target_new="Greek", id="d")
+    second = ed.compute(lm, [_req(c), _req(d)], st, None)
+    assert torch.allclose(starts[1][0], st.tensors[VSTAR][0]) and torch.count_nonzero(starts[1][1]) == 0
+    assert second.layer_info["memory"]["warm_started"] == 1.0
+    assert second.state.meta["entry_target"] == ["Tokyo", "Dutch", "Tokyo", "Greek"]
+    assert torch.equal(second.state.tensors[VSTAR][:2], st.tensors[VSTAR])
+    less = retract(second.state, "a")  # the retracted fact's v* no longer starts anything
+    assert less.meta["entry_target"] == ["Dutch", "Tokyo", "Greek"]
+    assert torch.equal(less.tensors[VSTAR], second.state.tensors[VSTAR][1:])
+    # written without it: no v* kept; an old memory gets zeros and unknown objects for its entries
+    off = _editor().compute(lm, [_req(A)], None, None).state
+    assert VSTAR not in off.tensors and "entry_target" not in off.meta
+    on = ed.compute(lm, [_req(B)], off, None).state
+    assert on.meta["entry_target"] == [None, "Dutch"] and torch.count_nonzero(on.tensors[VSTAR][0]) == 0

@@ -184,7 +184,10 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
         b, dt, res, done = rep.index, rep.seconds, rep.result, rep.done
         met = sum(d.constraint_met for d in res.diagnostics)
         z = res.layer_info.get("z", {}).get("relative_residual_after")
-        log(f"batch {b + 1}/{n_batches}: {dt:.1f}s ({dt / rep.n:.2f} s/edit), v* met {met}/{rep.n}"
+        steps = sum(d.vstar_steps for d in res.diagnostics) / max(len(res.diagnostics), 1)
+        warm = res.layer_info.get("memory", {}).get("warm_started")
+        log(f"batch {b + 1}/{n_batches}: {dt:.1f}s ({dt / rep.n:.2f} s/edit), v* met {met}/{rep.n} "
+            f"in {steps:.1f} steps" + (f" ({warm:.0f} warm-started)" if warm else "")
             + (f", z residual {z:.3f}" if z is not None else "")
             + (f", norm anchor skipped {sum(d.norm_anchor_skipped for d in res.diagnostics)}"
                if "norm_anchor" in res.layer_info else ""))

@@ -96,6 +96,9 @@ class EditHparams:
     # share of an entry's block that a reading token adds (1: all of it). Below 1 every read writes less:
     # less damage where general text reads an entry, bought with generalization (docs/editing.md, read scale)
     mm_read_scale: float = 1.0
+    # "vstar": start each request's Adam from the mean v* of the stored entries with the same new object
+    # (kept in the state, one d_out-vector per entry); a new object, or off, starts from 0
+    mm_warm_start: bool = False
     mm_ridge: float = 0.01  # "vstar": ridge of the closed form, times the mean squared norm of the masked inputs
     mm_lr: float = 0.1  # Adam on each edit's block
     mm_steps: int = 40
@@ -131,6 +134,9 @@ class EditHparams:
         if not 0.0 < self.mm_read_scale <= 1.0:
             raise ValueError(f"hparams ({self.source or 'inline'}): need 0 < mm_read_scale <= 1 "
                              f"(got {self.mm_read_scale!r})")
+        if not isinstance(self.mm_warm_start, bool):
+            raise ValueError(f"hparams ({self.source or 'inline'}): need mm_warm_start true or false "
+                             f"(got {self.mm_warm_start!r})")
         if not isinstance(self.mm_span_key, bool) or not 0.0 <= self.mm_span_threshold <= 1.0:
             raise ValueError(f"hparams ({self.source or 'inline'}): need mm_span_key true or false and "
                              f"0 <= mm_span_threshold <= 1 (got {self.mm_span_key!r}, {self.mm_span_threshold!r})")

@@ -8,6 +8,8 @@ on the KL prompt, plus ``v_weight_decay`` · (‖δ‖/‖v₀‖)². Losses are
 each step replays only the blocks above and unembeds only the positions that predict target
 tokens. A request whose NLL falls below ``v_stop_nll`` (or, with ``v_stop: most_probable``, whose
 target tokens are all the top prediction in every context) is frozen and its rows leave the batch.
+δ starts at 0, or where the caller says (``init``: memoir's warm start from earlier edits to the same
+object); the KL term always compares with the unedited model.
 With ``v_dtype: bfloat16`` the replayed matrices run as bfloat16 copies under autocast (attention,
 δ and everything else float32): 1.5x faster on a CPU with bfloat16 units, the same edits on SmolLM2;
 ``v_dtype: auto`` does so only where the device has such units (a CPU without them runs bfloat16
@@ -80,9 +82,11 @@ def vstar_for(lm, requests: list[EditRequest], prefixes: list[str], hp: EditHpar
 
 
 def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: EditHparams, layer: int,
-                   progress=None, taps: Sequence[str] = ()) -> VStar:
+                   progress=None, taps: Sequence[str] = (), init: torch.Tensor | None = None) -> VStar:
     """``taps``: modules at or below ``layer`` whose input at every context's subject token the first
-    (no-grad) pass also returns, in ``VStar.taps``: what an editor would otherwise run the model for."""
+    (no-grad) pass also returns, in ``VStar.taps``: what an editor would otherwise run the model for.
+    ``init`` ([n, d]): where Adam starts δ (zeros when not given); the KL term and the weight decay
+    still measure from the unedited model, so a start changes only how many steps δ needs."""
     import time
 
     t0 = time.perf_counter()
@@ -139,7 +143,13 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     v0 = average_by_request(h0[ctx_rows], rows_req[:kl_row0], n)  # [n, d]
     v0_norm = v0.norm(dim=1).to(torch.float32).clamp_min(1e-8)
     d = v0.shape[1]
-    delta = torch.zeros(n, d, device=dev, dtype=torch.float32, requires_grad=True)
+    delta = torch.zeros(n, d, device=dev, dtype=torch.float32)
+    if init is not None:
+        if tuple(init.shape) != (n, d):
+            raise ValueError(f"v*: init has shape {tuple(init.shape)}, the batch needs ({n}, {d})")
+        delta.copy_(init.to(dev, torch.float32))
+    delta.requires_grad_(True)
+    warm = init is not None and bool(init.ne(0).any())
     m = torch.zeros(n, d, device=dev)
     v = torch.zeros(n, d, device=dev)
     t_step = torch.zeros(n, device=dev)
@@ -164,6 +174,12 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
             low_precision.enter_context(matmul_weights_in([*replayed, lm.adapter.unembed], torch.bfloat16))
         for it in range(max(1, hp.v_steps)):
             act_idx = active.nonzero().squeeze(1)
+            if it == 0 and warm:  # the KL reference is the unedited model's, not the warm start's
+                with torch.no_grad(), autocast:
+                    k0 = [g.step(lm, torch.zeros_like(delta), active, kl_only=True) for g in groups]
+                    kl0 = torch.log_softmax(unembed_states(lm, torch.cat([k[2] for k in k0])), dim=-1)
+                kl_init = torch.zeros(n, kl0.shape[1], device=dev)
+                kl_init[torch.cat([k[3] for k in k0])] = kl0
             xs, pids, kxs, kreqs = [], [], [], []
             with autocast:
                 for g in groups:  # rows of one suffix length each: no padding in the replayed blocks
@@ -271,10 +287,13 @@ class _Group:
                    pair_idx=col(pairs, 0), pair_lrow=col(pairs, 1), pair_col=col(pairs, 2),
                    kl_lrow=col(kls, 0), kl_col=col(kls, 1), kl_req=col(kls, 2))
 
-    def step(self, lm, delta: torch.Tensor, active: torch.Tensor):
+    def step(self, lm, delta: torch.Tensor, active: torch.Tensor, kl_only: bool = False):
         """Replay the active rows with δ added at the subject; return the final hidden states at the
-        target pairs (and their global ids) and at the KL read positions (and their requests)."""
+        target pairs (and their global ids) and at the KL read positions (and their requests).
+        ``kl_only``: replay only the KL prompts' rows (no target pairs come back)."""
         act = active[self.req]
+        if kl_only:
+            act = act & torch.zeros_like(act).index_fill_(0, self.kl_lrow, True)
         n_g = self.rows.numel()
         sel = act.nonzero().squeeze(1)
         full = sel.numel() == n_g
