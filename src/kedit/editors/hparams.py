@@ -96,8 +96,9 @@ class EditHparams:
     # share of an entry's block that a reading token adds (1: all of it). Below 1 every read writes less:
     # less damage where general text reads an entry, bought with generalization (docs/editing.md, read scale)
     mm_read_scale: float = 1.0
-    # "vstar": start each request's Adam from the mean v* of the stored entries with the same new object
-    # (kept in the state, one d_out-vector per entry); a new object, or off, starts from 0
+    # "vstar": start each request's Adam from the stored v* of the entries with the same new object (their
+    # mean direction at their mean norm; kept in the state, one d_out-vector per entry); a new object, or
+    # off, starts from 0
     mm_warm_start: bool = False
     mm_ridge: float = 0.01  # "vstar": ridge of the closed form, times the mean squared norm of the masked inputs
     mm_lr: float = 0.1  # Adam on each edit's block
