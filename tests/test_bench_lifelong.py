@@ -285,13 +285,76 @@ def test_curve_records_samples_points_and_the_baseline_is_checkpointed(tiny_toke
     assert S.SessionCheckpoint.load(ck).batches_done == 0
     monkeypatch.setattr(S.EditSession, "step", real_step)
     calls = []
-    real_metrics = L._model_metrics
-    monkeypatch.setattr(L, "_model_metrics", lambda *a, **k: calls.append(a[8]) or real_metrics(*a, **k))
+    for name in ("_baseline_metrics", "_final_metrics"):
+        real = getattr(L, name)
+        monkeypatch.setattr(L, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     resumed = run_lifelong(fresh(), workspace, cfg, progress=False, checkpoint=ck, resume=True)
-    assert len(calls) == 1 and calls[0] is not None  # only the final evaluation ran; the baseline was read back
+    assert calls == ["_final_metrics"]  # only the final evaluation ran; the baseline was read back
     assert resumed["config"]["checkpoint"]["resumed_after_batches"] == 0
     assert resumed["curve"] == straight["curve"] and resumed["diagnostics"] == straight["diagnostics"]
     timing = ("seconds_per_edit", "edit_seconds", "one_time_seconds", "peak_memory_mb")
     for block in ("baseline", "edited"):
         assert {k: v for k, v in resumed[block].items() if k not in timing} == \
             {k: v for k, v in straight[block].items() if k not in timing}
+
+
+def test_a_kill_inside_the_final_evaluation_resumes_with_the_pieces_already_scored(
+        tiny_tokenizer, workspace, cf_file, tmp_path, monkeypatch):
+    """The final evaluation runs in pieces of EVAL_CHUNK records, each saved beside the checkpoint: a
+    kill in the second piece resumes at it (the first is read back, not scored again) and ends with the
+    results of a straight run; the pieces joined equal one evaluation of every record."""
+    import kedit.bench.lifelong as L
+    import kedit.evaluation.metrics as M
+    import kedit.stats.corpus as corpus
+    from kedit.bench.datasets import get_dataset
+    from kedit.models.store import wrap_model
+    from tests.conftest import make_tiny_model
+
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    monkeypatch.setattr(L, "EVAL_CHUNK", 2)
+    cfg = LifelongConfig(method="memoir", data=str(cf_file), edits=3, batch=3, eval_every=5, fluency_prompts=2,
+                         fluency_tokens=8, ppl_tokens=200,
+                         overrides={"layers": [1], "n_prefixes": 1, "prefix_len": 3, "v_steps": 3, "mm_bg_docs": 4})
+
+    def fresh():
+        return wrap_model(make_tiny_model("llama"), tiny_tokenizer, slug="tiny-llama")
+
+    straight = run_lifelong(fresh(), workspace, cfg, progress=False)
+    ck = tmp_path / "run" / "checkpoint.safetensors"
+    scored, real_eval = [], M.evaluate_counterfact
+
+    class Killed(Exception):
+        pass
+
+    def evaluate(lm, records, *a, kill_at=None, **k):
+        scored.append([r["case_id"] for r in records])
+        if len(scored) == kill_at:
+            raise Killed
+        return real_eval(lm, records, *a, **k)
+
+    # calls: the baseline (3 records), then the final pieces [1, 2] and [3]; the kill is in the second piece
+    monkeypatch.setattr(M, "evaluate_counterfact", lambda *a, **k: evaluate(*a, kill_at=3, **k))
+    with pytest.raises(Killed):
+        run_lifelong(fresh(), workspace, cfg, progress=False, checkpoint=ck, checkpoint_every=1)
+    assert scored == [[1, 2, 3], [1, 2], [3]] and (ck.parent / "checkpoint.eval.json").exists()
+    scored.clear()
+    monkeypatch.setattr(M, "evaluate_counterfact", lambda *a, **k: evaluate(*a, **k))
+    resumed = run_lifelong(fresh(), workspace, cfg, progress=False, checkpoint=ck, resume=True)
+    assert scored == [[3]]  # the first piece was read back
+    timing = ("seconds_per_edit", "edit_seconds", "one_time_seconds", "peak_memory_mb")
+    assert {k: v for k, v in resumed["edited"].items() if k not in timing} == \
+        {k: v for k, v in straight["edited"].items() if k not in timing}
+    assert resumed["curve"] == straight["curve"]
+    # a new run in the same place starts its evaluation afresh: the saved pieces are dropped
+    scored.clear()
+    run_lifelong(fresh(), workspace, cfg, progress=False, checkpoint=ck, checkpoint_every=5,
+                 on_batch=lambda rep: None)
+    assert scored == [[1, 2, 3], [1, 2], [3]]
+
+    ds, lm = get_dataset("counterfact"), fresh()
+    whole = ds.evaluate(lm, RECORDS, None, [1, 2, 3])
+    joined = ds.merge([ds.evaluate(lm, RECORDS[:1], None, [1]), ds.evaluate(lm, RECORDS[1:], None, [2, 3])])
+    assert {k: v for k, v in joined.items() if k not in ("magnitude", "efficacy_magnitude", "score")} == \
+        {k: v for k, v in whole.items() if k not in ("magnitude", "efficacy_magnitude", "score")}
+    assert joined["magnitude"] == pytest.approx(whole["magnitude"], abs=1e-6)
+    assert joined["score"] == pytest.approx(whole["score"], abs=1e-12)

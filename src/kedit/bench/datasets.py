@@ -76,6 +76,24 @@ def _zsre_evaluate(lm, records: list[dict], reference: Any, ids: list) -> dict:
     return evaluate_zsre(lm, records, None if reference is None else reference[: len(records)], ids=ids)
 
 
+def _joined(parts: list[dict], key: str) -> list:
+    return [x for p in parts for x in p[key]]
+
+
+def _merge_counterfact(parts: list[dict]) -> dict:
+    from kedit.evaluation.metrics import counterfact_result
+
+    return counterfact_result(*(_joined(parts, k) for k in ("ids", "efficacy_ok", "generalization_ok",
+                                                            "specificity_ok", "magnitude")))
+
+
+def _merge_zsre(parts: list[dict]) -> dict:
+    from kedit.evaluation.metrics import zsre_result
+
+    return zsre_result(*(_joined(parts, k) for k in ("ids", "reliability_per_record", "generalization_per_record",
+                                                     "locality_per_record", "locality_predictions")))
+
+
 def _check_counterfact(records: list[dict], where: str) -> None:
     from kedit.evaluation.metrics import check_counterfact
 
@@ -104,6 +122,7 @@ class BenchDataset:
     to_request: Callable[[dict, str, str], EditRequest]  # (record, id, where)
     reference: Callable[[Any, list[dict]], Any]  # what the unedited model gives that locality compares with
     evaluate: Callable[[Any, list[dict], Any, list], dict]  # (lm, records, reference, ids) -> metrics
+    merge: Callable[[list[dict]], dict]  # evaluate's results over consecutive chunks -> the one over all
 
     def default_data(self) -> Path:
         """The data set's file in the first ../shared/data that has it (else the first candidate, which
@@ -171,14 +190,15 @@ DATASETS = {
         metrics=("efficacy", "generalization", "specificity"),
         report=("efficacy", "generalization", "specificity", "efficacy_magnitude", "score"),
         prompt_field="prompt", locality_field="locality_prompt", check=_check_counterfact,
-        to_request=_counterfact_request, reference=_counterfact_reference, evaluate=_counterfact_evaluate),
+        to_request=_counterfact_request, reference=_counterfact_reference, evaluate=_counterfact_evaluate,
+        merge=_merge_counterfact),
     "zsre": BenchDataset(
         name="zsre", file="zsre-dev-1k.json", title="zsRE records",
         metrics=("reliability", "generalization", "locality"),
         report=("reliability", "generalization", "locality"),
         prompt_field="src", locality_field="loc", check=_check_zsre,
         to_request=lambda r, rid, where: zsre_request(r, rid, where), reference=_zsre_reference,
-        evaluate=_zsre_evaluate),
+        evaluate=_zsre_evaluate, merge=_merge_zsre),
 }
 
 

@@ -70,26 +70,78 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _model_metrics(lm, ds, records: list[dict], reference: Any, ids: list, fluency_prompts: list[str],
-                   ref_text: str, ppl_tokens: int, loc_before: torch.Tensor | None,
-                   fluency_tokens: int = 100) -> tuple[dict, torch.Tensor]:
+def _generation_metrics(lm, fluency_prompts: list[str], fluency_tokens: int, ref_text: str, ppl_tokens: int) -> dict:
+    """Fluency, greedy entropy (and their setup) and held-out perplexity."""
+    from kedit.evaluation import metrics as M
+
+    # fluency is METRICS.md's GE (top-k 5 sampling from a fixed seed); greedy_entropy the same n-gram
+    # entropy of greedy continuations of the same prompts, which sampling noise cannot mask
+    return {"fluency": M.generation_entropy(lm, fluency_prompts, max_new_tokens=fluency_tokens),
+            "greedy_entropy": M.greedy_entropy(lm, fluency_prompts, max_new_tokens=fluency_tokens),
+            "fluency_setup": {"prompts": len(fluency_prompts), "new_tokens": fluency_tokens,
+                              "top_k": M.FLUENCY_TOP_K, "seed": M.FLUENCY_SEED},
+            "perplexity": M.perplexity(lm, ref_text, max_tokens=ppl_tokens)}
+
+
+def _baseline_metrics(lm, ds, records: list[dict], reference: Any, ids: list, fluency_prompts: list[str],
+                      ref_text: str, ppl_tokens: int, fluency_tokens: int = 100) -> tuple[dict, torch.Tensor]:
+    """Every metric of the unedited model, and its next-token distributions on the locality prompts
+    (what the edited model's neighbourhood KL and canary agreement compare with)."""
     from kedit.evaluation import metrics as M
 
     cf = ds.evaluate(lm, records, reference, ids)
     loc = M.next_token_logprobs(lm, [r[ds.locality_field] for r in records])
-    out = {k: cf[k] for k in ds.report}
-    # fluency is METRICS.md's GE (top-k 5 sampling from a fixed seed); greedy_entropy the same n-gram
-    # entropy of greedy continuations of the same prompts, which sampling noise cannot mask
-    out["fluency"] = M.generation_entropy(lm, fluency_prompts, max_new_tokens=fluency_tokens)
-    out["greedy_entropy"] = M.greedy_entropy(lm, fluency_prompts, max_new_tokens=fluency_tokens)
-    out["fluency_setup"] = {"prompts": len(fluency_prompts), "new_tokens": fluency_tokens,
-                            "top_k": M.FLUENCY_TOP_K, "seed": M.FLUENCY_SEED}
-    out["perplexity"] = M.perplexity(lm, ref_text, max_tokens=ppl_tokens)
-    out["nkl"] = 0.0 if loc_before is None else M.neighbourhood_kl(loc_before, loc)
-    # METRICS.md's canary agreement with the locality prompts as the canary set: greedy next token unchanged
-    out["canary_agreement"] = 1.0 if loc_before is None else M.canary_agreement(loc_before.argmax(-1), loc.argmax(-1))
+    out = {k: cf[k] for k in ds.report} | _generation_metrics(lm, fluency_prompts, fluency_tokens, ref_text, ppl_tokens)
+    out["nkl"] = 0.0  # the model against itself
+    out["canary_agreement"] = 1.0
     out["failed_ids"] = cf["failed_ids"]
     return out, loc
+
+
+EVAL_CHUNK = 1000  # records per piece of the final evaluation; with a checkpoint each piece is saved
+
+
+def _final_metrics(lm, ds, records: list[dict], reference: Any, ids: list, fluency_prompts: list[str],
+                   ref_text: str, ppl_tokens: int, loc_before: torch.Tensor, fluency_tokens: int,
+                   partial: Path | None, identity: dict, log) -> dict:
+    """Every metric of the edited model (as :func:`_baseline_metrics`, with the neighbourhood KL and
+    canary agreement against the unedited ``loc_before``), in pieces of :data:`EVAL_CHUNK` records. With
+    ``partial`` (a file beside the checkpoint) each piece's per-record results are saved as it ends and
+    a resumed run scores only the pieces not saved yet: over 10,000 records the final evaluation takes
+    about an hour on a CPU, and a kill inside it no longer costs all of it. The pieces are the same
+    whether or not the run was interrupted, so the result is too. ``identity`` names the run and state
+    the saved pieces belong to; pieces saved for anything else are ignored."""
+    from kedit.evaluation import metrics as M
+
+    saved = json.loads(partial.read_text()) if partial is not None and partial.exists() else {}
+    if {k: saved.get(k) for k in identity} != identity:
+        saved = {}
+    parts: list[dict] = saved.get("parts", [])
+    if parts:
+        log(f"final evaluation: {min(len(parts) * EVAL_CHUNK, len(records))}/{len(records)} records "
+            f"read back from {partial}")
+    for start in range(len(parts) * EVAL_CHUNK, len(records), EVAL_CHUNK):
+        end = min(start + EVAL_CHUNK, len(records))
+        t = time.perf_counter()
+        cf = ds.evaluate(lm, records[start:end], None if reference is None else reference[start:end], ids[start:end])
+        loc = M.next_token_logprobs(lm, [r[ds.locality_field] for r in records[start:end]])
+        # METRICS.md's canary agreement with the locality prompts as the canary set: greedy next token unchanged
+        parts.append({"scores": _jsonable(cf), "kl": M.kl_rows(loc_before[start:end], loc).tolist(),
+                      "canary": (loc_before[start:end].argmax(-1) == loc.argmax(-1)).tolist()})
+        if partial is not None:
+            write_json_atomic(partial, {**identity, "parts": parts})
+        log(f"final evaluation: {end}/{len(records)} records ({time.perf_counter() - t:.0f}s)")
+    cf = ds.merge([p["scores"] for p in parts])
+    if "generation" not in saved:  # fluency and perplexity: one piece of their own, after the records
+        saved["generation"] = _generation_metrics(lm, fluency_prompts, fluency_tokens, ref_text, ppl_tokens)
+        if partial is not None:
+            write_json_atomic(partial, {**identity, "parts": parts, "generation": saved["generation"]})
+    out = {k: cf[k] for k in ds.report} | saved["generation"]
+    out["nkl"] = float(torch.tensor([x for p in parts for x in p["kl"]], dtype=torch.float64).mean())
+    same = [x for p in parts for x in p["canary"]]
+    out["canary_agreement"] = sum(same) / len(same)
+    out["failed_ids"] = cf["failed_ids"]
+    return out
 
 
 def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: str | Path | None = None,
@@ -136,12 +188,16 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     log = ProgressLog(progress)
     ck = _resume_point(lm, cfg, checkpoint, log) if resume else None
     resumed_after = ck.batches_done if ck else 0
+    # the final evaluation's saved pieces (beside the checkpoint); any from an earlier run go
+    partial = None if checkpoint is None else Path(checkpoint).with_name(Path(checkpoint).stem + ".eval.json")
+    if partial is not None and (ck is None or ck.batches_done < n_batches):
+        partial.unlink(missing_ok=True)
 
     t = time.perf_counter()
     reference = ds.reference(lm, records)  # the unedited model's answers that locality compares with
     if ck is None:
-        baseline, loc_before = _model_metrics(lm, ds, records, reference, ids, fluency_prompts, ref_text,
-                                              cfg.ppl_tokens, None, cfg.fluency_tokens)
+        baseline, loc_before = _baseline_metrics(lm, ds, records, reference, ids, fluency_prompts, ref_text,
+                                                 cfg.ppl_tokens, cfg.fluency_tokens)
     else:  # measured before the first batch; only the locality distributions are read again
         baseline, loc_before = _resumed_baseline(lm, ds, records, ck.extra)
     eval_seconds = time.perf_counter() - t + (ck.extra["eval_seconds"] if ck else 0.0)
@@ -230,8 +286,11 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     layer_infos = result.batch_layer_info
 
     t = time.perf_counter()
-    edited, _ = _model_metrics(lm, ds, records, reference, ids, fluency_prompts, ref_text, cfg.ppl_tokens,
-                               loc_before, cfg.fluency_tokens)
+    edited = _final_metrics(lm, ds, records, reference, ids, fluency_prompts, ref_text, cfg.ppl_tokens, loc_before,
+                            cfg.fluency_tokens, partial, {"config": _jsonable(asdict(cfg)),
+                                                          "model_hash": lm.manifest.model_hash,
+                                                          "edits_applied": session.n_edits, "chunk": EVAL_CHUNK},
+                            log)
     eval_seconds += time.perf_counter() - t
     curve[-1].update({k: edited[k] for k in ds.metrics}, perplexity=edited["perplexity"])
     edited["seconds_per_edit"] = edit_seconds / cfg.edits

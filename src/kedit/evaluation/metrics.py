@@ -273,13 +273,20 @@ def evaluate_counterfact(lm: LoadedModel, records: Sequence[dict], batch_size: i
     sums, counts = _score_pairs(lm, prompts, targets, batch_size)
     mean = (sums / counts).view(n, 6)
     total = sums.view(n, 6)
-    es = (mean[:, 0] > mean[:, 1]).tolist()
-    ps = (mean[:, 2] > mean[:, 3]).tolist()
-    ns = (mean[:, 4] > mean[:, 5]).tolist()
-    em = (total[:, 0].exp() - total[:, 1].exp()).tolist()
+    return counterfact_result([r["case_id"] for r in records], (mean[:, 0] > mean[:, 1]).tolist(),
+                              (mean[:, 2] > mean[:, 3]).tolist(), (mean[:, 4] > mean[:, 5]).tolist(),
+                              (total[:, 0].exp() - total[:, 1].exp()).tolist())
+
+
+def counterfact_result(ids: list, es: list[bool], ps: list[bool], ns: list[bool], em: list[float]) -> dict:
+    """:func:`evaluate_counterfact`'s result from its per-record verdicts and magnitudes (also how the
+    results of consecutive record chunks join into the one over all of them)."""
+    n = len(es)
+    if n == 0 or not len(ids) == len(ps) == len(ns) == len(em) == n:
+        raise ValueError(f"counterfact_result: {len(ids)} ids, {n}/{len(ps)}/{len(ns)}/{len(em)} ES/PS/NS/EM values")
     res = CounterFactResult(
         efficacy=sum(es) / n, generalization=sum(ps) / n, specificity=sum(ns) / n,
-        efficacy_magnitude=sum(em) / n, score=0.0, n=n, ids=[r["case_id"] for r in records],
+        efficacy_magnitude=sum(em) / n, score=0.0, n=n, ids=list(ids),
         efficacy_ok=es, generalization_ok=ps, specificity_ok=ns, magnitude=em,
     )
     res.score = harmonic_mean([res.efficacy, res.generalization, res.specificity])
@@ -553,7 +560,15 @@ def evaluate_zsre(lm: LoadedModel, records: Sequence[dict], loc_before: Sequence
     loc_now = preds[2 * n:]
     ref = loc_now if loc_before is None else loc_before
     loc = [token_accuracy(loc_now[i], ref[i]) for i in range(n)]
-    ids = list(range(n)) if ids is None else list(ids)
+    return zsre_result(list(range(n)) if ids is None else list(ids), rel, gen, loc, loc_now)
+
+
+def zsre_result(ids: list, rel: list[float], gen: list[float], loc: list[float], loc_now: list) -> dict:
+    """:func:`evaluate_zsre`'s result from its per-record accuracies and locality predictions (also how
+    the results of consecutive record chunks join into the one over all of them)."""
+    n = len(rel)
+    if n == 0 or not len(ids) == len(gen) == len(loc) == len(loc_now) == n:
+        raise ValueError(f"zsre_result: {len(ids)} ids, {n}/{len(gen)}/{len(loc)}/{len(loc_now)} per-record values")
     return {"reliability": sum(rel) / n, "generalization": sum(gen) / n, "locality": sum(loc) / n, "n": n,
             "ids": ids, "reliability_per_record": rel, "generalization_per_record": gen,
             "locality_per_record": loc, "locality_predictions": loc_now,
