@@ -206,6 +206,48 @@ def test_checkpoint_and_resume_continue_bit_exactly(method, tiny_lm, tmp_path):
         SessionCheckpoint.load(tmp_path / "other.safetensors")
 
 
+@pytest.mark.parametrize("method", ["memit", "memoir"])
+def test_unedited_runs_the_model_as_the_session_began(method, tiny_lm, tmp_path):
+    """Inside ``unedited()`` the model gives the unedited logits bit for bit (weights back at their
+    starting values, added modules off); after it, the edited ones, also after a resume."""
+    from tests.test_editors_memoir import _editor
+    from tests.test_editors_memoir import _hp as memoir_hp
+
+    ids = tiny_lm.tokenizer("The Eiffel Tower is located in", return_tensors="pt").input_ids
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return tiny_lm.model(ids).logits
+
+    plain = logits()
+    base = _weights(tiny_lm)
+    if method == "memit":
+        editor, stats = get_editor(method, _fast(method), cache_dir=tmp_path), _stats(tiny_lm)
+    else:
+        editor, stats = _editor(memoir_hp()), None  # the query is the first edit's own prompt
+    session = EditSession(tiny_lm, editor, stats)
+    session.apply(REQS[:2], batch_size=1)
+    edited = logits()
+    assert not torch.equal(edited, plain)
+    with session.unedited():
+        assert torch.equal(logits(), plain)
+    assert torch.equal(logits(), edited)
+    with pytest.raises(RuntimeError, match="inside"), session.unedited():  # an error inside puts the edits back
+        raise RuntimeError("inside")
+    assert torch.equal(logits(), edited)
+    ck = session.checkpoint()
+    tiny_lm.model.load_state_dict(base)
+    from kedit.editors.attach import detach
+
+    detach(tiny_lm.model, "memoir")
+    resumed = EditSession.resume(tiny_lm, editor, ck, stats)
+    assert torch.equal(logits(), edited)
+    with resumed.unedited():
+        assert torch.equal(logits(), plain)
+    assert torch.equal(logits(), edited)
+    detach(tiny_lm.model, "memoir")
+
+
 class _Block(torch.nn.Module):
     def __init__(self, i: int, ran: list[int]) -> None:
         super().__init__()

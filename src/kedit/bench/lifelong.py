@@ -84,28 +84,26 @@ def _generation_metrics(lm, fluency_prompts: list[str], fluency_tokens: int, ref
 
 
 def _baseline_metrics(lm, ds, records: list[dict], reference: Any, ids: list, fluency_prompts: list[str],
-                      ref_text: str, ppl_tokens: int, fluency_tokens: int = 100) -> tuple[dict, torch.Tensor]:
-    """Every metric of the unedited model, and its next-token distributions on the locality prompts
-    (what the edited model's neighbourhood KL and canary agreement compare with)."""
-    from kedit.evaluation import metrics as M
-
+                      ref_text: str, ppl_tokens: int, fluency_tokens: int = 100) -> dict:
+    """Every metric of the unedited model (its neighbourhood KL and canary agreement against itself:
+    0 and 1; the edited model's are read against it piece by piece in :func:`_final_metrics`)."""
     cf = ds.evaluate(lm, records, reference, ids)
-    loc = M.next_token_logprobs(lm, [r[ds.locality_field] for r in records])
     out = {k: cf[k] for k in ds.report} | _generation_metrics(lm, fluency_prompts, fluency_tokens, ref_text, ppl_tokens)
-    out["nkl"] = 0.0  # the model against itself
+    out["nkl"] = 0.0
     out["canary_agreement"] = 1.0
     out["failed_ids"] = cf["failed_ids"]
-    return out, loc
+    return out
 
 
 EVAL_CHUNK = 1000  # records per piece of the final evaluation; with a checkpoint each piece is saved
 
 
-def _final_metrics(lm, ds, records: list[dict], reference: Any, ids: list, fluency_prompts: list[str],
-                   ref_text: str, ppl_tokens: int, loc_before: torch.Tensor, fluency_tokens: int,
-                   partial: Path | None, identity: dict, log) -> dict:
-    """Every metric of the edited model (as :func:`_baseline_metrics`, with the neighbourhood KL and
-    canary agreement against the unedited ``loc_before``), in pieces of :data:`EVAL_CHUNK` records. With
+def _final_metrics(session, ds, records: list[dict], reference: Any, ids: list, fluency_prompts: list[str],
+                   ref_text: str, ppl_tokens: int, fluency_tokens: int, partial: Path | None, identity: dict,
+                   log) -> dict:
+    """Every metric of the session's edited model (as :func:`_baseline_metrics`; the neighbourhood KL
+    and canary agreement against the model as the session began, run for each piece inside
+    :meth:`~kedit.editors.session.EditSession.unedited`), in pieces of :data:`EVAL_CHUNK` records. With
     ``partial`` (a file beside the checkpoint) each piece's per-record results are saved as it ends and
     a resumed run scores only the pieces not saved yet: over 10,000 records the final evaluation takes
     about an hour on a CPU, and a kill inside it no longer costs all of it. The pieces are the same
@@ -113,6 +111,7 @@ def _final_metrics(lm, ds, records: list[dict], reference: Any, ids: list, fluen
     the saved pieces belong to; pieces saved for anything else are ignored."""
     from kedit.evaluation import metrics as M
 
+    lm = session.lm
     saved = json.loads(partial.read_text()) if partial is not None and partial.exists() else {}
     if {k: saved.get(k) for k in identity} != identity:
         saved = {}
@@ -124,10 +123,13 @@ def _final_metrics(lm, ds, records: list[dict], reference: Any, ids: list, fluen
         end = min(start + EVAL_CHUNK, len(records))
         t = time.perf_counter()
         cf = ds.evaluate(lm, records[start:end], None if reference is None else reference[start:end], ids[start:end])
-        loc = M.next_token_logprobs(lm, [r[ds.locality_field] for r in records[start:end]])
+        prompts = [r[ds.locality_field] for r in records[start:end]]
+        loc = M.next_token_logprobs(lm, prompts)
+        with session.unedited():
+            before = M.next_token_logprobs(lm, prompts)
         # METRICS.md's canary agreement with the locality prompts as the canary set: greedy next token unchanged
-        parts.append({"scores": _jsonable(cf), "kl": M.kl_rows(loc_before[start:end], loc).tolist(),
-                      "canary": (loc_before[start:end].argmax(-1) == loc.argmax(-1)).tolist()})
+        parts.append({"scores": _jsonable(cf), "kl": M.kl_rows(before, loc).tolist(),
+                      "canary": (before.argmax(-1) == loc.argmax(-1)).tolist()})
         if partial is not None:
             write_json_atomic(partial, {**identity, "parts": parts})
         log(f"final evaluation: {end}/{len(records)} records ({time.perf_counter() - t:.0f}s)")
@@ -196,10 +198,10 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     t = time.perf_counter()
     reference = ds.reference(lm, records)  # the unedited model's answers that locality compares with
     if ck is None:
-        baseline, loc_before = _baseline_metrics(lm, ds, records, reference, ids, fluency_prompts, ref_text,
-                                                 cfg.ppl_tokens, cfg.fluency_tokens)
-    else:  # measured before the first batch; only the locality distributions are read again
-        baseline, loc_before = _resumed_baseline(lm, ds, records, ck.extra)
+        baseline = _baseline_metrics(lm, ds, records, reference, ids, fluency_prompts, ref_text, cfg.ppl_tokens,
+                                     cfg.fluency_tokens)
+    else:  # measured before the first batch
+        baseline = dict(ck.extra["baseline"])
     eval_seconds = time.perf_counter() - t + (ck.extra["eval_seconds"] if ck else 0.0)
     log(f"baseline: {_fmt_row(baseline)} ({eval_seconds:.0f}s)")
 
@@ -286,7 +288,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     layer_infos = result.batch_layer_info
 
     t = time.perf_counter()
-    edited = _final_metrics(lm, ds, records, reference, ids, fluency_prompts, ref_text, cfg.ppl_tokens, loc_before,
+    edited = _final_metrics(session, ds, records, reference, ids, fluency_prompts, ref_text, cfg.ppl_tokens,
                             cfg.fluency_tokens, partial, {"config": _jsonable(asdict(cfg)),
                                                           "model_hash": lm.manifest.model_hash,
                                                           "edits_applied": session.n_edits, "chunk": EVAL_CHUNK},
@@ -365,14 +367,6 @@ def curve_sample(done: int, limit: int) -> list[int]:
     if limit == 1:
         return [done - 1]
     return sorted({round(i * (done - 1) / (limit - 1)) for i in range(limit)})
-
-
-def _resumed_baseline(lm, ds, records: list[dict], extra: dict) -> tuple[dict, torch.Tensor]:
-    """The checkpointed baseline and the unedited model's locality distributions (too big to store,
-    deterministic to recompute: the model must be the unedited one, as at the first run's start)."""
-    from kedit.evaluation.metrics import next_token_logprobs
-
-    return dict(extra["baseline"]), next_token_logprobs(lm, [r[ds.locality_field] for r in records])
 
 
 def _loadavg() -> list[float] | None:
