@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -119,8 +120,10 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
         raise ValueError(f"v*: edit layer {layer} must be below the last block ({n_layers - 1})")
     split = (ctx.subj_pos + kl.subj_pos) if hp.v_prefix_cache else [0] * len(seqs)
     all_pos = ctx.subj_pos + kl.subj_pos
-    groups = [_Group.build(lm, g, seqs, split, all_pos, rows_req, layer, pad, pair_row, pair_col, kl_row0, taps)
-              for g in _length_groups(seqs, split)]
+    store = _prefix_store(lm, seqs, split, pad, taps) if max(split) > 0 else None  # one for all groups
+    groups = [_Group.build(lm, g, seqs, split, all_pos, rows_req, layer, pad, pair_row, pair_col, kl_row0, taps,
+                           store) for g in _length_groups(seqs, split)]
+    del store
     tapped, tapped_before = {}, {}
     for name in taps:  # each row's input at its subject (as h0 below), kept for the context rows
         x = torch.empty(len(seqs), groups[0].sl.taps[name].shape[-1], dtype=torch.float32, device=dev)
@@ -271,7 +274,7 @@ class _Group:
 
     @classmethod
     def build(cls, lm, rows: list[int], seqs, split, subj_pos, rows_req, layer, pad, pair_row, pair_col,
-              kl_row0, taps: Sequence[str] = ()) -> _Group:
+              kl_row0, taps: Sequence[str] = (), store: _PrefixStore | None = None) -> _Group:
         dev = lm.device
         local = {r: j for j, r in enumerate(rows)}
         pairs = [(pi, local[r], c - split[r]) for pi, (r, c) in enumerate(zip(pair_row, pair_col)) if r in local]
@@ -280,7 +283,8 @@ class _Group:
         def col(items, k):
             return torch.tensor([t[k] for t in items], dtype=torch.long, device=dev)
 
-        sl = _slice_above(lm, [seqs[r] for r in rows], [split[r] for r in rows], layer, pad, taps)
+        take = None if store is None else store.take(torch.tensor(rows, device=dev))
+        sl = _slice_above(lm, [seqs[r] for r in rows], [split[r] for r in rows], layer, pad, taps, take)
         return cls(rows=torch.tensor(rows, device=dev), req=rows_req[torch.tensor(rows, device=dev)],
                    subj=torch.tensor([subj_pos[r] - split[r] for r in rows], device=dev), sl=sl,
                    pair_idx=col(pairs, 0), pair_lrow=col(pairs, 1), pair_col=col(pairs, 2),
@@ -307,14 +311,42 @@ class _Group:
                 out[local[self.kl_lrow[km]], self.kl_col[km]], self.kl_req[km])
 
 
-def _prefix_cache(lm, seqs: list[list[int]], split: list[int], pad: int, taps: Sequence[str] = ()
-                  ) -> tuple[PrefixCache, torch.Tensor, dict[str, torch.Tensor]]:
-    """K/V of each row's tokens before ``split[r]``, a [rows, cache length] mask of the cache slots
-    that hold them, and the ``taps`` modules' input at each row's last cached token ([rows, d], zeros
-    for a row with nothing cached). Leading tokens shared by a group of rows (:func:`shared_heads`) run
-    once per group; the rest of each row runs behind its group's head (masked for a row without one),
-    in one pass per rest length: no pads. Why: a batch's rests run from 1 to ~15 tokens, and padding
-    them to the longest made the pass run 2.9x the real tokens (CounterFact dev 2200-2299, SmolLM2)."""
+@dataclass
+class _PrefixStore:
+    """K/V of each row's tokens before its split (per layer, [rows, kv heads, slots, head dim]), a
+    [rows, slots] mask of the slots that hold them, and the tapped modules' input at each row's last
+    cached token ([rows, d], zeros for a row with nothing cached)."""
+
+    keys: dict[int, torch.Tensor]
+    values: dict[int, torch.Tensor]
+    valid: torch.Tensor
+    before: dict[str, torch.Tensor]
+    config: Any  # the model's config, for the caches taken
+
+    def take(self, rows: torch.Tensor | None = None) -> tuple[PrefixCache, torch.Tensor, dict[str, torch.Tensor]]:
+        """A :class:`PrefixCache` of ``rows`` (default all), cut to the slots any of them uses, with
+        their mask and tapped inputs."""
+        valid = self.valid if rows is None else self.valid.index_select(0, rows)
+        used = valid.any(0).nonzero()
+        width = int(used.max()) + 1 if used.numel() else 1
+
+        def pick(x: torch.Tensor) -> torch.Tensor:
+            return (x if rows is None else x.index_select(0, rows))[..., :width, :].contiguous()
+
+        cache = PrefixCache(config=self.config)
+        for li in sorted(self.keys):
+            cache.update(pick(self.keys[li]), pick(self.values[li]), li)
+        before = {k: x if rows is None else x.index_select(0, rows) for k, x in self.before.items()}
+        return cache, valid[:, :width].contiguous(), before
+
+
+def _prefix_store(lm, seqs: list[list[int]], split: list[int], pad: int, taps: Sequence[str] = ()) -> _PrefixStore:
+    """The :class:`_PrefixStore` of rows ``seqs`` cached before ``split[r]``. Leading tokens shared by a
+    group of rows (:func:`shared_heads`) run once per group; the rest of each row runs behind its
+    group's head (masked for a row without one), in one pass per rest length: no pads. Why: a
+    batch's rests run from 1 to ~15 tokens, and padding them to the longest made the pass run 2.9x
+    the real tokens (CounterFact dev 2200-2299, SmolLM2); v* builds one store for all its rows, not
+    one per replay group (12 passes instead of 49 there)."""
     dev, cfg = lm.device, lm.model.config
     n = len(seqs)
     cut = [s[:p] for s, p in zip(seqs, split)]
@@ -376,21 +408,21 @@ def _prefix_cache(lm, seqs: list[list[int]], split: list[int], pad: int, taps: S
             valid[r, m_max:m_max + length] = 1
             for name in taps:
                 tap(name, r, tr.inputs[name][:, length - 1])
-    cache = PrefixCache(config=cfg)
-    for li in sorted(keys):
-        cache.update(keys[li], values[li], li)
-    return cache, valid, {name: x for name, x in before.items() if x is not None}
+    return _PrefixStore(keys=keys, values=values, valid=valid,
+                        before={name: x for name, x in before.items() if x is not None}, config=cfg)
 
 
-def _slice_above(lm, seqs: list[list[int]], split: list[int], layer: int, pad: int, taps: Sequence[str] = ()):
+def _slice_above(lm, seqs: list[list[int]], split: list[int], layer: int, pad: int, taps: Sequence[str] = (),
+                 prefix: tuple[PrefixCache, torch.Tensor, dict[str, torch.Tensor]] | None = None):
     """Blocks ``layer+1..`` ready to replay. With ``split`` > 0, tokens before ``split[r]`` (those before
     the subject's last token, which δ cannot affect) go into a read-only :class:`PrefixCache` and only
-    the suffix is replayed: most of a prefixed prompt is computed once, not at every step."""
+    the suffix is replayed: most of a prefixed prompt is computed once, not at every step. ``prefix``:
+    these rows' cache, mask and tapped inputs from a :class:`_PrefixStore` built for more rows."""
     dev = lm.device
     n_layers = lm.adapter.num_layers
     if max(split) == 0:
         return capture_blocks(lm, pad_right(seqs, pad, dev), layer + 1, n_layers, taps)
-    cache, valid, before = _prefix_cache(lm, seqs, split, pad, taps)
+    cache, valid, before = prefix if prefix is not None else _prefix_store(lm, seqs, split, pad, taps).take()
     cache.frozen = True
     suffix = [s[p:] for s, p in zip(seqs, split)]
     suf_ids = pad_right(suffix, pad, dev)
