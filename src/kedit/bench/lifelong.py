@@ -100,7 +100,7 @@ EVAL_CHUNK = 1000  # records per piece of the final evaluation; with a checkpoin
 
 def _final_metrics(session, ds, records: list[dict], reference: Any, ids: list, fluency_prompts: list[str],
                    ref_text: str, ppl_tokens: int, fluency_tokens: int, partial: Path | None, identity: dict,
-                   log) -> dict:
+                   log) -> tuple[dict, float]:
     """Every metric of the session's edited model (as :func:`_baseline_metrics`; the neighbourhood KL
     and canary agreement against the model as the session began, run for each piece inside
     :meth:`~kedit.editors.session.EditSession.unedited`), in pieces of :data:`EVAL_CHUNK` records. With
@@ -108,7 +108,8 @@ def _final_metrics(session, ds, records: list[dict], reference: Any, ids: list, 
     a resumed run scores only the pieces not saved yet: over 10,000 records the final evaluation takes
     about an hour on a CPU, and a kill inside it no longer costs all of it. The pieces are the same
     whether or not the run was interrupted, so the result is too. ``identity`` names the run and state
-    the saved pieces belong to; pieces saved for anything else are ignored."""
+    the saved pieces belong to; pieces saved for anything else are ignored. Also returns the seconds
+    the pieces took, saved ones included."""
     from kedit.evaluation import metrics as M
 
     lm = session.lm
@@ -129,21 +130,24 @@ def _final_metrics(session, ds, records: list[dict], reference: Any, ids: list, 
             before = M.next_token_logprobs(lm, prompts)
         # METRICS.md's canary agreement with the locality prompts as the canary set: greedy next token unchanged
         parts.append({"scores": _jsonable(cf), "kl": M.kl_rows(before, loc).tolist(),
-                      "canary": (before.argmax(-1) == loc.argmax(-1)).tolist()})
+                      "canary": (before.argmax(-1) == loc.argmax(-1)).tolist(), "seconds": time.perf_counter() - t})
         if partial is not None:
             write_json_atomic(partial, {**identity, "parts": parts})
         log(f"final evaluation: {end}/{len(records)} records ({time.perf_counter() - t:.0f}s)")
     cf = ds.merge([p["scores"] for p in parts])
     if "generation" not in saved:  # fluency and perplexity: one piece of their own, after the records
+        t = time.perf_counter()
         saved["generation"] = _generation_metrics(lm, fluency_prompts, fluency_tokens, ref_text, ppl_tokens)
+        saved["generation_seconds"] = time.perf_counter() - t
         if partial is not None:
-            write_json_atomic(partial, {**identity, "parts": parts, "generation": saved["generation"]})
+            write_json_atomic(partial, {**identity, "parts": parts, "generation": saved["generation"],
+                                        "generation_seconds": saved["generation_seconds"]})
     out = {k: cf[k] for k in ds.report} | saved["generation"]
     out["nkl"] = float(torch.tensor([x for p in parts for x in p["kl"]], dtype=torch.float64).mean())
     same = [x for p in parts for x in p["canary"]]
     out["canary_agreement"] = sum(same) / len(same)
     out["failed_ids"] = cf["failed_ids"]
-    return out
+    return out, sum(p["seconds"] for p in parts) + saved["generation_seconds"]
 
 
 def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: str | Path | None = None,
@@ -287,13 +291,12 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     diags = [asdict(d) for d in result.diagnostics]
     layer_infos = result.batch_layer_info
 
-    t = time.perf_counter()
-    edited = _final_metrics(session, ds, records, reference, ids, fluency_prompts, ref_text, cfg.ppl_tokens,
+    edited, final_seconds = _final_metrics(session, ds, records, reference, ids, fluency_prompts, ref_text, cfg.ppl_tokens,
                             cfg.fluency_tokens, partial, {"config": _jsonable(asdict(cfg)),
                                                           "model_hash": lm.manifest.model_hash,
                                                           "edits_applied": session.n_edits, "chunk": EVAL_CHUNK},
                             log)
-    eval_seconds += time.perf_counter() - t
+    eval_seconds += final_seconds
     curve[-1].update({k: edited[k] for k in ds.metrics}, perplexity=edited["perplexity"])
     edited["seconds_per_edit"] = edit_seconds / cfg.edits
     edited["edit_seconds"] = edit_seconds
