@@ -153,7 +153,8 @@ class EditSession:
         self._state = state
         self._total: dict[str, torch.Tensor] = {}
         self._start_sha256: dict[str, str] = {}
-        self._start_weights: dict[str, torch.Tensor] = {}  # the edited parameters as the session found them
+        # the edited parameters as the session found them, on the host (a GPU model's memory is not doubled)
+        self._start_weights: dict[str, torch.Tensor] = {}
         self.diagnostics: list[RequestDiagnostics] = []
         self.batch_layer_info: list[dict[str, Any]] = []
         self.batches_done = 0
@@ -199,7 +200,7 @@ class EditSession:
         for name in res.deltas:  # what the session started from, to check a resume against
             if name not in self._start_sha256 and name in params:
                 self._start_sha256[name] = sha256_tensor(params[name])
-                self._start_weights[name] = params[name].detach().clone()
+                self._start_weights[name] = params[name].detach().to("cpu", copy=True)  # host memory
         t2 = time.perf_counter()
         self.apply_result(res)
         seconds = (t1 - t0) + (time.perf_counter() - t2)
@@ -293,7 +294,7 @@ class EditSession:
         missing = set(checkpoint.deltas) - set(checkpoint.weights)
         if missing:
             raise ValueError(f"checkpoint lacks the live values of {sorted(missing)}")
-        start = {name: params[name].detach().clone() for name in checkpoint.start_sha256}
+        start = {name: params[name].detach().to("cpu", copy=True) for name in checkpoint.start_sha256}
         with torch.no_grad():
             for name, w in checkpoint.weights.items():
                 params[name].copy_(w.to(device=params[name].device, dtype=params[name].dtype))
