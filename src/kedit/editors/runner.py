@@ -323,18 +323,6 @@ class HeadLayout:
     rest: torch.Tensor  # [rows, r_max] each row's remaining tokens, right-padded
     mask: torch.Tensor  # [rows, m_max + r_max] what the rest attends to: its own head, then itself
     pos: torch.Tensor  # [rows, r_max] positions of the remaining tokens
-    lengths: list[int]  # real remaining tokens per row
-
-    @property
-    def m_max(self) -> int:
-        return self.heads.shape[1]
-
-    def valid(self) -> torch.Tensor:
-        """[rows, m_max + r_max]: the cache slots that hold a row's real tokens (no pads)."""
-        v = self.mask.clone()
-        for i, n in enumerate(self.lengths):
-            v[i, self.m_max + n:] = 0
-        return v
 
 
 def head_layout(seqs: list[list[int]], head: list[int], pad: int, device) -> HeadLayout | None:
@@ -359,7 +347,7 @@ def head_layout(seqs: list[list[int]], head: list[int], pad: int, device) -> Hea
         mask[i, m:m_max] = 0
     pos = torch.tensor(head, device=device)[:, None] + torch.arange(r_max, device=device)[None]
     return HeadLayout(heads=heads, pick=torch.tensor([max(g, 0) for g in group], device=device), rest=rest_ids,
-                      mask=mask, pos=pos, lengths=[len(x) for x in rest])
+                      mask=mask, pos=pos)
 
 
 def capture_shared(lm, seqs: list[list[int]], head: list[int], start: int, stop: int, pad: int
