@@ -335,11 +335,55 @@ def test_read_scale_scales_what_a_reading_token_adds_and_nothing_else(tiny_lm):
     torch.testing.assert_close(half[fired] - base[fired], 0.5 * (full[fired] - base[fired]), atol=1e-5, rtol=1e-4)
     assert (half[fired] - base[fired]).norm() > 0
     scaled = _editor(_hp(mm_read_scale=0.5)).compute(lm, [_req(B)], res.state, None).state
-    assert scaled.meta["read_scale"] == 0.5
-    assert "read_scale" not in _editor().compute(lm, [_req(B)], scaled, None).state.meta
-    for bad in (0.0, 1.5):
-        with pytest.raises(ValueError, match="mm_read_scale"):
-            _hp(mm_read_scale=bad)
+    assert scaled.meta["read_scale"] == 0.5 and scaled.meta["exact_read_scale"] == 1.0
+    unscaled = _editor().compute(lm, [_req(B)], scaled, None).state.meta
+    assert "read_scale" not in unscaled and "exact_read_scale" not in unscaled
+    for key in ("mm_read_scale", "mm_exact_read_scale"):
+        for bad in (0.0, 1.5):
+            with pytest.raises(ValueError, match=key):
+                _hp(**{key: bad})
+
+
+def test_exact_key_reads_take_their_own_scale(tiny_lm):
+    """A token that reads its entry through the exact key adds ``mm_exact_read_scale`` of the entry's
+    output change, one that reads it through the mask ``mm_read_scale``; a state from before the
+    exact setting reads both at ``read_scale``."""
+    from kedit.editors.memoir import attach
+    from kedit.hooks import Trace
+
+    lm = tiny_lm
+    state = _editor().compute(lm, [_req(A)], None, None).state
+    text = A["prompt"].format(A["subject"])
+    name = lm.adapter.mlp_out_name(state.meta["layer"])
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids
+
+    def out(st=None, **meta):
+        if st is not None:
+            st = st.copy()
+            st.meta.update(meta)
+        att = attach(lm, st) if st is not None else None
+        with torch.no_grad(), Trace(lm.model, [name], retain_output=True) as tr:
+            lm.model(input_ids=ids)
+        if att is not None:
+            att.remove()
+        return tr.outputs[name][0]
+
+    exact_only = state.copy()
+    exact_only.meta["threshold"] = 1.0  # no mask read: the prompt's subject reads through its exact key
+    by_mask = state.copy()
+    del by_mask.tensors["mm.exact"], by_mask.meta["exact_threshold"]
+    rd_x, rd_m = _fires(lm, exact_only, text), _fires(lm, by_mask, text)
+    assert rd_x.tokens.numel() > 0 and bool(rd_x.exact.all())
+    assert rd_m.tokens.numel() > 0 and not bool(rd_m.exact.any())
+    base = out()
+    for st, rd in ((exact_only, rd_x), (by_mask, rd_m)):
+        full = out(st)[rd.tokens] - base[rd.tokens]
+        assert full.norm() > 0
+        got = out(st, read_scale=0.5, exact_read_scale=0.25)[rd.tokens] - base[rd.tokens]
+        share = 0.25 if st is exact_only else 0.5
+        torch.testing.assert_close(got, share * full, atol=1e-5, rtol=1e-4)
+    old = out(exact_only, read_scale=0.5)[rd_x.tokens] - base[rd_x.tokens]  # no exact_read_scale in the state
+    torch.testing.assert_close(old, 0.5 * (out(exact_only)[rd_x.tokens] - base[rd_x.tokens]), atol=1e-5, rtol=1e-4)
 
 
 def test_text_inputs_are_the_modules_inputs_window_by_window(tiny_lm):
@@ -562,3 +606,35 @@ def test_warm_start_stores_each_entrys_vstar_and_starts_the_same_object_there(ti
     assert VSTAR not in off.tensors and "entry_target" not in off.meta
     on = ed.compute(lm, [_req(B)], off, None).state
     assert on.meta["entry_target"] == [None, "Dutch"] and torch.count_nonzero(on.tensors[VSTAR][0]) == 0
+
+
+def test_scheduled_share_interpolates_between_its_points_and_holds_past_its_ends():
+    from kedit.editors.memoir import scheduled_share
+
+    sched = [[3000, 1.0], [10000, 0.7], [20000, 0.5]]
+    assert scheduled_share(sched, 0) == 1.0 and scheduled_share(sched, 3000) == 1.0
+    assert scheduled_share(sched, 6500) == pytest.approx(0.85)
+    assert scheduled_share(sched, 10000) == pytest.approx(0.7)
+    assert scheduled_share(sched, 15000) == pytest.approx(0.6)
+    assert scheduled_share(sched, 50000) == 0.5
+    assert scheduled_share([[5, 0.4]], 1) == scheduled_share([[5, 0.4]], 9) == 0.4
+
+
+def test_read_scale_by_entries_sets_the_mask_reads_share_from_the_memorys_size(tiny_lm):
+    """``mm_read_scale_by_entries``: the state keeps the schedule; its mask reads take the share at its own
+    number of entries (so a memory softens as it grows), exact-key reads ``mm_exact_read_scale``; a batch
+    without the setting removes it; malformed schedules are refused with the setting's name."""
+    from kedit.editors.memoir import exact_read_scale, read_scale
+
+    lm = tiny_lm
+    hp = _hp(mm_read_scale_by_entries=[[1, 1.0], [3, 0.5]])
+    one = _editor(hp).compute(lm, [_req(A)], None, None).state
+    assert one.meta["read_scale_by_entries"] == [[1, 1.0], [3, 0.5]] and "read_scale" not in one.meta
+    assert read_scale(one) == 1.0 and exact_read_scale(one) == 1.0
+    two = _editor(hp).compute(lm, [_req(B)], one, None).state
+    assert read_scale(two) == pytest.approx(0.75) and exact_read_scale(two) == 1.0
+    plain = _editor().compute(lm, [_req(A)], two, None).state
+    assert "read_scale_by_entries" not in plain.meta and read_scale(plain) == 1.0
+    for bad in ([], [[3, 1.0], [1, 0.5]], [[1, 0.0]], [[1.5, 1.0]], "0.5"):
+        with pytest.raises(ValueError, match="mm_read_scale_by_entries"):
+            _hp(mm_read_scale_by_entries=bad)

@@ -106,13 +106,14 @@ def test_memoir_state_exports_with_its_memory(workspace, stored_lm, tmp_path, ca
     res = _editor(_hp(n_prefixes=2, prefix_len=3)).compute(lm, [_req(A)], None, None)
     # the prompt reads its entry through the exact key alone: the shipped code must match exact keys too
     res.state.meta["threshold"] = 1.0
-    res.state.meta["read_scale"] = 0.75  # the shipped code adds the same share of the entry's block
+    # the shipped code adds the same share of the entry's block: here the exact key's share
+    res.state.meta.update(read_scale=0.75, exact_read_scale=0.5)
     no_exact = res.state.copy()
     del no_exact.tensors["mm.exact"], no_exact.meta["exact_threshold"]
     assert _fires(lm, no_exact, A["prompt"].format(A["subject"])).tokens.numel() == 0
     out, got, _ = _export_and_compare(workspace, lm, res, [A["prompt"].format(A["subject"]), OTHER], tmp_path, capsys)
     spec = json.loads((out / "config.json").read_text())["kedit_added"]
-    assert spec["exact_threshold"] == 0.95 and spec["read_scale"] == 0.75
+    assert spec["exact_threshold"] == 0.95 and spec["read_scale"] == 0.75 and spec["exact_read_scale"] == 0.5
     # text that matches no stored mask runs the base model exactly
     from kedit.editors.registry import attach_state
 

@@ -96,6 +96,14 @@ class EditHparams:
     # share of an entry's block that a reading token adds (1: all of it). Below 1 every read writes less:
     # less damage where general text reads an entry, bought with generalization (docs/editing.md, read scale)
     mm_read_scale: float = 1.0
+    # the share a token reading an entry through its exact key adds (the text begins as the edit's own
+    # prompt does, up to the subject: the case v* was fitted for)
+    mm_exact_read_scale: float = 1.0
+    # the mask reads' share as the memory grows: [[entries, share], ...], linear in between, constant past
+    # the ends; overrides mm_read_scale. Every entry read on general text adds damage, so a larger memory
+    # reads each entry more softly to hold the total (docs/editing.md, read shares); older facts soften too;
+    # [[0, 1.0]] turns a file's schedule off
+    mm_read_scale_by_entries: list | None = None
     # "vstar": start each request's Adam from the stored v* of the entries with the same new object (their
     # mean direction at their mean norm; kept in the state, one d_out-vector per entry); a new object, or
     # off, starts from 0
@@ -132,9 +140,19 @@ class EditHparams:
             raise ValueError(f"hparams ({self.source or 'inline'}): need 0 < mm_threshold <= 1, mm_k > 0, "
                              f"mm_steps >= 1, mm_lr > 0, mm_bg_docs > 0, mm_ridge >= 0 (got {self.mm_threshold}, "
                              f"{self.mm_k}, {self.mm_steps}, {self.mm_lr}, {self.mm_bg_docs}, {self.mm_ridge})")
-        if not 0.0 < self.mm_read_scale <= 1.0:
-            raise ValueError(f"hparams ({self.source or 'inline'}): need 0 < mm_read_scale <= 1 "
-                             f"(got {self.mm_read_scale!r})")
+        sched = self.mm_read_scale_by_entries
+        if sched is not None:
+            ok = isinstance(sched, (list, tuple)) and len(sched) > 0 and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], int) and p[0] >= 0
+                and isinstance(p[1], (int, float)) and 0.0 < p[1] <= 1.0 for p in sched)
+            if not ok or any(a[0] >= b[0] for a, b in zip(sched, sched[1:])):
+                raise ValueError(f"hparams ({self.source or 'inline'}): mm_read_scale_by_entries must be "
+                                 f"[[entries, share], ...] with entries increasing and 0 < share <= 1 "
+                                 f"(got {sched!r})")
+        for key in ("mm_read_scale", "mm_exact_read_scale"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                raise ValueError(f"hparams ({self.source or 'inline'}): need 0 < {key} <= 1 "
+                                 f"(got {getattr(self, key)!r})")
         if not isinstance(self.mm_warm_start, bool):
             raise ValueError(f"hparams ({self.source or 'inline'}): need mm_warm_start true or false "
                              f"(got {self.mm_warm_start!r})")

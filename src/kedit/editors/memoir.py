@@ -58,6 +58,17 @@ Mechanics (layer ``L``, down-projection input ``x`` of width ``d``, output width
   continues a KV cache (a pre-hook on the whole model sees the cache), otherwise there is none and no
   guarded entry fires there: decoding with a cache decides as the full forward does. (Beam search,
   which reorders cached rows, is not followed.) Exact keys are not guarded.
+- **Read shares** (``mm_read_scale``, ``mm_exact_read_scale``, ``mm_read_scale_by_entries``): a token
+  that reads an entry through its mask adds ``mm_read_scale`` of the entry's output change, one that
+  reads it through the exact key ``mm_exact_read_scale`` (the text begins as the edit's own prompt,
+  up to the subject: what v* was fitted for). General text reads entries too: mostly where it names
+  an edited subject ("ambassador to France" with France's entry), which no reading rule can tell
+  from a question about the edited fact; each such read changes the text after it, and the more
+  entries, the more such reads. ``mm_read_scale_by_entries`` therefore lowers the mask reads' share
+  as the memory grows (the state keeps the schedule; the share follows its own number of entries, so
+  older facts read more softly too). On SmolLM2 with 10,000 CounterFact entries a mask share of 0.7
+  took held-out perplexity from +11.5% to +3.4% for generalization 0.890 -> 0.844, efficacy staying
+  at 0.986 through the exact keys (docs/editing.md, "Read shares"). Reading never changes writing.
 - **Writing** (``mm_solver: vstar``, shipped): the batch's v* at layer ``L`` (the change of the
   layer's output at the subject's last token that makes every prompt context predict the target,
   optimised exactly as the weight editors do, in one batched forward/backward per step) is written
@@ -94,7 +105,8 @@ of exact retraction, ``4·(d_out + k)·r`` bytes per fact), ``mm.bg_mean`` (floa
 ``mm.perm`` (int64 ``[d]``), ``mm.span`` / ``mm.span_on`` (int64 ``[entries, k]`` / bool ``[entries]``, the
 span keys and which entries have one), ``mm.vstar`` (float32 ``[entries, d_out]``, each entry's v*,
 with ``mm_warm_start``). ``meta``: ``layer``, ``k``, ``rank``, ``read``, ``threshold``,
-``exact_threshold``, ``span_threshold``,
+``exact_threshold``, ``span_threshold``, the read shares (``read_scale`` or ``read_scale_by_entries``, and
+``exact_read_scale``; absent at 1.0),
 ``entry_owner`` (fact id per entry), ``entry_target`` (new object per entry, with ``mm_warm_start``;
 ``null`` for entries written without it) and the edit counters. Deltas are always empty: the base
 weights never change.
@@ -195,6 +207,7 @@ class MemoryReadout:
     tokens: torch.Tensor
     entry: torch.Tensor
     best_overlap: torch.Tensor  # [N] best overlap of every token with an entry it may read (diagnostics)
+    exact: torch.Tensor  # per firing token: True where it reads its entry through the entry's exact key
 
 
 @dataclass
@@ -225,7 +238,8 @@ def read_memory(x: torch.Tensor, bg: torch.Tensor, perm: torch.Tensor, stored_1h
     n = stored_1hot.shape[0]
     if n == 0 or x.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
-        return MemoryReadout(empty, empty, torch.zeros(x.shape[0], device=x.device))
+        return MemoryReadout(empty, empty, torch.zeros(x.shape[0], device=x.device),
+                             torch.zeros(0, dtype=torch.bool, device=x.device))
     query = fingerprint(x, bg, perm, k)
     ov = overlaps(query, stored_1hot)
     if span is not None and bool(span.guarded.any()):
@@ -234,12 +248,13 @@ def read_memory(x: torch.Tensor, bg: torch.Tensor, perm: torch.Tensor, stored_1h
         ov = torch.where(allowed, ov, torch.full_like(ov, -1.0))
     best, entry = ov.max(dim=1)  # max returns the first maximal index: ties go to the older entry
     hit = best >= threshold
+    exact = torch.zeros_like(hit)
     if exact_1hot is not None and exact_1hot.shape[0]:
         best_x, entry_x = overlaps(query, exact_1hot).max(dim=1)
         exact = best_x >= exact_threshold
         entry, hit = torch.where(exact, entry_x, entry), hit | exact
     fire = hit.nonzero().squeeze(1)
-    return MemoryReadout(fire, entry[fire], best.clamp_min(0.0))
+    return MemoryReadout(fire, entry[fire], best.clamp_min(0.0), exact[fire])
 
 
 def previous_tokens(x: torch.Tensor, carry: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,10 +301,32 @@ def closed_form_blocks(target: torch.Tensor, xsel: torch.Tensor, w_old: torch.Te
 
 
 # --- the live attachment -------------------------------------------------------------------------
+def scheduled_share(schedule: list, entries: int) -> float:
+    """The share ``schedule`` (``[[entries, share], ...]``, entries increasing) gives a memory of
+    ``entries``: linear between its points, its first / last share before / past its ends."""
+    pts = [(int(n), float(s)) for n, s in schedule]
+    if entries <= pts[0][0]:
+        return pts[0][1]
+    for (n0, s0), (n1, s1) in zip(pts, pts[1:]):
+        if entries <= n1:
+            return s0 + (s1 - s0) * (entries - n0) / (n1 - n0)
+    return pts[-1][1]
+
+
 def read_scale(state: EditorState) -> float:
-    """``mm_read_scale``: the share of an entry's output change a reading token gets (1.0 for states
-    from before the setting)."""
+    """``mm_read_scale`` (or ``mm_read_scale_by_entries`` at this state's number of entries): the share of
+    an entry's output change a token reading it through its mask gets (1.0 for states from before the
+    setting)."""
+    if "read_scale_by_entries" in state.meta:
+        n = int(state.tensors[MASKS].shape[0]) if MASKS in state.tensors else 0
+        return scheduled_share(state.meta["read_scale_by_entries"], n)
     return float(state.meta.get("read_scale", 1.0))
+
+
+def exact_read_scale(state: EditorState) -> float:
+    """``mm_exact_read_scale``: the share a token reading an entry through its exact key gets (states
+    from before the setting: the mask reads' share)."""
+    return float(state.meta.get("exact_read_scale", read_scale(state)))
 
 
 def reads_own_block(state: EditorState) -> bool:
@@ -305,7 +342,7 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
         raise ValueError(f"editor state is for {state.method!r}, not {METHOD!r}")
     layer, k, thr = int(state.meta["layer"]), int(state.meta["k"]), float(state.meta["threshold"])
     thr_x = float(state.meta.get("exact_threshold", 1.0))
-    scale = read_scale(state)
+    scale, scale_x = read_scale(state), exact_read_scale(state)
     d = lm.adapter.key_dim(layer)
     dev = lm.device
     masks = state.tensors[MASKS].to(dev) if MASKS in state.tensors else torch.zeros(0, k, dtype=torch.long)
@@ -348,8 +385,8 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
         cols = masks[rd.entry]
         delta = own_block_delta(flat[rd.tokens], cols, u[rd.entry], v[rd.entry]) if own else \
             memory_delta(flat[rd.tokens], cols, w)
-        if scale != 1.0:
-            delta = delta * scale
+        if scale != 1.0 or scale_x != 1.0:
+            delta = delta * torch.where(rd.exact, scale_x, scale).to(delta.dtype)[:, None]
         out = output.reshape(-1, output.shape[-1]).clone()
         out[rd.tokens] = out[rd.tokens] + delta.to(out.dtype)
         return out.view_as(output)
@@ -530,10 +567,14 @@ class MemoirEditor:
         else:
             state.tensors.pop(VSTAR, None)
             state.meta.pop("entry_target", None)
-        if hp.mm_read_scale != 1.0:  # a read setting: it applies to every entry, old and new
+        for key in ("read_scale", "read_scale_by_entries", "exact_read_scale"):  # read settings: for every
+            state.meta.pop(key, None)  # entry, old and new, as the latest batch's hparams say
+        if hp.mm_read_scale_by_entries is not None:
+            state.meta["read_scale_by_entries"] = [[int(n), float(s)] for n, s in hp.mm_read_scale_by_entries]
+        elif hp.mm_read_scale != 1.0:
             state.meta["read_scale"] = hp.mm_read_scale
-        else:
-            state.meta.pop("read_scale", None)
+        if hp.mm_read_scale_by_entries is not None or hp.mm_read_scale != 1.0 or hp.mm_exact_read_scale != 1.0:
+            state.meta["exact_read_scale"] = hp.mm_exact_read_scale
         state.meta.update(entry_owner=[*state.meta["entry_owner"], *owners], threshold=hp.mm_threshold,
                           n_edits=int(state.meta.get("n_edits", 0)) + len(requests),
                           n_batches=int(state.meta.get("n_batches", 0)) + 1, hparams_sha256=hp.source_sha256)

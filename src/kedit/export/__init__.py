@@ -66,8 +66,8 @@ def added_parameters(lm, state: EditorState | None) -> AddedParameters | None:
         if M.SPAN_ON in t and bool(t[M.SPAN_ON].any()):  # span keys: the token before must match too
             spec["span_threshold"] = float(state.meta["span_threshold"])
             tensors.update(span=t[M.SPAN], span_on=t[M.SPAN_ON])
-        if M.read_scale(state) != 1.0:  # every read adds this share of its entry's block
-            spec["read_scale"] = M.read_scale(state)
+        if M.read_scale(state) != 1.0 or M.exact_read_scale(state) != 1.0:  # reads add this share of the block
+            spec.update(read_scale=M.read_scale(state), exact_read_scale=M.exact_read_scale(state))
         if spec["read"] == "own":  # each entry's own block, as factors
             spec["rank"] = int(t[M.BLOCK_U].shape[2])
             tensors.update(block_u=t[M.BLOCK_U], block_v=t[M.BLOCK_V])

@@ -14,7 +14,8 @@ base model, the same computation kedit attaches in-process (``kedit.editors.tpat
   spec), an entry marked in ``span_on`` counts for a token's mask match only if the token before it
   overlaps the entry's span key by that threshold: within a call the previous position, at the start
   of a call that continues a KV cache the previous call's last token, at the start of a text none.
-  With ``read_scale`` in the spec, a reading token adds that share of its entry's output change.
+  With ``read_scale`` in the spec, a token reading through the mask adds that share of its entry's
+  output change, one reading through the exact key ``exact_read_scale`` (default: ``read_scale``).
 
 The added tensors are float32 buffers/parameters of ``kedit_added`` and the computation runs in float32,
 as in kedit, whatever dtype the base model is loaded in.
@@ -67,6 +68,7 @@ class SparseResidualMemory(nn.Module):
         if self.exact_threshold is not None:
             self.register_buffer("exact", torch.zeros(n, self.k, dtype=torch.long))
         self.read_scale = float(spec.get("read_scale", 1.0))
+        self.exact_read_scale = float(spec.get("exact_read_scale", self.read_scale))
         self.span_threshold = spec.get("span_threshold")
         if self.span_threshold is not None:
             self.register_buffer("span", torch.zeros(n, self.k, dtype=torch.long))
@@ -125,6 +127,7 @@ class SparseResidualMemory(nn.Module):
                 ov = torch.where(allowed, ov, torch.full_like(ov, -1.0))
             best, entry = ov.max(dim=1)  # the first maximal index: ties go to the older entry
             hit = best >= self.threshold
+            exact_hit = torch.zeros_like(hit)
             if stored_exact is not None:
                 best_x, entry_x = (query @ stored_exact.T / k).max(dim=1)
                 exact_hit = best_x >= self.exact_threshold
@@ -142,8 +145,9 @@ class SparseResidualMemory(nn.Module):
         else:
             w = self.W.to(flat.device, torch.float32)
             delta = torch.einsum("omk,mk->mo", w[:, cols], xs)
-        if self.read_scale != 1.0:
-            delta = delta * self.read_scale
+        if self.read_scale != 1.0 or self.exact_read_scale != 1.0:
+            scale = torch.where(exact_hit[fire], self.exact_read_scale, self.read_scale)
+            delta = delta * scale.to(delta.dtype)[:, None]
         out = output.reshape(-1, output.shape[-1]).clone()
         out[fire] = out[fire] + delta.to(out.dtype)
         return out.view_as(output)
