@@ -302,12 +302,26 @@ def test_layer_output_is_untouched_at_tokens_that_match_nothing(tiny_lm):
     assert torch.equal(out(), base)
 
 
+def _module_output(lm, state, name, ids):
+    """The output of module ``name`` for ``ids`` (one text) with ``state``'s memory attached (None: the
+    base model); the memory is removed again afterwards."""
+    from kedit.editors.memoir import attach
+    from kedit.hooks import Trace
+
+    att = attach(lm, state) if state is not None else None
+    try:
+        with torch.no_grad(), Trace(lm.model, [name], retain_output=True) as tr:
+            lm.model(input_ids=ids)
+    finally:
+        if att is not None:
+            att.remove()
+    return tr.outputs[name][0]
+
+
 def test_read_scale_scales_what_a_reading_token_adds_and_nothing_else(tiny_lm):
     """``mm_read_scale`` s: a reading token's down-projection output is base + s · (what scale 1 adds);
     the other tokens stay the base ones bit for bit. The setting lives in the state (absent at 1.0, so
     states written without it read as before) and a later batch's hparams set it for every entry."""
-    from kedit.editors.memoir import attach
-    from kedit.hooks import Trace
 
     lm = tiny_lm
     res = _editor().compute(lm, [_req(A)], None, None)
@@ -317,12 +331,7 @@ def test_read_scale_scales_what_a_reading_token_adds_and_nothing_else(tiny_lm):
     ids = lm.tokenizer(text, return_tensors="pt").input_ids
 
     def out(state=None):
-        att = attach(lm, state) if state is not None else None
-        with torch.no_grad(), Trace(lm.model, [name], retain_output=True) as tr:
-            lm.model(input_ids=ids)
-        if att is not None:
-            att.remove()
-        return tr.outputs[name][0]
+        return _module_output(lm, state, name, ids)
 
     base, full = out(), out(res.state)
     half_state = res.state.copy()
@@ -348,8 +357,6 @@ def test_exact_key_reads_take_their_own_scale(tiny_lm):
     """A token that reads its entry through the exact key adds ``mm_exact_read_scale`` of the entry's
     output change, one that reads it through the mask ``mm_read_scale``; a state from before the
     exact setting reads both at ``read_scale``."""
-    from kedit.editors.memoir import attach
-    from kedit.hooks import Trace
 
     lm = tiny_lm
     state = _editor().compute(lm, [_req(A)], None, None).state
@@ -361,12 +368,7 @@ def test_exact_key_reads_take_their_own_scale(tiny_lm):
         if st is not None:
             st = st.copy()
             st.meta.update(meta)
-        att = attach(lm, st) if st is not None else None
-        with torch.no_grad(), Trace(lm.model, [name], retain_output=True) as tr:
-            lm.model(input_ids=ids)
-        if att is not None:
-            att.remove()
-        return tr.outputs[name][0]
+        return _module_output(lm, st, name, ids)
 
     exact_only = state.copy()
     exact_only.meta["threshold"] = 1.0  # no mask read: the prompt's subject reads through its exact key
