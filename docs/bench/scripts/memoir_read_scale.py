@@ -64,15 +64,8 @@ ds = get_dataset("counterfact")
 state = load_state(a.edit_dir)
 if a.entries is not None:  # entries are appended in edit order and own-block reads never touch W'
     assert M.reads_own_block(state), "--entries needs a state that reads its own blocks"
-    n_all, n = len(state.meta["entry_owner"]), a.entries
-    for key in (M.MASKS, M.EXACT, M.BLOCK_U, M.BLOCK_V, M.SPAN, M.SPAN_ON, M.VSTAR):
-        if key in state.tensors:
-            assert state.tensors[key].shape[0] == n_all, key
-            state.tensors[key] = state.tensors[key][:n].clone()
-    for key in ("entry_owner", "entry_target"):
-        if key in state.meta:
-            state.meta[key] = state.meta[key][:n]
-    a.edits = n
+    state = M.select_entries(state, list(range(a.entries)))
+    a.edits = a.entries
 all_recs = ds.load(a.data or ds.default_data(), a.edits)
 recs, fluency_prompts = all_recs[:: a.every], [r["prompt"] for r in all_recs[: a.fluency_prompts]]
 detach(lm.model, "memoir")

@@ -412,20 +412,26 @@ def retract(state: EditorState, fact_id: str) -> EditorState:
     owners = list(state.meta.get("entry_owner", []))
     if fact_id not in owners:
         raise KeyError(f"fact {fact_id!r} has no entry in this memory (facts: {sorted(set(owners))[:10]}...)")
-    keep = [i for i, o in enumerate(owners) if o != fact_id]
-    new = state.copy()
-    idx = torch.tensor(keep, dtype=torch.long)
-    new.tensors[MASKS] = state.tensors[MASKS].index_select(0, idx)
-    for key in (BLOCK_U, BLOCK_V, EXACT, SPAN, SPAN_ON, VSTAR):
-        if key in state.tensors:
-            new.tensors[key] = state.tensors[key].index_select(0, idx)
-    if "entry_target" in state.meta:
-        new.meta["entry_target"] = [state.meta["entry_target"][i] for i in keep]
+    new = select_entries(state, [i for i, o in enumerate(owners) if o != fact_id])
     new.tensors[W] = residual_matrix(new.tensors[MASKS], new.tensors[BLOCK_U], new.tensors[BLOCK_V],
                                      state.tensors[BG].shape[0])
-    new.meta = {**new.meta, "entry_owner": [owners[i] for i in keep],
-                "n_edits": int(state.meta.get("n_edits", 0)) - 1,
+    new.meta = {**new.meta, "n_edits": int(state.meta.get("n_edits", 0)) - 1,
                 "retracted": [*state.meta.get("retracted", []), fact_id]}
+    return new
+
+
+def select_entries(state: EditorState, keep: list[int]) -> EditorState:
+    """A copy of ``state`` holding only the entries ``keep`` (in that order): their masks, keys, blocks
+    and v*, owners and objects. W' is left as it was (rebuild it with :func:`residual_matrix` where the
+    shared read needs it)."""
+    new = state.copy()
+    idx = torch.tensor(keep, dtype=torch.long)
+    for key in (MASKS, BLOCK_U, BLOCK_V, EXACT, SPAN, SPAN_ON, VSTAR):
+        if key in state.tensors:
+            new.tensors[key] = state.tensors[key].index_select(0, idx)
+    for key in ("entry_owner", "entry_target"):
+        if key in state.meta:
+            new.meta[key] = [state.meta[key][i] for i in keep]
     return new
 
 
