@@ -508,3 +508,67 @@ def test_matmul_weights_in_swaps_copies_and_restores_the_same_parameters(tiny_lm
         assert tiny_lm.adapter.module(tiny_lm.adapter.layer_name(0)).mlp.down_proj.weight.dtype == torch.float32
     after = dict(tiny_lm.model.named_parameters())
     assert all(after[n] is before[n] and torch.equal(after[n], values[n]) for n in before)
+
+
+def test_length_groups_merge_nearby_suffix_lengths_up_to_the_pad_budget():
+    from kedit.editors.vstar import _length_groups
+
+    seqs = [[0] * n for n in (5, 7, 6, 9, 5, 14)]
+    split = [0] * len(seqs)
+    assert _length_groups(seqs, split) == [[0, 4], [2], [1], [3], [5]]  # one group per length
+    assert _length_groups(seqs, split, 2) == [[0, 4, 2, 1], [3], [5]]  # 5..7, then 9, then 14
+    assert _length_groups(seqs, split, 4) == [[0, 4, 2, 1, 3], [5]]
+    assert _length_groups(seqs, split, 100) == [[0, 4, 2, 1, 3, 5]]
+    assert sorted(r for g in _length_groups(seqs, split, 3) for r in g) == list(range(len(seqs)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_padded_replay_groups_give_the_same_vstar(family, prefix_cache, tiny_tokenizer):
+    """Right pads never reach a real position under causal attention: one padded group per batch
+    optimises the same δ as one group per suffix length."""
+    from kedit.editors.vstar import _length_groups
+    from kedit.models.store import wrap_model
+    from tests.conftest import make_tiny_model
+
+    lm = wrap_model(make_tiny_model(family), tiny_tokenizer, slug=f"tiny-{family}")
+    hp = _hp("memit", v_steps=4, v_lr=0.05, clamp_norm_factor=100.0, kl_factor=1.0, v_prefix_cache=prefix_cache)
+    exact = optimise_vstar(lm, REQS, PREFIXES, hp, 1)
+    padded = optimise_vstar(lm, REQS, PREFIXES, EditHparams(**{**hp.to_dict(), "v_replay_pad": 64}), 1)
+    rows = subject_rows(tiny_tokenizer, REQS, PREFIXES)
+    assert len(_length_groups([i for i in rows.ids], [0] * len(rows.ids))) > 1  # there were groups to merge
+    assert torch.allclose(exact.v0, padded.v0, atol=1e-5)
+    assert torch.allclose(exact.delta, padded.delta, atol=1e-4, rtol=1e-3)
+    for a, b in zip(exact.diagnostics, padded.diagnostics):
+        assert a.vstar_loss_end == pytest.approx(b.vstar_loss_end, rel=1e-4)
+        assert a.vstar_steps == b.vstar_steps
+
+
+def test_vstar_step_reads_the_device_back_once_not_per_group_or_request(tiny_lm):
+    """The Adam loop decides which requests are still running on the host: a step costs one
+    read-back whatever the number of replay groups and finished requests (on a GPU each read-back
+    waits for every queued kernel)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    data_dependent = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func in data_dependent
+            return func(*args, **(kwargs or {}))
+
+    def reads(steps: int) -> int:
+        hp = _hp("memit", v_steps=steps, v_stop_nll=-1.0)  # never met: every request runs every step
+        with Count() as c:
+            optimise_vstar(tiny_lm, REQS, PREFIXES, hp, 2)
+        return c.n
+
+    from kedit.editors.vstar import _length_groups
+
+    rows = subject_rows(tiny_lm.tokenizer, REQS, PREFIXES)
+    assert len(_length_groups(rows.ids, rows.subj_pos)) >= 2  # several groups per step
+    assert reads(6) - reads(2) <= 4 * 2  # one per step (is any request left?), with room for one more

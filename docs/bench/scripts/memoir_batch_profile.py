@@ -7,6 +7,8 @@ Usage:
       --settings "{};{v_stop_nll: 0.1};{v_stop_nll: 0.2}"
 (WS: a workspace holding smollm2-135m; RUN/edit: `kedit bench lifelong --save-edit` output; without
 --state the batch starts from an empty memory. Each setting runs the same batch from the same state.)
+On a GPU: `--device cuda --warmup` (one untimed batch first: CUDA's start-up is not the batch's), and
+compare replay groupings, e.g. --settings "{};{v_replay_pad: 4};{v_replay_pad: 1000}".
 """
 import argparse
 import json
@@ -32,13 +34,15 @@ ap.add_argument("--batch", type=int, default=100)
 ap.add_argument("--settings", default="{}", help="';'-separated YAML mappings of hparams overrides")
 ap.add_argument("--data", default=None)
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--device", default="cpu")
+ap.add_argument("--warmup", action="store_true", help="run the first setting once, untimed, before the rest")
 ap.add_argument("--out", default="memoir_batch_profile.json")
 a = ap.parse_args()
 if a.entries and not a.state:
     ap.error("--entries needs --state")
 torch.set_num_threads(a.threads)
 ws = Workspace(a.ws)
-lm = load_model("smollm2-135m", ws)
+lm = load_model("smollm2-135m", ws, device=a.device)
 ds = get_dataset("counterfact")
 data = a.data or str(ds.default_data())
 recs = ds.load(data, a.batch, a.entries)
@@ -50,7 +54,8 @@ if a.state:
     del full
 
 rows = []
-for text in a.settings.split(";"):
+settings = a.settings.split(";")
+for n_run, text in enumerate(settings[:1] * a.warmup + settings):
     overrides = yaml.safe_load(text) or {}
     hp = load_hparams("memoir", lm, None, overrides)
     iters, last = [], [0.0]
@@ -68,6 +73,12 @@ for text in a.settings.split(";"):
     t = time.perf_counter()
     last[0] = t
     rep = session.step(reqs, a.batch)
+    if a.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    if a.warmup and n_run == 0:
+        print(f"warm-up batch: {rep.seconds:.1f} s")
+        del session, editor
+        continue
     steps = sum(d.vstar_steps for d in rep.result.diagnostics) / len(reqs)
     met = sum(d.constraint_met for d in rep.result.diagnostics)
     rows.append({"setting": overrides, "seconds": round(rep.seconds, 1), "mean_steps": round(steps, 2),
@@ -81,5 +92,5 @@ for text in a.settings.split(";"):
     del session, editor
 
 with open(a.out, "w") as f:
-    json.dump({"entries": a.entries, "batch": a.batch, "threads": a.threads, "rows": rows}, f, indent=1)
+    json.dump({"entries": a.entries, "batch": a.batch, "threads": a.threads, "device": a.device, "rows": rows}, f, indent=1)
 print("->", a.out)

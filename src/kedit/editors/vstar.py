@@ -63,7 +63,7 @@ class VStar:
 
 # the hyperparameters v* reads: settings that differ only elsewhere (the solve) can share one v*
 VSTAR_FIELDS = ("v_lr", "v_steps", "v_weight_decay", "kl_factor", "clamp_norm_factor", "v_stop_nll",
-                "v_stop", "v_prefix_cache", "v_dtype", "n_prefixes", "prefix_len", "prefix_seed")
+                "v_stop", "v_prefix_cache", "v_dtype", "v_replay_pad", "n_prefixes", "prefix_len", "prefix_seed")
 
 
 def vstar_signature(hp: EditHparams, layer: int) -> tuple:
@@ -121,8 +121,8 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     split = (ctx.subj_pos + kl.subj_pos) if hp.v_prefix_cache else [0] * len(seqs)
     all_pos = ctx.subj_pos + kl.subj_pos
     store = _prefix_store(lm, seqs, split, pad, taps) if max(split) > 0 else None  # one for all groups
-    groups = [_Group.build(lm, g, seqs, split, all_pos, rows_req, layer, pad, pair_row, pair_col, kl_row0, taps,
-                           store) for g in _length_groups(seqs, split)]
+    groups = [_Group.build(lm, g, seqs, split, all_pos, ctx.req + kl.req, layer, pad, pair_row, pair_col, kl_row0,
+                           taps, store) for g in _length_groups(seqs, split, hp.v_replay_pad)]
     del store
     tapped, tapped_before = {}, {}
     for name in taps:  # each row's input at its subject (as h0 below), kept for the context rows
@@ -163,29 +163,30 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     autocast = torch.autocast(device_type=torch.device(dev).type, dtype=torch.bfloat16, enabled=bf16)
     replayed = [lm.adapter.module(lm.adapter.layer_name(i)) for i in range(layer + 1, n_layers)]
     active = torch.ones(n, dtype=torch.bool, device=dev)
+    active_h = torch.ones(n, dtype=torch.bool)  # its host copy: the one read-back per Adam step
     kl_init: torch.Tensor | None = None
-    loss_start = torch.zeros(n)
-    loss_end = torch.zeros(n)
-    nll_end = torch.zeros(n)
-    steps_used = torch.zeros(n, dtype=torch.long)
-    met_end = torch.zeros(n, dtype=torch.bool)
+    # per-request results stay on the device and are filled by masks: no host sync per request
+    loss_start = torch.zeros(n, device=dev)
+    loss_end = torch.zeros(n, device=dev)
+    nll_end = torch.zeros(n, device=dev)
+    steps_used = torch.zeros(n, dtype=torch.long, device=dev)
+    met_end = torch.zeros(n, dtype=torch.bool, device=dev)
     it = 0
     with ExitStack() as low_precision:
         low_precision.enter_context(replay_attention(lm))  # float32 under autocast; GQA without repeat_kv
         if bf16:  # the replayed blocks' and the unembedding's matrices as bfloat16 copies
             low_precision.enter_context(matmul_weights_in([*replayed, lm.adapter.unembed], torch.bfloat16))
         for it in range(max(1, hp.v_steps)):
-            act_idx = active.nonzero().squeeze(1)
             if it == 0 and warm:  # the KL reference is the unedited model's, not the warm start's
                 with torch.no_grad(), autocast:
-                    k0 = [g.step(lm, torch.zeros_like(delta), active, kl_only=True) for g in groups]
+                    k0 = [g.step(lm, torch.zeros_like(delta), active_h, kl_only=True) for g in groups]
                     kl0 = torch.log_softmax(unembed_states(lm, torch.cat([k[2] for k in k0])), dim=-1)
                 kl_init = torch.zeros(n, kl0.shape[1], device=dev)
                 kl_init[torch.cat([k[3] for k in k0])] = kl0
             xs, pids, kxs, kreqs = [], [], [], []
             with autocast:
-                for g in groups:  # rows of one suffix length each: no padding in the replayed blocks
-                    x, pid, kx, kreq = g.step(lm, delta, active)
+                for g in groups:  # rows of one suffix length each (or of nearby ones: v_replay_pad)
+                    x, pid, kx, kreq = g.step(lm, delta, active_h)
                     xs.append(x), pids.append(pid), kxs.append(kx), kreqs.append(kreq)
                 pid, kreq = torch.cat(pids), torch.cat(kreqs)
                 logits = unembed_states(lm, torch.cat(xs))  # float32 logits
@@ -204,22 +205,26 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
 
             with torch.no_grad():
                 if it == 0:
-                    loss_start = loss.detach().cpu().clone()
+                    loss_start = loss.detach().clone()
                 met = nll.detach() < hp.v_stop_nll
                 if hp.v_stop == "most_probable":  # no target token of the request is outranked anywhere
                     missed = torch.zeros(n, device=dev).index_add(
                         0, pair_req[pid], (logits.detach().argmax(-1) != pair_lab_t[pid]).to(torch.float32))
                     met = met | (missed == 0)
                 done = active & (met | torch.tensor(it == hp.v_steps - 1, device=dev))
-                for i in done.nonzero().squeeze(1).tolist():
-                    loss_end[i] = float(loss[i])
-                    nll_end[i] = float(nll[i])
-                    steps_used[i] = it
-                    met_end[i] = bool(met[i])
+                loss_end = torch.where(done, loss.detach(), loss_end)
+                nll_end = torch.where(done, nll.detach(), nll_end)
+                steps_used = torch.where(done, torch.full_like(steps_used, it), steps_used)
+                met_end = torch.where(done, met, met_end)
+                was_active = active
                 active = active & ~done
+                # one read-back per step: the requests still active, and this step's mean NLL over its own
+                read = torch.cat([active.to(torch.float32),
+                                  (nll.detach() * was_active).sum()[None] / was_active.sum().clamp_min(1)]).cpu()
+                active_h = read[:n] > 0
             if progress is not None:
-                progress(it, int(active.sum()), float(nll.detach()[act_idx].mean()))
-            if not bool(active.any()):
+                progress(it, int(active_h.sum()), float(read[n]))
+            if not bool(active_h.any()):
                 break
             (loss * active.to(loss.dtype)).sum().backward()
             with torch.no_grad():
@@ -237,11 +242,13 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
                 delta.grad = None
 
     final = delta.detach()
+    ls, le, prob, norms_end, steps_l, met_l = (  # one device-to-host copy each, not one per request
+        t.tolist() for t in (loss_start.cpu(), loss_end.cpu(), torch.exp(-nll_end).cpu(), final.norm(dim=1).cpu(),
+                             steps_used.cpu(), met_end.cpu()))
     diags = [
         RequestDiagnostics(
-            request_id=r.id, vstar_loss_start=float(loss_start[i]), vstar_loss_end=float(loss_end[i]),
-            vstar_steps=int(steps_used[i]), target_prob=float(torch.exp(-nll_end[i])),
-            delta_norm=float(final[i].norm()), constraint_met=bool(met_end[i]))
+            request_id=r.id, vstar_loss_start=ls[i], vstar_loss_end=le[i], vstar_steps=steps_l[i],
+            target_prob=prob[i], delta_norm=norms_end[i], constraint_met=met_l[i])
         for i, r in enumerate(requests)
     ]
     return VStar(delta=final, v0=v0, diagnostics=diags, steps=it, seconds=time.perf_counter() - t0, layer=layer,
@@ -249,66 +256,103 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
                  taps=tapped, taps_before=tapped_before)
 
 
-def _length_groups(seqs: list[list[int]], split: list[int]) -> list[list[int]]:
-    """Row indices grouped by replayed (suffix) length, so each group runs without padding."""
+def _length_groups(seqs: list[list[int]], split: list[int], max_pad: int = 0) -> list[list[int]]:
+    """Row indices grouped by replayed (suffix) length. ``max_pad`` 0: one group per length, so each
+    runs without padding; else consecutive lengths join a group while its shortest row needs at most
+    ``max_pad`` pad tokens to reach its longest."""
     by_len: dict[int, list[int]] = {}
     for i, (s, p) in enumerate(zip(seqs, split)):
         by_len.setdefault(len(s) - p, []).append(i)
-    return [by_len[k] for k in sorted(by_len)]
+    groups: list[list[int]] = []
+    first = 0  # the shortest length in the open group
+    for k in sorted(by_len):
+        if groups and k - first <= max_pad:
+            groups[-1].extend(by_len[k])
+        else:
+            groups.append(list(by_len[k]))
+            first = k
+    return groups
 
 
 @dataclass
 class _Group:
-    """Rows of one suffix length: their replayable slice and the positions v* reads from them."""
+    """Rows of one suffix length (or of nearby lengths, right-padded): their replayable slice and the
+    positions v* reads from them. The index bookkeeping lives on the host (``*_h``): which rows are
+    still active is decided there, so a step reads nothing back from the device."""
 
     rows: torch.Tensor  # global row ids
     req: torch.Tensor  # owning request of each local row
     subj: torch.Tensor  # subject position of each local row, in suffix coordinates
     sl: BlockSlice
-    pair_idx: torch.Tensor  # global ids of the target pairs in this group
-    pair_lrow: torch.Tensor
-    pair_col: torch.Tensor
-    kl_lrow: torch.Tensor  # local rows that are KL prompts, their read position and request
-    kl_col: torch.Tensor
-    kl_req: torch.Tensor
+    req_h: torch.Tensor  # owning request of each local row (host)
+    pair_idx_h: torch.Tensor  # global ids of the target pairs in this group (host)
+    pair_lrow_h: torch.Tensor
+    pair_col_h: torch.Tensor
+    kl_lrow_h: torch.Tensor  # local rows that are KL prompts, their read position and request (host)
+    kl_col_h: torch.Tensor
+    kl_req_h: torch.Tensor
+    _picked: tuple | None = None  # (key, device indices) of the last selection: reused while it holds
 
     @classmethod
     def build(cls, lm, rows: list[int], seqs, split, subj_pos, rows_req, layer, pad, pair_row, pair_col,
               kl_row0, taps: Sequence[str] = (), store: _PrefixStore | None = None) -> _Group:
         dev = lm.device
         local = {r: j for j, r in enumerate(rows)}
+        req = rows_req.tolist() if isinstance(rows_req, torch.Tensor) else list(rows_req)
         pairs = [(pi, local[r], c - split[r]) for pi, (r, c) in enumerate(zip(pair_row, pair_col)) if r in local]
-        kls = [(local[r], len(seqs[r]) - 1 - split[r], int(rows_req[r])) for r in rows if r >= kl_row0]
+        kls = [(local[r], len(seqs[r]) - 1 - split[r], req[r]) for r in rows if r >= kl_row0]
 
         def col(items, k):
-            return torch.tensor([t[k] for t in items], dtype=torch.long, device=dev)
+            return torch.tensor([t[k] for t in items], dtype=torch.long)
 
         take = None if store is None else store.take(torch.tensor(rows, device=dev))
         sl = _slice_above(lm, [seqs[r] for r in rows], [split[r] for r in rows], layer, pad, taps, take)
-        return cls(rows=torch.tensor(rows, device=dev), req=rows_req[torch.tensor(rows, device=dev)],
-                   subj=torch.tensor([subj_pos[r] - split[r] for r in rows], device=dev), sl=sl,
-                   pair_idx=col(pairs, 0), pair_lrow=col(pairs, 1), pair_col=col(pairs, 2),
-                   kl_lrow=col(kls, 0), kl_col=col(kls, 1), kl_req=col(kls, 2))
+        req_h = torch.tensor([req[r] for r in rows], dtype=torch.long)
+        return cls(rows=torch.tensor(rows, device=dev), req=req_h.to(dev), sl=sl,
+                   subj=torch.tensor([subj_pos[r] - split[r] for r in rows], device=dev), req_h=req_h,
+                   pair_idx_h=col(pairs, 0), pair_lrow_h=col(pairs, 1), pair_col_h=col(pairs, 2),
+                   kl_lrow_h=col(kls, 0), kl_col_h=col(kls, 1), kl_req_h=col(kls, 2))
 
-    def step(self, lm, delta: torch.Tensor, active: torch.Tensor, kl_only: bool = False):
+    def pick(self, active_h: torch.Tensor, kl_only: bool, dev) -> dict[str, Any] | None:
+        """Device indices of the rows to replay and of the positions to read, for the requests active
+        in ``active_h`` (host bool [n]); None when no row of this group is active."""
+        act = active_h[self.req_h]
+        if kl_only:
+            act = act & torch.zeros_like(act).index_fill_(0, self.kl_lrow_h, True)
+        key = (kl_only, act.numpy().tobytes())
+        if self._picked is not None and self._picked[0] == key:
+            return self._picked[1]
+        sel = act.nonzero().squeeze(1)
+        if not sel.numel():
+            self._picked = (key, None)
+            return None
+        local = torch.full((act.numel(),), -1, dtype=torch.long)
+        local[sel] = torch.arange(sel.numel())
+        pm, km = act[self.pair_lrow_h], act[self.kl_lrow_h]
+        host = {"sel": sel, "pair_row": local[self.pair_lrow_h[pm]], "pair_col": self.pair_col_h[pm],
+                "pair_idx": self.pair_idx_h[pm], "kl_row": local[self.kl_lrow_h[km]], "kl_col": self.kl_col_h[km],
+                "kl_req": self.kl_req_h[km]}
+        picked = {k: v.to(dev, non_blocking=True) for k, v in host.items()}
+        picked["full"] = sel.numel() == act.numel()
+        self._picked = (key, picked)
+        return picked
+
+    def step(self, lm, delta: torch.Tensor, active_h: torch.Tensor, kl_only: bool = False):
         """Replay the active rows with δ added at the subject; return the final hidden states at the
         target pairs (and their global ids) and at the KL read positions (and their requests).
-        ``kl_only``: replay only the KL prompts' rows (no target pairs come back)."""
-        act = active[self.req]
-        if kl_only:
-            act = act & torch.zeros_like(act).index_fill_(0, self.kl_lrow, True)
-        n_g = self.rows.numel()
-        sel = act.nonzero().squeeze(1)
-        full = sel.numel() == n_g
-        h = self.sl.hidden if full else self.sl.hidden.index_select(0, sel)
+        ``active_h``: the active requests, on the host. ``kl_only``: replay only the KL prompts' rows
+        (no target pairs come back)."""
+        p = self.pick(active_h, kl_only, delta.device)
+        if p is None:
+            empty = torch.zeros(0, delta.shape[1], device=delta.device, dtype=self.sl.hidden.dtype)
+            none = torch.zeros(0, dtype=torch.long, device=delta.device)
+            return empty, none, empty, none
+        sel = p["sel"]
+        h = self.sl.hidden if p["full"] else self.sl.hidden.index_select(0, sel)
         ar = torch.arange(sel.numel(), device=h.device)
         h = torch.index_put(h, (ar, self.subj[sel]), h[ar, self.subj[sel]] + delta[self.req[sel]].to(h.dtype))
-        out = self.sl.run(lm, h, rows=None if full else sel) if sel.numel() else h
-        local = torch.full((n_g,), -1, dtype=torch.long, device=h.device)
-        local[sel] = ar
-        pm, km = act[self.pair_lrow], act[self.kl_lrow]
-        return (out[local[self.pair_lrow[pm]], self.pair_col[pm]], self.pair_idx[pm],
-                out[local[self.kl_lrow[km]], self.kl_col[km]], self.kl_req[km])
+        out = self.sl.run(lm, h, rows=None if p["full"] else sel)
+        return out[p["pair_row"], p["pair_col"]], p["pair_idx"], out[p["kl_row"], p["kl_col"]], p["kl_req"]
 
 
 @dataclass
