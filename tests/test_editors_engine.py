@@ -510,15 +510,17 @@ def test_matmul_weights_in_swaps_copies_and_restores_the_same_parameters(tiny_lm
     assert all(after[n] is before[n] and torch.equal(after[n], values[n]) for n in before)
 
 
-def test_length_groups_merge_nearby_suffix_lengths_up_to_the_pad_budget():
+def test_length_groups_merge_the_next_length_while_its_padding_fits_the_budget():
     from kedit.editors.vstar import _length_groups
 
     seqs = [[0] * n for n in (5, 7, 6, 9, 5, 14)]
     split = [0] * len(seqs)
     assert _length_groups(seqs, split) == [[0, 4], [2], [1], [3], [5]]  # one group per length
-    assert _length_groups(seqs, split, 2) == [[0, 4, 2, 1], [3], [5]]  # 5..7, then 9, then 14
-    assert _length_groups(seqs, split, 4) == [[0, 4, 2, 1, 3], [5]]
-    assert _length_groups(seqs, split, 100) == [[0, 4, 2, 1, 3, 5]]
+    # 6 joins 5 (2 rows x 1 pad), 7 joins them (3 x 1), 9 does not (4 x 2 = 8 > 4), 14 not (1 x 5)
+    assert _length_groups(seqs, split, 4) == [[0, 4, 2, 1], [3], [5]]
+    assert _length_groups(seqs, split, 8) == [[0, 4, 2, 1, 3], [5]]
+    assert _length_groups(seqs, split, 25) == [[0, 4, 2, 1, 3, 5]]  # 5 rows x 5 pads
+    assert _length_groups(seqs, split, 1) == [[0, 4], [2, 1], [3], [5]]  # 6 not (2 x 1 > 1), 7 joins 6
     assert sorted(r for g in _length_groups(seqs, split, 3) for r in g) == list(range(len(seqs)))
 
 
@@ -534,7 +536,7 @@ def test_padded_replay_groups_give_the_same_vstar(family, prefix_cache, tiny_tok
     lm = wrap_model(make_tiny_model(family), tiny_tokenizer, slug=f"tiny-{family}")
     hp = _hp("memit", v_steps=4, v_lr=0.05, clamp_norm_factor=100.0, kl_factor=1.0, v_prefix_cache=prefix_cache)
     exact = optimise_vstar(lm, REQS, PREFIXES, hp, 1)
-    padded = optimise_vstar(lm, REQS, PREFIXES, EditHparams(**{**hp.to_dict(), "v_replay_pad": 64}), 1)
+    padded = optimise_vstar(lm, REQS, PREFIXES, EditHparams(**{**hp.to_dict(), "v_replay_merge_tokens": 10_000}), 1)
     rows = subject_rows(tiny_tokenizer, REQS, PREFIXES)
     assert len(_length_groups([i for i in rows.ids], [0] * len(rows.ids))) > 1  # there were groups to merge
     assert torch.allclose(exact.v0, padded.v0, atol=1e-5)

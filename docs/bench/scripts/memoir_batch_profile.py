@@ -8,7 +8,7 @@ Usage:
 (WS: a workspace holding smollm2-135m; RUN/edit: `kedit bench lifelong --save-edit` output; without
 --state the batch starts from an empty memory. Each setting runs the same batch from the same state.)
 On a GPU: `--device cuda --warmup` (one untimed batch first: CUDA's start-up is not the batch's), and
-compare replay groupings, e.g. --settings "{};{v_replay_pad: 4};{v_replay_pad: 1000}".
+compare replay groupings, e.g. --settings "{};{v_replay_merge_tokens: 1000};{v_replay_merge_tokens: 100000}".
 """
 import argparse
 import json

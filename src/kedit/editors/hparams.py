@@ -47,10 +47,11 @@ class EditHparams:
     # stream, norms, softmax and Adam stay float32); the prefix cache and v₀ are float32 either way.
     # "auto": bfloat16 where the device has bfloat16 matrix units, else float32 (editors/precision.py)
     v_dtype: str = "float32"
-    # rows of nearby suffix lengths replayed as one group, right-padded by at most this many tokens
-    # (causal attention: a pad never changes a real position). 0: one group per length, no padded
-    # compute (the CPU's best); larger: fewer, wider groups, i.e. fewer kernel launches per Adam step
-    v_replay_pad: int = 0
+    # v* replays rows grouped by suffix length; the next length joins a group when the pad tokens that
+    # adds (rows so far x length gap) are at most this many (causal attention: a right pad never
+    # changes a real position). It is a group's fixed cost per Adam step, counted in replayed tokens:
+    # 0 = one group per length (no padded compute), large = one group (fewest kernel launches: GPUs)
+    v_replay_merge_tokens: int = 0
     # random prefixes (generated once per model by the model itself)
     n_prefixes: int = 5
     prefix_len: int = 10
@@ -166,9 +167,10 @@ class EditHparams:
         if not isinstance(self.mm_exact_key, bool) or not 0.0 < self.mm_exact_threshold <= 1.0:
             raise ValueError(f"hparams ({self.source or 'inline'}): need mm_exact_key true or false and "
                              f"0 < mm_exact_threshold <= 1 (got {self.mm_exact_key!r}, {self.mm_exact_threshold!r})")
-        if isinstance(self.v_replay_pad, bool) or not isinstance(self.v_replay_pad, int) or self.v_replay_pad < 0:
-            raise ValueError(f"hparams ({self.source or 'inline'}): v_replay_pad must be an integer >= 0 "
-                             f"(pad tokens a replayed row may carry), not {self.v_replay_pad!r}")
+        m = self.v_replay_merge_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"hparams ({self.source or 'inline'}): v_replay_merge_tokens must be an integer >= 0 "
+                             f"(pad tokens a merge of replay groups may add), not {m!r}")
         if not isinstance(self.v_norm_anchor, bool):
             raise ValueError(f"hparams ({self.source or 'inline'}): v_norm_anchor must be true or false, "
                              f"not {self.v_norm_anchor!r}")

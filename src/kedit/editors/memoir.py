@@ -729,7 +729,7 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
     scaled = torch.zeros_like(w_old, requires_grad=True)
 
     groups = []  # rows of one replayed length; pairs = (local row, column, label, request, weight)
-    for g in _length_groups(seqs, rows.subj_pos, hp.v_replay_pad):
+    for g in _length_groups(seqs, rows.subj_pos, hp.v_replay_merge_tokens):
         sl = _slice_above(lm, [seqs[r] for r in g], [rows.subj_pos[r] for r in g], layer, pad)
         pr, pc, pl, pq, pw = [], [], [], [], []
         for j, r in enumerate(g):

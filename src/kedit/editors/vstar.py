@@ -63,7 +63,7 @@ class VStar:
 
 # the hyperparameters v* reads: settings that differ only elsewhere (the solve) can share one v*
 VSTAR_FIELDS = ("v_lr", "v_steps", "v_weight_decay", "kl_factor", "clamp_norm_factor", "v_stop_nll",
-                "v_stop", "v_prefix_cache", "v_dtype", "v_replay_pad", "n_prefixes", "prefix_len", "prefix_seed")
+                "v_stop", "v_prefix_cache", "v_dtype", "v_replay_merge_tokens", "n_prefixes", "prefix_len", "prefix_seed")
 
 
 def vstar_signature(hp: EditHparams, layer: int) -> tuple:
@@ -122,7 +122,7 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     all_pos = ctx.subj_pos + kl.subj_pos
     store = _prefix_store(lm, seqs, split, pad, taps) if max(split) > 0 else None  # one for all groups
     groups = [_Group.build(lm, g, seqs, split, all_pos, ctx.req + kl.req, layer, pad, pair_row, pair_col, kl_row0,
-                           taps, store) for g in _length_groups(seqs, split, hp.v_replay_pad)]
+                           taps, store) for g in _length_groups(seqs, split, hp.v_replay_merge_tokens)]
     del store
     tapped, tapped_before = {}, {}
     for name in taps:  # each row's input at its subject (as h0 below), kept for the context rows
@@ -185,7 +185,7 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
                 kl_init[torch.cat([k[3] for k in k0])] = kl0
             xs, pids, kxs, kreqs = [], [], [], []
             with autocast:
-                for g in groups:  # rows of one suffix length each (or of nearby ones: v_replay_pad)
+                for g in groups:  # rows of one suffix length each (or of nearby ones: v_replay_merge_tokens)
                     x, pid, kx, kreq = g.step(lm, delta, active_h)
                     xs.append(x), pids.append(pid), kxs.append(kx), kreqs.append(kreq)
                 pid, kreq = torch.cat(pids), torch.cat(kreqs)
@@ -256,21 +256,21 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
                  taps=tapped, taps_before=tapped_before)
 
 
-def _length_groups(seqs: list[list[int]], split: list[int], max_pad: int = 0) -> list[list[int]]:
-    """Row indices grouped by replayed (suffix) length. ``max_pad`` 0: one group per length, so each
-    runs without padding; else consecutive lengths join a group while its shortest row needs at most
-    ``max_pad`` pad tokens to reach its longest."""
+def _length_groups(seqs: list[list[int]], split: list[int], merge_tokens: int = 0) -> list[list[int]]:
+    """Row indices grouped by replayed (suffix) length, shortest first. The next length joins the open
+    group when padding the group's rows up to it adds at most ``merge_tokens`` tokens (0: one group per
+    length, so each runs without padding)."""
     by_len: dict[int, list[int]] = {}
     for i, (s, p) in enumerate(zip(seqs, split)):
         by_len.setdefault(len(s) - p, []).append(i)
     groups: list[list[int]] = []
-    first = 0  # the shortest length in the open group
+    width = 0  # the open group's length so far
     for k in sorted(by_len):
-        if groups and k - first <= max_pad:
+        if groups and len(groups[-1]) * (k - width) <= merge_tokens:
             groups[-1].extend(by_len[k])
         else:
             groups.append(list(by_len[k]))
-            first = k
+        width = k
     return groups
 
 
