@@ -294,11 +294,11 @@ class _Group:
     _picked: tuple | None = None  # (key, device indices) of the last selection: reused while it holds
 
     @classmethod
-    def build(cls, lm, rows: list[int], seqs, split, subj_pos, rows_req, layer, pad, pair_row, pair_col,
+    def build(cls, lm, rows: list[int], seqs, split, subj_pos, req: list[int], layer, pad, pair_row, pair_col,
               kl_row0, taps: Sequence[str] = (), store: _PrefixStore | None = None) -> _Group:
+        """``req``: the owning request of every row of the batch (host list)."""
         dev = lm.device
         local = {r: j for j, r in enumerate(rows)}
-        req = rows_req.tolist() if isinstance(rows_req, torch.Tensor) else list(rows_req)
         pairs = [(pi, local[r], c - split[r]) for pi, (r, c) in enumerate(zip(pair_row, pair_col)) if r in local]
         kls = [(local[r], len(seqs[r]) - 1 - split[r], req[r]) for r in rows if r >= kl_row0]
 
