@@ -71,7 +71,7 @@ def _lifelong(args) -> int:
         run_lifelong,
         write_results,
     )
-    from kedit.cli.edit import _parse_set, load_lm
+    from kedit.cli.edit import load_lm, parse_set
 
     cfg = LifelongConfig(method=args.method, data=args.data or str(get_dataset(args.dataset).default_data()),
                          dataset=args.dataset, edits=args.edits, skip_invalid=args.skip_invalid,
@@ -79,7 +79,7 @@ def _lifelong(args) -> int:
                          curve_records=args.curve_records,
                          fluency_prompts=args.fluency_prompts or None, ppl_tokens=args.ppl_tokens,
                          stats_corpus=args.stats_corpus, stats_tokens=args.stats_tokens,
-                         hparams_file=args.hparams, overrides=_parse_set(args.set))
+                         hparams_file=args.hparams, overrides=parse_set(args.set))
     from kedit.cli import CLIError
 
     if args.save_edit and not args.out:
@@ -130,11 +130,11 @@ def _sweep_settings(grid_args: list[str] | None, setting_args: list[str] | None)
 def _solvers(args) -> int:
     from kedit.bench.lifelong import DEFAULT_DATA
     from kedit.bench.solvers import SweepConfig, run_sweep, sweep_markdown, write_sweep
-    from kedit.cli.edit import _parse_set, load_lm
+    from kedit.cli.edit import load_lm, parse_set
 
     cfg = SweepConfig(method=args.method, data=args.data or str(DEFAULT_DATA), edits=args.edits, offset=args.offset,
                       ppl_tokens=args.ppl_tokens, stats_corpus=args.stats_corpus, stats_tokens=args.stats_tokens,
-                      hparams_file=args.hparams, base=_parse_set(args.set),
+                      hparams_file=args.hparams, base=parse_set(args.set),
                       settings=_sweep_settings(args.grid, args.setting))
     lm = load_lm(args)
     res = run_sweep(lm, workspace(args), cfg, progress=not args.quiet)

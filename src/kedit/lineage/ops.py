@@ -14,36 +14,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kedit.lineage.access import DEFAULTS, lineage_params, open_store, pending_report  # noqa: F401 (kept importable)
 from kedit.lineage.identity import describe
 from kedit.lineage.intent import Intent, adopt, clear_intent, read_intent, step_done, write_intent
 from kedit.lineage.policy import refusal
 from kedit.lineage.registry import model_name
 from kedit.lineage.state import BASE, Event, LineageError, label
-from kedit.lineage.store import LineageStore, _pid_alive
+from kedit.lineage.store import LineageStore
 from kedit.workspace import Workspace
 
 log = logging.getLogger(__name__)
-
-DEFAULTS: dict[str, Any] = {"snapshot_every": 20, "dvc_remote": None, "model_prefix": "kedit",
-                            "mlflow": True, "dvc": True}
-
-
-def lineage_params(ws: Workspace, params_file: str | Path | None = None) -> dict[str, Any]:
-    """The ``lineage:`` block of params.yaml (found by :func:`kedit.params.find_params`), over defaults."""
-    from kedit.params import load_params
-
-    return {**DEFAULTS, **load_params(params_file, ws).block("lineage")}
-
-
-def open_store(ws: Workspace, params: dict[str, Any] | None = None) -> LineageStore:
-    """The workspace's lineage store; warns when an interrupted promote / rollback left the stores apart."""
-    params = params or lineage_params(ws)
-    store = LineageStore(ws.lineage_dir, snapshot_every=int(params["snapshot_every"]))
-    note = pending_report(store)
-    if note:
-        log.warning(note)
-    return store
-
 
 def _versioning(ws: Workspace, params: dict[str, Any]):
     from kedit.lineage.versioning import Versioning
@@ -179,21 +159,6 @@ def finish_pending(ws: Workspace, store: LineageStore, params: dict[str, Any]) -
     return note
 
 
-def pending_report(store: LineageStore) -> str | None:
-    """One line about an interrupted promote / rollback (None: none, or one still running)."""
-    try:
-        intent = read_intent(store.root)
-    except LineageError as exc:
-        return str(exc)
-    if intent is None:
-        return None
-    holder = store._lock_holder()
-    if holder.get("pid") == intent.pid and holder.get("host") == intent.host and _pid_alive(intent.pid):
-        return None  # in progress, not interrupted
-    return (f"{store.root}: an interrupted {intent.describe()}; git/DVC and MLflow may not follow the lineage "
-            f"events: run `kedit lineage repair` (any promote or rollback also finishes it)")
-
-
 def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment: str = "",
             mlflow: bool = True, dvc: bool = True, params: dict[str, Any] | None = None,
             override: str | None = None) -> dict[str, Any]:
@@ -284,9 +249,9 @@ def divergences(ws: Workspace, store: LineageStore, params: dict[str, Any] | Non
 
 def _alias_state(ws: Workspace, name: str, alias: str = "champion") -> str | None:
     """The state tag of the version ``name@alias`` points at (None: no such model or alias). Read-only."""
-    from kedit.lineage.registry import TAG_STATE, _mlflow
+    from kedit.lineage.registry import TAG_STATE, import_mlflow
 
-    _mlflow()
+    import_mlflow()
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 

@@ -208,7 +208,7 @@ class LineageStore:
                 break
             except FileExistsError:
                 holder = self._lock_holder()
-                if holder.get("host") == info["host"] and not _pid_alive(holder.get("pid")):
+                if holder.get("host") == info["host"] and not pid_alive(holder.get("pid")):
                     log.warning("taking over stale lineage lock %s left by dead pid %s", self.lock_path,
                                 holder.get("pid"))
                     with contextlib.suppress(FileNotFoundError):
@@ -879,7 +879,7 @@ class LineageStore:
                 stack.append((c, cur if i == len(children) - 1 else {k: v.clone() for k, v in cur.items()}))
 
 
-def _pid_alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
     try:
         os.kill(int(pid), 0)
     except (TypeError, ValueError, ProcessLookupError):
