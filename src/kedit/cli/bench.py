@@ -1,5 +1,6 @@
 """`kedit bench lifelong`: sequential CounterFact or zsRE editing benchmark (results.json / .md / curve.png);
-`kedit bench solvers`: one batch, v* once, solver settings compared (results.json / .md / frontier.png)."""
+`kedit bench solvers`: one batch, v* once, solver settings compared (results.json / .md / frontier.png);
+`kedit bench refresh`: one nightly refresh of N facts end to end, seconds per step (results.json)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,27 @@ def register(sub) -> None:
     w.add_argument("--setting", action="append", metavar="{KEY: VALUE, ...}",
                    help="one more setting (YAML mapping), after the grid's; '{}' is the file's defaults")
     w.set_defaults(func=_solvers)
+
+    r = s.add_parser("refresh", help="one nightly refresh of N facts end to end (ingest .. decide), seconds per step")
+    r.add_argument("--facts", "-n", type=int, default=100,
+                   help="rows in the feed: the 30-row sample feed, then CounterFact records (default 100)")
+    r.add_argument("--model", "-m", default="smollm2-135m",
+                   help="model slug, already imported in the workspace (-w) the bench links it from")
+    r.add_argument("--method", default=None, choices=list(METHODS),
+                   help="editor (default: params.yaml refresh.method)")
+    r.add_argument("--set", action="append", metavar="BLOCK.KEY=VALUE",
+                   help="override one params.yaml setting of the bench workspace, e.g. refresh.trace_sample=0")
+    r.add_argument("--params", default=None, help="params.yaml to start from (default: the project's)")
+    r.add_argument("--data", default=None, help="flat CounterFact JSON for rows past the sample feed "
+                                                "(default ../shared/data/counterfact-dev.json)")
+    r.add_argument("--dir", default="bench-out/refresh-ws",
+                   help="the bench's own workspace, replaced on each run (default bench-out/refresh-ws)")
+    r.add_argument("--out", "-o", default="bench-out/refresh", help="results.json (and profiles) here")
+    r.add_argument("--profile", action="store_true",
+                   help="cProfile each step: OUT/<step>.prof and OUT/<step>.txt (the most expensive calls)")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_refresh)
 
 
 def _lifelong(args) -> int:
@@ -142,4 +164,28 @@ def _solvers(args) -> int:
         write_sweep(res, args.out)
         print(f"results -> {args.out}/results.json, results.md, frontier.png")
     print(sweep_markdown(res))
+    return 0
+
+
+def _refresh(args) -> int:
+    import sys
+
+    from kedit.bench.refresh import RefreshBenchConfig, run_refresh_bench
+    from kedit.cli.edit import parse_set
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    overrides = parse_set(args.set)
+    if args.method:
+        overrides["refresh.method"] = args.method
+    cfg = RefreshBenchConfig(facts=args.facts, model=args.model, data=args.data, params=args.params,
+                             overrides=overrides, profile=args.profile)
+    log = (lambda _m: None) if args.quiet else (lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    res = run_refresh_bench(args.dir, workspace(args), cfg, args.out, log=log)
+    print(res.table())
+    if args.profile:
+        print(f"profiles -> {args.out}/<step>.prof, <step>.txt")
+    print(f"results -> {args.out}/results.json")
     return 0
