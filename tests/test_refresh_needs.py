@@ -91,3 +91,13 @@ def test_bench_workspace_links_the_model_and_applies_overrides(tmp_path):
         prepare_workspace(tmp_path / "bench", src, RefreshBenchConfig(facts=1, overrides={"method": "rome"}), tmp_path)
     with pytest.raises(FileNotFoundError, match="not imported"):
         prepare_workspace(tmp_path / "bench", Workspace(tmp_path / "empty"), cfg, tmp_path)
+
+
+def test_the_refresh_traces_the_mlp_effects_it_reads_unless_told_more(tmp_path):
+    assert RefreshConfig().trace_kinds == ["mlp"]
+    p = tmp_path / "params.yaml"
+    p.write_text("refresh: {trace_kinds: [mlp, attn, hidden]}\n")
+    assert RefreshConfig.from_params(p).trace_kinds == ["mlp", "attn", "hidden"]
+    for bad in (["mlp", "ffn"], [], "mlp"):
+        with pytest.raises(ValueError, match="refresh.trace_kinds: expected a non-empty list"):
+            RefreshConfig(trace_kinds=bad)

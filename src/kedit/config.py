@@ -19,6 +19,9 @@ class RefreshConfig:
     device: str = "cpu"
     trace_sample: int = 1
     trace_noise_samples: int = 5
+    # what the refresh reads from a trace is the MLP effects' peak layer: tracing the hidden states and
+    # attention too costs twice as much again (add "hidden", "attn" for the full picture)
+    trace_kinds: list[str] = field(default_factory=lambda: ["mlp"])
     edit_batch_size: int = 10  # a feed is applied in sequential batches of this size (0: one batch)
     approval_timeout_s: int = 24 * 3600
     stats_corpus: str = "wiki-summaries-en"
@@ -48,6 +51,13 @@ class RefreshConfig:
         if unknown:
             raise ValueError(f"refresh config: unknown keys {sorted(unknown)} (known: {sorted(known)})")
         return cls(**data)
+
+    def __post_init__(self) -> None:
+        from kedit.tracing import KINDS
+
+        bad = [k for k in self.trace_kinds if k not in KINDS] if isinstance(self.trace_kinds, list) else None
+        if bad is None or bad or not self.trace_kinds:
+            raise ValueError(f"refresh.trace_kinds: expected a non-empty list of {list(KINDS)}, got {self.trace_kinds!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -46,7 +46,7 @@ SCHEMA: dict[str, frozenset[str]] = {
     # cumulative drift of the candidate from the base model (kedit.evaluation.drift.DriftPolicy)
     "drift": frozenset({"max_perplexity_increase_pct", "min_canary_agreement", "max_neighbourhood_kl"}),
     # RefreshConfig's own settings; its model and stats_* come from the model: and stats: blocks
-    "refresh": frozenset({"method", "device", "trace_sample", "trace_noise_samples", "edit_batch_size",
+    "refresh": frozenset({"method", "device", "trace_sample", "trace_noise_samples", "trace_kinds", "edit_batch_size",
                           "approval_timeout_s", "hparams_overrides"}),
 }
 

@@ -107,7 +107,7 @@ def trace_step(ws: Workspace, cfg: RefreshConfig, rows: list[dict[str, Any]], ke
     done = []
     for r in rows[: cfg.trace_sample]:
         res = trace_fact(lm, r["prompt"], r["subject"], target=r.get("target_true") or None,
-                         samples=cfg.trace_noise_samples)
+                         kinds=cfg.trace_kinds, samples=cfg.trace_noise_samples)
         d = res.save(out_dir / str(r["id"]))
         last_subject = res.subject_range[1] - 1
         mlp = res.effects.get("mlp")
