@@ -83,6 +83,10 @@ def test_bench_workspace_links_the_model_and_applies_overrides(tmp_path):
     assert params["refresh"] == {"method": "rome", "trace_sample": 0} and params["model"]["slug"] == "smollm2-135m"
     assert (ws.model_dir("smollm2-135m") / "model.safetensors").stat().st_ino == (model / "model.safetensors").stat().st_ino
     assert len((ws.feeds_dir / "2026-01-05.jsonl").read_text().splitlines()) == 3
+    ws = prepare_workspace(tmp_path / "bench", src, RefreshBenchConfig(facts=2, nights=3), tmp_path)
+    nights = [[json.loads(r)["id"] for r in (ws.feeds_dir / f"2026-01-0{d}.jsonl").read_text().splitlines()]
+              for d in (5, 6, 7)]
+    assert nights == [["sample-001", "sample-002"], ["sample-003", "sample-004"], ["sample-005", "sample-006"]]
     prepare_workspace(tmp_path / "bench", src, cfg, tmp_path)  # its own earlier workspace is replaced
     (tmp_path / "other").mkdir()
     with pytest.raises(FileExistsError, match="not a bench workspace"):

@@ -66,6 +66,9 @@ def register(sub) -> None:
     r = s.add_parser("refresh", help="one nightly refresh of N facts end to end (ingest .. decide), seconds per step")
     r.add_argument("--facts", "-n", type=int, default=100,
                    help="rows in the feed: the 30-row sample feed, then CounterFact records (default 100)")
+    r.add_argument("--nights", type=int, default=1,
+                   help="refreshes one after the other, each with the next --facts rows, each approved when its "
+                        "gate passes; the first also pays what a lineage does once (default 1)")
     r.add_argument("--model", "-m", default="smollm2-135m",
                    help="model slug, already imported in the workspace (-w) the bench links it from")
     r.add_argument("--method", default=None, choices=list(METHODS),
@@ -180,12 +183,12 @@ def _refresh(args) -> int:
     overrides = parse_set(args.set)
     if args.method:
         overrides["refresh.method"] = args.method
-    cfg = RefreshBenchConfig(facts=args.facts, model=args.model, data=args.data, params=args.params,
+    cfg = RefreshBenchConfig(facts=args.facts, nights=args.nights, model=args.model, data=args.data, params=args.params,
                              overrides=overrides, profile=args.profile)
     log = (lambda _m: None) if args.quiet else (lambda m: print(f"  {m}", file=sys.stderr, flush=True))
     res = run_refresh_bench(args.dir, workspace(args), cfg, args.out, log=log)
     print(res.table())
     if args.profile:
-        print(f"profiles -> {args.out}/<step>.prof, <step>.txt")
+        print(f"profiles -> {args.out}/night<k>-<step>.prof, .txt")
     print(f"results -> {args.out}/results.json")
     return 0
