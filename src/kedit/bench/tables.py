@@ -172,11 +172,11 @@ def read_report(folder: Path) -> dict[str, Any] | None:
 
 
 def report_date(folder: Path) -> str | None:
-    """The date git last committed a change to a report's content (reports written before runs
-    recorded their own ``config.created``); moving the folder does not change it."""
+    """The date git last committed a report (for reports written before runs recorded their own
+    ``config.created``)."""
     name = "results.json" if (folder / "results.json").is_file() else "results.md"
     try:
-        out = subprocess.run(["git", "log", "-1", "--follow", "--diff-filter=AM", "--format=%cs", "--", name],
+        out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", name],
                              cwd=folder, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
