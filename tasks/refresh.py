@@ -14,6 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from kedit import refresh
+from kedit.config import RefreshConfig
 from kedit.lineage.access import open_store
 from kedit.workspace import Workspace
 from tasks.cache import content_keyed, feed_keyed
@@ -26,8 +27,8 @@ def _ws(workspace: str | None) -> Workspace:
     return Workspace.default(workspace)
 
 
-def _cfg(cfg: dict[str, Any]) -> refresh.RefreshConfig:
-    return refresh.RefreshConfig(**cfg)
+def _cfg(cfg: dict[str, Any]) -> RefreshConfig:
+    return RefreshConfig(**cfg)
 
 
 def _champion(ws: Workspace) -> str:

@@ -131,11 +131,11 @@ def _demo(args) -> int:
     """The README's main command: everything a nightly refresh does, on this machine, no mocks."""
     from rich.rule import Rule
 
+    from kedit.config import RefreshConfig
     from kedit.console import make_console
     from kedit.models.store import ModelManifest
     from kedit.orchestration import LocalStack, state_type
     from kedit.progress import ProgressTail
-    from kedit.refresh import RefreshConfig
     from kedit.stats.collect import load_stats, stats_dir
     from kedit.workspace import Workspace
 
