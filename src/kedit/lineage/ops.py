@@ -19,13 +19,13 @@ from kedit.lineage.intent import Intent, adopt, clear_intent, read_intent, step_
 from kedit.lineage.policy import refusal
 from kedit.lineage.registry import model_name
 from kedit.lineage.state import BASE, Event, LineageError, label
-from kedit.lineage.store import LineageStore, _pid_alive
+from kedit.lineage.store import LineageStore, _pid_alive, check_texts
 from kedit.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {"snapshot_every": 20, "dvc_remote": None, "model_prefix": "kedit",
-                            "mlflow": True, "dvc": True}
+                            "mlflow": True, "dvc": True, "require_distinct_approver": False}
 
 
 def lineage_params(ws: Workspace, params_file: str | Path | None = None) -> dict[str, Any]:
@@ -38,7 +38,8 @@ def lineage_params(ws: Workspace, params_file: str | Path | None = None) -> dict
 def open_store(ws: Workspace, params: dict[str, Any] | None = None) -> LineageStore:
     """The workspace's lineage store; warns when an interrupted promote / rollback left the stores apart."""
     params = params or lineage_params(ws)
-    store = LineageStore(ws.lineage_dir, snapshot_every=int(params["snapshot_every"]))
+    store = LineageStore(ws.lineage_dir, snapshot_every=int(params["snapshot_every"]),
+                         require_distinct_approver=bool(params.get("require_distinct_approver", False)))
     note = pending_report(store)
     if note:
         log.warning(note)
@@ -92,7 +93,8 @@ def stores_present(ws: Workspace, params: dict[str, Any]) -> tuple[bool, bool]:
 def _message(ev: Event) -> str:
     """The git commit message of a promotion / rollback; ``[kedit event N]`` ties the commit to the event."""
     what = "promote state" if ev.type == "promote" else "rollback to state"
-    return f"kedit: {what} {label(ev.state)[:12]} [kedit event {ev.seq}] ({ev.by}: {ev.comment})"
+    chain = f" [kedit chain {ev.digest}]" if ev.digest else ""  # the event chain's head: a signed commit seals it
+    return f"kedit: {what} {label(ev.state)[:12]} [kedit event {ev.seq}]{chain} ({ev.by}: {ev.comment})"
 
 
 def _bases(store: LineageStore) -> dict[str, str]:
@@ -127,6 +129,11 @@ def _follow(ws: Workspace, store: LineageStore, intent: Intent, params: dict[str
     from kedit.lineage.versioning import state_tag
 
     ev = next(e for e in store.events() if e.seq == intent.out["event_seq"])
+    if "report" not in intent.done:
+        if ev.data.get("override_event"):
+            _note_override(store, ev)  # idempotent: a repair after a kill writes it once
+        step_done(store.root, intent, "report")
+        _pause("report")
     if intent.dvc and "versioning" not in intent.done:
         info = _versioning(ws, params).tag_state(label(intent.target), _message(ev))
         step_done(store.root, intent, "versioning", **info, tag=state_tag(label(intent.target)))
@@ -187,7 +194,7 @@ def pending_report(store: LineageStore) -> str | None:
         return str(exc)
     if intent is None:
         return None
-    holder = store._lock_holder()
+    holder = store.lock_holder()
     if holder.get("pid") == intent.pid and holder.get("host") == intent.host and _pid_alive(intent.pid):
         return None  # in progress, not interrupted
     return (f"{store.root}: an interrupted {intent.describe()}; git/DVC and MLflow may not follow the lineage "
@@ -205,10 +212,11 @@ def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment:
     is held over every store; an intent record makes a crash between them resumable."""
     params = params or lineage_params(ws)
     mlflow, dvc = mlflow and bool(params.get("mlflow", True)), dvc and bool(params.get("dvc", True))
+    check_texts("promote", by, comment, override)
     with store.lock(f"promote {state_id[:12]} by {by}"):
         repaired = finish_pending(ws, store, params)
         sid = store.resolve(state_id)
-        check = store.promotion_check(sid)
+        check = store.promotion_check(sid, by=by)
         if not check.ok and not (override or "").strip():
             raise refusal("promote", sid, check)
         intent = Intent(op="promote", target=sid, by=by, mlflow=mlflow, dvc=dvc)
@@ -217,8 +225,6 @@ def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment:
         step_done(store.root, intent, "event", event_seq=ev.seq)
         _pause("event")
         out = _follow(ws, store, intent, params)
-    if ev.data.get("override_event"):
-        _note_override(store, ev)
     return {"event": ev.to_dict(), **out, **({"repaired": repaired} if repaired else {})}
 
 
@@ -234,6 +240,7 @@ def rollback(ws: Workspace, store: LineageStore, state_id: str | None, by: str, 
     mlflow, dvc = mlflow and bool(params.get("mlflow", True)), dvc and bool(params.get("dvc", True))
     if not reason or not reason.strip():
         raise ValueError("rollback: give a reason")
+    check_texts("rollback", by, reason)
     with store.lock(f"rollback {label(state_id)[:12]} by {by}"):
         repaired = finish_pending(ws, store, params)
         sid = None if state_id in (None, BASE) else store.resolve(state_id)
@@ -316,7 +323,8 @@ def repair(ws: Workspace, store: LineageStore, params: dict[str, Any] | None = N
 
 
 def _note_override(store: LineageStore, ev: Event) -> None:
-    """Append the override to the gate report the state's verdict came from (gate.md + override.json)."""
+    """Append the override to the gate report the state's verdict came from (gate.md + override.json);
+    a step of the promotion (its intent's ``report``), so a repair after a kill writes it, once."""
     from kedit.atomic import write_json_atomic, write_text_atomic
 
     over = next((e for e in store.events() if e.seq == ev.data.get("override_event")), None)
@@ -331,7 +339,9 @@ def _note_override(store: LineageStore, ev: Event) -> None:
             + "".join(f"- {u}\n" for u in over.data.get("unmet", [])) + f"\nReason given: {over.comment}\n"
             f"(lineage events {over.seq} override, {ev.seq} promote)\n")
     md = report / "gate.md"
-    write_text_atomic(md, (md.read_text() if md.exists() else "") + note)
+    text = md.read_text() if md.exists() else ""
+    if f"(lineage events {over.seq} override, {ev.seq} promote)" not in text:
+        write_text_atomic(md, text + note)
     write_json_atomic(report / "override.json", over.to_dict())
 
 
