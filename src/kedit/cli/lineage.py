@@ -1,4 +1,4 @@
-"""`kedit lineage log|show|diff|verify|repair|gate|approve|promote`, `kedit rollback S`, `kedit retract FACT`,
+"""`kedit lineage log|show|diff|verify|repair|seal|gate|approve|promote`, `kedit rollback S`, `kedit retract FACT`,
 `kedit export S --out DIR`."""
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ def register(sub) -> None:
     rp = s.add_parser("repair", help="finish an interrupted promote/rollback; move git, DVC and MLflow to the "
                                      "lineage's champion")
     rp.set_defaults(func=_repair)
+    se = s.add_parser("seal", help="vouch for the events written before the event chain (once, after checking "
+                                   "them), so their gate verdicts and approvals count for promotions")
+    se.add_argument("--by", default=None, help="name recorded beside your OS identity")
+    se.add_argument("--comment", default="")
+    se.set_defaults(func=_seal)
     gt = s.add_parser("gate", help="gate a candidate state against its parent (e.g. a retraction) and record the "
                                    "verdict; exits 1 if any check fails")
     gt.add_argument("state", help="state id or unique prefix (not the champion, not 'base')")
@@ -279,6 +284,14 @@ def _verify(args) -> int:
     for p in rep.problems:
         print(f"PROBLEM: {p}")
     return 1
+
+
+def _seal(args) -> int:
+    _, _, store = _store(args)
+    ev = store.seal(by=_who(args), comment=args.comment)
+    print(f"sealed the {ev.data['sealed_events']} events from before the event chain (event {ev.seq}, by "
+          f"{_people([ev])}); chain head {ev.digest}")
+    return 0
 
 
 def _repair(args) -> int:

@@ -60,15 +60,18 @@ class ChainReport:
     head: str = GENESIS
     last_seq: int = 0
 
-    def note(self) -> str | None:
-        """One line on events written before the chain (None: there are none)."""
+    def note(self, sealed_by: str | None = None) -> str | None:
+        """One line on events written before the chain (None: there are none); ``sealed_by``: the seal
+        event that vouched for them, as text."""
         if not self.legacy:
             return None
+        vouch = (f"{sealed_by} vouched for them" if sealed_by else "their gate verdicts and approvals count for a "
+                 "promotion once `kedit lineage seal` has vouched for them")
         if self.first_chained is None:
-            return (f"{self.legacy} events were written before the event chain and are not sealed yet: the next "
-                    f"event kedit writes seals them (its prev is a digest of all of them)")
+            return (f"{self.legacy} events were written before the event chain; the next event kedit writes chains "
+                    f"over them (its prev is a digest of all of them); {vouch}")
         return (f"{self.legacy} events before event {self.first_chained} were written before the event chain; "
-                f"event {self.first_chained} seals them (a change to any of them breaks it)")
+                f"event {self.first_chained} chains over them (a change to any of them breaks it); {vouch}")
 
 
 def check_chain(records: list[tuple[Path, dict[str, Any]]]) -> ChainReport:

@@ -212,7 +212,7 @@ def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment:
     is held over every store; an intent record makes a crash between them resumable."""
     params = params or lineage_params(ws)
     mlflow, dvc = mlflow and bool(params.get("mlflow", True)), dvc and bool(params.get("dvc", True))
-    check_texts("promote", by, comment, override)
+    check_texts("promote", by, comment, reason=override)
     with store.lock(f"promote {state_id[:12]} by {by}"):
         repaired = finish_pending(ws, store, params)
         sid = store.resolve(state_id)
@@ -240,7 +240,7 @@ def rollback(ws: Workspace, store: LineageStore, state_id: str | None, by: str, 
     mlflow, dvc = mlflow and bool(params.get("mlflow", True)), dvc and bool(params.get("dvc", True))
     if not reason or not reason.strip():
         raise ValueError("rollback: give a reason")
-    check_texts("rollback", by, reason)
+    check_texts("rollback", by, reason=reason)
     with store.lock(f"rollback {label(state_id)[:12]} by {by}"):
         repaired = finish_pending(ws, store, params)
         sid = None if state_id in (None, BASE) else store.resolve(state_id)

@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 
 # The points between which a commit can be interrupted (tests inject a failure at each).
 COMMIT_STEPS = ("base", "deltas", "editor_state", "snapshot", "manifest", "publish")
-EVENT_TYPES = ("promote", "rollback", "approve", "reject", "gate", "override")
+EVENT_TYPES = ("promote", "rollback", "approve", "reject", "gate", "override", "seal")
 CHAMPION_FILE = "CHAMPION"
 
 
@@ -774,15 +774,21 @@ class LineageStore:
             tmp.unlink(missing_ok=True)
 
     def promotion_check(self, state_id: str, by: str | None = None) -> Check:
-        """The promotion rules (:mod:`kedit.lineage.policy`) for ``state_id`` over the trusted events;
-        every untrusted event of the state is named as an unmet rule. ``by``: who would promote (with
+        """The promotion rules (:mod:`kedit.lineage.policy`) for ``state_id`` over the trusted events
+        (a refusal names the state's untrusted events and why). ``by``: who would promote (with
         ``require_distinct_approver``, the approval must come from another account)."""
         state = self.get(state_id)
         events, bad = self.events(), self.untrusted()
+        sealed = any(e.type == "seal" and e.file not in bad for e in events)
+        for e in events:  # verdicts and approvals from before the chain count once `kedit lineage seal` vouched
+            if e.digest is None and e.type in ("gate", "approve") and not sealed and e.file not in bad:
+                bad[e.file] = ("it was written before the event chain and no `kedit lineage seal` has vouched for "
+                               "those events (check them, then seal; or gate / approve again)")
         promoter = accounts(by, current_actor().to_dict()) if by and self.require_distinct_approver else None
         check = promotion_check([e for e in events if e.file not in bad], state, promoter=promoter)
-        check.unmet.extend(f"event {e.seq} ({e.type} of {state.short}, {e.file}) is not trusted and does not "
-                           f"count: {bad[e.file]}" for e in events if e.file in bad and e.state == state.id)
+        if check.unmet:  # say why events that would have met a rule did not count (they never block one)
+            check.unmet.extend(f"event {e.seq} ({e.type} of {state.short}, {e.file}) is not trusted and does not "
+                               f"count: {bad[e.file]}" for e in events if e.file in bad and e.state == state.id)
         return check
 
     def rollback_check(self, state_id: str | None) -> Check:
@@ -798,7 +804,7 @@ class LineageStore:
         as an ``override`` event before the promotion. This writes the store event only; use
         :func:`kedit.lineage.ops.promote` to move git, DVC and MLflow with it under the same lock.
         """
-        check_texts("promote", by, comment, override)
+        check_texts("promote", by, comment, reason=override)
         with self.lock(f"promote {state_id[:12]}"):
             sid = self.resolve(state_id)
             check = self.promotion_check(sid, by=by)
@@ -815,7 +821,7 @@ class LineageStore:
         :func:`kedit.lineage.ops.rollback`."""
         if not reason or not reason.strip():
             raise ValueError("rollback: give a reason")
-        check_texts("rollback", by, reason)
+        check_texts("rollback", by, reason=reason)
         state_id = None if state_id == BASE else state_id
         with self.lock(f"rollback {label(state_id)[:12]}"):
             sid = self.resolve(state_id) if state_id else None
@@ -831,6 +837,21 @@ class LineageStore:
         ev = self._event("override", sid, by, reason, {"action": action, "unmet": check.unmet,
                                                          "gate_event": check.gate_event})
         return {"override_event": ev.seq}
+
+    def seal(self, by: str, comment: str = "") -> Event:
+        """Vouch for the events written before the chain (a one-shot migration): a ``seal`` event, chained
+        over all of them, after which their gate verdicts and approvals count for promotions again."""
+        with self.lock("seal"):
+            chain = self.chain()
+            if not chain.legacy:
+                raise LineageError(f"{self.root}: no events from before the event chain; nothing to seal")
+            if any(e.type == "seal" for e in self.trusted_events()):
+                raise LineageError(f"{self.root}: the events from before the chain are sealed already")
+            if chain.problems:
+                raise LineageError(f"{self.root}: the events fail their check; not sealing them: "
+                                   + "; ".join(chain.problems))
+            return self._event("seal", None, by, comment, {"sealed_events": chain.legacy,
+                                                           "first_chained": chain.first_chained})
 
     def approve(self, state_id: str, by: str, comment: str = "") -> Event:
         """Record a reviewer's approval (a separate event from the promotion it allows)."""
@@ -988,8 +1009,10 @@ class LineageStore:
                 rep.problems.append(f"event {e.seq} ({e.type}) names unknown or invalid state {e.state[:12]}")
         if chain is not None:
             rep.problems.extend(chain.problems)
-            if chain.note():
-                rep.notes.append(chain.note())
+            seals = [e for e in evs if e.type == "seal" and e.file not in bad]
+            sealed_by = f"event {seals[0].seq} (seal by {seals[0].by})" if seals else None
+            if chain.note(sealed_by):
+                rep.notes.append(chain.note(sealed_by))
         rep.problems.extend(f"event {e.seq} ({e.type}, {e.file}): {bad[e.file]}" for e in evs
                             if e.file in bad and (chain is None or e.file not in chain.bad))
         if deep and not rep.problems:
