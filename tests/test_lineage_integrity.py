@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -337,3 +338,50 @@ def test_chain_starts_at_genesis(tmp_path):
     a = store.rollback(None, by="alice", reason="r")
     b = store.rollback(None, by="bob", reason="r")
     assert a.prev == GENESIS and b.prev == a.digest and store.chain().head == b.digest
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None or shutil.which("git") is None,
+                    reason="git or ssh-keygen not installed")
+def test_signed_promotion_commits_catch_a_recomputed_chain(workspace, stored_lm, tmp_path, monkeypatch):  # noqa: F811
+    """The option that closes what the chain leaves open: a writer who edits an event and recomputes the
+    chain passes the chain check, but not the promotion commit that named the old digest (signed with a
+    key the writer lacks)."""
+    from kedit.lineage.versioning import Versioning, state_tag
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    lm = stored_lm()
+    store = LineageStore(workspace.lineage_dir)
+    (s1,) = run_batches(store, lm, 1)
+    v = Versioning(workspace)
+    v.ensure()
+    key = tmp_path / "approver_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kedit", "-f", str(key)], check=True)
+    (tmp_path / "allowed").write_text(f"kedit@localhost {(tmp_path / 'approver_key.pub').read_text()}")
+    for k, val in (("gpg.format", "ssh"), ("user.signingkey", str(key)),
+                   ("gpg.ssh.allowedSignersFile", str(tmp_path / "allowed"))):
+        v.git("config", k, val)
+    params = {**OFF, "dvc": True, "sign_commits": True}
+    gate_and_approve(store, s1)
+    ops.promote(workspace, store, s1.id, by="alice", params=params)
+    assert v.verify_commit(state_tag(s1.id)) is None  # signed with the configured key
+    assert f"[kedit chain {store.champion_event().digest}]" in v.tag_message(state_tag(s1.id))
+    assert ops.divergences(workspace, store, params) == []
+
+    # rewrite: the approval's comment edited, every digest after it recomputed (the chain checks out)
+    prev = None
+    for p in sorted(store.events_dir.glob("*.json")):
+        raw = json.loads(p.read_text())
+        if raw["type"] == "approve":
+            raw["comment"] = "rewritten"
+        sealed = seal(raw, prev or raw["prev"])
+        p.write_text(json.dumps(sealed))
+        prev = sealed["digest"]
+    assert store.chain().problems == [] and store.promotion_check(s1.id).ok
+    problems = ops.divergences(workspace, store, params)
+    assert any(f"recorded event {store.champion_event().seq} with chain digest" in p and "were rewritten" in p
+               for p in problems), problems
+    # an unsigned promotion commit is named when signing is required
+    v.git("config", "--unset", "user.signingkey")
+    store2 = LineageStore(workspace.lineage_dir)
+    ops.rollback(workspace, store2, None, by="bob", reason="r", params={**params, "sign_commits": False})
+    assert any("no good signature" in p for p in ops.divergences(workspace, store2, params))

@@ -36,7 +36,7 @@ SCHEMA: dict[str, frozenset[str]] = {
                         "max_subject_chars", "max_prompt_chars", "max_target_chars", "max_text_chars",
                         "max_list_items", "max_list_item_chars", "window_days"}),
     "lineage": frozenset({"snapshot_every", "dvc_remote", "model_prefix", "mlflow", "dvc",
-                          "require_distinct_approver"}),
+                          "require_distinct_approver", "sign_commits"}),
     "trace": frozenset({"samples", "noise", "window", "seed", "batch_rows", "n", "block_size",
                         "aggregate_kinds"}),
     "canary": frozenset({"k", "max_prompts"}),

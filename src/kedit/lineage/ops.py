@@ -25,7 +25,8 @@ from kedit.workspace import Workspace
 log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {"snapshot_every": 20, "dvc_remote": None, "model_prefix": "kedit",
-                            "mlflow": True, "dvc": True, "require_distinct_approver": False}
+                            "mlflow": True, "dvc": True, "require_distinct_approver": False,
+                            "sign_commits": False}
 
 
 def lineage_params(ws: Workspace, params_file: str | Path | None = None) -> dict[str, Any]:
@@ -49,7 +50,7 @@ def open_store(ws: Workspace, params: dict[str, Any] | None = None) -> LineageSt
 def _versioning(ws: Workspace, params: dict[str, Any]):
     from kedit.lineage.versioning import Versioning
 
-    return Versioning(ws, remote=params.get("dvc_remote"))
+    return Versioning(ws, remote=params.get("dvc_remote"), sign=bool(params.get("sign_commits", False)))
 
 
 def _registry(ws: Workspace, slug: str, params: dict[str, Any]):
@@ -274,10 +275,17 @@ def divergences(ws: Workspace, store: LineageStore, params: dict[str, Any] | Non
     want = label(ev.state)
     if dvc:
         tag = state_tag(want)
-        msg = Versioning(ws).tag_message(tag)
+        v = Versioning(ws)
+        msg = v.tag_message(tag)
         if msg is None or f"[kedit event {ev.seq}]" not in msg:
             problems.append(f"git: tag {tag} {'is missing' if msg is None else 'points at an older commit'}; the "
                             f"{ev.type} of {want[:12]} (event {ev.seq}) has no git commit")
+        elif params.get("sign_commits"):
+            why = v.verify_commit(tag)
+            if why:
+                problems.append(f"git: the commit of tag {tag} (event {ev.seq}) has no good signature "
+                                f"(lineage.sign_commits): {why}")
+        problems.extend(_chain_against_git(store, v))
     if mlflow:
         slugs = [store.get(ev.state).base_model_slug] if ev.state else list(_bases(store))
         for slug in slugs:
@@ -287,6 +295,21 @@ def divergences(ws: Workspace, store: LineageStore, params: dict[str, Any] | Non
                 problems.append(f"MLflow: {name}@champion is {(have or 'not set')[:12]}, the lineage champion is "
                                 f"{want[:12]} (event {ev.seq})")
     return problems
+
+
+def _chain_against_git(store: LineageStore, v: Any) -> list[str]:
+    """Each promotion's git commit names the chain digest of its event: an event whose digest differs
+    now was rewritten after that commit (the chain recomputed over an edit, which the chain alone
+    cannot show; with signed commits the writer cannot rewrite these records too)."""
+    digests = {e.seq: e.digest for e in store.events()}
+    out = []
+    for commit, seq, digest in v.chain_marks():
+        have = digests.get(seq)
+        if have != digest:
+            out.append(f"events: git commit {commit[:12]} recorded event {seq} with chain digest {digest[:12]}, the event "
+                       f"{'is gone' if seq not in digests else f'now has {str(have)[:12]}'}: the events up to "
+                       f"{seq} were rewritten after that commit")
+    return out
 
 
 def _alias_state(ws: Workspace, name: str, alias: str = "champion") -> str | None:
