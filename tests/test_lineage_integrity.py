@@ -325,11 +325,16 @@ def test_require_distinct_approver(workspace, stored_lm, monkeypatch):  # noqa: 
         ops.promote(workspace, store, s1.id, by="Alice", params=params)
     ops.promote(workspace, store, s1.id, by="bob", params=params)
     assert store.champion() == s1.id
+    # the Python API with a store made without the flag: ops.promote reads params.yaml's
+    monkeypatch.setenv("KEDIT_IDENTITY", "dave")
+    gate_and_approve(store, s2, by="dave")
+    with pytest.raises(PromotionRefused, match="may not also promote"):
+        ops.promote(workspace, LineageStore(workspace.lineage_dir), s2.id, by="dave", params=params)
     # off (the default): one account may do both
     monkeypatch.setenv("KEDIT_IDENTITY", "carol")
     plain = LineageStore(workspace.lineage_dir)
     gate_and_approve(plain, s2, by="carol")
-    ops.promote(workspace, plain, s2.id, by="carol", params=params)
+    ops.promote(workspace, plain, s2.id, by="carol", params={**params, "require_distinct_approver": False})
     assert plain.champion() == s2.id
 
 

@@ -217,7 +217,8 @@ def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment:
     with store.lock(f"promote {state_id[:12]} by {by}"):
         repaired = finish_pending(ws, store, params)
         sid = store.resolve(state_id)
-        check = store.promotion_check(sid, by=by)
+        check = store.promotion_check(sid, by=by, distinct=store.require_distinct_approver
+                                      or bool(params.get("require_distinct_approver", False)))
         if not check.ok and not (override or "").strip():
             raise refusal("promote", sid, check)
         intent = Intent(op="promote", target=sid, by=by, mlflow=mlflow, dvc=dvc)

@@ -182,6 +182,10 @@ class LineageStore:
         self._index_key: tuple | None = None
         self._cache: tuple[str, dict[str, torch.Tensor]] | None = None  # last materialised tensors
         self._locked = False
+        # event files and hashed files as last read, by (inode, size, mtime, ctime): a file that changes
+        # (ctime cannot be set back) is read again; events are many and read on every champion() call
+        self._file_cache: dict[Path, tuple[tuple, Any]] = {}
+        self._chain_cache: tuple[tuple, tuple[list[Event], ChainReport, dict[str, str]]] | None = None
 
     # --- paths ---------------------------------------------------------------------------------
     @property
@@ -342,42 +346,67 @@ class LineageStore:
     def children(self, state_id: str | None) -> list[EditState]:
         return [s for s in self.states() if s.parent == state_id]
 
+    def _cached(self, path: Path, read: Callable[[Path], Any]) -> Any:
+        st = path.stat()
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        hit = self._file_cache.get(path)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = read(path)
+        self._file_cache[path] = (key, value)
+        return value
+
     def _event_records(self) -> list[tuple[Path, dict]]:
+        """(file, JSON) of every event file; the dicts are shared with the cache: read them, never change them."""
         if not self.events_dir.exists():
             return []
-        return [(p, read_event_json(p)) for p in sorted(self.events_dir.glob("*.json"))]
+        return [(p, self._cached(p, read_event_json)) for p in sorted(self.events_dir.glob("*.json"))]
 
-    def events(self) -> list[Event]:
-        """Every event file, trusted or not, oldest first (see :meth:`trusted_events`)."""
-        evs = [Event.from_dict(raw, p.name) for p, raw in self._event_records()]
-        return sorted(evs, key=lambda e: (e.seq, e.file))
+    def _hash_file(self, path: Path) -> str:
+        return self._cached(path, sha256_file)
 
-    def chain(self) -> ChainReport:
-        """The hash chain over the events, checked (:mod:`kedit.lineage.chain`)."""
-        return check_chain(self._event_records())
-
-    def untrusted(self) -> dict[str, str]:
-        """Event file -> why it is not trusted: it fails the chain, its file name does not match its
-        number and type, or (a gate verdict) it no longer matches the state or report it was bound to."""
+    def _scan(self) -> tuple[list[Event], ChainReport, dict[str, str]]:
+        """The events (oldest first), their chain and the untrusted ones (file -> why); recomputed when
+        an event file changes, the bindings of gate verdicts each time (their files are hashed once)."""
         records = self._event_records()
-        bad = dict(check_chain(records).bad)
-        evs = sorted((Event.from_dict(raw, p.name) for p, raw in records), key=lambda e: (e.seq, e.file))
-        for e in evs:
-            if e.file != f"{e.seq:06d}-{e.type}.json":
-                bad.setdefault(e.file, f"its file name does not match its number and type ({e.seq:06d}-{e.type}.json)")
-            if e.type not in EVENT_TYPES:
-                bad.setdefault(e.file, f"unknown event type {e.type!r}")
+        key = tuple((p, self._file_cache[p][0]) for p, _ in records)
+        if self._chain_cache is None or self._chain_cache[0] != key:
+            chain = check_chain(records)
+            evs = sorted((Event.from_dict(raw, p.name) for p, raw in records), key=lambda e: (e.seq, e.file))
+            bad = dict(chain.bad)
+            for e in evs:
+                if e.file != f"{e.seq:06d}-{e.type}.json":
+                    bad.setdefault(e.file, f"its file name does not match its number and type "
+                                           f"({e.seq:06d}-{e.type}.json)")
+                if e.type not in EVENT_TYPES:
+                    bad.setdefault(e.file, f"unknown event type {e.type!r}")
+            self._chain_cache = (key, (evs, chain, bad))
+        evs, chain, bad = self._chain_cache[1]
+        bad = dict(bad)
         for e in evs:
             if e.type == "gate" and e.file not in bad:
                 why = self._binding_problem(e, evs)
                 if why:
                     bad[e.file] = why
-        return bad
+        return list(evs), chain, bad
+
+    def events(self) -> list[Event]:
+        """Every event file, trusted or not, oldest first (see :meth:`trusted_events`)."""
+        return self._scan()[0]
+
+    def chain(self) -> ChainReport:
+        """The hash chain over the events, checked (:mod:`kedit.lineage.chain`)."""
+        return self._scan()[1]
+
+    def untrusted(self) -> dict[str, str]:
+        """Event file -> why it is not trusted: it fails the chain, its file name does not match its
+        number and type, or (a gate verdict) it no longer matches the state or report it was bound to."""
+        return self._scan()[2]
 
     def trusted_events(self) -> list[Event]:
         """The events the promotion rules and the champion are read from: those :meth:`untrusted` does not name."""
-        bad = self.untrusted()
-        return [e for e in self.events() if e.file not in bad]
+        evs, _, bad = self._scan()
+        return [e for e in evs if e.file not in bad]
 
     def _binding_problem(self, ev: Event, events: list[Event]) -> str | None:
         """Why a gate verdict no longer holds for what it was recorded on (None: it does, or it predates binding).
@@ -393,7 +422,7 @@ class LineageStore:
         path = self.state_dir(ev.state) / STATE_FILE if ev.state else None
         if path is None or not path.exists():
             return f"the gate verdict names state {label(ev.state)[:12]}, which is not in the store"
-        if sha256_file(path) != bind["state_record"]:
+        if self._hash_file(path) != bind["state_record"]:
             return f"{path} changed since the gate verdict was recorded on it (sha256 differs from the binding)"
         report = ev.data.get("report")
         files = bind.get("report_files") or {}
@@ -403,7 +432,7 @@ class LineageStore:
                 f = Path(report) / name
                 if not f.exists():
                     return f"its report file {f} is missing"
-                if sha256_file(f) != want:
+                if self._hash_file(f) != want:
                     return f"its report file {f} changed since the verdict was recorded (sha256 differs from the binding)"
             gj = Path(report) / "gate.json"
             if "gate.json" in files and gj.exists():
@@ -773,18 +802,19 @@ class LineageStore:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def promotion_check(self, state_id: str, by: str | None = None) -> Check:
+    def promotion_check(self, state_id: str, by: str | None = None, distinct: bool | None = None) -> Check:
         """The promotion rules (:mod:`kedit.lineage.policy`) for ``state_id`` over the trusted events
-        (a refusal names the state's untrusted events and why). ``by``: who would promote (with
-        ``require_distinct_approver``, the approval must come from another account)."""
+        (a refusal names the state's untrusted events and why). ``by``: who would promote; with
+        ``distinct`` (None: ``require_distinct_approver``) the approval must come from another account."""
         state = self.get(state_id)
-        events, bad = self.events(), self.untrusted()
+        events, _, bad = self._scan()
         sealed = any(e.type == "seal" and e.file not in bad for e in events)
         for e in events:  # verdicts and approvals from before the chain count once `kedit lineage seal` vouched
             if e.digest is None and e.type in ("gate", "approve") and not sealed and e.file not in bad:
                 bad[e.file] = ("it was written before the event chain and no `kedit lineage seal` has vouched for "
                                "those events (check them, then seal; or gate / approve again)")
-        promoter = accounts(by, current_actor().to_dict()) if by and self.require_distinct_approver else None
+        distinct = self.require_distinct_approver if distinct is None else distinct
+        promoter = accounts(by, current_actor().to_dict()) if by and distinct else None
         check = promotion_check([e for e in events if e.file not in bad], state, promoter=promoter)
         if check.unmet:  # say why events that would have met a rule did not count (they never block one)
             check.unmet.extend(f"event {e.seq} ({e.type} of {state.short}, {e.file}) is not trusted and does not "
@@ -883,7 +913,7 @@ class LineageStore:
     def log(self) -> list[LogEntry]:
         """Every state with its children, last gate verdict, approvals and champion flag."""
         states = self.states()
-        events, bad = self.events(), self.untrusted()
+        events, _, bad = self._scan()
         trusted = [e for e in events if e.file not in bad]
         champ = self.champion()
         done_overrides = {e.data.get("override_event") for e in trusted if e.type in ("promote", "rollback")}
