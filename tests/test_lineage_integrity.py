@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,36 +33,39 @@ def _stale_lock(root: Path) -> None:
                                             "op": "promote (killed)"}))
 
 
-def _writer(root: str, barrier, i: int, results) -> None:
-    """One writer of the race: take the lock at the barrier, hold it a moment, record a rollback."""
+def _writer(root: str, start, tried, i: int, results) -> None:
+    """One writer of the race: take the lock at the ``start`` barrier; the winner holds it until both have
+    tried (the ``tried`` barrier), then records a rollback."""
     store = LineageStore(root)
     try:
-        barrier.wait()
+        start.wait()
         with store.lock(f"race {i}"):
-            time.sleep(0.2)  # both would be inside here if both had taken the stale lock over
+            tried.wait(60)  # both are in here if both took the stale lock over
             ev = store.rollback(None, by=f"writer{i}", reason="race")
         results.put(("won", os.getpid(), ev.seq))
     except LineageError as exc:
+        tried.wait(60)
         results.put(("refused", os.getpid(), str(exc)))
 
 
 def test_two_writers_after_a_crash_exactly_one_wins(tmp_path):
-    """Issue 38.1: both writers took a stale lock over and both wrote (one event overwritten)."""
+    """Issue 38.1: both writers took a stale lock over and both wrote (one event overwritten). Three
+    writers per round, eight rounds: the old O_EXCL takeover let two of them in in 2-4 rounds of 8."""
     ctx = mp.get_context("fork")
     root = tmp_path / "lineage"
     wins = 0
-    for _ in range(4):
+    for _ in range(8):
         _stale_lock(root)
-        barrier, results = ctx.Barrier(2), ctx.Queue()
-        procs = [ctx.Process(target=_writer, args=(str(root), barrier, i, results)) for i in range(2)]
+        start, tried, results = ctx.Barrier(3), ctx.Barrier(3), ctx.Queue()
+        procs = [ctx.Process(target=_writer, args=(str(root), start, tried, i, results)) for i in range(3)]
         for p in procs:
             p.start()
         for p in procs:
-            p.join(60)
+            p.join(120)
         got = sorted(results.get(timeout=10) for _ in procs)
-        assert [g[0] for g in got] == ["refused", "won"], got
-        winner = got[1][1]
-        assert f"locked by pid {winner} " in got[0][2] and "race" in got[0][2], got  # the loser names the winner
+        assert [g[0] for g in got] == ["refused", "refused", "won"], got
+        winner = got[2][1]
+        assert all(f"locked by pid {winner} " in g[2] and "race" in g[2] for g in got[:2]), got  # losers name it
         wins += 1
     store = LineageStore(root)
     files = sorted(p.name for p in store.events_dir.glob("*.json"))
