@@ -180,6 +180,8 @@ def test_edited_event_is_named_and_does_not_count(workspace, stored_lm, tmp_path
     assert "changed since the verdict was recorded" in " ".join(store.promotion_check(s1.id).unmet)
     (report / "gate.json").write_text(json.dumps({"passed": True}))
     assert store.promotion_check(s1.id).ok
+    shutil.rmtree(report)  # a copy of the workspace by git + DVC: reports/ is not versioned
+    assert store.promotion_check(s1.id).ok and store.verify(deep=False).ok
 
 
 def test_events_from_before_the_chain_load_and_count_once_sealed(workspace, stored_lm, capsys):  # noqa: F811
@@ -392,3 +394,16 @@ def test_signed_promotion_commits_catch_a_recomputed_chain(workspace, stored_lm,
     store2 = LineageStore(workspace.lineage_dir)
     ops.rollback(workspace, store2, None, by="bob", reason="r", params={**params, "sign_commits": False})
     assert any("no good signature" in p for p in ops.divergences(workspace, store2, params))
+
+
+def test_a_number_written_twice_keeps_the_event_that_continues_the_chain(tmp_path):
+    store = LineageStore(tmp_path / "lineage")
+    store.rollback(None, by="alice", reason="r")
+    real = store.rollback(None, by="bob", reason="r")
+    third = store.rollback(None, by="carol", reason="r")
+    raw = {**real.to_dict(), "type": "approve", "by": "mallory"}  # sorts before 000002-rollback.json
+    raw.pop("prev"), raw.pop("digest")
+    _forge(store, "000002-approve.json", raw)
+    chain = store.chain()
+    assert list(chain.bad) == ["000002-approve.json"] and "written twice" in chain.bad["000002-approve.json"]
+    assert chain.head == third.digest and store.champion_event() == third

@@ -79,14 +79,20 @@ def check_chain(records: list[tuple[Path, dict[str, Any]]]) -> ChainReport:
     rep = ChainReport()
     prev = GENESIS
     last_seq = 0
-    last_name: str | None = None
+    by_seq: dict[int, list[tuple[Path, dict[str, Any]]]] = {}
     for path, raw in sorted(records, key=lambda r: (_seq(r[1]), r[0].name)):
-        seq = _seq(raw)
-        if seq == last_seq and last_name is not None:
-            why = f"event number {seq} written twice ({last_name} and {path.name})"
-            rep.bad[path.name] = why
-            rep.problems.append(f"{path}: {why}")
-            continue
+        by_seq.setdefault(_seq(raw), []).append((path, raw))
+    for seq, group in sorted(by_seq.items()):
+        if len(group) > 1:  # one number written twice: the one that continues the chain stands, if any
+            keep = next((g for g in group if g[1].get("prev") == prev and g[1].get("digest") == event_digest(g[1])),
+                        group[0])
+            for path, _ in group:
+                if path != keep[0]:
+                    why = f"event number {seq} written twice ({', '.join(p.name for p, _ in group)})"
+                    rep.bad[path.name] = why
+                    rep.problems.append(f"{path}: {why}")
+            group = [keep]
+        ((path, raw),) = group
         if seq != last_seq + 1:
             rep.problems.append(f"{path.parent}: event numbers {last_seq + 1}..{seq - 1} are missing "
                                 f"(removed after they were written)")
@@ -115,7 +121,7 @@ def check_chain(records: list[tuple[Path, dict[str, Any]]]) -> ChainReport:
             else:
                 rep.legacy += 1
             prev = event_digest(raw, prev)
-        last_seq, last_name = seq, path.name
+        last_seq = seq
     rep.head, rep.last_seq = prev, last_seq
     return rep
 
