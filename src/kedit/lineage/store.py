@@ -8,7 +8,7 @@ Layout of ``<workspace>/lineage/``::
     states/<id>/editor_meta.json          the editor's JSON metadata after the batch
     states/<id>/snapshot.safetensors      every `snapshot_every` levels: full edited tensors
     base/<model hash>/<param>.safetensors the base model's value of each tensor ever edited
-    events/<seq>-<type>.json              promote / rollback / approve / reject / gate / override,
+    events/<seq>-<type>.json              promote / rollback / approve / reject / gate / override / seal,
                                           appended, never edited; created exclusively (never over
                                           another) and hash-chained (see kedit.lineage.chain)
     CHAMPION                              the current champion id or ``base``: written from the events
