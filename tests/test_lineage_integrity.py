@@ -206,6 +206,10 @@ def test_events_from_before_the_chain_load_and_count_once_sealed(workspace, stor
     out = capsys.readouterr().out
     assert "note: 5 events were written before the event chain" in out and "lineage OK" in out
     assert "kedit lineage seal" in " ".join(store.promotion_check(s2.id).unmet)
+    forged = _forge(store, "000006-seal.json", {"seq": 6, "type": "seal", "state": None, "by": "mallory", "at": "t",
+                                                "data": {}})  # an old-style seal proves nothing
+    assert "kedit lineage seal" in " ".join(store.promotion_check(s2.id).unmet)
+    forged.unlink()
     assert main([*w, "lineage", "seal", "--by", "carol"]) == 0
     assert "sealed the 5 events" in capsys.readouterr().out
     assert store.promotion_check(s2.id).ok

@@ -69,7 +69,7 @@ from kedit.lineage.state import (
     label,
     read_event_json,
 )
-from kedit.lineage.text import check_text
+from kedit.lineage.text import check_text, escape_text
 
 log = logging.getLogger(__name__)
 
@@ -810,7 +810,7 @@ class LineageStore:
         ``distinct`` (None: ``require_distinct_approver``) the approval must come from another account."""
         state = self.get(state_id)
         events, _, bad = self._scan()
-        sealed = any(e.type == "seal" and e.file not in bad for e in events)
+        sealed = any(e.type == "seal" and e.digest and e.file not in bad for e in events)  # a seal is chained
         for e in events:  # verdicts and approvals from before the chain count once `kedit lineage seal` vouched
             if e.digest is None and e.type in ("gate", "approve") and not sealed and e.file not in bad:
                 bad[e.file] = ("it was written before the event chain and no `kedit lineage seal` has vouched for "
@@ -877,7 +877,7 @@ class LineageStore:
             chain = self.chain()
             if not chain.legacy:
                 raise LineageError(f"{self.root}: no events from before the event chain; nothing to seal")
-            if any(e.type == "seal" for e in self.trusted_events()):
+            if any(e.type == "seal" and e.digest for e in self.trusted_events()):
                 raise LineageError(f"{self.root}: the events from before the chain are sealed already")
             if chain.problems:
                 raise LineageError(f"{self.root}: the events fail their check; not sealing them: "
@@ -1041,8 +1041,8 @@ class LineageStore:
                 rep.problems.append(f"event {e.seq} ({e.type}) names unknown or invalid state {e.state[:12]}")
         if chain is not None:
             rep.problems.extend(chain.problems)
-            seals = [e for e in evs if e.type == "seal" and e.file not in bad]
-            sealed_by = f"event {seals[0].seq} (seal by {seals[0].by})" if seals else None
+            seals = [e for e in evs if e.type == "seal" and e.digest and e.file not in bad]
+            sealed_by = f"event {seals[0].seq} (seal by {escape_text(seals[0].by)})" if seals else None
             if chain.note(sealed_by):
                 rep.notes.append(chain.note(sealed_by))
         rep.problems.extend(f"event {e.seq} ({e.type}, {e.file}): {bad[e.file]}" for e in evs
