@@ -3,6 +3,7 @@ stores (kedit.safepath): DVC versioning, export, reports, feed quarantine."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -130,6 +131,21 @@ def test_reports_and_quarantine_do_not_follow_a_link_out(workspace, tmp_path):
     (workspace.feeds_dir / "quarantine").symlink_to(elsewhere)
     with pytest.raises(UnsafePathError, match="quarantine is a symbolic link"):
         ingest_for_champion(workspace, workspace.feeds_dir / "2025-01-02.jsonl")
+
+
+def test_feed_validate_does_not_write_quarantine_through_a_link(workspace, tmp_path, capsys):
+    from kedit.cli import main
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    workspace.feeds_dir.mkdir(parents=True)
+    (workspace.feeds_dir / "quarantine").symlink_to(elsewhere)
+    feed = tmp_path / "2025-01-02.jsonl"
+    row = {"id": "a", "subject": "S", "prompt": "no slot", "target_new": "P", "source": "t",
+           "observed_at": "2025-01-02T03:04:05Z"}  # quarantined: the prompt has no {}
+    feed.write_text(json.dumps(row) + "\n")
+    assert main(["-w", str(workspace.root), "feed", "validate", str(feed)]) != 0
+    assert "feed validate: " in capsys.readouterr().err and list(elsewhere.iterdir()) == []
 
 
 def test_check_target_allows_what_the_user_names_outside(workspace, tmp_path):
