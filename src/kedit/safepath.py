@@ -39,7 +39,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def _links_on_the_way(path: Path) -> list[Path]:
     """The symbolic links among ``path`` and its ancestors (as written, not resolved)."""
-    p = Path(os.path.abspath(path))
+    p = Path(path).absolute()  # ".." kept: "ws/link/../x" goes through the link
     return [q for q in [p, *p.parents] if q.is_symlink()]
 
 
@@ -51,14 +51,14 @@ def check_target(path: str | Path, ws: Workspace, what: str, *, within: str | Pa
     link among its ancestors inside the workspace that leads out of it; with ``stores``, a target that
     is, holds or lies inside one of the workspace's own stores (:data:`STORE_NAMES`) or is the workspace
     itself or a folder above it; with ``within``, a target that resolves outside that folder."""
-    given = Path(os.path.abspath(path))
+    given = Path(path).absolute()  # not normalised: a ".." after a link is where the link leads
     root = ws.root.resolve()
     if given.is_symlink():
         raise UnsafePathError(f"{what}: {given} is a symbolic link to {os.readlink(given)}; kedit does not "
                               f"write through links: name the real path")
     for link in _links_on_the_way(given.parent):
         target = link.resolve()
-        if _inside(Path(os.path.abspath(link)), ws.root) and not _inside(target, root):
+        if _inside(link.parent.resolve() / link.name, root) and not _inside(target, root):
             raise UnsafePathError(f"{what}: {link} (on the way to {given}) is a symbolic link leading out of the "
                                   f"workspace {root}, to {target}")
     resolved = given.resolve()

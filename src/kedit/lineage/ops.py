@@ -377,8 +377,7 @@ def export(ws: Workspace, store: LineageStore, state_id: str | None, out_dir: st
     from kedit.models.store import load_model
     from kedit.safepath import check_target
 
-    out = Path(out_dir)
-    check_target(out, ws, "export --out")  # no link, not the workspace or one of its stores
+    out = check_target(out_dir, ws, "export --out")  # no link, not the workspace or one of its stores
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
