@@ -154,3 +154,13 @@ def test_check_target_allows_what_the_user_names_outside(workspace, tmp_path):
     assert check_target(workspace.root / "exports" / "m", workspace, "x", within=workspace.root)
     with pytest.raises(UnsafePathError, match="outside"):
         check_target(tmp_path / "out", workspace, "x", within=workspace.root)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_a_dvc_remote_inside_a_store_is_refused(workspace, tmp_path):
+    from kedit.lineage.versioning import Versioning
+
+    workspace.lineage_dir.mkdir(parents=True)
+    with pytest.raises(UnsafePathError, match="lineage.dvc_remote: .*own store"):
+        Versioning(workspace, remote=str(workspace.lineage_dir / "remote")).ensure()
+    assert not (workspace.lineage_dir / "remote").exists()

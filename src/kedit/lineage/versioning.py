@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kedit.lineage.state import LineageError
-from kedit.safepath import check_links
+from kedit.safepath import check_links, check_target
 from kedit.workspace import Workspace
 
 TRACKED = ("lineage", "models", "stats")
@@ -94,6 +94,8 @@ class Versioning:
         remotes = self.dvc("remote", "list")
         if self.remote_name not in remotes.split():
             url = self.remote_url()
+            if "://" not in url and Path(url).resolve() != (self.root / ".dvc-remote").resolve():
+                check_target(url, self.ws, "lineage.dvc_remote")  # a push must not write into a store
             if "://" not in url:
                 Path(url).mkdir(parents=True, exist_ok=True)
             self.dvc("remote", "add", "-d", self.remote_name, url)
