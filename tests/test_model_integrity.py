@@ -43,6 +43,7 @@ def test_predict_refuses_a_damaged_base_model_and_names_the_file(workspace, stor
 def test_load_is_cheap_once_stamped_and_full_hash_catches_a_same_mtime_change(workspace, stored_lm,  # noqa: F811
                                                                                monkeypatch):
     stored_lm()
+    assert main(["-w", str(workspace.root), "model", "verify", "tiny-llama"]) == 0
     calls = []
     real = model_store.sha256_file
     monkeypatch.setattr(model_store, "sha256_file", lambda p: calls.append(p) or real(p))
@@ -53,6 +54,7 @@ def test_load_is_cheap_once_stamped_and_full_hash_catches_a_same_mtime_change(wo
     load_model("tiny-llama", workspace)  # the cheap check cannot see it ...
     with pytest.raises(ModelCorruptError, match="model.safetensors"):
         load_model("tiny-llama", workspace, verify=True)  # ... the full hash (export, registration) does
+    assert main(["-w", str(workspace.root), "model", "verify", "tiny-llama"]) == 1
 
 
 def test_export_verify_and_registration_refuse_a_damaged_base(workspace, stored_lm, tmp_path, capsys):  # noqa: F811
