@@ -114,3 +114,14 @@ def test_edit_dir_with_changed_values_is_refused(workspace, edit_dir):
     res.write_text(json.dumps({k: v for k, v in json.loads(res.read_text()).items() if k != "files"}))
     with pytest.raises(EditDirError, match="NaN or infinite"):  # unrecorded: the values themselves are checked
         load_state(edit_dir)
+
+
+def test_a_failed_import_leaves_no_temporary_copy(workspace, tmp_path):
+    from kedit.models.store import import_hf
+    from tests.conftest import make_tiny_model
+
+    src = tmp_path / "no-tokenizer"
+    make_tiny_model("llama").save_pretrained(src)
+    with pytest.raises(FileNotFoundError, match="could not load a tokenizer"):
+        import_hf(workspace, src, slug="tiny")
+    assert list(workspace.models_dir.iterdir()) == []

