@@ -21,7 +21,8 @@ from kedit.workspace import Workspace
 log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {"snapshot_every": 20, "dvc_remote": None, "model_prefix": "kedit",
-                            "mlflow": True, "dvc": True}
+                            "mlflow": True, "dvc": True, "require_distinct_approver": False,
+                            "sign_commits": False}
 
 
 def lineage_params(ws: Workspace, params_file: str | Path | None = None) -> dict[str, Any]:
@@ -34,7 +35,8 @@ def lineage_params(ws: Workspace, params_file: str | Path | None = None) -> dict
 def open_store(ws: Workspace, params: dict[str, Any] | None = None) -> LineageStore:
     """The workspace's lineage store; warns when an interrupted promote / rollback left the stores apart."""
     params = params or lineage_params(ws)
-    store = LineageStore(ws.lineage_dir, snapshot_every=int(params["snapshot_every"]))
+    store = LineageStore(ws.lineage_dir, snapshot_every=int(params["snapshot_every"]),
+                         require_distinct_approver=bool(params.get("require_distinct_approver", False)))
     note = pending_report(store)
     if note:
         log.warning(note)
@@ -49,7 +51,7 @@ def pending_report(store: LineageStore) -> str | None:
         return str(exc)
     if intent is None:
         return None
-    holder = store._lock_holder()
+    holder = store.lock_holder()
     if holder.get("pid") == intent.pid and holder.get("host") == intent.host and pid_alive(intent.pid):
         return None  # in progress, not interrupted
     return (f"{store.root}: an interrupted {intent.describe()}; git/DVC and MLflow may not follow the lineage "
