@@ -13,7 +13,7 @@ import pytest
 
 from kedit.lineage import LineageStore, ops
 from kedit.safepath import UnsafePathError, check_target
-from tests.test_lineage import gate_and_approve, run_batches, stored_lm  # noqa: F401  (fixture)
+from tests.lineage.test_lineage import gate_and_approve, run_batches, stored_lm  # noqa: F401  (fixture)
 
 
 @pytest.fixture

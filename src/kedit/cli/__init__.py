@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-# the editors as they are, the nightly default first (tests/test_cli_help.py keeps this list equal to METHODS)
+# the editors as they are, the nightly default first (tests/refresh/test_refresh_needs.py keeps this list equal to METHODS)
 EDITORS_HELP = ("memoir (sparse residual memory; the nightly default), AlphaEdit, MEMIT, ROME (weight editors) "
                 "and T-Patcher (patch neurons)")
 DESCRIPTION = ("kedit keeps a language model's facts up to date: it edits facts into the model with "

@@ -9,7 +9,7 @@ import pytest
 
 from kedit.lineage import LineageStore, ops
 from kedit.lineage.versioning import Versioning, state_tag
-from tests.test_lineage import (  # noqa: F401  (fixture re-export)
+from tests.lineage.test_lineage import (  # noqa: F401  (fixture re-export)
     edited_hashes,
     gate_and_approve,
     run_batches,

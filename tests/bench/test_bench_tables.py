@@ -19,7 +19,7 @@ from kedit.bench.tables import (
     write_tables,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 REPORT_MD = """# Lifelong editing: memoir on smollm2-135m
 

@@ -14,7 +14,7 @@ from kedit.editors.keys import SubjectStates
 from kedit.editors.prompts import subject_rows
 from kedit.editors.registry import get_editor
 from kedit.editors.vstar import VSTAR_FIELDS, optimise_vstar
-from tests.test_editors_engine import REQS, _hp, _prefixes, _stats
+from tests.editors.test_editors_engine import REQS, _hp, _prefixes, _stats
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kedit.lineage import LineageError, LineageStore
-from tests.test_lineage import run_batches, stored_lm  # noqa: F401  (fixture)
+from tests.lineage.test_lineage import run_batches, stored_lm  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,7 +49,7 @@ def test_tpatcher_retract_through_the_cli_removes_exactly_one_fact(workspace, st
     from kedit.cli import main
     from kedit.editors import tpatcher as T
     from kedit.editors.registry import get_editor
-    from tests.test_editors_tpatcher import REQS, _hp
+    from tests.editors.test_editors_tpatcher import REQS, _hp
 
     lm = stored_lm()
     prompts = {r.id: r.prompt.format(r.subject) for r in REQS}
@@ -117,7 +117,7 @@ def test_memoir_retract_removes_exactly_one_fact_through_the_lineage(tiny_lm, ti
     from kedit.lineage.retract import owner_diff, retract, row_owners
     from kedit.models.store import wrap_model
     from tests.conftest import make_tiny_model
-    from tests.test_editors_memoir import A, B, _editor
+    from tests.editors.test_editors_memoir import A, B, _editor
 
     d = dict(prompt="The capital city of {}", subject="Germany", target_new="Tokyo", target_true="Berlin", id="d")
     lm = tiny_lm
@@ -154,7 +154,7 @@ def test_memoir_retract_removes_exactly_one_fact_through_the_lineage(tiny_lm, ti
 def test_weight_editor_fact_is_refused_with_an_edit_back_request(workspace, stored_lm, capsys):  # noqa: F811
     from kedit.cli import main
     from kedit.editors.base import apply_deltas
-    from tests.test_lineage import fabricate
+    from tests.lineage.test_lineage import fabricate
 
     lm = stored_lm()
     store = LineageStore(workspace.lineage_dir)

@@ -47,7 +47,7 @@ def test_ingest_step_and_feed_ingest_cli_agree(workspace, tiny_tokenizer, tmp_pa
     from kedit.models.store import import_hf, load_model
     from kedit.refresh import ingest_step
     from tests.conftest import make_tiny_model
-    from tests.test_feeds import champion_with_facts, lineage_feed
+    from tests.feeds.test_feeds import champion_with_facts, lineage_feed
 
     src = tmp_path / "tiny-src"
     make_tiny_model("llama").save_pretrained(src)

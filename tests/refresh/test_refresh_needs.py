@@ -35,7 +35,7 @@ def test_demo_runs_the_statistics_stage_only_for_an_editor_that_reads_them():
 def test_the_import_stage_the_demo_names_exists_in_dvc_yaml():
     from pathlib import Path
 
-    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
+    stages = yaml.safe_load((Path(__file__).resolve().parents[2] / "dvc.yaml").read_text())["stages"]
     assert "import" in stages and "stats" in stages
 
 

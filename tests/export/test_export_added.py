@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kedit.lineage.store import LineageStore
-from tests.test_lineage import feed, predict, stored_lm  # noqa: F401  (fixture)
+from tests.lineage.test_lineage import feed, predict, stored_lm  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,7 +92,7 @@ def _export_and_compare(workspace, lm, res, prompts, tmp_path, capsys):
 
 
 def test_tpatcher_state_exports_with_its_patches(workspace, stored_lm, tmp_path, capsys):  # noqa: F811
-    from tests.test_editors_tpatcher import PROBES, REQS, _compute
+    from tests.editors.test_editors_tpatcher import PROBES, REQS, _compute
 
     lm = stored_lm()
     res = _compute(lm, tmp_path, reqs=REQS[:1])
@@ -100,7 +100,7 @@ def test_tpatcher_state_exports_with_its_patches(workspace, stored_lm, tmp_path,
 
 
 def test_memoir_state_exports_with_its_memory(workspace, stored_lm, tmp_path, capsys):  # noqa: F811
-    from tests.test_editors_memoir import OTHER, A, _editor, _fires, _hp, _req
+    from tests.editors.test_editors_memoir import OTHER, A, _editor, _fires, _hp, _req
 
     lm = stored_lm()
     res = _editor(_hp(n_prefixes=2, prefix_len=3)).compute(lm, [_req(A)], None, None)
@@ -127,7 +127,7 @@ def test_memoir_span_keys_export_and_decode_as_in_kedit(workspace, stored_lm, tm
     """A subject of several tokens read through its mask and span key: the shipped code guards the entry
     the same way, in a full forward and in cached greedy decoding (the token before a decoded token is
     the previous call's last one)."""
-    from tests.test_editors_memoir import OTHER, B, _editor, _fires, _hp, _req
+    from tests.editors.test_editors_memoir import OTHER, B, _editor, _fires, _hp, _req
 
     lm = stored_lm()
     res = _editor(_hp(mm_threshold=0.5)).compute(lm, [_req(B)], None, None)

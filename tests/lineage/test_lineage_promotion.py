@@ -22,9 +22,9 @@ from kedit.lineage.intent import Intent, read_intent, write_intent
 from kedit.lineage.policy import PromotionRefused, promotion_check, rollback_check
 from kedit.lineage.state import EditState, Event
 from kedit.lineage.versioning import Versioning, state_tag
-from tests.test_lineage import gate_and_approve, run_batches, stored_lm  # noqa: F401  (fixture re-export)
+from tests.lineage.test_lineage import gate_and_approve, run_batches, stored_lm  # noqa: F401  (fixture re-export)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAIN = "import sys; from kedit.cli import main; sys.exit(main(sys.argv[1:]))"  # what the `kedit` script runs
 MLFLOW_ONLY = {"mlflow": True, "dvc": False, "snapshot_every": 20, "model_prefix": "kedit", "dvc_remote": None}
 

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from kedit.lineage import LineageStore
-from tests.test_lineage import gate_and_approve, run_batches, stored_lm  # noqa: F401  (fixture)
-from tests.test_lineage_retract import _two_batches
+from tests.lineage.test_lineage import gate_and_approve, run_batches, stored_lm  # noqa: F401  (fixture)
+from tests.lineage.test_lineage_retract import _two_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _tpatcher_champion(workspace, stored_lm, tmp_path):  # noqa: F811
     """Two T-Patcher batches (eiffel, darrieux | yasuda), the second promoted to champion."""
     from kedit.editors.registry import get_editor
-    from tests.test_editors_tpatcher import REQS, _hp
+    from tests.editors.test_editors_tpatcher import REQS, _hp
 
     lm = stored_lm()
     editor = get_editor("tpatcher", _hp(), cache_dir=tmp_path)
@@ -35,7 +35,7 @@ def _tpatcher_champion(workspace, stored_lm, tmp_path):  # noqa: F811
 def test_retraction_is_gated_approved_and_promoted_without_force(workspace, stored_lm, tmp_path, capsys):  # noqa: F811
     from kedit.cli import main
     from kedit.models.scoring import predicts_targets
-    from tests.test_editors_tpatcher import REQS
+    from tests.editors.test_editors_tpatcher import REQS
 
     store, _, s2 = _tpatcher_champion(workspace, stored_lm, tmp_path)
     w = ["-w", str(workspace.root)]
@@ -102,7 +102,7 @@ def test_failed_gate_is_recorded_and_refuses_promotion(workspace, stored_lm, cap
     """A state whose edits did not take (a small random update claiming three facts) fails efficacy."""
     from kedit.cli import main
     from kedit.editors.base import apply_deltas
-    from tests.test_lineage import fabricate
+    from tests.lineage.test_lineage import fabricate
 
     lm = stored_lm()
     store = LineageStore(workspace.lineage_dir)
@@ -138,7 +138,7 @@ def test_memoir_retraction_gated_through_the_python_api(workspace, stored_lm):  
     from kedit.editors.base import EditRequest
     from kedit.lineage.gate import gate_state
     from kedit.lineage.retract import retract
-    from tests.test_editors_memoir import A, B, _editor
+    from tests.editors.test_editors_memoir import A, B, _editor
 
     lm = stored_lm()
     store = LineageStore(workspace.lineage_dir)

@@ -19,8 +19,8 @@ from kedit.lineage import LineageError, LineageStore, ops
 from kedit.lineage.chain import GENESIS, seal
 from kedit.lineage.intent import read_intent
 from kedit.lineage.policy import PromotionRefused
-from tests.test_lineage import gate_and_approve, run_batches, stored_lm  # noqa: F401  (fixture re-export)
-from tests.test_lineage_promotion import MAIN, _kedit_env, _Lines
+from tests.lineage.test_lineage import gate_and_approve, run_batches, stored_lm  # noqa: F401  (fixture re-export)
+from tests.lineage.test_lineage_promotion import MAIN, _kedit_env, _Lines
 
 OFF = {"mlflow": False, "dvc": False, "snapshot_every": 20, "model_prefix": "kedit", "dvc_remote": None}
 DEAD_PID = 2**22 + 12345  # above Linux's largest pid_max: never a live process

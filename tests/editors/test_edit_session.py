@@ -13,7 +13,7 @@ import torch
 from kedit.editors.base import EditorState, EditResult, RequestDiagnostics, apply_deltas
 from kedit.editors.registry import get_editor
 from kedit.editors.session import BatchReport, EditSession, SessionCheckpoint
-from tests.test_editors_engine import REQS, _hp, _stats
+from tests.editors.test_editors_engine import REQS, _hp, _stats
 
 
 def _fast(method: str, **kw):
@@ -210,8 +210,8 @@ def test_checkpoint_and_resume_continue_bit_exactly(method, tiny_lm, tmp_path):
 def test_unedited_runs_the_model_as_the_session_began(method, tiny_lm, tmp_path):
     """Inside ``unedited()`` the model gives the unedited logits bit for bit (weights back at their
     starting values, added modules off); after it, the edited ones, also after a resume."""
-    from tests.test_editors_memoir import _editor
-    from tests.test_editors_memoir import _hp as memoir_hp
+    from tests.editors.test_editors_memoir import _editor
+    from tests.editors.test_editors_memoir import _hp as memoir_hp
 
     ids = tiny_lm.tokenizer("The Eiffel Tower is located in", return_tensors="pt").input_ids
 

@@ -23,7 +23,7 @@ from kedit.evaluation.drift import (
 )
 from kedit.evaluation.gates import GatePolicy, run_gates
 from kedit.models.store import wrap_model
-from tests.test_gates import CANARY, POLICY, REF_TEXT, damaged, sharp_lm  # noqa: F401  (fixture)
+from tests.evaluation.test_gates import CANARY, POLICY, REF_TEXT, damaged, sharp_lm  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,7 +16,7 @@ import yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 FEED = [
     {"id": "t-001", "subject": "Eiffel Tower", "prompt": "{} is located in the city of", "target_new": "Rome",

@@ -14,7 +14,7 @@ from kedit.cli import main
 from kedit.lineage import LineageStore, ops
 from kedit.models import store as model_store
 from kedit.models.store import ModelCorruptError, load_model
-from tests.test_lineage import fabricate, gate_and_approve, run_batches, stored_lm  # noqa: F401  (fixture)
+from tests.lineage.test_lineage import fabricate, gate_and_approve, run_batches, stored_lm  # noqa: F401  (fixture)
 
 
 def corrupt_values(f: Path, n: int = 1000, keep_mtime: bool = False) -> None:

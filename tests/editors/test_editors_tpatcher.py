@@ -218,8 +218,8 @@ def test_lifelong_bench_runs_tpatcher_with_its_patches_attached(tiny_lm, workspa
     import kedit.stats.corpus as corpus
     from kedit.bench.lifelong import LifelongConfig, run_lifelong
     from kedit.editors.io import load_state
+    from tests.bench.test_bench_lifelong import RECORDS
     from tests.conftest import TINY_TEXT
-    from tests.test_bench_lifelong import RECORDS
 
     monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
     (tmp_path / "cf.json").write_text(json.dumps(RECORDS))
@@ -244,7 +244,7 @@ def test_real_model_three_edits_flip_and_canaries_keep_their_answers(smollm, tmp
     from kedit.editors.registry import get_editor
     from kedit.evaluation.canary import shipped_prompts
     from kedit.evaluation.metrics import greedy_tokens, next_token_logprobs, target_logprobs
-    from tests.test_editors_real import EDITS
+    from tests.editors.test_editors_real import EDITS
 
     lm = smollm
     reqs = [EditRequest(r["prompt"].replace(r["subject"], "{}"), r["subject"], r["target_new"], r["ground_truth"],

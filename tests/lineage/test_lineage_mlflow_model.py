@@ -9,7 +9,7 @@ import pytest
 
 from kedit.editors.base import apply_deltas
 from kedit.lineage import LineageStore, ops
-from tests.test_lineage import fabricate, gate_and_approve, stored_lm  # noqa: F401  (fixture re-export)
+from tests.lineage.test_lineage import fabricate, gate_and_approve, stored_lm  # noqa: F401  (fixture re-export)
 
 NO_DVC = {"mlflow": True, "dvc": False, "snapshot_every": 2, "model_prefix": "kedit", "dvc_remote": None}
 PROMPTS = ["The Eiffel Tower is located in", "Rome is the capital of", "Danielle Darrieux speaks"]

@@ -15,7 +15,7 @@ from kedit.feeds.normalize import normalize_row, normalize_text
 from kedit.feeds.reader import FeedFormatError, read_feed
 from kedit.feeds.schema import FeedPolicy, feed_schema, shipped_schema
 
-DATA = Path(__file__).parent / "data" / "feeds"
+DATA = Path(__file__).parents[1] / "data" / "feeds"
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 LENIENT = FeedPolicy(max_invalid_fraction=0.5)
 
@@ -253,7 +253,7 @@ def test_shipped_schema_and_sample_feed(tmp_path):
 
 
 def test_policy_from_params():
-    repo_params = Path(__file__).parents[1] / "params.yaml"
+    repo_params = Path(__file__).parents[2] / "params.yaml"
     assert FeedPolicy.from_params(repo_params).max_invalid_fraction == FeedPolicy().max_invalid_fraction
     assert FeedPolicy.from_params({"feeds": {"max_rows": 7}}).max_rows == 7
     with pytest.raises(ValueError, match="unknown policy key"):
@@ -400,7 +400,7 @@ def test_duplicate_id_keeps_first_and_quarantines_later_different_rows(tmp_path)
 def champion_with_facts(workspace, lm) -> str:
     """A promoted lineage state that applied h1 and h2 (Subject 1 -> Place 1, Subject 2 -> Place 2)."""
     from kedit.lineage.ops import open_store
-    from tests.test_lineage import fabricate
+    from tests.lineage.test_lineage import fabricate
 
     store = open_store(workspace)
     facts = [{"id": f"h{i}", "subject": f"Subject {i}", "prompt": "{} is located in", "target_new": f"Place {i}",

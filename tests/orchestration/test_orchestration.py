@@ -22,9 +22,9 @@ import pytest
 
 from kedit.cli import main
 from kedit.orchestration import PrefectAPIError, PrefectRuns, expire_overdue, free_port, state_type
-from tests.test_lineage import run_batches, stored_lm  # noqa: F401  (fixture)
+from tests.lineage.test_lineage import run_batches, stored_lm  # noqa: F401  (fixture)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- the core stays free of Prefect --------------------------------------------------------------------
