@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from kedit.progress import ProgressTail, StepProgress, progress_path, reported, ticker
-from tests.conftest import TINY_TEXT
 
 
 def test_ticker_reports_each_tenth_and_the_end():
@@ -49,11 +48,11 @@ def test_tail_waits_for_a_whole_line(workspace):
     assert tail.new_lines() == ["12:00:00 trace: half a line"]
 
 
-def test_statistics_collection_reports_progress(tiny_lm, workspace, tmp_path, capsys):
+def test_statistics_collection_reports_progress(tiny_lm, workspace, tmp_path, capsys, tiny_text):
     from kedit.stats.collect import compute_stats
 
     corpus = tmp_path / "c.txt"
-    corpus.write_text("\n\n".join(TINY_TEXT * 3))
+    corpus.write_text("\n\n".join(tiny_text * 3))
     tail = ProgressTail(workspace.root)
     b = compute_stats(tiny_lm, [1, 2], workspace, str(corpus), max_tokens=300, seq_len=32, batch_size=2,
                       progress=True)

@@ -13,7 +13,6 @@ import pytest
 
 from kedit.lineage import LineageStore, ops
 from kedit.safepath import UnsafePathError, check_target
-from tests.lineage.test_lineage import gate_and_approve, run_batches, stored_lm  # noqa: F401  (fixture)
 
 
 @pytest.fixture
@@ -36,7 +35,7 @@ def _outside(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def promoted(workspace, stored_lm):  # noqa: F811
+def promoted(workspace, stored_lm, run_batches, gate_and_approve):
     """A workspace with a stored base model and one promoted state (no MLflow, no DVC yet)."""
     lm = stored_lm()
     store = LineageStore(workspace.lineage_dir, snapshot_every=2)

@@ -5,39 +5,27 @@ import json
 import pytest
 
 from kedit.bench.lifelong import LifelongConfig, load_counterfact, run_lifelong, write_results
-from tests.conftest import TINY_TEXT
-
-RECORDS = [
-    {"case_id": 1, "prompt": "The Eiffel Tower is located in", "subject": "The Eiffel Tower", "target_new": "Rome",
-     "ground_truth": "Paris", "rephrase_prompt": "Where is The Eiffel Tower? It is in",
-     "locality_prompt": "Rome is the capital of", "locality_ground_truth": "Italy"},
-    {"case_id": 2, "prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda", "target_new": "piano",
-     "ground_truth": "guitar", "rephrase_prompt": "Toko Yasuda is good at the",
-     "locality_prompt": "Lionel Messi plays", "locality_ground_truth": "soccer"},
-    {"case_id": 3, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
-     "target_new": "Dutch", "ground_truth": "French", "rephrase_prompt": "Danielle Darrieux speaks",
-     "locality_prompt": "Berlin is the capital of", "locality_ground_truth": "Germany"},
-]
 
 
 @pytest.fixture
-def cf_file(tmp_path):
+def cf_file(tmp_path, counterfact_records):
     p = tmp_path / "cf.json"
-    p.write_text(json.dumps(RECORDS))
+    p.write_text(json.dumps(counterfact_records))
     return p
 
 
 @pytest.fixture
-def corpus_file(tmp_path):
+def corpus_file(tmp_path, tiny_text):
     p = tmp_path / "corpus.txt"
-    p.write_text("\n".join(TINY_TEXT * 10))
+    p.write_text("\n".join(tiny_text * 10))
     return p
 
 
-def test_lifelong_bench_writes_results(tiny_lm, workspace, cf_file, corpus_file, tmp_path, monkeypatch):
+def test_lifelong_bench_writes_results(tiny_lm, workspace, cf_file, corpus_file, tmp_path, monkeypatch,
+                                       counterfact_records, tiny_text):
     import kedit.stats.corpus as corpus
 
-    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(tiny_text * 5))
     cfg = LifelongConfig(method="alphaedit", data=str(cf_file), edits=3, batch=2, fluency_prompts=2, fluency_tokens=8,
                          ppl_tokens=200, stats_corpus=str(corpus_file), stats_tokens=2000,
                          overrides={"layers": [1, 2], "n_prefixes": 1, "prefix_len": 3, "v_steps": 3})
@@ -54,7 +42,7 @@ def test_lifelong_bench_writes_results(tiny_lm, workspace, cf_file, corpus_file,
     # fluency is METRICS.md's sampled GE and greedy_entropy its greedy twin, on the same edit prompts
     from kedit.evaluation import metrics as M
 
-    prompts = [r["prompt"] for r in RECORDS[:2]]
+    prompts = [r["prompt"] for r in counterfact_records[:2]]
     assert res["baseline"]["fluency"] == M.generation_entropy(tiny_lm, prompts, max_new_tokens=8)
     assert res["baseline"]["greedy_entropy"] == M.greedy_entropy(tiny_lm, prompts, max_new_tokens=8)
     assert res["baseline"]["fluency_setup"] == {"prompts": 2, "new_tokens": 8, "top_k": 5, "seed": 0}
@@ -96,14 +84,14 @@ def test_load_counterfact_checks_its_input(cf_file, tmp_path):
 
 
 def test_solver_sweep_reuses_vstar_and_restores_the_model(tiny_lm, workspace, cf_file, corpus_file, tmp_path,
-                                                          monkeypatch):
+                                                          monkeypatch, tiny_text):
     import torch
 
     import kedit.editors.vstar as vstar_mod
     import kedit.stats.corpus as corpus
     from kedit.bench.solvers import SweepConfig, grid, run_sweep, write_sweep
 
-    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(tiny_text * 5))
     calls = []
     real = vstar_mod.optimise_vstar
     monkeypatch.setattr(vstar_mod, "optimise_vstar", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -127,13 +115,14 @@ def test_solver_sweep_reuses_vstar_and_restores_the_model(tiny_lm, workspace, cf
     assert (out / "frontier.png").stat().st_size > 1000
 
 
-def test_solver_sweep_reports_the_norm_anchor(tiny_lm, workspace, cf_file, corpus_file, monkeypatch):
+def test_solver_sweep_reports_the_norm_anchor(tiny_lm, workspace, cf_file, corpus_file, monkeypatch,
+                                              tiny_text):
     import kedit.stats.corpus as corpus
     from kedit.bench.solvers import SweepConfig, run_sweep
     from kedit.editors.norm_anchor import clear_memo
 
     clear_memo()
-    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(tiny_text * 5))
     cfg = SweepConfig(method="alphaedit", data=str(cf_file), edits=3, ppl_tokens=200, stats_corpus=str(corpus_file),
                       stats_tokens=2000, base={"layers": [1, 2], "n_prefixes": 1, "prefix_len": 3, "v_steps": 3},
                       settings=[{}, {"v_norm_anchor": True}])
@@ -161,7 +150,8 @@ def test_sweep_settings_from_the_command_line():
 
 
 def test_lifelong_resumed_after_a_kill_equals_a_straight_run(tiny_tokenizer, workspace, cf_file, corpus_file,
-                                                            tmp_path, monkeypatch):
+                                                             tmp_path, monkeypatch, tiny_model_factory,
+                                                             tiny_text):
     """Killed after batch 2 of 3 (checkpoints every batch), resumed in a fresh model: the same curve,
     metrics, diagnostics, summed deltas and editor state as an uninterrupted run, bit for bit."""
     import dataclasses
@@ -171,15 +161,14 @@ def test_lifelong_resumed_after_a_kill_equals_a_straight_run(tiny_tokenizer, wor
     import kedit.stats.corpus as corpus
     from kedit.editors.io import load_deltas, load_state
     from kedit.models.store import wrap_model
-    from tests.conftest import make_tiny_model
 
-    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(tiny_text * 5))
     cfg = LifelongConfig(method="alphaedit", data=str(cf_file), edits=3, batch=1, eval_every=1, fluency_prompts=2,
                          fluency_tokens=8, ppl_tokens=200, stats_corpus=str(corpus_file), stats_tokens=2000,
                          overrides={"layers": [1, 2], "n_prefixes": 1, "prefix_len": 3, "v_steps": 3})
 
     def fresh():  # what a new process loads
-        return wrap_model(make_tiny_model("llama"), tiny_tokenizer, slug="tiny-llama")
+        return wrap_model(tiny_model_factory("llama"), tiny_tokenizer, slug="tiny-llama")
 
     straight = run_lifelong(fresh(), workspace, cfg, progress=False, edit_out=tmp_path / "straight")
     ck = tmp_path / "run" / "checkpoint.safetensors"
@@ -224,11 +213,12 @@ def test_checkpoint_flags_need_an_output_directory(capsys):
     assert "need --out" in capsys.readouterr().err
 
 
-def test_lifelong_bench_reports_an_editor_that_adds_parameters(tiny_lm, workspace, cf_file, tmp_path, monkeypatch):
+def test_lifelong_bench_reports_an_editor_that_adds_parameters(tiny_lm, workspace, cf_file, tmp_path,
+                                                               monkeypatch, tiny_text):
     """T-Patcher reads no key statistics: the run, its report and its memory growth still come out."""
     import kedit.stats.corpus as corpus
 
-    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(tiny_text * 5))
     cfg = LifelongConfig(method="tpatcher", data=str(cf_file), edits=3, batch=2, fluency_prompts=2, fluency_tokens=8,
                          ppl_tokens=200, overrides={"layers": [2], "n_prefixes": 1, "prefix_len": 3, "tp_steps": 3,
                                                     "tp_memory_corpus": ""})
@@ -249,21 +239,21 @@ def test_curve_sample_is_evenly_spaced_and_keeps_the_ends():
 
 
 def test_curve_records_samples_points_and_the_baseline_is_checkpointed(tiny_tokenizer, workspace, cf_file,
-                                                                        corpus_file, tmp_path, monkeypatch):
+                                                                       corpus_file, tmp_path, monkeypatch,
+                                                                       tiny_model_factory, tiny_text):
     """A kill inside the first batch resumes from the checkpoint written after the baseline (no second
     baseline evaluation) and ends as a straight run does; curve points before the last score the sample."""
     import kedit.bench.lifelong as L
     import kedit.stats.corpus as corpus
     from kedit.models.store import wrap_model
-    from tests.conftest import make_tiny_model
 
-    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(tiny_text * 5))
     cfg = LifelongConfig(method="memoir", data=str(cf_file), edits=3, batch=1, eval_every=1, curve_records=1,
                          fluency_prompts=2, fluency_tokens=8, ppl_tokens=200,
                          overrides={"layers": [1], "n_prefixes": 1, "prefix_len": 3, "v_steps": 3, "mm_bg_docs": 4})
 
     def fresh():
-        return wrap_model(make_tiny_model("llama"), tiny_tokenizer, slug="tiny-llama")
+        return wrap_model(tiny_model_factory("llama"), tiny_tokenizer, slug="tiny-llama")
 
     straight = run_lifelong(fresh(), workspace, cfg, progress=False)
     assert [p["records"] for p in straight["curve"]] == [1, 1, 3]  # the last point scores every record
@@ -298,8 +288,12 @@ def test_curve_records_samples_points_and_the_baseline_is_checkpointed(tiny_toke
             {k: v for k, v in straight[block].items() if k not in timing}
 
 
-def test_a_kill_inside_the_final_evaluation_resumes_with_the_pieces_already_scored(
-        tiny_tokenizer, workspace, cf_file, tmp_path, monkeypatch):
+def test_a_kill_inside_the_final_evaluation_resumes_with_the_pieces_already_scored(tiny_tokenizer, workspace,
+                                                                                   cf_file, tmp_path,
+                                                                                   monkeypatch,
+                                                                                   counterfact_records,
+                                                                                   tiny_model_factory,
+                                                                                   tiny_text):
     """The final evaluation runs in pieces of EVAL_CHUNK records, each saved beside the checkpoint: a
     kill in the second piece resumes at it (the first is read back, not scored again) and ends with the
     results of a straight run; the pieces joined equal one evaluation of every record."""
@@ -308,16 +302,15 @@ def test_a_kill_inside_the_final_evaluation_resumes_with_the_pieces_already_scor
     import kedit.stats.corpus as corpus
     from kedit.bench.datasets import get_dataset
     from kedit.models.store import wrap_model
-    from tests.conftest import make_tiny_model
 
-    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(tiny_text * 5))
     monkeypatch.setattr(L, "EVAL_CHUNK", 2)
     cfg = LifelongConfig(method="memoir", data=str(cf_file), edits=3, batch=3, eval_every=5, fluency_prompts=2,
                          fluency_tokens=8, ppl_tokens=200,
                          overrides={"layers": [1], "n_prefixes": 1, "prefix_len": 3, "v_steps": 3, "mm_bg_docs": 4})
 
     def fresh():
-        return wrap_model(make_tiny_model("llama"), tiny_tokenizer, slug="tiny-llama")
+        return wrap_model(tiny_model_factory("llama"), tiny_tokenizer, slug="tiny-llama")
 
     straight = run_lifelong(fresh(), workspace, cfg, progress=False)
     ck = tmp_path / "run" / "checkpoint.safetensors"
@@ -352,8 +345,9 @@ def test_a_kill_inside_the_final_evaluation_resumes_with_the_pieces_already_scor
     assert scored == [[1, 2, 3], [1, 2], [3]]
 
     ds, lm = get_dataset("counterfact"), fresh()
-    whole = ds.evaluate(lm, RECORDS, None, [1, 2, 3])
-    joined = ds.merge([ds.evaluate(lm, RECORDS[:1], None, [1]), ds.evaluate(lm, RECORDS[1:], None, [2, 3])])
+    whole = ds.evaluate(lm, counterfact_records, None, [1, 2, 3])
+    joined = ds.merge([ds.evaluate(lm, counterfact_records[:1], None, [1]), ds.evaluate(lm,
+                                                                                        counterfact_records[1:], None, [2, 3])])
     assert {k: v for k, v in joined.items() if k not in ("magnitude", "efficacy_magnitude", "score")} == \
         {k: v for k, v in whole.items() if k not in ("magnitude", "efficacy_magnitude", "score")}
     assert joined["magnitude"] == pytest.approx(whole["magnitude"], abs=1e-6)

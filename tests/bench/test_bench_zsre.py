@@ -11,7 +11,6 @@ from kedit.bench.footprint import edit_footprint, tensor_bytes
 from kedit.bench.lifelong import LifelongConfig, results_markdown, run_lifelong, write_results
 from kedit.editors.base import EditorState
 from kedit.evaluation import metrics as M
-from tests.conftest import TINY_TEXT
 
 ZSRE = [
     {"subject": "The Eiffel Tower", "src": "Where is The Eiffel Tower located?", "pred": "Paris",
@@ -112,13 +111,14 @@ def test_added_bytes_per_edit_of_a_fake_state():
         edit_footprint(deltas, final, 0)
 
 
-def test_lifelong_zsre_run_reports_token_metrics_and_memory_growth(tiny_lm, workspace, tmp_path, monkeypatch):
+def test_lifelong_zsre_run_reports_token_metrics_and_memory_growth(tiny_lm, workspace, tmp_path, monkeypatch,
+                                                                   tiny_text):
     import kedit.stats.corpus as corpus
 
-    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(tiny_text * 5))
     data, text = tmp_path / "zsre.json", tmp_path / "corpus.txt"
     data.write_text(json.dumps(ZSRE))
-    text.write_text("\n".join(TINY_TEXT * 10))
+    text.write_text("\n".join(tiny_text * 10))
     cfg = LifelongConfig(method="alphaedit", dataset="zsre", data=str(data), edits=3, batch=2, fluency_prompts=2,
                          fluency_tokens=8, ppl_tokens=200, stats_corpus=str(text), stats_tokens=2000,
                          overrides={"layers": [1, 2], "n_prefixes": 1, "prefix_len": 3, "v_steps": 3})

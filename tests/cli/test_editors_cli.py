@@ -3,20 +3,19 @@
 import json
 
 from kedit.cli import main
-from tests.conftest import TINY_TEXT
 
 
-def test_edit_then_predict_and_generate(tiny_tokenizer, workspace, tmp_path, capsys):
+def test_edit_then_predict_and_generate(tiny_tokenizer, workspace, tmp_path, capsys, tiny_model_factory,
+                                        tiny_text):
     from kedit.editors.io import load_deltas, load_state
     from kedit.models.store import import_hf
-    from tests.conftest import make_tiny_model
 
     src = tmp_path / "tiny-src"
-    make_tiny_model("llama").save_pretrained(src)
+    tiny_model_factory("llama").save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
     import_hf(workspace, src, slug="tiny")
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(TINY_TEXT * 10))
+    corpus.write_text("\n".join(tiny_text * 10))
     reqs = tmp_path / "reqs.jsonl"
     reqs.write_text("\n".join(json.dumps(r) for r in [
         {"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": "Rome", "id": "e1"},

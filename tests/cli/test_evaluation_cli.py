@@ -13,15 +13,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def store(tmp_path, tiny_tokenizer):
+def store(tmp_path, tiny_tokenizer, tiny_model_factory):
     """A workspace with a tiny model 'tiny' and a badly damaged copy 'tiny-bad' in the store."""
     from kedit.models.store import import_hf
     from kedit.workspace import Workspace
-    from tests.conftest import make_tiny_model
 
     ws = Workspace(tmp_path / "ws")
     for slug, damage in (("tiny", 0.0), ("tiny-bad", 50.0)):
-        m = make_tiny_model("llama", seed=0)
+        m = tiny_model_factory("llama", seed=0)
         if damage:
             w = m.model.layers[1].mlp.down_proj.weight
             with torch.no_grad():

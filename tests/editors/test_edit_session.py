@@ -13,32 +13,33 @@ import torch
 from kedit.editors.base import EditorState, EditResult, RequestDiagnostics, apply_deltas
 from kedit.editors.registry import get_editor
 from kedit.editors.session import BatchReport, EditSession, SessionCheckpoint
-from tests.editors.test_editors_engine import REQS, _hp, _stats
 
 
-def _fast(method: str, **kw):
-    return _hp(method, v_steps=2, **kw)
+@pytest.fixture
+def fast_hp(weight_edit):
+    """The weight editors' hparams with two v* steps."""
+    return lambda method, **kw: weight_edit.hp(method, v_steps=2, **kw)
 
 
 def _weights(lm) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
 
 
-def test_session_equals_the_direct_loop_bit_for_bit(tiny_lm, tmp_path):
+def test_session_equals_the_direct_loop_bit_for_bit(tiny_lm, tmp_path, weight_edit, fast_hp):
     """Batches of 2 through the session == editor.compute + apply_deltas by hand: the same deltas,
     state, diagnostics and weights, bit for bit (what refresh, benchmark and CLI each did before)."""
-    stats = _stats(tiny_lm, rank=tiny_lm.adapter.key_dim() // 2)
+    stats = weight_edit.stats(tiny_lm, rank=tiny_lm.adapter.key_dim() // 2)
     base = _weights(tiny_lm)
-    editor = get_editor("alphaedit", _fast("alphaedit"), cache_dir=tmp_path)
+    editor = get_editor("alphaedit", fast_hp("alphaedit"), cache_dir=tmp_path)
     seen: list[BatchReport] = []
     session = EditSession(tiny_lm, editor, stats)
-    res = session.apply(REQS, batch_size=2, on_batch=seen.append)
+    res = session.apply(weight_edit.reqs, batch_size=2, on_batch=seen.append)
     after = _weights(tiny_lm)
 
     tiny_lm.model.load_state_dict(base)
     state, total, diags = None, {}, []
-    for i in range(0, len(REQS), 2):
-        r = editor.compute(tiny_lm, REQS[i:i + 2], state, stats)
+    for i in range(0, len(weight_edit.reqs), 2):
+        r = editor.compute(tiny_lm, weight_edit.reqs[i:i + 2], state, stats)
         apply_deltas(tiny_lm.model, r.deltas)
         for name, d in r.deltas.items():
             total[name] = d.clone() if name not in total else total[name] + d
@@ -74,19 +75,19 @@ def _module_containers() -> dict[tuple[str, str], int]:
     return out
 
 
-def test_no_process_wide_cache_grows_with_models_or_statistics(tiny_lm, tmp_path):
+def test_no_process_wide_cache_grows_with_models_or_statistics(tiny_lm, tmp_path, weight_edit, fast_hp):
     """A worker that edits many models (many statistics keys) keeps nothing per model at module level:
     each run's projectors and prefixes live on its session and go with it."""
     from kedit.editors.common import as_key_stats, projector
 
-    EditSession(tiny_lm, get_editor("alphaedit", _fast("alphaedit"), cache_dir=tmp_path),
-                _stats(tiny_lm, seed=0, rank=32)).apply(REQS[:1])  # imports and first-use caches settle
+    EditSession(tiny_lm, get_editor("alphaedit", fast_hp("alphaedit"), cache_dir=tmp_path),
+                weight_edit.stats(tiny_lm, seed=0, rank=32)).apply(weight_edit.reqs[:1])  # imports and first-use caches settle
     before = _module_containers()
     sessions = []
     for seed in (1, 2):
-        s = EditSession(tiny_lm, get_editor("alphaedit", _fast("alphaedit"), cache_dir=tmp_path),
-                        _stats(tiny_lm, seed=seed, rank=32))
-        s.apply(REQS[:1])
+        s = EditSession(tiny_lm, get_editor("alphaedit", fast_hp("alphaedit"), cache_dir=tmp_path),
+                        weight_edit.stats(tiny_lm, seed=seed, rank=32))
+        s.apply(weight_edit.reqs[:1])
         sessions.append(s)
     d = tiny_lm.adapter.key_dim()
     for seed in range(3, 23):  # many distinct statistics keys straight through the projector
@@ -136,11 +137,11 @@ def _hidden(lm) -> torch.Tensor:
     return tr.outputs[lm.adapter.spec.final_norm]
 
 
-def test_editors_that_add_parameters_are_attached_after_every_batch(tiny_lm, tmp_path):
+def test_editors_that_add_parameters_are_attached_after_every_batch(tiny_lm, tmp_path, weight_edit):
     plain = _hidden(tiny_lm)
     editor = AddedBias()  # its compute takes no `caches`: the session does not pass them
     session = EditSession(tiny_lm, editor)
-    res = session.apply(REQS, batch_size=1)
+    res = session.apply(weight_edit.reqs, batch_size=1)
     assert editor.attached == [1, 2, 3] and res.deltas == {} and res.state.meta["n_edits"] == 3
     assert torch.allclose(_hidden(tiny_lm), plain + 3.0)  # 0.5 + 1.0 + 1.5, attached once, not summed thrice
     # a session that starts from a state (or resumes) attaches it before its first batch
@@ -157,13 +158,13 @@ def test_editors_that_add_parameters_are_attached_after_every_batch(tiny_lm, tmp
 
 
 @pytest.mark.parametrize("method", ["memit"])
-def test_checkpoint_and_resume_continue_bit_exactly(method, tiny_lm, tmp_path):
+def test_checkpoint_and_resume_continue_bit_exactly(method, tiny_lm, tmp_path, weight_edit, fast_hp):
     """Killed after batch 2 of 3 (an exception from on_batch), saved, reloaded into a fresh model and
     resumed: the same summed deltas, state, diagnostics and weights as a straight run, bit for bit."""
-    stats = _stats(tiny_lm)
+    stats = weight_edit.stats(tiny_lm)
     base = _weights(tiny_lm)
-    editor = get_editor(method, _fast(method, memit_sequential=True), cache_dir=tmp_path)
-    straight = EditSession(tiny_lm, editor, stats).apply(REQS, batch_size=1)
+    editor = get_editor(method, fast_hp(method, memit_sequential=True), cache_dir=tmp_path)
+    straight = EditSession(tiny_lm, editor, stats).apply(weight_edit.reqs, batch_size=1)
     done = _weights(tiny_lm)
 
     class Killed(Exception):
@@ -179,14 +180,14 @@ def test_checkpoint_and_resume_continue_bit_exactly(method, tiny_lm, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        session.apply(REQS, batch_size=1, on_batch=kill_after_two)
+        session.apply(weight_edit.reqs, batch_size=1, on_batch=kill_after_two)
     torch.manual_seed(1234)  # the new process's generator is elsewhere; resume puts it back
     tiny_lm.model.load_state_dict(base)  # a new process loads the unedited model
     ck = SessionCheckpoint.load(path)
     assert (ck.batches_done, ck.n_edits, ck.extra) == (2, 2, {"curve": [2]})
     resumed = EditSession.resume(tiny_lm, editor, ck, stats)
     assert torch.equal(torch.random.get_rng_state(), ck.rng)
-    res = resumed.apply(REQS[resumed.n_edits:], batch_size=1)
+    res = resumed.apply(weight_edit.reqs[resumed.n_edits:], batch_size=1)
     assert sorted(res.deltas) == sorted(straight.deltas)
     assert all(torch.equal(res.deltas[k], v) for k, v in straight.deltas.items())
     assert sorted(res.state.tensors) == sorted(straight.state.tensors) and res.state.meta == straight.state.meta
@@ -207,11 +208,10 @@ def test_checkpoint_and_resume_continue_bit_exactly(method, tiny_lm, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["memit", "memoir"])
-def test_unedited_runs_the_model_as_the_session_began(method, tiny_lm, tmp_path):
+def test_unedited_runs_the_model_as_the_session_began(method, tiny_lm, tmp_path, weight_edit, memoir,
+                                                      fast_hp):
     """Inside ``unedited()`` the model gives the unedited logits bit for bit (weights back at their
     starting values, added modules off); after it, the edited ones, also after a resume."""
-    from tests.editors.test_editors_memoir import _editor
-    from tests.editors.test_editors_memoir import _hp as memoir_hp
 
     ids = tiny_lm.tokenizer("The Eiffel Tower is located in", return_tensors="pt").input_ids
 
@@ -222,11 +222,11 @@ def test_unedited_runs_the_model_as_the_session_began(method, tiny_lm, tmp_path)
     plain = logits()
     base = _weights(tiny_lm)
     if method == "memit":
-        editor, stats = get_editor(method, _fast(method), cache_dir=tmp_path), _stats(tiny_lm)
+        editor, stats = get_editor(method, fast_hp(method), cache_dir=tmp_path), weight_edit.stats(tiny_lm)
     else:
-        editor, stats = _editor(memoir_hp()), None  # the query is the first edit's own prompt
+        editor, stats = memoir.editor(memoir.hp()), None  # the query is the first edit's own prompt
     session = EditSession(tiny_lm, editor, stats)
-    session.apply(REQS[:2], batch_size=1)
+    session.apply(weight_edit.reqs[:2], batch_size=1)
     edited = logits()
     assert not torch.equal(edited, plain)
     with session.unedited():

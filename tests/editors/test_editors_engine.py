@@ -12,29 +12,7 @@ from kedit.editors.prompts import subject_rows
 from kedit.editors.registry import get_editor
 from kedit.editors.vstar import optimise_vstar
 
-REQS = [
-    EditRequest("{} is located in", "The Eiffel Tower", "Rome", "Paris", id="a"),
-    EditRequest("The mother tongue of {} is", "Danielle Darrieux", "Dutch", "French", id="b"),
-    EditRequest("{} plays the", "Toko Yasuda", "piano", "guitar", id="c"),
-]
 PREFIXES = ["", "The quick brown fox. ", "Rome is the capital. "]
-
-
-def _hp(method: str, **kw) -> EditHparams:
-    base = {"layers": [1] if method == "rome" else [1, 2], "n_prefixes": 2, "prefix_len": 3, "v_steps": 6,
-            "mom2_update_weight": 1e-3, "L2": 1e-4}
-    return load_hparams(method, overrides={**base, **kw})
-
-
-def _stats(lm, seed=0, rank=None):
-    d = lm.adapter.key_dim()
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(3000, d, generator=g, dtype=torch.float64)
-    if rank is not None:
-        X[:, rank:] = 0
-        X += 1e-3 * torch.randn(3000, d, generator=g, dtype=torch.float64)
-    C = X.T @ X / 3000
-    return {i: C.clone() for i in range(lm.adapter.num_layers)}
 
 
 def _keys_and_z(lm, reqs, layers, prefixes):
@@ -42,17 +20,12 @@ def _keys_and_z(lm, reqs, layers, prefixes):
     return st.read(lm, layers)
 
 
-def _prefixes(lm, hp, tmp_path):
-    from kedit.editors.context import context_prefixes
-
-    return context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, tmp_path)
-
-
 @pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
-def test_compute_leaves_weights_and_returns_stored_deltas(method, tiny_lm, tmp_path):
+def test_compute_leaves_weights_and_returns_stored_deltas(method, tiny_lm, tmp_path, weight_edit):
     before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
-    stats = _stats(tiny_lm, rank=tiny_lm.adapter.key_dim() // 2)  # AlphaEdit needs a null space
-    res = get_editor(method, _hp(method), cache_dir=tmp_path).compute(tiny_lm, REQS[:2], None, stats)
+    stats = weight_edit.stats(tiny_lm, rank=tiny_lm.adapter.key_dim() // 2)  # AlphaEdit needs a null space
+    res = get_editor(method, weight_edit.hp(method), cache_dir=tmp_path).compute(tiny_lm,
+                                                                                 weight_edit.reqs[:2], None, stats)
     assert all(torch.equal(before[k], v) for k, v in tiny_lm.model.state_dict().items())
     params = dict(tiny_lm.model.named_parameters())
     assert res.deltas and all(tuple(d.shape) == tuple(params[k].shape) for k, d in res.deltas.items())
@@ -62,68 +35,73 @@ def test_compute_leaves_weights_and_returns_stored_deltas(method, tiny_lm, tmp_p
     assert not torch.equal(params[next(iter(res.deltas))], before[next(iter(res.deltas))])
 
 
-def test_gpt2_deltas_are_in_transposed_stored_layout(tiny_tokenizer, tmp_path):
+def test_gpt2_deltas_are_in_transposed_stored_layout(tiny_tokenizer, tmp_path, tiny_model_factory,
+                                                     weight_edit):
     from kedit.models.store import wrap_model
-    from tests.conftest import make_tiny_model
 
-    lm = wrap_model(make_tiny_model("gpt2"), tiny_tokenizer, slug="tiny-gpt2")
-    res = get_editor("memit", _hp("memit"), cache_dir=tmp_path).compute(lm, REQS[:2], None, _stats(lm))
+    lm = wrap_model(tiny_model_factory("gpt2"), tiny_tokenizer, slug="tiny-gpt2")
+    res = get_editor("memit", weight_edit.hp("memit"), cache_dir=tmp_path).compute(lm, weight_edit.reqs[:2],
+                                                                                   None, weight_edit.stats(lm))
     name = lm.adapter.weight_name(1)
     assert res.deltas[name].shape == lm.adapter.mlp_out(1).weight.shape == (4 * 64, 64)
-    K, _ = _keys_and_z(lm, REQS[:2], [1], _prefixes(lm, _hp("memit"), tmp_path))
+    K, _ = _keys_and_z(lm, weight_edit.reqs[:2], [1], weight_edit.prefixes(lm, weight_edit.hp("memit"),
+                                                                           tmp_path))
     # the [out, in] view of the stored delta maps keys to outputs
     assert lm.adapter.from_stored(res.deltas[name]).shape == (64, K[1].shape[0])
 
 
-def test_rome_writes_v_star_for_its_key(tiny_lm, tmp_path):
-    hp = _hp("rome")
-    res = get_editor("rome", hp, cache_dir=tmp_path).compute(tiny_lm, REQS[:1], None, _stats(tiny_lm))
+def test_rome_writes_v_star_for_its_key(tiny_lm, tmp_path, weight_edit):
+    hp = weight_edit.hp("rome")
+    res = get_editor("rome", hp, cache_dir=tmp_path).compute(tiny_lm, weight_edit.reqs[:1], None,
+                                                             weight_edit.stats(tiny_lm))
     D = tiny_lm.adapter.from_stored(res.deltas[tiny_lm.adapter.weight_name(1)]).double()
     sv = torch.linalg.svdvals(D)
     assert sv[1] < 1e-5 * sv[0]  # rank one (up to float32 storage)
     assert res.layer_info["z"]["relative_residual_after"] < 1e-3  # W'k* = v*
 
 
-def test_memit_reduces_the_residual(tiny_lm, tmp_path):
-    loose = get_editor("memit", _hp("memit", mom2_update_weight=1e-4), cache_dir=tmp_path)
-    res = loose.compute(tiny_lm, REQS, None, _stats(tiny_lm))
+def test_memit_reduces_the_residual(tiny_lm, tmp_path, weight_edit):
+    loose = get_editor("memit", weight_edit.hp("memit", mom2_update_weight=1e-4), cache_dir=tmp_path)
+    res = loose.compute(tiny_lm, weight_edit.reqs, None, weight_edit.stats(tiny_lm))
     assert res.layer_info["z"]["relative_residual_after"] < 0.05
-    strict = get_editor("memit", _hp("memit", mom2_update_weight=1e4), cache_dir=tmp_path)
-    res2 = strict.compute(tiny_lm, REQS, None, _stats(tiny_lm))
+    strict = get_editor("memit", weight_edit.hp("memit", mom2_update_weight=1e4), cache_dir=tmp_path)
+    res2 = strict.compute(tiny_lm, weight_edit.reqs, None, weight_edit.stats(tiny_lm))
     assert 0.5 < res2.layer_info["z"]["relative_residual_after"] <= 1.0 + 1e-6  # λ holds it back
     # residual spread: the first of two layers takes about half of the full residual
     assert res.layer_info["L1"]["resid_norm"] == pytest.approx(res.layer_info["L2"]["resid_norm"], rel=0.6)
 
 
-def test_memit_context_keys_write_delta_into_every_context(tiny_lm, tmp_path):
+def test_memit_context_keys_write_delta_into_every_context(tiny_lm, tmp_path, weight_edit):
     """key_mode "contexts": each prompt context's own output moves by the v* δ (least squares over all
     context keys), so the context whose key is far from the average is written too; the state holds
     the weighted per-context Σ k kᵀ (1/contexts per request)."""
     lm = tiny_lm
-    hp = _hp("alphaedit", key_mode="contexts", nullspace_threshold=1e-3, L2=1e-6)
-    stats = _stats(lm, rank=lm.adapter.key_dim() // 2)
-    res = get_editor("alphaedit", hp, cache_dir=tmp_path).compute(lm, REQS[:1], None, stats)
+    hp = weight_edit.hp("alphaedit", key_mode="contexts", nullspace_threshold=1e-3, L2=1e-6)
+    stats = weight_edit.stats(lm, rank=lm.adapter.key_dim() // 2)
+    res = get_editor("alphaedit", hp, cache_dir=tmp_path).compute(lm, weight_edit.reqs[:1], None, stats)
     assert res.layer_info["contexts"]["worst_relative_residual_after"] < 0.05
-    avg = get_editor("alphaedit", _hp("alphaedit", nullspace_threshold=1e-3, L2=1e-6), cache_dir=tmp_path)
-    res_avg = avg.compute(lm, REQS[:1], None, stats)
+    avg = get_editor("alphaedit", weight_edit.hp("alphaedit", nullspace_threshold=1e-3, L2=1e-6),
+                     cache_dir=tmp_path)
+    res_avg = avg.compute(lm, weight_edit.reqs[:1], None, stats)
     assert "contexts" not in res_avg.layer_info
-    prefixes = _prefixes(lm, hp, tmp_path)
+    prefixes = weight_edit.prefixes(lm, hp, tmp_path)
     apply_deltas(lm.model, res.deltas)
-    st = SubjectStates(lm, subject_rows(lm.tokenizer, REQS[:1], prefixes), 1, 2)
+    st = SubjectStates(lm, subject_rows(lm.tokenizer, weight_edit.reqs[:1], prefixes), 1, 2)
     K, _ = st.read(lm, [2], per_row=True)
     assert torch.allclose(res.state.tensors["cache_c.L2"].double(), K[2] @ K[2].T / len(prefixes),
                           rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="key_mode"):
-        get_editor("memit", _hp("memit", key_mode="bogus"), cache_dir=tmp_path).compute(lm, REQS[:1], None, stats)
+        get_editor("memit", weight_edit.hp("memit", key_mode="bogus"),
+                   cache_dir=tmp_path).compute(lm, weight_edit.reqs[:1], None, stats)
 
 
-def test_alphaedit_preserves_subspace_and_earlier_batches(tiny_lm, tmp_path):
+def test_alphaedit_preserves_subspace_and_earlier_batches(tiny_lm, tmp_path, weight_edit):
     lm = tiny_lm
     d = lm.adapter.key_dim()
-    stats = _stats(lm, rank=d // 2)
-    hp = _hp("alphaedit", nullspace_threshold=1e-3, L2=1e-4)
+    stats = weight_edit.stats(lm, rank=d // 2)
+    hp = weight_edit.hp("alphaedit", nullspace_threshold=1e-3, L2=1e-4)
     ed = get_editor("alphaedit", hp, cache_dir=tmp_path)
-    r1 = ed.compute(lm, REQS[:2], None, stats)
+    r1 = ed.compute(lm, weight_edit.reqs[:2], None, stats)
     assert r1.layer_info["L1"]["nullspace_dim"] == d - d // 2
     assert set(r1.state.tensors) == {"cache_c.L1", "cache_c.L2"}
     g = torch.Generator().manual_seed(9)
@@ -132,17 +110,18 @@ def test_alphaedit_preserves_subspace_and_earlier_batches(tiny_lm, tmp_path):
     for delta in r1.deltas.values():
         D = lm.adapter.from_stored(delta).double()
         assert (D @ K0).norm() < 1e-2 * D.norm() * K0.norm()
-    prefixes = _prefixes(lm, hp, tmp_path)
+    prefixes = weight_edit.prefixes(lm, hp, tmp_path)
     apply_deltas(lm.model, r1.deltas)
-    K1, _ = _keys_and_z(lm, REQS[:2], [1, 2], prefixes)
+    K1, _ = _keys_and_z(lm, weight_edit.reqs[:2], [1, 2], prefixes)
     # state holds exactly Σ K Kᵀ of the edited model's keys
     assert torch.allclose(r1.state.tensors["cache_c.L2"].double(), K1[2] @ K1[2].T, rtol=1e-4, atol=1e-5)
-    r2 = ed.compute(lm, REQS[2:], r1.state, stats)
+    r2 = ed.compute(lm, weight_edit.reqs[2:], r1.state, stats)
     assert r2.state.meta["n_edits"] == 3 and r2.state.meta["n_batches"] == 2
     assert torch.allclose(r2.state.tensors["cache_c.L1"].double(),
-                          r1.state.tensors["cache_c.L1"].double() + _keys_and_z_after(lm, r2, REQS[2:], prefixes),
+                          r1.state.tensors["cache_c.L1"].double() + _keys_and_z_after(lm, r2,
+                                                                                      weight_edit.reqs[2:], prefixes),
                           rtol=1e-3, atol=1e-4)
-    forgetful = ed.compute(lm, REQS[2:], None, stats)
+    forgetful = ed.compute(lm, weight_edit.reqs[2:], None, stats)
     for layer in (1, 2):
         name = lm.adapter.weight_name(layer)
         kept = (lm.adapter.from_stored(r2.deltas[name]).double() @ K1[layer]).norm()
@@ -159,41 +138,41 @@ def _keys_and_z_after(lm, res, reqs, prefixes):
     return K[1] @ K[1].T
 
 
-def test_batched_vstar_matches_one_at_a_time(tiny_lm):
-    hp = _hp("memit", v_steps=5, v_lr=0.05, v_weight_decay=0.0, clamp_norm_factor=100.0)
-    together = optimise_vstar(tiny_lm, REQS, PREFIXES, hp, 2)
-    for i, r in enumerate(REQS):
+def test_batched_vstar_matches_one_at_a_time(tiny_lm, weight_edit):
+    hp = weight_edit.hp("memit", v_steps=5, v_lr=0.05, v_weight_decay=0.0, clamp_norm_factor=100.0)
+    together = optimise_vstar(tiny_lm, weight_edit.reqs, PREFIXES, hp, 2)
+    for i, r in enumerate(weight_edit.reqs):
         alone = optimise_vstar(tiny_lm, [r], PREFIXES, hp, 2)
         assert torch.allclose(together.delta[i], alone.delta[0], atol=1e-4, rtol=1e-3)
         assert torch.allclose(together.v0[i], alone.v0[0], atol=1e-5)
         assert together.diagnostics[i].vstar_loss_end == pytest.approx(alone.diagnostics[0].vstar_loss_end, rel=1e-4)
 
 
-def test_vstar_early_stop_masks_converged_requests(tiny_lm):
-    hp = _hp("memit", v_steps=6, v_stop_nll=100.0)  # everything "converges" at step 0
-    vs = optimise_vstar(tiny_lm, REQS, PREFIXES, hp, 2)
+def test_vstar_early_stop_masks_converged_requests(tiny_lm, weight_edit):
+    hp = weight_edit.hp("memit", v_steps=6, v_stop_nll=100.0)  # everything "converges" at step 0
+    vs = optimise_vstar(tiny_lm, weight_edit.reqs, PREFIXES, hp, 2)
     assert all(d.vstar_steps == 0 and d.constraint_met for d in vs.diagnostics)
     assert torch.count_nonzero(vs.delta) == 0
 
 
-def test_vstar_init_starts_adam_there_and_keeps_the_unedited_kl_reference(tiny_lm):
-    hp = _hp("memit", v_steps=5, v_lr=0.05, kl_factor=1.0, clamp_norm_factor=100.0)
-    cold = optimise_vstar(tiny_lm, REQS, PREFIXES, hp, 2)
-    zero = optimise_vstar(tiny_lm, REQS, PREFIXES, hp, 2, init=torch.zeros_like(cold.delta))
+def test_vstar_init_starts_adam_there_and_keeps_the_unedited_kl_reference(tiny_lm, weight_edit):
+    hp = weight_edit.hp("memit", v_steps=5, v_lr=0.05, kl_factor=1.0, clamp_norm_factor=100.0)
+    cold = optimise_vstar(tiny_lm, weight_edit.reqs, PREFIXES, hp, 2)
+    zero = optimise_vstar(tiny_lm, weight_edit.reqs, PREFIXES, hp, 2, init=torch.zeros_like(cold.delta))
     assert torch.equal(zero.delta, cold.delta)
     # started where the cold run ended: its first loss is the cold run's last one, KL term included
     # (a KL measured from the start instead would read 0 there), and a second run moves on from there
-    warm = optimise_vstar(tiny_lm, REQS, PREFIXES, hp, 2, init=cold.delta)
+    warm = optimise_vstar(tiny_lm, weight_edit.reqs, PREFIXES, hp, 2, init=cold.delta)
     for c, w in zip(cold.diagnostics, warm.diagnostics):
         assert w.vstar_loss_start == pytest.approx(c.vstar_loss_end, rel=1e-4, abs=1e-6)
         assert w.vstar_loss_end < c.vstar_loss_end
-    met = _hp("memit", v_steps=5, v_lr=0.05, clamp_norm_factor=100.0,
+    met = weight_edit.hp("memit", v_steps=5, v_lr=0.05, clamp_norm_factor=100.0,
               v_stop_nll=max(d.vstar_loss_end for d in cold.diagnostics) + 1.0)
-    done = optimise_vstar(tiny_lm, REQS, PREFIXES, met, 2, init=cold.delta)
+    done = optimise_vstar(tiny_lm, weight_edit.reqs, PREFIXES, met, 2, init=cold.delta)
     assert all(d.vstar_steps == 0 and d.constraint_met for d in done.diagnostics)
     assert torch.equal(done.delta, cold.delta)
     with pytest.raises(ValueError, match="init has shape"):
-        optimise_vstar(tiny_lm, REQS, PREFIXES, hp, 2, init=cold.delta[:2])
+        optimise_vstar(tiny_lm, weight_edit.reqs, PREFIXES, hp, 2, init=cold.delta[:2])
 
 
 def _top_tokens_hit(lm, reqs, vs, layer):
@@ -219,12 +198,13 @@ def _top_tokens_hit(lm, reqs, vs, layer):
     return hit
 
 
-def test_vstar_most_probable_stop_ends_when_targets_are_top(tiny_lm):
+def test_vstar_most_probable_stop_ends_when_targets_are_top(tiny_lm, weight_edit):
     # subject last and one-token targets: the tiny random model's flat logits can be steered to them
     reqs = [EditRequest("A photo of {}", "The Eiffel Tower", "capital", id="a"),
             EditRequest("We talked about {}", "Danielle Darrieux", "the", id="b"),
             EditRequest("Next up: {}", "Toko Yasuda", "of", id="c")]
-    hp = _hp("memit", v_steps=30, v_lr=0.1, v_stop_nll=1e-3, clamp_norm_factor=100.0, v_weight_decay=0.0)
+    hp = weight_edit.hp("memit", v_steps=30, v_lr=0.1, v_stop_nll=1e-3, clamp_norm_factor=100.0,
+                        v_weight_decay=0.0)
     mpes = optimise_vstar(tiny_lm, reqs, PREFIXES, EditHparams(**{**hp.to_dict(), "v_stop": "most_probable"}), 2)
     full = optimise_vstar(tiny_lm, reqs, PREFIXES, hp, 2)
     assert all(d.constraint_met for d in mpes.diagnostics)
@@ -236,7 +216,7 @@ def test_vstar_most_probable_stop_ends_when_targets_are_top(tiny_lm):
     assert float(mpes.delta.norm()) < float(full.delta.norm())
 
 
-def test_weights_restored_when_a_step_raises(tiny_lm, tmp_path, monkeypatch):
+def test_weights_restored_when_a_step_raises(tiny_lm, tmp_path, monkeypatch, weight_edit):
     from kedit.editors import memit
 
     before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
@@ -251,20 +231,22 @@ def test_weights_restored_when_a_step_raises(tiny_lm, tmp_path, monkeypatch):
 
     monkeypatch.setattr(memit.MultiLayerEditor, "solve", boom)
     with pytest.raises(RuntimeError, match="exploded"):
-        get_editor("memit", _hp("memit"), cache_dir=tmp_path).compute(tiny_lm, REQS, None, _stats(tiny_lm))
+        get_editor("memit", weight_edit.hp("memit"), cache_dir=tmp_path).compute(tiny_lm, weight_edit.reqs,
+                                                                                 None, weight_edit.stats(tiny_lm))
     assert all(torch.equal(before[k], v) for k, v in tiny_lm.model.state_dict().items())
 
 
-def test_bad_inputs_raise_clear_errors(tiny_lm, tmp_path):
-    ed = get_editor("alphaedit", _hp("alphaedit"), cache_dir=tmp_path)
+def test_bad_inputs_raise_clear_errors(tiny_lm, tmp_path, weight_edit):
+    ed = get_editor("alphaedit", weight_edit.hp("alphaedit"), cache_dir=tmp_path)
     with pytest.raises(ValueError, match="key statistics"):
-        ed.compute(tiny_lm, REQS, None, None)
+        ed.compute(tiny_lm, weight_edit.reqs, None, None)
     with pytest.raises(ValueError, match="lack layers"):
-        ed.compute(tiny_lm, REQS, None, {0: torch.eye(tiny_lm.adapter.key_dim())})
+        ed.compute(tiny_lm, weight_edit.reqs, None, {0: torch.eye(tiny_lm.adapter.key_dim())})
     with pytest.raises(ValueError, match="for 'memit'"):
-        ed.compute(tiny_lm, REQS, EditorState("memit"), _stats(tiny_lm))
+        ed.compute(tiny_lm, weight_edit.reqs, EditorState("memit"), weight_edit.stats(tiny_lm))
     with pytest.raises(ValueError, match="one layer"):
-        get_editor("rome", _hp("rome", layers=[1, 2])).compute(tiny_lm, REQS, None, _stats(tiny_lm))
+        get_editor("rome", weight_edit.hp("rome", layers=[1, 2])).compute(tiny_lm, weight_edit.reqs, None,
+                                                                          weight_edit.stats(tiny_lm))
     with pytest.raises(ValueError, match="unknown edit method"):
         get_editor("nope")
     with pytest.raises(ValueError, match="unknown hyperparameter"):
@@ -301,17 +283,17 @@ def test_context_prefixes_cached_on_disk(tiny_lm, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])
-def test_prefix_cache_replay_matches_full_replay(family, tiny_tokenizer):
+def test_prefix_cache_replay_matches_full_replay(family, tiny_tokenizer, weight_edit, tiny_model_factory):
     from kedit.editors.prompts import shared_heads, subject_rows
     from kedit.models.store import wrap_model
-    from tests.conftest import make_tiny_model
 
-    lm = wrap_model(make_tiny_model(family), tiny_tokenizer, slug=f"tiny-{family}")
-    rows = subject_rows(tiny_tokenizer, REQS, PREFIXES)
+    lm = wrap_model(tiny_model_factory(family), tiny_tokenizer, slug=f"tiny-{family}")
+    rows = subject_rows(tiny_tokenizer, weight_edit.reqs, PREFIXES)
     assert max(shared_heads(rows.ids, rows.subj_pos)) >= 4  # the shared-prefix path is exercised
-    hp = _hp("memit", v_steps=4, v_lr=0.05, clamp_norm_factor=100.0)
-    cached = optimise_vstar(lm, REQS, PREFIXES, hp, 1)
-    full = optimise_vstar(lm, REQS, PREFIXES, EditHparams(**{**hp.to_dict(), "v_prefix_cache": False}), 1)
+    hp = weight_edit.hp("memit", v_steps=4, v_lr=0.05, clamp_norm_factor=100.0)
+    cached = optimise_vstar(lm, weight_edit.reqs, PREFIXES, hp, 1)
+    full = optimise_vstar(lm, weight_edit.reqs, PREFIXES, EditHparams(**{**hp.to_dict(),
+                                                                         "v_prefix_cache": False}), 1)
     assert torch.allclose(cached.v0, full.v0, atol=1e-5)
     assert torch.allclose(cached.delta, full.delta, atol=1e-4, rtol=1e-3)
     for a, b in zip(cached.diagnostics, full.diagnostics):
@@ -330,16 +312,16 @@ def test_shared_heads_are_the_common_leading_tokens_of_a_group():
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])
-def test_subject_states_with_shared_heads_match_full_rows(family, tiny_tokenizer, monkeypatch):
+def test_subject_states_with_shared_heads_match_full_rows(family, tiny_tokenizer, monkeypatch, weight_edit,
+                                                          tiny_model_factory):
     import kedit.editors.keys as keys_mod
     from kedit.editors.keys import SubjectStates
     from kedit.editors.prompts import subject_rows
     from kedit.editors.runner import SharedHeadSlice
     from kedit.models.store import wrap_model
-    from tests.conftest import make_tiny_model
 
-    lm = wrap_model(make_tiny_model(family), tiny_tokenizer, slug=f"tiny-{family}")
-    rows = subject_rows(tiny_tokenizer, REQS, PREFIXES)
+    lm = wrap_model(tiny_model_factory(family), tiny_tokenizer, slug=f"tiny-{family}")
+    rows = subject_rows(tiny_tokenizer, weight_edit.reqs, PREFIXES)
     shared = SubjectStates(lm, rows, 1, 2)
     monkeypatch.setattr(keys_mod, "shared_heads", lambda seqs, split: [0] * len(seqs))
     plain = SubjectStates(lm, rows, 1, 2)
@@ -358,12 +340,11 @@ def test_subject_states_with_shared_heads_match_full_rows(family, tiny_tokenizer
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])
-def test_block_replay_reproduces_the_model_logits(family, tiny_tokenizer):
+def test_block_replay_reproduces_the_model_logits(family, tiny_tokenizer, tiny_model_factory):
     from kedit.editors.runner import capture_blocks, unembed_states
     from kedit.models.store import wrap_model
-    from tests.conftest import make_tiny_model
 
-    lm = wrap_model(make_tiny_model(family), tiny_tokenizer, slug=f"tiny-{family}")
+    lm = wrap_model(tiny_model_factory(family), tiny_tokenizer, slug=f"tiny-{family}")
     ids = torch.tensor([tiny_tokenizer("The Eiffel Tower is in Paris").input_ids[:6],
                         tiny_tokenizer("Rome is the capital of Italy").input_ids[:6]])
     with torch.no_grad():
@@ -390,14 +371,15 @@ def test_hparam_overrides_are_coerced_to_numbers():
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_bfloat16_vstar_tracks_float32_and_its_delta_works_in_float32(family, tiny_tokenizer):
+def test_bfloat16_vstar_tracks_float32_and_its_delta_works_in_float32(family, tiny_tokenizer, weight_edit,
+                                                                      tiny_model_factory):
     from kedit.models.store import wrap_model
-    from tests.conftest import make_tiny_model
 
-    lm = wrap_model(make_tiny_model(family), tiny_tokenizer, slug=f"tiny-{family}")
+    lm = wrap_model(tiny_model_factory(family), tiny_tokenizer, slug=f"tiny-{family}")
     reqs = [EditRequest("A photo of {}", "The Eiffel Tower", "capital", id="a"),
             EditRequest("We talked about {}", "Danielle Darrieux", "the", id="b")]
-    hp = _hp("memit", v_steps=30, v_lr=0.1, v_stop="most_probable", v_stop_nll=1e-3, clamp_norm_factor=100.0,
+    hp = weight_edit.hp("memit", v_steps=30, v_lr=0.1, v_stop="most_probable", v_stop_nll=1e-3,
+                        clamp_norm_factor=100.0,
              v_weight_decay=0.0)
     f32 = optimise_vstar(lm, reqs, PREFIXES, hp, 1)
     bf16 = optimise_vstar(lm, reqs, PREFIXES, EditHparams(**{**hp.to_dict(), "v_dtype": "bfloat16"}), 1)
@@ -442,18 +424,18 @@ def test_packed_gqa_attention_equals_repeat_kv_sdpa(mask_kind):
         packed_gqa_sdpa(query, key[:, :1].expand(b, 4, k, d), value, mask)
 
 
-def test_vstar_replay_attention_packs_gqa_and_matches_the_model_kernel(tiny_tokenizer, monkeypatch):
+def test_vstar_replay_attention_packs_gqa_and_matches_the_model_kernel(tiny_tokenizer, monkeypatch,
+                                                                       weight_edit, tiny_model_factory):
     """The tiny llama has 4 query heads over 2 kv heads: v*'s replay takes the packed path, and the
     optimised δ is the one transformers' own SDPA kernel gives."""
     from kedit.editors import runner
     from kedit.models.store import wrap_model
-    from tests.conftest import make_tiny_model
 
-    lm = wrap_model(make_tiny_model("llama"), tiny_tokenizer, slug="tiny-llama")
+    lm = wrap_model(tiny_model_factory("llama"), tiny_tokenizer, slug="tiny-llama")
     assert lm.model.config._attn_implementation == "sdpa"
     reqs = [EditRequest("A photo of {}", "The Eiffel Tower", "capital", id="a"),
             EditRequest("We talked about {}", "Danielle Darrieux", "the", id="b")]
-    hp = _hp("memit", v_steps=6, v_stop_nll=1e-6)
+    hp = weight_edit.hp("memit", v_steps=6, v_stop_nll=1e-6)
     calls = {"packed": 0}
     packed = runner.packed_gqa_sdpa
 
@@ -471,7 +453,7 @@ def test_vstar_replay_attention_packs_gqa_and_matches_the_model_kernel(tiny_toke
 
 
 @pytest.mark.parametrize("prefix_cache", [True, False])
-def test_vstar_taps_are_the_module_inputs_a_direct_forward_gives(tiny_lm, prefix_cache):
+def test_vstar_taps_are_the_module_inputs_a_direct_forward_gives(tiny_lm, prefix_cache, weight_edit):
     """v*'s first pass hands back an MLP's input at every context's subject (memoir's fingerprints read
     it there instead of running the model again): the same as a plain forward of each prompt."""
     from kedit.hooks import Trace
@@ -479,7 +461,8 @@ def test_vstar_taps_are_the_module_inputs_a_direct_forward_gives(tiny_lm, prefix
     reqs = [EditRequest("A photo of {}", "The Eiffel Tower", "capital", id="a"),
             EditRequest("We talked about {} today", "Danielle Darrieux", "the", id="b")]
     name = tiny_lm.adapter.mlp_out_name(1)
-    vs = optimise_vstar(tiny_lm, reqs, PREFIXES, _hp("memit", v_steps=1, v_prefix_cache=prefix_cache), 1,
+    vs = optimise_vstar(tiny_lm, reqs, PREFIXES, weight_edit.hp("memit", v_steps=1,
+                                                                v_prefix_cache=prefix_cache), 1,
                         taps=[name])
     rows = subject_rows(tiny_lm.tokenizer, reqs, PREFIXES)
     x = vs.taps[name]
@@ -491,7 +474,8 @@ def test_vstar_taps_are_the_module_inputs_a_direct_forward_gives(tiny_lm, prefix
         # and at the token before the subject's (from the prefix cache's pass, or the replayed rows)
         assert torch.allclose(vs.taps_before[name][q, i % len(PREFIXES)], tr.inputs[name][0, pos - 1], atol=1e-5)
     with pytest.raises(ValueError, match="did not run below block"):
-        optimise_vstar(tiny_lm, reqs, PREFIXES, _hp("memit", v_steps=1), 1, taps=[tiny_lm.adapter.mlp_out_name(2)])
+        optimise_vstar(tiny_lm, reqs, PREFIXES, weight_edit.hp("memit", v_steps=1), 1,
+                       taps=[tiny_lm.adapter.mlp_out_name(2)])
 
 
 def test_matmul_weights_in_swaps_copies_and_restores_the_same_parameters(tiny_lm):
@@ -526,18 +510,20 @@ def test_length_groups_merge_the_next_length_while_its_padding_fits_the_budget()
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("prefix_cache", [True, False])
-def test_padded_replay_groups_give_the_same_vstar(family, prefix_cache, tiny_tokenizer):
+def test_padded_replay_groups_give_the_same_vstar(family, prefix_cache, tiny_tokenizer, weight_edit,
+                                                  tiny_model_factory):
     """Right pads never reach a real position under causal attention: one padded group per batch
     optimises the same δ as one group per suffix length."""
     from kedit.editors.vstar import length_groups
     from kedit.models.store import wrap_model
-    from tests.conftest import make_tiny_model
 
-    lm = wrap_model(make_tiny_model(family), tiny_tokenizer, slug=f"tiny-{family}")
-    hp = _hp("memit", v_steps=4, v_lr=0.05, clamp_norm_factor=100.0, kl_factor=1.0, v_prefix_cache=prefix_cache)
-    exact = optimise_vstar(lm, REQS, PREFIXES, hp, 1)
-    padded = optimise_vstar(lm, REQS, PREFIXES, EditHparams(**{**hp.to_dict(), "v_replay_merge_tokens": 10_000}), 1)
-    rows = subject_rows(tiny_tokenizer, REQS, PREFIXES)
+    lm = wrap_model(tiny_model_factory(family), tiny_tokenizer, slug=f"tiny-{family}")
+    hp = weight_edit.hp("memit", v_steps=4, v_lr=0.05, clamp_norm_factor=100.0, kl_factor=1.0,
+                        v_prefix_cache=prefix_cache)
+    exact = optimise_vstar(lm, weight_edit.reqs, PREFIXES, hp, 1)
+    padded = optimise_vstar(lm, weight_edit.reqs, PREFIXES, EditHparams(**{**hp.to_dict(),
+                                                                           "v_replay_merge_tokens": 10_000}), 1)
+    rows = subject_rows(tiny_tokenizer, weight_edit.reqs, PREFIXES)
     split = rows.subj_pos if prefix_cache else [0] * len(rows.ids)
     assert len(length_groups(rows.ids, split)) > 1  # there were groups to merge
     assert torch.allclose(exact.v0, padded.v0, atol=1e-5)
@@ -547,7 +533,7 @@ def test_padded_replay_groups_give_the_same_vstar(family, prefix_cache, tiny_tok
         assert a.vstar_steps == b.vstar_steps
 
 
-def test_vstar_step_reads_the_device_back_once_not_per_group_or_request(tiny_lm):
+def test_vstar_step_reads_the_device_back_once_not_per_group_or_request(tiny_lm, weight_edit):
     """The Adam loop decides which requests are still running on the host: a step costs one
     read-back whatever the number of replay groups and finished requests (on a GPU each read-back
     waits for every queued kernel)."""
@@ -565,13 +551,13 @@ def test_vstar_step_reads_the_device_back_once_not_per_group_or_request(tiny_lm)
             return func(*args, **(kwargs or {}))
 
     def reads(steps: int) -> int:
-        hp = _hp("memit", v_steps=steps, v_stop_nll=-1.0)  # never met: every request runs every step
+        hp = weight_edit.hp("memit", v_steps=steps, v_stop_nll=-1.0)  # never met: every request runs every step
         with Count() as c:
-            optimise_vstar(tiny_lm, REQS, PREFIXES, hp, 2)
+            optimise_vstar(tiny_lm, weight_edit.reqs, PREFIXES, hp, 2)
         return c.n
 
     from kedit.editors.vstar import length_groups
 
-    rows = subject_rows(tiny_lm.tokenizer, REQS, PREFIXES)
+    rows = subject_rows(tiny_lm.tokenizer, weight_edit.reqs, PREFIXES)
     assert len(length_groups(rows.ids, rows.subj_pos)) >= 2  # several groups per step
     assert reads(6) - reads(2) <= 4 * 2  # one per step (is any request left?), with room for one more

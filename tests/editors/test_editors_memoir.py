@@ -7,40 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import TINY_TEXT
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-# the subject ends the prompt: a random tiny model carries little from an earlier subject token to the
-# last one, so the memory (which reads and writes at the subject's last token) is tested where it acts directly
-A = dict(prompt="The tower located in {}", subject="Paris", target_new="Tokyo", target_true="France", id="a")
-B = dict(prompt="The mother tongue of {}", subject="Danielle Darrieux", target_new="Dutch", target_true="French",
-         id="b")
-OTHER = "The quick brown fox jumps over the lazy dog, again and again."
-
-
-def _hp(**kw):
-    from kedit.editors.hparams import EditHparams
-
-    # v_*: the shipped solver's v* (a random tiny model needs a larger δ than the norm clamp of a real one
-    # allows); mm_lr/mm_steps/mm_stop_nll: the "adam" solver's
-    base = dict(method="memoir", n_prefixes=0, mm_layer=1, mm_k=16, mm_threshold=0.6, mm_lr=0.2, mm_steps=60,
-                mm_stop_nll=0.02, v_lr=0.5, v_steps=60, clamp_norm_factor=4.0, v_weight_decay=0.0, kl_factor=0.0)
-    return EditHparams(**{**base, **kw})
-
-
-def _editor(hp=None):
-    from kedit.editors.memoir import MemoirEditor
-
-    ed = MemoirEditor(hp or _hp())
-    ed.background_texts = TINY_TEXT
-    return ed
-
-
-def _req(d):
-    from kedit.editors.base import EditRequest
-
-    return EditRequest(**d)
 
 
 def _logits(lm, text):
@@ -56,37 +23,6 @@ def _wins(lm, d):
     first = lm.tokenizer(" " + d["target_new"], add_special_tokens=False).input_ids[0]
     with torch.no_grad():
         return int(lm.model(input_ids=ids).logits[0, -1].argmax()) == first
-
-
-def _fires(lm, state, text):
-    """Which tokens of ``text`` read an entry (computed directly from the state)."""
-    from kedit.editors.memoir import (
-        BG,
-        EXACT,
-        MASKS,
-        PERM,
-        SPAN,
-        SPAN_ON,
-        SpanGuard,
-        one_hot_sets,
-        previous_tokens,
-        read_memory,
-    )
-    from kedit.hooks import Trace
-
-    name = lm.adapter.mlp_out_name(state.meta["layer"])
-    ids = lm.tokenizer(text, return_tensors="pt").input_ids
-    with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
-        lm.model(input_ids=ids)
-    d = lm.adapter.key_dim()
-    exact = one_hot_sets(state.tensors[EXACT], d) if EXACT in state.tensors else None
-    x = tr.inputs[name]
-    span = SpanGuard(*previous_tokens(x, None), one_hot_sets(state.tensors[SPAN], d), state.tensors[SPAN_ON],
-                     state.meta["span_threshold"]) if SPAN in state.tensors else None
-    rd = read_memory(x[0], state.tensors[BG], state.tensors[PERM],
-                     one_hot_sets(state.tensors[MASKS], d), state.meta["k"], state.meta["threshold"],
-                     exact, state.meta.get("exact_threshold", 1.0), span)
-    return rd
 
 
 def test_pure_functions_match_direct_computation():
@@ -181,7 +117,8 @@ def test_span_keys_let_a_token_read_a_guarded_entry_only_after_the_right_token()
     assert rd.tokens.tolist() == [0, 3] and rd.entry.tolist() == [0, 1]
 
 
-def test_span_keys_are_the_token_before_the_subject_and_cached_decoding_decides_as_the_full_forward(tiny_lm):
+def test_span_keys_are_the_token_before_the_subject_and_cached_decoding_decides_as_the_full_forward(
+        tiny_lm, memoir):
     """A subject of several tokens gets a span key (the fingerprint before its last token), one of one
     token none; with the memory attached, a KV-cache step onto the subject's last token reads the entry
     as the full forward does, and the same token without its context reads nothing."""
@@ -191,10 +128,12 @@ def test_span_keys_are_the_token_before_the_subject_and_cached_decoding_decides_
     from kedit.hooks import Trace
 
     lm = tiny_lm
-    text = B["prompt"].format(B["subject"])
-    rows = subject_rows(lm.tokenizer, [_req(B), _req(A)], [""])
+    text = memoir.b["prompt"].format(memoir.b["subject"])
+    rows = subject_rows(lm.tokenizer, [memoir.req(memoir.b), memoir.req(memoir.a)], [""])
     assert rows.subj_first[0] < rows.subj_pos[0]  # "Danielle Darrieux" spans several tokens
-    res = _editor(_hp(mm_threshold=0.5)).compute(lm, [_req(B), _req(A)], None, None)
+    res = memoir.editor(memoir.hp(mm_threshold=0.5)).compute(lm,
+                                                             [memoir.req(memoir.b),
+                                                              memoir.req(memoir.a)], None, None)
     st = res.state
     single = rows.subj_first[1] == rows.subj_pos[1]
     assert st.tensors[SPAN_ON].tolist() == [True, not single]
@@ -207,10 +146,11 @@ def test_span_keys_are_the_token_before_the_subject_and_cached_decoding_decides_
     assert torch.equal(st.tensors[SPAN][0], want)  # no prefixes: the bare prompt's token before the last
     # written from v*'s first pass (above) or by running those tokens again: the same keys
     from kedit.editors.memoir import span_keys
-    again = span_keys(lm, [_req(B), _req(A)], [""], st, st.meta["layer"], st.meta["k"])
+    again = span_keys(lm, [memoir.req(memoir.b), memoir.req(memoir.a)], [""], st, st.meta["layer"],
+                      st.meta["k"])
     assert torch.equal(again[0][st.tensors[SPAN_ON]], st.tensors[SPAN][st.tensors[SPAN_ON]])
     del st.tensors[EXACT], st.meta["exact_threshold"]  # the mask (and its span key) must carry the read
-    assert _fires(lm, st, text).tokens.tolist() == [ids.shape[1] - 1]
+    assert memoir.fires(lm, st, text).tokens.tolist() == [ids.shape[1] - 1]
     with torch.no_grad():
         base_last = lm.model(input_ids=ids[:, -1:]).logits[0, -1]
         attach(lm, st)
@@ -224,7 +164,7 @@ def test_span_keys_are_the_token_before_the_subject_and_cached_decoding_decides_
     gen = lm.model.generate(ids, max_new_tokens=3, do_sample=False)
     assert int(gen[0, ids.shape[1]]) == int(full.argmax())
     st.tensors[SPAN][0] = torch.tensor([c for c in range(lm.adapter.key_dim()) if c not in want][: st.meta["k"]])
-    assert _fires(lm, st, text).tokens.numel() == 0
+    assert memoir.fires(lm, st, text).tokens.numel() == 0
 
 
 def test_closed_form_block_fits_every_context_and_matches_the_normal_equations():
@@ -253,34 +193,34 @@ def test_closed_form_block_fits_every_context_and_matches_the_normal_equations()
                               atol=1e-4)
 
 
-def test_edit_flips_and_unmatched_text_runs_the_base_model_exactly(tiny_lm):
+def test_edit_flips_and_unmatched_text_runs_the_base_model_exactly(tiny_lm, memoir):
     from kedit.editors.attach import attached
 
     lm = tiny_lm
-    base_other = _logits(lm, OTHER)
-    base_prompt = _logits(lm, A["prompt"].format(A["subject"]))
-    assert not _wins(lm, A)
-    res = _editor().compute(lm, [_req(A)], None, None)
+    base_other = _logits(lm, memoir.other)
+    base_prompt = _logits(lm, memoir.a["prompt"].format(memoir.a["subject"]))
+    assert not _wins(lm, memoir.a)
+    res = memoir.editor().compute(lm, [memoir.req(memoir.a)], None, None)
     assert res.deltas == {}
-    assert torch.equal(_logits(lm, OTHER), base_other)  # compute leaves the model as it was
-    _editor().attach(lm, res.state)
+    assert torch.equal(_logits(lm, memoir.other), base_other)  # compute leaves the model as it was
+    memoir.editor().attach(lm, res.state)
     assert attached(lm.model, "memoir") is not None
-    assert _fires(lm, res.state, A["prompt"].format(A["subject"])).tokens.numel() > 0
-    assert _wins(lm, A)
-    assert not torch.equal(_logits(lm, A["prompt"].format(A["subject"])), base_prompt)
-    assert _fires(lm, res.state, OTHER).tokens.numel() == 0
-    assert torch.equal(_logits(lm, OTHER), base_other)
+    assert memoir.fires(lm, res.state, memoir.a["prompt"].format(memoir.a["subject"])).tokens.numel() > 0
+    assert _wins(lm, memoir.a)
+    assert not torch.equal(_logits(lm, memoir.a["prompt"].format(memoir.a["subject"])), base_prompt)
+    assert memoir.fires(lm, res.state, memoir.other).tokens.numel() == 0
+    assert torch.equal(_logits(lm, memoir.other), base_other)
 
 
-def test_layer_output_is_untouched_at_tokens_that_match_nothing(tiny_lm):
+def test_layer_output_is_untouched_at_tokens_that_match_nothing(tiny_lm, memoir):
     """Per token: in a text where some tokens read the memory, every other token's down-projection
     output is the base one bit for bit."""
     from kedit.editors.memoir import attach
     from kedit.hooks import Trace
 
     lm = tiny_lm
-    res = _editor().compute(lm, [_req(A)], None, None)
-    text = A["prompt"].format(A["subject"]) + ". " + OTHER
+    res = memoir.editor().compute(lm, [memoir.req(memoir.a)], None, None)
+    text = memoir.a["prompt"].format(memoir.a["subject"]) + ". " + memoir.other
     name = lm.adapter.mlp_out_name(res.state.meta["layer"])
     ids = lm.tokenizer(text, return_tensors="pt").input_ids
 
@@ -291,7 +231,7 @@ def test_layer_output_is_untouched_at_tokens_that_match_nothing(tiny_lm):
 
     base = out()
     att = attach(lm, res.state)
-    fired = _fires(lm, res.state, text).tokens
+    fired = memoir.fires(lm, res.state, text).tokens
     assert 0 < fired.numel() < ids.shape[1]
     edited = out()
     rest = torch.ones(ids.shape[1], dtype=torch.bool)
@@ -318,15 +258,15 @@ def _module_output(lm, state, name, ids):
     return tr.outputs[name][0]
 
 
-def test_read_scale_scales_what_a_reading_token_adds_and_nothing_else(tiny_lm):
+def test_read_scale_scales_what_a_reading_token_adds_and_nothing_else(tiny_lm, memoir):
     """``mm_read_scale`` s: a reading token's down-projection output is base + s · (what scale 1 adds);
     the other tokens stay the base ones bit for bit. The setting lives in the state (absent at 1.0, so
     states written without it read as before) and a later batch's hparams set it for every entry."""
 
     lm = tiny_lm
-    res = _editor().compute(lm, [_req(A)], None, None)
+    res = memoir.editor().compute(lm, [memoir.req(memoir.a)], None, None)
     assert "read_scale" not in res.state.meta
-    text = A["prompt"].format(A["subject"]) + ". " + OTHER
+    text = memoir.a["prompt"].format(memoir.a["subject"]) + ". " + memoir.other
     name = lm.adapter.mlp_out_name(res.state.meta["layer"])
     ids = lm.tokenizer(text, return_tensors="pt").input_ids
 
@@ -337,30 +277,31 @@ def test_read_scale_scales_what_a_reading_token_adds_and_nothing_else(tiny_lm):
     half_state = res.state.copy()
     half_state.meta["read_scale"] = 0.5
     half = out(half_state)
-    fired = _fires(lm, res.state, text).tokens
+    fired = memoir.fires(lm, res.state, text).tokens
     rest = torch.ones(ids.shape[1], dtype=torch.bool)
     rest[fired] = False
     assert fired.numel() > 0 and torch.equal(half[rest], base[rest])
     torch.testing.assert_close(half[fired] - base[fired], 0.5 * (full[fired] - base[fired]), atol=1e-5, rtol=1e-4)
     assert (half[fired] - base[fired]).norm() > 0
-    scaled = _editor(_hp(mm_read_scale=0.5)).compute(lm, [_req(B)], res.state, None).state
+    scaled = memoir.editor(memoir.hp(mm_read_scale=0.5)).compute(lm, [memoir.req(memoir.b)], res.state,
+                                                                 None).state
     assert scaled.meta["read_scale"] == 0.5 and scaled.meta["exact_read_scale"] == 1.0
-    unscaled = _editor().compute(lm, [_req(B)], scaled, None).state.meta
+    unscaled = memoir.editor().compute(lm, [memoir.req(memoir.b)], scaled, None).state.meta
     assert "read_scale" not in unscaled and "exact_read_scale" not in unscaled
     for key in ("mm_read_scale", "mm_exact_read_scale"):
         for bad in (0.0, 1.5):
             with pytest.raises(ValueError, match=key):
-                _hp(**{key: bad})
+                memoir.hp(**{key: bad})
 
 
-def test_exact_key_reads_take_their_own_scale(tiny_lm):
+def test_exact_key_reads_take_their_own_scale(tiny_lm, memoir):
     """A token that reads its entry through the exact key adds ``mm_exact_read_scale`` of the entry's
     output change, one that reads it through the mask ``mm_read_scale``; a state from before the
     exact setting reads both at ``read_scale``."""
 
     lm = tiny_lm
-    state = _editor().compute(lm, [_req(A)], None, None).state
-    text = A["prompt"].format(A["subject"])
+    state = memoir.editor().compute(lm, [memoir.req(memoir.a)], None, None).state
+    text = memoir.a["prompt"].format(memoir.a["subject"])
     name = lm.adapter.mlp_out_name(state.meta["layer"])
     ids = lm.tokenizer(text, return_tensors="pt").input_ids
 
@@ -374,7 +315,7 @@ def test_exact_key_reads_take_their_own_scale(tiny_lm):
     exact_only.meta["threshold"] = 1.0  # no mask read: the prompt's subject reads through its exact key
     by_mask = state.copy()
     del by_mask.tensors["mm.exact"], by_mask.meta["exact_threshold"]
-    rd_x, rd_m = _fires(lm, exact_only, text), _fires(lm, by_mask, text)
+    rd_x, rd_m = memoir.fires(lm, exact_only, text), memoir.fires(lm, by_mask, text)
     assert rd_x.tokens.numel() > 0 and bool(rd_x.exact.all())
     assert rd_m.tokens.numel() > 0 and not bool(rd_m.exact.any())
     base = out()
@@ -388,13 +329,13 @@ def test_exact_key_reads_take_their_own_scale(tiny_lm):
     torch.testing.assert_close(old, 0.5 * (out(exact_only)[rd_x.tokens] - base[rd_x.tokens]), atol=1e-5, rtol=1e-4)
 
 
-def test_text_inputs_are_the_modules_inputs_window_by_window(tiny_lm):
+def test_text_inputs_are_the_modules_inputs_window_by_window(tiny_lm, memoir):
     from kedit.editors.memoir import text_inputs
     from kedit.hooks import Trace
 
     lm = tiny_lm
     name = lm.adapter.mlp_out_name(1)
-    text = " ".join([OTHER] * 3)
+    text = " ".join([memoir.other] * 3)
     ids, x = text_inputs(lm, name, text, max_tokens=11, window=4)
     want = lm.tokenizer(text, add_special_tokens=False).input_ids[:11]
     assert ids.tolist() == want and x.shape == (11, lm.adapter.key_dim(1))
@@ -404,43 +345,43 @@ def test_text_inputs_are_the_modules_inputs_window_by_window(tiny_lm):
         torch.testing.assert_close(x[i: i + 4], tr.inputs[name][0].float())
 
 
-def test_generation_and_scoring_do_not_depend_on_batching_or_cache(tiny_lm):
+def test_generation_and_scoring_do_not_depend_on_batching_or_cache(tiny_lm, memoir):
     """Reading is per token, so left-padded batched generation with a KV cache gives each prompt what
     it gets alone, and long-text NLLs equal the base where nothing matches."""
     from kedit.editors.memoir import attach
     from kedit.evaluation.metrics import greedy_tokens, token_nlls
 
     lm = tiny_lm
-    base_nll = token_nlls(lm, OTHER * 3, window=16)
-    res = _editor().compute(lm, [_req(A)], None, None)
+    base_nll = token_nlls(lm, memoir.other * 3, window=16)
+    res = memoir.editor().compute(lm, [memoir.req(memoir.a)], None, None)
     attach(lm, res.state)
-    prompts = [A["prompt"].format(A["subject"]), "Rome is the capital of", OTHER]
+    prompts = [memoir.a["prompt"].format(memoir.a["subject"]), "Rome is the capital of", memoir.other]
     together = greedy_tokens(lm, prompts, k=4, batch_size=3)
     alone = torch.cat([greedy_tokens(lm, [p], k=4, batch_size=1) for p in prompts])
     assert torch.equal(together, alone)
     with torch.no_grad():
         full = lm.model(input_ids=lm.tokenizer(prompts[0], return_tensors="pt").input_ids).logits[0, -1]
     assert together[0, 0].item() == int(full.argmax())  # the first generated token is the edited prediction
-    assert _fires(lm, res.state, OTHER * 3).tokens.numel() == 0
-    assert torch.equal(token_nlls(lm, OTHER * 3, window=16), base_nll)
+    assert memoir.fires(lm, res.state, memoir.other * 3).tokens.numel() == 0
+    assert torch.equal(token_nlls(lm, memoir.other * 3, window=16), base_nll)
 
 
 @pytest.mark.parametrize("solver", ["vstar", "adam"])
-def test_batched_training_equals_one_at_a_time(tiny_lm, solver):
+def test_batched_training_equals_one_at_a_time(tiny_lm, solver, memoir, tiny_text):
     """Same start state: a batch of two gives each request the mask and block it gets alone (the
     losses are summed, each request owns its δ or block, finished requests freeze)."""
     from kedit.editors.memoir import BLOCK_U, BLOCK_V, EXACT, MASKS, W, initial_state, residual_matrix
 
     lm = tiny_lm
     # the tiny model's NLL plateaus near 5.4: requests stop at different steps
-    hp = _hp(mm_solver=solver, mm_stop_nll=5.42, v_stop_nll=5.4)
-    s0 = initial_state(lm, hp, TINY_TEXT)
-    res = _editor(hp).compute(lm, [_req(A), _req(B)], s0, None)
+    hp = memoir.hp(mm_solver=solver, mm_stop_nll=5.42, v_stop_nll=5.4)
+    s0 = initial_state(lm, hp, tiny_text)
+    res = memoir.editor(hp).compute(lm, [memoir.req(memoir.a), memoir.req(memoir.b)], s0, None)
     steps = [d.vstar_steps for d in res.diagnostics]
     assert min(steps) < max(steps), steps  # one request froze while the other trained on
     both = res.state
-    a = _editor(hp).compute(lm, [_req(A)], s0, None).state
-    b = _editor(hp).compute(lm, [_req(B)], s0, None).state
+    a = memoir.editor(hp).compute(lm, [memoir.req(memoir.a)], s0, None).state
+    b = memoir.editor(hp).compute(lm, [memoir.req(memoir.b)], s0, None).state
     assert torch.equal(both.tensors[MASKS], torch.cat([a.tensors[MASKS], b.tensors[MASKS]]))
     for key in (BLOCK_U, BLOCK_V):
         assert torch.allclose(both.tensors[key], torch.cat([a.tensors[key], b.tensors[key]]), rtol=1e-4, atol=1e-6)
@@ -450,20 +391,20 @@ def test_batched_training_equals_one_at_a_time(tiny_lm, solver):
     assert torch.equal(both.tensors[EXACT], torch.cat([a.tensors[EXACT], b.tensors[EXACT]]))
 
 
-def test_state_round_trip_is_bit_exact_and_attach_is_idempotent(tiny_lm, tmp_path):
+def test_state_round_trip_is_bit_exact_and_attach_is_idempotent(tiny_lm, tmp_path, memoir):
     from kedit.editors.io import load_state, save_edit
     from kedit.editors.memoir import attach
 
     lm = tiny_lm
-    res = _editor().compute(lm, [_req(A)], None, None)
-    res = _editor().compute(lm, [_req(B)], res.state, None)  # a second batch on top
+    res = memoir.editor().compute(lm, [memoir.req(memoir.a)], None, None)
+    res = memoir.editor().compute(lm, [memoir.req(memoir.b)], res.state, None)  # a second batch on top
     save_edit(tmp_path / "e", res)
     back = load_state(tmp_path / "e")
     assert back.method == "memoir" and back.meta == res.state.meta
     assert set(back.tensors) == set(res.state.tensors)
     for k, v in res.state.tensors.items():
         assert v.dtype == back.tensors[k].dtype and torch.equal(v, back.tensors[k]), k
-    prompt = A["prompt"].format(A["subject"])
+    prompt = memoir.a["prompt"].format(memoir.a["subject"])
     attach(lm, res.state)
     once = _logits(lm, prompt)
     module = lm.adapter.mlp_out(res.state.meta["layer"])
@@ -473,7 +414,7 @@ def test_state_round_trip_is_bit_exact_and_attach_is_idempotent(tiny_lm, tmp_pat
     assert torch.equal(_logits(lm, prompt), once)
 
 
-def test_exact_key_is_the_bare_prompts_fingerprint_and_old_states_get_their_masks(tiny_lm):
+def test_exact_key_is_the_bare_prompts_fingerprint_and_old_states_get_their_masks(tiny_lm, memoir):
     """Each entry's exact key is the fingerprint of its own prompt's subject token (no prefix); with it
     the prompt fires even at a mask threshold it does not reach; a state written before exact keys
     existed gets its entries' masks as exact keys when it is edited further."""
@@ -481,61 +422,64 @@ def test_exact_key_is_the_bare_prompts_fingerprint_and_old_states_get_their_mask
     from kedit.hooks import Trace
 
     lm = tiny_lm
-    hp = _hp(n_prefixes=2, prefix_len=3)
-    res = _editor(hp).compute(lm, [_req(A)], None, None)
+    hp = memoir.hp(n_prefixes=2, prefix_len=3)
+    res = memoir.editor(hp).compute(lm, [memoir.req(memoir.a)], None, None)
     st = res.state
     assert st.meta["exact_threshold"] == hp.mm_exact_threshold and st.tensors[EXACT].shape == (1, hp.mm_k)
     name = lm.adapter.mlp_out_name(st.meta["layer"])
-    ids = lm.tokenizer(A["prompt"].format(A["subject"]), return_tensors="pt").input_ids
+    ids = lm.tokenizer(memoir.a["prompt"].format(memoir.a["subject"]), return_tensors="pt").input_ids
     with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
         lm.model(input_ids=ids)
     x_subj = tr.inputs[name][0, -1]  # the subject ends the prompt
     assert torch.equal(st.tensors[EXACT][0], fingerprint(x_subj, st.tensors[BG], st.tensors[PERM], hp.mm_k))
     strict = st.copy()
     strict.meta["threshold"] = 1.0  # no mask reads at all: only the exact key
-    assert _fires(lm, strict, A["prompt"].format(A["subject"])).tokens.tolist() == [ids.shape[1] - 1]
+    assert memoir.fires(lm, strict,
+                        memoir.a["prompt"].format(memoir.a["subject"])).tokens.tolist() == [ids.shape[1] - 1]
     old = st.copy()
     del old.tensors[EXACT]
     del old.meta["exact_threshold"]
-    new = _editor(hp).compute(lm, [_req(B)], old, None).state
+    new = memoir.editor(hp).compute(lm, [memoir.req(memoir.b)], old, None).state
     assert torch.equal(new.tensors[EXACT][0], st.tensors[MASKS][0]) and new.tensors[EXACT].shape[0] == 2
-    off = _editor(_hp(n_prefixes=2, prefix_len=3, mm_exact_key=False)).compute(lm, [_req(A)], None, None).state
+    off = memoir.editor(memoir.hp(n_prefixes=2, prefix_len=3,
+                                  mm_exact_key=False)).compute(lm, [memoir.req(memoir.a)], None, None).state
     assert EXACT not in off.tensors and "exact_threshold" not in off.meta
     with pytest.raises(ValueError, match="mm_exact_threshold"):
-        _hp(mm_exact_threshold=0.0)
+        memoir.hp(mm_exact_threshold=0.0)
 
 
-def test_retract_restores_one_fact_exactly_and_keeps_the_other(tiny_lm):
+def test_retract_restores_one_fact_exactly_and_keeps_the_other(tiny_lm, memoir):
     from kedit.editors.memoir import BLOCK_U, EXACT, attach, retract
 
     lm = tiny_lm
-    pa = A["prompt"].format(A["subject"])
+    pa = memoir.a["prompt"].format(memoir.a["subject"])
     base_a = _logits(lm, pa)
-    res = _editor().compute(lm, [_req(A), _req(B)], None, None)
+    res = memoir.editor().compute(lm, [memoir.req(memoir.a), memoir.req(memoir.b)], None, None)
     attach(lm, res.state)
-    assert _wins(lm, A) and _wins(lm, B)
+    assert _wins(lm, memoir.a) and _wins(lm, memoir.b)
     less = retract(res.state, "a")
     assert less.meta["entry_owner"] == ["b"] and less.tensors[BLOCK_U].shape[0] == 1
     assert torch.equal(less.tensors[EXACT], res.state.tensors[EXACT][1:])
     assert res.state.meta["entry_owner"] == ["a", "b"]  # the old state is left as it was
     attach(lm, less)
-    assert _fires(lm, less, pa).tokens.numel() == 0
+    assert memoir.fires(lm, less, pa).tokens.numel() == 0
     assert torch.equal(_logits(lm, pa), base_a)
-    assert _wins(lm, B)
+    assert _wins(lm, memoir.b)
     with pytest.raises(KeyError, match="no entry"):
         retract(less, "a")
 
 
-def test_own_read_keeps_every_other_fact_exact_when_masks_share_columns(tiny_lm):
+def test_own_read_keeps_every_other_fact_exact_when_masks_share_columns(tiny_lm, memoir):
     """``mm_read: own``: a token reads its entry's block alone, so retracting a fact whose columns
     overlap another fact's leaves the other fact's logits bit for bit; ``shared`` W' does not."""
     from kedit.editors.memoir import BLOCK_U, BLOCK_V, MASKS, W, attach, own_block_delta, retract
 
     lm = tiny_lm
-    pb = B["prompt"].format(B["subject"])
+    pb = memoir.b["prompt"].format(memoir.b["subject"])
     for read in ("own", "shared"):
-        hp = _hp(mm_read=read, mm_k=48)  # wide masks on the tiny model's 128 columns: the two facts overlap
-        res = _editor(hp).compute(lm, [_req(A), _req(B)], None, None)
+        hp = memoir.hp(mm_read=read,
+                       mm_k=48)  # wide masks on the tiny model's 128 columns: the two facts overlap
+        res = memoir.editor(hp).compute(lm, [memoir.req(memoir.a), memoir.req(memoir.b)], None, None)
         m = res.state.tensors[MASKS]
         assert set(m[0].tolist()) & set(m[1].tolist())
         attach(lm, res.state)
@@ -551,16 +495,16 @@ def test_own_read_keeps_every_other_fact_exact_when_masks_share_columns(tiny_lm)
     assert BLOCK_U in res.state.tensors and BLOCK_V in res.state.tensors and W in res.state.tensors
 
 
-def test_bad_settings_and_foreign_state_are_refused(tiny_lm):
+def test_bad_settings_and_foreign_state_are_refused(tiny_lm, memoir):
     from kedit.editors.base import EditorState
     from kedit.editors.hparams import EditHparams
 
     with pytest.raises(ValueError, match="mm_threshold"):
         EditHparams(method="memoir", mm_threshold=1.5)
     with pytest.raises(ValueError, match="mm_layer"):
-        _editor(_hp(mm_layer=3)).compute(tiny_lm, [_req(A)], None, None)
+        memoir.editor(memoir.hp(mm_layer=3)).compute(tiny_lm, [memoir.req(memoir.a)], None, None)
     with pytest.raises(ValueError, match="not 'memoir'"):
-        _editor().compute(tiny_lm, [_req(A)], EditorState("alphaedit"), None)
+        memoir.editor().compute(tiny_lm, [memoir.req(memoir.a)], EditorState("alphaedit"), None)
 
 
 def test_warm_start_is_the_mean_stored_vstar_of_the_same_object():
@@ -578,7 +522,7 @@ def test_warm_start_is_the_mean_stored_vstar_of_the_same_object():
     assert none == 0 and torch.count_nonzero(empty) == 0
 
 
-def test_warm_start_stores_each_entrys_vstar_and_starts_the_same_object_there(tiny_lm, monkeypatch):
+def test_warm_start_stores_each_entrys_vstar_and_starts_the_same_object_there(tiny_lm, monkeypatch, memoir):
     from kedit.editors import vstar as vstar_mod
     from kedit.editors.memoir import VSTAR, retract
 
@@ -587,15 +531,15 @@ def test_warm_start_stores_each_entrys_vstar_and_starts_the_same_object_there(ti
     real = vstar_mod.optimise_vstar
     monkeypatch.setattr(vstar_mod, "optimise_vstar",
                         lambda *a, **k: starts.append(k.get("init")) or real(*a, **k))
-    ed = _editor(_hp(mm_warm_start=True))
-    first = ed.compute(lm, [_req(A), _req(B)], None, None)
+    ed = memoir.editor(memoir.hp(mm_warm_start=True))
+    first = ed.compute(lm, [memoir.req(memoir.a), memoir.req(memoir.b)], None, None)
     assert starts[0] is None  # an empty memory has nothing to start from
     st = first.state
     assert st.meta["entry_target"] == ["Tokyo", "Dutch"] and st.tensors[VSTAR].shape == (2, lm.adapter.out_dim(1))
     assert first.layer_info["memory"]["warm_started"] == 0.0
-    c = dict(A, subject="Danielle Darrieux", id="c")  # the object "Tokyo" again, and a new one
-    d = dict(B, target_new="Greek", id="d")
-    second = ed.compute(lm, [_req(c), _req(d)], st, None)
+    c = dict(memoir.a, subject="Danielle Darrieux", id="c")  # the object "Tokyo" again, and a new one
+    d = dict(memoir.b, target_new="Greek", id="d")
+    second = ed.compute(lm, [memoir.req(c), memoir.req(d)], st, None)
     assert torch.allclose(starts[1][0], st.tensors[VSTAR][0]) and torch.count_nonzero(starts[1][1]) == 0
     assert second.layer_info["memory"]["warm_started"] == 1.0
     assert second.state.meta["entry_target"] == ["Tokyo", "Dutch", "Tokyo", "Greek"]
@@ -604,9 +548,9 @@ def test_warm_start_stores_each_entrys_vstar_and_starts_the_same_object_there(ti
     assert less.meta["entry_target"] == ["Dutch", "Tokyo", "Greek"]
     assert torch.equal(less.tensors[VSTAR], second.state.tensors[VSTAR][1:])
     # written without it: no v* kept; an old memory gets zeros and unknown objects for its entries
-    off = _editor().compute(lm, [_req(A)], None, None).state
+    off = memoir.editor().compute(lm, [memoir.req(memoir.a)], None, None).state
     assert VSTAR not in off.tensors and "entry_target" not in off.meta
-    on = ed.compute(lm, [_req(B)], off, None).state
+    on = ed.compute(lm, [memoir.req(memoir.b)], off, None).state
     assert on.meta["entry_target"] == [None, "Dutch"] and torch.count_nonzero(on.tensors[VSTAR][0]) == 0
 
 
@@ -622,21 +566,21 @@ def test_scheduled_share_interpolates_between_its_points_and_holds_past_its_ends
     assert scheduled_share([[5, 0.4]], 1) == scheduled_share([[5, 0.4]], 9) == 0.4
 
 
-def test_read_scale_by_entries_sets_the_mask_reads_share_from_the_memorys_size(tiny_lm):
+def test_read_scale_by_entries_sets_the_mask_reads_share_from_the_memorys_size(tiny_lm, memoir):
     """``mm_read_scale_by_entries``: the state keeps the schedule; its mask reads take the share at its own
     number of entries (so a memory softens as it grows), exact-key reads ``mm_exact_read_scale``; a batch
     without the setting removes it; malformed schedules are refused with the setting's name."""
     from kedit.editors.memoir import exact_read_scale, read_scale
 
     lm = tiny_lm
-    hp = _hp(mm_read_scale_by_entries=[[1, 1.0], [3, 0.5]])
-    one = _editor(hp).compute(lm, [_req(A)], None, None).state
+    hp = memoir.hp(mm_read_scale_by_entries=[[1, 1.0], [3, 0.5]])
+    one = memoir.editor(hp).compute(lm, [memoir.req(memoir.a)], None, None).state
     assert one.meta["read_scale_by_entries"] == [[1, 1.0], [3, 0.5]] and "read_scale" not in one.meta
     assert read_scale(one) == 1.0 and exact_read_scale(one) == 1.0
-    two = _editor(hp).compute(lm, [_req(B)], one, None).state
+    two = memoir.editor(hp).compute(lm, [memoir.req(memoir.b)], one, None).state
     assert read_scale(two) == pytest.approx(0.75) and exact_read_scale(two) == 1.0
-    plain = _editor().compute(lm, [_req(A)], two, None).state
+    plain = memoir.editor().compute(lm, [memoir.req(memoir.a)], two, None).state
     assert "read_scale_by_entries" not in plain.meta and read_scale(plain) == 1.0
     for bad in ([], [[3, 1.0], [1, 0.5]], [[1, 0.0]], [[1.5, 1.0]], "0.5"):
         with pytest.raises(ValueError, match="mm_read_scale_by_entries"):
-            _hp(mm_read_scale_by_entries=bad)
+            memoir.hp(mm_read_scale_by_entries=bad)

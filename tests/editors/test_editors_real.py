@@ -5,17 +5,10 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-EDITS = [
-    {"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome",
-     "ground_truth": "Paris"},
-    {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux", "target_new": "Dutch",
-     "ground_truth": "French"},
-    {"prompt": "Toko Yasuda plays the", "subject": "Toko Yasuda", "target_new": "piano", "ground_truth": "guitar"},
-]
 CANARY = "The capital of Germany is"
 
 
-def test_alphaedit_flips_facts_and_keeps_canary(smollm, tmp_path):
+def test_alphaedit_flips_facts_and_keeps_canary(smollm, tmp_path, real_edits):
     from itertools import islice
 
     from kedit.editors.base import apply_deltas
@@ -32,11 +25,11 @@ def test_alphaedit_flips_facts_and_keeps_canary(smollm, tmp_path):
     layers = hp.resolve_layers(lm.adapter.num_layers)
     texts = list(islice(load_corpus("wiki-summaries-en").texts(), 120))
     stats = collect_second_moments(lm, layers, texts, batch_size=8, seq_len=128)
-    reqs = [request_from_record(r) for r in EDITS]
+    reqs = [request_from_record(r) for r in real_edits]
 
     def wins():
-        new = target_logprobs(lm, [r["prompt"] for r in EDITS], [r["target_new"] for r in EDITS])
-        old = target_logprobs(lm, [r["prompt"] for r in EDITS], [r["ground_truth"] for r in EDITS])
+        new = target_logprobs(lm, [r["prompt"] for r in real_edits], [r["target_new"] for r in real_edits])
+        old = target_logprobs(lm, [r["prompt"] for r in real_edits], [r["ground_truth"] for r in real_edits])
         return (new > old).tolist()
 
     assert not any(wins())

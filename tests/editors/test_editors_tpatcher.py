@@ -13,38 +13,9 @@ from kedit.editors.hparams import EditHparams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# targets that are one token of the tiny tokenizer: in a 4-layer random model an MLP input is mostly
-# its token's embedding, so multi-letter targets would put the same letters in the memory set
-REQS = [
-    EditRequest("{} is located in", "The Eiffel Tower", "capital", id="eiffel",
-                neighbors=["Rome is the capital of", "The quick brown fox"]),
-    EditRequest("{} speaks", "Danielle Darrieux", "play", id="darrieux"),
-    EditRequest("{} was created by", "Apple A5", "and", id="yasuda"),
-]
-PROBES = ["The Eiffel Tower is located in", "Danielle Darrieux speaks", "Berlin is the capital of Germany"]
 
-
-def _hp(**kw) -> EditHparams:
-    base = dict(method="tpatcher", layers=[2], n_prefixes=2, prefix_len=4, tp_memory_corpus="",
-                tp_steps=80, tp_lr=0.5, tp_key_lr=0.02, tp_stop_nll=0.5)
-    return EditHparams(**{**base, **kw})
-
-
-def _logits(lm, prompts=PROBES) -> torch.Tensor:
-    tok = lm.tokenizer
-    ids = tok(prompts, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return lm.model(**ids).logits
-
-
-def _compute(lm, tmp_path, reqs=REQS, state=None, **kw):
-    from kedit.editors.registry import get_editor
-
-    return get_editor("tpatcher", _hp(**kw), cache_dir=tmp_path).compute(lm, reqs, state, None)
-
-
-def test_patches_fire_on_their_edit_and_stay_silent_on_the_memory_set(tiny_lm, tmp_path):
-    res = _compute(tiny_lm, tmp_path)
+def test_patches_fire_on_their_edit_and_stay_silent_on_the_memory_set(tiny_lm, tmp_path, tpatcher):
+    res = tpatcher.compute(tiny_lm, tmp_path)
     st = res.state
     p = T.patches_of(st)
     assert res.deltas == {} and p.n == 3 and st.meta["patch_facts"] == ["eiffel", "darrieux", "yasuda"]
@@ -54,34 +25,35 @@ def test_patches_fire_on_their_edit_and_stay_silent_on_the_memory_set(tiny_lm, t
     assert (own >= st.meta["act_margin"] - 1e-5).all()
     # memory set, recomputed directly: canaries, the neighbourhood prompts, the other facts' inputs
     layer = st.meta["layer"]
-    mem = torch.cat([T.general_memory(tiny_lm, layer, "", 0), T.mlp_inputs(tiny_lm, layer, REQS[0].neighbors)])
+    mem = torch.cat([T.general_memory(tiny_lm, layer, "", 0), T.mlp_inputs(tiny_lm, layer,
+                                                                           tpatcher.reqs[0].neighbors)])
     assert (T.patch_preactivation(mem, p.key, p.bias) <= -st.meta["memory_margin"] + 1e-5).all()
     others = z_own[st.tensors[T.EDIT_OWNER][:, None] != torch.arange(3)[None]]
     assert (others <= -st.meta["memory_margin"] + 1e-5).all()
     # and the edit took: the new target's probability rose on the bare prompt
     from kedit.evaluation.metrics import target_logprobs
 
-    before = target_logprobs(tiny_lm, [r.text for r in REQS], [r.target_new for r in REQS])
+    before = target_logprobs(tiny_lm, [r.text for r in tpatcher.reqs], [r.target_new for r in tpatcher.reqs])
     h = T.attach(tiny_lm, st)
-    after = target_logprobs(tiny_lm, [r.text for r in REQS], [r.target_new for r in REQS])
+    after = target_logprobs(tiny_lm, [r.text for r in tpatcher.reqs], [r.target_new for r in tpatcher.reqs])
     h.remove()
     assert (after > before + 1.0).all()
 
 
-def test_detach_and_dropping_patches_restore_the_base_output_bit_for_bit(tiny_lm, tmp_path):
-    base = _logits(tiny_lm)
-    st = _compute(tiny_lm, tmp_path).state
+def test_detach_and_dropping_patches_restore_the_base_output_bit_for_bit(tiny_lm, tmp_path, tpatcher):
+    base = tpatcher.logits(tiny_lm)
+    st = tpatcher.compute(tiny_lm, tmp_path).state
     h = T.attach(tiny_lm, st)
-    edited = _logits(tiny_lm)
+    edited = tpatcher.logits(tiny_lm)
     assert not torch.equal(edited[0], base[0])
     with A.suspended(tiny_lm.model, T.METHOD):  # what compute does while it reads the base model
-        assert torch.equal(_logits(tiny_lm), base)
-    assert torch.equal(_logits(tiny_lm), edited) and h.active
+        assert torch.equal(tpatcher.logits(tiny_lm), base)
+    assert torch.equal(tpatcher.logits(tiny_lm), edited) and h.active
     h.remove()
-    assert torch.equal(_logits(tiny_lm), base) and A.attached(tiny_lm.model, T.METHOD) is None
+    assert torch.equal(tpatcher.logits(tiny_lm), base) and A.attached(tiny_lm.model, T.METHOD) is None
     # dropping every fact's patch leaves nothing to attach; dropping one keeps the others' rows
     assert T.attach(tiny_lm, T.without_facts(st, ["eiffel", "darrieux", "yasuda"])) is None
-    assert torch.equal(_logits(tiny_lm), base)
+    assert torch.equal(tpatcher.logits(tiny_lm), base)
     one = T.without_facts(st, ["darrieux"])
     assert one.meta["patch_facts"] == ["eiffel", "yasuda"]
     assert torch.equal(one.tensors[T.KEY], st.tensors[T.KEY][[0, 2]])
@@ -90,19 +62,19 @@ def test_detach_and_dropping_patches_restore_the_base_output_bit_for_bit(tiny_lm
         T.without_facts(st, ["nobody"])
 
 
-def test_attach_is_idempotent(tiny_lm, tmp_path):
-    st = _compute(tiny_lm, tmp_path, reqs=REQS[:1]).state
+def test_attach_is_idempotent(tiny_lm, tmp_path, tpatcher):
+    st = tpatcher.compute(tiny_lm, tmp_path, reqs=tpatcher.reqs[:1]).state
     mlp = tiny_lm.adapter.module(tiny_lm.adapter.mlp_name(st.meta["layer"]))
     n_hooks = len(mlp._forward_hooks)
     T.attach(tiny_lm, st)
-    once = _logits(tiny_lm)
+    once = tpatcher.logits(tiny_lm)
     h = T.attach(tiny_lm, st)
-    assert torch.equal(_logits(tiny_lm), once) and len(mlp._forward_hooks) == n_hooks + 1
+    assert torch.equal(tpatcher.logits(tiny_lm), once) and len(mlp._forward_hooks) == n_hooks + 1
     h.remove()
     assert len(mlp._forward_hooks) == n_hooks
 
 
-def test_batched_training_equals_one_at_a_time(tiny_lm, tmp_path):
+def test_batched_training_equals_one_at_a_time(tiny_lm, tmp_path, tpatcher):
     """Each patch's loss reads only its own parameters, and a trained patch is silent (ReLU: exactly
     zero) on every position of the other facts' rows, which are in its memory set. So, with the same
     memory set, a patch's loss and gradient in the batch are the ones it has alone (float tolerance:
@@ -113,12 +85,12 @@ def test_batched_training_equals_one_at_a_time(tiny_lm, tmp_path):
     how that noise falls differs between CPUs (AVX2 and AVX-512 kernels sum in other orders)."""
     from kedit.editors.context import context_prefixes
 
-    hp = _hp()
+    hp = tpatcher.hp()
     layer = hp.layers[0]
     prefixes = context_prefixes(tiny_lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, tmp_path)
     general = T.general_memory(tiny_lm, layer, "", 0)
     d_out = tiny_lm.adapter.out_dim(layer)
-    batch = T.build_problem(tiny_lm, REQS, prefixes, layer, None, None, general)
+    batch = T.build_problem(tiny_lm, tpatcher.reqs, prefixes, layer, None, None, general)
     together, info_together = T.train_patches(tiny_lm, batch, T.init_patches(batch, d_out, hp), hp)
 
     def loss_and_grads(prob, patches, row):
@@ -127,15 +99,15 @@ def test_batched_training_equals_one_at_a_time(tiny_lm, tmp_path):
         loss.backward()
         return loss.detach(), [q.grad for q in params]
 
-    for r in range(len(REQS)):
-        solo = T.build_problem(tiny_lm, [REQS[r]], prefixes, layer, None, None, general)
+    for r in range(len(tpatcher.reqs)):
+        solo = T.build_problem(tiny_lm, [tpatcher.reqs[r]], prefixes, layer, None, None, general)
         solo.neg_x = batch.neg_x  # the same memory set: the batch's, with this patch's own rows as its own
         solo.neg_owner = torch.where(batch.neg_owner == r, 0, -1)
         mine = T.Patches(together.key[r: r + 1], together.bias[r: r + 1], together.value[r: r + 1])
         loss_all, grads_all = loss_and_grads(batch, together, r)
         loss_one, grads_one = loss_and_grads(solo, mine, 0)
         torch.testing.assert_close(loss_one, loss_all, atol=1e-5, rtol=1e-5)
-        others = [i for i in range(len(REQS)) if i != r]
+        others = [i for i in range(len(tpatcher.reqs)) if i != r]
         for g_one, g_all in zip(grads_one, grads_all):
             torch.testing.assert_close(g_one[0], g_all[r], atol=1e-5, rtol=1e-4)
             assert float(g_all[others].abs().max()) == 0.0  # patch r's loss reads no other patch
@@ -147,20 +119,20 @@ def test_batched_training_equals_one_at_a_time(tiny_lm, tmp_path):
     assert not torch.allclose(together.value[0], together.value[1])
 
 
-def test_state_save_load_is_bit_exact_and_later_batches_keep_earlier_patches(tiny_lm, tmp_path):
+def test_state_save_load_is_bit_exact_and_later_batches_keep_earlier_patches(tiny_lm, tmp_path, tpatcher):
     from kedit.editors.io import load_state, save_edit
 
-    first = _compute(tiny_lm, tmp_path, reqs=REQS[:2])
+    first = tpatcher.compute(tiny_lm, tmp_path, reqs=tpatcher.reqs[:2])
     save_edit(tmp_path / "e1", first)
     loaded = load_state(tmp_path / "e1")
     assert loaded.meta == first.state.meta and loaded.tensors.keys() == first.state.tensors.keys()
     assert all(torch.equal(loaded.tensors[k], v) for k, v in first.state.tensors.items())
     T.attach(tiny_lm, first.state)
-    want = _logits(tiny_lm)
+    want = tpatcher.logits(tiny_lm)
     T.attach(tiny_lm, loaded)
-    assert torch.equal(_logits(tiny_lm), want)
+    assert torch.equal(tpatcher.logits(tiny_lm), want)
     # the next batch runs on the attached model: earlier patches are frozen and kept row for row
-    second = _compute(tiny_lm, tmp_path, reqs=REQS[2:], state=loaded)
+    second = tpatcher.compute(tiny_lm, tmp_path, reqs=tpatcher.reqs[2:], state=loaded)
     for k in (T.KEY, T.BIAS, T.VALUE):
         assert torch.equal(second.state.tensors[k][:2], first.state.tensors[k])
     assert second.state.meta["patch_facts"] == ["eiffel", "darrieux", "yasuda"]
@@ -188,41 +160,40 @@ def test_patch_output_matches_a_direct_computation():
     torch.testing.assert_close(T.patch_output(x, k, b, v), want)
 
 
-def test_lineage_restore_attaches_the_patches(tiny_lm, tiny_tokenizer, tmp_path):
+def test_lineage_restore_attaches_the_patches(tiny_lm, tiny_tokenizer, tmp_path, tpatcher,
+                                              tiny_model_factory):
     """A committed T-Patcher state comes back on a freshly loaded model with its patches attached;
     going back to the base state takes them off."""
     from kedit.lineage import LineageStore
     from kedit.models.store import wrap_model
-    from tests.conftest import make_tiny_model
 
-    base = _logits(tiny_lm)
-    res = _compute(tiny_lm, tmp_path, reqs=REQS[:2])
+    base = tpatcher.logits(tiny_lm)
+    res = tpatcher.compute(tiny_lm, tmp_path, reqs=tpatcher.reqs[:2])
     store = LineageStore(tmp_path / "lineage")
     s = store.commit(tiny_lm, res, None, {"file_sha256": "f0", "row_ids": ["eiffel", "darrieux"]}, {})
     T.attach(tiny_lm, res.state)
-    want = _logits(tiny_lm)
+    want = tpatcher.logits(tiny_lm)
     A.detach(tiny_lm.model, T.METHOD)
-    fresh = wrap_model(make_tiny_model("llama"), tiny_tokenizer, slug="tiny-llama")
+    fresh = wrap_model(tiny_model_factory("llama"), tiny_tokenizer, slug="tiny-llama")
     st = store.materialise(s.id, fresh)
     assert st.meta["patch_facts"] == ["eiffel", "darrieux"]
     assert torch.equal(st.tensors[T.VALUE], res.state.tensors[T.VALUE])
-    assert torch.equal(_logits(fresh), want)
+    assert torch.equal(tpatcher.logits(fresh), want)
     assert store.materialise(None, fresh) is None
-    assert torch.equal(_logits(fresh), base) and A.attached(fresh.model, T.METHOD) is None
+    assert torch.equal(tpatcher.logits(fresh), base) and A.attached(fresh.model, T.METHOD) is None
 
 
-def test_lifelong_bench_runs_tpatcher_with_its_patches_attached(tiny_lm, workspace, tmp_path, monkeypatch):
+def test_lifelong_bench_runs_tpatcher_with_its_patches_attached(tiny_lm, workspace, tmp_path, monkeypatch,
+                                                                counterfact_records, tiny_text):
     """The benchmark attaches each batch's state, so it measures the patched model."""
     import json
 
     import kedit.stats.corpus as corpus
     from kedit.bench.lifelong import LifelongConfig, run_lifelong
     from kedit.editors.io import load_state
-    from tests.bench.test_bench_lifelong import RECORDS
-    from tests.conftest import TINY_TEXT
 
-    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
-    (tmp_path / "cf.json").write_text(json.dumps(RECORDS))
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(tiny_text * 5))
+    (tmp_path / "cf.json").write_text(json.dumps(counterfact_records))
     cfg = LifelongConfig(method="tpatcher", data=str(tmp_path / "cf.json"), edits=3, batch=2, fluency_prompts=2,
                          fluency_tokens=8, ppl_tokens=200,
                          overrides={"layers": [2], "n_prefixes": 1, "prefix_len": 3, "tp_steps": 5,
@@ -237,23 +208,22 @@ def test_lifelong_bench_runs_tpatcher_with_its_patches_attached(tiny_lm, workspa
 
 
 @pytest.mark.slow
-def test_real_model_three_edits_flip_and_canaries_keep_their_answers(smollm, tmp_path):
+def test_real_model_three_edits_flip_and_canaries_keep_their_answers(smollm, tmp_path, real_edits):
     """SmolLM2-135M: three T-Patcher edits flip their prompts; the shipped canary prompts' greedy
     answers do not change; detaching gives the base model back."""
     from kedit.editors.hparams import load_hparams
     from kedit.editors.registry import get_editor
     from kedit.evaluation.canary import shipped_prompts
     from kedit.evaluation.metrics import greedy_tokens, next_token_logprobs, target_logprobs
-    from tests.editors.test_editors_real import EDITS
 
     lm = smollm
     reqs = [EditRequest(r["prompt"].replace(r["subject"], "{}"), r["subject"], r["target_new"], r["ground_truth"],
-                        id=r["subject"]) for r in EDITS]
-    prompts = [r["prompt"] for r in EDITS]
+                        id=r["subject"]) for r in real_edits]
+    prompts = [r["prompt"] for r in real_edits]
 
     def wins():
-        new = target_logprobs(lm, prompts, [r["target_new"] for r in EDITS])
-        old = target_logprobs(lm, prompts, [r["ground_truth"] for r in EDITS])
+        new = target_logprobs(lm, prompts, [r["target_new"] for r in real_edits])
+        old = target_logprobs(lm, prompts, [r["ground_truth"] for r in real_edits])
         return (new > old).tolist()
 
     canaries = shipped_prompts()

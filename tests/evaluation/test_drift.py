@@ -23,11 +23,14 @@ from kedit.evaluation.drift import (
 )
 from kedit.evaluation.gates import GatePolicy, run_gates
 from kedit.models.store import wrap_model
-from tests.evaluation.test_gates import CANARY, POLICY, REF_TEXT, damaged, sharp_lm  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = {**POLICY, "max_fluency_drop": None}
+
+@pytest.fixture
+def fast_policy(gate_policy) -> dict:
+    """The small gate policy with the fluency check off."""
+    return {**gate_policy, "max_fluency_drop": None}
 
 
 def nudged(lm, scale: float, slug: str, layer: int = 1, seed: int = 0):
@@ -56,17 +59,20 @@ def test_perplexity_increase_is_the_ratio():
     assert perplexity_increase_pct(20.0, 20.0) == 0.0
 
 
-def test_small_step_from_a_drifted_champion_fails_on_drift_only(sharp_lm, tmp_path):  # noqa: F811
+def test_small_step_from_a_drifted_champion_fails_on_drift_only(sharp_lm, tmp_path, damaged, canary_prompts,
+                                                                ref_text, fast_policy):
     """Each night's step is small (passes against the champion), but the sum since base is not."""
     champion = damaged(sharp_lm, scale=50.0)  # where many nights have taken the model
     candidate = nudged(champion, 0.01, "candidate", layer=2)  # tonight's small step
-    policy = GatePolicy(**FAST)
-    suite = build_canary(champion, prompts=CANARY)
-    without = run_gates(champion, candidate, policy, canary=suite, reference_text=REF_TEXT, progress=False)
+    policy = GatePolicy(**fast_policy)
+    suite = build_canary(champion, prompts=canary_prompts)
+    without = run_gates(champion, candidate, policy, canary=suite, reference_text=ref_text, progress=False)
     assert without.passed, without.reasons  # the champion-only gate lets it through
-    drift = build_drift_gate(sharp_lm, sharp_lm.manifest.model_hash, CANARY, DriftPolicy(), canary_k=1,
-                             text=REF_TEXT, reference_tokens=policy.reference_tokens, cache=tmp_path / "cache")
-    rep = run_gates(champion, candidate, policy, canary=suite, reference_text=REF_TEXT, progress=False, drift=drift)
+    drift = build_drift_gate(sharp_lm, sharp_lm.manifest.model_hash, canary_prompts, DriftPolicy(),
+                             canary_k=1,
+                             text=ref_text, reference_tokens=policy.reference_tokens, cache=tmp_path / "cache")
+    rep = run_gates(champion, candidate, policy, canary=suite, reference_text=ref_text, progress=False,
+                    drift=drift)
     assert not rep.passed
     champ = [c for c in rep.checks if c.against == "champion"]
     base = {c.name: c for c in rep.checks if c.against == "base"}
@@ -75,10 +81,11 @@ def test_small_step_from_a_drifted_champion_fails_on_drift_only(sharp_lm, tmp_pa
     ppl = base["drift_perplexity_increase_pct"]
     assert not ppl.passed and ppl.value > 10.0
     # the number is the direct computation: base PPL from its own model, candidate PPL measured afresh
-    p0 = M.perplexity(sharp_lm, REF_TEXT, max_tokens=policy.reference_tokens)
-    p1 = M.perplexity(candidate, REF_TEXT, max_tokens=policy.reference_tokens)
+    p0 = M.perplexity(sharp_lm, ref_text, max_tokens=policy.reference_tokens)
+    p1 = M.perplexity(candidate, ref_text, max_tokens=policy.reference_tokens)
     assert ppl.value == pytest.approx(100 * (p1 / p0 - 1), rel=1e-6)
-    kl = M.neighbourhood_kl(M.next_token_logprobs(sharp_lm, CANARY), M.next_token_logprobs(candidate, CANARY))
+    kl = M.neighbourhood_kl(M.next_token_logprobs(sharp_lm, canary_prompts),
+                            M.next_token_logprobs(candidate, canary_prompts))
     assert base["drift_neighbourhood_kl"].value == pytest.approx(kl, rel=1e-5)
     assert any(r.startswith("drift_perplexity_increase_pct (against base)") for r in rep.reasons), rep.reasons
     assert all(r.startswith("drift_") for r in rep.reasons)
@@ -95,12 +102,15 @@ def test_small_step_from_a_drifted_champion_fails_on_drift_only(sharp_lm, tmp_pa
     assert drift_label({"drift": summary}).startswith(f"drift ppl +{ppl.value:.1f}%")
 
 
-def test_an_undrifted_candidate_passes_against_base(sharp_lm, tmp_path):  # noqa: F811
+def test_an_undrifted_candidate_passes_against_base(sharp_lm, tmp_path, canary_prompts, ref_text,
+                                                    fast_policy):
     twin = wrap_model(copy.deepcopy(sharp_lm.model), sharp_lm.tokenizer, slug="twin")
-    drift = build_drift_gate(sharp_lm, sharp_lm.manifest.model_hash, CANARY, DriftPolicy(), text=REF_TEXT,
+    drift = build_drift_gate(sharp_lm, sharp_lm.manifest.model_hash, canary_prompts, DriftPolicy(),
+                             text=ref_text,
                              reference_tokens=512, cache=None)
-    rep = run_gates(sharp_lm, twin, GatePolicy(**FAST), canary=build_canary(sharp_lm, prompts=CANARY),
-                    reference_text=REF_TEXT, progress=False, drift=drift)
+    rep = run_gates(sharp_lm, twin, GatePolicy(**fast_policy), canary=build_canary(sharp_lm,
+                                                                                   prompts=canary_prompts),
+                    reference_text=ref_text, progress=False, drift=drift)
     assert rep.passed, rep.reasons
     by = {c.name: c for c in rep.checks}
     assert by["drift_perplexity_increase_pct"].value == pytest.approx(0.0, abs=1e-6)
@@ -108,12 +118,13 @@ def test_an_undrifted_candidate_passes_against_base(sharp_lm, tmp_path):  # noqa
     assert by["drift_neighbourhood_kl"].value == pytest.approx(0.0, abs=1e-6)
 
 
-def test_base_reference_is_cached_and_invalidated_by_the_prompt_set(sharp_lm, tmp_path):  # noqa: F811
+def test_base_reference_is_cached_and_invalidated_by_the_prompt_set(sharp_lm, tmp_path, canary_prompts,
+                                                                    ref_text):
     cache = tmp_path / "cache"
     h = sharp_lm.manifest.model_hash
     counter = ForwardCounter(sharp_lm)
-    first = base_reference(sharp_lm, h, CANARY, k=2, text=REF_TEXT, reference_tokens=512, cache=cache)
-    assert first.computed == len(CANARY) and first.computed_text and counter.n > 0
+    first = base_reference(sharp_lm, h, canary_prompts, k=2, text=ref_text, reference_tokens=512, cache=cache)
+    assert first.computed == len(canary_prompts) and first.computed_text and counter.n > 0
     entries = list((cache / h[:16]).iterdir())
     assert len(entries) == 1 and (entries[0] / "reference.json").is_file()
 
@@ -121,49 +132,49 @@ def test_base_reference_is_cached_and_invalidated_by_the_prompt_set(sharp_lm, tm
         raise AssertionError("the base model was loaded although its reference is cached")
 
     n = counter.n
-    again = base_reference(no_base, h, CANARY, k=2, text=REF_TEXT, reference_tokens=512, cache=cache)
+    again = base_reference(no_base, h, canary_prompts, k=2, text=ref_text, reference_tokens=512, cache=cache)
     assert counter.n == n and again.computed == 0 and not again.computed_text
     assert torch.equal(again.logprobs, first.logprobs) and torch.equal(again.greedy, first.greedy)
     assert again.perplexity == pytest.approx(first.perplexity)
 
     # a new prompt set is a new entry; only the new prompt runs through the base model
-    more = [*CANARY, "Paris is in"]
+    more = [*canary_prompts, "Paris is in"]
     with pytest.raises(AssertionError, match="cached"):
-        base_reference(no_base, h, more, k=2, text=REF_TEXT, reference_tokens=512, cache=cache)
-    grown = base_reference(sharp_lm, h, more, k=2, text=REF_TEXT, reference_tokens=512, cache=cache)
+        base_reference(no_base, h, more, k=2, text=ref_text, reference_tokens=512, cache=cache)
+    grown = base_reference(sharp_lm, h, more, k=2, text=ref_text, reference_tokens=512, cache=cache)
     assert grown.computed == 1 and not grown.computed_text and counter.n > n
     assert len(list((cache / h[:16]).iterdir())) == 2
     fresh = M.next_token_logprobs(sharp_lm, more)
     assert torch.allclose(grown.logprobs, fresh, atol=1e-5)
     assert torch.equal(grown.greedy[:-1], first.greedy)
     # a new reference text: the prompts come from the cache, the text is scored
-    other = base_reference(sharp_lm, h, CANARY, k=1, text=REF_TEXT[:200], reference_tokens=512, cache=cache)
+    other = base_reference(sharp_lm, h, canary_prompts, k=1, text=ref_text[:200], reference_tokens=512,
+                           cache=cache)
     assert other.computed == 0 and other.computed_text
-    assert other.perplexity == pytest.approx(M.perplexity(sharp_lm, REF_TEXT[:200], max_tokens=512))
+    assert other.perplexity == pytest.approx(M.perplexity(sharp_lm, ref_text[:200], max_tokens=512))
     # old prompt sets are pruned: only the newest `keep` entries of a base stay on disk
-    base_reference(sharp_lm, h, CANARY[:2], k=1, text=None, cache=cache, keep=2)
+    base_reference(sharp_lm, h, canary_prompts[:2], k=1, text=None, cache=cache, keep=2)
     assert len(list((cache / h[:16]).iterdir())) == 2
 
 
-def test_a_corrupt_cache_entry_is_recomputed_not_trusted(sharp_lm, tmp_path):  # noqa: F811
+def test_a_corrupt_cache_entry_is_recomputed_not_trusted(sharp_lm, tmp_path, canary_prompts):
     cache = tmp_path / "cache"
     h = sharp_lm.manifest.model_hash
-    ref = base_reference(sharp_lm, h, CANARY[:3], k=1, text=None, cache=cache)
+    ref = base_reference(sharp_lm, h, canary_prompts[:3], k=1, text=None, cache=cache)
     (entry,) = (cache / h[:16]).iterdir()
     meta = json.loads((entry / "reference.json").read_text())
     meta["tensors_sha256"]["logprobs"] = "0" * 64
     (entry / "reference.json").write_text(json.dumps(meta))
-    again = base_reference(sharp_lm, h, CANARY[:3], k=1, text=None, cache=cache)
+    again = base_reference(sharp_lm, h, canary_prompts[:3], k=1, text=None, cache=cache)
     assert again.computed == 3 and torch.allclose(again.logprobs, ref.logprobs)
     with pytest.raises(ValueError, match="base model loaded has hash"):
-        base_reference(sharp_lm, "f" * 64, CANARY[:3], cache=cache)
+        base_reference(sharp_lm, "f" * 64, canary_prompts[:3], cache=cache)
 
 
-def test_drift_params_are_validated(tmp_path):
+def test_drift_params_are_validated(tmp_path, repo_root):
     assert P.SCHEMA["drift"] == {f.name for f in dataclasses.fields(DriftPolicy)}
-    from tests.test_params import ROOT
 
-    assert DriftPolicy.from_params(ROOT / "params.yaml") == DriftPolicy()  # shipped file = defaults
+    assert DriftPolicy.from_params(repo_root / "params.yaml") == DriftPolicy()  # shipped file = defaults
     p = tmp_path / "params.yaml"
     p.write_text("drift:\n  max_perplexity_increase_pct: 20\n  max_neighbourhood_kl: null\n")
     pol = DriftPolicy.from_params(p)
@@ -180,7 +191,8 @@ def test_drift_params_are_validated(tmp_path):
         GatePolicy.from_params(p)
 
 
-def test_nightly_gate_records_cumulative_drift_and_lineage_log_shows_it(tmp_path, tiny_tokenizer, capsys):
+def test_nightly_gate_records_cumulative_drift_and_lineage_log_shows_it(tmp_path, tiny_tokenizer, capsys,
+                                                                        ref_text, tiny_model_factory):
     """The refresh's gate step on a real lineage: the drift numbers go into the state's gate record,
     the base reference is cached for the next night, and `kedit lineage log` shows them per state."""
     from kedit.cli import main
@@ -190,14 +202,13 @@ def test_nightly_gate_records_cumulative_drift_and_lineage_log_shows_it(tmp_path
     from kedit.models.store import import_hf, load_model
     from kedit.refresh import RefreshConfig, gate_step
     from kedit.workspace import Workspace
-    from tests.conftest import make_tiny_model
 
     ws = Workspace(tmp_path / "ws")
     src = tmp_path / "tiny-src"
-    make_tiny_model("llama").save_pretrained(src)
+    tiny_model_factory("llama").save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
     import_hf(ws, src, slug="tiny-llama")
-    (tmp_path / "ref.txt").write_text(REF_TEXT)
+    (tmp_path / "ref.txt").write_text(ref_text)
     (ws.root / "params.yaml").write_text(
         "gates: {reference_text: '%s', reference_tokens: 512, max_fluency_drop: null, min_canary_agreement: 0.0,\n"
         "        max_neighbourhood_kl: 100.0, max_perplexity_increase_pct: 1000.0}\n"
@@ -239,21 +250,21 @@ def test_nightly_gate_records_cumulative_drift_and_lineage_log_shows_it(tmp_path
     assert math.isfinite(d1["neighbourhood_kl"]) and 0.0 <= d1["canary_agreement"] <= 1.0
 
 
-def test_cli_gate_with_base_adds_the_drift_checks(tmp_path, tiny_tokenizer, capsys):
+def test_cli_gate_with_base_adds_the_drift_checks(tmp_path, tiny_tokenizer, capsys, tiny_model_factory,
+                                                  ref_text):
     """`kedit gate --base`: a candidate equal to its champion passes against it and fails against base."""
     from kedit.cli import main
     from kedit.models.store import import_hf
     from kedit.workspace import Workspace
-    from tests.conftest import make_tiny_model
 
     ws = Workspace(tmp_path / "ws")
-    base = make_tiny_model("llama")
+    base = tiny_model_factory("llama")
     for slug, model in (("tiny-base", base), ("tiny-drifted", nudged(wrap_model(base, tiny_tokenizer), 10.0,
                                                                       "x").model)):
         model.save_pretrained(tmp_path / slug)
         tiny_tokenizer.save_pretrained(tmp_path / slug)
         import_hf(ws, tmp_path / slug, slug=slug)
-    (tmp_path / "ref.txt").write_text(REF_TEXT)
+    (tmp_path / "ref.txt").write_text(ref_text)
     params = tmp_path / "params.yaml"
     params.write_text("gates: {max_fluency_drop: null, reference_tokens: 512}\ndrift: {max_perplexity_increase_pct: 1.0}\n")
     w = ["-w", str(ws.root)]

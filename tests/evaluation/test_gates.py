@@ -13,33 +13,9 @@ from kedit.evaluation.canary import CanarySuite, build_canary, compare, neighbou
 from kedit.evaluation.gates import Check, GatePolicy, panel_spec, run_gates
 from kedit.models.store import wrap_model
 
-REF_TEXT = ("The Eiffel Tower is located in Paris, the capital of France. Rome is the capital of Italy; "
-            "Berlin is the capital of Germany. The quick brown fox jumps over the lazy dog in London.") * 3
 PROMPTS = ["The Eiffel Tower is located in", "Rome is the capital of", "Messi plays for", "Danielle speaks",
            "The mother tongue of Thomas is", "Apple A5 was created by"]
-CANARY = ["The capital of France is", "Rome is", "The quick brown fox", "Toko Yasuda plays", "Berlin is the",
-          "Microsoft makes", "Lionel Messi is a", "Danielle Darrieux was born in"]
-POLICY = dict(fluency_prompts=2, fluency_tokens=12, reference_tokens=512)
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def sharp_lm(tiny_tokenizer):
-    """A tiny Llama trained for a few steps on REF_TEXT: low perplexity and confident predictions,
-    so damage shows up as it would on a real model (tests only read it; damage works on a copy)."""
-    from tests.conftest import make_tiny_model
-
-    model = make_tiny_model("llama", seed=0)
-    ids = torch.tensor([tiny_tokenizer(REF_TEXT)["input_ids"]])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(40):
-        opt.zero_grad()
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-    return wrap_model(model, tiny_tokenizer, slug="tiny-trained")
 
 
 def taken_records(lm, flip: int | None = None) -> list[dict]:
@@ -57,25 +33,17 @@ def taken_records(lm, flip: int | None = None) -> list[dict]:
     return recs
 
 
-def damaged(lm, scale: float = 50.0):
-    model = copy.deepcopy(lm.model)
-    w = model.model.layers[1].mlp.down_proj.weight
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        w += scale * w.std() * torch.randn(w.shape, generator=g)
-    return wrap_model(model, lm.tokenizer, slug="damaged")
-
-
 def test_shipped_prompts_and_neighbourhood():
     ps = shipped_prompts()
     assert len(ps) >= 50 and all(p and not p.startswith("#") for p in ps) and len(set(ps)) == len(ps)
     assert neighbourhood_prompts([{"locality_prompt": "A is"}, {"neighbors": ["B is", "A is"]}]) == ["A is", "B is"]
 
 
-def test_canary_roundtrip_and_self_agreement(sharp_lm, tmp_path):
-    suite = build_canary(sharp_lm, prompts=CANARY, edits=[{"locality_prompt": "Paris is in"}], k=4)
+def test_canary_roundtrip_and_self_agreement(sharp_lm, tmp_path, canary_prompts, damaged):
+    suite = build_canary(sharp_lm, prompts=canary_prompts, edits=[{"locality_prompt": "Paris is in"}], k=4)
     assert suite.prompts[-1] == "Paris is in" and suite.sources[-1] == "edit-neighbourhood"
-    assert suite.greedy.shape == (len(CANARY) + 1, 4) and suite.logprobs.shape[0] == len(CANARY) + 1
+    assert suite.greedy.shape == (len(canary_prompts) + 1,
+                                  4) and suite.logprobs.shape[0] == len(canary_prompts) + 1
     suite.save(tmp_path)
     back = CanarySuite.load(tmp_path)
     assert torch.equal(back.greedy, suite.greedy) and back.prompts == suite.prompts
@@ -85,12 +53,13 @@ def test_canary_roundtrip_and_self_agreement(sharp_lm, tmp_path):
     assert bad.agreement < 1.0 and bad.kl > 0.1 and bad.changed
 
 
-def test_equal_candidate_passes(sharp_lm, tmp_path):
+def test_equal_candidate_passes(sharp_lm, tmp_path, canary_prompts, ref_text, gate_policy):
     recs = taken_records(sharp_lm)
-    suite = build_canary(sharp_lm, prompts=CANARY)
+    suite = build_canary(sharp_lm, prompts=canary_prompts)
     twin = wrap_model(copy.deepcopy(sharp_lm.model), sharp_lm.tokenizer, slug="twin")
-    rep = run_gates(sharp_lm, twin, GatePolicy(**POLICY), new_edits=recs[:3], prior_edits=recs[3:], canary=suite,
-                    reference_text=REF_TEXT, progress=False)
+    rep = run_gates(sharp_lm, twin, GatePolicy(**gate_policy), new_edits=recs[:3], prior_edits=recs[3:],
+                    canary=suite,
+                    reference_text=ref_text, progress=False)
     assert rep.passed, [c for c in rep.checks if not c.passed]
     by = {c.name: c for c in rep.checks}
     assert set(by) == {"efficacy", "generalization", "specificity_drop", "retention", "canary_agreement",
@@ -108,11 +77,13 @@ def test_equal_candidate_passes(sharp_lm, tmp_path):
     assert (tmp_path / "gate.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_damaging_edit_fails_on_the_right_checks(sharp_lm, tmp_path):
+def test_damaging_edit_fails_on_the_right_checks(sharp_lm, tmp_path, canary_prompts, damaged, ref_text,
+                                                 gate_policy):
     recs = taken_records(sharp_lm)
-    suite = build_canary(sharp_lm, prompts=CANARY)
-    rep = run_gates(sharp_lm, damaged(sharp_lm), GatePolicy(**POLICY), new_edits=recs[:3], prior_edits=recs[3:],
-                    canary=suite, reference_text=REF_TEXT, progress=False)
+    suite = build_canary(sharp_lm, prompts=canary_prompts)
+    rep = run_gates(sharp_lm, damaged(sharp_lm), GatePolicy(**gate_policy), new_edits=recs[:3],
+                    prior_edits=recs[3:],
+                    canary=suite, reference_text=ref_text, progress=False)
     by = {c.name: c for c in rep.checks}
     assert not rep.passed
     for name in ("canary_agreement", "neighbourhood_kl", "perplexity_increase_pct"):
@@ -123,10 +94,12 @@ def test_damaging_edit_fails_on_the_right_checks(sharp_lm, tmp_path):
     assert "FAIL" in (tmp_path / "gate.md").read_text()
 
 
-def test_facts_that_did_not_take_are_listed(sharp_lm, tmp_path):
+def test_facts_that_did_not_take_are_listed(sharp_lm, tmp_path, ref_text, gate_policy, canary_prompts):
     recs = taken_records(sharp_lm, flip=1)
-    rep = run_gates(sharp_lm, sharp_lm, GatePolicy(**{**POLICY, "max_fluency_drop": None}), new_edits=recs[:3],
-                    canary=build_canary(sharp_lm, prompts=CANARY), reference_text=REF_TEXT, progress=False)
+    rep = run_gates(sharp_lm, sharp_lm, GatePolicy(**{**gate_policy, "max_fluency_drop": None}),
+                    new_edits=recs[:3],
+                    canary=build_canary(sharp_lm,
+                                        prompts=canary_prompts), reference_text=ref_text, progress=False)
     assert rep.failed_ids == ["f1"]
     by = {c.name: c for c in rep.checks}
     assert not by["efficacy"].passed and by["efficacy"].value == pytest.approx(2 / 3)
@@ -136,11 +109,13 @@ def test_facts_that_did_not_take_are_listed(sharp_lm, tmp_path):
     assert "did not take" in md and "`f1`" in md
 
 
-def test_reports_name_the_state_and_plot_changes_against_thresholds(sharp_lm, tmp_path):
+def test_reports_name_the_state_and_plot_changes_against_thresholds(sharp_lm, tmp_path, damaged, ref_text,
+                                                                    gate_policy, canary_prompts):
     recs = taken_records(sharp_lm)
     state = {"id": "ab" * 32, "parent": "cd" * 32, "n_edits": 3, "feed": "2026-11-22.jsonl"}
-    rep = run_gates(sharp_lm, damaged(sharp_lm), GatePolicy(**{**POLICY, "max_fluency_drop": None}),
-                    new_edits=recs[:3], canary=build_canary(sharp_lm, prompts=CANARY), reference_text=REF_TEXT,
+    rep = run_gates(sharp_lm, damaged(sharp_lm), GatePolicy(**{**gate_policy, "max_fluency_drop": None}),
+                    new_edits=recs[:3], canary=build_canary(sharp_lm,
+                                                            prompts=canary_prompts), reference_text=ref_text,
                     progress=False, candidate_state=state)
     rep.save(tmp_path)
     md = (tmp_path / "gate.md").read_text()
@@ -169,10 +144,12 @@ def test_panel_of_a_drop_is_the_drop():
     assert spec["caption"] == "champion 0.8 -> candidate 0.6"
 
 
-def test_header_without_a_state_names_the_model_once(sharp_lm, tmp_path):
+def test_header_without_a_state_names_the_model_once(sharp_lm, tmp_path, ref_text, gate_policy,
+                                                     canary_prompts):
     twin = wrap_model(copy.deepcopy(sharp_lm.model), sharp_lm.tokenizer, slug="tiny-trained")
-    rep = run_gates(sharp_lm, twin, GatePolicy(**{**POLICY, "max_fluency_drop": None}), new_edits=[],
-                    canary=build_canary(sharp_lm, prompts=CANARY), reference_text=REF_TEXT, progress=False)
+    rep = run_gates(sharp_lm, twin, GatePolicy(**{**gate_policy, "max_fluency_drop": None}), new_edits=[],
+                    canary=build_canary(sharp_lm,
+                                        prompts=canary_prompts), reference_text=ref_text, progress=False)
     from kedit.evaluation.gates import subject_line
 
     assert subject_line(rep).count("tiny-trained") == 1

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from kedit.lineage.store import LineageStore
-from tests.lineage.test_lineage import feed, predict, stored_lm  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,9 +53,15 @@ def _load_elsewhere(d, prompts, tmp_path) -> dict:
     return json.loads(res.read_text())
 
 
-def _export_and_compare(workspace, lm, res, prompts, tmp_path, capsys):
-    """Commit ``res`` as a lineage state, export it with the CLI, and compare a kedit-free load with
-    kedit's attached model on every prompt (logits and greedy generation)."""
+@pytest.fixture
+def export_and_compare(feed_record, greedy_predictions):
+    """``export_and_compare(workspace, lm, res, prompts, tmp_path, capsys)``: commit ``res`` as a lineage
+    state, export it with the CLI, and compare a kedit-free load with kedit's attached model on every
+    prompt (logits and greedy generation)."""
+    return lambda *args: _export_and_compare(*args, feed_record, greedy_predictions)
+
+
+def _export_and_compare(workspace, lm, res, prompts, tmp_path, capsys, feed, predict):
     from kedit.cli import main
     from kedit.editors.registry import attach_state
 
@@ -91,27 +96,26 @@ def _export_and_compare(workspace, lm, res, prompts, tmp_path, capsys):
     return out, got, base
 
 
-def test_tpatcher_state_exports_with_its_patches(workspace, stored_lm, tmp_path, capsys):  # noqa: F811
-    from tests.editors.test_editors_tpatcher import PROBES, REQS, _compute
-
+def test_tpatcher_state_exports_with_its_patches(workspace, stored_lm, tmp_path, capsys, tpatcher,
+                                                 export_and_compare):
     lm = stored_lm()
-    res = _compute(lm, tmp_path, reqs=REQS[:1])
-    _export_and_compare(workspace, lm, res, [PROBES[0], PROBES[2]], tmp_path, capsys)
+    res = tpatcher.compute(lm, tmp_path, reqs=tpatcher.reqs[:1])
+    export_and_compare(workspace, lm, res, [tpatcher.probes[0], tpatcher.probes[2]], tmp_path, capsys)
 
 
-def test_memoir_state_exports_with_its_memory(workspace, stored_lm, tmp_path, capsys):  # noqa: F811
-    from tests.editors.test_editors_memoir import OTHER, A, _editor, _fires, _hp, _req
-
+def test_memoir_state_exports_with_its_memory(workspace, stored_lm, tmp_path, capsys, export_and_compare,
+                                              memoir):
     lm = stored_lm()
-    res = _editor(_hp(n_prefixes=2, prefix_len=3)).compute(lm, [_req(A)], None, None)
+    res = memoir.editor(memoir.hp(n_prefixes=2, prefix_len=3)).compute(lm, [memoir.req(memoir.a)], None, None)
     # the prompt reads its entry through the exact key alone: the shipped code must match exact keys too
     res.state.meta["threshold"] = 1.0
     # the shipped code adds the same share of the entry's block: here the exact key's share
     res.state.meta.update(read_scale=0.75, exact_read_scale=0.5)
     no_exact = res.state.copy()
     del no_exact.tensors["mm.exact"], no_exact.meta["exact_threshold"]
-    assert _fires(lm, no_exact, A["prompt"].format(A["subject"])).tokens.numel() == 0
-    out, got, _ = _export_and_compare(workspace, lm, res, [A["prompt"].format(A["subject"]), OTHER], tmp_path, capsys)
+    assert memoir.fires(lm, no_exact, memoir.a["prompt"].format(memoir.a["subject"])).tokens.numel() == 0
+    out, got, _ = export_and_compare(workspace, lm, res, [memoir.a["prompt"].format(memoir.a["subject"]),
+                                                          memoir.other], tmp_path, capsys)
     spec = json.loads((out / "config.json").read_text())["kedit_added"]
     assert spec["exact_threshold"] == 0.95 and spec["read_scale"] == 0.75 and spec["exact_read_scale"] == 0.5
     # text that matches no stored mask runs the base model exactly
@@ -119,27 +123,27 @@ def test_memoir_state_exports_with_its_memory(workspace, stored_lm, tmp_path, ca
 
     attach_state(lm, None)
     with torch.no_grad():
-        base_other = lm.model(input_ids=torch.tensor([lm.tokenizer(OTHER).input_ids])).logits[0]
+        base_other = lm.model(input_ids=torch.tensor([lm.tokenizer(memoir.other).input_ids])).logits[0]
     torch.testing.assert_close(torch.tensor(got["logits"][1]), base_other, atol=1e-5, rtol=1e-5)
 
 
-def test_memoir_span_keys_export_and_decode_as_in_kedit(workspace, stored_lm, tmp_path, capsys):  # noqa: F811
+def test_memoir_span_keys_export_and_decode_as_in_kedit(workspace, stored_lm, tmp_path, capsys,
+                                                        export_and_compare, memoir):
     """A subject of several tokens read through its mask and span key: the shipped code guards the entry
     the same way, in a full forward and in cached greedy decoding (the token before a decoded token is
     the previous call's last one)."""
-    from tests.editors.test_editors_memoir import OTHER, B, _editor, _fires, _hp, _req
 
     lm = stored_lm()
-    res = _editor(_hp(mm_threshold=0.5)).compute(lm, [_req(B)], None, None)
+    res = memoir.editor(memoir.hp(mm_threshold=0.5)).compute(lm, [memoir.req(memoir.b)], None, None)
     del res.state.tensors["mm.exact"], res.state.meta["exact_threshold"]
-    text = B["prompt"].format(B["subject"])
-    assert bool(res.state.tensors["mm.span_on"][0]) and _fires(lm, res.state, text).tokens.numel() == 1
-    out, _, _ = _export_and_compare(workspace, lm, res, [text, OTHER], tmp_path, capsys)
+    text = memoir.b["prompt"].format(memoir.b["subject"])
+    assert bool(res.state.tensors["mm.span_on"][0]) and memoir.fires(lm, res.state, text).tokens.numel() == 1
+    out, _, _ = export_and_compare(workspace, lm, res, [text, memoir.other], tmp_path, capsys)
     assert json.loads((out / "config.json").read_text())["kedit_added"]["span_threshold"] == 0.3
 
 
 def test_states_that_add_nothing_export_plain_and_other_architectures_get_their_own_base_class(
-        tiny_tokenizer, tmp_path):
+        tiny_tokenizer, tmp_path, tiny_model_factory):
     """Pure parts: no added tensors -> no remote code; the shipped class subclasses the model's own
     architecture (GPT-2 here), and its hook equals kedit's attached one (random patches that fire)."""
     from transformers import AutoModelForCausalLM
@@ -149,9 +153,8 @@ def test_states_that_add_nothing_export_plain_and_other_architectures_get_their_
     from kedit.editors.registry import attach_state
     from kedit.export import added_parameters, save_with_added
     from kedit.models.store import wrap_model
-    from tests.conftest import make_tiny_model
 
-    lm = wrap_model(make_tiny_model("gpt2"), tiny_tokenizer, slug="tiny-gpt2")
+    lm = wrap_model(tiny_model_factory("gpt2"), tiny_tokenizer, slug="tiny-gpt2")
     assert added_parameters(lm, None) is None
     assert added_parameters(lm, EditorState("alphaedit", {"cache_c.1": torch.zeros(2, 2)})) is None
     assert added_parameters(lm, EditorState("tpatcher", {}, {"layer": 1})) is None

@@ -99,10 +99,10 @@ def _lines_then_fail(first: list[str]):
     raise AssertionError("read past the row limit")
 
 
-def test_jsonl_row_limit_stops_reading_at_the_limit(tmp_path):
+def test_jsonl_row_limit_stops_reading_at_the_limit(tmp_path, feed_row):
     from kedit.feeds.reader import read_jsonl_rows
 
-    lines = [json.dumps(_good(i)) for i in range(4)]
+    lines = [json.dumps(feed_row(i)) for i in range(4)]
     lines.insert(2, "")  # a blank line is no row
     with pytest.raises(FeedFormatError) as err:
         read_jsonl_rows(tmp_path / "big.jsonl", _lines_then_fail(lines), max_rows=3)
@@ -295,32 +295,18 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
 
 
 # --- hostile or sloppy producers --------------------------------------------------------------------------
-def _good(i: int, **kw) -> dict:
-    return {"id": f"h{i}", "subject": f"Subject {i}", "prompt": "{} is located in", "target_new": f"Place {i}",
-            "target_true": f"Home {i}", "source": "test", "observed_at": "2025-01-02T03:04:05Z", **kw}
-
-
-def _write_jsonl(tmp: Path, rows: list, name: str = "2025-01-02.jsonl", sep: str = "\n") -> Path:
-    """Rows (dicts, or raw text lines) as a JSONL file; non-ASCII characters written raw, not escaped."""
-    path = tmp / "feeds" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in rows]
-    path.write_bytes((sep.join(lines) + sep).encode("utf-8"))
-    return path
-
-
 def _reasons(res) -> dict[str, list[str]]:
     return {q.row["id"]: q.reasons for q in res.quarantined}
 
 
-def test_invisible_unicode_is_quarantined_with_the_code_point_named(tmp_path):
-    rows = [_good(i) for i in range(1, 11)]
+def test_invisible_unicode_is_quarantined_with_the_code_point_named(tmp_path, write_jsonl, feed_row):
+    rows = [feed_row(i) for i in range(1, 11)]
     rows[0]["subject"] = "Ab\u202ec"                      # RIGHT-TO-LEFT OVERRIDE at position 3
     rows[1]["target_new"] = "Pa\u200bris"                 # ZERO WIDTH SPACE
     rows[2]["prompt"] = "{} is\ufeff located in"          # BOM inside text
     rows[3]["source"] = "\u2066feed\u2069"                # isolates
     rows[4]["paraphrases"] = ["fine", "Subject\u200d 5 is in"]
-    path = _write_jsonl(tmp_path, rows)
+    path = write_jsonl(tmp_path, rows)
     res = ingest_feed(path, LENIENT, now=NOW, record=False)
     why = _reasons(res)
     assert set(why) == {"h1", "h2", "h3", "h4", "h5"}, why
@@ -340,12 +326,12 @@ def test_invisible_unicode_is_quarantined_with_the_code_point_named(tmp_path):
         jsonschema.validate(rows[0], feed_schema())
 
 
-def test_jsonl_splits_on_newline_only(tmp_path):
-    rows = [_good(i) for i in range(1, 6)]
+def test_jsonl_splits_on_newline_only(tmp_path, write_jsonl, feed_row):
+    rows = [feed_row(i) for i in range(1, 6)]
     rows[0]["subject"] = "Sub\u2028ject 1"               # raw LINE SEPARATOR inside a JSON string
     rows[1]["source"] = "para\u2029graph"                 # raw PARAGRAPH SEPARATOR
     rows[2]["relation"] = "next\x85line"                  # raw NEL (a C1 control character)
-    path = _write_jsonl(tmp_path, rows)
+    path = write_jsonl(tmp_path, rows)
     feed = read_feed(path)
     assert [r["id"] for r in feed.rows] == ["h1", "h2", "h3", "h4", "h5"] and feed.lines == [1, 2, 3, 4, 5]
     res = ingest_feed(path, LENIENT, now=NOW, record=False)
@@ -353,13 +339,13 @@ def test_jsonl_splits_on_newline_only(tmp_path):
     assert res.accepted[0]["subject"] == "Sub ject 1" and res.accepted[1]["source"] == "para graph"
     assert [q.line for q in res.quarantined] == [3]
     assert any("relation contains U+0085" in r for r in res.quarantined[0].reasons), res.quarantined[0].reasons
-    crlf = _write_jsonl(tmp_path, rows[3:], name="2025-01-03.jsonl", sep="\r\n")
+    crlf = write_jsonl(tmp_path, rows[3:], name="2025-01-03.jsonl", sep="\r\n")
     assert [r["id"] for r in read_feed(crlf).rows] == ["h4", "h5"] and read_feed(crlf).lines == [1, 2]
 
 
-def test_every_bad_jsonl_line_is_reported(tmp_path):
-    good = [_good(i) for i in range(1, 6)]
-    path = _write_jsonl(tmp_path, [good[0], "[1, 2]", good[1], '{"id": "x", oops}', "", "42", good[2], '"s"'])
+def test_every_bad_jsonl_line_is_reported(tmp_path, write_jsonl, feed_row):
+    good = [feed_row(i) for i in range(1, 6)]
+    path = write_jsonl(tmp_path, [good[0], "[1, 2]", good[1], '{"id": "x", oops}', "", "42", good[2], '"s"'])
     with pytest.raises(FeedFormatError) as ei:
         read_feed(path)
     err = ei.value
@@ -379,12 +365,12 @@ def test_every_bad_csv_line_is_reported(tmp_path):
     assert [n for n, _ in ei.value.problems] == [3, 5] and "got 2" in str(ei.value) and "got 3" in str(ei.value)
 
 
-def test_duplicate_id_keeps_first_and_quarantines_later_different_rows(tmp_path):
-    rows = [_good(i) for i in range(1, 9)]
-    rows.append({**_good(2), "target_new": "Elsewhere"})                 # line 9: same id as line 2, differs
-    rows.append(dict(reversed(list(_good(3).items()))))                  # line 10: field-identical to line 3
-    rows.append(_good(3))                                                # line 11: byte-identical to line 3
-    path = _write_jsonl(tmp_path, rows)
+def test_duplicate_id_keeps_first_and_quarantines_later_different_rows(tmp_path, write_jsonl, feed_row):
+    rows = [feed_row(i) for i in range(1, 9)]
+    rows.append({**feed_row(2), "target_new": "Elsewhere"})              # line 9: same id as line 2, differs
+    rows.append(dict(reversed(list(feed_row(3).items()))))               # line 10: field-identical to line 3
+    rows.append(feed_row(3))                                             # line 11: byte-identical to line 3
+    path = write_jsonl(tmp_path, rows)
     res = ingest_feed(path, LENIENT, now=NOW, record=False)
     assert res.accepted_ids == [f"h{i}" for i in range(1, 9)]            # the first h2 is kept
     assert [(q.line, q.row["target_new"]) for q in res.quarantined] == [(9, "Elsewhere")]
@@ -397,32 +383,8 @@ def test_duplicate_id_keeps_first_and_quarantines_later_different_rows(tmp_path)
     assert "## Dropped rows (2)" in report and "identical to line 3" in report
 
 
-def champion_with_facts(workspace, lm) -> str:
-    """A promoted lineage state that applied h1 and h2 (Subject 1 -> Place 1, Subject 2 -> Place 2)."""
-    from kedit.lineage.ops import open_store
-    from tests.lineage.test_lineage import fabricate
-
-    store = open_store(workspace)
-    facts = [{"id": f"h{i}", "subject": f"Subject {i}", "prompt": "{} is located in", "target_new": f"Place {i}",
-              "target_true": f"Home {i}"} for i in (1, 2)]
-    state = store.commit(lm, fabricate(lm, None, 0, ["h1", "h2"]), parent=None, hparams={"method": "alphaedit"},
-                         feed={"path": "feeds/old.jsonl", "file_sha256": "x", "row_ids": ["h1", "h2"],
-                               "facts": facts})
-    store.record_gate(state.id, {"passed": True}, against=None)
-    store.approve(state.id, by="tester")
-    store.promote(state.id, by="tester")
-    assert store.champion() == state.id
-    return state.id
-
-
-def lineage_feed(workspace) -> Path:
-    """h1 is already applied; h2 changes Subject 2 back to Home 2 (a flip-flop); h3..h8 are new."""
-    rows = [_good(1), _good(2, target_new="Home 2", target_true="Place 2",
-                          observed_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))]
-    return _write_jsonl(Path(workspace.root), rows + [_good(i) for i in range(3, 9)])
-
-
-def test_feed_ingest_cli_runs_the_nightly_lineage_checks(workspace, tiny_lm, capsys, monkeypatch):
+def test_feed_ingest_cli_runs_the_nightly_lineage_checks(workspace, tiny_lm, capsys, monkeypatch,
+                                                         champion_with_facts, lineage_feed):
     """`kedit feed ingest` and the nightly ingest step share one function: facts already applied on the
     champion's path are dropped, and a change back within the window is quarantined as a flip-flop."""
     from kedit.cli import main
@@ -452,19 +414,19 @@ def test_validate_writes_reports_into_the_workspace(tmp_path, capsys):
     assert str(ws / "feeds" / "reports" / "2025-01-02.md") in capsys.readouterr().out
 
 
-def test_hostile_json_lines_are_bad_lines_not_crashes(tmp_path):
+def test_hostile_json_lines_are_bad_lines_not_crashes(tmp_path, write_jsonl, feed_row):
     """Each of these used to crash the reader (RecursionError, ValueError without a line), pass silently
     (a repeated key: the last value wins unseen), or carry non-JSON NaN / a lone surrogate into the
     quarantine file and report (which then could not be written as UTF-8)."""
-    good = json.dumps(_good(1))
+    good = json.dumps(feed_row(1))
     hostile = {
         2: ('{"id": "n", "deep": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
         3: ('{"id": "i", "big": ' + "9" * 5000 + "}", "number too long"),
         4: ('{"id": "c", "score": NaN}', "NaN is not JSON"),
-        5: (json.dumps(_good(5))[:-1] + ', "target_new": "Elsewhere"}', "key 'target_new' appears twice"),
-        6: (json.dumps(_good(6)).replace("Subject 6", "Subject \\ud800 6"), "lone surrogate \\ud800"),
+        5: (json.dumps(feed_row(5))[:-1] + ', "target_new": "Elsewhere"}', "key 'target_new' appears twice"),
+        6: (json.dumps(feed_row(6)).replace("Subject 6", "Subject \\ud800 6"), "lone surrogate \\ud800"),
     }
-    path = _write_jsonl(tmp_path, [good] + [line for line, _ in hostile.values()] + [good.replace("h1", "h7")])
+    path = write_jsonl(tmp_path, [good] + [line for line, _ in hostile.values()] + [good.replace("h1", "h7")])
     with pytest.raises(FeedFormatError) as ei:
         read_feed(path)
     assert [n for n, _ in ei.value.problems] == list(hostile), ei.value.problems
@@ -472,72 +434,72 @@ def test_hostile_json_lines_are_bad_lines_not_crashes(tmp_path):
         assert words in problem, (n, problem)
 
 
-def test_schema_pattern_rejects_a_single_control_character():
+def test_schema_pattern_rejects_a_single_control_character(feed_row):
     import jsonschema
 
     for bad in ("A\x00", "\x00", "a\tb"):  # the old pattern let one through as its \S
         with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate({**_good(1), "subject": bad}, feed_schema())
-    jsonschema.validate(_good(1), feed_schema())
+            jsonschema.validate({**feed_row(1), "subject": bad}, feed_schema())
+    jsonschema.validate(feed_row(1), feed_schema())
 
 
-def test_utf16_file_is_named_as_such(tmp_path):
+def test_utf16_file_is_named_as_such(tmp_path, feed_row):
     path = tmp_path / "2025-01-02.jsonl"
-    path.write_bytes((json.dumps(_good(1)) + "\n").encode("utf-16"))
+    path.write_bytes((json.dumps(feed_row(1)) + "\n").encode("utf-16"))
     with pytest.raises(FeedFormatError, match="UTF-16 .*feeds must be UTF-8"):
         read_feed(path)
-    path.write_bytes((json.dumps(_good(1)) + "\n").encode("utf-16-le"))  # no byte-order mark
+    path.write_bytes((json.dumps(feed_row(1)) + "\n").encode("utf-16-le"))  # no byte-order mark
     with pytest.raises(FeedFormatError, match="NUL byte at column 2 .*UTF-16") as ei:
         read_feed(path)
     assert ei.value.line == 1
 
 
-def test_replacement_character_is_quarantined(tmp_path):
+def test_replacement_character_is_quarantined(tmp_path, feed_row, write_jsonl):
     """U+FFFD means the text was decoded with the wrong encoding before it reached the feed."""
-    rows = [_good(i) for i in range(1, 6)]
+    rows = [feed_row(i) for i in range(1, 6)]
     rows[1]["target_new"] = "S\ufffdo Paulo"
-    res = ingest_feed(_write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
+    res = ingest_feed(write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
     assert _reasons(res) == {"h2": ["encoding_damage:target_new: target_new contains U+FFFD REPLACEMENT "
                                     "CHARACTER at position 2 (text decoded with the wrong encoding upstream)"]}
 
 
-def test_parquet_row_count_is_checked_before_reading(tmp_path):
+def test_parquet_row_count_is_checked_before_reading(tmp_path, feed_row):
     import pandas as pd
 
     pq = tmp_path / "2025-01-02.parquet"
-    pd.DataFrame([_good(i) for i in range(50)]).to_parquet(pq)
+    pd.DataFrame([feed_row(i) for i in range(50)]).to_parquet(pq)
     with pytest.raises(FeedFormatError, match="50 rows, over the limit of 10"):
         read_feed(pq, FeedPolicy(max_rows=10))
 
 
-def test_id_that_is_a_path_is_quarantined(tmp_path):
+def test_id_that_is_a_path_is_quarantined(tmp_path, feed_row, write_jsonl):
     """Ids name files downstream (tracing writes reports/<key>/tracing/<id>): no separators, no '.'/'..'."""
-    rows = [_good(i) for i in range(1, 11)]
+    rows = [feed_row(i) for i in range(1, 11)]
     for i, bad in enumerate(["../../etc/cron.d/x", "/abs", "a\\b", ".."]):
         rows[i]["id"] = bad
     rows[4]["id"] = "Q42.P36:v1-ok"
-    res = ingest_feed(_write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
+    res = ingest_feed(write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
     assert sorted(_reasons(res)) == sorted(["../../etc/cron.d/x", "/abs", "a\\b", ".."])
     assert all(r[0].startswith("id_path_safe:") for r in _reasons(res).values())
     assert "Q42.P36:v1-ok" in res.accepted_ids
 
 
-def test_unknown_columns_are_named_in_the_report(tmp_path):
+def test_unknown_columns_are_named_in_the_report(tmp_path, feed_row, write_jsonl):
     """A misspelt optional column (``paraphrase``) would otherwise vanish without a word."""
-    rows = [_good(i) for i in range(1, 4)]
+    rows = [feed_row(i) for i in range(1, 4)]
     rows[0]["paraphrase"] = ["Subject 1 sits in"]
-    res = ingest_feed(_write_jsonl(tmp_path, rows), now=NOW, record=False)
+    res = ingest_feed(write_jsonl(tmp_path, rows), now=NOW, record=False)
     assert res.passed and "unknown column(s) ['paraphrase'] ignored" in "; ".join(res.notes)
     assert "unknown column(s) ['paraphrase'] ignored" in Path(res.report_path).read_text()
 
 
-def test_report_and_quarantine_file_show_invisible_characters_escaped(tmp_path):
+def test_report_and_quarantine_file_show_invisible_characters_escaped(tmp_path, feed_row, write_jsonl):
     """A quarantined row is written as read, but a bidi override in it must not reorder what the
     reviewer sees in the report or the quarantine file: such characters are written as \\u escapes."""
-    rows = [_good(i) for i in range(1, 6)]
+    rows = [feed_row(i) for i in range(1, 6)]
     rows[0]["id"] = "h1\u202etxt.exe"
     rows[1]["subject"] = "Sub\x85ject \U000e0041"
-    res = ingest_feed(_write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
+    res = ingest_feed(write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
     report = Path(res.report_path).read_text(encoding="utf-8")
     qfile = Path(res.quarantine_path).read_text(encoding="utf-8")
     for text in (report, qfile):
@@ -547,12 +509,12 @@ def test_report_and_quarantine_file_show_invisible_characters_escaped(tmp_path):
     assert quarantined[0]["id"] == rows[0]["id"] and quarantined[1]["subject"] == rows[1]["subject"]  # exact
 
 
-def test_observed_at_out_of_range_in_utc_is_quarantined_not_a_crash(tmp_path):
+def test_observed_at_out_of_range_in_utc_is_quarantined_not_a_crash(tmp_path, feed_row, write_jsonl):
     """``datetime.fromisoformat`` accepts these, but they fall outside years 1-9999 in UTC (OverflowError)."""
-    rows = [_good(i) for i in range(1, 6)]
+    rows = [feed_row(i) for i in range(1, 6)]
     rows[0]["observed_at"] = "0001-01-01T00:00:00+23:59"
     rows[1]["observed_at"] = "9999-12-31T23:59:59-23:59"
-    res = ingest_feed(_write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
+    res = ingest_feed(write_jsonl(tmp_path, rows), LENIENT, now=NOW, record=False)
     assert {k: [r.split(":")[0] for r in v] for k, v in _reasons(res).items()} == {
         "h1": ["observed_at_iso8601"], "h2": ["observed_at_iso8601"]}
 
@@ -572,14 +534,14 @@ def test_csv_list_cell_that_is_hostile_json_is_a_bad_value_not_a_crash(tmp_path)
     assert isinstance(rows[0]["paraphrases"], str) and isinstance(rows[1]["paraphrases"], str)
 
 
-def test_byte_order_marks_of_concatenated_files_are_dropped(tmp_path):
+def test_byte_order_marks_of_concatenated_files_are_dropped(tmp_path, feed_row):
     """A BOM at the start of the file, or of a line (files concatenated with their BOMs), is an encoding
     artefact outside any value: it is dropped. Inside a value it is quarantined (see invisible_chars)."""
-    a, b = json.dumps(_good(1)), json.dumps(_good(2))
+    a, b = json.dumps(feed_row(1)), json.dumps(feed_row(2))
     path = tmp_path / "2025-01-02.jsonl"
     path.write_bytes(("\ufeff" + a + "\n\ufeff" + b + "\n").encode("utf-8"))
     feed = read_feed(path)
-    assert [r["id"] for r in feed.rows] == ["h1", "h2"] and feed.rows[0] == _good(1)
+    assert [r["id"] for r in feed.rows] == ["h1", "h2"] and feed.rows[0] == feed_row(1)
     csv_path = tmp_path / "2025-01-02.csv"
     csv_path.write_bytes(b"\xef\xbb\xbf" + (DATA / "good.csv").read_bytes())
     assert read_feed(csv_path).rows == read_feed(DATA / "good.csv").rows

@@ -9,22 +9,20 @@ import json
 import pytest
 
 from kedit.lineage import LineageStore
-from tests.lineage.test_lineage import gate_and_approve, run_batches, stored_lm  # noqa: F401  (fixture)
-from tests.lineage.test_lineage_retract import _two_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _tpatcher_champion(workspace, stored_lm, tmp_path):  # noqa: F811
+@pytest.fixture
+def tpatcher_champion(workspace, stored_lm, tmp_path, tpatcher, commit_batches, gate_and_approve):
     """Two T-Patcher batches (eiffel, darrieux | yasuda), the second promoted to champion."""
     from kedit.editors.registry import get_editor
-    from tests.editors.test_editors_tpatcher import REQS, _hp
 
     lm = stored_lm()
-    editor = get_editor("tpatcher", _hp(), cache_dir=tmp_path)
+    editor = get_editor("tpatcher", tpatcher.hp(), cache_dir=tmp_path)
     store = LineageStore(workspace.lineage_dir)
-    s1, s2 = _two_batches(store, lm, lambda lm, reqs, es: editor.compute(lm, reqs, es, None),
-                          [REQS[:2], REQS[2:]])
+    s1, s2 = commit_batches(store, lm, lambda lm, reqs, es: editor.compute(lm, reqs, es, None),
+                            [tpatcher.reqs[:2], tpatcher.reqs[2:]])
     gate_and_approve(store, s1)
     store.promote(s1.id, by="alice")
     gate_and_approve(store, s2)
@@ -32,12 +30,12 @@ def _tpatcher_champion(workspace, stored_lm, tmp_path):  # noqa: F811
     return store, lm, s2
 
 
-def test_retraction_is_gated_approved_and_promoted_without_force(workspace, stored_lm, tmp_path, capsys):  # noqa: F811
+def test_retraction_is_gated_approved_and_promoted_without_force(workspace, stored_lm, tmp_path, capsys,
+                                                                 tpatcher_champion, tpatcher):
     from kedit.cli import main
     from kedit.models.scoring import predicts_targets
-    from tests.editors.test_editors_tpatcher import REQS
 
-    store, _, s2 = _tpatcher_champion(workspace, stored_lm, tmp_path)
+    store, _, s2 = tpatcher_champion
     w = ["-w", str(workspace.root)]
     assert main([*w, "retract", "eiffel", "--by", "carol", "--reason", "source withdrawn"]) == 0
     out = capsys.readouterr().out
@@ -65,7 +63,8 @@ def test_retraction_is_gated_approved_and_promoted_without_force(workspace, stor
     lm_parent, lm_new = stored_lm(), stored_lm()
     store.materialise(s2.id, lm_parent)
     store.materialise(new.id, lm_new)
-    eiffel = {"prompt": REQS[0].prompt, "subject": REQS[0].subject, "target_new": REQS[0].target_new}
+    eiffel = {"prompt": tpatcher.reqs[0].prompt, "subject": tpatcher.reqs[0].subject,
+              "target_new": tpatcher.reqs[0].target_new}
     assert predicts_targets(lm_new, [eiffel]) == [False]
     r = checks["retraction"]
     assert not r["skipped"] and r["passed"] and r["value"] == 1.0 and "eiffel" in r["detail"]
@@ -98,11 +97,11 @@ def test_retraction_is_gated_approved_and_promoted_without_force(workspace, stor
     assert not [e for e in store.events() if e.type == "override"]
 
 
-def test_failed_gate_is_recorded_and_refuses_promotion(workspace, stored_lm, capsys):  # noqa: F811
+def test_failed_gate_is_recorded_and_refuses_promotion(workspace, stored_lm, capsys, run_batches,
+                                                       gate_and_approve, fabricate):
     """A state whose edits did not take (a small random update claiming three facts) fails efficacy."""
     from kedit.cli import main
     from kedit.editors.base import apply_deltas
-    from tests.lineage.test_lineage import fabricate
 
     lm = stored_lm()
     store = LineageStore(workspace.lineage_dir)
@@ -132,18 +131,17 @@ def test_failed_gate_is_recorded_and_refuses_promotion(workspace, stored_lm, cap
     assert LineageStore(workspace.lineage_dir).champion() == s1.id
 
 
-def test_memoir_retraction_gated_through_the_python_api(workspace, stored_lm):  # noqa: F811
+def test_memoir_retraction_gated_through_the_python_api(workspace, stored_lm, commit_batches, memoir):
     """The sparse memory's retraction: the gate records a verdict against the parent that the promotion
     rules count, and the retraction check finds the retracted object gone."""
     from kedit.editors.base import EditRequest
     from kedit.lineage.gate import gate_state
     from kedit.lineage.retract import retract
-    from tests.editors.test_editors_memoir import A, B, _editor
 
     lm = stored_lm()
     store = LineageStore(workspace.lineage_dir)
-    _, s2 = _two_batches(store, lm, lambda lm, rq, es: _editor().compute(lm, rq, es, None),
-                         [[EditRequest(**A)], [EditRequest(**B)]])
+    _, s2 = commit_batches(store, lm, lambda lm, rq, es: memoir.editor().compute(lm, rq, es, None),
+                         [[EditRequest(**memoir.a)], [EditRequest(**memoir.b)]])
     new = retract(store, lm, s2.id, "a", by="dana", reason="wrong source")
     res = gate_state(workspace, store, new.id[:10], by="dave", mlflow=False)
     checks = {c["name"]: c for c in res.checks}

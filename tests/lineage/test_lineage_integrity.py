@@ -19,8 +19,6 @@ from kedit.lineage import LineageError, LineageStore, ops
 from kedit.lineage.chain import GENESIS, seal
 from kedit.lineage.intent import read_intent
 from kedit.lineage.policy import PromotionRefused
-from tests.lineage.test_lineage import gate_and_approve, run_batches, stored_lm  # noqa: F401  (fixture re-export)
-from tests.lineage.test_lineage_promotion import MAIN, _kedit_env, _Lines
 
 OFF = {"mlflow": False, "dvc": False, "snapshot_every": 20, "model_prefix": "kedit", "dvc_remote": None}
 DEAD_PID = 2**22 + 12345  # above Linux's largest pid_max: never a live process
@@ -94,7 +92,8 @@ def _forge(store: LineageStore, name: str, raw: dict) -> Path:
     return path
 
 
-def test_forged_approval_is_named_by_verify_and_refused_by_promote(workspace, stored_lm, capsys):  # noqa: F811
+def test_forged_approval_is_named_by_verify_and_refused_by_promote(workspace, stored_lm, capsys, run_batches,
+                                                                   gate_and_approve):
     """Issue 38.4: a hand-written gate.json (passed) and approve.json passed verify and let promote make
     the state champion."""
     from kedit.cli import main
@@ -145,7 +144,7 @@ def test_forged_approval_is_named_by_verify_and_refused_by_promote(workspace, st
     assert store.champion() == s1.id
 
 
-def test_edited_event_is_named_and_does_not_count(workspace, stored_lm, tmp_path):  # noqa: F811
+def test_edited_event_is_named_and_does_not_count(workspace, stored_lm, tmp_path, run_batches):
     lm = stored_lm()
     store = LineageStore(workspace.lineage_dir)
     (s1,) = run_batches(store, lm, 1)
@@ -184,7 +183,8 @@ def test_edited_event_is_named_and_does_not_count(workspace, stored_lm, tmp_path
     assert store.promotion_check(s1.id).ok and store.verify(deep=False).ok
 
 
-def test_events_from_before_the_chain_load_and_count_once_sealed(workspace, stored_lm, capsys):  # noqa: F811
+def test_events_from_before_the_chain_load_and_count_once_sealed(workspace, stored_lm, capsys, run_batches,
+                                                                 gate_and_approve):
     """An existing workspace: its events have no chain fields. The champion is read from them as before;
     their verdicts and approvals count for a promotion once `kedit lineage seal` vouched for them."""
     from kedit.cli import main
@@ -222,7 +222,7 @@ def test_events_from_before_the_chain_load_and_count_once_sealed(workspace, stor
     assert "kedit lineage seal" in " ".join(store.promotion_check(s2.id).unmet)  # the seal no longer counts
 
 
-def test_control_characters_are_refused_and_escaped(workspace, stored_lm, capsys):  # noqa: F811
+def test_control_characters_are_refused_and_escaped(workspace, stored_lm, capsys, run_batches):
     """Issue 38.6: --by / --reason took terminal escape sequences that `lineage log` printed raw."""
     from kedit.cli import main
 
@@ -251,7 +251,8 @@ def test_control_characters_are_refused_and_escaped(workspace, stored_lm, capsys
     assert "\x1b" not in out and "\\x1b" in out
 
 
-def test_override_report_is_written_by_the_repair_after_a_kill(workspace, stored_lm, tmp_path):  # noqa: F811
+def test_override_report_is_written_by_the_repair_after_a_kill(workspace, stored_lm, tmp_path, run_batches,
+                                                               kedit_main, line_reader, kedit_env):
     """Issue 38.6: after a kill -9 of a forced promotion and its repair, the gate report had no override
     section and no override.json."""
     from kedit.cli import main
@@ -264,12 +265,13 @@ def test_override_report_is_written_by_the_repair_after_a_kill(workspace, stored
     (report / "gate.json").write_text(json.dumps({"passed": False}))
     (report / "gate.md").write_text("# Gate report\n")
     store.record_gate(s1.id, {"passed": False}, against=None, report=str(report))
-    proc = subprocess.Popen([sys.executable, "-c", MAIN, "-w", str(workspace.root), "lineage", "promote",
+    proc = subprocess.Popen([sys.executable, "-c", kedit_main, "-w", str(workspace.root), "lineage",
+                             "promote",
                              s1.id[:12], "--by", "mallory", "--force", "--reason", "hotfix", "--no-mlflow", "--no-dvc"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=_kedit_env(KEDIT_TEST_PAUSE_AT="event"), cwd=str(workspace.root))
+                            env=kedit_env(KEDIT_TEST_PAUSE_AT="event"), cwd=str(workspace.root))
     try:
-        err = _Lines(proc.stderr)
+        err = line_reader(proc.stderr)
         assert err.wait_for("paused after step 'event'", timeout=300), "".join(err.seen)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
@@ -285,7 +287,8 @@ def test_override_report_is_written_by_the_repair_after_a_kill(workspace, stored
     assert (report / "gate.md").read_text().count("## Override") == 1
 
 
-def test_override_without_its_promotion_is_not_shown_as_one(workspace, stored_lm, monkeypatch, capsys):  # noqa: F811
+def test_override_without_its_promotion_is_not_shown_as_one(workspace, stored_lm, monkeypatch, capsys,
+                                                            run_batches):
     """Issue 38.6: a kill between the override event and the promote event left "OVERRIDE" on a state that
     was never promoted."""
     from kedit.cli import main
@@ -314,7 +317,7 @@ def test_override_without_its_promotion_is_not_shown_as_one(workspace, stored_lm
     assert "OVERRIDE" not in out and "not followed by its promote (interrupted; nothing moved)" in out
 
 
-def test_require_distinct_approver(workspace, stored_lm, monkeypatch):  # noqa: F811
+def test_require_distinct_approver(workspace, stored_lm, monkeypatch, run_batches, gate_and_approve):
     """Issue 38.6: the same account could approve and promote; `lineage.require_distinct_approver` refuses it."""
     lm = stored_lm()
     (s1, s2) = run_batches(LineageStore(workspace.lineage_dir), lm, 2)
@@ -355,7 +358,8 @@ def test_chain_starts_at_genesis(tmp_path):
 
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None or shutil.which("git") is None,
                     reason="git or ssh-keygen not installed")
-def test_signed_promotion_commits_catch_a_recomputed_chain(workspace, stored_lm, tmp_path, monkeypatch):  # noqa: F811
+def test_signed_promotion_commits_catch_a_recomputed_chain(workspace, stored_lm, tmp_path, monkeypatch,
+                                                           run_batches, gate_and_approve):
     """The option that closes what the chain leaves open: a writer who edits an event and recomputes the
     chain passes the chain check, but not the promotion commit that named the old digest (signed with a
     key the writer lacks)."""

@@ -9,7 +9,6 @@ import pytest
 
 from kedit.editors.base import apply_deltas
 from kedit.lineage import LineageStore, ops
-from tests.lineage.test_lineage import fabricate, gate_and_approve, stored_lm  # noqa: F401  (fixture re-export)
 
 NO_DVC = {"mlflow": True, "dvc": False, "snapshot_every": 2, "model_prefix": "kedit", "dvc_remote": None}
 PROMPTS = ["The Eiffel Tower is located in", "Rome is the capital of", "Danielle Darrieux speaks"]
@@ -21,8 +20,14 @@ def greedy(lm, prompts, k=6):
     return [lm.tokenizer.decode(t, skip_special_tokens=True) for t in greedy_tokens(lm, prompts, k=k).tolist()]
 
 
-def commit_states(store, lm, n):
-    """``n`` chained states with strong fabricated deltas (so the greedy answers move) and fact records."""
+@pytest.fixture
+def commit_states(fabricate):
+    """``commit_states(store, lm, n)``: ``n`` chained states with strong fabricated deltas (so the greedy
+    answers move) and fact records."""
+    return lambda store, lm, n: _commit_states(store, lm, n, fabricate)
+
+
+def _commit_states(store, lm, n, fabricate):
     states, parent, prev = [], None, None
     for i in range(n):
         res = fabricate(lm, prev, seed=i, rows=[f"r{i}"], layers=(1, 2, 3))
@@ -38,8 +43,9 @@ def commit_states(store, lm, n):
     return states
 
 
-def test_champion_loads_through_mlflow_and_predicts_the_edited_answer(workspace, stored_lm, monkeypatch,  # noqa: F811
-                                                                      tmp_path):
+def test_champion_loads_through_mlflow_and_predicts_the_edited_answer(workspace, stored_lm, monkeypatch,
+                                                                      tmp_path, commit_states,
+                                                                      gate_and_approve):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     import mlflow
 
@@ -116,13 +122,13 @@ def test_champion_loads_through_mlflow_and_predicts_the_edited_answer(workspace,
     assert len(reg.versions()) == n and reg.alias("champion").version == champ.version
 
 
-def states_answers(stored_lm, store, sid):  # noqa: F811
+def states_answers(stored_lm, store, sid):
     lm = stored_lm()
     store.materialise(sid, lm)
     return greedy(lm, PROMPTS)
 
 
-def test_state_without_its_base_model_is_refused(workspace, tiny_lm, monkeypatch):
+def test_state_without_its_base_model_is_refused(workspace, tiny_lm, monkeypatch, fabricate):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from kedit.lineage import LineageError
     from kedit.lineage.registry import Tracking, log_state_model
@@ -134,8 +140,8 @@ def test_state_without_its_base_model_is_refused(workspace, tiny_lm, monkeypatch
         log_state_model(Tracking(workspace), store, s)
 
 
-def test_refresh_logs_every_candidate_and_registers_the_logged_model(workspace, stored_lm, monkeypatch,  # noqa: F811
-                                                                     tmp_path):
+def test_refresh_logs_every_candidate_and_registers_the_logged_model(workspace, stored_lm, monkeypatch,
+                                                                     tmp_path, commit_states):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # lineage params from the (absent) workspace params.yaml: defaults
     from kedit import refresh
@@ -160,7 +166,7 @@ def test_refresh_logs_every_candidate_and_registers_the_logged_model(workspace, 
     assert runlog.client.get_run(runlog.parent_id).info.status == "RUNNING"
 
 
-def test_base_version_from_before_is_kept_and_a_loadable_one_registered(workspace, stored_lm, monkeypatch,  # noqa: F811
+def test_base_version_from_before_is_kept_and_a_loadable_one_registered(workspace, stored_lm, monkeypatch,
                                                                         tmp_path):
     """A base version whose source is a plain folder (not loadable) is not reused as champion's target."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -22,17 +20,8 @@ from kedit.lineage.intent import Intent, read_intent, write_intent
 from kedit.lineage.policy import PromotionRefused, promotion_check, rollback_check
 from kedit.lineage.state import EditState, Event
 from kedit.lineage.versioning import Versioning, state_tag
-from tests.lineage.test_lineage import gate_and_approve, run_batches, stored_lm  # noqa: F401  (fixture re-export)
 
-ROOT = Path(__file__).resolve().parents[2]
-MAIN = "import sys; from kedit.cli import main; sys.exit(main(sys.argv[1:]))"  # what the `kedit` script runs
 MLFLOW_ONLY = {"mlflow": True, "dvc": False, "snapshot_every": 20, "model_prefix": "kedit", "dvc_remote": None}
-
-
-def _kedit_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
-    return {**env, **extra}
 
 
 def _state(sid: str, parent: str | None) -> EditState:
@@ -83,8 +72,8 @@ def test_rollback_targets_are_former_champions_or_their_ancestors():
     assert not rollback_check([], states, a.id).ok
 
 
-def test_gate_failed_state_is_not_promoted_without_a_recorded_override(workspace, stored_lm, capsys, tmp_path,  # noqa: F811
-                                                                        monkeypatch):
+def test_gate_failed_state_is_not_promoted_without_a_recorded_override(workspace, stored_lm, capsys, tmp_path,
+                                                                       monkeypatch, run_batches):
     """Issue 19.1: `lineage promote STATE --by mallory` of a gate-failed state used to return 0."""
     from kedit.cli import main
 
@@ -131,7 +120,7 @@ def test_gate_failed_state_is_not_promoted_without_a_recorded_override(workspace
     assert json.loads((report / "override.json").read_text())["seq"] == over[0].seq
 
 
-def test_actor_is_the_os_account_not_the_user_variable(workspace, stored_lm, monkeypatch):  # noqa: F811
+def test_actor_is_the_os_account_not_the_user_variable(workspace, stored_lm, monkeypatch, run_batches):
     from kedit.lineage.identity import os_user
 
     lm = stored_lm()
@@ -150,7 +139,7 @@ def test_actor_is_the_os_account_not_the_user_variable(workspace, stored_lm, mon
     assert json.loads(next(workspace.lineage_dir.glob(f"events/{ev.seq:06d}-*.json")).read_text())["actor"] == ev.actor
 
 
-def test_every_promotion_path_meets_the_rules(workspace, stored_lm, monkeypatch):  # noqa: F811
+def test_every_promotion_path_meets_the_rules(workspace, stored_lm, monkeypatch, run_batches):
     """The nightly decide step and the Prefect operator task go through the same rules as the CLI."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from kedit.refresh import decide_step
@@ -195,7 +184,8 @@ def _base_of(path: Path, names) -> dict[str, str]:
 
 @pytest.mark.skipif(subprocess.run(["git", "--version"], capture_output=True).returncode != 0,
                     reason="git not installed")
-def test_rollback_base_moves_mlflow_and_git_and_exports(workspace, stored_lm, capsys, tmp_path, monkeypatch):  # noqa: F811
+def test_rollback_base_moves_mlflow_and_git_and_exports(workspace, stored_lm, capsys, tmp_path, monkeypatch,
+                                                        run_batches, gate_and_approve):
     """Issue 19.2: `kedit rollback base` left MLflow's champion alias on the edited version, made no git
     commit, and `kedit export champion` then said "no champion yet"."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -245,32 +235,11 @@ def test_rollback_base_moves_mlflow_and_git_and_exports(workspace, stored_lm, ca
     assert reg.alias("champion").tags[TAG_STATE] == s1.id
 
 
-class _Lines:
-    """stderr of a child process, line by line, without blocking the test forever."""
-
-    def __init__(self, stream) -> None:
-        self.q: queue.Queue = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=lambda: [self.q.put(line) for line in stream], daemon=True).start()
-
-    def wait_for(self, text: str, timeout: float) -> bool:
-        import time
-
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            try:
-                line = self.q.get(timeout=max(0.1, end - time.monotonic()))
-            except queue.Empty:
-                break
-            self.seen.append(line)
-            if text in line:
-                return True
-        return False
-
-
 @pytest.mark.skipif(subprocess.run(["git", "--version"], capture_output=True).returncode != 0,
                     reason="git not installed")
-def test_kill9_between_store_event_and_mlflow_is_repaired(workspace, stored_lm, capsys, caplog, monkeypatch):  # noqa: F811
+def test_kill9_between_store_event_and_mlflow_is_repaired(workspace, stored_lm, capsys, caplog, monkeypatch,
+                                                          run_batches, gate_and_approve, kedit_main,
+                                                          line_reader, kedit_env):
     """Issue 19.3: a promote killed (SIGKILL, a real process) after its lineage event and before git and
     MLflow; meanwhile a second writer is refused by name; afterwards every command reports the
     divergence, and `kedit lineage repair` brings git + DVC and MLflow to the event."""
@@ -284,12 +253,13 @@ def test_kill9_between_store_event_and_mlflow_is_repaired(workspace, stored_lm, 
     gate_and_approve(store, s1)
     Versioning(workspace).ensure()
     ops.register_candidate(workspace, store, s1.id, params=MLFLOW_ONLY)
-    proc = subprocess.Popen([sys.executable, "-c", MAIN, "-w", str(workspace.root), "lineage", "promote",
+    proc = subprocess.Popen([sys.executable, "-c", kedit_main, "-w", str(workspace.root), "lineage",
+                             "promote",
                              s1.id[:12], "--by", "alice", "--comment", "nightly"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=_kedit_env(KEDIT_TEST_PAUSE_AT="event"), cwd=str(workspace.root))
+                            env=kedit_env(KEDIT_TEST_PAUSE_AT="event"), cwd=str(workspace.root))
     try:
-        err = _Lines(proc.stderr)
+        err = line_reader(proc.stderr)
         assert err.wait_for("paused after step 'event'", timeout=300), "".join(err.seen)
         # the event is written, the lock is held over the rest: a second writer is told who holds it
         assert store.champion() == s1.id
@@ -326,7 +296,8 @@ def test_kill9_between_store_event_and_mlflow_is_repaired(workspace, stored_lm, 
     assert "nothing to repair" in capsys.readouterr().out
 
 
-def test_next_promotion_finishes_or_drops_an_interrupted_one(workspace, stored_lm, monkeypatch):  # noqa: F811
+def test_next_promotion_finishes_or_drops_an_interrupted_one(workspace, stored_lm, monkeypatch, run_batches,
+                                                             gate_and_approve):
     """What a crash leaves, as files: an intent with its event recorded (finished by the next promote),
     and an intent whose event never got written (dropped: nothing had changed)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -359,7 +330,8 @@ def test_next_promotion_finishes_or_drops_an_interrupted_one(workspace, stored_l
     assert store.champion() == s2.id and reg.alias("champion").tags[TAG_STATE] == s2.id
 
 
-def test_one_champion_answer_whatever_the_champion_file_says(workspace, stored_lm):  # noqa: F811
+def test_one_champion_answer_whatever_the_champion_file_says(workspace, stored_lm, run_batches,
+                                                             gate_and_approve):
     """Issue 17.2: the nightly ingest key read lineage/CHAMPION, the store read the events."""
     from kedit.refresh import RefreshConfig
     from tasks.cache import FeedKey
@@ -399,12 +371,12 @@ def test_one_champion_answer_whatever_the_champion_file_says(workspace, stored_l
 
 
 @pytest.mark.parametrize("cmd", [["lineage", "log"], ["lineage", "log", "--json"], ["lineage", "show", "HEAD"]])
-def test_closed_pipe_ends_quietly(workspace, stored_lm, cmd):  # noqa: F811
+def test_closed_pipe_ends_quietly(workspace, stored_lm, cmd, run_batches, kedit_main, kedit_env):
     """Issue 19.5a: `kedit lineage log | head` ended in a BrokenPipeError traceback."""
     lm = stored_lm()
     run_batches(LineageStore(workspace.lineage_dir), lm, 1)
-    proc = subprocess.Popen([sys.executable, "-c", MAIN, "-w", str(workspace.root), *cmd],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_kedit_env())
+    proc = subprocess.Popen([sys.executable, "-c", kedit_main, "-w", str(workspace.root), *cmd],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=kedit_env())
     proc.stdout.close()  # the reader is gone before the first line: every write meets EPIPE
     err = proc.stderr.read().decode()
     rc = proc.wait(timeout=300)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from kedit.lineage import LineageError, LineageStore
-from tests.lineage.test_lineage import run_batches, stored_lm  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,39 +24,19 @@ def _outputs(lm, prompts: dict[str, str]) -> dict[str, torch.Tensor]:
     return {f: _last_logits(lm, p) for f, p in prompts.items()}
 
 
-def _feed(i: int, reqs) -> dict:
-    return {"file_sha256": f"feed{i}", "path": f"feeds/day{i}.jsonl", "row_ids": [r.id for r in reqs],
-            "facts": [{"id": r.id, "prompt": r.prompt, "subject": r.subject, "target_new": r.target_new,
-                       "target_true": r.target_true} for r in reqs]}
-
-
-def _two_batches(store, lm, compute, batches):
-    """Commit each batch on top of the last (the editor attached as the pipeline has it)."""
-    from kedit.editors.registry import attach_state
-
-    parent, es, states = None, None, []
-    for i, reqs in enumerate(batches):
-        res = compute(lm, reqs, es)
-        s = store.commit(lm, res, parent=parent, feed=_feed(i, reqs), hparams={"method": res.state.method})
-        attach_state(lm, res.state)
-        parent, es = s.id, res.state
-        states.append(s)
-    return states
-
-
-def test_tpatcher_retract_through_the_cli_removes_exactly_one_fact(workspace, stored_lm, tmp_path, capsys):  # noqa: F811
+def test_tpatcher_retract_through_the_cli_removes_exactly_one_fact(workspace, stored_lm, tmp_path, capsys,
+                                                                   commit_batches, tpatcher):
     from kedit.cli import main
     from kedit.editors import tpatcher as T
     from kedit.editors.registry import get_editor
-    from tests.editors.test_editors_tpatcher import REQS, _hp
 
     lm = stored_lm()
-    prompts = {r.id: r.prompt.format(r.subject) for r in REQS}
+    prompts = {r.id: r.prompt.format(r.subject) for r in tpatcher.reqs}
     base = _outputs(lm, prompts)
-    editor = get_editor("tpatcher", _hp(), cache_dir=tmp_path)
+    editor = get_editor("tpatcher", tpatcher.hp(), cache_dir=tmp_path)
     store = LineageStore(workspace.lineage_dir)
-    s1, s2 = _two_batches(store, lm, lambda lm, reqs, es: editor.compute(lm, reqs, es, None),
-                          [REQS[:2], REQS[2:]])
+    s1, s2 = commit_batches(store, lm, lambda lm, reqs, es: editor.compute(lm, reqs, es, None),
+                          [tpatcher.reqs[:2], tpatcher.reqs[2:]])
     edited = _outputs(lm, prompts)
     assert not torch.equal(edited["eiffel"], base["eiffel"])
     w = ["-w", str(workspace.root)]
@@ -108,7 +87,9 @@ def test_tpatcher_retract_through_the_cli_removes_exactly_one_fact(workspace, st
         store.promote(new.id, by="carol")
 
 
-def test_memoir_retract_removes_exactly_one_fact_through_the_lineage(tiny_lm, tiny_tokenizer, tmp_path):
+def test_memoir_retract_removes_exactly_one_fact_through_the_lineage(tiny_lm, tiny_tokenizer, tmp_path,
+                                                                     commit_batches, tiny_model_factory,
+                                                                     memoir):
     """The retracted fact's prompt is the base model's; a fact whose mask shares no column with it keeps
     its output bit for bit. A fact sharing columns keeps its own entry bit for bit, but W' on the shared
     columns loses the retracted block (the memory superposes blocks there), so its output may move."""
@@ -116,16 +97,14 @@ def test_memoir_retract_removes_exactly_one_fact_through_the_lineage(tiny_lm, ti
     from kedit.editors.memoir import BLOCK_U, BLOCK_V, MASKS, W, residual_matrix
     from kedit.lineage.retract import owner_diff, retract, row_owners
     from kedit.models.store import wrap_model
-    from tests.conftest import make_tiny_model
-    from tests.editors.test_editors_memoir import A, B, _editor
 
     d = dict(prompt="The capital city of {}", subject="Germany", target_new="Tokyo", target_true="Berlin", id="d")
     lm = tiny_lm
-    reqs = [EditRequest(**A), EditRequest(**B), EditRequest(**d)]
+    reqs = [EditRequest(**memoir.a), EditRequest(**memoir.b), EditRequest(**d)]
     prompts = {r.id: r.prompt.format(r.subject) for r in reqs}
     base = _outputs(lm, prompts)
     store = LineageStore(tmp_path / "lineage")
-    s1, s2 = _two_batches(store, lm, lambda lm, rq, es: _editor().compute(lm, rq, es, None),
+    s1, s2 = commit_batches(store, lm, lambda lm, rq, es: memoir.editor().compute(lm, rq, es, None),
                           [reqs[:1], reqs[1:]])
     edited = _outputs(lm, prompts)
     assert not torch.equal(edited["a"], base["a"])
@@ -135,7 +114,7 @@ def test_memoir_retract_removes_exactly_one_fact_through_the_lineage(tiny_lm, ti
     new = retract(store, lm, s2.id, "a", by="dana", reason="wrong source")
     assert retract(store, lm, s2.id, "a", by="dana", reason="wrong source").id == new.id  # content-addressed
     assert new.parent == s2.id and store.facts(new.id) == {"b": "feed1", "d": "feed1"}
-    fresh = wrap_model(make_tiny_model("llama"), tiny_tokenizer, slug="tiny-llama")
+    fresh = wrap_model(tiny_model_factory("llama"), tiny_tokenizer, slug="tiny-llama")
     es = store.materialise(new.id, fresh)
     assert es.meta["entry_owner"] == ["b", "d"]
     assert torch.equal(es.tensors[MASKS], old.tensors[MASKS][1:])
@@ -151,10 +130,10 @@ def test_memoir_retract_removes_exactly_one_fact_through_the_lineage(tiny_lm, ti
         retract(store, lm, s2.id, "zz", by="dana", reason="x")
 
 
-def test_weight_editor_fact_is_refused_with_an_edit_back_request(workspace, stored_lm, capsys):  # noqa: F811
+def test_weight_editor_fact_is_refused_with_an_edit_back_request(workspace, stored_lm, capsys, run_batches,
+                                                                 fabricate):
     from kedit.cli import main
     from kedit.editors.base import apply_deltas
-    from tests.lineage.test_lineage import fabricate
 
     lm = stored_lm()
     store = LineageStore(workspace.lineage_dir)

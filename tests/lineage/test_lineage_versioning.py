@@ -9,17 +9,12 @@ import pytest
 
 from kedit.lineage import LineageStore, ops
 from kedit.lineage.versioning import Versioning, state_tag
-from tests.lineage.test_lineage import (  # noqa: F401  (fixture re-export)
-    edited_hashes,
-    gate_and_approve,
-    run_batches,
-    stored_lm,
-)
 
 NO_DVC = {"mlflow": True, "dvc": False, "snapshot_every": 2, "model_prefix": "kedit", "dvc_remote": None}
 
 
-def test_mlflow_aliases_move_and_versions_stay(workspace, stored_lm, monkeypatch):  # noqa: F811
+def test_mlflow_aliases_move_and_versions_stay(workspace, stored_lm, monkeypatch, gate_and_approve,
+                                               run_batches):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from kedit.lineage.registry import TAG_STATE, ModelRegistry, Tracking
 
@@ -62,7 +57,8 @@ def test_mlflow_aliases_move_and_versions_stay(workspace, stored_lm, monkeypatch
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
-def test_dvc_tag_checkout_and_fresh_clone(workspace, stored_lm, tmp_path):  # noqa: F811
+def test_dvc_tag_checkout_and_fresh_clone(workspace, stored_lm, tmp_path, run_batches, gate_and_approve,
+                                          edited_hashes):
     lm = stored_lm()
     params = {**NO_DVC, "mlflow": False, "dvc": True}
     store = LineageStore(workspace.lineage_dir, snapshot_every=2)

@@ -14,7 +14,6 @@ from kedit.cli import main
 from kedit.lineage import LineageStore, ops
 from kedit.models import store as model_store
 from kedit.models.store import ModelCorruptError, load_model
-from tests.lineage.test_lineage import fabricate, gate_and_approve, run_batches, stored_lm  # noqa: F401  (fixture)
 
 
 def corrupt_values(f: Path, n: int = 1000, keep_mtime: bool = False) -> None:
@@ -28,7 +27,7 @@ def corrupt_values(f: Path, n: int = 1000, keep_mtime: bool = False) -> None:
         os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def test_predict_refuses_a_damaged_base_model_and_names_the_file(workspace, stored_lm, capsys):  # noqa: F811
+def test_predict_refuses_a_damaged_base_model_and_names_the_file(workspace, stored_lm, capsys):
     stored_lm()  # the first load hashes the files and stamps them
     weights = workspace.model_dir("tiny-llama") / "model.safetensors"
     corrupt_values(weights)
@@ -40,8 +39,8 @@ def test_predict_refuses_a_damaged_base_model_and_names_the_file(workspace, stor
         load_model("tiny-llama", workspace)
 
 
-def test_load_is_cheap_once_stamped_and_full_hash_catches_a_same_mtime_change(workspace, stored_lm,  # noqa: F811
-                                                                               monkeypatch):
+def test_load_is_cheap_once_stamped_and_full_hash_catches_a_same_mtime_change(workspace, stored_lm,
+                                                                              monkeypatch):
     stored_lm()
     assert main(["-w", str(workspace.root), "model", "verify", "tiny-llama"]) == 0
     calls = []
@@ -57,7 +56,8 @@ def test_load_is_cheap_once_stamped_and_full_hash_catches_a_same_mtime_change(wo
     assert main(["-w", str(workspace.root), "model", "verify", "tiny-llama"]) == 1
 
 
-def test_export_verify_and_registration_refuse_a_damaged_base(workspace, stored_lm, tmp_path, capsys):  # noqa: F811
+def test_export_verify_and_registration_refuse_a_damaged_base(workspace, stored_lm, tmp_path, capsys,
+                                                              run_batches, gate_and_approve):
     lm = stored_lm()
     store = LineageStore(workspace.lineage_dir, snapshot_every=2)
     (s1,) = run_batches(store, lm, 1)
@@ -81,7 +81,7 @@ def test_export_verify_and_registration_refuse_a_damaged_base(workspace, stored_
 
 
 @pytest.fixture
-def edit_dir(workspace, stored_lm, tmp_path):  # noqa: F811
+def edit_dir(workspace, stored_lm, tmp_path, fabricate):
     from kedit.editors.io import save_edit
 
     lm = stored_lm()
@@ -116,12 +116,11 @@ def test_edit_dir_with_changed_values_is_refused(workspace, edit_dir):
         load_state(edit_dir)
 
 
-def test_a_failed_import_leaves_no_temporary_copy(workspace, tmp_path):
+def test_a_failed_import_leaves_no_temporary_copy(workspace, tmp_path, tiny_model_factory):
     from kedit.models.store import import_hf
-    from tests.conftest import make_tiny_model
 
     src = tmp_path / "no-tokenizer"
-    make_tiny_model("llama").save_pretrained(src)
+    tiny_model_factory("llama").save_pretrained(src)
     with pytest.raises(FileNotFoundError, match="could not load a tokenizer"):
         import_hf(workspace, src, slug="tiny")
     assert list(workspace.models_dir.iterdir()) == []

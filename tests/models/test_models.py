@@ -11,7 +11,6 @@ import torch
 
 from kedit.hooks import Trace
 from kedit.models.adapters import ArchSpec, ModelAdapter, UnknownArchitectureError, load_arch_spec
-from tests.conftest import make_tiny_model
 
 EXPECTED = {
     "llama": ("model.layers.2.mlp.down_proj", "model.embed_tokens", "model.norm", False),
@@ -22,8 +21,8 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("family", sorted(EXPECTED))
-def test_adapter_finds_modules(family):
-    model = make_tiny_model(family)
+def test_adapter_finds_modules(family, tiny_model_factory):
+    model = tiny_model_factory(family)
     ad = ModelAdapter(model)
     mlp_out, embed, norm, transposed = EXPECTED[family]
     assert ad.num_layers == 4
@@ -43,8 +42,8 @@ def test_adapter_finds_modules(family):
     assert torch.allclose(pred, out, atol=1e-5)
 
 
-def test_gpt2_conv1d_is_handled_transposed():
-    model = make_tiny_model("gpt2")
+def test_gpt2_conv1d_is_handled_transposed(tiny_model_factory):
+    model = tiny_model_factory("gpt2")
     ad = ModelAdapter(model)
     stored = ad.mlp_out(1).weight
     assert tuple(stored.shape) == (ad.key_dim(1), ad.out_dim(1))  # Conv1D stores [in, out]
@@ -54,8 +53,8 @@ def test_gpt2_conv1d_is_handled_transposed():
     assert torch.equal(ad.from_stored(ad.to_stored(delta)), delta)
 
 
-def test_unknown_architecture_names_the_fields(tmp_path):
-    model = make_tiny_model("llama")
+def test_unknown_architecture_names_the_fields(tmp_path, tiny_model_factory):
+    model = tiny_model_factory("llama")
     model.config.model_type = "mystery"
     with pytest.raises(UnknownArchitectureError, match="mlp_out.*final_norm|layers, mlp_out"):
         ModelAdapter(model)
@@ -72,12 +71,12 @@ def test_unknown_architecture_names_the_fields(tmp_path):
         ModelAdapter(model, bad)
 
 
-def test_import_hf_directory_and_reload(tmp_path, tiny_tokenizer):
+def test_import_hf_directory_and_reload(tmp_path, tiny_tokenizer, tiny_model_factory):
     from kedit.models.store import import_hf, load_model
     from kedit.workspace import Workspace
 
     src = tmp_path / "tiny-gpt2"
-    make_tiny_model("gpt2").save_pretrained(src)
+    tiny_model_factory("gpt2").save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
     ws = Workspace(tmp_path / "ws")
     m = import_hf(ws, src)

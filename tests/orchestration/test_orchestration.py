@@ -22,7 +22,6 @@ import pytest
 
 from kedit.cli import main
 from kedit.orchestration import PrefectAPIError, PrefectRuns, expire_overdue, free_port, state_type
-from tests.lineage.test_lineage import run_batches, stored_lm  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -197,7 +196,7 @@ def test_a_paused_run_resumes_with_the_verdict(server, capsys):
     assert state_type(server.flow_run(waiting[0].id)) == "COMPLETED"
 
 
-def test_timed_out_approvals_are_rejected_once(server, deployment, workspace, stored_lm):  # noqa: F811
+def test_timed_out_approvals_are_rejected_once(server, deployment, workspace, stored_lm, run_batches):
     """A run past its approval deadline cannot be approved; the sweep records the rejection in the
     lineage once and leaves the run Failed, whether or not the server's expiration service got there first."""
     from kedit.lineage.store import LineageStore

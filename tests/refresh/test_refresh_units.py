@@ -38,7 +38,8 @@ def test_resolve_feed(workspace):
         resolve_feed(workspace, "2026-11-23")
 
 
-def test_ingest_step_and_feed_ingest_cli_agree(workspace, tiny_tokenizer, tmp_path, monkeypatch, capsys):
+def test_ingest_step_and_feed_ingest_cli_agree(workspace, tiny_tokenizer, tmp_path, monkeypatch, capsys,
+                                               champion_with_facts, lineage_feed, tiny_model_factory):
     """The nightly ingest step and `kedit feed ingest --no-op-check` are one code path: same champion,
     same drops (already applied), same quarantine (flip-flop), same accepted rows."""
     import json
@@ -46,11 +47,9 @@ def test_ingest_step_and_feed_ingest_cli_agree(workspace, tiny_tokenizer, tmp_pa
     from kedit.cli import main
     from kedit.models.store import import_hf, load_model
     from kedit.refresh import ingest_step
-    from tests.conftest import make_tiny_model
-    from tests.feeds.test_feeds import champion_with_facts, lineage_feed
 
     src = tmp_path / "tiny-src"
-    make_tiny_model("llama").save_pretrained(src)
+    tiny_model_factory("llama").save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
     import_hf(workspace, src, slug="tiny-llama")
     champion = champion_with_facts(workspace, load_model("tiny-llama", workspace))

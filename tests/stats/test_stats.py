@@ -11,7 +11,6 @@ from kedit.hooks import Trace
 from kedit.stats.collect import compute_stats, load_stats
 from kedit.stats.corpus import is_heldout, load_corpus
 from kedit.stats.second_moment import RunningMoment, collect_second_moments, tokenize_batches
-from tests.conftest import TINY_TEXT
 
 
 def test_running_moment_matches_direct():
@@ -39,29 +38,28 @@ def _direct_moment(lm, layer: int, texts: list[str], seq_len: int) -> torch.Tens
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
-def test_streaming_equals_direct_and_skips_padding(family, tiny_tokenizer):
+def test_streaming_equals_direct_and_skips_padding(family, tiny_tokenizer, tiny_text, tiny_model_factory):
     from kedit.models.store import wrap_model
-    from tests.conftest import make_tiny_model
 
-    lm = wrap_model(make_tiny_model(family), tiny_tokenizer)
-    got = collect_second_moments(lm, [1, 2], TINY_TEXT, batch_size=3, seq_len=32)
+    lm = wrap_model(tiny_model_factory(family), tiny_tokenizer)
+    got = collect_second_moments(lm, [1, 2], tiny_text, batch_size=3, seq_len=32)
     for layer in (1, 2):
-        want = _direct_moment(lm, layer, TINY_TEXT, 32)
+        want = _direct_moment(lm, layer, tiny_text, 32)
         assert got[layer].dtype == torch.float64
         assert torch.allclose(got[layer], want, rtol=1e-4, atol=1e-6), family
 
 
-def test_batches_are_padded_and_masked(tiny_tokenizer):
-    batches = list(tokenize_batches(tiny_tokenizer, TINY_TEXT, batch_size=8, seq_len=64))
+def test_batches_are_padded_and_masked(tiny_tokenizer, tiny_text):
+    batches = list(tokenize_batches(tiny_tokenizer, tiny_text, batch_size=8, seq_len=64))
     total = sum(int(b["attention_mask"].sum()) for b in batches)
-    want = sum(min(64, len(tiny_tokenizer(t, add_special_tokens=False)["input_ids"])) for t in TINY_TEXT)
+    want = sum(min(64, len(tiny_tokenizer(t, add_special_tokens=False)["input_ids"])) for t in tiny_text)
     assert total == want
     assert any((b["attention_mask"] == 0).any() for b in batches)
 
 
-def test_compute_stats_writes_manifest_and_resumes(tiny_lm, workspace, tmp_path):
+def test_compute_stats_writes_manifest_and_resumes(tiny_lm, workspace, tmp_path, tiny_text):
     corpus_file = tmp_path / "c.txt"
-    corpus_file.write_text("\n\n".join(TINY_TEXT * 3))
+    corpus_file.write_text("\n\n".join(tiny_text * 3))
     # Interrupted run: checkpoint after every batch, stop after 2 batches.
     with pytest.raises(KeyboardInterrupt):
         compute_stats(tiny_lm, [1, 2], workspace, str(corpus_file), max_tokens=10_000, seq_len=32, batch_size=2,
@@ -70,7 +68,7 @@ def test_compute_stats_writes_manifest_and_resumes(tiny_lm, workspace, tmp_path)
     assert (out / ".partial" / "state.json").exists() and not (out / "manifest.json").exists()
     resumed = compute_stats(tiny_lm, [1, 2], workspace, str(corpus_file), max_tokens=10_000, seq_len=32,
                             batch_size=2, progress=False, checkpoint_every=1)
-    fresh = collect_second_moments(tiny_lm, [1, 2], TINY_TEXT * 3, batch_size=2, seq_len=32)
+    fresh = collect_second_moments(tiny_lm, [1, 2], tiny_text * 3, batch_size=2, seq_len=32)
     for i in (1, 2):
         assert torch.allclose(resumed.mom2[i], fresh[i], rtol=1e-6, atol=1e-9)
     manifest = json.loads((out / "manifest.json").read_text())

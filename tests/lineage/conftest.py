@@ -1,0 +1,102 @@
+"""Helpers of the lineage tests: running `kedit` in a child process (its command line, environment and a
+non-blocking reader of its stderr) and committing edit batches one on top of the other."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MAIN = "import sys; from kedit.cli import main; sys.exit(main(sys.argv[1:]))"  # what the `kedit` script runs
+
+
+@pytest.fixture(scope="session")
+def kedit_main() -> str:
+    """``python -c`` code that runs `kedit` as the installed script does."""
+    return MAIN
+
+
+def _kedit_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", "")])
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="session")
+def kedit_env():
+    """``kedit_env(**extra) -> env``: this environment for a `kedit` child (this checkout's sources first,
+    no MLFLOW_TRACKING_URI), plus ``extra``."""
+    return _kedit_env
+
+
+class _Lines:
+    """stderr of a child process, line by line, without blocking the test forever."""
+
+    def __init__(self, stream) -> None:
+        self.q: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=lambda: [self.q.put(line) for line in stream], daemon=True).start()
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        import time
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                line = self.q.get(timeout=max(0.1, end - time.monotonic()))
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            if text in line:
+                return True
+        return False
+
+
+@pytest.fixture(scope="session")
+def line_reader():
+    """``line_reader(stream)``: ``.wait_for(text, timeout) -> bool`` and ``.seen`` (lines read so far)."""
+    return _Lines
+
+
+def _feed(i: int, reqs) -> dict:
+    return {"file_sha256": f"feed{i}", "path": f"feeds/day{i}.jsonl", "row_ids": [r.id for r in reqs],
+            "facts": [{"id": r.id, "prompt": r.prompt, "subject": r.subject, "target_new": r.target_new,
+                       "target_true": r.target_true} for r in reqs]}
+
+
+def _commit_batches(store, lm, compute, batches):
+    """Commit each batch on top of the last (the editor attached as the pipeline has it)."""
+    from kedit.editors.registry import attach_state
+
+    parent, es, states = None, None, []
+    for i, reqs in enumerate(batches):
+        res = compute(lm, reqs, es)
+        s = store.commit(lm, res, parent=parent, feed=_feed(i, reqs), hparams={"method": res.state.method})
+        attach_state(lm, res.state)
+        parent, es = s.id, res.state
+        states.append(s)
+    return states
+
+
+@pytest.fixture(scope="session")
+def commit_batches():
+    """``commit_batches(store, lm, compute, batches) -> [EditState]``: ``compute(lm, reqs, prev_state)`` per
+    batch, each committed as the child of the last with its facts in the feed, its state attached."""
+    return _commit_batches
+
+
+def _edited_hashes(lm, names) -> dict[str, str]:
+    from kedit.atomic import sha256_tensor
+
+    params = dict(lm.model.named_parameters())
+    return {n: sha256_tensor(params[n]) for n in names}
+
+
+@pytest.fixture(scope="session")
+def edited_hashes():
+    """``edited_hashes(lm, names) -> {name: sha256}`` of the model's parameters ``names``."""
+    return _edited_hashes
