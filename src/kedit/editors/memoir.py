@@ -122,7 +122,7 @@ import torch
 
 from kedit.editors import attach as _attach
 from kedit.editors.base import EditorState, EditRequest, EditResult, RequestDiagnostics
-from kedit.editors.common import check_requests
+from kedit.editors.common import EditCaches, check_requests
 from kedit.editors.context import context_prefixes
 from kedit.editors.hparams import EditHparams
 from kedit.editors.prompts import pad_right, subject_rows, target_ids
@@ -395,6 +395,32 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
     return _attach.install(lm.model, METHOD, lm.adapter.mlp_out_name(layer), hook, extra)
 
 
+def export_added(lm, state: EditorState) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """What an exported directory adds for this state: the memory's settings and tensors, in the form
+    the shipped ``modeling_kedit_added.py`` reads (None: no entries yet)."""
+    t = state.tensors
+    if MASKS not in t or t[MASKS].shape[0] == 0:
+        return None
+    layer = int(state.meta["layer"])
+    spec = {"method": METHOD, "layer": layer, "module": lm.adapter.mlp_out_name(layer),
+            "k": int(state.meta["k"]), "threshold": float(state.meta["threshold"]),
+            "n_entries": int(t[MASKS].shape[0]), "d": int(t[W].shape[1]), "d_out": int(t[W].shape[0]),
+            "facts": list(state.meta.get("entry_owner", [])), "read": state.meta.get("read", "shared")}
+    tensors = {"W": t[W], "masks": t[MASKS], "bg_mean": t[BG], "perm": t[PERM]}
+    if EXACT in t:  # each entry's exact key, read at its own (strict) threshold
+        spec["exact_threshold"] = float(state.meta["exact_threshold"])
+        tensors["exact"] = t[EXACT]
+    if SPAN_ON in t and bool(t[SPAN_ON].any()):  # span keys: the token before must match too
+        spec["span_threshold"] = float(state.meta["span_threshold"])
+        tensors.update(span=t[SPAN], span_on=t[SPAN_ON])
+    if read_scale(state) != 1.0 or exact_read_scale(state) != 1.0:  # reads add this share of the block
+        spec.update(read_scale=read_scale(state), exact_read_scale=exact_read_scale(state))
+    if spec["read"] == "own":  # each entry's own block, as factors
+        spec["rank"] = int(t[BLOCK_U].shape[2])
+        tensors.update(block_u=t[BLOCK_U], block_v=t[BLOCK_V])
+    return spec, tensors
+
+
 def _cache_length(cache) -> int:
     """Tokens already in a KV cache passed to the model (0: none, a fresh text)."""
     if cache is None:
@@ -523,9 +549,10 @@ class MemoirEditor:
             return state
         return with_span_keys(lm, state, applied, self.hp, self.cache_dir)
 
-    def compute(self, lm, requests: list[EditRequest], state: EditorState | None = None, stats=None
-                ) -> EditResult:
-        """``stats`` is not used: the memory needs only its own background mean (kept in the state)."""
+    def compute(self, lm, requests: list[EditRequest], state: EditorState | None = None, stats=None,
+                caches: EditCaches | None = None) -> EditResult:
+        """``stats`` is not used: the memory needs only its own background mean (kept in the state);
+        ``caches``: the run's prefix cache."""
         t0 = time.perf_counter()
         check_requests(requests)
         hp = self.hp
@@ -535,7 +562,8 @@ class MemoirEditor:
             EditorState(state.method, dict(state.tensors), dict(state.meta))
         _check_state(state, lm, hp)
         layer, k = int(state.meta["layer"]), int(state.meta["k"])
-        prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir)
+        prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir,
+                                    None if caches is None else caches.prefixes)
         with _attach.suspended(lm.model, METHOD):
             wr = _train(lm, requests, prefixes, state, layer, k, hp, self.progress)
             spans = span_keys(lm, requests, prefixes, state, layer, k, wr.before) if hp.mm_span_key else None
