@@ -236,14 +236,14 @@ class MemoirHparams(VStarHparams):
     # is exact for every other fact); "shared" = W'[:, M_e], the sum of every block on e's columns (MEMOIR)
     mm_read: str = "own"
     # share of an entry's block that a reading token adds (1: all of it). Below 1 every read writes less:
-    # less damage where general text reads an entry, bought with generalization (docs/editing.md, read scale)
+    # less damage where general text reads an entry, bought with generalization (docs/editors/memoir.md, read shares)
     mm_read_scale: float = 1.0
     # the share a token reading an entry through its exact key adds (the text begins as the edit's own
     # prompt does, up to the subject: the case v* was fitted for)
     mm_exact_read_scale: float = 1.0
     # the mask reads' share as the memory grows: [[entries, share], ...], linear in between, constant past
     # the ends; overrides mm_read_scale. Every entry read on general text adds damage, so a larger memory
-    # reads each entry more softly to hold the total (docs/editing.md, read shares); older facts soften too;
+    # reads each entry more softly to hold the total (docs/editors/memoir.md, read shares); older facts soften too;
     # [[0, 1.0]] turns a file's schedule off
     mm_read_scale_by_entries: list | None = None
     # "vstar": start each request's Adam from the stored v* of the entries with the same new object (their
