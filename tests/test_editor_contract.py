@@ -196,3 +196,14 @@ def test_no_caller_branches_on_a_method_name():
                     found.append(f"{f.relative_to(root)}:{node.lineno}")
     assert not found, f"branches on a method name: {found}"
 
+
+
+def test_bench_tables_compare_only_the_settings_a_method_reads(tmp_path):
+    """A run records only its method's settings, so the shared defaults block's other keys are not a
+    difference from the shipped file."""
+    from kedit.bench.tables import shipped_settings
+
+    (tmp_path / "m.yaml").write_text("defaults:\n  v_lr: 2.0\n  L2: 3\ntpatcher:\n  tp_lr: 0.2\n  why: {tp_lr: x}\n")
+    assert shipped_settings("m", "tpatcher", tmp_path) == {"tp_lr": 0.2}
+    assert shipped_settings("m", "alphaedit", tmp_path) == {"v_lr": 2.0, "L2": 3}
+    assert set(load_hparams("tpatcher", path=tmp_path / "m.yaml").to_dict()) >= {"tp_lr"}
