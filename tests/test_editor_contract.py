@@ -197,6 +197,29 @@ def test_no_caller_branches_on_a_method_name():
     assert not found, f"branches on a method name: {found}"
 
 
+def test_no_caller_reads_the_old_per_capability_dicts():
+    """ATTACHERS / RETRACTORS / OWNERS / EDITORS are views kept for outside code; kedit itself asks spec()."""
+    root = Path(__file__).parents[1] / "src" / "kedit"
+    views = {"ATTACHERS", "RETRACTORS", "OWNERS", "EDITORS"}
+    found = [f"{f.relative_to(root)}:{node.lineno}" for f in root.rglob("*.py") if f != root / "editors" / "registry.py"
+             for node in ast.walk(ast.parse(f.read_text(encoding="utf-8")))
+             if (isinstance(node, ast.Name) and node.id in views)
+             or (isinstance(node, ast.alias) and node.name in views)]
+    assert not found, f"reads the old dicts instead of spec(): {found}"
+
+
+def test_refresh_reads_statistics_as_the_spec_says(monkeypatch):
+    """The refresh config's answer comes from the method's spec row, not from the method's name."""
+    import dataclasses
+
+    from kedit.config import RefreshConfig
+    from kedit.editors import registry
+
+    assert not RefreshConfig(method="memoir").reads_key_statistics
+    monkeypatch.setitem(registry.SPECS, "memoir", dataclasses.replace(registry.SPECS["memoir"], needs_statistics=True))
+    assert RefreshConfig(method="memoir").reads_key_statistics
+
+
 
 def test_bench_tables_compare_only_the_settings_a_method_reads(tmp_path):
     """A run records only its method's settings, so the shared defaults block's other keys are not a
