@@ -35,7 +35,7 @@ SCHEMA: dict[str, frozenset[str]] = {
     "feeds": frozenset({"max_invalid_fraction", "min_rows", "max_rows", "max_file_bytes", "max_id_chars",
                         "max_subject_chars", "max_prompt_chars", "max_target_chars", "max_text_chars",
                         "max_list_items", "max_list_item_chars", "window_days"}),
-    "lineage": frozenset({"snapshot_every", "dvc_remote", "model_prefix", "mlflow", "dvc"}),
+    "lineage": frozenset({"snapshot_every", "dvc_remote", "model_prefix", "mlflow", "dvc", "lock_wait_s"}),
     "trace": frozenset({"samples", "noise", "window", "seed", "batch_rows", "n", "block_size",
                         "aggregate_kinds"}),
     "canary": frozenset({"k", "max_prompts"}),

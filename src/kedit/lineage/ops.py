@@ -18,6 +18,7 @@ from kedit.lineage.identity import describe
 from kedit.lineage.intent import Intent, adopt, clear_intent, read_intent, step_done, write_intent
 from kedit.lineage.policy import refusal
 from kedit.lineage.registry import model_name
+from kedit.lineage.shared import DVC_REMOTE_ENV, section
 from kedit.lineage.state import BASE, Event, LineageError, label
 from kedit.lineage.store import LineageStore, _pid_alive
 from kedit.workspace import Workspace
@@ -25,7 +26,7 @@ from kedit.workspace import Workspace
 log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {"snapshot_every": 20, "dvc_remote": None, "model_prefix": "kedit",
-                            "mlflow": True, "dvc": True}
+                            "mlflow": True, "dvc": True, "lock_wait_s": 600}
 
 
 def lineage_params(ws: Workspace, params_file: str | Path | None = None) -> dict[str, Any]:
@@ -48,7 +49,7 @@ def open_store(ws: Workspace, params: dict[str, Any] | None = None) -> LineageSt
 def _versioning(ws: Workspace, params: dict[str, Any]):
     from kedit.lineage.versioning import Versioning
 
-    return Versioning(ws, remote=params.get("dvc_remote"))
+    return Versioning(ws, remote=os.environ.get(DVC_REMOTE_ENV) or params.get("dvc_remote"))
 
 
 def _registry(ws: Workspace, slug: str, params: dict[str, Any]):
@@ -205,7 +206,8 @@ def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment:
     is held over every store; an intent record makes a crash between them resumable."""
     params = params or lineage_params(ws)
     mlflow, dvc = mlflow and bool(params.get("mlflow", True)), dvc and bool(params.get("dvc", True))
-    with store.lock(f"promote {state_id[:12]} by {by}"):
+    op = f"promote {state_id[:12]} by {by}"
+    with section(ws, op, params, wait_s=float(params["lock_wait_s"])), store.lock(op):
         repaired = finish_pending(ws, store, params)
         sid = store.resolve(state_id)
         check = store.promotion_check(sid)
@@ -234,7 +236,8 @@ def rollback(ws: Workspace, store: LineageStore, state_id: str | None, by: str, 
     mlflow, dvc = mlflow and bool(params.get("mlflow", True)), dvc and bool(params.get("dvc", True))
     if not reason or not reason.strip():
         raise ValueError("rollback: give a reason")
-    with store.lock(f"rollback {label(state_id)[:12]} by {by}"):
+    op = f"rollback {label(state_id)[:12]} by {by}"
+    with section(ws, op, params, wait_s=float(params["lock_wait_s"])), store.lock(op):
         repaired = finish_pending(ws, store, params)
         sid = None if state_id in (None, BASE) else store.resolve(state_id)
         check = store.rollback_check(sid)
@@ -300,7 +303,7 @@ def repair(ws: Workspace, store: LineageStore, params: dict[str, Any] | None = N
     """Bring every store to the lineage events: finish or drop an interrupted promote / rollback,
     rewrite the CHAMPION copy, and move git + DVC and the MLflow alias where they disagree."""
     params = params or lineage_params(ws)
-    with store.lock("repair"):
+    with section(ws, "repair", params, wait_s=float(params["lock_wait_s"])), store.lock("repair"):
         before = divergences(ws, store, params)
         done = [n for n in [finish_pending(ws, store, params)] if n]
         store.write_champion_file()

@@ -71,7 +71,10 @@ class Tracking:
             os.environ["MLFLOW_TRACKING_URI"] = before
         self.client = MlflowClient(self.uri)
         exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is None:
+        if exp is None and self.uri.startswith(("http://", "https://")):
+            # a tracking server keeps artifacts where it was told (--artifacts-destination, proxied)
+            self.experiment_id = self.client.create_experiment(self.experiment)
+        elif exp is None:
             art = (self.ws.root / "mlartifacts").resolve()
             art.mkdir(parents=True, exist_ok=True)
             self.experiment_id = self.client.create_experiment(self.experiment, artifact_location=art.as_uri())
