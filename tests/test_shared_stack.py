@@ -67,6 +67,15 @@ def shared_env(services, monkeypatch):
     return {**os.environ}
 
 
+@pytest.fixture(scope="module")
+def machine_a(services, tiny_src, tmp_path_factory):
+    """Workspace A after the gpu worker's edit: its state is published (git + DVC on S3). -> (folder, id)"""
+    env = {**os.environ, **services.worker_env()}
+    env.pop("KEDIT_PARAMS", None)
+    a_dir = tmp_path_factory.mktemp("machine-a") / "ws"
+    return a_dir, finish(worker(env, "edit", str(a_dir), str(tiny_src), "1"))["state"]
+
+
 def worker(env: dict, *args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(WORKER), *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw)
@@ -89,7 +98,7 @@ def model_digest(model) -> dict[str, str]:
     return {k: sha256_tensor(v) for k, v in model.state_dict().items()}
 
 
-def test_edit_in_a_decide_in_b_champion_loads_bit_identical(services, shared_env, tiny_src, tmp_path):
+def test_edit_in_a_decide_in_b_champion_loads_bit_identical(services, shared_env, machine_a, tmp_path):
     import mlflow
 
     from kedit.lineage import ops
@@ -97,16 +106,16 @@ def test_edit_in_a_decide_in_b_champion_loads_bit_identical(services, shared_env
     from kedit.refresh import RefreshConfig, load_state_model
     from kedit.workspace import Workspace
 
-    # A: the gpu worker's machine edits, its state is published (git + DVC on S3), then registered
-    a_dir, b_dir = tmp_path / "machine-a" / "ws", tmp_path / "machine-b" / "ws"
-    sid = finish(worker(shared_env, "edit", str(a_dir), str(tiny_src), "1"))["state"]
+    # A: the gpu worker's machine edited (fixture), its state is published; now it registers it
+    (a_dir, sid), b_dir = machine_a, tmp_path / "machine-b" / "ws"
     a = Workspace(a_dir)
     with ops.section(a, "register", ops.lineage_params(a)):
         mv = ops.register_candidate(a, ops.open_store(a), sid)
     assert mv.tags[TAG_STATE] == sid and str(mv.source).startswith("models:/")
     lm_a, _ = load_state_model(a, RefreshConfig(model="tiny-llama"), sid)
     want = model_digest(lm_a.model)
-    a_dir.rename(tmp_path / "machine-a" / "away")  # nothing of A's folder is reachable from here on
+    away = a_dir.with_name("away")
+    a_dir.rename(away)  # nothing of A's folder is reachable from here on
 
     # B: a fresh folder; it gets the lineage from the shared services only
     b = Workspace(b_dir)
@@ -127,15 +136,35 @@ def test_edit_in_a_decide_in_b_champion_loads_bit_identical(services, shared_env
     run = client.get_run(champ.run_id)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/"), run.info.artifact_uri
 
-    # B rolls back to the base model: event, git tag, MLflow alias on the base version
-    out = ops.rollback(b, ops.open_store(b, params), "base", by="reviewer-b", reason="test rollback", params=params)
-    assert out["champion"] is None
+    # B rolls back to the base model through the Prefect rollback deployment, run by a cpu worker whose
+    # workspace is B, on a Prefect server whose database is the shared PostgreSQL
+    from kedit.orchestration import LocalStack, state_type
+
+    stack = LocalStack(home=tmp_path / "prefect", project_dir=ROOT, workspace=b_dir,
+                       database_url=services.prefect_db_url)
+    try:
+        api = stack.start_server()
+        stack.create_pools()
+        stack.deploy()
+        stack.start_workers(("cpu",))
+        run = api.run_deployment("rollback/rollback", {"state": "base", "by": "reviewer-b",
+                                                       "reason": "test rollback", "workspace": str(b_dir)})
+        fr = api.wait(run.id, timeout=600)
+        assert state_type(fr) == "COMPLETED", (tmp_path / "prefect" / "worker-cpu.log").read_text()[-5000:]
+    finally:
+        stack.stop()
+    import psycopg2
+
+    with psycopg2.connect(services.pg.url("prefect")) as con, con.cursor() as cur:
+        cur.execute("SELECT count(*) FROM flow_run WHERE id = %s", (str(run.id),))
+        assert cur.fetchone()[0] == 1  # the run is in PostgreSQL, not in a SQLite file
+    assert ops.open_store(b, params).champion() is None
     assert client.get_model_version_by_alias(MODEL, "champion").tags[TAG_STATE] == "base"
     assert "kedit/state/base" in subprocess.run(["git", "--git-dir", str(services.git_remote), "tag"],
                                                 capture_output=True, text=True).stdout
 
     # A comes back and pulls: it sees B's approval, promotion and rollback
-    (tmp_path / "machine-a" / "away").rename(a_dir)
+    away.rename(a_dir)
     from kedit.lineage.shared import Shared, pull
 
     assert pull(a, Shared.from_env())
@@ -145,11 +174,11 @@ def test_edit_in_a_decide_in_b_champion_loads_bit_identical(services, shared_env
     assert ops.divergences(a, ops.open_store(a)) == []
 
 
-def test_two_writers_at_once_take_turns(services, shared_env, tiny_src, tmp_path):
+def test_two_writers_at_once_take_turns(services, shared_env, machine_a, tmp_path):
     from kedit.lineage import ops
     from kedit.workspace import Workspace
 
-    sid = finish(worker(shared_env, "edit", str(tmp_path / "c"), str(tiny_src), "2"))["state"]
+    sid = machine_a[1]
     before = remote_head(services)
     procs = [worker(shared_env, "gate", str(tmp_path / name), sid, name, "3") for name in ("d", "e")]
     runs = sorted((finish(p) for p in procs), key=lambda r: r["entered"])
@@ -190,13 +219,14 @@ def test_worker_killed_mid_edit_leaves_the_services_as_they_were(services, share
         assert time.monotonic() - t0 < 10
 
 
-def test_a_service_that_is_down_is_named_and_nothing_changes(services, shared_env, tiny_src, tmp_path):
+def test_a_service_that_is_down_is_named_and_nothing_changes(services, shared_env, machine_a, tmp_path):
     from kedit.lineage import ops
+    from kedit.lineage.shared import Shared, pull
     from kedit.lineage.state import LineageError
     from kedit.workspace import Workspace
 
-    ws = Workspace(tmp_path / "g")
-    sid = finish(worker(shared_env, "edit", str(ws.root), str(tiny_src), "4"))["state"]
+    ws, sid = Workspace(tmp_path / "g"), machine_a[1]
+    pull(ws, Shared.from_env())  # this machine's copy of the lineage, while everything is up
     params = ops.lineage_params(ws)
     store = ops.open_store(ws, params)
     head, events = remote_head(services), len(store.events())
