@@ -34,7 +34,11 @@ def test_mlflow_aliases_move_and_versions_stay(workspace, stored_lm, monkeypatch
                 ops.register_candidate(workspace, store, s.id, run_id=child.info.run_id, params=NO_DVC)
     got = tr.client.get_run(child.info.run_id)
     assert got.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert got.info.artifact_uri.startswith((workspace.root / "mlartifacts").as_uri())
+    # artifacts inside the workspace, under a workspace-relative URI (the workspace can move)
+    assert got.info.artifact_uri.startswith("kedit-workspace:/mlartifacts/")
+    from kedit.workspace_artifacts import local_path
+
+    assert local_path(got.info.artifact_uri, tr.uri).is_relative_to(workspace.root / "mlartifacts")
 
     reg = ModelRegistry(tr, "tiny-llama")
     assert reg.name == "kedit-tiny-llama"
@@ -95,6 +99,10 @@ def test_dvc_tag_checkout_and_fresh_clone(workspace, stored_lm, tmp_path):  # no
     from kedit.workspace import Workspace
 
     cws = Workspace(clone)
+    # the committed remote is relative (the clone's own .dvc-remote, which git does not carry): a clone
+    # reads the data from a remote it is told about, here the original's in the clone's local config
+    assert Versioning(cws).configured_remote() == "../.dvc-remote"
+    Versioning(cws).dvc("remote", "modify", "--local", "kedit", "url", str(workspace.root / ".dvc-remote"))
     Versioning(cws).pull()
     cstore = LineageStore(cws.lineage_dir)
     assert cstore.verify().ok and cstore.champion() == s3.id

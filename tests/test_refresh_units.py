@@ -65,7 +65,8 @@ def test_ingest_step_and_feed_ingest_cli_agree(workspace, tiny_tokenizer, tmp_pa
                  "--json", str(tmp_path / "cli.json")]) == 0, capsys.readouterr()
     cli = json.loads((tmp_path / "cli.json").read_text())
     assert cli["accepted"] == nightly["accepted"] and cli["counts"] == nightly["counts"]
-    assert nightly["report_path"] == str(workspace.feeds_dir / "reports" / f"{path.stem}.md")
+    assert nightly["report_path"] == f"feeds/reports/{path.stem}.md"  # relative: the workspace can move
+    assert nightly["feed"] == workspace.rel(path) and not nightly["feed"].startswith("/")
 
 
 def test_predicts_targets_matches_greedy(tiny_lm):

@@ -218,10 +218,11 @@ def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
     policy = FeedPolicy.from_params({"feeds": params.block("feeds")})
     res = ingest_for_champion(ws, path, policy, predictor=champion_predictor(ws, cfg))
     champion = res.champion
-    out = {"feed": str(path), "feed_sha256": res.sha256, "passed": bool(res.passed), "message": res.message,
+    # paths relative to the workspace: they end up in the lineage (the state's feed) and in reports
+    out = {"feed": ws.rel(path), "feed_sha256": res.sha256, "passed": bool(res.passed), "message": res.message,
            "champion": champion, "accepted": res.accepted, "counts": res.counts,
-           "report_path": str(res.report_path) if res.report_path else None,
-           "quarantine_path": str(res.quarantine_path) if res.quarantine_path else None}
+           "report_path": ws.rel(res.report_path) if res.report_path else None,
+           "quarantine_path": ws.rel(res.quarantine_path) if res.quarantine_path else None}
     out["refresh_key"] = refresh_key(res.sha256, champion, cfg)
     runlog = RunLog(ws, out["refresh_key"])
     runlog.log("validation", params={"feed": path.name, "feed_sha256": res.sha256, "champion": champion},
@@ -247,12 +248,12 @@ def trace_step(ws: Workspace, cfg: RefreshConfig, rows: list[dict[str, Any]], ke
         last_subject = res.subject_range[1] - 1
         mlp = res.effects.get("mlp")
         peak = int(torch.tensor(mlp[last_subject]).argmax()) if mlp else None
-        done.append({"id": r["id"], "dir": str(d), "target": res.target, "clean_prob": res.clean_prob,
+        done.append({"id": r["id"], "dir": ws.rel(d), "target": res.target, "clean_prob": res.clean_prob,
                      "peak_mlp_layer": peak, "seconds": res.seconds})
     RunLog(ws, key).log("tracing", params={"n_traced": len(done)},
                         metrics={f"peak_mlp_layer_{i}": d["peak_mlp_layer"] for i, d in enumerate(done)},
                         artifacts=[out_dir] if done else [])
-    return {"traced": done, "dir": str(out_dir)}
+    return {"traced": done, "dir": ws.rel(out_dir)}
 
 
 @reported("edit")
@@ -421,13 +422,13 @@ def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: d
     store.record_gate(sid, {"passed": gate["passed"], "checks": gate["checks"], "failed_ids": gate["failed_ids"],
                             "lost_ids": gate["lost_ids"],
                             "drift": drift_summary(report.checks, drift.reference.model_hash)},
-                      against=ingest["champion"], report=str(out_dir))
+                      against=ingest["champion"], report=ws.rel(out_dir))
     runlog = RunLog(ws, ingest["refresh_key"])
     runlog.log(
         "evaluation", metrics={c["name"]: c["value"] for c in gate["checks"] if c.get("value") is not None},
         tags={"kedit.gate": "passed" if gate["passed"] else "failed", "kedit.state": sid}, artifacts=[out_dir])
     log_candidate_model(ws, store, sid, runlog, out_dir)
-    return {"passed": bool(gate["passed"]), "report_dir": str(out_dir),
+    return {"passed": bool(gate["passed"]), "report_dir": ws.rel(out_dir),
             "checks": [{k: c[k] for k in ("name", "value", "threshold", "passed")} for c in gate["checks"]],
             "failed_ids": gate["failed_ids"], "lost_ids": gate["lost_ids"]}
 

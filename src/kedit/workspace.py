@@ -58,5 +58,21 @@ class Workspace:
     def mlflow_uri(self) -> str:
         return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
 
+    def rel(self, path: str | Path) -> str:
+        """How a path is recorded (lineage events, state records, reports): relative to the workspace
+        root when it lies inside it, so a workspace copied or moved elsewhere still finds its files; a
+        path outside the workspace (a feed given by its absolute path) is recorded as it is."""
+        p = Path(path)
+        full = (p if p.is_absolute() else self.root / p).resolve()
+        try:
+            return full.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(full)
+
+    def path(self, recorded: str | Path) -> Path:
+        """A recorded path (see :meth:`rel`) as a path in this workspace; absolute ones stay as they are."""
+        p = Path(recorded)
+        return p if p.is_absolute() else self.root / p
+
     def model_dir(self, slug: str) -> Path:
         return self.models_dir / slug

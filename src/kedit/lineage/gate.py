@@ -148,7 +148,7 @@ def gate_state(ws: Workspace, store: LineageStore, state_ref: str, by: str = "ke
                "lost_ids": gate["lost_ids"], "drift": drift_summary(report.checks, drift.reference.model_hash)}
     if retracted:
         verdict["retracted"] = retracted
-    ev = store.record_gate(sid, verdict, against=parent, by=by, report=str(out_dir))
+    ev = store.record_gate(sid, verdict, against=parent, by=by, report=ws.rel(out_dir))
     model_id = _log_mlflow(ws, store, sid, gate, out_dir) if _mlflow_on(ws, mlflow) else None
     return StateGate(state_id=sid, parent=parent, passed=bool(gate["passed"]), report_dir=out_dir,
                      event_seq=ev.seq, checks=gate["checks"], failed_ids=gate["failed_ids"],

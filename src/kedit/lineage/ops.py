@@ -220,7 +220,7 @@ def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment:
         _pause("event")
         out = _follow(ws, store, intent, params)
     if ev.data.get("override_event"):
-        _note_override(store, ev)
+        _note_override(ws, store, ev)
     return {"event": ev.to_dict(), **out, **({"repaired": repaired} if repaired else {})}
 
 
@@ -318,7 +318,7 @@ def repair(ws: Workspace, store: LineageStore, params: dict[str, Any] | None = N
     return {"before": before, "done": done, "after": after}
 
 
-def _note_override(store: LineageStore, ev: Event) -> None:
+def _note_override(ws: Workspace, store: LineageStore, ev: Event) -> None:
     """Append the override to the gate report the state's verdict came from (gate.md + override.json)."""
     from kedit.atomic import write_json_atomic, write_text_atomic
 
@@ -326,7 +326,7 @@ def _note_override(store: LineageStore, ev: Event) -> None:
     gates = [e for e in store.events() if e.type == "gate" and e.state == ev.state and e.data.get("report")]
     if over is None or not gates:
         return
-    report = Path(gates[-1].data["report"])
+    report = ws.path(gates[-1].data["report"])  # relative to the workspace (absolute: an older record)
     if not report.is_dir():
         return
     who = describe(over.actor)

@@ -71,14 +71,11 @@ class Tracking:
             os.environ["MLFLOW_TRACKING_URI"] = before
         self.client = MlflowClient(self.uri)
         exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is None and self.uri.startswith(("http://", "https://")):
-            # a tracking server keeps artifacts where it was told (--artifacts-destination, proxied)
-            self.experiment_id = self.client.create_experiment(self.experiment)
-        elif exp is None:
-            art = (self.ws.root / "mlartifacts").resolve()
-            art.mkdir(parents=True, exist_ok=True)
-            self.experiment_id = self.client.create_experiment(self.experiment, artifact_location=art.as_uri())
+        if exp is None:
+            self.experiment_id = self.client.create_experiment(self.experiment,
+                                                               artifact_location=artifact_root(self.ws, self.uri))
         else:
+            check_artifact_location(self.ws, self.uri, exp.artifact_location)
             self.experiment_id = exp.experiment_id
         mlflow.set_experiment(experiment_id=self.experiment_id)
 
@@ -96,6 +93,48 @@ class Tracking:
     def child(self, name: str, **kw) -> contextlib.AbstractContextManager:
         """A child run (validation, tracing, editing, evaluation) under the active nightly run."""
         return self.run(name, nested=True, **kw)
+
+
+def artifact_root(ws: Workspace, tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: inside the workspace under a workspace-relative URI
+    (``kedit-workspace:/mlartifacts``) when the tracking store is the workspace's own SQLite file, so
+    the workspace stays valid when copied or moved; a tracking server's own artifact root otherwise
+    (None: e.g. ``mlflow-artifacts:/`` of a server that proxies artifacts)."""
+    from kedit.workspace_artifacts import ARTIFACT_DIR, ROOT_URI, sqlite_file
+
+    db = sqlite_file(tracking_uri)
+    if db is None or db.parent != ws.root:
+        return None
+    (ws.root / ARTIFACT_DIR).mkdir(parents=True, exist_ok=True)
+    return ROOT_URI
+
+
+def check_artifact_location(ws: Workspace, tracking_uri: str, location: str) -> None:
+    """Refuse an experiment whose absolute ``file://`` artifact location lies outside this workspace (a
+    workspace made by an older kedit, then copied or moved): reading it would load, and writing it
+    would change, another folder's artifacts. One inside the workspace works but is not portable."""
+    import logging
+
+    from kedit.lineage.mlflow_model import local_path
+    from kedit.workspace_artifacts import is_workspace_uri, sqlite_file
+
+    if is_workspace_uri(location):
+        return
+    path = local_path(location or "")
+    db = sqlite_file(tracking_uri)
+    if path is None or db is None or db.parent != ws.root:
+        return
+    path = path.resolve()
+    if ws.root not in path.parents and path != ws.root:
+        raise LineageError(
+            f"{tracking_uri}: MLflow experiment keeps its artifacts at {path}, outside this workspace "
+            f"{ws.root}: the workspace was made by an older kedit (absolute artifact paths) and then copied "
+            f"or moved, so its models would load from (and log into) the other folder. Use the workspace in "
+            f"its original place, or start this copy's MLflow store afresh (move mlflow.db and mlartifacts/ "
+            f"aside); the lineage itself does not depend on them")
+    logging.getLogger(__name__).warning(
+        "%s: MLflow artifacts at the absolute path %s (a workspace made by an older kedit): it works here "
+        "but will not when the workspace is copied or moved", ws.root, path)
 
 
 def _param(v: Any) -> str:
@@ -332,7 +371,7 @@ def log_base_model(tracking: Tracking, slug: str, base_model_hash: str) -> Any:
                                f"model needs one of them")
         base_uri = base_model_uri(tracking, model_dir, base_model_hash)
     config = {"state_id": None, "base_model_hash": base_model_hash, "base_model_uri": base_uri,
-              "base_model_path": str(model_dir) if have == base_model_hash else None, "base_model_slug": slug}
+              "base_model_slug": slug}
     tags = {TAG_STATE: BASE, TAG_BASE: base_model_hash, TAG_KIND: "base-state"}
     with _run_ctx(tracking, None, f"register-base-{slug}"), tempfile.TemporaryDirectory() as tmp:
         info = _log_pyfunc(Path(tmp) / ARTIFACT, config, tags, {"kedit_state": None, "base_model_slug": slug})
@@ -373,7 +412,7 @@ def log_state_model(tracking: Tracking, store: Any, state: EditState, run_id: st
     if gate is not None:
         tags[TAG_GATE] = "passed" if gate.get("passed") else "failed"
     config = {"state_id": state.id, "base_model_hash": state.base_model_hash, "base_model_uri": base_uri,
-              "base_model_path": str(model_dir), "base_model_slug": state.base_model_slug}
+              "base_model_slug": state.base_model_slug}
     with _run_ctx(tracking, run_id, f"state-{state.short}") as r, tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / ARTIFACT  # the folder's name is the artifact's path inside the model
         stage_state_lineage(store, state.id, root)

@@ -22,6 +22,7 @@ from kedit.workspace import Workspace
 TRACKED = ("lineage", "models", "stats")
 TAG_PREFIX = "kedit/state/"
 DVCIGNORE = ["lineage/.lock", "lineage/.staging/", "lineage/.intent.json"]
+DEFAULT_REMOTE = ".dvc-remote"
 GITIGNORE = ["mlflow.db", "mlartifacts/", ".dvc-remote/", ".kedit-cache/", "reports/", ".stack/"]
 
 
@@ -72,7 +73,43 @@ class Versioning:
         return (self.root / ".git").exists() and (self.root / ".dvc").is_dir()
 
     def remote_url(self) -> str:
-        return self.remote or str((self.root / ".dvc-remote").resolve())
+        """The remote as configured, else ``.dvc-remote`` inside the workspace. A relative path is
+        relative to the workspace (DVC stores it relative to ``.dvc/``), so the committed config holds
+        no absolute path and a copy or clone of the workspace uses its own remote."""
+        return self.remote or DEFAULT_REMOTE
+
+    def configured_remote(self) -> str | None:
+        """The remote's URL exactly as ``.dvc/config`` holds it (relative paths relative to ``.dvc/``)."""
+        import configparser
+
+        cfg = configparser.ConfigParser()
+        path = self.root / ".dvc" / "config"
+        if not path.exists():
+            return None
+        cfg.read(path)
+        for section in (f"'remote \"{self.remote_name}\"'", f'remote "{self.remote_name}"'):
+            if cfg.has_option(section, "url"):
+                return cfg.get(section, "url")
+        return None
+
+    def _check_remote(self) -> bool:
+        """An absolute default remote written by an older kedit: this workspace's own ``.dvc-remote``
+        becomes the relative path (True: config changed); another folder's is refused, since pushing
+        there would write into the workspace this one was copied from."""
+        url = self.configured_remote()
+        if self.remote is not None or not url or "://" in url or not Path(url).is_absolute():
+            return False
+        own = self.root / DEFAULT_REMOTE
+        if Path(url).resolve() == own.resolve():
+            self.dvc("remote", "modify", self.remote_name, "url", DEFAULT_REMOTE)
+            return True
+        if Path(url).name == DEFAULT_REMOTE:
+            raise LineageError(
+                f"{self.root / '.dvc' / 'config'}: DVC remote {self.remote_name!r} is {url}, another workspace's "
+                f"default remote (a workspace made by an older kedit, then copied or moved); pushing would write "
+                f"into that folder. Point it at this workspace's own remote (`dvc remote modify {self.remote_name} "
+                f"url {DEFAULT_REMOTE}` in {self.root}) or set lineage.dvc_remote in params.yaml")
+        return False
 
     def ensure(self) -> None:
         """git init + dvc init + the default remote, each only if absent; the remote config is committed
@@ -94,9 +131,11 @@ class Versioning:
         if self.remote_name not in remotes.split():
             url = self.remote_url()
             if "://" not in url:
-                Path(url).mkdir(parents=True, exist_ok=True)
+                (self.root / url).mkdir(parents=True, exist_ok=True)
             self.dvc("remote", "add", "-d", self.remote_name, url)
             changed = True
+        else:
+            changed |= self._check_remote()
         changed |= _ensure_lines(self.root / ".dvcignore", DVCIGNORE)
         changed |= _ensure_lines(self.root / ".gitignore", GITIGNORE)
         if changed:
