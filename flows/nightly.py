@@ -53,6 +53,7 @@ def nightly_refresh(feed: str = "today", workspace: str | None = None, method: s
                                     approval_timeout_s=approval_timeout_s).to_dict()
     feed = _today() if feed == "today" else feed
 
+    t.sync_lineage(workspace)  # where the lineage is shared: start from its latest champion
     expired = t.expire_overdue(workspace)
     if expired:
         logger.warning("rejected %d candidate(s) whose approval timed out: %s", len(expired), expired)

@@ -93,13 +93,28 @@ def expire_overdue(workspace: str | None) -> list[str]:
     """A timed-out approval rejects (suspended runs cannot time themselves out: they are not running)."""
     from prefect.settings import PREFECT_API_URL
 
-    from kedit.lineage.ops import open_store
+    from kedit.lineage.ops import lineage_params, open_store
+    from kedit.lineage.shared import lock_wait, section
     from kedit.orchestration import PrefectRuns
     from kedit.orchestration import expire_overdue as expire
 
     if not PREFECT_API_URL.value():  # an ephemeral in-process run: no server holds waiting runs
         return []
-    return expire(PrefectRuns(), open_store(_ws(workspace)))
+    ws = _ws(workspace)
+    params = lineage_params(ws)
+    with section(ws, "expire overdue approvals", params, wait_s=lock_wait(params)):
+        return expire(PrefectRuns(), open_store(ws))
+
+
+@task(name="sync-lineage", cache_policy=NO_CACHE, retries=1)
+def sync_lineage(workspace: str | None) -> None:
+    """``kedit.lineage.shared.sync``: pull the shared lineage (a no-op where it is not shared)."""
+    from kedit.lineage.ops import lineage_params
+    from kedit.lineage.shared import lock_wait, sync
+
+    ws = _ws(workspace)
+    params = lineage_params(ws)
+    sync(ws, params, wait_s=lock_wait(params))
 
 
 def report_path(workspace: str | None, key: str) -> Path:

@@ -463,11 +463,15 @@ def nightly_drift_gate(ws: Workspace, cfg: RefreshConfig, policy, base_hash: str
 @reported("register")
 def register_step(ws: Workspace, key: str, state_id: str) -> dict[str, Any]:
     """Register the candidate's logged MLflow model as a model version with the ``candidate`` alias."""
-    from kedit.lineage.ops import register_candidate
+    from kedit.lineage.ops import lineage_params, register_candidate
+    from kedit.lineage.shared import lock_wait, section
 
-    store = open_lineage(ws)
-    runlog = RunLog(ws, key)
-    mv = register_candidate(ws, store, state_id, run_id=runlog.parent_id)
+    params = lineage_params(ws)
+    # the state was published by the edit step (maybe on another machine): pull it, then register
+    with section(ws, f"register {state_id[:12]}", params, wait_s=lock_wait(params)):
+        store = open_lineage(ws)
+        runlog = RunLog(ws, key)
+        mv = register_candidate(ws, store, state_id, run_id=runlog.parent_id)
     return {"registered_model": mv.name, "version": str(mv.version), "state_id": state_id,
             "model_uri": f"models:/{mv.name}/{mv.version}", "source": mv.source}
 
@@ -477,18 +481,22 @@ def decide_step(ws: Workspace, key: str, state_id: str, approved: bool, by: str,
     """Record the reviewer's verdict; on approval promote through ``kedit.lineage.ops.promote`` (the
     promotion rules, one lock over the lineage event, git + DVC and the MLflow alias). A rejection
     leaves the champion where it is."""
-    from kedit.lineage.ops import approve, promote
+    from kedit.lineage.ops import approve, lineage_params, promote
+    from kedit.lineage.shared import lock_wait, section
 
-    store = open_lineage(ws)
-    runlog = RunLog(ws, key)
-    if approved:
-        approve(store, state_id, by=by, comment=comment)
-        out = promote(ws, store, state_id, by=by, comment=comment)
-        decision = "promoted"
-    else:
-        store.reject(state_id, by=by, comment=comment)
-        out = {"champion": store.champion()}
-        decision = "rejected"
+    params = lineage_params(ws)
+    # one shared-lineage section (cross-host lock, pull, publish) over the verdict and the promotion
+    with section(ws, f"decide {state_id[:12]} by {by}", params, wait_s=lock_wait(params)):
+        store = open_lineage(ws)
+        runlog = RunLog(ws, key)
+        if approved:
+            approve(store, state_id, by=by, comment=comment)
+            out = promote(ws, store, state_id, by=by, comment=comment, params=params)
+            decision = "promoted"
+        else:
+            store.reject(state_id, by=by, comment=comment)
+            out = {"champion": store.champion()}
+            decision = "rejected"
     runlog.log("approval", params={"decision": decision, "by": by, "comment": comment or "-"},
                tags={"kedit.decision": decision, "kedit.approver": by})
     runlog.finish()

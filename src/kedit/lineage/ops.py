@@ -18,7 +18,7 @@ from kedit.lineage.identity import describe
 from kedit.lineage.intent import Intent, adopt, clear_intent, read_intent, step_done, write_intent
 from kedit.lineage.policy import refusal
 from kedit.lineage.registry import model_name
-from kedit.lineage.shared import DVC_REMOTE_ENV, section
+from kedit.lineage.shared import DVC_REMOTE_ENV, lock_wait, section
 from kedit.lineage.state import BASE, Event, LineageError, label
 from kedit.lineage.store import LineageStore, _pid_alive
 from kedit.workspace import Workspace
@@ -207,7 +207,7 @@ def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment:
     params = params or lineage_params(ws)
     mlflow, dvc = mlflow and bool(params.get("mlflow", True)), dvc and bool(params.get("dvc", True))
     op = f"promote {state_id[:12]} by {by}"
-    with section(ws, op, params, wait_s=float(params["lock_wait_s"])), store.lock(op):
+    with section(ws, op, params, wait_s=lock_wait(params)), store.lock(op):
         repaired = finish_pending(ws, store, params)
         sid = store.resolve(state_id)
         check = store.promotion_check(sid)
@@ -237,7 +237,7 @@ def rollback(ws: Workspace, store: LineageStore, state_id: str | None, by: str, 
     if not reason or not reason.strip():
         raise ValueError("rollback: give a reason")
     op = f"rollback {label(state_id)[:12]} by {by}"
-    with section(ws, op, params, wait_s=float(params["lock_wait_s"])), store.lock(op):
+    with section(ws, op, params, wait_s=lock_wait(params)), store.lock(op):
         repaired = finish_pending(ws, store, params)
         sid = None if state_id in (None, BASE) else store.resolve(state_id)
         check = store.rollback_check(sid)
@@ -303,7 +303,7 @@ def repair(ws: Workspace, store: LineageStore, params: dict[str, Any] | None = N
     """Bring every store to the lineage events: finish or drop an interrupted promote / rollback,
     rewrite the CHAMPION copy, and move git + DVC and the MLflow alias where they disagree."""
     params = params or lineage_params(ws)
-    with section(ws, "repair", params, wait_s=float(params["lock_wait_s"])), store.lock("repair"):
+    with section(ws, "repair", params, wait_s=lock_wait(params)), store.lock("repair"):
         before = divergences(ws, store, params)
         done = [n for n in [finish_pending(ws, store, params)] if n]
         store.write_champion_file()

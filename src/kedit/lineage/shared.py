@@ -51,6 +51,11 @@ def _pause(step: str) -> None:
         time.sleep(3600)
 
 
+def lock_wait(params: dict[str, Any] | None) -> float:
+    """``lineage.lock_wait_s``: how long a writer waits for the cross-host lock (default 600 s)."""
+    return float((params or {}).get("lock_wait_s", 600))
+
+
 def _where(url: str) -> str:
     """``host:port/db`` of a database URL, without the credentials."""
     u = urlsplit(url)
@@ -302,3 +307,10 @@ def section(ws: Workspace, op: str, params: dict[str, Any] | None = None, wait_s
         _HELD.pop()
         if lock is not None:
             lock.release()
+
+
+def sync(ws: Workspace, params: dict[str, Any] | None = None, wait_s: float = 0.0) -> None:
+    """Bring the workspace to the shared lineage under the lock: a reader's step (the nightly run's
+    first, so its feed is checked against the shared champion). Nothing to do where nothing is shared."""
+    with section(ws, "sync", params, wait_s=wait_s, publish_after=False):
+        pass
