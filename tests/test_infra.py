@@ -130,7 +130,8 @@ def test_compose_wiring_of_prefect_mlflow_and_minio(compose):
     assert "@prefect-db:5432/" in prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"]
     cmd = services["mlflow"]["command"]
     backend = cmd[cmd.index("--backend-store-uri") + 1]
-    assert backend.startswith("postgresql://") and "@mlflow-db:5432/" in backend
+    # psycopg2 named: SQLAlchemy 2.1 takes psycopg (3) for a bare postgresql:// URL
+    assert backend.startswith("postgresql+psycopg2://") and "@mlflow-db:5432/" in backend
     assert cmd[cmd.index("--artifacts-destination") + 1].startswith("s3://")
     mlflow_env = services["mlflow"]["environment"]
     assert mlflow_env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
@@ -143,6 +144,9 @@ def test_compose_wiring_of_prefect_mlflow_and_minio(compose):
         assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
         assert services[worker]["profiles"] == ["workers"], "workers must not start with the control plane"
+        # the shared lineage (kedit.lineage.shared): lock in the Prefect database, git remote, DVC on S3
+        assert "@prefect-db:5432/" in env["KEDIT_LOCK_URL"] and env["KEDIT_LOCK_URL"].startswith("postgresql://")
+        assert env["KEDIT_DVC_REMOTE"].startswith("s3://") and env["KEDIT_GIT_REMOTE"]
     gpu = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
 

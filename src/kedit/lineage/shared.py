@@ -26,6 +26,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -214,6 +215,18 @@ def check_object_store(shared: Shared) -> None:
                            f"{shared.dvc_remote}) is unreachable; nothing was changed: {exc}") from None
 
 
+def init_path_remote(remote: str) -> None:
+    """A git remote that is a plain path (a shared volume) with no repository yet: create it (bare)."""
+    import subprocess
+
+    if "://" in remote or ":" in remote.split("/")[0]:
+        return  # a URL or an scp-like address: a git server's repository, made there
+    local = Path(remote)
+    if not local.exists() or (local.is_dir() and not any(local.iterdir())):
+        local.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "init", "-q", "--bare", "-b", BRANCH, remote], check=True, capture_output=True)
+
+
 def attach(ws: Workspace, shared: Shared) -> None:
     """Make ``ws`` a clone of the shared lineage repository, or seed the remote from it when the remote
     is empty. A workspace already attached is left alone."""
@@ -221,6 +234,7 @@ def attach(ws: Workspace, shared: Shared) -> None:
     if (ws.root / ".git").exists() and v.git("remote", "get-url", "origin", check=False):
         return
     ws.root.mkdir(parents=True, exist_ok=True)
+    init_path_remote(shared.git_remote)
     if not (ws.root / ".git").exists():
         v.git("init", "-q", "-b", BRANCH)
     v.git("remote", "add", "origin", shared.git_remote)
@@ -298,6 +312,7 @@ def section(ws: Workspace, op: str, params: dict[str, Any] | None = None, wait_s
         check_mlflow()
         check_object_store(shared)
         if shared.git_remote:
+            init_path_remote(shared.git_remote)
             check_git_remote(shared.git_remote)
             pull(ws, shared)
         yield shared
