@@ -67,6 +67,8 @@ def missing_tools() -> list[str]:
             missing.append(f"Python module {mod} (pip package {pkg})")
     if shutil.which("git") is None:
         missing.append("git")
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        missing.append("runuser (util-linux): PostgreSQL refuses to run as root")
     return missing
 
 
