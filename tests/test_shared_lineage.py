@@ -41,6 +41,13 @@ def test_two_workspaces_share_the_lineage_through_the_remotes(workspace, stored_
     assert ops.open_store(a, DVC_ONLY).champion() == s1.id
     assert pull(a, shared) is False  # nothing new
 
+    # `kedit lineage approve` in a third, fresh workspace: cloned, recorded and published in one section
+    from kedit.cli import main
+
+    assert main(["-w", str(tmp_path / "c"), "lineage", "approve", s1.id[:12], "--by", "carol"]) == 0
+    assert pull(a, shared) is True
+    assert any(e.type == "approve" and e.by == "carol" for e in ops.open_store(a, DVC_ONLY).events())
+
     # a write outside the lock while the shared lineage moves on: refused by name, nothing changed
     ops.open_store(a, DVC_ONLY).reject(s1.id, by="outside-the-lock")
     with section(b, "rollback"):

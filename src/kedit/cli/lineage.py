@@ -313,9 +313,14 @@ def _gate(args) -> int:
 
 def _approve(args) -> int:
     from kedit.lineage import ops
+    from kedit.lineage.shared import lock_wait, section
 
-    _, _, store = _store(args)
-    ev = ops.approve(store, args.state, by=_who(args), comment=args.comment)
+    ws = workspace(args)
+    params = ops.lineage_params(ws)
+    # a shared lineage (KEDIT_LOCK_URL / KEDIT_GIT_REMOTE): pull, record, publish under the cross-host lock
+    with section(ws, f"approve {args.state[:12]}", params, wait_s=lock_wait(params)):
+        _, _, store = _store(args)
+        ev = ops.approve(store, args.state, by=_who(args), comment=args.comment)
     check = store.promotion_check(ev.state)
     print(f"approved {ev.state[:12]} (event {ev.seq}, by {_people([ev])})")
     if not check.ok:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,8 +41,14 @@ GIT_REMOTE_ENV = "KEDIT_GIT_REMOTE"
 DVC_REMOTE_ENV = "KEDIT_DVC_REMOTE"
 LOCK_NAME = "kedit-lineage"
 BRANCH = "main"
-_HELD: list[str] = []  # the sections this process is inside (the lock is one per process: re-entrant)
+_LOCAL = threading.local()  # the sections this thread is inside (re-entrant: the outer one locks and publishes)
 PAUSE_ENV = "KEDIT_TEST_PAUSE_AT"  # test hook (as kedit.lineage.ops): sleep at a named point to be killed
+
+
+def _held() -> list[str]:
+    if not hasattr(_LOCAL, "ops"):
+        _LOCAL.ops = []
+    return _LOCAL.ops
 
 
 def _pause(step: str) -> None:
@@ -301,13 +308,14 @@ def section(ws: Workspace, op: str, params: dict[str, Any] | None = None, wait_s
     leaves the lock, the pull and the publishing to the outer one. ``publish_after=False``: leave the
     changes unpublished (they go with the next section's publish)."""
     shared = Shared.from_env(params)
-    if not shared.active or _HELD:  # not shared, or inside an outer section of this process (it publishes)
+    held = _held()
+    if not shared.active or held:  # not shared, or inside an outer section of this thread (it publishes)
         yield shared
         return
     lock = LineageLock(shared.lock_url, op=op) if shared.lock_url else None
     if lock is not None:
         lock.acquire(wait_s)
-    _HELD.append(op)
+    held.append(op)
     try:
         check_mlflow()
         check_object_store(shared)
@@ -319,7 +327,7 @@ def section(ws: Workspace, op: str, params: dict[str, Any] | None = None, wait_s
         if shared.git_remote and publish_after:
             publish(ws, shared, f"kedit: {op}")
     finally:
-        _HELD.pop()
+        held.pop()
         if lock is not None:
             lock.release()
 
