@@ -36,10 +36,32 @@ def _champion(ws: Workspace) -> str:
 
 
 # same feed bytes, same champion, same config -> same ingest outcome
+FACT_COLUMNS = ("id", "subject", "prompt", "target_true", "target_new", "relation", "source")
+
+
+def facts_table(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The accepted facts as the rows of a Prefect table artifact (one string per column)."""
+    return [{c: "" if r.get(c) is None else str(r.get(c)) for c in FACT_COLUMNS} for r in rows]
+
+
+def gate_markdown(workspace: str | None, gate: dict[str, Any]) -> str:
+    """The gate report (gate.md) of a gate result, for the run's artifact and the approval form."""
+    md = _ws(workspace).path(gate["report_dir"]) / "gate.md"
+    return md.read_text() if md.exists() else f"(no gate report at {md})"
+
+
+# same feed bytes, same champion, same config -> same ingest outcome
 @task(name="ingest-feed", retries=2, retry_delay_seconds=5, cache_policy=feed_keyed(_champion),
       cache_expiration=KEEP, **RESULTS)
 def ingest(workspace: str | None, feed: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    return refresh.ingest_step(_ws(workspace), feed, _cfg(cfg))
+    from prefect.artifacts import create_table_artifact
+
+    out = refresh.ingest_step(_ws(workspace), feed, _cfg(cfg))
+    create_table_artifact(key="feed-facts", table=facts_table(out["accepted"]),
+                          description=f"Facts accepted from {Path(out['feed']).name} "
+                                      f"({out['counts'].get('accepted', 0)} of {out['counts'].get('rows', 0)} rows; "
+                                      f"champion {(out['champion'] or 'base')[:12]})")
+    return out
 
 
 @task(name="causal-trace", retries=1, cache_policy=content_keyed("trace", "ingest.refresh_key"),
@@ -57,7 +79,13 @@ def edit(workspace: str | None, cfg: dict[str, Any], ingest: dict[str, Any]) -> 
 @task(name="evaluate-and-gate", retries=1,
       cache_policy=content_keyed("gate", "edit.state_id"), cache_expiration=KEEP, **RESULTS)
 def gate(workspace: str | None, cfg: dict[str, Any], ingest: dict[str, Any], edit: dict[str, Any]) -> dict[str, Any]:
-    return refresh.gate_step(_ws(workspace), _cfg(cfg), ingest, edit)
+    from prefect.artifacts import create_markdown_artifact
+
+    out = refresh.gate_step(_ws(workspace), _cfg(cfg), ingest, edit)
+    create_markdown_artifact(key="gate-report", markdown=gate_markdown(workspace, out),
+                             description=f"Gate report of candidate {edit['state_id'][:12]}: "
+                                         f"{'PASSED' if out['passed'] else 'FAILED'}")
+    return out
 
 
 @task(name="register-candidate", retries=2, retry_delay_seconds=5,

@@ -323,3 +323,50 @@ def test_prefect_reuses_a_content_keyed_result(server, tmp_path):
     a, b, c = twice()
     assert b == a and c == str(tmp_path / "c")
     assert calls == [str(tmp_path / "a"), str(tmp_path / "c")]
+
+
+def test_nightly_run_is_named_by_its_feed_date_and_leaves_the_facts_as_a_table(server, tmp_path, monkeypatch):
+    """A real nightly run on a feed rejected as a whole (no model work): its name says the feed's date;
+    the ingest task leaves the feed's accepted facts as a table artifact."""
+    from flows.nightly import nightly_refresh, run_name
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ws = tmp_path / "ws"
+    (ws / "feeds").mkdir(parents=True)
+    (ws / "feeds" / "2026-11-22.jsonl").write_text(json.dumps(  # a prompt without "{}": quarantined
+        {"id": "x1", "subject": "Eiffel Tower", "prompt": "no braces", "target_new": "Rome", "source": "t",
+         "observed_at": "2025-06-01T08:00:00Z"}) + "\n")
+    out = nightly_refresh(feed="2026-11-22", workspace=str(ws))
+    assert out["outcome"] == "feed-rejected"
+    with server.client("test") as c:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        runs = [r for r in c.read_flow_runs() if r.name == "nightly-2026-11-22"]
+        assert len(runs) == 1 and runs[0].parameters["feed"] == "2026-11-22"
+        (art,) = [a for a in c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["feed-facts"])))
+                  if a.flow_run_id == runs[0].id]
+    assert art.type == "table" and "2026-11-22.jsonl" in art.description and "0 of 1 rows" in art.description
+    assert run_name("today").startswith("nightly-2") and run_name("/x/feeds/2026-01-02.csv") == "nightly-2026-01-02"
+
+
+def test_approval_form_shows_the_gate_report(tmp_path):
+    from flows.nightly import Approval, approval_form
+
+    gate = tmp_path / "reports" / "k1" / "gate"
+    gate.mkdir(parents=True)
+    (gate / "gate.md").write_text("# Promotion gate: PASSED\n\n| check | value |\n")
+    form = approval_form(str(tmp_path), "abcdef0123456789" * 4, {"report_dir": "reports/k1/gate"})
+    assert issubclass(form, Approval)
+    assert "Approve candidate `abcdef012345`" in form._description and "# Promotion gate: PASSED" in form._description
+    assert form(approve=True, approver="alice").comment == ""
+
+
+def test_edit_and_gate_tasks_run_under_the_configured_timeouts():
+    """refresh.edit_timeout_s / gate_timeout_s (params.yaml) become the Prefect tasks' timeouts."""
+    from flows.edit import timed_tasks
+    from kedit.refresh import RefreshConfig
+
+    edit, gate = timed_tasks(RefreshConfig(edit_timeout_s=11, gate_timeout_s=22).to_dict())
+    assert (edit.name, edit.timeout_seconds, gate.name, gate.timeout_seconds) == ("apply-edits", 11, "evaluate-and-gate", 22)
+    edit, gate = timed_tasks(RefreshConfig.from_params(ROOT / "params.yaml").to_dict())
+    assert edit.timeout_seconds == 14400 and gate.timeout_seconds == 7200

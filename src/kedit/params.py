@@ -47,7 +47,7 @@ SCHEMA: dict[str, frozenset[str]] = {
     "drift": frozenset({"max_perplexity_increase_pct", "min_canary_agreement", "max_neighbourhood_kl"}),
     # RefreshConfig's own settings; its model and stats_* come from the model: and stats: blocks
     "refresh": frozenset({"method", "device", "trace_sample", "trace_noise_samples", "edit_batch_size",
-                          "approval_timeout_s", "hparams_overrides"}),
+                          "approval_timeout_s", "edit_timeout_s", "gate_timeout_s", "hparams_overrides"}),
 }
 
 

@@ -311,8 +311,8 @@ def _gate(args) -> int:
 def _approve(args) -> int:
     from kedit.lineage import ops
 
-    _, _, store = _store(args)
-    ev = ops.approve(store, args.state, by=_who(args), comment=args.comment)
+    ws, _, store = _store(args)
+    ev = ops.approve(store, args.state, by=_who(args), comment=args.comment, ws=ws)
     check = store.promotion_check(ev.state)
     print(f"approved {ev.state[:12]} (event {ev.seq}, by {_people([ev])})")
     if not check.ok:

@@ -112,6 +112,7 @@ def _move_champion_alias(ws: Workspace, store: LineageStore, target: str | None,
         elif git_commit:
             reg._tag(reg.version_of(s.id).version, dvc_rev, git_commit)
         mv = reg.set_alias("champion", s.id)
+        reg.clear_alias("candidate", s.id)  # promoted: no longer a candidate
         return {"registered_model": reg.name, "version": str(mv.version)}
     out: dict[str, Any] = {}
     for slug, base_hash in _bases(store).items():
@@ -249,9 +250,32 @@ def rollback(ws: Workspace, store: LineageStore, state_id: str | None, by: str, 
     return {"event": ev.to_dict(), **out, **({"repaired": repaired} if repaired else {})}
 
 
-def approve(store: LineageStore, state_id: str, by: str, comment: str = "") -> Event:
-    """Record an approval of ``state_id`` (what a promotion needs after a passed gate)."""
-    return store.approve(store.resolve(state_id), by=by, comment=comment)
+def approve(store: LineageStore, state_id: str, by: str, comment: str = "", ws: Workspace | None = None) -> Event:
+    """Record an approval of ``state_id`` (what a promotion needs after a passed gate); with ``ws``, the
+    approval also goes onto the state's MLflow model version (see :func:`review_to_mlflow`)."""
+    ev = store.approve(store.resolve(state_id), by=by, comment=comment)
+    if ws is not None:
+        review_to_mlflow(ws, store, ev)
+    return ev
+
+
+def reject(ws: Workspace, store: LineageStore, state_id: str, by: str, comment: str = "") -> Event:
+    """Record that a candidate is not promoted, in the lineage and on its MLflow model version (which
+    loses the ``candidate`` alias); the champion does not move."""
+    ev = store.reject(store.resolve(state_id), by=by, comment=comment)
+    review_to_mlflow(ws, store, ev)
+    return ev
+
+
+def review_to_mlflow(ws: Workspace, store: LineageStore, ev: Event, params: dict[str, Any] | None = None) -> Any:
+    """Mirror an approve / reject event onto the state's model version (who, when, why, the gate verdict
+    and report in its description). Nothing to do without an MLflow store or a registered version."""
+    params = params or lineage_params(ws)
+    if not stores_present(ws, params)[0]:
+        return None
+    s = store.get(ev.state)
+    decision = "approved" if ev.type == "approve" else "rejected"
+    return _registry(ws, s.base_model_slug, params).record_review(s.id, decision, ev.by, ev.at, ev.comment)
 
 
 def divergences(ws: Workspace, store: LineageStore, params: dict[str, Any] | None = None) -> list[str]:
