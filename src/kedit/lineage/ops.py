@@ -129,6 +129,12 @@ def _follow(ws: Workspace, store: LineageStore, intent: Intent, params: dict[str
 
     ev = next(e for e in store.events() if e.seq == intent.out["event_seq"])
     if intent.dvc and "versioning" not in intent.done:
+        from kedit.lineage.registry import gate_of
+        from kedit.lineage.versioning import write_champion_metrics
+
+        target = store.get(intent.target) if intent.target else None
+        write_champion_metrics(ws.root, intent.target, gate_of(store, intent.target) if target else None,
+                               n_edits=sum(s.n_edits for s in store.path(target.id)) if target else 0)
         info = _versioning(ws, params).tag_state(label(intent.target), _message(ev))
         step_done(store.root, intent, "versioning", **info, tag=state_tag(label(intent.target)))
         _pause("versioning")
