@@ -303,3 +303,23 @@ def test_model_version_shows_the_review_and_candidate_alias_goes(workspace, stor
     assert (v2.tags[TAG_REVIEW], v2.tags[TAG_REVIEWER]) == ("rejected", "bob")
     assert "**Rejected** by bob" in v2.description and "**Gate: not recorded**" in v2.description
     assert reg.alias("candidate") is None and reg.alias("champion").version == v.version
+
+
+def test_a_tracking_server_that_is_down_is_named_and_nothing_changes(workspace, stored_lm, monkeypatch):  # noqa: F811
+    from kedit.lineage import LineageError
+    from kedit.lineage.registry import Tracking
+    from kedit.orchestration import free_port
+
+    store = LineageStore(workspace.lineage_dir, snapshot_every=2)
+    (state,) = commit_states(store, stored_lm(), 1)
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(LineageError, match=f"MLflow tracking server {dead} is not answering"):
+        Tracking(workspace)
+    n = len(store.events())
+    with pytest.raises(LineageError, match="not answering"):
+        ops.reject(workspace, store, state.id, by="bob", comment="no")
+    with pytest.raises(LineageError, match="not answering"):
+        ops.approve(store, state.id, by="bob", ws=workspace)
+    assert len(LineageStore(workspace.lineage_dir).events()) == n  # no event recorded

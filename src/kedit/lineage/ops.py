@@ -258,30 +258,33 @@ def rollback(ws: Workspace, store: LineageStore, state_id: str | None, by: str, 
 
 def approve(store: LineageStore, state_id: str, by: str, comment: str = "", ws: Workspace | None = None) -> Event:
     """Record an approval of ``state_id`` (what a promotion needs after a passed gate); with ``ws``, the
-    approval also goes onto the state's MLflow model version (see :func:`review_to_mlflow`)."""
-    ev = store.approve(store.resolve(state_id), by=by, comment=comment)
-    if ws is not None:
-        review_to_mlflow(ws, store, ev)
+    approval also goes onto the state's MLflow model version (who, when, why: see
+    :meth:`kedit.lineage.registry.ModelRegistry.record_review`)."""
+    sid = store.resolve(state_id)
+    reg = _review_registry(ws, store, sid) if ws is not None else None  # a store that is down: fail first
+    ev = store.approve(sid, by=by, comment=comment)
+    if reg is not None:
+        reg.record_review(sid, "approved", ev.by, ev.at, ev.comment)
     return ev
 
 
 def reject(ws: Workspace, store: LineageStore, state_id: str, by: str, comment: str = "") -> Event:
     """Record that a candidate is not promoted, in the lineage and on its MLflow model version (which
     loses the ``candidate`` alias); the champion does not move."""
-    ev = store.reject(store.resolve(state_id), by=by, comment=comment)
-    review_to_mlflow(ws, store, ev)
+    sid = store.resolve(state_id)
+    reg = _review_registry(ws, store, sid)  # an MLflow server that is down fails here, before any change
+    ev = store.reject(sid, by=by, comment=comment)
+    if reg is not None:
+        reg.record_review(sid, "rejected", ev.by, ev.at, ev.comment)
     return ev
 
 
-def review_to_mlflow(ws: Workspace, store: LineageStore, ev: Event, params: dict[str, Any] | None = None) -> Any:
-    """Mirror an approve / reject event onto the state's model version (who, when, why, the gate verdict
-    and report in its description). Nothing to do without an MLflow store or a registered version."""
+def _review_registry(ws: Workspace, store: LineageStore, state_id: str, params: dict[str, Any] | None = None):
+    """The registry a review of ``state_id`` is mirrored to (None: no MLflow store in this workspace)."""
     params = params or lineage_params(ws)
     if not stores_present(ws, params)[0]:
         return None
-    s = store.get(ev.state)
-    decision = "approved" if ev.type == "approve" else "rejected"
-    return _registry(ws, s.base_model_slug, params).record_review(s.id, decision, ev.by, ev.at, ev.comment)
+    return _registry(ws, store.get(state_id).base_model_slug, params)
 
 
 def divergences(ws: Workspace, store: LineageStore, params: dict[str, Any] | None = None) -> list[str]:

@@ -75,7 +75,14 @@ class Tracking:
         else:
             os.environ["MLFLOW_TRACKING_URI"] = before
         self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(self.experiment)
+        try:
+            exp = self.client.get_experiment_by_name(self.experiment)
+        except Exception as exc:  # a server that is down: MLflow raises after its own retries
+            if not self.uri.startswith(("http://", "https://")):
+                raise
+            raise LineageError(f"MLflow tracking server {self.uri} is not answering ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:200]}); nothing was logged or registered. Start it, "
+                               f"or unset MLFLOW_TRACKING_URI to use the workspace's own store") from exc
         if exp is None:
             self.experiment_id = self.client.create_experiment(self.experiment,
                                                                artifact_location=artifact_root(self.ws, self.uri))
