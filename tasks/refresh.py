@@ -127,7 +127,8 @@ def expire_overdue(workspace: str | None) -> list[str]:
 
     if not PREFECT_API_URL.value():  # an ephemeral in-process run: no server holds waiting runs
         return []
-    return expire(PrefectRuns(), open_store(_ws(workspace)))
+    ws = _ws(workspace)
+    return expire(PrefectRuns(), open_store(ws), ws=ws)
 
 
 def report_path(workspace: str | None, key: str) -> Path:

@@ -200,10 +200,15 @@ def test_a_paused_run_resumes_with_the_verdict(server, capsys):
 def test_timed_out_approvals_are_rejected_once(server, deployment, workspace, stored_lm):  # noqa: F811
     """A run past its approval deadline cannot be approved; the sweep records the rejection in the
     lineage once and leaves the run Failed, whether or not the server's expiration service got there first."""
+    from kedit.lineage import ops
+    from kedit.lineage.registry import TAG_REVIEW, TAG_REVIEWER, ModelRegistry, Tracking
     from kedit.lineage.store import LineageStore
 
     store = LineageStore(workspace.lineage_dir)
     (state,) = run_batches(store, stored_lm(), 1)
+    ops.register_candidate(workspace, store, state.id, params={**ops.DEFAULTS, "dvc": False})
+    reg = ModelRegistry(Tracking(workspace), "tiny-llama")
+    assert reg.alias("candidate").tags["kedit.state_id"] == state.id
     ref = state.id[:16]
     run_id = _paused_run(server, deployment, ref, dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5))
     late = [r for r in server.timed_out_approvals() if r.id == run_id]
@@ -211,11 +216,14 @@ def test_timed_out_approvals_are_rejected_once(server, deployment, workspace, st
     with pytest.raises(PrefectAPIError, match="timed out"):
         server.decide(ref, True, "late-reviewer")
 
-    assert expire_overdue(server, store) == [state.id]
+    assert expire_overdue(server, store, ws=workspace) == [state.id]
     assert state_type(server.flow_run(run_id)) == "FAILED"
+    # the MLflow version says so and is no longer the candidate
+    v = reg.version_of(state.id)
+    assert (v.tags[TAG_REVIEW], v.tags[TAG_REVIEWER]) == ("rejected", "kedit-timeout") and reg.alias("candidate") is None
     # now found through its state history (pause, then failed past the deadline), and not rejected twice
     assert [r.id for r in server.timed_out_approvals() if r.state_ref == ref] == [run_id]
-    assert expire_overdue(server, store) == []
+    assert expire_overdue(server, store, ws=workspace) == []
     rejects = [e for e in store.events() if e.type == "reject" and e.state == state.id]
     assert len(rejects) == 1 and rejects[0].by == "kedit-timeout"
     assert store.champion() is None
