@@ -6,6 +6,7 @@ re-run refresh reuses finished work and never applies the same edits twice.
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,12 @@ from kedit.workspace import Workspace
 from tasks.cache import content_keyed, feed_keyed
 
 RESULTS = {"persist_result": True, "result_serializer": "json"}
+
+# kedit's loggers reach the flow run logs through PREFECT_LOGGING_EXTRA_LOGGERS=kedit (prefect.yaml, the
+# local stack), which gives them Prefect's API handler but not a level: left unset they inherit the root
+# logger's WARNING and each step's progress lines (INFO) would be dropped
+if logging.getLogger("kedit").level == logging.NOTSET:
+    logging.getLogger("kedit").setLevel(logging.INFO)
 KEEP = timedelta(days=30)
 
 

@@ -344,13 +344,32 @@ def test_nightly_run_is_named_by_its_feed_date_and_leaves_the_facts_as_a_table(s
     (ws / "feeds" / "2026-11-22.jsonl").write_text(json.dumps(  # a prompt without "{}": quarantined
         {"id": "x1", "subject": "Eiffel Tower", "prompt": "no braces", "target_new": "Rome", "source": "t",
          "observed_at": "2025-06-01T08:00:00Z"}) + "\n")
-    out = nightly_refresh(feed="2026-11-22", workspace=str(ws))
+    # what PREFECT_LOGGING_EXTRA_LOGGERS=kedit (prefect.yaml) does when Prefect sets up logging: the API
+    # handler on kedit's logger (the level is tasks/'s part); undone after the run
+    import logging
+
+    kedit_log, extra = logging.getLogger("kedit"), logging.getLogger("prefect.extra").handlers
+    for h in extra:
+        kedit_log.addHandler(h)
+    try:
+        out = nightly_refresh(feed="2026-11-22", workspace=str(ws))
+    finally:
+        for h in extra:
+            kedit_log.removeHandler(h)
     assert out["outcome"] == "feed-rejected"
     with server.client("test") as c:
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterKey,
+            LogFilter,
+            LogFilterFlowRunId,
+        )
 
         runs = [r for r in c.read_flow_runs() if r.name == "nightly-2026-11-22"]
         assert len(runs) == 1 and runs[0].parameters["feed"] == "2026-11-22"
+        time.sleep(3)  # the API log handler ships logs in batches
+        logs = [x.message for x in c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[0].id])))]
+        assert any("ingest: started" in m for m in logs) and any("ingest: done" in m for m in logs), logs
         (art,) = [a for a in c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["feed-facts"])))
                   if a.flow_run_id == runs[0].id]
     assert art.type == "table" and "2026-11-22.jsonl" in art.description and "0 of 1 rows" in art.description
