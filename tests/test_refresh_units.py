@@ -77,6 +77,7 @@ def test_ingest_step_and_feed_ingest_cli_agree(workspace, tiny_tokenizer, tmp_pa
     (inp,) = parent.inputs.dataset_inputs
     assert inp.dataset.name == path.name and inp.dataset.digest == nightly["feed_sha256"][:36]
     assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "feed"
+    assert json.loads(inp.dataset.source) == {"uri": f"kedit-workspace:/{nightly['feed']}"}
     assert json.loads(inp.dataset.profile)["num_rows"] == len(nightly["accepted"])
 
 

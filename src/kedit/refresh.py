@@ -228,7 +228,8 @@ def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
            "quarantine_path": ws.rel(res.quarantine_path) if res.quarantine_path else None}
     out["refresh_key"] = refresh_key(res.sha256, champion, cfg)
     runlog = RunLog(ws, out["refresh_key"])
-    log_refresh_inputs(runlog.tracking, runlog.parent_id, rows=res.accepted, name=path.name, source=out["feed"],
+    feed_uri = out["feed"] if Path(out["feed"]).is_absolute() else f"kedit-workspace:/{out['feed']}"
+    log_refresh_inputs(runlog.tracking, runlog.parent_id, rows=res.accepted, name=path.name, source=feed_uri,
                        digest=res.sha256, params={"feed": path.name, "feed_sha256": res.sha256,
                                                   "champion": champion or "base", **cfg.to_dict()})
     runlog.log("validation", params={"feed": path.name, "feed_sha256": res.sha256, "champion": champion},

@@ -301,8 +301,9 @@ def version_description(v: Any) -> str:
 def log_refresh_inputs(tracking: Tracking, run_id: str, params: dict[str, Any], rows: list[dict[str, Any]],
                        name: str, source: str, digest: str) -> None:
     """On a refresh's parent run: its parameters and the feed's accepted rows as an MLflow dataset
-    (context ``feed``), so the run says what it was asked to do and on which data. Idempotent: a
-    resumed refresh logs the same values again."""
+    (context ``feed``; ``source``: the feed file, ``kedit-workspace:/feeds/<file>`` inside the
+    workspace), so the run says what it was asked to do and on which data. Idempotent: a resumed
+    refresh logs the same values again."""
     import json
 
     import pandas as pd
