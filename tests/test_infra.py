@@ -532,3 +532,14 @@ def test_readme_documents_the_moving_parts():
                    "helm install", "--timezone"]:
         assert needle in text, f"infra/README.md should mention {needle!r}"
     assert "No container has been started" in text, "README must say the container files were not run here"
+
+
+def test_nightly_runs_one_at_a_time_and_kedit_logs_reach_prefect(deployments, prefect_cfg):
+    assert deployments["nightly"]["concurrency_limit"] == 1
+    for pool in ("cpu", "gpu"):
+        env = prefect_cfg["definitions"]["work_pools"][pool]["job_variables"]["env"]
+        assert "kedit" in env["PREFECT_LOGGING_EXTRA_LOGGERS"].split(",")
+    from kedit.orchestration import LocalStack
+
+    stack = LocalStack(home=ROOT / ".stack-test", project_dir=ROOT, workspace=ROOT, port=1)
+    assert stack.env()["PREFECT_LOGGING_EXTRA_LOGGERS"] == "kedit"

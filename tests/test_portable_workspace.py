@@ -167,3 +167,46 @@ def test_an_old_absolute_dvc_remote_is_made_relative_or_refused(tmp_path):
     with pytest.raises(LineageError, match=r"another workspace's default remote"):
         v.ensure()
     assert not other.exists()
+
+
+def test_mlflow_resolves_workspace_uris_whatever_is_imported_first(tmp_path):
+    """MLflow registers the repository through the entry point even when kedit's module comes first."""
+    import subprocess
+    import sys
+
+    code = ("import kedit.workspace_artifacts\n"
+            "from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository\n"
+            f"r = get_artifact_repository('kedit-workspace:/mlartifacts', tracking_uri='sqlite:///{tmp_path}/mlflow.db')\n"
+            "print(r.artifact_dir)\n")
+    out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(tmp_path / "mlartifacts")
+
+
+def test_workspace_uris_resolve_against_the_tracking_store_and_stay_inside(tmp_path, monkeypatch):
+    from kedit.workspace_artifacts import (
+        WorkspaceURIError,
+        local_path,
+        repository,
+        sqlite_file,
+        workspace_root,
+    )
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KEDIT_HOME", raising=False)
+    assert sqlite_file(f"sqlite:///{tmp_path}/ws/mlflow.db") == tmp_path / "ws" / "mlflow.db"
+    assert sqlite_file("sqlite:///rel/mlflow.db") == tmp_path / "rel" / "mlflow.db"  # relative to the cwd
+    assert sqlite_file("http://mlflow:5000") is None
+    uri = f"sqlite:///{tmp_path}/ws/mlflow.db"
+    assert local_path("kedit-workspace:/mlartifacts/1/a", uri) == tmp_path / "ws" / "mlartifacts" / "1" / "a"
+    with pytest.raises(WorkspaceURIError, match="outside the workspace"):
+        local_path("kedit-workspace:/../elsewhere", uri)
+    with pytest.raises(WorkspaceURIError, match="relative to a workspace's SQLite tracking store"):
+        workspace_root("http://mlflow:5000")
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
+    assert workspace_root("http://mlflow:5000") == tmp_path / "home"
+    (tmp_path / "ws" / "mlartifacts" / "x").mkdir(parents=True)
+    (tmp_path / "ws" / "mlartifacts" / "x" / "f.txt").write_text("hi")
+    repo = repository("kedit-workspace:/mlartifacts/x", tracking_uri=uri)
+    assert Path(repo.download_artifacts("f.txt")).read_text() == "hi"  # read in place, no copy
+    assert Path(repo.download_artifacts("f.txt")) == tmp_path / "ws" / "mlartifacts" / "x" / "f.txt"

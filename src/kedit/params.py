@@ -55,7 +55,8 @@ KEY_TYPES: dict[str, dict[str, Any]] = {
     "drift": {"max_perplexity_increase_pct": _NUM, "min_canary_agreement": _NUM, "max_neighbourhood_kl": _NUM},
     # RefreshConfig's own settings; its model and stats_* come from the model: and stats: blocks
     "refresh": {"method": str, "device": str, "trace_sample": int, "trace_noise_samples": int,
-                "edit_batch_size": int, "approval_timeout_s": int, "hparams_overrides": dict[str, Any]},
+                "edit_batch_size": int, "approval_timeout_s": int, "edit_timeout_s": int, "gate_timeout_s": int,
+                "hparams_overrides": dict[str, Any]},
 }
 # The key names of each block (what the unknown-key check and the dataclass tests compare).
 SCHEMA: dict[str, frozenset[str]] = {block: frozenset(keys) for block, keys in KEY_TYPES.items()}

@@ -42,6 +42,8 @@ class RefreshConfig:
     trace_noise_samples: int = 5
     edit_batch_size: int = 10  # a feed is applied in sequential batches of this size (0: one batch)
     approval_timeout_s: int = 24 * 3600
+    edit_timeout_s: int = 4 * 3600  # the orchestrator's limit on the edit task (Prefect timeout_seconds)
+    gate_timeout_s: int = 2 * 3600  # and on the evaluate-and-gate task
     stats_corpus: str = "wiki-summaries-en"
     stats_max_tokens: int = 200_000
     stats_seq_len: int = 256
@@ -214,6 +216,7 @@ def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
     (the same function as ``kedit feed ingest``), with the champion model's no-op check."""
     from kedit.feeds.champion import ingest_for_champion
     from kedit.feeds.schema import FeedPolicy
+    from kedit.lineage.registry import log_refresh_inputs
     from kedit.params import load_params
 
     path = resolve_feed(ws, feed)
@@ -228,6 +231,10 @@ def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
            "quarantine_path": ws.rel(res.quarantine_path) if res.quarantine_path else None}
     out["refresh_key"] = refresh_key(res.sha256, champion, cfg)
     runlog = RunLog(ws, out["refresh_key"])
+    feed_uri = out["feed"] if Path(out["feed"]).is_absolute() else f"kedit-workspace:/{out['feed']}"
+    log_refresh_inputs(runlog.tracking, runlog.parent_id, rows=res.accepted, name=path.name, source=feed_uri,
+                       digest=res.sha256, params={"feed": path.name, "feed_sha256": res.sha256,
+                                                  "champion": champion or "base", **cfg.to_dict()})
     runlog.log("validation", params={"feed": path.name, "feed_sha256": res.sha256, "champion": champion},
                metrics={"rows_accepted": len(res.accepted), "rows_quarantined": len(res.quarantined),
                         "rows_dropped": len(res.dropped), "passed": float(res.passed)},
@@ -484,7 +491,7 @@ def decide_step(ws: Workspace, key: str, state_id: str, approved: bool, by: str,
     """Record the reviewer's verdict; on approval promote through ``kedit.lineage.ops.promote`` (the
     promotion rules, one lock over the lineage event, git + DVC and the MLflow alias). A rejection
     leaves the champion where it is."""
-    from kedit.lineage.ops import approve, lineage_params, promote
+    from kedit.lineage.ops import approve, lineage_params, promote, reject
     from kedit.lineage.shared import lock_wait, section
 
     params = lineage_params(ws)
@@ -493,11 +500,11 @@ def decide_step(ws: Workspace, key: str, state_id: str, approved: bool, by: str,
         store = open_lineage(ws)
         runlog = RunLog(ws, key)
         if approved:
-            approve(store, state_id, by=by, comment=comment)
+            approve(store, state_id, by=by, comment=comment, ws=ws)
             out = promote(ws, store, state_id, by=by, comment=comment, params=params)
             decision = "promoted"
         else:
-            store.reject(state_id, by=by, comment=comment)
+            reject(ws, store, state_id, by=by, comment=comment)
             out = {"champion": store.champion()}
             decision = "rejected"
     runlog.log("approval", params={"decision": decision, "by": by, "comment": comment or "-"},

@@ -8,17 +8,18 @@ the ``mlflow.artifact_repository`` entry point, so any process with kedit instal
 ``mlflow models serve`` included) resolves such a URI against the folder holding the tracking
 store's SQLite file, i.e. the workspace that is being read, wherever it now lies.
 
-Kept free of kedit imports beyond :mod:`kedit.workspace`: MLflow imports this module when it loads
-its artifact repositories.
+MLflow imports this module while it registers its artifact repositories, so nothing of MLflow is
+imported at module level (that would import the registry again, half-initialised): the entry point
+is the factory :func:`repository`, which builds the repository class on first use.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import urllib.parse
 from pathlib import Path
-
-from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+from typing import Any
 
 SCHEME = "kedit-workspace"
 ARTIFACT_DIR = "mlartifacts"
@@ -69,9 +70,19 @@ def local_path(uri: str, tracking_uri: str | None = None) -> Path:
     return path
 
 
-class WorkspaceArtifactRepository(LocalArtifactRepository):
-    """A local artifact repository rooted in the workspace being read (see the module docstring)."""
+def repository(artifact_uri: str, tracking_uri: str | None = None, registry_uri: str | None = None) -> Any:
+    """The MLflow artifact repository of a ``kedit-workspace:`` URI (the entry point MLflow calls)."""
+    return repository_class()(artifact_uri, tracking_uri=tracking_uri, registry_uri=registry_uri)
 
-    def __init__(self, artifact_uri: str, tracking_uri: str | None = None, registry_uri: str | None = None) -> None:
-        path = local_path(artifact_uri, tracking_uri)
-        super().__init__(path.as_uri(), tracking_uri=tracking_uri, registry_uri=registry_uri)
+
+@functools.cache
+def repository_class() -> type:
+    """A local artifact repository rooted in the workspace being read (see the module docstring)."""
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    class WorkspaceArtifactRepository(LocalArtifactRepository):
+        def __init__(self, artifact_uri: str, tracking_uri: str | None = None, registry_uri: str | None = None):
+            path = local_path(artifact_uri, tracking_uri)
+            super().__init__(path.as_uri(), tracking_uri=tracking_uri, registry_uri=registry_uri)
+
+    return WorkspaceArtifactRepository

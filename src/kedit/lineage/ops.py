@@ -138,6 +138,7 @@ def _move_champion_alias(ws: Workspace, store: LineageStore, target: str | None,
         elif git_commit:
             reg._tag(reg.version_of(s.id).version, dvc_rev, git_commit)
         mv = reg.set_alias("champion", s.id)
+        reg.clear_alias("candidate", s.id)  # promoted: no longer a candidate
         return {"registered_model": reg.name, "version": str(mv.version)}
     out: dict[str, Any] = {}
     for slug, base_hash in _bases(store).items():
@@ -154,6 +155,12 @@ def _follow(ws: Workspace, store: LineageStore, intent: Intent, params: dict[str
 
     ev = next(e for e in store.events() if e.seq == intent.out["event_seq"])
     if intent.dvc and "versioning" not in intent.done:
+        from kedit.lineage.registry import gate_of
+        from kedit.lineage.versioning import write_champion_metrics
+
+        target = store.get(intent.target) if intent.target else None
+        write_champion_metrics(ws.root, intent.target, gate_of(store, intent.target) if target else None,
+                               n_edits=sum(s.n_edits for s in store.path(target.id)) if target else 0)
         info = _versioning(ws, params).tag_state(label(intent.target), _message(ev))
         step_done(store.root, intent, "versioning", **info, tag=state_tag(label(intent.target)))
         _pause("versioning")
@@ -281,9 +288,35 @@ def rollback(ws: Workspace, store: LineageStore, state_id: str | None, by: str, 
     return {"event": ev.to_dict(), **out, **({"repaired": repaired} if repaired else {})}
 
 
-def approve(store: LineageStore, state_id: str, by: str, comment: str = "") -> Event:
-    """Record an approval of ``state_id`` (what a promotion needs after a passed gate)."""
-    return store.approve(store.resolve(state_id), by=by, comment=comment)
+def approve(store: LineageStore, state_id: str, by: str, comment: str = "", ws: Workspace | None = None) -> Event:
+    """Record an approval of ``state_id`` (what a promotion needs after a passed gate); with ``ws``, the
+    approval also goes onto the state's MLflow model version (who, when, why: see
+    :meth:`kedit.lineage.registry.ModelRegistry.record_review`)."""
+    sid = store.resolve(state_id)
+    reg = _review_registry(ws, store, sid) if ws is not None else None  # a store that is down: fail first
+    ev = store.approve(sid, by=by, comment=comment)
+    if reg is not None:
+        reg.record_review(sid, "approved", ev.by, ev.at, ev.comment)
+    return ev
+
+
+def reject(ws: Workspace, store: LineageStore, state_id: str, by: str, comment: str = "") -> Event:
+    """Record that a candidate is not promoted, in the lineage and on its MLflow model version (which
+    loses the ``candidate`` alias); the champion does not move."""
+    sid = store.resolve(state_id)
+    reg = _review_registry(ws, store, sid)  # an MLflow server that is down fails here, before any change
+    ev = store.reject(sid, by=by, comment=comment)
+    if reg is not None:
+        reg.record_review(sid, "rejected", ev.by, ev.at, ev.comment)
+    return ev
+
+
+def _review_registry(ws: Workspace, store: LineageStore, state_id: str, params: dict[str, Any] | None = None):
+    """The registry a review of ``state_id`` is mirrored to (None: no MLflow store in this workspace)."""
+    params = params or lineage_params(ws)
+    if not stores_present(ws, params)[0]:
+        return None
+    return _registry(ws, store.get(state_id).base_model_slug, params)
 
 
 def divergences(ws: Workspace, store: LineageStore, params: dict[str, Any] | None = None) -> list[str]:

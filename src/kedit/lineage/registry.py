@@ -32,6 +32,11 @@ TAG_GIT = "kedit.git_commit"
 TAG_BASE = "kedit.base_model_hash"
 TAG_GATE = "kedit.gate"  # the gate verdict of a candidate: passed / failed
 TAG_KIND = "kedit.kind"
+TAG_GATE_REPORT = "kedit.gate_report"  # the artifact URI of the candidate's gate.md (inside its logged model)
+TAG_REVIEW = "kedit.review"  # approved / rejected, and who, when, why: the reviewer's verdict
+TAG_REVIEWER = "kedit.reviewer"
+TAG_REVIEWED_AT = "kedit.reviewed_at"
+TAG_REVIEW_COMMENT = "kedit.review_comment"
 STATE_MODEL = "edit-state"  # name of each state's logged MLflow model
 BASE_ARTIFACT = "base_model"
 
@@ -70,7 +75,14 @@ class Tracking:
         else:
             os.environ["MLFLOW_TRACKING_URI"] = before
         self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(self.experiment)
+        try:
+            exp = self.client.get_experiment_by_name(self.experiment)
+        except Exception as exc:  # a server that is down: MLflow raises after its own retries
+            if not self.uri.startswith(("http://", "https://")):
+                raise
+            raise LineageError(f"MLflow tracking server {self.uri} is not answering ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:200]}); nothing was logged or registered. Start it, "
+                               f"or unset MLFLOW_TRACKING_URI to use the workspace's own store") from exc
         if exp is None:
             self.experiment_id = self.client.create_experiment(self.experiment,
                                                                artifact_location=artifact_root(self.ws, self.uri))
@@ -187,11 +199,14 @@ class ModelRegistry:
         logged = find_state_model(self.tracking, state.id) or log_state_model(self.tracking, store, state, run_id)
         tags = {TAG_STATE: state.id, TAG_PARENT: state.parent or "base", TAG_BASE: state.base_model_hash,
                 "kedit.method": state.method, "kedit.n_edits": str(state.n_edits)}
-        if logged.tags.get(TAG_GATE):
-            tags[TAG_GATE] = logged.tags[TAG_GATE]
+        for tag in (TAG_GATE, TAG_GATE_REPORT):
+            if logged.tags.get(tag):
+                tags[tag] = logged.tags[tag]
         mv = self.client.create_model_version(
             self.name, source=logged.model_uri, run_id=logged.source_run_id, tags=tags, model_id=logged.model_id,
             description=f"edit state {state.id} (parent {state.parent or 'base'}, {state.n_edits} edits)")
+        self.client.update_model_version(self.name, mv.version,
+                                         description=version_description(self.client.get_model_version(self.name, mv.version)))
         self._tag(mv.version, dvc_rev, git_commit)
         self.client.set_registered_model_alias(self.name, "candidate", mv.version)
         return self.client.get_model_version(self.name, mv.version)
@@ -241,6 +256,71 @@ class ModelRegistry:
 
     def set_alias_version(self, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(self.name, alias, version)
+
+    def clear_alias(self, alias: str, state_id: str) -> bool:
+        """Remove ``alias`` if it points at ``state_id``'s version (True: it did and is gone)."""
+        have = self.alias(alias)
+        if have is None or have.tags.get(TAG_STATE) != state_id:
+            return False
+        self.client.delete_registered_model_alias(self.name, alias)
+        return True
+
+    def record_review(self, state_id: str, decision: str, by: str, at: str, comment: str = "") -> Any | None:
+        """Put a reviewer's verdict on ``state_id``'s version, where the MLflow UI shows it: tags (who,
+        when, why, approved / rejected) and a description naming the gate verdict and its report. A
+        rejected candidate loses the ``candidate`` alias. None: the state has no version."""
+        v = self.version_of(state_id)
+        if v is None:
+            return None
+        tags = {TAG_REVIEW: decision, TAG_REVIEWER: by, TAG_REVIEWED_AT: at, TAG_REVIEW_COMMENT: comment or "-"}
+        for k, val in tags.items():
+            self.client.set_model_version_tag(self.name, v.version, k, val)
+        v = self.client.get_model_version(self.name, v.version)
+        self.client.update_model_version(self.name, v.version, description=version_description(v))
+        if decision != "approved":
+            self.clear_alias("candidate", state_id)
+        return self.client.get_model_version(self.name, v.version)
+
+
+def version_description(v: Any) -> str:
+    """A model version's description (markdown) from its tags: the state, the gate verdict with a link
+    to its report, the reviewer's verdict."""
+    t = v.tags
+    lines = [f"edit state `{t.get(TAG_STATE, '?')}` (parent `{t.get(TAG_PARENT, '?')}`, "
+             f"{t.get('kedit.n_edits', '?')} edits, {t.get('kedit.method', '?')})", ""]
+    gate = t.get(TAG_GATE)
+    report = t.get(TAG_GATE_REPORT)
+    lines.append(f"**Gate: {gate.upper() if gate else 'not recorded'}**"
+                 + (f"; report: `{report}` (`mlflow artifacts download -u {report}`)" if report else ""))
+    if t.get(TAG_REVIEW):
+        lines += ["", f"**{t[TAG_REVIEW].capitalize()}** by {t.get(TAG_REVIEWER)} at {t.get(TAG_REVIEWED_AT)}: "
+                      f"{t.get(TAG_REVIEW_COMMENT, '-')}"]
+    return "\n".join(lines)
+
+
+def log_refresh_inputs(tracking: Tracking, run_id: str, params: dict[str, Any], rows: list[dict[str, Any]],
+                       name: str, source: str, digest: str) -> None:
+    """On a refresh's parent run: its parameters and the feed's accepted rows as an MLflow dataset
+    (context ``feed``; ``source``: the feed file, ``kedit-workspace:/feeds/<file>`` inside the
+    workspace), so the run says what it was asked to do and on which data. Idempotent: a resumed
+    refresh logs the same values again."""
+    import json
+
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    mlflow = _mlflow()
+    cols = ["id", "subject", "prompt", "target_new", "target_true", "relation", "paraphrases", "neighbors"]
+    df = pd.DataFrame([{c: (json.dumps(r.get(c)) if isinstance(r.get(c), list | dict) else r.get(c))
+                        for c in cols} for r in rows], columns=cols).astype("string")
+    dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36])
+    with _run_ctx(tracking, run_id, name):
+        for k, v in params.items():
+            try:
+                mlflow.log_param(k, _param(v))
+            except MlflowException:  # already logged with another value (a resumed run): keep the first
+                pass
+        mlflow.log_input(dataset, context="feed")
 
 # --- each candidate state as a logged MLflow model ---------------------------------------------------
 @contextlib.contextmanager
@@ -311,21 +391,47 @@ def edited_facts_table(state: EditState) -> dict[str, list]:
     return cols
 
 
+SERVE_REQUIREMENTS = ("torch", "transformers", "safetensors", "numpy", "pandas", "pyyaml", "mlflow")
+INPUT_EXAMPLE = ["The Eiffel Tower is located in the city of"]
+
+
+def public_version(v: str) -> str:
+    """A version without its local tag (``2.13.0+cpu`` -> ``2.13.0``): a local tag names one build on
+    one index, which an environment built elsewhere (``mlflow models serve --env-manager uv``) lacks."""
+    return v.split("+", 1)[0]
+
+
 def _requirements() -> list[str]:
-    """Pinned explicitly: MLflow's inference would import torchvision (absent) and fail."""
+    """What loading a state imports, pinned to the versions installed here, without local tags (kedit
+    itself travels as the model's code, see :func:`_log_pyfunc`). Pinned explicitly: MLflow's
+    inference would import torchvision (absent) and fail."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for pkg in ("torch", "transformers", "safetensors", "mlflow", "pyyaml"):
+    for pkg in SERVE_REQUIREMENTS:
         try:
-            out.append(f"{pkg}=={version(pkg)}")
+            out.append(f"{pkg}=={public_version(version(pkg))}")
         except PackageNotFoundError:
             continue
     return out
 
 
+def _stage_code(dest: Path) -> str:
+    """A copy of the kedit package (sources and data, no caches) for the model's ``code_paths``: the
+    model then loads where kedit is not installed (an environment MLflow builds to serve it)."""
+    import shutil
+
+    import kedit
+
+    src = Path(kedit.__file__).parent
+    shutil.copytree(src, dest / "kedit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return str(dest / "kedit")
+
+
 def _log_pyfunc(root: Path, config: dict[str, Any], tags: dict[str, str], metadata: dict[str, Any]) -> Any:
-    """Log the pyfunc (kedit's entry point, ``root`` as its workspace artifact) into the active run."""
+    """Log the pyfunc (kedit's entry point, ``root`` as its workspace artifact) into the active run,
+    with kedit's code, requirements without local version tags and an input example (MLflow checks at
+    logging time that the example serves: one load and one prediction)."""
     import json
 
     from kedit.lineage import pyfunc_entry as entry
@@ -334,11 +440,12 @@ def _log_pyfunc(root: Path, config: dict[str, Any], tags: dict[str, str], metada
     mlflow = _mlflow()
     root.mkdir(parents=True, exist_ok=True)
     (root / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-    with warnings.catch_warnings():  # the signature is explicit (it declares max_new_tokens); an input
-        warnings.filterwarnings("ignore", message=".*(type hint|input example).*")  # example would load it
+    with tempfile.TemporaryDirectory() as code, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*type hint.*")  # the signature is explicit (max_new_tokens)
         return mlflow.pyfunc.log_model(
             name=STATE_MODEL, python_model=str(Path(entry.__file__)), artifacts={ARTIFACT: str(root)},
-            pip_requirements=_requirements(), tags=tags, signature=signature(), metadata=metadata)
+            code_paths=[_stage_code(Path(code))], pip_requirements=_requirements(), tags=tags,
+            signature=signature(), input_example=(INPUT_EXAMPLE, {"max_new_tokens": 4}), metadata=metadata)
 
 
 def find_base_model(tracking: Tracking, base_model_hash: str) -> Any | None:
@@ -430,4 +537,7 @@ def log_state_model(tracking: Tracking, store: Any, state: EditState, run_id: st
     for name in ("gate.md", "gate.png", "gate.json"):
         if gate_dir and (Path(gate_dir) / name).exists():
             tracking.client.log_model_artifact(info.model_id, str(Path(gate_dir) / name), artifact_path="gate")
+    if gate_dir and (Path(gate_dir) / "gate.md").exists():
+        logged = tracking.client.get_logged_model(info.model_id)
+        tracking.client.set_logged_model_tags(info.model_id, {TAG_GATE_REPORT: f"{logged.artifact_location}/gate/gate.md"})
     return tracking.client.get_logged_model(info.model_id)

@@ -174,7 +174,8 @@ class Versioning:
         if added:
             self.dvc("add", "-q", *added)
         self.git("add", *[f"{d}.dvc" for d in added], ".gitignore",
-                 *[f for f in ("dvc.yaml", "dvc.lock", "params.yaml") if (self.root / f).exists()])
+                 *[f for f in ("dvc.yaml", "dvc.lock", "params.yaml", GATE_METRICS, GATE_PLOT)
+                   if (self.root / f).exists()])
         if self.git("diff", "--cached", "--name-only"):
             self.git("commit", "-q", "-m", message)
         elif always_commit:
@@ -222,6 +223,35 @@ class Versioning:
 
     def pull(self) -> None:
         self.dvc("pull", "-q")
+
+
+METRICS_DIR = "metrics"
+GATE_METRICS = "metrics/gate.json"  # dvc.yaml `metrics:`: `dvc metrics diff kedit/state/A kedit/state/B`
+GATE_PLOT = "metrics/gate_checks.csv"  # dvc.yaml `plots:`: each check's value beside its threshold
+
+
+def write_champion_metrics(root: Path, state_id: str | None, gate: dict | None, n_edits: int = 0) -> list[str]:
+    """The champion's gate verdict as DVC metrics and plot data, committed with each promotion /
+    rollback, so two state tags compare with ``dvc metrics diff`` and ``dvc plots diff``. ``gate``: the
+    state's last gate event (None: never gated, or the base model). Returns the files written."""
+    import csv
+    import io
+
+    from kedit.atomic import write_json_atomic, write_text_atomic
+
+    checks = [c for c in (gate or {}).get("checks", []) if c.get("value") is not None and not c.get("skipped")]
+    metrics: dict = {"gate": {"passed": int(bool((gate or {}).get("passed"))), "n_checks": len(checks),
+                              **{c["name"]: float(c["value"]) for c in checks}},
+                     "n_edits": int(n_edits), "state": state_id or "base"}
+    write_json_atomic(root / GATE_METRICS, metrics)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["check", "value", "threshold", "passed"])
+    for c in checks:
+        w.writerow([c["name"], float(c["value"]), "" if c.get("threshold") is None else c["threshold"],
+                    int(bool(c.get("passed")))])
+    write_text_atomic(root / GATE_PLOT, buf.getvalue())
+    return [GATE_METRICS, GATE_PLOT]
 
 
 def pipeline_outputs(root: Path) -> list[str]:

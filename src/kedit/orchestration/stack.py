@@ -73,6 +73,7 @@ class LocalStack:
             # on a loaded 2-core machine running the model work and the server side by side)
             "PREFECT_SERVER_DATABASE_TIMEOUT": env.get("PREFECT_SERVER_DATABASE_TIMEOUT", "30"),
             "PREFECT_LOGGING_LEVEL": env.get("PREFECT_LOGGING_LEVEL", "INFO"),
+            "PREFECT_LOGGING_EXTRA_LOGGERS": "kedit",  # kedit's step progress in the flow run logs
             "KEDIT_HOME": str(self.workspace), "KEDIT_PROJECT_DIR": str(self.project_dir),
             "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
             "GX_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1",
