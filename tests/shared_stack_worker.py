@@ -19,10 +19,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 def edit(ws_dir: str, model_src: str, seed: int) -> None:
     from kedit.editors.base import apply_deltas
-    from kedit.lineage.ops import lineage_params, open_store
+    from kedit.lineage.access import lineage_params, load_state_model, open_store
     from kedit.lineage.shared import section
     from kedit.models.store import import_hf
-    from kedit.refresh import RefreshConfig, load_state_model
     from kedit.workspace import Workspace
     from tests.test_lineage import fabricate
 
@@ -33,7 +32,7 @@ def edit(ws_dir: str, model_src: str, seed: int) -> None:
             import_hf(ws, model_src, slug="tiny-llama")
         store = open_store(ws, params)
         parent = store.champion()
-        lm, prev = load_state_model(ws, RefreshConfig(model="tiny-llama"), parent)
+        lm, prev = load_state_model(ws, "tiny-llama", parent)
         res = fabricate(lm, prev, seed=seed, rows=[f"row-{seed}"], layers=(1, 2))
         res.deltas = {k: 50 * v for k, v in res.deltas.items()}
         apply_deltas(lm.model, res.deltas)
@@ -47,7 +46,7 @@ def edit(ws_dir: str, model_src: str, seed: int) -> None:
 
 
 def gate(ws_dir: str, state: str, name: str, hold_s: float) -> None:
-    from kedit.lineage.ops import lineage_params, open_store
+    from kedit.lineage.access import lineage_params, open_store
     from kedit.lineage.shared import section
     from kedit.workspace import Workspace
 

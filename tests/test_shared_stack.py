@@ -102,8 +102,8 @@ def test_edit_in_a_decide_in_b_champion_loads_bit_identical(services, shared_env
     import mlflow
 
     from kedit.lineage import ops
+    from kedit.lineage.access import load_state_model
     from kedit.lineage.registry import TAG_STATE
-    from kedit.refresh import RefreshConfig, load_state_model
     from kedit.workspace import Workspace
 
     # A: the gpu worker's machine edited (fixture), its state is published; now it registers it
@@ -112,7 +112,7 @@ def test_edit_in_a_decide_in_b_champion_loads_bit_identical(services, shared_env
     with ops.section(a, "register", ops.lineage_params(a)):
         mv = ops.register_candidate(a, ops.open_store(a), sid)
     assert mv.tags[TAG_STATE] == sid and str(mv.source).startswith("models:/")
-    lm_a, _ = load_state_model(a, RefreshConfig(model="tiny-llama"), sid)
+    lm_a, _ = load_state_model(a, "tiny-llama", sid)
     want = model_digest(lm_a.model)
     away = a_dir.with_name("away")
     a_dir.rename(away)  # nothing of A's folder is reachable from here on

@@ -77,11 +77,14 @@ class Shared:
     lock_url: str | None = None
     git_remote: str | None = None
     dvc_remote: str | None = None
+    sign: bool = False  # lineage.sign_commits: the publishing commits are signed as the promotions are
 
     @classmethod
     def from_env(cls, params: dict[str, Any] | None = None) -> Shared:
+        params = params or {}
         return cls(lock_url=os.environ.get(LOCK_ENV) or None, git_remote=os.environ.get(GIT_REMOTE_ENV) or None,
-                   dvc_remote=os.environ.get(DVC_REMOTE_ENV) or (params or {}).get("dvc_remote"))
+                   dvc_remote=os.environ.get(DVC_REMOTE_ENV) or params.get("dvc_remote"),
+                   sign=bool(params.get("sign_commits", False)))
 
     @property
     def active(self) -> bool:
@@ -167,7 +170,7 @@ class LineageLock:
 def _versioning(ws: Workspace, shared: Shared):
     from kedit.lineage.versioning import Versioning
 
-    return Versioning(ws, remote=shared.dvc_remote)
+    return Versioning(ws, remote=shared.dvc_remote, sign=shared.sign)
 
 
 def _remote_head(v, remote: str) -> str | None:
