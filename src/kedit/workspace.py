@@ -18,12 +18,18 @@ def slugify(text: str) -> str:
 
 @dataclass(frozen=True)
 class Workspace:
-    """All on-disk locations derive from one root (env KEDIT_HOME, else the current directory)."""
+    """All on-disk locations derive from one root (env KEDIT_HOME, else the current directory).
+
+    ``cache_root``: where caches go instead of ``<root>/.kedit-cache`` (a folder read in place that
+    must not be written to, such as a logged model's artifacts in MLflow's store)."""
 
     root: Path
+    cache_root: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root).resolve())
+        if self.cache_root is not None:
+            object.__setattr__(self, "cache_root", Path(self.cache_root).resolve())
 
     @classmethod
     def default(cls, root: str | Path | None = None) -> Workspace:
@@ -52,7 +58,7 @@ class Workspace:
 
     @property
     def cache_dir(self) -> Path:
-        return self.root / ".kedit-cache"
+        return self.cache_root or self.root / ".kedit-cache"
 
     @property
     def mlflow_uri(self) -> str:

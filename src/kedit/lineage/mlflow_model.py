@@ -80,6 +80,12 @@ def local_path(uri: str) -> Path | None:
     return Path(urllib.request.url2pathname(parsed.path))
 
 
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/kedit`` (default ``~/.cache/kedit``): the caches of a model loaded from MLflow,
+    whose artifact folder a local store hands over in place and which must stay as it was logged."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kedit"
+
+
 def resolve_base_model(config: dict[str, Any]) -> Path:
     """The base model folder logged once in MLflow (``base_model_uri``), read in place when it is local
     (a ``kedit-workspace:`` URI: inside the workspace being read, wherever it lies now), downloaded
@@ -113,7 +119,8 @@ class EditStateModel(mlflow.pyfunc.PythonModel):
         root = Path(context.artifacts[ARTIFACT])
         cfg = json.loads((root / CONFIG_FILE).read_text())
         base = resolve_base_model(cfg)
-        ws = Workspace(root)
+        # a local artifact store hands over its own folder: caches go to the user's, never into the store
+        ws = Workspace(root, cache_root=user_cache_dir())
         device = cfg.get("device") or os.environ.get("KEDIT_DEVICE") or "cpu"
         self.lm, self.editor_state = load_state_model(ws, str(base), cfg["state_id"], device=device)
         self.state_id = cfg["state_id"]
