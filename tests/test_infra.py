@@ -543,3 +543,43 @@ def test_nightly_runs_one_at_a_time_and_kedit_logs_reach_prefect(deployments, pr
 
     stack = LocalStack(home=ROOT / ".stack-test", project_dir=ROOT, workspace=ROOT, port=1)
     assert stack.env()["PREFECT_LOGGING_EXTRA_LOGGERS"] == "kedit"
+
+
+def _stack_services(tmp_path, ci: bool, apt_get: str | None) -> subprocess.CompletedProcess:
+    """`make stack-services` on a machine without PostgreSQL: a PATH holding only `ls`, an `id` that
+    says uid 1000 unless apt-get is given (then root), and ``apt_get`` as the apt-get script."""
+    import stat
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ls").symlink_to(shutil.which("ls"))
+    (bin_dir / "env").symlink_to(shutil.which("env"))
+    scripts = {"id": f"#!/bin/sh\necho {0 if apt_get else 1000}\n"}
+    if apt_get:
+        scripts["apt-get"] = apt_get
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), **({"CI": "1"} if ci else {})}
+    return subprocess.run([shutil.which("make"), "-s", "-C", str(ROOT), "stack-services",
+                           f"PG_INITDB={tmp_path}/none/initdb"], env=env, capture_output=True, text=True)
+
+
+def test_make_stack_services_fails_clearly_in_ci_without_postgresql(tmp_path):
+    """CI must run the shared-services test: without PostgreSQL and without root apt-get it stops with the reason."""
+    p = _stack_services(tmp_path, ci=True, apt_get=None)
+    assert p.returncode != 0
+    assert "CI must run tests/test_shared_stack.py" in p.stderr and "initdb" in p.stderr and "no apt-get" in p.stderr
+
+
+def test_make_stack_services_outside_ci_says_the_test_is_skipped(tmp_path):
+    p = _stack_services(tmp_path, ci=False, apt_get=None)
+    assert p.returncode == 0 and "will be skipped" in p.stdout
+
+
+def test_make_stack_services_names_a_failed_apt_get(tmp_path):
+    """apt-get is there (root) but fails (no network, no such package): make stops naming what failed."""
+    p = _stack_services(tmp_path, ci=True, apt_get="#!/bin/sh\necho 'E: could not resolve deb.debian.org' >&2\nexit 100\n")
+    assert p.returncode != 0
+    assert "could not resolve" in p.stderr and "apt-get install postgresql failed" in p.stderr
+    assert "installing PostgreSQL" in p.stdout
