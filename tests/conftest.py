@@ -15,6 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.support.lineage_states import fabricate as _fabricate
+
 for _k, _v in {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
                "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false",
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TOKENIZERS_PARALLELISM": "false",
@@ -81,6 +83,12 @@ def tiny_text() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer_factory():
+    """``make_tokenizer()``: a fresh tiny byte-level BPE tokenizer (``tiny_tokenizer`` is one shared)."""
+    return make_tokenizer
+
+
+@pytest.fixture(scope="session")
 def tiny_model_factory():
     """``make_tiny_model(family="llama", vocab_size=320, seed=0)``: a fresh tiny random causal LM."""
     return make_tiny_model
@@ -144,28 +152,7 @@ def smollm(smollm_ws):
 
 # --- lineage states fabricated without an editor (lineage, export, models, orchestration, feeds) --------
 
-EDITED_LAYERS = (1, 2)
 PREDICTED_PROMPTS = ["The Eiffel Tower is located in", "Danielle Darrieux speaks", "Rome is the capital of"]
-
-
-def _fabricate(lm, prev, seed: int, rows: list[str], layers=EDITED_LAYERS):
-    """A rank-2 update on the MLP output of ``layers`` and an AlphaEdit-like Σ K Kᵀ state that accumulates."""
-    from kedit.editors.base import EditorState, EditResult
-
-    g = torch.Generator().manual_seed(seed)
-    deltas, tensors = {}, {}
-    for i in layers:
-        w = lm.adapter.weight(i)
-        out_dim, key_dim = w.shape
-        k = torch.randn(key_dim, 2, generator=g)
-        r = torch.randn(out_dim, 2, generator=g) * 0.05
-        deltas[lm.adapter.weight_name(i)] = lm.adapter.to_stored(r @ k.T)
-        name = f"cache_c.{i}"
-        base = prev.tensors[name] if prev and name in prev.tensors else torch.zeros(key_dim, key_dim)
-        tensors[name] = base + k @ k.T
-    n_prev = prev.meta.get("n_edits", 0) if prev else 0
-    state = EditorState("alphaedit", tensors, {"n_edits": n_prev + len(rows), "layers": list(layers)})
-    return EditResult(deltas=deltas, state=state, diagnostics=[])
 
 
 def _predict(lm) -> dict[str, str]:
@@ -207,7 +194,7 @@ def _run_batches(store, lm, n, parent=None, prev=None, seed0=0):
 
 @pytest.fixture(scope="session")
 def fabricate():
-    """``fabricate(lm, prev_state, seed, rows, layers=(1, 2)) -> EditResult`` (see _fabricate)."""
+    """``fabricate(lm, prev_state, seed, rows, layers=(1, 2)) -> EditResult`` (tests/support/lineage_states.py)."""
     return _fabricate
 
 

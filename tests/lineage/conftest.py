@@ -100,3 +100,50 @@ def _edited_hashes(lm, names) -> dict[str, str]:
 def edited_hashes():
     """``edited_hashes(lm, names) -> {name: sha256}`` of the model's parameters ``names``."""
     return _edited_hashes
+
+
+ANSWER_PROMPTS = ["The Eiffel Tower is located in", "Rome is the capital of", "Danielle Darrieux speaks"]
+
+
+@pytest.fixture(scope="session")
+def answer_prompts() -> list[str]:
+    """Prompts whose greedy answers tell edited states apart (``greedy_answers``, ``commit_states``)."""
+    return ANSWER_PROMPTS
+
+
+def _greedy(lm, prompts, k=6):
+    from kedit.evaluation.metrics import greedy_tokens
+
+    return [lm.tokenizer.decode(t, skip_special_tokens=True) for t in greedy_tokens(lm, prompts, k=k).tolist()]
+
+
+@pytest.fixture(scope="session")
+def greedy_answers():
+    """``greedy_answers(lm, prompts, k=6) -> [str]``: ``k`` greedy tokens per prompt, decoded."""
+    return _greedy
+
+
+@pytest.fixture(scope="session")
+def commit_states(fabricate):
+    """``commit_states(store, lm, n)``: ``n`` chained states with strong fabricated deltas (so the greedy
+    answers move) and fact records."""
+    from kedit.editors.base import apply_deltas
+
+    def commit(store, lm, n):
+        states, parent, prev = [], None, None
+        for i in range(n):
+            res = fabricate(lm, prev, seed=i, rows=[f"r{i}"], layers=(1, 2, 3))
+            res.deltas = {k: 400 * v for k, v in res.deltas.items()}
+            apply_deltas(lm.model, res.deltas)
+            facts = [{"id": f"r{i}", "subject": "Rome", "prompt": "{} is the capital of", "target_new": f"X{i}",
+                      "target_true": "Italy"}]
+            s = store.commit(lm, res, parent=parent,
+                             feed={"row_ids": [f"r{i}"], "facts": facts, "path": f"feeds/day{i}.jsonl",
+                                   "file_sha256": f"f{i}"},
+                             hparams={"method": "alphaedit"},
+                             predictions=dict(zip(ANSWER_PROMPTS, _greedy(lm, ANSWER_PROMPTS))))
+            states.append(s)
+            parent, prev = s.id, res.state
+        return states
+
+    return commit

@@ -7,55 +7,25 @@ from pathlib import Path
 
 import pytest
 
-from kedit.editors.base import apply_deltas
 from kedit.lineage import LineageStore, ops
 
 NO_DVC = {"mlflow": True, "dvc": False, "snapshot_every": 2, "model_prefix": "kedit", "dvc_remote": None}
-PROMPTS = ["The Eiffel Tower is located in", "Rome is the capital of", "Danielle Darrieux speaks"]
-
-
-def greedy(lm, prompts, k=6):
-    from kedit.evaluation.metrics import greedy_tokens
-
-    return [lm.tokenizer.decode(t, skip_special_tokens=True) for t in greedy_tokens(lm, prompts, k=k).tolist()]
-
-
-@pytest.fixture
-def commit_states(fabricate):
-    """``commit_states(store, lm, n)``: ``n`` chained states with strong fabricated deltas (so the greedy
-    answers move) and fact records."""
-    return lambda store, lm, n: _commit_states(store, lm, n, fabricate)
-
-
-def _commit_states(store, lm, n, fabricate):
-    states, parent, prev = [], None, None
-    for i in range(n):
-        res = fabricate(lm, prev, seed=i, rows=[f"r{i}"], layers=(1, 2, 3))
-        res.deltas = {k: 400 * v for k, v in res.deltas.items()}
-        apply_deltas(lm.model, res.deltas)
-        facts = [{"id": f"r{i}", "subject": "Rome", "prompt": "{} is the capital of", "target_new": f"X{i}",
-                  "target_true": "Italy"}]
-        s = store.commit(lm, res, parent=parent, feed={"row_ids": [f"r{i}"], "facts": facts,
-                                                      "path": f"feeds/day{i}.jsonl", "file_sha256": f"f{i}"},
-                         hparams={"method": "alphaedit"}, predictions=dict(zip(PROMPTS, greedy(lm, PROMPTS))))
-        states.append(s)
-        parent, prev = s.id, res.state
-    return states
 
 
 def test_champion_loads_through_mlflow_and_predicts_the_edited_answer(workspace, stored_lm, monkeypatch,
                                                                       tmp_path, commit_states,
-                                                                      gate_and_approve):
+                                                                      gate_and_approve, greedy_answers,
+                                                                      answer_prompts, states_answers):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     import mlflow
 
     from kedit.lineage.registry import TAG_GATE, ModelRegistry, Tracking, find_state_model, log_state_model
 
     lm = stored_lm()
-    base_answers = greedy(lm, PROMPTS)
+    base_answers = greedy_answers(lm, answer_prompts)
     store = LineageStore(workspace.lineage_dir, snapshot_every=2)
     states = commit_states(store, lm, 3)  # the 2nd is a snapshot: the 3rd replays from it
-    edited_answers = greedy(lm, PROMPTS)
+    edited_answers = greedy_answers(lm, answer_prompts)
     assert edited_answers != base_answers  # the edits change what the model says
 
     # the gate step logs the candidate with its report; registration then uses that logged model
@@ -101,17 +71,17 @@ def test_champion_loads_through_mlflow_and_predicts_the_edited_answer(workspace,
     ops.promote(workspace, store, states[2].id, by="alice", params=NO_DVC)
     assert reg.alias("champion").tags["kedit.state_id"] == states[2].id
     model = mlflow.pyfunc.load_model(f"models:/{reg.name}@champion")
-    assert model.predict(PROMPTS, params={"max_new_tokens": 6}) == edited_answers
+    assert model.predict(answer_prompts, params={"max_new_tokens": 6}) == edited_answers
     # an earlier state loads as itself (its path is replayed, not the champion's)
     first = mlflow.pyfunc.load_model(f"models:/{reg.name}/{reg.version_of(states[0].id).version}")
-    assert first.predict(PROMPTS, params={"max_new_tokens": 6}) == states_answers(stored_lm, store, states[0].id)
+    assert first.predict(answer_prompts, params={"max_new_tokens": 6}) == states_answers(stored_lm, store, states[0].id)
 
     # rollback to base: champion now loads the base model itself, through the same pyfunc, bit for bit
     ops.rollback(workspace, store, None, by="bob", reason="regressed", params=NO_DVC)
     champ = reg.alias("champion")
     assert champ.tags["kedit.state_id"] == "base" and champ.source.startswith("models:/")
     model = mlflow.pyfunc.load_model(f"models:/{reg.name}@champion")
-    assert model.predict(PROMPTS, params={"max_new_tokens": 6}) == base_answers
+    assert model.predict(answer_prompts, params={"max_new_tokens": 6}) == base_answers
     from kedit.lineage.store import _Model
 
     served = model.unwrap_python_model().lm
@@ -122,10 +92,15 @@ def test_champion_loads_through_mlflow_and_predicts_the_edited_answer(workspace,
     assert len(reg.versions()) == n and reg.alias("champion").version == champ.version
 
 
-def states_answers(stored_lm, store, sid):
-    lm = stored_lm()
-    store.materialise(sid, lm)
-    return greedy(lm, PROMPTS)
+@pytest.fixture
+def states_answers(greedy_answers, answer_prompts):
+    """``states_answers(stored_lm, store, sid)``: the greedy answers of state ``sid`` on a fresh model."""
+    def answers(stored_lm, store, sid):
+        lm = stored_lm()
+        store.materialise(sid, lm)
+        return greedy_answers(lm, answer_prompts)
+
+    return answers
 
 
 def test_state_without_its_base_model_is_refused(workspace, tiny_lm, monkeypatch, fabricate):
@@ -167,7 +142,8 @@ def test_refresh_logs_every_candidate_and_registers_the_logged_model(workspace, 
 
 
 def test_base_version_from_before_is_kept_and_a_loadable_one_registered(workspace, stored_lm, monkeypatch,
-                                                                        tmp_path):
+                                                                        tmp_path, answer_prompts,
+                                                                        greedy_answers):
     """A base version whose source is a plain folder (not loadable) is not reused as champion's target."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     import mlflow
@@ -186,4 +162,151 @@ def test_base_version_from_before_is_kept_and_a_loadable_one_registered(workspac
     assert mv.version != old.version and mv.source.startswith("models:/")
     assert reg.register_base("tiny-llama", base_hash).version == mv.version  # idempotent per hash
     model = mlflow.pyfunc.load_model(f"models:/{reg.name}/{mv.version}")
-    assert model.predict(PROMPTS, params={"max_new_tokens": 6}) == greedy(lm, PROMPTS)
+    assert model.predict(answer_prompts, params={"max_new_tokens": 6}) == greedy_answers(lm, answer_prompts)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_logged_model_carries_its_code_and_serves_with_mlflow_models_serve(workspace, stored_lm, monkeypatch,
+                                                                           tmp_path, commit_states,
+                                                                           greedy_answers, answer_prompts,
+                                                                           gate_and_approve):
+    """The registered champion serves on its own: kedit's code inside the model, requirements without
+    local version tags, an input example; `mlflow models serve` answers /invocations with the edit."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import mlflow
+
+    from kedit.lineage.registry import ModelRegistry, Tracking
+
+    lm = stored_lm()
+    store = LineageStore(workspace.lineage_dir, snapshot_every=2)
+    (state,) = commit_states(store, lm, 1)
+    edited = greedy_answers(lm, answer_prompts)
+    tr = Tracking(workspace)
+    ops.register_candidate(workspace, store, state.id, params=NO_DVC)
+    gate_and_approve(store, state)
+    ops.promote(workspace, store, state.id, by="alice", params=NO_DVC)
+    uri = f"models:/{ModelRegistry(tr, 'tiny-llama').name}@champion"
+
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "model")))
+    reqs = (local / "requirements.txt").read_text().split()
+    assert any(r.startswith("torch==") for r in reqs) and not [r for r in reqs if "+" in r]  # no local tags
+    assert (local / "code" / "kedit" / "lineage" / "mlflow_model.py").exists()  # kedit travels with it
+    assert not list((local / "code").rglob("__pycache__"))
+    info = mlflow.models.get_model_info(uri)
+    assert info.saved_input_example_info is not None
+    assert "Eiffel" in (local / info.saved_input_example_info["artifact_path"]).read_text()
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tr.uri}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", uri,
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "mlflow models serve did not answer /ping in 240 s"
+            time.sleep(1)
+        body = json.dumps({"inputs": answer_prompts, "params": {"max_new_tokens": 6}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert json.loads(r.read())["predictions"] == edited
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_model_version_shows_the_review_and_candidate_alias_goes(workspace, stored_lm, monkeypatch, tmp_path,
+                                                                 commit_states):
+    """Approver, time, comment, gate verdict and a link to the gate report on the version; the
+    ``candidate`` alias leaves a version once it is promoted or rejected."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import mlflow
+
+    from kedit.lineage.registry import (
+        TAG_GATE_REPORT,
+        TAG_REVIEW,
+        TAG_REVIEW_COMMENT,
+        TAG_REVIEWED_AT,
+        TAG_REVIEWER,
+        ModelRegistry,
+        Tracking,
+        log_state_model,
+    )
+
+    store = LineageStore(workspace.lineage_dir, snapshot_every=2)
+    first, second = commit_states(store, stored_lm(), 2)
+    gate_dir = tmp_path / "gate"
+    gate_dir.mkdir()
+    (gate_dir / "gate.json").write_text(json.dumps({"passed": True, "checks": []}))
+    (gate_dir / "gate.md").write_text("# Promotion gate: PASSED\n")
+    tr = Tracking(workspace)
+    log_state_model(tr, store, first, gate_dir=gate_dir)
+    ops.register_candidate(workspace, store, first.id, params=NO_DVC)
+    reg = ModelRegistry(tr, "tiny-llama")
+    assert reg.alias("candidate").tags["kedit.state_id"] == first.id
+    store.record_gate(first.id, {"passed": True}, against=None)
+    ev = ops.approve(store, first.id, by="alice", comment="facts checked", ws=workspace)
+    ops.promote(workspace, store, first.id, by="alice", params=NO_DVC)
+    v = reg.version_of(first.id)
+    assert (v.tags[TAG_REVIEW], v.tags[TAG_REVIEWER], v.tags[TAG_REVIEW_COMMENT]) == ("approved", "alice",
+                                                                                      "facts checked")
+    assert v.tags[TAG_REVIEWED_AT] == ev.at and v.tags["kedit.gate"] == "passed"
+    assert "**Gate: PASSED**" in v.description and "**Approved** by alice" in v.description
+    assert v.tags[TAG_GATE_REPORT] in v.description
+    report = mlflow.artifacts.download_artifacts(v.tags[TAG_GATE_REPORT], dst_path=str(tmp_path / "r"))
+    assert "PASSED" in Path(report).read_text()
+    assert reg.alias("candidate") is None and reg.alias("champion").version == v.version  # promoted
+
+    ops.register_candidate(workspace, store, second.id, params=NO_DVC)
+    assert reg.alias("candidate").tags["kedit.state_id"] == second.id
+    ops.reject(workspace, store, second.id, by="bob", comment="wrong source")
+    v2 = reg.version_of(second.id)
+    assert (v2.tags[TAG_REVIEW], v2.tags[TAG_REVIEWER]) == ("rejected", "bob")
+    assert "**Rejected** by bob" in v2.description and "**Gate: not recorded**" in v2.description
+    assert reg.alias("candidate") is None and reg.alias("champion").version == v.version
+
+
+def test_a_tracking_server_that_is_down_is_named_and_nothing_changes(workspace, stored_lm, monkeypatch,
+                                                                     commit_states):
+    from kedit.lineage import LineageError
+    from kedit.lineage.registry import Tracking
+    from kedit.orchestration import free_port
+
+    store = LineageStore(workspace.lineage_dir, snapshot_every=2)
+    (state,) = commit_states(store, stored_lm(), 1)
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(LineageError, match=f"MLflow tracking server {dead} is not answering"):
+        Tracking(workspace)
+    n = len(store.events())
+    with pytest.raises(LineageError, match="not answering"):
+        ops.reject(workspace, store, state.id, by="bob", comment="no")
+    with pytest.raises(LineageError, match="not answering"):
+        ops.approve(store, state.id, by="bob", ws=workspace)
+    assert len(LineageStore(workspace.lineage_dir).events()) == n  # no event recorded

@@ -1,0 +1,1 @@
+"""Plain modules the tests share where a fixture cannot reach: code run in a child process."""
