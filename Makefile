@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(VENV)/bin/kedit nightly demo
 
-# PostgreSQL server binaries for tests/test_shared_stack.py (the S3 server, MLflow and the drivers come
+# PostgreSQL server binaries for tests/integration/test_shared_stack.py (the S3 server, MLflow and the drivers come
 # from the venv's `stack` extra). Installed with apt-get where missing, as root or through passwordless
 # sudo (CI); elsewhere the test says why it is skipped. Under CI (CI set, as .ci/run does) a machine that
 # cannot install them fails here with the reason, since the test must run there, not be skipped. The test
@@ -48,10 +48,10 @@ stack-services:
 	  if [ "$$SUDO" != none ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing PostgreSQL (apt-get install postgresql) for the shared-services test"; \
 	    $$SUDO env $(PG_APT) update -q && $$SUDO env $(PG_APT) install -y -q --no-install-recommends postgresql \
-	    || { echo "make stack-services: apt-get install postgresql failed (see above); tests/test_shared_stack.py needs PostgreSQL's server binaries (initdb, pg_ctl)" >&2; exit 1; }; \
+	    || { echo "make stack-services: apt-get install postgresql failed (see above); tests/integration/test_shared_stack.py needs PostgreSQL's server binaries (initdb, pg_ctl)" >&2; exit 1; }; \
 	  elif [ -n "$$CI" ]; then \
-	    echo "make stack-services: CI must run tests/test_shared_stack.py, which needs PostgreSQL's server binaries (initdb, pg_ctl), and this machine has none and $$(command -v apt-get >/dev/null 2>&1 && echo 'no root or passwordless sudo for apt-get' || echo 'no apt-get'): install Debian's postgresql first, or run as root" >&2; exit 1; \
-	  else echo "no PostgreSQL server binaries and no root apt-get: tests/test_shared_stack.py will be skipped"; fi; \
+	    echo "make stack-services: CI must run tests/integration/test_shared_stack.py, which needs PostgreSQL's server binaries (initdb, pg_ctl), and this machine has none and $$(command -v apt-get >/dev/null 2>&1 && echo 'no root or passwordless sudo for apt-get' || echo 'no apt-get'): install Debian's postgresql first, or run as root" >&2; exit 1; \
+	  else echo "no PostgreSQL server binaries and no root apt-get: tests/integration/test_shared_stack.py will be skipped"; fi; \
 	fi
 
 test: venv stack-services

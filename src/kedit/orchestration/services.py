@@ -4,7 +4,7 @@ the DVC remote), an MLflow tracking server that proxies artifacts (clients never
 paths or credentials) and a bare git repository (the lineage repository every workspace pushes to).
 
 The same topology as ``infra/docker-compose.yml``, started as child processes instead of containers:
-the executable form of it (``tests/test_shared_stack.py``). PostgreSQL is Debian's ``postgresql``
+the executable form of it (``tests/integration/test_shared_stack.py``). PostgreSQL is Debian's ``postgresql``
 (``initdb`` + ``pg_ctl`` into a folder of our own, as the ``postgres`` account when run as root: the
 server refuses root), the S3 store is ``moto`` in server mode; the clients speak plain S3, so MinIO or
 AWS work unchanged. Nothing here imports Prefect.
