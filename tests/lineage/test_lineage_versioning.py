@@ -137,7 +137,7 @@ def test_dvc_yaml_declares_gate_metrics_plots_and_the_champion_artifact(workspac
 
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     declared = yaml.safe_load((root / "dvc.yaml").read_text())
     (workspace.root / "dvc.yaml").parent.mkdir(parents=True, exist_ok=True)
     (workspace.root / "dvc.yaml").write_text(yaml.safe_dump({k: declared[k] for k in ("metrics", "plots", "artifacts")}))
