@@ -41,7 +41,8 @@ SCHEMA: dict[str, frozenset[str]] = {
     "canary": frozenset({"k", "max_prompts"}),
     "gates": frozenset({"min_efficacy", "min_generalization", "max_specificity_drop", "max_neighbourhood_kl",
                         "min_canary_agreement", "max_perplexity_increase_pct", "max_fluency_drop",
-                        "min_retention", "canary_k", "fluency_prompts", "fluency_tokens", "reference_text",
+                        "min_retention", "min_free_generation", "freegen_tokens", "canary_k", "fluency_prompts",
+                        "fluency_tokens", "reference_text",
                         "reference_tokens", "seed"}),
     # cumulative drift of the candidate from the base model (kedit.evaluation.drift.DriftPolicy)
     "drift": frozenset({"max_perplexity_increase_pct", "min_canary_agreement", "max_neighbourhood_kl"}),
