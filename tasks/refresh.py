@@ -88,7 +88,7 @@ def run_on_gpu_pool(deployment: str, workspace: str | None, cfg: dict[str, Any],
     return fr.state.result()
 
 
-@task(name="expire-overdue-approvals", cache_policy=NO_CACHE, retries=1)
+@task(name="expire-overdue-approvals", cache_policy=NO_CACHE, retries=1, **RESULTS)
 def expire_overdue(workspace: str | None) -> list[str]:
     """A timed-out approval rejects (suspended runs cannot time themselves out: they are not running)."""
     from prefect.settings import PREFECT_API_URL

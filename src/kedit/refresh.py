@@ -199,7 +199,10 @@ def refresh_key(feed_sha256: str, parent: str | None, cfg: RefreshConfig) -> str
 
 
 def reports_dir(ws: Workspace, key: str) -> Path:
+    from kedit.safepath import check_target
+
     d = ws.reports_dir / key
+    check_target(d, ws, "reports", within=ws.root, stores=False)  # no link may lead the reports elsewhere
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -83,8 +83,12 @@ def _summary(res) -> None:
 
 def _validate(args) -> int:
     from kedit.feeds.ingest import ingest_feed
+    from kedit.safepath import check_target
 
-    out = Path(args.out) if args.out else workspace(args).feeds_dir
+    ws = workspace(args)
+    out = Path(args.out) if args.out else ws.feeds_dir
+    for target in (out / "quarantine", out / "reports"):  # --out is the user's; no link may redirect inside it
+        check_target(target, ws, "feed validate", within=None if args.out else ws.root, stores=False)
     res = ingest_feed(args.file, _policy(args), record=False,
                       quarantine_dir=out / "quarantine", report_dir=out / "reports")
     _summary(res)

@@ -247,7 +247,7 @@ def _ranges(idx: list[int]) -> str:
 def _verify(args) -> int:
     from rich.progress import Progress
 
-    from kedit.lineage.ops import divergences
+    from kedit.lineage.ops import base_model_problems, divergences
 
     ws, params, store = _store(args)
     with Progress(transient=True) as prog:
@@ -255,12 +255,15 @@ def _verify(args) -> int:
         rep = store.verify(deep=not args.quick,
                            progress=lambda i, n: prog.update(task, completed=i, total=n))
     print(f"checked {rep.states} states, {rep.files} files, {rep.tensors} tensor hashes")
+    damaged = base_model_problems(ws, store)  # the base model every state is replayed onto
+    for p in damaged:
+        print(f"PROBLEM: {p}")
     apart = divergences(ws, store, params)
     for p in apart:
         print(f"PROBLEM: {p}")
     if apart:
         print("(the lineage events are the truth: `kedit lineage repair` moves the other stores to them)")
-    if rep.ok and not apart:
+    if rep.ok and not apart and not damaged:
         print("lineage OK")
         return 0
     for p in rep.problems:

@@ -42,13 +42,16 @@ def ingest_for_champion(ws: Workspace, path: str | Path, policy: FeedPolicy | No
     champion; quarantine, report and ledger go under ``ws.feeds_dir``. ``result.champion`` names the
     state checked against (None: the base model)."""
     from kedit.lineage.ops import open_store
+    from kedit.safepath import check_target
 
+    quarantine, reports, ledger = ws.feeds_dir / "quarantine", ws.feeds_dir / "reports", ws.feeds_dir / LEDGER_NAME
+    for target in (quarantine, reports, ledger):  # written (quarantine: also deleted) inside the workspace only
+        check_target(target, ws, "feed ingest", within=ws.root, stores=False)
     store = open_store(ws)
     champion = store.champion()
     predicts = (lambda rows: predictor(champion, rows)) if predictor is not None else None
     res = ingest_feed(path, policy, applied_facts=frozenset(applied_facts(store, champion)),
                       history=fact_history(store, champion), predicts_target=predicts,
-                      quarantine_dir=ws.feeds_dir / "quarantine", report_dir=ws.feeds_dir / "reports",
-                      ledger_path=ws.feeds_dir / LEDGER_NAME, now=now)
+                      quarantine_dir=quarantine, report_dir=reports, ledger_path=ledger, now=now)
     res.champion = champion
     return res

@@ -53,7 +53,11 @@ def gate_target(store: LineageStore, state_ref: str) -> str:
 
 def gate_report_dir(ws: Workspace, state_id: str) -> Path:
     """``reports/state-<id[:16]>/gate``: beside the refresh's ``reports/<refresh key>/gate``."""
-    return ws.reports_dir / f"state-{state_id[:16]}" / "gate"
+    from kedit.safepath import check_target
+
+    d = ws.reports_dir / f"state-{state_id[:16]}" / "gate"
+    check_target(d, ws, "gate report", within=ws.root, stores=False)  # no link may lead the report elsewhere
+    return d
 
 
 def retraction_check(parent_lm: Any, candidate_lm: Any, records: Sequence[dict], threshold: float | None):

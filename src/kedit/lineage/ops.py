@@ -62,10 +62,35 @@ def register_candidate(ws: Workspace, store: LineageStore, state_id: str, run_id
     """Register a committed state as a version of ``<prefix>-<slug>`` with the ``candidate`` alias."""
     params = params or lineage_params(ws)
     s = store.get(state_id)
+    base_problem = base_model_problems(ws, store, [s.base_model_slug])
+    if base_problem:
+        raise LineageError(f"register state {s.short}: " + "; ".join(base_problem))
     v = _versioning(ws, params)
     git = v.git("rev-parse", "HEAD", check=False) if v.initialised else None
     return _registry(ws, s.base_model_slug, params).register(
         s, store.state_dir(s.id), run_id=run_id, dvc_rev=v.dvc_rev() if v.initialised else None, git_commit=git)
+
+
+def base_model_problems(ws: Workspace, store: LineageStore, slugs: list[str] | None = None) -> list[str]:
+    """Each base model the lineage edits (or ``slugs``), hashed in full against its manifest and compared
+    with the hash the states recorded: what ``lineage verify``, registration and export rely on. A base
+    model absent from the store is not checked (the lineage keeps the base tensors it edits)."""
+    from kedit.models.store import MANIFEST, ModelCorruptError, verify_store_entry
+
+    problems = []
+    bases = _bases(store)
+    for slug in (slugs if slugs is not None else sorted(bases)):
+        if not (ws.model_dir(slug) / MANIFEST).exists():
+            continue
+        try:
+            manifest = verify_store_entry(ws, slug)
+        except ModelCorruptError as exc:
+            problems.append(str(exc))
+            continue
+        if slug in bases and manifest.model_hash != bases[slug]:
+            problems.append(f"base model {slug!r}: models/{slug} has hash {manifest.model_hash[:12]}, the lineage's "
+                            f"states were made from {bases[slug][:12]}")
+    return problems
 
 
 # --- promote / rollback: one lock, an intent record, then store event -> git + DVC -> MLflow ---------
@@ -211,6 +236,8 @@ def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment:
         check = store.promotion_check(sid)
         if not check.ok and not (override or "").strip():
             raise refusal("promote", sid, check)
+        if dvc:  # refused before the event, so a refusal leaves nothing to repair
+            _versioning(ws, params).check_data()
         intent = Intent(op="promote", target=sid, by=by, mlflow=mlflow, dvc=dvc)
         write_intent(store.root, intent)
         ev = store.promote(sid, by=by, comment=comment, override=override, data={"intent": intent.id})
@@ -240,6 +267,8 @@ def rollback(ws: Workspace, store: LineageStore, state_id: str | None, by: str, 
         check = store.rollback_check(sid)
         if not check.ok and not force:
             raise refusal("rollback to", sid, check)
+        if dvc:  # refused before the event, so a refusal leaves nothing to repair
+            _versioning(ws, params).check_data()
         intent = Intent(op="rollback", target=sid, by=by, mlflow=mlflow, dvc=dvc)
         write_intent(store.root, intent)
         ev = store.rollback(sid, by=by, reason=reason, override=force, data={"intent": intent.id})
@@ -340,13 +369,17 @@ def export(ws: Workspace, store: LineageStore, state_id: str | None, out_dir: st
     """Write a HuggingFace model directory of ``state_id`` (base model + replayed deltas) for serving;
     ``None``: the base model the lineage edits (what ``champion`` is after a rollback to base). A state
     that adds parameters (T-Patcher, memory) also ships its code: see :mod:`kedit.export`."""
+    import tempfile
     from dataclasses import asdict
 
-    from kedit.atomic import write_json_atomic
+    from kedit.atomic import make_readable, write_json_atomic
     from kedit.export import added_parameters, save_with_added
     from kedit.models.store import load_model
+    from kedit.safepath import check_target
 
-    out = Path(out_dir)
+    out = check_target(out_dir, ws, "export --out")  # no link, not the workspace or one of its stores
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
     s = store.get(state_id) if state_id else None
@@ -358,23 +391,37 @@ def export(ws: Workspace, store: LineageStore, state_id: str | None, out_dir: st
             raise LineageError(f"export base: the lineage edits {len(bases)} base models ({sorted(bases)}); "
                                f"the base model itself is in models/<slug>/")
         ((slug, base_hash),) = bases.items()
-    lm = load_model(slug, ws)
+    lm = load_model(slug, ws, verify=True)  # every file against its sha256: never ship a damaged base
     if lm.manifest.model_hash != base_hash:
         raise LineageError(f"export: models/{slug} has hash {lm.manifest.model_hash[:12]}, the lineage "
                            f"{'state ' + s.short if s else 'base'} is {base_hash[:12]}")
     editor_state = store.materialise(s.id if s else None, lm)
     added = added_parameters(lm, editor_state)
-    tmp = out.parent / f".{out.name}.exporting"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if added is None:
-        lm.model.save_pretrained(tmp)
-    else:  # added parameters: the directory ships its own code (load with trust_remote_code=True)
-        save_with_added(lm, added, tmp)
-    lm.tokenizer.save_pretrained(tmp)
-    write_json_atomic(tmp / "kedit_state.json", {"state": s.to_dict() if s else None, "base_model": asdict(lm.manifest)})
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh folder beside ``out`` (never a fixed name a link could stand in for), removed on any failure
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".exporting", dir=out.parent))
+    old = None
+    try:
+        if added is None:
+            lm.model.save_pretrained(tmp)
+        else:  # added parameters: the directory ships its own code (load with trust_remote_code=True)
+            save_with_added(lm, added, tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "kedit_state.json",
+                          {"state": s.to_dict() if s else None, "base_model": asdict(lm.manifest)})
+        make_readable(tmp)
+        if out.exists():  # moved aside, not deleted, until the new directory is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".replaced", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old / out.name, out)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return out
 
 

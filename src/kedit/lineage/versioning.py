@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kedit.lineage.state import LineageError
+from kedit.safepath import check_links, check_target
 from kedit.workspace import Workspace
 
 TRACKED = ("lineage", "models", "stats")
@@ -93,6 +94,8 @@ class Versioning:
         remotes = self.dvc("remote", "list")
         if self.remote_name not in remotes.split():
             url = self.remote_url()
+            if "://" not in url and Path(url).resolve() != (self.root / ".dvc-remote").resolve():
+                check_target(url, self.ws, "lineage.dvc_remote")  # a push must not write into a store
             if "://" not in url:
                 Path(url).mkdir(parents=True, exist_ok=True)
             self.dvc("remote", "add", "-d", self.remote_name, url)
@@ -103,6 +106,14 @@ class Versioning:
             self.git("add", ".dvc/config", ".dvcignore", ".gitignore")
             if self.git("diff", "--cached", "--name-only"):
                 self.git("commit", "-q", "-m", "kedit: DVC setup and default remote")
+
+    def check_data(self) -> None:
+        """Refuse (:class:`~kedit.safepath.UnsafePathError`) a symbolic link in the tracked folders that
+        leads anywhere but the DVC cache: ``dvc add`` follows it, chmods the target read-only, replaces
+        the link with a hard link to it and ``dvc push`` uploads its bytes. DVC's own links (cache.type
+        symlink) point into the cache and pass."""
+        present = [self.root / d for d in TRACKED if (self.root / d).exists()]
+        check_links(present, self.ws, "git + DVC versioning", allowed=[self.root / ".dvc" / "cache"])
 
     def snapshot(self, message: str, tag: str | None = None, push: bool = True,
                  always_commit: bool = False) -> dict[str, str]:
@@ -120,6 +131,7 @@ class Versioning:
         # folders whose contents are outputs of dvc.yaml stages are versioned by `dvc repro` (dvc.lock);
         # `dvc add` on them would overlap those outputs
         added = [d for d in present if not any(o == d or o.startswith(d + "/") for o in staged)]
+        self.check_data()
         if added:
             self.dvc("add", "-q", *added)
         self.git("add", *[f"{d}.dvc" for d in added], ".gitignore",
