@@ -187,6 +187,9 @@ def test_policy_validation(tmp_path):
     p.write_text("gates:\n  min_efficasy: 0.8\n")
     with pytest.raises(ValueError, match="min_efficasy"):
         GatePolicy.from_params(p)
+    p.write_text("gates:\n  freegen_tokens: 0\n")
+    with pytest.raises(ValueError, match=r"gates\.freegen_tokens: .*at least 1 greedy token, got 0"):
+        GatePolicy.from_params(p)
     with pytest.raises(FileNotFoundError, match="absent.yaml"):  # an explicit file must exist
         GatePolicy.from_params(tmp_path / "absent.yaml")
 

@@ -102,9 +102,11 @@ def _ingest(args) -> int:
     ws = workspace(args)
     predictor = None
     if args.no_op_check:
-        from kedit.refresh import RefreshConfig, champion_predictor
+        from kedit.config import RefreshConfig
+        from kedit.feeds.champion import champion_predictor
 
-        predictor = champion_predictor(ws, RefreshConfig.from_params())
+        cfg = RefreshConfig.from_params()
+        predictor = champion_predictor(ws, cfg.model, cfg.device)
     res = ingest_for_champion(ws, args.file, _policy(args), predictor=predictor)
     print(f"checked against champion {res.champion or 'base'} (facts already applied, flip-flops)")
     _summary(res)

@@ -245,14 +245,14 @@ class PrefixCache(_cache_base()):
 
     frozen = False
     rows: torch.Tensor | None = None
+    # per-layer keys/values that replace the stored ones (set between replays by SharedHeadSlice)
+    override: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __init__(self, config=None, **kwargs) -> None:
         """``config`` is accepted and not used: every layer is a full one. A config with sliding-window
         layers (Gemma) would give those layers caches that drop all but the last window of keys; here
         a row's suffix must see its whole prefix, and the model's mask applies the window."""
         super().__init__(**kwargs)
-    # per-layer keys/values that replace the stored ones (set between replays by SharedHeadSlice)
-    override: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if not self.frozen:

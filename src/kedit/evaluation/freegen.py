@@ -15,8 +15,9 @@ as a whole word: no letter or digit directly before or after it (``Rome`` does n
 leading whitespace of the continuation is dropped for "begins with". The continuation is the decoded
 new tokens alone (special tokens skipped).
 
-Generation is batched: prompts are sorted by length, left-padded and generated ``batch_size`` at a time
-with the KV cache (transformers' ``generate``, greedy, EOS does not stop it).
+Generation is batched (:func:`kedit.models.scoring.greedy_tokens`): prompts are sorted by length,
+left-padded and generated ``batch_size`` at a time with the KV cache (transformers' ``generate``,
+greedy, EOS does not stop it).
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-from kedit.evaluation.metrics import encode_prompts, left_pad, pad_id
+from kedit.models.scoring import greedy_tokens
 from kedit.models.store import LoadedModel
 
 FREEGEN_TOKENS = 8  # new tokens per prompt: a CounterFact object is 1-4 tokens, with room to say it later
@@ -41,28 +40,14 @@ SHORT = {"gen_efficacy": "ES gen", "gen_efficacy_contains": "ES gen ∋", "gen_g
 
 def greedy_new_tokens(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = FREEGEN_TOKENS,
                       batch_size: int = FREEGEN_BATCH) -> list[list[int]]:
-    """The ``max_new_tokens`` greedy token ids after each prompt (in the prompts' order). Prompts run in
-    length-sorted batches (little padding), left-padded, with the KV cache."""
+    """The ``max_new_tokens`` greedy token ids after each prompt (in the prompts' order): the scoring
+    primitive :func:`kedit.models.scoring.greedy_tokens` in length-sorted batches (little padding)."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"free generation: max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) "
                          "must be at least 1")
     if not prompts:
         return []
-    seqs = encode_prompts(lm.tokenizer, prompts)
-    pad = pad_id(lm.tokenizer)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out: list[list[int]] = [[] for _ in seqs]
-    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=pad,
-                  do_sample=False, top_k=None, top_p=None, temperature=None, repetition_penalty=1.0,
-                  no_repeat_ngram_size=0, use_cache=True)
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start: start + batch_size]
-            ids, mask = left_pad([seqs[i] for i in chunk], pad, lm.device)
-            gen = lm.model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:].cpu()
-            for row, i in enumerate(chunk):
-                out[i] = gen[row].tolist()
-    return out
+    return greedy_tokens(lm, prompts, k=max_new_tokens, batch_size=batch_size, by_length=True).tolist()
 
 
 def continuations(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = FREEGEN_TOKENS,

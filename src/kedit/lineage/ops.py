@@ -14,41 +14,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kedit.lineage.access import DEFAULTS, lineage_params, open_store, pending_report  # noqa: F401 (kept importable)
 from kedit.lineage.identity import describe
 from kedit.lineage.intent import Intent, adopt, clear_intent, read_intent, step_done, write_intent
 from kedit.lineage.policy import refusal
 from kedit.lineage.registry import model_name
 from kedit.lineage.state import BASE, Event, LineageError, label
-from kedit.lineage.store import LineageStore, _pid_alive
+from kedit.lineage.store import LineageStore, check_texts
 from kedit.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {"snapshot_every": 20, "dvc_remote": None, "model_prefix": "kedit",
-                            "mlflow": True, "dvc": True}
-
-
-def lineage_params(ws: Workspace, params_file: str | Path | None = None) -> dict[str, Any]:
-    """The ``lineage:`` block of params.yaml (found by :func:`kedit.params.find_params`), over defaults."""
-    from kedit.params import load_params
-
-    return {**DEFAULTS, **load_params(params_file, ws).block("lineage")}
-
-
-def open_store(ws: Workspace, params: dict[str, Any] | None = None) -> LineageStore:
-    """The workspace's lineage store; warns when an interrupted promote / rollback left the stores apart."""
-    params = params or lineage_params(ws)
-    store = LineageStore(ws.lineage_dir, snapshot_every=int(params["snapshot_every"]))
-    note = pending_report(store)
-    if note:
-        log.warning(note)
-    return store
-
-
 def _versioning(ws: Workspace, params: dict[str, Any]):
     from kedit.lineage.versioning import Versioning
 
-    return Versioning(ws, remote=params.get("dvc_remote"))
+    return Versioning(ws, remote=params.get("dvc_remote"), sign=bool(params.get("sign_commits", False)))
 
 
 def _registry(ws: Workspace, slug: str, params: dict[str, Any]):
@@ -117,7 +97,8 @@ def stores_present(ws: Workspace, params: dict[str, Any]) -> tuple[bool, bool]:
 def _message(ev: Event) -> str:
     """The git commit message of a promotion / rollback; ``[kedit event N]`` ties the commit to the event."""
     what = "promote state" if ev.type == "promote" else "rollback to state"
-    return f"kedit: {what} {label(ev.state)[:12]} [kedit event {ev.seq}] ({ev.by}: {ev.comment})"
+    chain = f" [kedit chain {ev.digest}]" if ev.digest else ""  # the event chain's head: a signed commit seals it
+    return f"kedit: {what} {label(ev.state)[:12]} [kedit event {ev.seq}]{chain} ({ev.by}: {ev.comment})"
 
 
 def _bases(store: LineageStore) -> dict[str, str]:
@@ -152,6 +133,11 @@ def _follow(ws: Workspace, store: LineageStore, intent: Intent, params: dict[str
     from kedit.lineage.versioning import state_tag
 
     ev = next(e for e in store.events() if e.seq == intent.out["event_seq"])
+    if "report" not in intent.done:
+        if ev.data.get("override_event"):
+            _note_override(store, ev)  # idempotent: a repair after a kill writes it once
+        step_done(store.root, intent, "report")
+        _pause("report")
     if intent.dvc and "versioning" not in intent.done:
         info = _versioning(ws, params).tag_state(label(intent.target), _message(ev))
         step_done(store.root, intent, "versioning", **info, tag=state_tag(label(intent.target)))
@@ -204,21 +190,6 @@ def finish_pending(ws: Workspace, store: LineageStore, params: dict[str, Any]) -
     return note
 
 
-def pending_report(store: LineageStore) -> str | None:
-    """One line about an interrupted promote / rollback (None: none, or one still running)."""
-    try:
-        intent = read_intent(store.root)
-    except LineageError as exc:
-        return str(exc)
-    if intent is None:
-        return None
-    holder = store._lock_holder()
-    if holder.get("pid") == intent.pid and holder.get("host") == intent.host and _pid_alive(intent.pid):
-        return None  # in progress, not interrupted
-    return (f"{store.root}: an interrupted {intent.describe()}; git/DVC and MLflow may not follow the lineage "
-            f"events: run `kedit lineage repair` (any promote or rollback also finishes it)")
-
-
 def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment: str = "",
             mlflow: bool = True, dvc: bool = True, params: dict[str, Any] | None = None,
             override: str | None = None) -> dict[str, Any]:
@@ -230,10 +201,12 @@ def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment:
     is held over every store; an intent record makes a crash between them resumable."""
     params = params or lineage_params(ws)
     mlflow, dvc = mlflow and bool(params.get("mlflow", True)), dvc and bool(params.get("dvc", True))
+    check_texts("promote", by, comment, reason=override)
     with store.lock(f"promote {state_id[:12]} by {by}"):
         repaired = finish_pending(ws, store, params)
         sid = store.resolve(state_id)
-        check = store.promotion_check(sid)
+        check = store.promotion_check(sid, by=by, distinct=store.require_distinct_approver
+                                      or bool(params.get("require_distinct_approver", False)))
         if not check.ok and not (override or "").strip():
             raise refusal("promote", sid, check)
         if dvc:  # refused before the event, so a refusal leaves nothing to repair
@@ -244,8 +217,6 @@ def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment:
         step_done(store.root, intent, "event", event_seq=ev.seq)
         _pause("event")
         out = _follow(ws, store, intent, params)
-    if ev.data.get("override_event"):
-        _note_override(store, ev)
     return {"event": ev.to_dict(), **out, **({"repaired": repaired} if repaired else {})}
 
 
@@ -261,6 +232,7 @@ def rollback(ws: Workspace, store: LineageStore, state_id: str | None, by: str, 
     mlflow, dvc = mlflow and bool(params.get("mlflow", True)), dvc and bool(params.get("dvc", True))
     if not reason or not reason.strip():
         raise ValueError("rollback: give a reason")
+    check_texts("rollback", by, reason=reason)
     with store.lock(f"rollback {label(state_id)[:12]} by {by}"):
         repaired = finish_pending(ws, store, params)
         sid = None if state_id in (None, BASE) else store.resolve(state_id)
@@ -296,10 +268,17 @@ def divergences(ws: Workspace, store: LineageStore, params: dict[str, Any] | Non
     want = label(ev.state)
     if dvc:
         tag = state_tag(want)
-        msg = Versioning(ws).tag_message(tag)
+        v = Versioning(ws)
+        msg = v.tag_message(tag)
         if msg is None or f"[kedit event {ev.seq}]" not in msg:
             problems.append(f"git: tag {tag} {'is missing' if msg is None else 'points at an older commit'}; the "
                             f"{ev.type} of {want[:12]} (event {ev.seq}) has no git commit")
+        elif params.get("sign_commits"):
+            why = v.verify_commit(tag)
+            if why:
+                problems.append(f"git: the commit of tag {tag} (event {ev.seq}) has no good signature "
+                                f"(lineage.sign_commits): {why}")
+        problems.extend(_chain_against_git(store, v))
     if mlflow:
         slugs = [store.get(ev.state).base_model_slug] if ev.state else list(_bases(store))
         for slug in slugs:
@@ -311,11 +290,26 @@ def divergences(ws: Workspace, store: LineageStore, params: dict[str, Any] | Non
     return problems
 
 
+def _chain_against_git(store: LineageStore, v: Any) -> list[str]:
+    """Each promotion's git commit names the chain digest of its event: an event whose digest differs
+    now was rewritten after that commit (the chain recomputed over an edit, which the chain alone
+    cannot show; with signed commits the writer cannot rewrite these records too)."""
+    digests = {e.seq: e.digest for e in store.events()}
+    out = []
+    for commit, seq, digest in v.chain_marks():
+        have = digests.get(seq)
+        if have != digest:
+            out.append(f"events: git commit {commit[:12]} recorded event {seq} with chain digest {digest[:12]}, the event "
+                       f"{'is gone' if seq not in digests else f'now has {str(have)[:12]}'}: the events up to "
+                       f"{seq} were rewritten after that commit")
+    return out
+
+
 def _alias_state(ws: Workspace, name: str, alias: str = "champion") -> str | None:
     """The state tag of the version ``name@alias`` points at (None: no such model or alias). Read-only."""
-    from kedit.lineage.registry import TAG_STATE, _mlflow
+    from kedit.lineage.registry import TAG_STATE, import_mlflow
 
-    _mlflow()
+    import_mlflow()
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -345,7 +339,8 @@ def repair(ws: Workspace, store: LineageStore, params: dict[str, Any] | None = N
 
 
 def _note_override(store: LineageStore, ev: Event) -> None:
-    """Append the override to the gate report the state's verdict came from (gate.md + override.json)."""
+    """Append the override to the gate report the state's verdict came from (gate.md + override.json);
+    a step of the promotion (its intent's ``report``), so a repair after a kill writes it, once."""
     from kedit.atomic import write_json_atomic, write_text_atomic
 
     over = next((e for e in store.events() if e.seq == ev.data.get("override_event")), None)
@@ -360,7 +355,9 @@ def _note_override(store: LineageStore, ev: Event) -> None:
             + "".join(f"- {u}\n" for u in over.data.get("unmet", [])) + f"\nReason given: {over.comment}\n"
             f"(lineage events {over.seq} override, {ev.seq} promote)\n")
     md = report / "gate.md"
-    write_text_atomic(md, (md.read_text() if md.exists() else "") + note)
+    text = md.read_text() if md.exists() else ""
+    if f"(lineage events {over.seq} override, {ev.seq} promote)" not in text:
+        write_text_atomic(md, text + note)
     write_json_atomic(report / "override.json", over.to_dict())
 
 
