@@ -379,6 +379,8 @@ def test_batched_training_equals_one_at_a_time(tiny_lm, solver, memoir, tiny_tex
     res = memoir.editor(hp).compute(lm, [memoir.req(memoir.a), memoir.req(memoir.b)], s0, None)
     steps = [d.vstar_steps for d in res.diagnostics]
     assert min(steps) < max(steps), steps  # one request froze while the other trained on
+    # every request's target NLL (the solver's loss, log p read over vocabulary chunks) went down
+    assert all(d.vstar_loss_end < d.vstar_loss_start for d in res.diagnostics), res.diagnostics
     both = res.state
     a = memoir.editor(hp).compute(lm, [memoir.req(memoir.a)], s0, None).state
     b = memoir.editor(hp).compute(lm, [memoir.req(memoir.b)], s0, None).state
