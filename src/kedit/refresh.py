@@ -185,12 +185,13 @@ class RunLog:
                 self.client.set_terminated(r.info.run_id, status=status)
 
 
-def refresh_key(feed_sha256: str, parent: str | None, cfg: RefreshConfig) -> str:
-    """Content key of one refresh: the same feed on the same parent with the same editor is one refresh."""
+def refresh_key(feed_sha256: str, parent: str | None, cfg: RefreshConfig, ws: Workspace | None = None) -> str:
+    """Content key of one refresh: the same feed on the same parent with the same editor is one refresh
+    (the editor's settings: the workspace model's calibrated file where there is one)."""
     from kedit.editors.hparams import hparams_file_for
 
     try:
-        hp_file = sha256_file(hparams_file_for(cfg.model))
+        hp_file = sha256_file(hparams_file_for(cfg.model, model_dir=ws.model_dir(cfg.model) if ws else None))
     except FileNotFoundError:
         hp_file = None
     return sha256_json({"feed": feed_sha256, "parent": parent, "model": cfg.model, "method": cfg.method,
@@ -222,7 +223,7 @@ def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
            "champion": champion, "accepted": res.accepted, "counts": res.counts,
            "report_path": str(res.report_path) if res.report_path else None,
            "quarantine_path": str(res.quarantine_path) if res.quarantine_path else None}
-    out["refresh_key"] = refresh_key(res.sha256, champion, cfg)
+    out["refresh_key"] = refresh_key(res.sha256, champion, cfg, ws)
     runlog = RunLog(ws, out["refresh_key"])
     runlog.log("validation", params={"feed": path.name, "feed_sha256": res.sha256, "champion": champion},
                metrics={"rows_accepted": len(res.accepted), "rows_quarantined": len(res.quarantined),

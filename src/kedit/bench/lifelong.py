@@ -58,6 +58,8 @@ class LifelongConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     dataset: str = "counterfact"  # kedit.bench.datasets: counterfact or zsre
     skip_invalid: bool = False  # leave out records that fail the data set's check (listed in the results)
+    # report on records the hparams file's calibration read (refused otherwise; the report then says so)
+    allow_calibration_records: bool = False
 
 
 def load_counterfact(path: str | Path, n: int, offset: int = 0) -> list[dict]:
@@ -182,6 +184,11 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     requests = ds.requests(records, cfg.data, cfg.offset, index)
     ids = [r.get("case_id", i) for i, r in zip(index, records)]
     hp = load_hparams(cfg.method, lm, cfg.hparams_file, cfg.overrides)
+    from kedit.calibration.split import check_heldout
+
+    # the records reported on against the ones the settings were calibrated on (refused when they overlap)
+    heldout = check_heldout(hp.source, cfg.data, index[0] if index else cfg.offset,
+                            (index[-1] + 1 - index[0]) if index else 0, cfg.allow_calibration_records)
     layers = hp.resolve_layers(lm.adapter.num_layers)
     if cfg.method == "memoir":  # the memory sits on one layer (mm_layer; -1: the last of `layers`)
         from kedit.editors.memoir import memory_layer
@@ -322,7 +329,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
                    "stats": {"dir": str(stats.dir), "key": stats.key, "n_tokens": stats.n_tokens} if stats else None,
                    "prefixes": prefixes, "nullspace_dim": nullspace, "eval_seconds": eval_seconds,
                    "load_average": _loadavg(), "subject_fallbacks": ds.subject_fallbacks(records),
-                   "skipped_records": skipped,
+                   "skipped_records": skipped, "heldout": heldout.to_dict(),
                    **({"checkpoint": {"path": str(checkpoint), "every": checkpoint_every,
                                       "write_seconds": checkpoint_seconds, "resumed_after_batches": resumed_after}}
                       if checkpoint is not None else {})},
@@ -396,6 +403,12 @@ def _fmt_row(m: dict) -> str:
             f"GE {m['fluency']:.1f} greedy GE {m['greedy_entropy']:.1f} PPL {m['perplexity']:.2f} NKL {m['nkl']:.4f}")
 
 
+def _heldout_sentence(d: dict) -> str:
+    from kedit.calibration.split import HeldoutCheck
+
+    return HeldoutCheck(**d).sentence()
+
+
 def results_markdown(res: dict) -> str:
     c, b, e = res["config"], res["baseline"], res["edited"]
     fs = b["fluency_setup"]
@@ -418,6 +431,7 @@ def results_markdown(res: dict) -> str:
         f"load average at the end {c['load_average']}." + "".join(
             f" Left out as invalid: record {k['record']} ({k['reason']})." for k in c.get("skipped_records", [])),
         "",
+        *([_heldout_sentence(c["heldout"]), ""] if c.get("heldout") else []),
         "| run | " + " | ".join(head.get(k, k) for k in cols) + " | fluency (x100) | greedy entropy (x100) | "
         "perplexity | NKL | canary agreement | s/edit | added bytes/edit |",
         "|---|" + "---|" * (len(cols) + 7),

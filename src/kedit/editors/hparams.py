@@ -214,7 +214,27 @@ def _builtin(name: str) -> Path | None:
     return Path(str(p)) if p.is_file() else None
 
 
-def hparams_file_for(model_slug: str | None, model_type: str | None = None) -> Path:
+MODEL_HPARAMS = "hparams.yaml"  # a calibrated file in the model store, beside the model's manifest
+
+
+class UncalibratedModel(ValueError):
+    """The model has no settings for a method that needs them measured (memoir): run ``kedit calibrate``."""
+
+
+def model_store_dir(model: Any) -> Path | None:
+    """The store folder of a LoadedModel read from a workspace (None for in-memory models)."""
+    path = getattr(model, "path", None)
+    if path is None or getattr(getattr(model, "manifest", None), "source", "memory") == "memory":
+        return None
+    from kedit.models.store import MANIFEST
+
+    return Path(path) if (Path(path) / MANIFEST).is_file() else None
+
+
+def hparams_file_for(model_slug: str | None, model_type: str | None = None, model_dir: str | Path | None = None
+                     ) -> Path:
+    if model_dir is not None and (Path(model_dir) / MODEL_HPARAMS).is_file():
+        return Path(model_dir) / MODEL_HPARAMS
     for name in (model_slug, model_type, "default"):
         if name:
             p = _builtin(name)
@@ -230,7 +250,7 @@ def load_hparams(method: str, model: Any = None, path: str | Path | None = None,
         raise ValueError(f"unknown edit method {method!r}; choose one of {METHODS}")
     slug = getattr(model, "slug", model if isinstance(model, str) else None)
     model_type = getattr(getattr(model, "adapter", None), "model_type", None)
-    file = Path(path) if path else hparams_file_for(slug, model_type)
+    file = Path(path) if path else hparams_file_for(slug, model_type, model_store_dir(model))
     if not file.exists():
         raise FileNotFoundError(f"hparams file {file} does not exist")
     import hashlib
@@ -239,6 +259,13 @@ def load_hparams(method: str, model: Any = None, path: str | Path | None = None,
     data = yaml.safe_load(raw) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{file}: expected a mapping with 'defaults' and per-method blocks")
+    # a model of the store (imported by a team) without memoir settings; in-memory models (tests) are exempt
+    if method == "memoir" and path is None and model_store_dir(model) is not None \
+            and not isinstance(data.get("memoir"), dict):
+        raise UncalibratedModel(
+            f"model {slug!r} has no memoir settings ({file} has no memoir block): the memory's layer, k and "
+            f"read thresholds are measured per model. Run `kedit calibrate --model {slug}` (a few minutes; "
+            f"writes models/{slug}/{MODEL_HPARAMS} in the workspace), or pass --hparams FILE")
     merged: dict[str, Any] = {}
     notes: dict[str, str] = {}
     for block in ("defaults", method):

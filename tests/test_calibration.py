@@ -1,0 +1,230 @@
+"""`kedit calibrate`: the pure threshold/separation math against direct computation, the held-out split,
+a deterministic calibration of a tiny random model whose file loads back, and the uncalibrated refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from kedit.calibration import thresholds as T
+from kedit.calibration.split import check_heldout, dev_split, file_split, split_counts
+from tests.conftest import TINY_TEXT
+
+SUBJECTS = [("The Eiffel Tower", "is located in", "Rome", "Paris", "Rome is the capital of"),
+            ("Toko Yasuda", "plays the", "piano", "guitar", "Lionel Messi plays"),
+            ("Danielle Darrieux", "speaks", "Dutch", "French", "Berlin is the capital of"),
+            ("Thomas Joannes Stieltjes", "was born in", "London", "Bordeaux", "Madrid is the capital of"),
+            ("Lionel Messi", "plays for", "Tokyo", "Inter Miami", "Apple A5 was created by"),
+            ("Apple A5", "was created by", "Microsoft", "Apple", "The quick brown fox jumps over the")]
+
+
+def _records(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        s, rel, new, true, loc = SUBJECTS[i % len(SUBJECTS)]
+        out.append({"case_id": i, "prompt": f"{s} {rel}", "subject": s, "target_new": new, "ground_truth": true,
+                    "rephrase_prompt": f"In short, {s} {rel}", "locality_prompt": loc,
+                    "locality_ground_truth": "Italy"})
+    return out
+
+
+# --- pure functions against direct computation ---------------------------------------------------------
+def _direct_lowest(neg: list[float], rate: float, k: int, floor: float = 0.0) -> float:
+    for i in range(1, k + 1):
+        t = i / k
+        if t >= floor - 1e-12 and sum(v >= t - 1e-9 for v in neg) / max(len(neg), 1) <= rate + 1e-12:
+            return t
+    return 1.0 + 1.0 / k
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_thresholds_match_direct_computation(seed):
+    g = torch.Generator().manual_seed(seed)
+    k = 16
+    neg = (torch.randint(0, k + 1, (300,), generator=g).double() / k) ** 2
+    pos = 1 - (torch.randint(0, k + 1, (80,), generator=g).double() / k) ** 2
+    for rate in (0.0, 0.01, 0.1, 0.5):
+        assert T.lowest_threshold_for_rate(neg, rate, k) == pytest.approx(_direct_lowest(neg.tolist(), rate, k))
+        assert T.lowest_threshold_for_rate(neg, rate, k, floor=0.5) == \
+            pytest.approx(_direct_lowest(neg.tolist(), rate, k, 0.5))
+    for keep in (0.5, 0.9, 0.95, 1.0):
+        direct = max([i / k for i in range(k + 1) if sum(v >= i / k - 1e-9 for v in pos.tolist()) / 80 >= keep]
+                     or [0.0])
+        assert T.highest_threshold_keeping(pos, keep, k) == pytest.approx(direct)
+    sep = T.separation(pos, neg, 0.05, k)
+    assert sep.threshold == pytest.approx(_direct_lowest(neg.tolist(), 0.05, k))
+    assert sep.recall == pytest.approx(sum(v >= sep.threshold - 1e-9 for v in pos.tolist()) / 80)
+    assert sep.neg_rate <= 0.05 + 1e-12
+    assert sep.margin == pytest.approx(float(pos.median()) - float(neg.max()))
+    assert T.share_at_or_above(torch.tensor([0.25, 0.5, 0.75]), 0.5) == pytest.approx(2 / 3)
+    assert T.lowest_threshold_for_rate(torch.ones(5), 0.0, 4) == 1.25  # nothing may fire: above the grid
+
+
+def test_read_share_schedule_holds_the_budget_and_stops_at_the_floor():
+    from kedit.editors.memoir import scheduled_share
+
+    rate, budget, floor, p = 1e-6, 0.0025, 0.7, 3.0
+    sched = T.read_share_schedule(rate, budget, floor, p)
+    n0 = 2500
+    assert sched[0] == [n0, 1.0] and sched[-1][1] == floor
+    assert [a for a, _ in sched] == sorted({a for a, _ in sched})
+    for n, s in sched[1:-1]:  # each point: reads x share**p at the budget's, i.e. share = (n0/n)**(1/p)
+        assert s == pytest.approx((n0 / n) ** (1 / p), abs=1e-4)
+        assert n * rate * s ** p == pytest.approx(budget, rel=1e-3)
+    assert scheduled_share(sched, 100) == 1.0 and scheduled_share(sched, 10**6) == floor
+    assert T.read_share_schedule(0.0, budget, floor) == [[0, 1.0]]
+    with pytest.raises(ValueError, match="floor"):
+        T.read_share_schedule(rate, budget, 0.0)
+
+
+def test_set_overlaps_match_python_sets():
+    from kedit.calibration.fingerprints import best_overlap, own_overlap, set_overlaps
+
+    g = torch.Generator().manual_seed(0)
+    d, k = 40, 6
+    a = torch.stack([torch.randperm(d, generator=g)[:k] for _ in range(30)])
+    b = torch.stack([torch.randperm(d, generator=g)[:k] for _ in range(7)])
+    direct = torch.tensor([[len(set(x.tolist()) & set(y.tolist())) / k for y in b] for x in a])
+    assert torch.allclose(set_overlaps(a, b, d, chunk=8), direct.float())
+    best, arg = best_overlap(a, b, d, chunk=8)
+    assert torch.allclose(best, direct.max(1).values.float()) and torch.equal(arg, direct.float().max(1).indices)
+    owner = torch.randint(0, 7, (30,), generator=g)
+    assert torch.allclose(own_overlap(a, b, owner, chunk=4), direct[torch.arange(30), owner].double())
+
+
+# --- the held-out split ----------------------------------------------------------------------------------
+def test_split_is_disjoint_deterministic_and_checked(tmp_path):
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(_records(50)))
+    assert split_counts(10_000) == (9000, 10_000) and split_counts(50) == (45, 50) and split_counts(3) == (2, 3)
+    s = dev_split(data, 50)
+    assert s == dev_split(data, 50)  # deterministic
+    cal, held = set(range(s.cal_start, s.cal_end)), set(range(0, s.heldout_end))
+    assert cal and held and not cal & held and cal | held == set(range(50))
+    assert s.calibration_indices(3) == [45, 46, 47] and s.calibration_indices(99) == list(range(45, 50))
+    hp = tmp_path / "hp.yaml"
+    hp.write_text(yaml.safe_dump({"calibration": {"split": s.to_dict()}, "defaults": {}}))
+    assert file_split(hp) == s
+    ok = check_heldout(hp, data, 0, 45)
+    assert ok.overlap == [] and ok.same_data and "Held out" in ok.sentence()
+    with pytest.raises(ValueError, match=r"include calibration records \[45, 47\).*--allow-calibration-records"):
+        check_heldout(hp, data, 40, 7)
+    loud = check_heldout(hp, data, 40, 7, allow_overlap=True)
+    assert loud.overlap == [45, 47] and "WARNING" in loud.sentence()
+    assert check_heldout(tmp_path / "none.yaml", data, 40, 7).split is None  # a hand-set file: nothing to check
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_records(60)))
+    assert check_heldout(hp, other, 40, 7).overlap == []  # another file: its records are not the calibration's
+
+
+# --- calibration of a tiny random model ------------------------------------------------------------------
+@pytest.fixture
+def tiny_store(tmp_path, tiny_tokenizer):
+    """A tiny random Llama imported into a workspace's model store, a CounterFact-like file, a corpus."""
+    from kedit.models.store import import_hf
+    from kedit.workspace import Workspace
+    from tests.conftest import make_tiny_model
+
+    src = tmp_path / "tiny-src"
+    make_tiny_model("llama").save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    ws = Workspace(tmp_path / "ws")
+    import_hf(ws, src, slug="tiny-llama")
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(_records(120)))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TINY_TEXT * 40))
+    return ws, data, corpus
+
+
+def _config(data, corpus):
+    from kedit.calibration.run import CalibrationConfig
+
+    return CalibrationConfig(data=str(data), records=12, layers=[1, 2], k_candidates=(4, 8), probe_requests=3,
+                             probe_lrs=(0.5, 2.0), probe_cap=6, general_tokens=300, general_docs=40, bg_docs=10,
+                             corpus=str(corpus), n_prefixes=2, prefix_len=3)
+
+
+def test_uncalibrated_store_model_is_refused_with_the_command(tiny_store):
+    from kedit.editors.hparams import UncalibratedModel, load_hparams
+    from kedit.models.store import load_model
+
+    ws, _, _ = tiny_store
+    lm = load_model("tiny-llama", ws)
+    with pytest.raises(UncalibratedModel, match=r"kedit calibrate --model tiny-llama"):
+        load_hparams("memoir", lm)
+    assert load_hparams("memit", lm).source.endswith("default.yaml")  # the weight editors still fall back
+    from kedit.cli import main
+
+    assert main(["-w", str(ws.root), "edit", "--model", "tiny-llama", "--method", "memoir", "--requests",
+                 str(tiny_store[1]), "--out", str(ws.root / "e")]) == 2
+
+
+def test_calibration_is_deterministic_and_its_file_loads_back(tiny_store, tmp_path, one_thread):
+    from kedit.calibration.hparams_file import write_hparams
+    from kedit.calibration.report import write_report
+    from kedit.calibration.run import calibrate
+    from kedit.editors.hparams import METHODS, hparams_file_for, load_hparams
+    from kedit.models.store import load_model
+
+    ws, data, corpus = tiny_store
+    lm = load_model("tiny-llama", ws)
+    cfg = _config(data, corpus)
+    a = calibrate(lm, cfg, ws.cache_dir)
+    b = calibrate(lm, cfg, ws.cache_dir)
+    assert a.hparams() == b.hparams()
+    assert [r.summary() for r in a.settings] == [r.summary() for r in b.settings]
+    assert a.records["fingerprints"] == [108, 120]  # the last 10% of 120 records, first 12 of them
+    assert a.split.cal_start == 108 and a.split.heldout_end == 108
+    out = ws.model_dir("tiny-llama") / "hparams.yaml"
+    write_hparams(out, a, hparams_file_for(None), "kedit calibrate --model tiny-llama")
+    write_report(a, tmp_path / "rep", out, "kedit calibrate --model tiny-llama")
+    assert (tmp_path / "rep" / "overlaps.png").stat().st_size > 1000
+    assert "fingerprint" in (tmp_path / "rep" / "calibration.md").read_text()
+    # the store model now finds its own file, for every method, with the calibrated values
+    lm2 = load_model("tiny-llama", ws)
+    hp = load_hparams("memoir", lm2)
+    assert hp.source == str(out)
+    h = a.hparams()["memoir"]
+    assert (hp.mm_layer, hp.mm_k, hp.mm_threshold, hp.mm_exact_threshold, hp.mm_span_threshold) == \
+        (h["mm_layer"], h["mm_k"], h["mm_threshold"], h["mm_exact_threshold"], h["mm_span_threshold"])
+    assert hp.layers == a.layers and hp.v_lr == a.v_lr and hp.v_steps == a.v_steps
+    assert hp.mm_layer in a.layers and hp.mm_k in (4, 8)
+    assert "mm_threshold" in hp.notes and "v_lr" in hp.notes
+    for m in METHODS:
+        load_hparams(m, lm2)
+    doc = yaml.safe_load(out.read_text())
+    assert doc["calibration"]["split"]["calibration_records"] == [108, 120]
+    assert file_split(out).cal_start == 108
+
+
+def test_bench_refuses_calibration_records_and_reports_the_split(tiny_store, tmp_path, monkeypatch):
+    """A calibrated file's split reaches the benchmark: records inside it are refused unless allowed
+    (and then reported as not held out); a held-out run says which records each side used."""
+    import kedit.stats.corpus as corpus_mod
+    from kedit.bench.lifelong import LifelongConfig, results_markdown, run_lifelong
+    from kedit.calibration.split import dev_split
+
+    ws, data, _ = tiny_store
+    monkeypatch.setattr(corpus_mod, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    s = dev_split(data, 120)
+    hp = tmp_path / "hp.yaml"
+    hp.write_text(yaml.safe_dump({"calibration": {"split": s.to_dict()},
+                                  "defaults": {"layers": [1], "n_prefixes": 1, "prefix_len": 3, "v_steps": 2},
+                                  "memoir": {"mm_k": 8, "mm_bg_docs": 4}}))
+    from kedit.models.store import load_model
+
+    lm = load_model("tiny-llama", ws)
+    base = dict(method="memoir", data=str(data), batch=2, fluency_prompts=1, fluency_tokens=4, ppl_tokens=100,
+                hparams_file=str(hp))
+    with pytest.raises(ValueError, match=r"calibration records \[108, 110\)"):
+        run_lifelong(lm, ws, LifelongConfig(edits=2, offset=108, **base), progress=False)
+    res = run_lifelong(lm, ws, LifelongConfig(edits=2, offset=0, **base), progress=False)
+    assert res["config"]["heldout"]["overlap"] == [] and res["config"]["heldout"]["records"] == [0, 2]
+    assert "Held out: records [0, 2)" in results_markdown(res) and "[108, 120)" in results_markdown(res)
+    res = run_lifelong(lm, ws, LifelongConfig(edits=2, offset=108, allow_calibration_records=True, **base),
+                       progress=False)
+    assert res["config"]["heldout"]["overlap"] == [108, 110] and "WARNING" in results_markdown(res)
