@@ -136,7 +136,7 @@ def tiny_store(tmp_path, tiny_tokenizer):
     data = tmp_path / "cf.json"
     data.write_text(json.dumps(_records(120)))
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(TINY_TEXT * 40))
+    corpus.write_text("\n\n".join(TINY_TEXT * 40))
     return ws, data, corpus
 
 
@@ -193,7 +193,8 @@ def test_calibration_is_deterministic_and_its_file_loads_back(tiny_store, tmp_pa
         (h["mm_layer"], h["mm_k"], h["mm_threshold"], h["mm_exact_threshold"], h["mm_span_threshold"])
     assert hp.layers == a.layers and hp.v_lr == a.v_lr and hp.v_steps == a.v_steps
     assert hp.mm_layer in a.layers and hp.mm_k in (4, 8)
-    assert "mm_threshold" in hp.notes and "v_lr" in hp.notes
+    assert "mm_threshold" in hp.notes and "v_lr" in hp.notes and "layers" in hp.notes
+    assert load_hparams("memit", lm2).v_lr == 0.5  # v* was probed for the memory: the weight editors keep theirs
     for m in METHODS:
         load_hparams(m, lm2)
     doc = yaml.safe_load(out.read_text())
@@ -228,3 +229,13 @@ def test_bench_refuses_calibration_records_and_reports_the_split(tiny_store, tmp
     res = run_lifelong(lm, ws, LifelongConfig(edits=2, offset=108, allow_calibration_records=True, **base),
                        progress=False)
     assert res["config"]["heldout"]["overlap"] == [108, 110] and "WARNING" in results_markdown(res)
+
+
+def test_background_means_equal_the_memorys_own(tiny_lm):
+    """One pass for several layers gives exactly what the memory computes per layer."""
+    from kedit.calibration.fingerprints import background_means
+    from kedit.editors.memoir import background_mean
+
+    got = background_means(tiny_lm, [1, 2], TINY_TEXT)
+    for layer in (1, 2):
+        assert torch.equal(got[layer], background_mean(tiny_lm, layer, TINY_TEXT))

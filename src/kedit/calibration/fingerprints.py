@@ -124,6 +124,27 @@ def _forward_inputs(lm, names: Sequence[str], seqs: list[list[int]], picks: list
     return out
 
 
+def background_means(lm, layers: Sequence[int], texts: Sequence[str], seq_len: int = 128) -> dict[int, torch.Tensor]:
+    """:func:`kedit.editors.memoir.background_mean` for several layers in one pass over ``texts`` (the same
+    sums in the same order, so the same values): the memory subtracts it before taking a fingerprint."""
+    names = {layer: lm.adapter.mlp_out_name(layer) for layer in layers}
+    total = {layer: torch.zeros(lm.adapter.key_dim(layer), dtype=torch.float64) for layer in layers}
+    count = 0
+    for t in texts:
+        ids = lm.tokenizer(t, add_special_tokens=False, truncation=True, max_length=seq_len,
+                           return_tensors="pt").input_ids.to(lm.device)
+        if ids.shape[1] == 0:
+            continue
+        with torch.no_grad(), Trace(lm.model, list(names.values()), retain_input=True, stop=True) as tr:
+            lm.model(input_ids=ids, use_cache=False)
+        for layer, name in names.items():
+            total[layer] += tr.inputs[name][0].double().sum(0).cpu()
+        count += ids.shape[1]
+    if count == 0:
+        raise ValueError("calibration: the background texts produced no tokens")
+    return {layer: (v / count).float() for layer, v in total.items()}
+
+
 def general_token_ids(lm, texts: Sequence[str], max_tokens: int, window: int = 512) -> list[list[int]]:
     """``texts`` joined (blank line between) and cut into windows of ``window`` tokens, at most
     ``max_tokens`` in all: each window is read as a fresh text, as perplexity reads its reference."""

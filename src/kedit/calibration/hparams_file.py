@@ -15,7 +15,7 @@ from kedit.calibration.run import CalibrationResult
 
 CARRIED_METHODS = ("rome", "memit", "alphaedit", "tpatcher")
 # defaults the calibration sets; the rest of a carried file's defaults block stays as it was
-CALIBRATED_DEFAULTS = ("layers", "v_lr", "v_steps", "n_prefixes", "prefix_len")
+CALIBRATED_DEFAULTS = ("layers", "n_prefixes", "prefix_len")
 
 
 def _pct(x: float) -> str:
@@ -33,15 +33,13 @@ def why_notes(res: CalibrationResult) -> tuple[dict[str, str], dict[str, str]]:
                   f"window {tr.get('window')}): the block of {tr.get('block_size')} layers with the largest mean "
                   f"MLP indirect effect at the last subject token; the effect peaks at layer {tr.get('peak_layer')}"
                   if "given" not in tr else f"given on the command line ({tr['given']}), not traced")
-    defaults = {
-        "layers": layers_why,
+    defaults = {"layers": layers_why}
+    memoir = {
         "v_lr": (f"v* probe on calibration records {rec['vstar_probe']} at layer {s.layer}: "
                  + "; ".join(f"lr {r.lr:g}: {sum(r.converged)}/{len(r.converged)} reached NLL "
                              f"{cfg['v_stop_nll']} in {r.mean_steps:.1f} steps on average" for r in res.probe_runs)
                  + "; the fewest steps with >= 90% converged wins"),
         "v_steps": f"the slowest converged probe request at lr {res.v_lr:g}, x1.5 head-room (at least 10)",
-    }
-    memoir = {
         "mm_layer": (f"of the edit layers, the one whose subject fingerprints separate best: at k {s.k} "
                      f"{s.recall_guarded:.3f} of the calibration paraphrases read their own entry (span guard on) "
                      f"with {len(range(*rec['fingerprints']))} entries stored; next best: "

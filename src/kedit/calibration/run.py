@@ -34,6 +34,7 @@ import torch
 from kedit.calibration.fingerprints import (
     Budgets,
     SettingResult,
+    background_means,
     choose_setting,
     collect,
     general_texts,
@@ -98,11 +99,13 @@ class CalibrationResult:
     distributions: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def hparams(self) -> dict[str, Any]:
-        """The calibrated values, as the memoir and defaults blocks of an hparams file take them."""
+        """The calibrated values, as the defaults and memoir blocks of an hparams file take them: the edit
+        layers (tracing) are every editor's; v* was probed at the memory layer, so its settings are memoir's."""
         s = self.setting
-        return {"defaults": {"layers": list(self.layers), "v_lr": self.v_lr, "v_steps": self.v_steps,
-                             "n_prefixes": self.config["n_prefixes"], "prefix_len": self.config["prefix_len"]},
-                "memoir": {"v_dtype": "auto", "v_stop_nll": self.config["v_stop_nll"], "mm_layer": s.layer,
+        return {"defaults": {"layers": list(self.layers), "n_prefixes": self.config["n_prefixes"],
+                             "prefix_len": self.config["prefix_len"]},
+                "memoir": {"v_lr": self.v_lr, "v_steps": self.v_steps, "v_dtype": "auto",
+                           "v_stop_nll": self.config["v_stop_nll"], "mm_layer": s.layer,
                            "mm_k": s.k, "mm_threshold": round(s.threshold, 6),
                            "mm_exact_threshold": round(s.exact_threshold, 6), "mm_span_key": True,
                            "mm_span_threshold": round(s.span_threshold, 6), "mm_warm_start": self.warm_start,
@@ -156,7 +159,6 @@ def calibrate(lm, cfg: CalibrationConfig, cache_dir: str | Path | None = None, l
     from kedit.editors.context import context_prefixes
     from kedit.editors.hparams import EditHparams
     from kedit.editors.io import request_from_record
-    from kedit.editors.memoir import background_mean
     from kedit.records import read_records
 
     t_all = time.perf_counter()
@@ -186,7 +188,7 @@ def calibrate(lm, cfg: CalibrationConfig, cache_dir: str | Path | None = None, l
         raise ValueError(f"corpus {cfg.corpus}: {len(texts)} documents, need more than {cfg.bg_docs} "
                          f"(background mean) for general text")
     candidates = [x for x in layers if x < L - 1]
-    bg = {layer: background_mean(lm, layer, texts[: cfg.bg_docs]) for layer in candidates}
+    bg = background_means(lm, candidates, texts[: cfg.bg_docs])
     general = general_token_ids(lm, texts[cfg.bg_docs:], cfg.general_tokens)
     d_min = min(lm.adapter.key_dim(x) for x in candidates)
     ks = sorted({k for k in cfg.k_candidates if 0 < k <= d_min // 4}) or [max(1, d_min // 8)]
