@@ -148,7 +148,7 @@ def _config(data, corpus):
                              corpus=str(corpus), n_prefixes=2, prefix_len=3)
 
 
-def test_uncalibrated_store_model_is_refused_with_the_command(tiny_store):
+def test_uncalibrated_store_model_is_refused_with_the_command(tiny_store, capsys):
     from kedit.editors.hparams import UncalibratedModel, load_hparams
     from kedit.models.store import load_model
 
@@ -161,6 +161,9 @@ def test_uncalibrated_store_model_is_refused_with_the_command(tiny_store):
 
     assert main(["-w", str(ws.root), "edit", "--model", "tiny-llama", "--method", "memoir", "--requests",
                  str(tiny_store[1]), "--out", str(ws.root / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "no memoir settings" in err and "kedit calibrate --model tiny-llama" in err
+    assert not (ws.root / "e").exists()  # nothing half-written
 
 
 def test_calibration_is_deterministic_and_its_file_loads_back(tiny_store, tmp_path, one_thread):
@@ -239,3 +242,26 @@ def test_background_means_equal_the_memorys_own(tiny_lm):
     got = background_means(tiny_lm, [1, 2], TINY_TEXT)
     for layer in (1, 2):
         assert torch.equal(got[layer], background_mean(tiny_lm, layer, TINY_TEXT))
+
+
+def test_kedit_calibrate_writes_the_store_models_file_and_report(tiny_store, capsys, one_thread):
+    """The command end to end on a store model: the file lands beside the model, loads for memoir, and
+    the report (markdown + PNG) is written; bad arguments are clear errors that write nothing."""
+    from kedit.cli import main
+    from kedit.editors.hparams import load_hparams
+    from kedit.models.store import load_model
+
+    ws, data, _ = tiny_store
+    args = ["-w", str(ws.root), "calibrate", "--model", "tiny-llama", "--data", str(data), "--layers", "1-2",
+            "--k", "8", "--records", "6", "--probe-requests", "2", "--general-tokens", "400", "--threads", "1"]
+    assert main([*args[:-2], "--k", "eight"]) == 2
+    assert "--k: expected" in capsys.readouterr().err
+    assert not (ws.model_dir("tiny-llama") / "hparams.yaml").exists()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "memory at layer" in out
+    hp = load_hparams("memoir", load_model("tiny-llama", ws))
+    assert hp.source == str(ws.model_dir("tiny-llama") / "hparams.yaml") and hp.mm_k == 8
+    rep = ws.reports_dir / "calibration" / "tiny-llama"
+    assert (rep / "calibration.md").is_file() and (rep / "overlaps.png").is_file()
+    assert "kedit calibrate" in yaml.safe_load(open(hp.source))["calibration"]["command"]
