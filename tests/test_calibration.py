@@ -265,3 +265,12 @@ def test_kedit_calibrate_writes_the_store_models_file_and_report(tiny_store, cap
     rep = ws.reports_dir / "calibration" / "tiny-llama"
     assert (rep / "calibration.md").is_file() and (rep / "overlaps.png").is_file()
     assert "kedit calibrate" in yaml.safe_load(open(hp.source))["calibration"]["command"]
+
+
+def test_edit_block_leaves_out_the_first_and_last_layer():
+    from kedit.calibration.run import edit_block
+
+    curve = [0.9, 0.1, 0.3, 0.4, 0.2, 0.0, 0.8]
+    direct = max((sum(curve[i: i + 3]), -i) for i in range(1, len(curve) - 3))
+    assert edit_block(curve, 3) == list(range(-direct[1], -direct[1] + 3)) == [2, 3, 4]
+    assert edit_block([0.1, 0.5], 1) == [1] and edit_block([0.5, 0.1, 0.2, 0.9], 5) == [1, 2]

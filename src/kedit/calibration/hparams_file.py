@@ -30,7 +30,7 @@ def why_notes(res: CalibrationResult) -> tuple[dict[str, str], dict[str, str]]:
     others = sorted(((r.recall_guarded, r.layer, r.k) for r in res.settings if (r.layer, r.k) != (s.layer, s.k)),
                     reverse=True)[:3]
     layers_why = (f"causal tracing over {tr.get('n')} known calibration facts ({tr.get('samples')} noise samples, "
-                  f"window {tr.get('window')}): the block of {tr.get('block_size')} layers with the largest mean "
+                  f"window {tr.get('window')}): one layer restored at a time: the block of {tr.get('block_size')} layers (not the first or last) with the largest mean "
                   f"MLP indirect effect at the last subject token; the effect peaks at layer {tr.get('peak_layer')}"
                   if "given" not in tr else f"given on the command line ({tr['given']}), not traced")
     defaults = {"layers": layers_why}

@@ -3,8 +3,8 @@
 Stages (each a module of its own; the numbers each value came from go into the result):
 
 1. **edit layers**: causal tracing over known calibration facts (:func:`kedit.tracing.aggregate`): the
-   contiguous block of ``round(L / 6)`` layers with the largest mean MLP indirect effect at the last
-   subject token (window ``round(L / 3)``);
+   contiguous block of ``round(L / 6)`` layers (not the first or last) with the largest mean MLP
+   indirect effect at the last subject token, one layer restored at a time;
 2. **memory layer, k, thresholds**: subject fingerprints on every layer of that block and each
    candidate k (:mod:`kedit.calibration.fingerprints`): the read threshold is the lowest at which
    general text and neighbourhood prompts stay within their firing budgets, the exact-key threshold
@@ -134,19 +134,32 @@ def repeat_share(targets: list[str]) -> float:
     return hits / max(len(targets), 1)
 
 
+def edit_block(curve: list[float], size: int) -> list[int]:
+    """The contiguous ``size`` layers with the largest summed effect, leaving out layer 0 and the last
+    layer when the model has more than two (first on ties)."""
+    from kedit.tracing import best_block
+
+    if len(curve) <= 2:
+        return best_block(curve, size)
+    return [x + 1 for x in best_block(curve[1:-1], size)]
+
+
 def trace_layers(lm, facts: list[dict], n: int, samples: int, log: Log) -> tuple[list[int], dict]:
-    """The edit block from causal tracing over ``n`` known calibration facts."""
+    """The edit block from causal tracing over ``n`` known calibration facts: one layer restored at a
+    time (a window of layers smears the curve toward the first layers, where the windows overlap the
+    embedding's work), the best block of ``round(L / 6)`` layers above layer 0 (the first MLP works
+    on token identity; editors leave it alone) and below the last (the memory needs a block above it)."""
     from kedit.tracing import aggregate
 
     L = lm.adapter.num_layers
-    block, window = max(1, round(L / 6)), max(1, round(L / 3))
+    block, window = max(1, round(L / 6)), 1
     flat = [{"prompt": r["prompt"].replace("{}", r["subject"]) if "{}" in r["prompt"] else r["prompt"],
              "subject": r["subject"], "ground_truth": r.get("ground_truth") or r.get("target_true") or "",
              "case_id": r.get("case_id")} for r in facts]
     flat = [r for r in flat if r["ground_truth"].strip()]
     res = aggregate(lm, flat, n=n, kinds=("mlp",), samples=samples, window=window, block_size=block,
                     progress=False)
-    layers = [x for x in res.recommended_layers if x < L - 1] or [max(0, L - 2)]
+    layers = edit_block(res.mean["mlp"], block)
     log(f"tracing: {res.n} known facts, MLP effect peaks at layer {res.peak_layer}; edit layers {layers}")
     return layers, {"n": res.n, "samples": samples, "window": window, "block_size": block,
                     "peak_layer": res.peak_layer, "mean_mlp_effect": [round(v, 5) for v in res.mean["mlp"]],
