@@ -88,8 +88,8 @@ def _calibrate(args) -> int:
     if not carry.is_file():
         raise CLIError(f"--carry-from: {carry} does not exist")
     report_dir = Path(args.report) if args.report else ws.reports_dir / "calibration" / lm.slug
-    command = "kedit calibrate " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "calibrate"
-                                              else ["--model", args.model])
+    argv = sys.argv[sys.argv.index("calibrate") + 1:] if "calibrate" in sys.argv else ["--model", args.model]
+    command = "kedit calibrate " + shlex.join(argv)
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
