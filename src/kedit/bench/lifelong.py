@@ -50,7 +50,7 @@ class LifelongConfig:
     curve_records: int = 0
     fluency_prompts: int | None = 100  # first N edit prompts for fluency and greedy entropy (None: all T;
     # sampling 100 tokens for each of 10,000 prompts would dwarf the editing time on a CPU)
-    fluency_tokens: int = 100  # new tokens generated per fluency prompt (METRICS.md: 100)
+    fluency_tokens: int = 100  # new tokens generated per fluency prompt (docs/metrics.md: 100)
     ppl_tokens: int = 10_000  # held-out reference tokens for perplexity
     stats_corpus: str = "wiki-summaries-en"
     stats_tokens: int = DEFAULT_STATS_TOKENS
@@ -329,6 +329,8 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
                    "stats": {"dir": str(stats.dir), "key": stats.key, "n_tokens": stats.n_tokens} if stats else None,
                    "prefixes": prefixes, "nullspace_dim": nullspace, "eval_seconds": eval_seconds,
                    "load_average": _loadavg(), "subject_fallbacks": ds.subject_fallbacks(records),
+                   # the UTC date the run ended: `kedit bench tables` dates each row from it
+                   "created": time.strftime("%Y-%m-%d", time.gmtime()),
                    "skipped_records": skipped, "heldout": heldout.to_dict(),
                    **({"checkpoint": {"path": str(checkpoint), "every": checkpoint_every,
                                       "write_seconds": checkpoint_seconds, "resumed_after_batches": resumed_after}}
@@ -458,8 +460,8 @@ def results_markdown(res: dict) -> str:
            f"= {e['added_bytes']:,} B, {e['added_bytes_per_edit']:,.0f} B per edit; editor state growth per edit "
            f"after the first batch {_fmt(e.get('state_growth_bytes_per_edit'), ',.0f')} B"] if "added_bytes" in e
           else []),
-        "- canary agreement (METRICS.md) on the locality prompts: share whose greedy next token is unchanged",
-        f"- fluency (METRICS.md generation entropy): {fs['new_tokens']} new tokens after each of the first "
+        "- canary agreement (docs/metrics.md) on the locality prompts: share whose greedy next token is unchanged",
+        f"- fluency (docs/metrics.md generation entropy): {fs['new_tokens']} new tokens after each of the first "
         f"{fs['prompts']} edit prompts (`{ds.prompt_field}`), top-k sampling with k={fs['top_k']} from seed {fs['seed']}, "
         f"all prompts in one batch; n-gram entropy of the generated text only (word and punctuation tokens, "
         f"2-/3-grams weighted 2/3 and 4/3, log2), mean over prompts, x100",

@@ -1,5 +1,6 @@
 """`kedit bench lifelong`: sequential CounterFact or zsRE editing benchmark (results.json / .md / curve.png);
-`kedit bench solvers`: one batch, v* once, solver settings compared (results.json / .md / frontier.png)."""
+`kedit bench solvers`: one batch, v* once, solver settings compared (results.json / .md / frontier.png);
+`kedit bench tables`: the README's and docs/benchmarks.md's tables, generated from the lifelong reports."""
 
 from __future__ import annotations
 
@@ -64,6 +65,14 @@ def register(sub) -> None:
     w.add_argument("--setting", action="append", metavar="{KEY: VALUE, ...}",
                    help="one more setting (YAML mapping), after the grid's; '{}' is the file's defaults")
     w.set_defaults(func=_solvers)
+
+    t = s.add_parser("tables", help="regenerate docs/benchmarks.md and the README's results table from the "
+                                    "lifelong reports (--check: fail if they are out of date)")
+    t.add_argument("--reports", default="docs/bench", help="folder of report folders (default docs/bench)")
+    t.add_argument("--docs", default="docs/benchmarks.md", help="the generated benchmarks page")
+    t.add_argument("--readme", default="README.md", help="file with the results-table markers ('' for none)")
+    t.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file would change")
+    t.set_defaults(func=_tables)
 
 
 def _lifelong(args) -> int:
@@ -147,3 +156,17 @@ def _solvers(args) -> int:
         print(f"results -> {args.out}/results.json, results.md, frontier.png")
     print(sweep_markdown(res))
     return 0
+
+
+def _tables(args) -> int:
+    from pathlib import Path
+
+    from kedit.bench.tables import write_tables
+
+    changed = write_tables(Path(args.reports), Path(args.docs), Path(args.readme) if args.readme else None,
+                           check=args.check)
+    for p in changed:
+        print(f"{'out of date' if args.check else 'written'}: {p}")
+    if not changed:
+        print("benchmark tables are up to date")
+    return 1 if (args.check and changed) else 0
