@@ -274,3 +274,16 @@ def test_edit_block_leaves_out_the_first_and_last_layer():
     direct = max((sum(curve[i: i + 3]), -i) for i in range(1, len(curve) - 3))
     assert edit_block(curve, 3) == list(range(-direct[1], -direct[1] + 3)) == [2, 3, 4]
     assert edit_block([0.1, 0.5], 1) == [1] and edit_block([0.5, 0.1, 0.2, 0.9], 5) == [1, 2]
+
+
+def test_choose_lr_and_repeat_share():
+    from kedit.calibration.run import repeat_share
+    from kedit.calibration.vstar_probe import ProbeRun, choose_lr
+
+    runs = [ProbeRun(0.5, [12, 14, 9], [True, True, True], 1.0), ProbeRun(1.0, [6, 8, 5], [True, True, True], 1.0),
+            ProbeRun(2.0, [3, 39, 4], [True, False, True], 1.0)]
+    assert choose_lr(runs) == (1.0, 14)  # fewest mean steps among >= 90% converged; slowest 8 (+1) x 1.5
+    assert choose_lr(runs, min_converged=0.6) == (1.0, 14)  # 2.0's mean (15.3) is higher
+    assert choose_lr([ProbeRun(0.5, [39], [False], 1.0)], cap=40) == (0.5, 40)
+    assert choose_lr([ProbeRun(4.0, [1, 1], [True, True], 1.0)]) == (4.0, 10)  # at least 10
+    assert repeat_share(["Paris", "London", " Paris", "French", "London"]) == pytest.approx(2 / 5)
