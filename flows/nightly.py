@@ -22,7 +22,7 @@ from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
 
 from flows.edit import apply_edits
-from kedit.refresh import RefreshConfig
+from kedit.config import RefreshConfig
 from tasks import refresh as t
 
 

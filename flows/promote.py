@@ -13,7 +13,7 @@ from prefect import flow
 from tasks import ops
 
 
-@flow(name="promote", log_prints=True)
+@flow(name="promote", log_prints=True, persist_result=True, result_serializer="json")
 def promote(state: str, by: str, comment: str = "", workspace: str | None = None,
             override: str | None = None) -> dict:
     """Needs a passed gate and an approval recorded for ``state``; ``override`` (a reason) goes past

@@ -12,6 +12,6 @@ from prefect import flow
 from tasks import ops
 
 
-@flow(name="rollback", log_prints=True)
+@flow(name="rollback", log_prints=True, persist_result=True, result_serializer="json")
 def rollback(state: str, by: str, reason: str, workspace: str | None = None, force: bool = False) -> dict:
     return ops.rollback(workspace, state, by, reason, force)

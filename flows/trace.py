@@ -14,7 +14,7 @@ from prefect import flow
 from tasks import ops
 
 
-@flow(name="trace", log_prints=True)
+@flow(name="trace", log_prints=True, persist_result=True, result_serializer="json")
 def trace(facts: list[dict[str, Any]], model: str = "smollm2-135m", out: str = "reports/traces",
           workspace: str | None = None) -> list[dict[str, Any]]:
     return ops.trace_facts(workspace, model, facts, out)

@@ -9,8 +9,11 @@ from prefect.cache_policies import NO_CACHE
 
 from kedit.workspace import Workspace
 
+# results are JSON like the nightly tasks' (tasks.refresh): readable by any client, never unpickled
+RESULTS = {"persist_result": True, "result_serializer": "json"}
 
-@task(name="promote-state", cache_policy=NO_CACHE)
+
+@task(name="promote-state", cache_policy=NO_CACHE, **RESULTS)
 def promote(workspace: str | None, state: str, by: str, comment: str,
             override: str | None = None) -> dict[str, Any]:
     """``kedit.lineage.ops.promote``: refused without a passed gate and an approval unless ``override``."""
@@ -21,7 +24,7 @@ def promote(workspace: str | None, state: str, by: str, comment: str,
     return do_promote(ws, open_store(ws), state, by=by, comment=comment, override=override)
 
 
-@task(name="rollback-state", cache_policy=NO_CACHE)
+@task(name="rollback-state", cache_policy=NO_CACHE, **RESULTS)
 def rollback(workspace: str | None, state: str, by: str, reason: str, force: bool = False) -> dict[str, Any]:
     from kedit.lineage.ops import open_store
     from kedit.lineage.ops import rollback as do_rollback
@@ -30,7 +33,7 @@ def rollback(workspace: str | None, state: str, by: str, reason: str, force: boo
     return do_rollback(ws, open_store(ws), state, by=by, reason=reason, force=force)
 
 
-@task(name="compute-stats", retries=1, cache_policy=NO_CACHE)
+@task(name="compute-stats", retries=1, cache_policy=NO_CACHE, **RESULTS)
 def compute_stats(workspace: str | None, model: str, layers: str, corpus: str, max_tokens: int) -> dict[str, Any]:
     from kedit.cli.stats import parse_layers
     from kedit.models.store import load_model
@@ -42,7 +45,7 @@ def compute_stats(workspace: str | None, model: str, layers: str, corpus: str, m
     return {"dir": str(b.dir), "n_tokens": b.n_tokens, "layers": b.layers, "key": b.key}
 
 
-@task(name="trace-facts", retries=1, cache_policy=NO_CACHE)
+@task(name="trace-facts", retries=1, cache_policy=NO_CACHE, **RESULTS)
 def trace_facts(workspace: str | None, model: str, facts: list[dict[str, Any]], out: str) -> list[dict[str, Any]]:
     from pathlib import Path
 

@@ -14,6 +14,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from kedit import refresh
+from kedit.config import RefreshConfig
+from kedit.lineage.access import open_store
 from kedit.workspace import Workspace
 from tasks.cache import content_keyed, feed_keyed
 
@@ -25,14 +27,14 @@ def _ws(workspace: str | None) -> Workspace:
     return Workspace.default(workspace)
 
 
-def _cfg(cfg: dict[str, Any]) -> refresh.RefreshConfig:
-    return refresh.RefreshConfig(**cfg)
+def _cfg(cfg: dict[str, Any]) -> RefreshConfig:
+    return RefreshConfig(**cfg)
 
 
 def _champion(ws: Workspace) -> str:
     """The champion from the lineage events (``LineageStore.champion``; base: "base"), never from the
     CHAMPION convenience copy."""
-    return refresh.open_lineage(ws).champion() or "base"
+    return open_store(ws).champion() or "base"
 
 
 # same feed bytes, same champion, same config -> same ingest outcome
@@ -88,7 +90,7 @@ def run_on_gpu_pool(deployment: str, workspace: str | None, cfg: dict[str, Any],
     return fr.state.result()
 
 
-@task(name="expire-overdue-approvals", cache_policy=NO_CACHE, retries=1)
+@task(name="expire-overdue-approvals", cache_policy=NO_CACHE, retries=1, **RESULTS)
 def expire_overdue(workspace: str | None) -> list[str]:
     """A timed-out approval rejects (suspended runs cannot time themselves out: they are not running)."""
     from prefect.settings import PREFECT_API_URL

@@ -173,7 +173,7 @@ def test_drift_params_are_validated(tmp_path):
     with pytest.raises(P.ParamsError, match="max_perplexity_increse_pct.*'drift'"):
         DriftPolicy.from_params(p)
     p.write_text("drift:\n  min_canary_agreement: high\n")
-    with pytest.raises(ValueError, match="drift.min_canary_agreement: expected a number"):
+    with pytest.raises(ValueError, match="block 'drift', key 'min_canary_agreement': expected a number"):
         DriftPolicy.from_params(p)
     p.write_text("gates:\n  drift: {max_neighbourhood_kl: 0.1}\n")  # a drift group inside gates: is not read
     with pytest.raises(P.ParamsError, match="unknown key 'drift' in block 'gates'"):

@@ -511,17 +511,17 @@ def test_matmul_weights_in_swaps_copies_and_restores_the_same_parameters(tiny_lm
 
 
 def test_length_groups_merge_the_next_length_while_its_padding_fits_the_budget():
-    from kedit.editors.vstar import _length_groups
+    from kedit.editors.vstar import length_groups
 
     seqs = [[0] * n for n in (5, 7, 6, 9, 5, 14)]
     split = [0] * len(seqs)
-    assert _length_groups(seqs, split) == [[0, 4], [2], [1], [3], [5]]  # one group per length
+    assert length_groups(seqs, split) == [[0, 4], [2], [1], [3], [5]]  # one group per length
     # 6 joins 5 (2 rows x 1 pad), 7 joins them (3 x 1), 9 does not (4 x 2 = 8 > 4), 14 not (1 x 5)
-    assert _length_groups(seqs, split, 4) == [[0, 4, 2, 1], [3], [5]]
-    assert _length_groups(seqs, split, 8) == [[0, 4, 2, 1, 3], [5]]
-    assert _length_groups(seqs, split, 25) == [[0, 4, 2, 1, 3, 5]]  # 5 rows x 5 pads
-    assert _length_groups(seqs, split, 1) == [[0, 4], [2, 1], [3], [5]]  # 6 not (2 x 1 > 1), 7 joins 6
-    assert sorted(r for g in _length_groups(seqs, split, 3) for r in g) == list(range(len(seqs)))
+    assert length_groups(seqs, split, 4) == [[0, 4, 2, 1], [3], [5]]
+    assert length_groups(seqs, split, 8) == [[0, 4, 2, 1, 3], [5]]
+    assert length_groups(seqs, split, 25) == [[0, 4, 2, 1, 3, 5]]  # 5 rows x 5 pads
+    assert length_groups(seqs, split, 1) == [[0, 4], [2, 1], [3], [5]]  # 6 not (2 x 1 > 1), 7 joins 6
+    assert sorted(r for g in length_groups(seqs, split, 3) for r in g) == list(range(len(seqs)))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -529,7 +529,7 @@ def test_length_groups_merge_the_next_length_while_its_padding_fits_the_budget()
 def test_padded_replay_groups_give_the_same_vstar(family, prefix_cache, tiny_tokenizer):
     """Right pads never reach a real position under causal attention: one padded group per batch
     optimises the same δ as one group per suffix length."""
-    from kedit.editors.vstar import _length_groups
+    from kedit.editors.vstar import length_groups
     from kedit.models.store import wrap_model
     from tests.conftest import make_tiny_model
 
@@ -539,7 +539,7 @@ def test_padded_replay_groups_give_the_same_vstar(family, prefix_cache, tiny_tok
     padded = optimise_vstar(lm, REQS, PREFIXES, EditHparams(**{**hp.to_dict(), "v_replay_merge_tokens": 10_000}), 1)
     rows = subject_rows(tiny_tokenizer, REQS, PREFIXES)
     split = rows.subj_pos if prefix_cache else [0] * len(rows.ids)
-    assert len(_length_groups(rows.ids, split)) > 1  # there were groups to merge
+    assert len(length_groups(rows.ids, split)) > 1  # there were groups to merge
     assert torch.allclose(exact.v0, padded.v0, atol=1e-5)
     assert torch.allclose(exact.delta, padded.delta, atol=1e-4, rtol=1e-3)
     for a, b in zip(exact.diagnostics, padded.diagnostics):
@@ -570,8 +570,8 @@ def test_vstar_step_reads_the_device_back_once_not_per_group_or_request(tiny_lm)
             optimise_vstar(tiny_lm, REQS, PREFIXES, hp, 2)
         return c.n
 
-    from kedit.editors.vstar import _length_groups
+    from kedit.editors.vstar import length_groups
 
     rows = subject_rows(tiny_lm.tokenizer, REQS, PREFIXES)
-    assert len(_length_groups(rows.ids, rows.subj_pos)) >= 2  # several groups per step
+    assert len(length_groups(rows.ids, rows.subj_pos)) >= 2  # several groups per step
     assert reads(6) - reads(2) <= 4 * 2  # one per step (is any request left?), with room for one more

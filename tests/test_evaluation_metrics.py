@@ -223,7 +223,7 @@ def test_fluency_samples_100_new_tokens_top5_in_one_batched_call(tiny_lm):
     assert not any(t.startswith(p) for t, p in zip(texts, PROMPTS))  # the continuation only
     assert M.generation_entropy(tiny_lm, PROMPTS, max_new_tokens=12, seed=7) == M.mean_entropy_x100(texts)
     # top-k 5: every sampled token is among the 5 most likely at its step (checked by teacher forcing)
-    new = M._generate(tiny_lm, PROMPTS[:1], 6, do_sample=True, seed=7, batch_size=None)[0]
+    new = M.generate_tokens(tiny_lm, PROMPTS[:1], 6, do_sample=True, seed=7, batch_size=None)[0]
     prompt = tiny_lm.tokenizer(PROMPTS[0])["input_ids"]
     with torch.no_grad():
         logits = tiny_lm.model(torch.tensor([prompt + new.tolist()])).logits[0]

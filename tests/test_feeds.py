@@ -89,8 +89,39 @@ def test_invalid_fraction_over_threshold_fails_whole_feed(tmp_path):
 
 
 def test_row_count_limit_fails_whole_feed(tmp_path):
-    res = ingest_feed(_copy("good.jsonl", tmp_path), FeedPolicy(max_rows=3), now=NOW, record=False)
-    assert not res.passed and res.accepted == [] and "row_count" in res.message
+    with pytest.raises(FeedFormatError, match=r"more than 3 rows, over the limit of 3 \(feeds.max_rows\)"):
+        ingest_feed(_copy("good.jsonl", tmp_path), FeedPolicy(max_rows=3), now=NOW, record=False)
+
+
+def _lines_then_fail(first: list[str]):
+    """The given lines, then an error if the reader asks for more: proves it stopped at the limit."""
+    yield from first
+    raise AssertionError("read past the row limit")
+
+
+def test_jsonl_row_limit_stops_reading_at_the_limit(tmp_path):
+    from kedit.feeds.reader import read_jsonl_rows
+
+    lines = [json.dumps(_good(i)) for i in range(4)]
+    lines.insert(2, "")  # a blank line is no row
+    with pytest.raises(FeedFormatError) as err:
+        read_jsonl_rows(tmp_path / "big.jsonl", _lines_then_fail(lines), max_rows=3)
+    assert err.value.line == 5 and "stopped reading at row 4" in str(err.value)
+    assert f"{tmp_path / 'big.jsonl'}:5: file holds more than 3 rows" in str(err.value)
+    rows, _ = read_jsonl_rows(tmp_path / "ok.jsonl", iter(lines), max_rows=4)  # at the limit: read whole
+    assert len(rows) == 4
+
+
+def test_csv_row_limit_stops_reading_at_the_limit(tmp_path):
+    from kedit.feeds.reader import read_csv_rows
+
+    header = "id,subject,prompt,target_new,source,observed_at\n"
+    lines = [header] + [f"h{i},S {i},{{}} is in,P {i},t,2025-01-02T03:04:05Z\n" for i in range(3)]
+    with pytest.raises(FeedFormatError, match="more than 2 rows") as err:
+        read_csv_rows(tmp_path / "big.csv", _lines_then_fail(lines), max_rows=2)
+    assert err.value.line == 4
+    rows, _, cols = read_csv_rows(tmp_path / "ok.csv", iter(lines), max_rows=3)
+    assert len(rows) == 3 and cols[0] == "id"
 
 
 @pytest.mark.parametrize("name,policy,line,words", [

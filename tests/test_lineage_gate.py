@@ -34,7 +34,7 @@ def _tpatcher_champion(workspace, stored_lm, tmp_path):  # noqa: F811
 
 def test_retraction_is_gated_approved_and_promoted_without_force(workspace, stored_lm, tmp_path, capsys):  # noqa: F811
     from kedit.cli import main
-    from kedit.refresh import predicts_targets
+    from kedit.models.scoring import predicts_targets
     from tests.test_editors_tpatcher import REQS
 
     store, _, s2 = _tpatcher_champion(workspace, stored_lm, tmp_path)
@@ -71,7 +71,7 @@ def test_retraction_is_gated_approved_and_promoted_without_force(workspace, stor
     assert not r["skipped"] and r["passed"] and r["value"] == 1.0 and "eiffel" in r["detail"]
     assert predicts_targets(lm_parent, [eiffel]) == [True] and r["before"] == 0.0  # the edit had taken
     # a "retraction" that left the fact in place fails the check
-    from kedit.lineage.gate import retraction_check
+    from kedit.evaluation.candidate import retraction_check
 
     kept = retraction_check(lm_parent, lm_parent, [{**eiffel, "id": "eiffel"}], 0.9)
     assert not kept.passed and kept.value == 0.0 and "STILL gives it" in kept.detail

@@ -140,16 +140,17 @@ def test_refresh_logs_every_candidate_and_registers_the_logged_model(workspace, 
     monkeypatch.chdir(tmp_path)  # lineage params from the (absent) workspace params.yaml: defaults
     from kedit import refresh
     from kedit.lineage.registry import TAG_GATE, find_state_model
+    from kedit.lineage.runlog import RunLog, log_candidate_model
     from kedit.progress import ProgressTail
 
     store = LineageStore(workspace.lineage_dir, snapshot_every=2)
     failed, passed = commit_states(store, stored_lm(), 2)
-    runlog = refresh.RunLog(workspace, "k1")
+    runlog = RunLog(workspace, "k1")
     gate_dir = tmp_path / "gate"
     gate_dir.mkdir()
     for sid, ok in ((failed.id, False), (passed.id, True)):
         (gate_dir / "gate.json").write_text(json.dumps({"passed": ok, "checks": []}))
-        refresh.log_candidate_model(workspace, store, sid, runlog, gate_dir)
+        log_candidate_model(workspace, store, sid, runlog, gate_dir)
     assert find_state_model(runlog.tracking, failed.id).tags[TAG_GATE] == "failed"  # logged, not registered
     tail = ProgressTail(workspace.root)
     out = refresh.register_step(workspace, "k1", passed.id)

@@ -323,3 +323,23 @@ def test_prefect_reuses_a_content_keyed_result(server, tmp_path):
     a, b, c = twice()
     assert b == a and c == str(tmp_path / "c")
     assert calls == [str(tmp_path / "a"), str(tmp_path / "c")]
+
+
+def test_every_flow_and_task_persists_json_results():
+    """Persisted results are JSON everywhere: a pickled result runs code when a client reads it back."""
+    import importlib
+
+    from prefect import Flow
+    from prefect.tasks import Task
+
+    found = []
+    for pkg in ("flows", "tasks"):
+        for path in sorted((ROOT / pkg).glob("*.py")):
+            if path.stem.startswith("_"):
+                continue
+            mod = importlib.import_module(f"{pkg}.{path.stem}")
+            for name, obj in vars(mod).items():
+                if isinstance(obj, Flow | Task) and obj.__module__ == mod.__name__:
+                    found.append((f"{pkg}.{path.stem}.{name}", obj.persist_result, obj.result_serializer))
+    assert {n.split(".")[1] for n, *_ in found} >= {"promote", "rollback", "stats", "trace", "nightly", "ops"}
+    assert [f for f in found if f[1:] != (True, "json")] == []

@@ -165,3 +165,43 @@ def test_schema_matches_the_dataclasses():
     own = {n for n in names(RefreshConfig) if n != "model" and not n.startswith("stats_")}
     assert P.SCHEMA["refresh"] == own
     assert {f"stats_{k}" for k in ("corpus", "max_tokens", "seq_len", "batch_size")} <= names(RefreshConfig)
+
+
+@pytest.mark.parametrize("block,key,text,expected", [
+    ("feeds", "max_rows", '"lots"', "an integer"),
+    ("lineage", "mlflow", '"false"', "a boolean"),  # a string "false" is not off: it used to read as on
+    ("lineage", "snapshot_every", "twenty", "an integer"),
+    ("lineage", "dvc", "1", "a boolean"),
+    ("gates", "min_efficacy", "true", "a number or null"),
+    ("trace", "aggregate_kinds", "[mlp, 3]", "a list of strings"),
+    ("refresh", "hparams_overrides", "[L2]", "a mapping"),
+])
+def test_wrong_value_type_names_file_block_key_type_and_value(clean_env, tmp_path, block, key, text, expected):
+    p = _write(tmp_path / "params.yaml", f"{block}:\n  {key}: {text}\n")
+    value = yaml.safe_load(text)
+    with pytest.raises(P.ParamsError) as err:
+        P.load_params(p)
+    msg = str(err.value)
+    assert msg.startswith(f"{p}: block {block!r}, key {key!r}: expected {expected}")
+    assert f"got {value!r}" in msg
+    # the readers fail the same way, before any of them turns the value into something else
+    with pytest.raises(P.ParamsError, match=key):
+        lineage_params(Workspace(tmp_path), p)
+
+
+def test_values_of_the_right_type_pass(clean_env, tmp_path):
+    p = _write(tmp_path / "params.yaml", "gates: {min_efficacy: null, max_fluency_drop: 30, reference_text: x}\n"
+                                         "feeds: {max_invalid_fraction: 0}\nlineage: {dvc_remote: null, mlflow: false}\n"
+                                         "stats: {layers: 5}\ncanary: {max_prompts: null}\n")
+    params = P.load_params(p)
+    assert params.block("lineage") == {"dvc_remote": None, "mlflow": False}
+    assert GatePolicy.from_params(p).max_fluency_drop == 30
+
+
+def test_every_schema_key_has_a_type_its_default_fits():
+    """The types come from one table; each dataclass default (what an absent key means) passes it."""
+    assert set(P.SCHEMA) == set(P.KEY_TYPES)
+    own_refresh = {k: v for k, v in dataclasses.asdict(RefreshConfig()).items() if k in P.SCHEMA["refresh"]}
+    defaults = {"gates": dataclasses.asdict(GatePolicy()), "feeds": dataclasses.asdict(FeedPolicy()),
+                "lineage": dict(LINEAGE_DEFAULTS), "refresh": own_refresh}
+    assert P.check_params(defaults, "defaults") == defaults

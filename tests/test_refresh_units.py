@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from kedit.models.scoring import predicts_targets
 from kedit.orchestration import LocalStack, approval_timeout_of
-from kedit.refresh import RefreshConfig, predicts_targets, refresh_key, resolve_feed
+from kedit.refresh import RefreshConfig, refresh_key, resolve_feed
 
 
 def test_config_reads_params_and_rejects_unknown(tmp_path):
@@ -115,7 +116,7 @@ def test_local_stack_environment_is_isolated(tmp_path):
 
 def test_canary_drops_prompts_about_edited_subjects(tiny_lm):
     from kedit.evaluation.canary import build_canary
-    from kedit.refresh import without_edited_subjects
+    from kedit.evaluation.candidate import without_edited_subjects
 
     suite = build_canary(tiny_lm, prompts=["The capital of France is", "Water boils at", "Paris is a"], k=1)
     kept = without_edited_subjects(suite, [{"subject": "France", "target_true": "Paris"}])

@@ -54,7 +54,7 @@ def test_curve_plot_draws_error_bars_and_labelled_baselines(tmp_path, monkeypatc
 def test_console_does_not_wrap_outside_a_terminal(monkeypatch):
     import io
 
-    from kedit.bench.console import make_console
+    from kedit.console import make_console
 
     monkeypatch.delenv("COLUMNS", raising=False)
     buf = io.StringIO()

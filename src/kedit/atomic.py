@@ -49,6 +49,18 @@ def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def make_readable(folder: str | Path) -> None:
+    """Give ``folder`` and everything in it the usual modes under the umask (files 0644, folders 0755 for
+    umask 022): ``save_pretrained`` and ``mkstemp`` write 0600, which another user or a serving
+    container cannot read."""
+    os.chmod(folder, 0o777 & ~_UMASK)
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~_UMASK)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~_UMASK)
+
+
 def write_bytes_atomic(dest: str | Path, data: bytes) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_bytes(data)

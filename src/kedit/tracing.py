@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from kedit.atomic import write_json_atomic, write_text_atomic
+from kedit.console import save_fig
 from kedit.hooks import Trace
 from kedit.models.store import LoadedModel
 
@@ -297,20 +298,7 @@ def plot_trace(res: TraceResult, path: str | Path) -> None:
     fig.suptitle(f"{res.prompt} -> {res.target!r}   clean p={res.clean_prob:.3f}, corrupted p={res.corrupted_prob:.3f}"
                  f"   ({res.samples} noise samples, * = subject)", fontsize=9)
     fig.tight_layout()
-    _save_fig(fig, path)
-
-
-def _save_fig(fig, path: str | Path) -> None:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from kedit.atomic import write_bytes_atomic
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    save_fig(fig, path)
 
 
 # --- aggregate over many known facts --------------------------------------------------------------
@@ -456,7 +444,7 @@ def plot_aggregate(res: AggregateResult, path: str | Path) -> None:
                  f"(window {res.window})", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_fig(fig, path)
 
 
 def aggregate_markdown(res: AggregateResult) -> str:

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from kedit.atomic import write_json_atomic, write_text_atomic
-from kedit.bench.console import ProgressLog, device_str
 from kedit.bench.datasets import get_dataset
 from kedit.bench.footprint import edit_footprint, state_bytes
+from kedit.console import ProgressLog, device_str
 from kedit.editors.hparams import load_hparams
 from kedit.editors.precision import resolve_v_dtype
 from kedit.evaluation.metrics import wilson_interval

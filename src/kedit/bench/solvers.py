@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from kedit.bench.console import ProgressLog, device_str
 from kedit.bench.lifelong import DEFAULT_DATA, load_counterfact, write_report
+from kedit.console import ProgressLog, device_str
 from kedit.editors.hparams import load_hparams
 from kedit.editors.io import request_from_record
 from kedit.stats import DEFAULT_STATS_TOKENS

@@ -11,8 +11,11 @@ import logging
 import os
 import sys
 
-DESCRIPTION = ("kedit keeps a language model's facts up to date: it edits facts into the weights "
-               "(ROME, MEMIT, AlphaEdit), gates each edit state against the current champion, and "
+# the editors as they are, the nightly default first (tests/test_cli_help.py keeps this list equal to METHODS)
+EDITORS_HELP = ("memoir (sparse residual memory; the nightly default), AlphaEdit, MEMIT, ROME (weight editors) "
+                "and T-Patcher (patch neurons)")
+DESCRIPTION = ("kedit keeps a language model's facts up to date: it edits facts into the model with "
+               f"{EDITORS_HELP}, gates each edit state against the current champion, and "
                "versions every state so any of them can be audited and rolled back.")
 EPILOG = "Run `kedit COMMAND --help` for a command's options; `kedit nightly demo` runs the whole pipeline."
 

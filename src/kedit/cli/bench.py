@@ -1,5 +1,6 @@
 """`kedit bench lifelong`: sequential CounterFact or zsRE editing benchmark (results.json / .md / curve.png);
 `kedit bench solvers`: one batch, v* once, solver settings compared (results.json / .md / frontier.png);
+`kedit bench refresh`: nightly refreshes of N facts end to end, seconds per step (results.json);
 `kedit bench tables`: the README's and docs/benchmarks.md's tables, generated from the lifelong reports."""
 
 from __future__ import annotations
@@ -66,6 +67,30 @@ def register(sub) -> None:
                    help="one more setting (YAML mapping), after the grid's; '{}' is the file's defaults")
     w.set_defaults(func=_solvers)
 
+    r = s.add_parser("refresh", help="one nightly refresh of N facts end to end (ingest .. decide), seconds per step")
+    r.add_argument("--facts", "-n", type=int, default=100,
+                   help="rows in the feed: the 30-row sample feed, then CounterFact records (default 100)")
+    r.add_argument("--nights", type=int, default=1,
+                   help="refreshes one after the other, each with the next --facts rows, each approved when its "
+                        "gate passes; the first also pays what a lineage does once (default 1)")
+    r.add_argument("--model", "-m", default="smollm2-135m",
+                   help="model slug, already imported in the workspace (-w) the bench links it from")
+    r.add_argument("--method", default=None, choices=list(METHODS),
+                   help="editor (default: params.yaml refresh.method)")
+    r.add_argument("--set", action="append", metavar="BLOCK.KEY=VALUE",
+                   help="override one params.yaml setting of the bench workspace, e.g. refresh.trace_sample=0")
+    r.add_argument("--params", default=None, help="params.yaml to start from (default: the project's)")
+    r.add_argument("--data", default=None, help="flat CounterFact JSON for rows past the sample feed "
+                                                "(default ../shared/data/counterfact-dev.json)")
+    r.add_argument("--dir", default="bench-out/refresh-ws",
+                   help="the bench's own workspace, replaced on each run (default bench-out/refresh-ws)")
+    r.add_argument("--out", "-o", default="bench-out/refresh", help="results.json (and profiles) here")
+    r.add_argument("--profile", action="store_true",
+                   help="cProfile each step: OUT/<step>.prof and OUT/<step>.txt (the most expensive calls)")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_refresh)
+
     t = s.add_parser("tables", help="regenerate docs/benchmarks.md and the README's results table from the "
                                     "lifelong reports (--check: fail if they are out of date)")
     t.add_argument("--reports", default="docs/bench", help="folder of report folders (default docs/bench)")
@@ -83,7 +108,7 @@ def _lifelong(args) -> int:
         run_lifelong,
         write_results,
     )
-    from kedit.cli.edit import _parse_set, load_lm
+    from kedit.cli.edit import load_lm, parse_set
 
     cfg = LifelongConfig(method=args.method, data=args.data or str(get_dataset(args.dataset).default_data()),
                          dataset=args.dataset, edits=args.edits, skip_invalid=args.skip_invalid,
@@ -91,7 +116,7 @@ def _lifelong(args) -> int:
                          curve_records=args.curve_records,
                          fluency_prompts=args.fluency_prompts or None, ppl_tokens=args.ppl_tokens,
                          stats_corpus=args.stats_corpus, stats_tokens=args.stats_tokens,
-                         hparams_file=args.hparams, overrides=_parse_set(args.set),
+                         hparams_file=args.hparams, overrides=parse_set(args.set),
                          allow_calibration_records=args.allow_calibration_records)
     from kedit.cli import CLIError
 
@@ -143,11 +168,11 @@ def _sweep_settings(grid_args: list[str] | None, setting_args: list[str] | None)
 def _solvers(args) -> int:
     from kedit.bench.lifelong import DEFAULT_DATA
     from kedit.bench.solvers import SweepConfig, run_sweep, sweep_markdown, write_sweep
-    from kedit.cli.edit import _parse_set, load_lm
+    from kedit.cli.edit import load_lm, parse_set
 
     cfg = SweepConfig(method=args.method, data=args.data or str(DEFAULT_DATA), edits=args.edits, offset=args.offset,
                       ppl_tokens=args.ppl_tokens, stats_corpus=args.stats_corpus, stats_tokens=args.stats_tokens,
-                      hparams_file=args.hparams, base=_parse_set(args.set),
+                      hparams_file=args.hparams, base=parse_set(args.set),
                       settings=_sweep_settings(args.grid, args.setting))
     lm = load_lm(args)
     res = run_sweep(lm, workspace(args), cfg, progress=not args.quiet)
@@ -155,6 +180,30 @@ def _solvers(args) -> int:
         write_sweep(res, args.out)
         print(f"results -> {args.out}/results.json, results.md, frontier.png")
     print(sweep_markdown(res))
+    return 0
+
+
+def _refresh(args) -> int:
+    import sys
+
+    from kedit.bench.refresh import RefreshBenchConfig, run_refresh_bench
+    from kedit.cli.edit import parse_set
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    overrides = parse_set(args.set)
+    if args.method:
+        overrides["refresh.method"] = args.method
+    cfg = RefreshBenchConfig(facts=args.facts, nights=args.nights, model=args.model, data=args.data, params=args.params,
+                             overrides=overrides, profile=args.profile)
+    log = (lambda _m: None) if args.quiet else (lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    res = run_refresh_bench(args.dir, workspace(args), cfg, args.out, log=log)
+    print(res.table())
+    if args.profile:
+        print(f"profiles -> {args.out}/night<k>-<step>.prof, .txt")
+    print(f"results -> {args.out}/results.json")
     return 0
 
 

@@ -10,7 +10,8 @@ from kedit.editors.hparams import METHODS
 from kedit.stats import DEFAULT_STATS_TOKENS
 
 
-def _parse_set(items: list[str] | None) -> dict:
+def parse_set(items: list[str] | None) -> dict:
+    """``--set KEY=VALUE`` options as a dict, each value read as YAML (numbers, lists, booleans)."""
     import yaml
 
     out = {}
@@ -42,9 +43,12 @@ def load_lm(args):
 
 
 def register(sub) -> None:
-    p = sub.add_parser("edit", help="compute ROME / MEMIT / AlphaEdit deltas for a request file")
+    p = sub.add_parser("edit", help="apply a request file with one editor: memoir, AlphaEdit, MEMIT, ROME, T-Patcher "
+                                    "(deltas and editor state)")
     add_model_args(p)
-    p.add_argument("--method", default="alphaedit", choices=list(METHODS))
+    p.add_argument("--method", default="alphaedit", choices=list(METHODS),
+                   help="memoir: sparse residual memory (the nightly default, params.yaml refresh.method); "
+                        "alphaedit, memit, rome: weight editors; tpatcher: patch neurons (default alphaedit)")
     p.add_argument("--requests", "-r", required=True,
                    help="JSON/JSONL: {prompt with {}, subject, target_new[, target_true, id]} or flat CounterFact")
     p.add_argument("--out", "-o", required=True, help="directory for deltas.safetensors, state.*, result.json")
@@ -108,7 +112,7 @@ def _edit(args) -> int:
         raise CLIError(f"{args.requests}: no edit requests")
     lm = load_lm(args)
     _apply_dirs(lm, args.base_edits)
-    hp = load_hparams(args.method, lm, args.hparams, _parse_set(args.set))
+    hp = load_hparams(args.method, lm, args.hparams, parse_set(args.set))
     layers = hp.resolve_layers(lm.adapter.num_layers)
     stats = None
     if args.method not in ATTACHERS:  # an editor that adds parameters reads no key statistics

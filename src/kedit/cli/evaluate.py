@@ -125,7 +125,7 @@ def _drift_gate(args, ws, policy, canary, text):
     else the shipped list) and the new edits' neighbourhoods, cached in the workspace."""
     from kedit.evaluation.canary import neighbourhood_prompts, shipped_prompts
     from kedit.evaluation.drift import DriftPolicy, build_drift_gate, cache_root
-    from kedit.evaluation.gates import _reference_text
+    from kedit.evaluation.gates import load_reference_text
     from kedit.models.store import load_model
 
     dpol = DriftPolicy.from_params(args.params, ws)
@@ -133,7 +133,7 @@ def _drift_gate(args, ws, policy, canary, text):
     prompts = [*(canary.prompts if canary is not None else shipped_prompts()),
                *neighbourhood_prompts(_records(args.new_edits))]
     if text is None and dpol.max_perplexity_increase_pct is not None:
-        text = _reference_text(policy)
+        text = load_reference_text(policy)
     return build_drift_gate(base, base.manifest.model_hash, prompts, dpol, canary_k=policy.canary_k, text=text,
                             reference_tokens=policy.reference_tokens, cache=cache_root(ws))
 

@@ -83,8 +83,12 @@ def _summary(res) -> None:
 
 def _validate(args) -> int:
     from kedit.feeds.ingest import ingest_feed
+    from kedit.safepath import check_target
 
-    out = Path(args.out) if args.out else workspace(args).feeds_dir
+    ws = workspace(args)
+    out = Path(args.out) if args.out else ws.feeds_dir
+    for target in (out / "quarantine", out / "reports"):  # --out is the user's; no link may redirect inside it
+        check_target(target, ws, "feed validate", within=None if args.out else ws.root, stores=False)
     res = ingest_feed(args.file, _policy(args), record=False,
                       quarantine_dir=out / "quarantine", report_dir=out / "reports")
     _summary(res)
@@ -98,9 +102,11 @@ def _ingest(args) -> int:
     ws = workspace(args)
     predictor = None
     if args.no_op_check:
-        from kedit.refresh import RefreshConfig, champion_predictor
+        from kedit.config import RefreshConfig
+        from kedit.feeds.champion import champion_predictor
 
-        predictor = champion_predictor(ws, RefreshConfig.from_params())
+        cfg = RefreshConfig.from_params()
+        predictor = champion_predictor(ws, cfg.model, cfg.device)
     res = ingest_for_champion(ws, args.file, _policy(args), predictor=predictor)
     print(f"checked against champion {res.champion or 'base'} (facts already applied, flip-flops)")
     _summary(res)

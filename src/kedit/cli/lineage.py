@@ -1,4 +1,4 @@
-"""`kedit lineage log|show|diff|verify|repair|gate|approve|promote`, `kedit rollback S`, `kedit retract FACT`,
+"""`kedit lineage log|show|diff|verify|repair|seal|gate|approve|promote`, `kedit rollback S`, `kedit retract FACT`,
 `kedit export S --out DIR`."""
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ def register(sub) -> None:
     rp = s.add_parser("repair", help="finish an interrupted promote/rollback; move git, DVC and MLflow to the "
                                      "lineage's champion")
     rp.set_defaults(func=_repair)
+    se = s.add_parser("seal", help="vouch for the events written before the event chain (once, after checking "
+                                   "them), so their gate verdicts and approvals count for promotions")
+    se.add_argument("--by", default=None, help="name recorded beside your OS identity")
+    se.add_argument("--comment", default="")
+    se.set_defaults(func=_seal)
     gt = s.add_parser("gate", help="gate a candidate state against its parent (e.g. a retraction) and record the "
                                    "verdict; exits 1 if any check fails")
     gt.add_argument("state", help="state id or unique prefix (not the champion, not 'base')")
@@ -119,12 +124,14 @@ def _verdict(gate: dict | None) -> str:
 
 
 def _people(events) -> str:
+    """``alice`` or ``alice [bob]`` per event; control characters escaped (kedit.lineage.text)."""
     from kedit.lineage.identity import describe
+    from kedit.lineage.text import escape_text
 
     out = []
     for e in events:
         actor = describe(e.actor)
-        out.append(e.by if not actor or actor == e.by else f"{e.by} [{actor}]")
+        out.append(escape_text(e.by if not actor or actor == e.by else f"{e.by} [{actor}]"))
     return ", ".join(dict.fromkeys(out))
 
 
@@ -148,8 +155,13 @@ def _log(args) -> int:
                            "overrides": [a.to_dict() for a in e.overrides]} for e in entries], indent=2))
         return 0
     from rich.console import Console
-    from rich.markup import escape
+    from rich.markup import escape as _markup
     from rich.tree import Tree
+
+    from kedit.lineage.text import escape_text
+
+    def escape(text) -> str:  # rich markup and terminal control characters both shown as text
+        return _markup(escape_text(text))
 
     by_id = {e.state.id: e for e in entries}
     champ = store.champion()
@@ -158,7 +170,7 @@ def _log(args) -> int:
 
     def label(e) -> str:
         s = e.state
-        feed = "feed " + (s.feed.get("path") or s.feed.get("name") or str(s.feed.get("file_sha256", ""))[:12])
+        feed = "feed " + escape(s.feed.get("path") or s.feed.get("name") or str(s.feed.get("file_sha256", ""))[:12])
         if s.feed.get("kind") == "retraction":  # kedit.lineage.retract: no feed, one fact taken out
             feed = (f"[magenta]retraction of {escape(', '.join(s.feed.get('retracted', [])))} by "
                     f"{escape(str(s.feed.get('by')))}: {escape(str(s.feed.get('reason')))}[/]")
@@ -169,7 +181,11 @@ def _log(args) -> int:
         colour = "green" if "PASS" in verdict else ("red" if "FAIL" in verdict else "dim")
         overrides = "".join(f"  [bold red]OVERRIDE ({o.data.get('action', '?')}) by {escape(_people([o]))}: "
                             f"{escape(o.comment)}[/]" for o in e.overrides)
-        return (f"{star}[cyan]{s.short}[/] {s.created_at}  {s.method}  {feed}  {s.n_edits} edits  "
+        overrides += "".join(f"  [yellow]override ({o.data.get('action', '?')}) by {escape(_people([o]))} not "
+                             f"followed by its {o.data.get('action', '?')} (interrupted; nothing moved)[/]"
+                             for o in e.unfinished_overrides)
+        overrides += "".join(f"  [bold red]UNTRUSTED {escape(f)}: {escape(why)}[/]" for f, why in e.untrusted.items())
+        return (f"{star}[cyan]{s.short}[/] {escape(s.created_at)}  {escape(s.method)}  {feed}  {s.n_edits} edits  "
                 f"[{colour}]{verdict}[/]" + _drift_column(e.gate) + (f"  approved by {escape(approved)}" if approved else "")
                 + (f"  promoted by {escape(promoted)}" if promoted else "") + overrides
                 + ("  [dim](snapshot)[/]" if s.snapshot else ""))
@@ -247,7 +263,7 @@ def _ranges(idx: list[int]) -> str:
 def _verify(args) -> int:
     from rich.progress import Progress
 
-    from kedit.lineage.ops import divergences
+    from kedit.lineage.ops import base_model_problems, divergences
 
     ws, params, store = _store(args)
     with Progress(transient=True) as prog:
@@ -255,17 +271,30 @@ def _verify(args) -> int:
         rep = store.verify(deep=not args.quick,
                            progress=lambda i, n: prog.update(task, completed=i, total=n))
     print(f"checked {rep.states} states, {rep.files} files, {rep.tensors} tensor hashes")
+    for n in rep.notes:
+        print(f"note: {n}")
+    damaged = base_model_problems(ws, store)  # the base model every state is replayed onto
+    for p in damaged:
+        print(f"PROBLEM: {p}")
     apart = divergences(ws, store, params)
     for p in apart:
         print(f"PROBLEM: {p}")
     if apart:
         print("(the lineage events are the truth: `kedit lineage repair` moves the other stores to them)")
-    if rep.ok and not apart:
+    if rep.ok and not apart and not damaged:
         print("lineage OK")
         return 0
     for p in rep.problems:
         print(f"PROBLEM: {p}")
     return 1
+
+
+def _seal(args) -> int:
+    _, _, store = _store(args)
+    ev = store.seal(by=_who(args), comment=args.comment)
+    print(f"sealed the {ev.data['sealed_events']} events from before the event chain (event {ev.seq}, by "
+          f"{_people([ev])}); chain head {ev.digest}")
+    return 0
 
 
 def _repair(args) -> int:
@@ -356,7 +385,9 @@ def _report(what: str, out: dict) -> None:
     if out.get("repaired"):
         print(out["repaired"])
     ev = out["event"]
-    print(f"{what} {champ[:12] if champ else 'base'} (event {ev['seq']}, by {ev['by']})")
+    from kedit.lineage.text import escape_text
+
+    print(f"{what} {champ[:12] if champ else 'base'} (event {ev['seq']}, by {escape_text(ev['by'])})")
     if ev["data"].get("override_event"):
         print(f"  OVERRIDE recorded (event {ev['data']['override_event']}): the promotion rules were not met")
     if "tag" in out:

@@ -1,4 +1,4 @@
-"""`kedit model import|list|show`."""
+"""`kedit model import|list|show|verify`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ def register(sub) -> None:
     show = s.add_parser("show", help="a model's manifest and adapter")
     show.add_argument("model")
     show.set_defaults(func=_show)
+    vf = s.add_parser("verify", help="hash every file of a store entry against its manifest (exit 1: damaged)")
+    vf.add_argument("model")
+    vf.set_defaults(func=_verify)
 
 
 def _import(args) -> int:
@@ -53,4 +56,16 @@ def _show(args) -> int:
 
     lm = load_model(args.model, workspace(args))
     print(json.dumps({"manifest": lm.manifest.__dict__, "adapter": lm.adapter.describe()}, indent=2))
+    return 0
+
+
+def _verify(args) -> int:
+    from kedit.models.store import ModelCorruptError, verify_store_entry
+
+    try:
+        m = verify_store_entry(workspace(args), args.model)
+    except ModelCorruptError as exc:
+        print(f"PROBLEM: {exc}")
+        return 1
+    print(f"{m.slug}: {len(m.files)} files match their recorded sha256 (hash {m.model_hash[:12]})")
     return 0

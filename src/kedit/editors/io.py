@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from kedit.atomic import save_tensors_atomic, write_json_atomic
+from kedit.atomic import save_tensors_atomic, sha256_file, write_json_atomic
 from kedit.editors.base import EditorState, EditRequest, EditResult
 
 DELTAS = "deltas.safetensors"
@@ -50,33 +50,73 @@ def load_requests(path: str | Path) -> list[EditRequest]:
     return [request_from_record(r, f"{path} record {i}") for i, r in enumerate(load_records(path))]
 
 
+class EditDirError(ValueError):
+    """A `kedit edit` directory whose files are damaged, truncated or changed since it was written."""
+
+
 def save_edit(out_dir: str | Path, result: EditResult, extra: dict[str, Any] | None = None) -> Path:
-    """``deltas.safetensors``, ``state.safetensors`` + ``state.json`` and ``result.json`` in ``out_dir``."""
+    """``deltas.safetensors``, ``state.safetensors`` + ``state.json`` and ``result.json`` in ``out_dir``;
+    ``result.json`` records the other files' sha256 (``files``), checked when the directory is read."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_tensors_atomic(out / DELTAS, result.deltas)
     save_tensors_atomic(out / STATE, result.state.tensors or {"_empty": torch.zeros(0)})
     write_json_atomic(out / STATE_META, {"method": result.state.method, "meta": result.state.meta})
+    files = {name: sha256_file(out / name) for name in (DELTAS, STATE, STATE_META)}
     write_json_atomic(out / RESULT, {"diagnostics": [asdict(d) for d in result.diagnostics],
-                                     "layer_info": result.layer_info, "seconds": result.seconds, **(extra or {})})
+                                     "layer_info": result.layer_info, "seconds": result.seconds, **(extra or {}),
+                                     "files": files})
     return out
 
 
-def load_deltas(edit_dir: str | Path) -> dict[str, torch.Tensor]:
+def _checked(edit_dir: str | Path, name: str) -> Path:
+    """``edit_dir/name`` after checking it against the sha256 ``result.json`` recorded (directories written
+    before kedit recorded them are read unchecked); :class:`EditDirError` names the file."""
+    d = Path(edit_dir)
+    path = d / name
+    if not path.exists():
+        raise FileNotFoundError(f"{edit_dir}: no {name} (not a `kedit edit` output directory)")
+    try:
+        recorded = json.loads((d / RESULT).read_text()).get("files") or {} if (d / RESULT).exists() else {}
+    except (ValueError, AttributeError) as exc:
+        raise EditDirError(f"{d / RESULT}: not readable JSON ({exc}); the edit directory is damaged") from None
+    want = recorded.get(name)
+    if want is not None:
+        got = sha256_file(path)
+        if got != want:
+            raise EditDirError(f"{path}: sha256 {got[:12]} does not match the {want[:12]} recorded in "
+                               f"{d / RESULT} ({path.stat().st_size:,} bytes): the file is damaged or was "
+                               f"changed after `kedit edit` wrote it")
+    return path
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or :class:`EditDirError` naming it (truncated, not safetensors, NaN)."""
     from safetensors.torch import load_file
 
-    path = Path(edit_dir) / DELTAS
-    if not path.exists():
-        raise FileNotFoundError(f"{edit_dir}: no {DELTAS} (not a `kedit edit` output directory)")
-    return load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
+        raise EditDirError(f"{path}: not a readable safetensors file ({exc}); the edit directory is damaged") \
+            from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise EditDirError(f"{path}: tensor(s) {bad[:5]} hold NaN or infinite values; the edit directory is damaged")
+    return tensors
+
+
+def load_deltas(edit_dir: str | Path) -> dict[str, torch.Tensor]:
+    return _tensors(_checked(edit_dir, DELTAS))
 
 
 def load_state(edit_dir: str | Path) -> EditorState:
-    from safetensors.torch import load_file
-
     d = Path(edit_dir)
-    if not (d / STATE_META).exists():
-        raise FileNotFoundError(f"{edit_dir}: no {STATE_META} (not a `kedit edit` output directory)")
-    meta = json.loads((d / STATE_META).read_text())
-    tensors = {k: v for k, v in load_file(str(d / STATE)).items() if k != "_empty"}
-    return EditorState(method=meta["method"], tensors=tensors, meta=meta["meta"])
+    meta_path = _checked(d, STATE_META)
+    try:
+        meta = json.loads(meta_path.read_text())
+        method, state_meta = meta["method"], meta["meta"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EditDirError(f"{meta_path}: not an editor state record ({exc!r}); the edit directory is damaged") \
+            from None
+    tensors = {k: v for k, v in _tensors(_checked(d, STATE)).items() if k != "_empty"}
+    return EditorState(method=method, tensors=tensors, meta=state_meta)

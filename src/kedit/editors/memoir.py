@@ -688,7 +688,7 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
     """Fingerprints at each request's subject, then each request's block: v*'s closed form (v* started
     from the stored entries' with ``mm_warm_start``), or Adam on the block, one forward/backward per
     step for the whole batch (blocks below ``layer`` and the tokens before the subject run once)."""
-    from kedit.editors.vstar import _length_groups, _slice_above
+    from kedit.editors.vstar import length_groups, slice_above
 
     dev, tok = lm.device, lm.tokenizer
     n, n_ctx = len(requests), len(prefixes)
@@ -729,8 +729,8 @@ def _train(lm, requests, prefixes, state: EditorState, layer: int, k: int, hp: E
     scaled = torch.zeros_like(w_old, requires_grad=True)
 
     groups = []  # rows of one replayed length; pairs = (local row, column, label, request, weight)
-    for g in _length_groups(seqs, rows.subj_pos, hp.v_replay_merge_tokens):
-        sl = _slice_above(lm, [seqs[r] for r in g], [rows.subj_pos[r] for r in g], layer, pad)
+    for g in length_groups(seqs, rows.subj_pos, hp.v_replay_merge_tokens):
+        sl = slice_above(lm, [seqs[r] for r in g], [rows.subj_pos[r] for r in g], layer, pad)
         pr, pc, pl, pq, pw = [], [], [], [], []
         for j, r in enumerate(g):
             q = rows.req[r]

@@ -170,7 +170,7 @@ _MEMORY_MEMO: dict[str, torch.Tensor] = {}
 def general_memory(lm, layer: int, corpus: str, n_tokens: int) -> torch.Tensor:
     """MLP inputs at ``layer`` of the canary prompts and ``n_tokens`` positions of ``corpus`` (its
     training split: the held-out split is what perplexity is measured on), once per process."""
-    from kedit.evaluation.canary import shipped_prompts
+    from kedit.prompts import shipped_prompts
 
     key = sha256_json({"model": lm.manifest.model_hash, "layer": layer, "corpus": corpus, "n": n_tokens})
     if key not in _MEMORY_MEMO:
@@ -223,7 +223,7 @@ def build_problem(lm, requests: list[EditRequest], prefixes: list[str], layer: i
     the teacher-forced target tokens) is replayed: the tokens before it are in the memory set, where
     every patch is silent and so adds exactly nothing, and their keys/values are computed once into
     a read-only cache (as v* does), so a step costs a few tokens per row, not the whole prompt."""
-    from kedit.editors.vstar import _slice_above
+    from kedit.editors.vstar import slice_above
 
     tok, dev = lm.tokenizer, lm.device
     n_layers = lm.adapter.num_layers
@@ -242,7 +242,7 @@ def build_problem(lm, requests: list[EditRequest], prefixes: list[str], layer: i
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     name = lm.adapter.mlp_name(layer)
     with torch.no_grad(), Trace(lm.model, [name], retain_input=True) as tr:
-        blocks = _slice_above(lm, seqs, split, layer, pad)  # the suffix capture runs last: its x is kept
+        blocks = slice_above(lm, seqs, split, layer, pad)  # the suffix capture runs last: its x is kept
     x = tr.inputs[name].float()  # [rows, suffix width, d]
     if old is not None and old.n:
         with torch.no_grad():

@@ -122,7 +122,7 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     all_pos = ctx.subj_pos + kl.subj_pos
     store = _prefix_store(lm, seqs, split, pad, taps) if max(split) > 0 else None  # one for all groups
     groups = [_Group.build(lm, g, seqs, split, all_pos, ctx.req + kl.req, layer, pad, pair_row, pair_col, kl_row0,
-                           taps, store) for g in _length_groups(seqs, split, hp.v_replay_merge_tokens)]
+                           taps, store) for g in length_groups(seqs, split, hp.v_replay_merge_tokens)]
     del store
     tapped, tapped_before = {}, {}
     for name in taps:  # each row's input at its subject (as h0 below), kept for the context rows
@@ -256,7 +256,7 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
                  taps=tapped, taps_before=tapped_before)
 
 
-def _length_groups(seqs: list[list[int]], split: list[int], merge_tokens: int = 0) -> list[list[int]]:
+def length_groups(seqs: list[list[int]], split: list[int], merge_tokens: int = 0) -> list[list[int]]:
     """Row indices grouped by replayed (suffix) length, shortest first. The next length joins the open
     group when padding the group's rows up to it adds at most ``merge_tokens`` tokens (0: one group per
     length, so each runs without padding)."""
@@ -306,7 +306,7 @@ class _Group:
             return torch.tensor([t[k] for t in items], dtype=torch.long)
 
         take = None if store is None else store.take(torch.tensor(rows, device=dev))
-        sl = _slice_above(lm, [seqs[r] for r in rows], [split[r] for r in rows], layer, pad, taps, take)
+        sl = slice_above(lm, [seqs[r] for r in rows], [split[r] for r in rows], layer, pad, taps, take)
         req_h = torch.tensor([req[r] for r in rows], dtype=torch.long)
         return cls(rows=torch.tensor(rows, device=dev), req=req_h.to(dev), sl=sl,
                    subj=torch.tensor([subj_pos[r] - split[r] for r in rows], device=dev), req_h=req_h,
@@ -456,7 +456,7 @@ def _prefix_store(lm, seqs: list[list[int]], split: list[int], pad: int, taps: S
                         before={name: x for name, x in before.items() if x is not None}, config=cfg)
 
 
-def _slice_above(lm, seqs: list[list[int]], split: list[int], layer: int, pad: int, taps: Sequence[str] = (),
+def slice_above(lm, seqs: list[list[int]], split: list[int], layer: int, pad: int, taps: Sequence[str] = (),
                  prefix: tuple[PrefixCache, torch.Tensor, dict[str, torch.Tensor]] | None = None):
     """Blocks ``layer+1..`` ready to replay. With ``split`` > 0, tokens before ``split[r]`` (those before
     the subject's last token, which δ cannot affect) go into a read-only :class:`PrefixCache` and only

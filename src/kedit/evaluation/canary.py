@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -19,25 +18,8 @@ import torch
 from kedit.atomic import save_tensors_atomic, sha256_tensor, write_json_atomic
 from kedit.evaluation import metrics as M
 from kedit.models.store import LoadedModel
+from kedit.prompts import SHIPPED, parse_prompt_lines, shipped_prompts  # noqa: F401 (importable from here)
 from kedit.workspace import Workspace
-
-SHIPPED = "canary_prompts.txt"
-
-
-def shipped_prompts() -> list[str]:
-    """The prompt list shipped with kedit (``kedit/data/canary_prompts.txt``), comments dropped."""
-    text = resources.files("kedit").joinpath("data", SHIPPED).read_text(encoding="utf-8")
-    return parse_prompt_lines(text)
-
-
-def parse_prompt_lines(text: str) -> list[str]:
-    out, seen = [], set()
-    for line in text.splitlines():
-        p = line.strip()
-        if p and not p.startswith("#") and p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out
 
 
 def neighbourhood_prompts(edits: Sequence[dict]) -> list[str]:

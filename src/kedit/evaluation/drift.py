@@ -25,7 +25,7 @@ import torch
 from kedit.atomic import save_tensors_atomic, sha256_bytes, sha256_json, sha256_tensor, write_json_atomic
 from kedit.evaluation import metrics as M
 from kedit.evaluation.canary import CanarySuite, compare
-from kedit.evaluation.gates import check_settings
+from kedit.evaluation.gates import check_settings, gate_check
 from kedit.models.store import LoadedModel
 
 CHECK_PREFIX = "drift_"
@@ -233,14 +233,13 @@ class DriftGate:
         ``perplexity_increase_pct`` when it scored the same text (``gate_text``, ``gate_tokens`` tokens),
         so the candidate is not scored twice.
         """
-        from kedit.evaluation.gates import _check
 
         ref, pol = self.reference, self.policy
         out = []
         base_ppl = ref.perplexity
         name = CHECK_PREFIX + "perplexity_increase_pct"
         if base_ppl is None or pol.max_perplexity_increase_pct is None:
-            out.append(_check(name, None, pol.max_perplexity_increase_pct, "max", base_ppl,
+            out.append(gate_check(name, None, pol.max_perplexity_increase_pct, "max", base_ppl,
                               detail="disabled" if pol.max_perplexity_increase_pct is None else "no reference text"))
         else:
             ppl_check = next((c for c in gate_checks if c.name == "perplexity_increase_pct"), None)
@@ -255,14 +254,14 @@ class DriftGate:
                                  "given no reference_text to score the candidate on")
             inc = perplexity_increase_pct(base_ppl, cand_ppl)
             thr = pol.max_perplexity_increase_pct
-            out.append(_check(name, inc, thr, "max", base_ppl, cand_ppl, base_ppl * (1 + thr / 100),
+            out.append(gate_check(name, inc, thr, "max", base_ppl, cand_ppl, base_ppl * (1 + thr / 100),
                               f"PPL base {base_ppl:.2f} -> candidate {cand_ppl:.2f}"))
         # canary agreement and next-token KL against the base's stored answers
         cmp = compare(ref.suite(), candidate, k=min(self.canary_k, ref.k))
-        out.append(_check(CHECK_PREFIX + "canary_agreement", cmp.agreement, pol.min_canary_agreement, "min", 1.0,
+        out.append(gate_check(CHECK_PREFIX + "canary_agreement", cmp.agreement, pol.min_canary_agreement, "min", 1.0,
                           cmp.agreement, pol.min_canary_agreement,
                           f"{len(cmp.changed)} of {len(ref.prompts)} answers differ from the base model's"))
-        out.append(_check(CHECK_PREFIX + "neighbourhood_kl", cmp.kl, pol.max_neighbourhood_kl, "max", 0.0, cmp.kl,
+        out.append(gate_check(CHECK_PREFIX + "neighbourhood_kl", cmp.kl, pol.max_neighbourhood_kl, "max", 0.0, cmp.kl,
                           pol.max_neighbourhood_kl, f"mean KL(base || candidate) over {len(ref.prompts)} prompts"))
         for c in out:
             c.against = "base"

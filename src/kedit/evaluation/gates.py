@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from kedit.atomic import write_json_atomic, write_text_atomic
+from kedit.console import make_console, save_fig
 from kedit.evaluation import metrics as M
 from kedit.evaluation.canary import CanarySuite, build_canary, compare, shipped_prompts
 from kedit.models.store import LoadedModel
@@ -86,7 +87,9 @@ class Check:
     against: str = "champion"  # what "before" is: the champion, or "base" for the drift checks (drift.py)
 
 
-def _check(name, value, threshold, direction, before=None, after=None, bound=None, detail="") -> Check:
+def gate_check(name: str, value: float | None, threshold: float | None, direction: str, before: float | None = None,
+               after: float | None = None, bound: float | None = None, detail: str = "") -> Check:
+    """A check's verdict: skipped when disabled (no threshold) or nothing was measured, else value vs threshold."""
     if threshold is None:
         return Check(name, value, None, True, direction, before, after, bound, detail or "disabled", skipped=True)
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -150,7 +153,8 @@ def as_counterfact(rec: dict, k: int, where: str) -> dict:
     return r
 
 
-def _reference_text(policy: GatePolicy) -> str | None:
+def load_reference_text(policy: GatePolicy) -> str | None:
+    """The perplexity reference text of ``policy`` (a file, or a corpus spec's held-out slice); None when unavailable."""
     spec = policy.reference_text
     p = Path(spec)
     if p.is_file():
@@ -174,8 +178,6 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
     ``candidate_state``: the lineage state under review (id, parent, n_edits, feed), named in the reports.
     ``drift``: a :class:`kedit.evaluation.drift.DriftGate` adds the checks against the base model.
     """
-    from kedit.bench.console import make_console
-
     policy = policy or GatePolicy()
     t0 = time.perf_counter()
     console = make_console(stderr=True, quiet=not progress)
@@ -195,13 +197,13 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
             after = M.evaluate_counterfact(candidate, new)
             rep.failed_ids = after["failed_ids"]
             rep.not_generalized_ids = [i for i, ok in zip(after["ids"], after["generalization_ok"]) if not ok]
-            checks.append(_check("efficacy", after["efficacy"], policy.min_efficacy, "min", before["efficacy"],
+            checks.append(gate_check("efficacy", after["efficacy"], policy.min_efficacy, "min", before["efficacy"],
                                  after["efficacy"], policy.min_efficacy,
                                  f"{len(rep.failed_ids)} of {len(new)} new edits did not take"))
-            checks.append(_check("generalization", after["generalization"], policy.min_generalization, "min",
+            checks.append(gate_check("generalization", after["generalization"], policy.min_generalization, "min",
                                  before["generalization"], after["generalization"], policy.min_generalization))
             drop = before["specificity"] - after["specificity"]
-            checks.append(_check("specificity_drop", drop, policy.max_specificity_drop, "max", before["specificity"],
+            checks.append(gate_check("specificity_drop", drop, policy.max_specificity_drop, "max", before["specificity"],
                                  after["specificity"],
                                  None if policy.max_specificity_drop is None
                                  else before["specificity"] - policy.max_specificity_drop,
@@ -210,7 +212,7 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
             for name, thr, d in (("efficacy", policy.min_efficacy, "min"),
                                  ("generalization", policy.min_generalization, "min"),
                                  ("specificity_drop", policy.max_specificity_drop, "max")):
-                checks.append(_check(name, None, thr, d, detail="no new edits"))
+                checks.append(gate_check(name, None, thr, d, detail="no new edits"))
 
         # retention of earlier edits: those that held under the champion must still hold
         if prior:
@@ -221,10 +223,10 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
             kept = [i for i in held if a["efficacy_ok"][i]]
             rep.lost_ids = [b["ids"][i] for i in held if not a["efficacy_ok"][i]]
             value = len(kept) / len(held) if held else None
-            checks.append(_check("retention", value, policy.min_retention, "min", b["efficacy"], a["efficacy"],
+            checks.append(gate_check("retention", value, policy.min_retention, "min", b["efficacy"], a["efficacy"],
                                  policy.min_retention, f"{len(kept)} of {len(held)} earlier edits still hold"))
         else:
-            checks.append(_check("retention", None, policy.min_retention, "min", detail="no earlier edits"))
+            checks.append(gate_check("retention", None, policy.min_retention, "min", detail="no earlier edits"))
 
         # canary suite: greedy agreement, and the next-token KL together with the edits' neighbours
         status.update("gate: canary suite")
@@ -236,7 +238,7 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
                          f"{champion.manifest.model_hash[:12]}: agreement is measured against the stored answers")
         cmp = compare(canary, candidate, k=policy.canary_k)
         rep.canary_changed = cmp.changed
-        checks.append(_check("canary_agreement", cmp.agreement, policy.min_canary_agreement, "min", 1.0,
+        checks.append(gate_check("canary_agreement", cmp.agreement, policy.min_canary_agreement, "min", 1.0,
                              cmp.agreement, policy.min_canary_agreement,
                              f"{len(cmp.changed)} of {len(canary.prompts)} canary answers changed"))
         kl_rows = [torch.tensor(cmp.kl_per_prompt, dtype=torch.float64)]
@@ -244,23 +246,23 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
         if loc:
             kl_rows.append(M.kl_rows(M.next_token_logprobs(champion, loc), M.next_token_logprobs(candidate, loc)))
         nkl = float(torch.cat(kl_rows).mean())
-        checks.append(_check("neighbourhood_kl", nkl, policy.max_neighbourhood_kl, "max", 0.0, nkl,
+        checks.append(gate_check("neighbourhood_kl", nkl, policy.max_neighbourhood_kl, "max", 0.0, nkl,
                              policy.max_neighbourhood_kl,
                              f"mean over {len(loc)} neighbourhood + {len(canary.prompts)} canary prompts"))
 
         # perplexity of a reference text slice
         status.update("gate: perplexity")
         text = reference_text if reference_text is not None else (
-            _reference_text(policy) if policy.max_perplexity_increase_pct is not None else None)
+            load_reference_text(policy) if policy.max_perplexity_increase_pct is not None else None)
         if text:
             p0 = M.perplexity(champion, text, max_tokens=policy.reference_tokens)
             p1 = M.perplexity(candidate, text, max_tokens=policy.reference_tokens)
             inc = 100.0 * (p1 / p0 - 1.0)
             thr = policy.max_perplexity_increase_pct
-            checks.append(_check("perplexity_increase_pct", inc, thr, "max", p0, p1,
+            checks.append(gate_check("perplexity_increase_pct", inc, thr, "max", p0, p1,
                                  None if thr is None else p0 * (1 + thr / 100), f"PPL {p0:.2f} -> {p1:.2f}"))
         else:
-            checks.append(_check("perplexity_increase_pct", None, policy.max_perplexity_increase_pct, "max",
+            checks.append(gate_check("perplexity_increase_pct", None, policy.max_perplexity_increase_pct, "max",
                                  detail=f"no reference text ({policy.reference_text!r} unavailable)"))
 
         # fluency: generation entropy on a fixed prompt list from a fixed seed
@@ -269,10 +271,10 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
             fp = list(fluency_prompts) if fluency_prompts is not None else shipped_prompts()[: policy.fluency_prompts]
             g0 = M.generation_entropy(champion, fp, max_new_tokens=policy.fluency_tokens, seed=policy.seed)
             g1 = M.generation_entropy(candidate, fp, max_new_tokens=policy.fluency_tokens, seed=policy.seed)
-            checks.append(_check("fluency_drop", g0 - g1, policy.max_fluency_drop, "max", g0, g1,
+            checks.append(gate_check("fluency_drop", g0 - g1, policy.max_fluency_drop, "max", g0, g1,
                                  g0 - policy.max_fluency_drop, f"GE {g0:.1f} -> {g1:.1f} on {len(fp)} prompts"))
         else:
-            checks.append(_check("fluency_drop", None, policy.max_fluency_drop, "max", detail="disabled"))
+            checks.append(gate_check("fluency_drop", None, policy.max_fluency_drop, "max", detail="disabled"))
 
         if drift is not None:  # cumulative drift: the candidate against the base model (evaluation/drift.py)
             status.update("gate: drift against the base model")
@@ -383,8 +385,6 @@ def plot_gate(rep: GateReport, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kedit.tracing import _save_fig
-
     checks = rep.checks
     cols = 4
     rows = math.ceil(len(checks) / cols)
@@ -396,7 +396,7 @@ def plot_gate(rep: GateReport, path: str | Path) -> None:
     fig.suptitle(f"Promotion gate {'PASSED' if rep.passed else 'FAILED'}: {subject_line(rep)}\n"
                  f"dashed line: threshold; green: pass, red: fail", fontsize=9)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_fig(fig, path)
 
 
 def panel_spec(c: Check) -> dict:

@@ -13,178 +13,31 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from kedit.models.scoring import (  # noqa: F401 (the scoring primitives, importable from here as before)
+    encode_prompts,
+    encode_targets,
+    forward_logits,
+    generate_tokens,
+    greedy_tokens,
+    left_pad,
+    length_batches,
+    next_token_logprobs,
+    pad_id,
+    right_pad,
+    score_pairs,
+    target_logprobs,
+    teacher_forced,
+)
 from kedit.models.store import LoadedModel
 
 # Shannon entropies of the 2-gram and 3-gram distributions are weighted 2/3 and 4/3 (ROME/MEMIT).
 NGRAM_WEIGHTS = {2: 2 / 3, 3: 4 / 3}
 _WORD_RE = re.compile(r"\w+|[^\w\s]")
-# Upper bound on one batch's logits (elements) so the 49k-vocab models stay within a few hundred MB.
-_MAX_LOGIT_ELEMENTS = 64 * 1024 * 1024
-
-
-# --- tokenisation and padding ------------------------------------------------------------------
-def pad_id(tokenizer) -> int:
-    """The pad token id, falling back to eos (many causal-LM tokenizers have no pad token)."""
-    pid = getattr(tokenizer, "pad_token_id", None)
-    if pid is None:
-        pid = getattr(tokenizer, "eos_token_id", None)
-    if pid is None:
-        raise ValueError(f"{type(tokenizer).__name__}: tokenizer has neither a pad nor an eos token")
-    return int(pid)
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt (special tokens as the tokenizer adds them, e.g. a BOS)."""
-    out = []
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise ValueError(f"prompt {i} is {type(p).__name__}, expected str")
-        ids = tokenizer(p, add_special_tokens=True)["input_ids"]
-        if not ids:
-            raise ValueError(f"prompt {i} ({p!r}) has no tokens; a target needs a non-empty prompt")
-        out.append(list(ids))
-    return out
-
-
-def encode_targets(tokenizer, targets: Sequence[str]) -> list[list[int]]:
-    """Token ids of ``" " + target`` without special tokens (the target follows the prompt)."""
-    out = []
-    for i, t in enumerate(targets):
-        if not isinstance(t, str) or not t.strip():
-            raise ValueError(f"target {i} ({t!r}) is empty; every target needs at least one token")
-        out.append(list(tokenizer(" " + t.strip(), add_special_tokens=False)["input_ids"]))
-    return out
-
-
-def right_pad(seqs: Sequence[Sequence[int]], pad: int, device=None) -> tuple[torch.Tensor, ...]:
-    """``(input_ids, attention_mask, position_ids)`` with right padding; positions count from 0."""
-    n, T = len(seqs), max(len(s) for s in seqs)
-    ids = torch.full((n, T), pad, dtype=torch.long)
-    mask = torch.zeros((n, T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    pos = torch.arange(T).unsqueeze(0).expand(n, T).clone()
-    return ids.to(device), mask.to(device), pos.to(device)
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` with left padding, as batched generation needs."""
-    n, T = len(seqs), max(len(s) for s in seqs)
-    ids = torch.full((n, T), pad, dtype=torch.long)
-    mask = torch.zeros((n, T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, T - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _batches(order: list[int], lengths: list[int], batch_size: int, vocab: int) -> list[list[int]]:
-    """Split ``order`` into batches of at most ``batch_size`` whose logits stay under the memory cap."""
-    out, cur, cur_max = [], [], 0
-    for i in order:
-        m = max(cur_max, lengths[i])
-        if cur and (len(cur) >= batch_size or (len(cur) + 1) * m * vocab > _MAX_LOGIT_ELEMENTS):
-            out.append(cur)
-            cur, m = [], lengths[i]
-        cur.append(i)
-        cur_max = m
-    if cur:
-        out.append(cur)
-    return out
-
-
-def _forward_logits(lm: LoadedModel, ids, mask, pos) -> torch.Tensor:
-    out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
-    return out.logits.float()
-
-
-def _logits_at(lm: LoadedModel, ids, mask, pos, keep: torch.Tensor) -> torch.Tensor:
-    """Logits at the ``True`` positions of ``keep`` (``[b, L]`` bool), flattened row by row to
-    ``[keep.sum(), V]`` float32.
-
-    Scoring needs a handful of positions per sequence; projecting only those onto the vocabulary
-    (transformers' ``logits_to_keep`` mask) skips most of the unembedding and the log-softmax (on
-    SmolLM2-135M the 576 x 49,152 unembedding is about a fifth of the multiply-adds per token). Models whose
-    forward lacks ``logits_to_keep`` get the full logits, indexed the same way."""
-    keep = keep.to(ids.device)
-    if lm.takes_logits_to_keep:
-        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                       logits_to_keep=keep)
-        return out.logits.reshape(-1, out.logits.shape[-1]).float()
-    return _forward_logits(lm, ids, mask, pos)[keep]
-
-
-# --- target scoring ----------------------------------------------------------------------------
-def _teacher_forced(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], batch_size: int
-                    ) -> tuple[list[list[int]], Iterator[tuple[torch.Tensor, list[tuple[int, slice]]]]]:
-    """Teacher-forced passes over ``(prompt, " " + target)`` pairs: each pair's target token ids, and per
-    length-sorted batch (little padding) the logits that predict target tokens, ``[n_tokens, V]``, with
-    ``(pair, rows)`` where ``logits[rows]`` predict the pair's target tokens in order (the logits at
-    position j predict token j+1; no other position is projected onto the vocabulary).
-    Run it under ``torch.no_grad()``."""
-    if len(prompts) != len(targets):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    tok = lm.tokenizer
-    p_ids, t_ids = encode_prompts(tok, prompts), encode_targets(tok, targets)
-    seqs = [p + t for p, t in zip(p_ids, t_ids)]
-    lengths = [len(s) for s in seqs]
-    order = sorted(range(len(seqs)), key=lambda i: (lengths[i], i))
-    vocab = lm.model.get_output_embeddings().weight.shape[0]
-    pad = pad_id(tok)
-
-    def passes() -> Iterator[tuple[torch.Tensor, list[tuple[int, slice]]]]:
-        for batch in _batches(order, lengths, batch_size, vocab):
-            ids, mask, pos = right_pad([seqs[i] for i in batch], pad, lm.device)
-            keep = torch.zeros(ids.shape, dtype=torch.bool)
-            rows, start = [], 0
-            for row, i in enumerate(batch):
-                first = len(p_ids[i]) - 1
-                keep[row, first: first + len(t_ids[i])] = True
-                rows.append((i, slice(start, start + len(t_ids[i]))))
-                start += len(t_ids[i])
-            yield _logits_at(lm, ids, mask, pos, keep), rows
-
-    return t_ids, passes()
-
-
-def _score_pairs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str],
-                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed target log-probs and target token counts, ``[n]`` each, in few batched passes
-    (results in input order)."""
-    if len(prompts) != len(targets):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    n = len(prompts)
-    if n == 0:
-        return torch.zeros(0), torch.zeros(0)
-    with torch.no_grad():
-        t_ids, passes = _teacher_forced(lm, prompts, targets, batch_size)
-        sums = torch.zeros(n, dtype=torch.float64)
-        counts = torch.tensor([len(t) for t in t_ids], dtype=torch.float64)
-        for logits, rows in passes:
-            logp = torch.log_softmax(logits, dim=-1)
-            for i, at in rows:
-                preds = logp[at]
-                tgt = torch.tensor(t_ids[i], device=preds.device)
-                sums[i] = preds.gather(1, tgt[:, None]).sum().double().cpu()
-    return sums, counts
-
-
-def target_logprobs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32,
-                    reduce: str = "mean") -> torch.Tensor:
-    """Teacher-forced log-probability of the tokens of ``" " + target`` after each prompt, ``[n]``.
-
-    ``reduce="mean"`` is METRICS.md's score (mean per-token log-prob); ``"sum"`` the sequence log-prob.
-    """
-    if reduce not in ("mean", "sum"):
-        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
-    sums, counts = _score_pairs(lm, prompts, targets, batch_size)
-    return (sums / counts if reduce == "mean" else sums).float()
 
 
 # --- CounterFact -------------------------------------------------------------------------------
@@ -270,7 +123,7 @@ def evaluate_counterfact(lm: LoadedModel, records: Sequence[dict], batch_size: i
                     r["locality_prompt"], r["locality_prompt"]]
         targets += [r["target_new"], r["ground_truth"], r["target_new"], r["ground_truth"],
                     r["locality_ground_truth"], r["target_new"]]
-    sums, counts = _score_pairs(lm, prompts, targets, batch_size)
+    sums, counts = score_pairs(lm, prompts, targets, batch_size)
     mean = (sums / counts).view(n, 6)
     total = sums.view(n, 6)
     return counterfact_result([r["case_id"] for r in records], (mean[:, 0] > mean[:, 1]).tolist(),
@@ -296,26 +149,6 @@ def counterfact_result(ids: list, es: list[bool], ps: list[bool], ns: list[bool]
 
 
 # --- next-token distributions, KL, canary agreement -----------------------------------------------
-def next_token_logprobs(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-    """Log-probabilities of the next token after each prompt, ``[n, V]`` float32 on CPU."""
-    if not prompts:
-        raise ValueError("next_token_logprobs: no prompts")
-    seqs = encode_prompts(lm.tokenizer, prompts)
-    lengths = [len(s) for s in seqs]
-    order = sorted(range(len(seqs)), key=lambda i: (lengths[i], i))
-    vocab = lm.model.get_output_embeddings().weight.shape[0]
-    out = torch.empty(len(seqs), vocab, dtype=torch.float32)
-    pad = pad_id(lm.tokenizer)
-    with torch.no_grad():
-        for batch in _batches(order, lengths, batch_size, vocab):
-            ids, mask, pos = right_pad([seqs[i] for i in batch], pad, lm.device)
-            keep = torch.zeros(ids.shape, dtype=torch.bool)
-            keep[torch.arange(len(batch)), torch.tensor([lengths[i] - 1 for i in batch])] = True
-            rows = _logits_at(lm, ids, mask, pos, keep)  # one per sequence, in batch order
-            out[torch.tensor(batch)] = torch.log_softmax(rows, dim=-1).cpu()
-    return out
-
-
 def kl_rows(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """Per-row KL(P_before || P_after) from log-probabilities ``[n, V]`` (nats)."""
     if before.shape != after.shape:
@@ -330,11 +163,6 @@ def kl_rows(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
 def neighbourhood_kl(before: torch.Tensor, after: torch.Tensor) -> float:
     """Mean KL(P_before || P_after) over prompts, from next-token log-probabilities ``[n, V]``."""
     return float(kl_rows(before, after).mean())
-
-
-def greedy_tokens(lm: LoadedModel, prompts: Sequence[str], k: int = 1, batch_size: int = 32) -> torch.Tensor:
-    """The first ``k`` greedy tokens after each prompt, ``[n, k]`` (batched, left-padded, no EOS stop)."""
-    return _generate(lm, prompts, k, do_sample=False, batch_size=batch_size)
 
 
 def canary_agreement(before_tokens: torch.Tensor, after_tokens: torch.Tensor, k: int | None = None) -> float:
@@ -355,36 +183,6 @@ def canary_agreement(before_tokens: torch.Tensor, after_tokens: torch.Tensor, k:
 FLUENCY_TOKENS = 100
 FLUENCY_TOP_K = 5
 FLUENCY_SEED = 0
-
-
-def _generate(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, do_sample: bool,
-              top_k: int = FLUENCY_TOP_K, seed: int = FLUENCY_SEED, batch_size: int | None = 16) -> torch.Tensor:
-    """New tokens ``[n, max_new_tokens]``; exactly that many per prompt (EOS does not stop it).
-
-    Prompts are left-padded and generated ``batch_size`` at a time (``None``: all in one call). Sampling
-    is plain top-k (temperature 1, no top-p, no repetition penalty, whatever the model's generation
-    config says) from ``seed``; the draws depend on the batch, so a fixed prompt list and batch size
-    give the same tokens every time."""
-    if not prompts:
-        raise ValueError("generation: no prompts")
-    seqs = encode_prompts(lm.tokenizer, prompts)
-    pad = pad_id(lm.tokenizer)
-    out = torch.empty(len(seqs), max_new_tokens, dtype=torch.long)
-    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=pad,
-                  do_sample=do_sample, repetition_penalty=1.0, no_repeat_ngram_size=0)
-    if do_sample:
-        kwargs.update(top_k=top_k, top_p=1.0, temperature=1.0, min_p=None, typical_p=1.0)
-    else:
-        kwargs.update(top_k=None, top_p=None, temperature=None)
-    step = batch_size or len(seqs)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(seqs), step):
-            chunk = seqs[start: start + step]
-            ids, mask = left_pad(chunk, pad, lm.device)
-            gen = lm.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-            out[start: start + len(chunk)] = gen[:, ids.shape[1]:].cpu()
-    return out
 
 
 def word_tokens(text: str) -> list[str]:
@@ -430,14 +228,14 @@ def sampled_continuations(lm: LoadedModel, prompts: Sequence[str], max_new_token
                           top_k: int = FLUENCY_TOP_K, seed: int = FLUENCY_SEED) -> list[str]:
     """The text of ``max_new_tokens`` top-k-sampled tokens after each prompt (without the prompt), all
     prompts in one left-padded ``generate`` call from ``seed``: the same list gives the same texts."""
-    return _decode(lm, _generate(lm, prompts, max_new_tokens, do_sample=True, top_k=top_k, seed=seed,
+    return _decode(lm, generate_tokens(lm, prompts, max_new_tokens, do_sample=True, top_k=top_k, seed=seed,
                                  batch_size=None))
 
 
 def greedy_continuations(lm: LoadedModel, prompts: Sequence[str],
                          max_new_tokens: int = FLUENCY_TOKENS) -> list[str]:
     """The text of the ``max_new_tokens`` greedy tokens after each prompt (without the prompt)."""
-    return _decode(lm, _generate(lm, prompts, max_new_tokens, do_sample=False, batch_size=None))
+    return _decode(lm, generate_tokens(lm, prompts, max_new_tokens, do_sample=False, batch_size=None))
 
 
 def generation_entropy(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = FLUENCY_TOKENS,
@@ -474,9 +272,9 @@ def token_nlls(lm: LoadedModel, text: str, max_tokens: int = 20000, window: int 
     out: dict[int, torch.Tensor] = {}
     pad = pad_id(lm.tokenizer)
     with torch.no_grad():
-        for batch in _batches(list(range(len(chunks))), lengths, batch_size, vocab):
+        for batch in length_batches(list(range(len(chunks))), lengths, batch_size, vocab):
             inp, mask, pos = right_pad([chunks[i] for i in batch], pad, lm.device)
-            logp = torch.log_softmax(_forward_logits(lm, inp, mask, pos), dim=-1)
+            logp = torch.log_softmax(forward_logits(lm, inp, mask, pos), dim=-1)
             tgt_lp = logp[:, :-1].gather(2, inp[:, 1:, None]).squeeze(2)
             for row, i in enumerate(batch):
                 out[i] = -tgt_lp[row, : lengths[i] - 1].double().cpu()
@@ -502,7 +300,7 @@ def target_token_predictions(lm: LoadedModel, prompts: Sequence[str], targets: S
         return [], []
     preds: list[list[int]] = [[] for _ in prompts]
     with torch.no_grad():
-        t_ids, passes = _teacher_forced(lm, prompts, targets, batch_size)
+        t_ids, passes = teacher_forced(lm, prompts, targets, batch_size)
         for logits, rows in passes:
             top = logits.argmax(dim=-1).cpu()
             for i, at in rows:

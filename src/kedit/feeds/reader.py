@@ -10,6 +10,7 @@ import io
 import json
 import math
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,10 +96,17 @@ def jsonl_lines(text: str) -> list[str]:
     """Lines of a JSONL text. Split on ``\\n`` only (a trailing ``\\r`` is dropped): JSON strings may hold
     raw U+2028, U+2029, U+0085 and other characters that ``str.splitlines`` would also break at. A BOM
     starting a line (files concatenated with their BOMs) is outside any value and is dropped."""
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [ln.removesuffix("\r").removeprefix("\ufeff") for ln in lines]
+    return list(iter_jsonl_lines(text))
+
+
+def iter_jsonl_lines(text: str) -> Iterator[str]:
+    """:func:`jsonl_lines` one at a time, so a reader that stops early splits no further."""
+    start, end = 0, len(text)
+    while start < end:
+        nl = text.find("\n", start)
+        stop = end if nl < 0 else nl
+        yield text[start:stop].removesuffix("\r").removeprefix("\ufeff")
+        start = stop + 1
 
 
 class _BadLine(Exception):
@@ -154,12 +162,25 @@ def parse_line(raw: str) -> Any:
     return obj
 
 
-def _read_jsonl(path: Path, text: str) -> tuple[list[dict], list[int]]:
-    """Every line parsed; all bad lines are reported together, so a producer can fix them in one go."""
-    rows, lines, bad = [], [], []
-    for n, raw in enumerate(jsonl_lines(text), start=1):
+def _over_limit(path: Path, max_rows: int, line: int) -> FeedFormatError:
+    return FeedFormatError(path, f"file holds more than {max_rows:,} rows, over the limit of {max_rows:,} "
+                                 f"(feeds.max_rows); stopped reading at row {max_rows + 1:,}", line)
+
+
+def read_jsonl_rows(path: str | Path, lines: Iterable[str], max_rows: int | None = None
+                    ) -> tuple[list[dict], list[int]]:
+    """Every line parsed; all bad lines are reported together, so a producer can fix them in one go.
+    Reading stops at the first row past ``max_rows`` (a blank line is no row): an oversized feed is
+    refused before the rest of it is parsed."""
+    path = Path(path)
+    rows, lines_read, bad = [], [], []
+    n_rows = 0
+    for n, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
+        n_rows += 1
+        if max_rows is not None and n_rows > max_rows:
+            raise _over_limit(path, max_rows, n)
         try:
             obj = parse_line(raw)
         except ValueError as exc:
@@ -169,10 +190,10 @@ def _read_jsonl(path: Path, text: str) -> tuple[list[dict], list[int]]:
             bad.append((n, f"expected a JSON object per line, got {_JSON_TYPES.get(type(obj), type(obj).__name__)}"))
             continue
         rows.append(obj)
-        lines.append(n)
+        lines_read.append(n)
     if bad:
         raise FeedFormatError.from_lines(path, bad, "a JSONL feed holds one JSON object per line")
-    return rows, lines
+    return rows, lines_read
 
 
 def _list_cell(value: str) -> Any:
@@ -186,8 +207,12 @@ def _list_cell(value: str) -> Any:
     return [v.strip() for v in value.split("|") if v.strip()]
 
 
-def _read_csv(path: Path, text: str) -> tuple[list[dict], list[int], list[str]]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+def read_csv_rows(path: str | Path, lines: Iterable[str], max_rows: int | None = None
+                  ) -> tuple[list[dict], list[int], list[str]]:
+    """The header and every row of a CSV feed (``lines`` keep their line endings: a quoted cell may span
+    lines). Like :func:`read_jsonl_rows`, reading stops at the first row past ``max_rows``."""
+    path = Path(path)
+    reader = csv.reader(lines)
     try:
         header = next(reader)
     except StopIteration:
@@ -210,6 +235,8 @@ def _read_csv(path: Path, text: str) -> tuple[list[dict], list[int], list[str]]:
             continue
         if not any(c.strip() for c in cells):
             continue
+        if max_rows is not None and len(rows) + len(bad) >= max_rows:
+            raise _over_limit(path, max_rows, start)
         if len(cells) != len(header):
             bad.append((start, f"expected {len(header)} fields, got {len(cells)}"))
             continue
@@ -280,12 +307,12 @@ def read_feed(path: str | Path, policy: FeedPolicy | None = None) -> RawFeed:
     if not data.strip():
         raise FeedFormatError(path, "file is empty")
     if fmt == "jsonl":
-        rows, lines = _read_jsonl(path, _decode(path, data))
+        rows, lines = read_jsonl_rows(path, iter_jsonl_lines(_decode(path, data)), policy.max_rows)
         columns: list[str] = []
         for r in rows:
             columns.extend(k for k in r if k not in columns)
     elif fmt == "csv":
-        rows, lines, columns = _read_csv(path, _decode(path, data))
+        rows, lines, columns = read_csv_rows(path, io.StringIO(_decode(path, data), newline=""), policy.max_rows)
     else:
         rows, lines, columns = _read_parquet(path, policy)
     if not rows:

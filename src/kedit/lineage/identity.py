@@ -59,3 +59,10 @@ def describe(actor: dict[str, Any] | None) -> str:
         return ""
     ident, user = actor.get("identity") or "", actor.get("os_user") or ""
     return ident if ident == user or not user else f"{ident} (os: {user})"
+
+
+def accounts(by: str | None, actor: dict[str, Any] | None) -> set[str]:
+    """The names an event is written under (its ``by`` and its actor's identity), case-folded: what
+    ``lineage.require_distinct_approver`` compares between an approval and a promotion."""
+    names = {str(by or "").strip(), str((actor or {}).get("identity") or "").strip()}
+    return {n.casefold() for n in names if n}

@@ -27,7 +27,7 @@ from kedit.atomic import write_json_atomic
 from kedit.lineage.state import LineageCorruptError
 
 INTENT_FILE = ".intent.json"
-STEPS = ("event", "versioning", "mlflow")  # in the order a promote / rollback takes them
+STEPS = ("event", "report", "versioning", "mlflow")  # in the order a promote / rollback takes them
 
 
 @dataclass

@@ -7,7 +7,7 @@ nearest snapshot, the editor state: tens of MB) and references the base model, w
 per base-model hash. Measurements in docs/lineage.md.
 
 The model's artifacts are a small lineage store (``workspace/lineage/``) holding the state's path;
-loading goes through :func:`kedit.refresh.load_state_model`, kedit's own restore, so whatever a
+loading goes through :func:`kedit.lineage.access.load_state_model`, kedit's own restore, so whatever a
 state carries (deltas, editor state, added modules) comes back exactly as the pipeline restores it.
 """
 
@@ -100,7 +100,7 @@ class EditStateModel(mlflow.pyfunc.PythonModel):
     (``state_id`` null: the base model itself, nothing restored)."""
 
     def load_context(self, context) -> None:
-        from kedit.refresh import RefreshConfig, load_state_model
+        from kedit.lineage.access import load_state_model
         from kedit.workspace import Workspace
 
         root = Path(context.artifacts[ARTIFACT])
@@ -108,8 +108,7 @@ class EditStateModel(mlflow.pyfunc.PythonModel):
         base = resolve_base_model(cfg)
         ws = Workspace(root)
         device = cfg.get("device") or os.environ.get("KEDIT_DEVICE") or "cpu"
-        self.lm, self.editor_state = load_state_model(ws, RefreshConfig(model=str(base), device=device),
-                                                      cfg["state_id"])
+        self.lm, self.editor_state = load_state_model(ws, str(base), cfg["state_id"], device=device)
         self.state_id = cfg["state_id"]
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
@@ -118,7 +117,7 @@ class EditStateModel(mlflow.pyfunc.PythonModel):
         ``pd.DataFrame`` is what MLflow hands over under the logged column signature, and a hint MLflow
         infers no signature from: a hint such as ``list[str]`` would make it replace the explicit
         signature, dropping its ``max_new_tokens`` param. A plain list still works when called directly."""
-        from kedit.evaluation.metrics import greedy_tokens
+        from kedit.models.scoring import greedy_tokens
 
         if hasattr(model_input, "iloc"):
             model_input = model_input.iloc[:, 0].tolist()

@@ -14,41 +14,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kedit.lineage.access import DEFAULTS, lineage_params, open_store, pending_report  # noqa: F401 (kept importable)
 from kedit.lineage.identity import describe
 from kedit.lineage.intent import Intent, adopt, clear_intent, read_intent, step_done, write_intent
 from kedit.lineage.policy import refusal
 from kedit.lineage.registry import model_name
 from kedit.lineage.state import BASE, Event, LineageError, label
-from kedit.lineage.store import LineageStore, _pid_alive
+from kedit.lineage.store import LineageStore, check_texts
 from kedit.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {"snapshot_every": 20, "dvc_remote": None, "model_prefix": "kedit",
-                            "mlflow": True, "dvc": True}
-
-
-def lineage_params(ws: Workspace, params_file: str | Path | None = None) -> dict[str, Any]:
-    """The ``lineage:`` block of params.yaml (found by :func:`kedit.params.find_params`), over defaults."""
-    from kedit.params import load_params
-
-    return {**DEFAULTS, **load_params(params_file, ws).block("lineage")}
-
-
-def open_store(ws: Workspace, params: dict[str, Any] | None = None) -> LineageStore:
-    """The workspace's lineage store; warns when an interrupted promote / rollback left the stores apart."""
-    params = params or lineage_params(ws)
-    store = LineageStore(ws.lineage_dir, snapshot_every=int(params["snapshot_every"]))
-    note = pending_report(store)
-    if note:
-        log.warning(note)
-    return store
-
-
 def _versioning(ws: Workspace, params: dict[str, Any]):
     from kedit.lineage.versioning import Versioning
 
-    return Versioning(ws, remote=params.get("dvc_remote"))
+    return Versioning(ws, remote=params.get("dvc_remote"), sign=bool(params.get("sign_commits", False)))
 
 
 def _registry(ws: Workspace, slug: str, params: dict[str, Any]):
@@ -62,10 +42,35 @@ def register_candidate(ws: Workspace, store: LineageStore, state_id: str, run_id
     """Register a committed state as a version of ``<prefix>-<slug>`` with the ``candidate`` alias."""
     params = params or lineage_params(ws)
     s = store.get(state_id)
+    base_problem = base_model_problems(ws, store, [s.base_model_slug])
+    if base_problem:
+        raise LineageError(f"register state {s.short}: " + "; ".join(base_problem))
     v = _versioning(ws, params)
     git = v.git("rev-parse", "HEAD", check=False) if v.initialised else None
     return _registry(ws, s.base_model_slug, params).register(
         s, store.state_dir(s.id), run_id=run_id, dvc_rev=v.dvc_rev() if v.initialised else None, git_commit=git)
+
+
+def base_model_problems(ws: Workspace, store: LineageStore, slugs: list[str] | None = None) -> list[str]:
+    """Each base model the lineage edits (or ``slugs``), hashed in full against its manifest and compared
+    with the hash the states recorded: what ``lineage verify``, registration and export rely on. A base
+    model absent from the store is not checked (the lineage keeps the base tensors it edits)."""
+    from kedit.models.store import MANIFEST, ModelCorruptError, verify_store_entry
+
+    problems = []
+    bases = _bases(store)
+    for slug in (slugs if slugs is not None else sorted(bases)):
+        if not (ws.model_dir(slug) / MANIFEST).exists():
+            continue
+        try:
+            manifest = verify_store_entry(ws, slug)
+        except ModelCorruptError as exc:
+            problems.append(str(exc))
+            continue
+        if slug in bases and manifest.model_hash != bases[slug]:
+            problems.append(f"base model {slug!r}: models/{slug} has hash {manifest.model_hash[:12]}, the lineage's "
+                            f"states were made from {bases[slug][:12]}")
+    return problems
 
 
 # --- promote / rollback: one lock, an intent record, then store event -> git + DVC -> MLflow ---------
@@ -92,7 +97,8 @@ def stores_present(ws: Workspace, params: dict[str, Any]) -> tuple[bool, bool]:
 def _message(ev: Event) -> str:
     """The git commit message of a promotion / rollback; ``[kedit event N]`` ties the commit to the event."""
     what = "promote state" if ev.type == "promote" else "rollback to state"
-    return f"kedit: {what} {label(ev.state)[:12]} [kedit event {ev.seq}] ({ev.by}: {ev.comment})"
+    chain = f" [kedit chain {ev.digest}]" if ev.digest else ""  # the event chain's head: a signed commit seals it
+    return f"kedit: {what} {label(ev.state)[:12]} [kedit event {ev.seq}]{chain} ({ev.by}: {ev.comment})"
 
 
 def _bases(store: LineageStore) -> dict[str, str]:
@@ -127,6 +133,11 @@ def _follow(ws: Workspace, store: LineageStore, intent: Intent, params: dict[str
     from kedit.lineage.versioning import state_tag
 
     ev = next(e for e in store.events() if e.seq == intent.out["event_seq"])
+    if "report" not in intent.done:
+        if ev.data.get("override_event"):
+            _note_override(store, ev)  # idempotent: a repair after a kill writes it once
+        step_done(store.root, intent, "report")
+        _pause("report")
     if intent.dvc and "versioning" not in intent.done:
         info = _versioning(ws, params).tag_state(label(intent.target), _message(ev))
         step_done(store.root, intent, "versioning", **info, tag=state_tag(label(intent.target)))
@@ -179,21 +190,6 @@ def finish_pending(ws: Workspace, store: LineageStore, params: dict[str, Any]) -
     return note
 
 
-def pending_report(store: LineageStore) -> str | None:
-    """One line about an interrupted promote / rollback (None: none, or one still running)."""
-    try:
-        intent = read_intent(store.root)
-    except LineageError as exc:
-        return str(exc)
-    if intent is None:
-        return None
-    holder = store._lock_holder()
-    if holder.get("pid") == intent.pid and holder.get("host") == intent.host and _pid_alive(intent.pid):
-        return None  # in progress, not interrupted
-    return (f"{store.root}: an interrupted {intent.describe()}; git/DVC and MLflow may not follow the lineage "
-            f"events: run `kedit lineage repair` (any promote or rollback also finishes it)")
-
-
 def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment: str = "",
             mlflow: bool = True, dvc: bool = True, params: dict[str, Any] | None = None,
             override: str | None = None) -> dict[str, Any]:
@@ -205,20 +201,22 @@ def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment:
     is held over every store; an intent record makes a crash between them resumable."""
     params = params or lineage_params(ws)
     mlflow, dvc = mlflow and bool(params.get("mlflow", True)), dvc and bool(params.get("dvc", True))
+    check_texts("promote", by, comment, reason=override)
     with store.lock(f"promote {state_id[:12]} by {by}"):
         repaired = finish_pending(ws, store, params)
         sid = store.resolve(state_id)
-        check = store.promotion_check(sid)
+        check = store.promotion_check(sid, by=by, distinct=store.require_distinct_approver
+                                      or bool(params.get("require_distinct_approver", False)))
         if not check.ok and not (override or "").strip():
             raise refusal("promote", sid, check)
+        if dvc:  # refused before the event, so a refusal leaves nothing to repair
+            _versioning(ws, params).check_data()
         intent = Intent(op="promote", target=sid, by=by, mlflow=mlflow, dvc=dvc)
         write_intent(store.root, intent)
         ev = store.promote(sid, by=by, comment=comment, override=override, data={"intent": intent.id})
         step_done(store.root, intent, "event", event_seq=ev.seq)
         _pause("event")
         out = _follow(ws, store, intent, params)
-    if ev.data.get("override_event"):
-        _note_override(store, ev)
     return {"event": ev.to_dict(), **out, **({"repaired": repaired} if repaired else {})}
 
 
@@ -234,12 +232,15 @@ def rollback(ws: Workspace, store: LineageStore, state_id: str | None, by: str, 
     mlflow, dvc = mlflow and bool(params.get("mlflow", True)), dvc and bool(params.get("dvc", True))
     if not reason or not reason.strip():
         raise ValueError("rollback: give a reason")
+    check_texts("rollback", by, reason=reason)
     with store.lock(f"rollback {label(state_id)[:12]} by {by}"):
         repaired = finish_pending(ws, store, params)
         sid = None if state_id in (None, BASE) else store.resolve(state_id)
         check = store.rollback_check(sid)
         if not check.ok and not force:
             raise refusal("rollback to", sid, check)
+        if dvc:  # refused before the event, so a refusal leaves nothing to repair
+            _versioning(ws, params).check_data()
         intent = Intent(op="rollback", target=sid, by=by, mlflow=mlflow, dvc=dvc)
         write_intent(store.root, intent)
         ev = store.rollback(sid, by=by, reason=reason, override=force, data={"intent": intent.id})
@@ -267,10 +268,17 @@ def divergences(ws: Workspace, store: LineageStore, params: dict[str, Any] | Non
     want = label(ev.state)
     if dvc:
         tag = state_tag(want)
-        msg = Versioning(ws).tag_message(tag)
+        v = Versioning(ws)
+        msg = v.tag_message(tag)
         if msg is None or f"[kedit event {ev.seq}]" not in msg:
             problems.append(f"git: tag {tag} {'is missing' if msg is None else 'points at an older commit'}; the "
                             f"{ev.type} of {want[:12]} (event {ev.seq}) has no git commit")
+        elif params.get("sign_commits"):
+            why = v.verify_commit(tag)
+            if why:
+                problems.append(f"git: the commit of tag {tag} (event {ev.seq}) has no good signature "
+                                f"(lineage.sign_commits): {why}")
+        problems.extend(_chain_against_git(store, v))
     if mlflow:
         slugs = [store.get(ev.state).base_model_slug] if ev.state else list(_bases(store))
         for slug in slugs:
@@ -282,11 +290,26 @@ def divergences(ws: Workspace, store: LineageStore, params: dict[str, Any] | Non
     return problems
 
 
+def _chain_against_git(store: LineageStore, v: Any) -> list[str]:
+    """Each promotion's git commit names the chain digest of its event: an event whose digest differs
+    now was rewritten after that commit (the chain recomputed over an edit, which the chain alone
+    cannot show; with signed commits the writer cannot rewrite these records too)."""
+    digests = {e.seq: e.digest for e in store.events()}
+    out = []
+    for commit, seq, digest in v.chain_marks():
+        have = digests.get(seq)
+        if have != digest:
+            out.append(f"events: git commit {commit[:12]} recorded event {seq} with chain digest {digest[:12]}, the event "
+                       f"{'is gone' if seq not in digests else f'now has {str(have)[:12]}'}: the events up to "
+                       f"{seq} were rewritten after that commit")
+    return out
+
+
 def _alias_state(ws: Workspace, name: str, alias: str = "champion") -> str | None:
     """The state tag of the version ``name@alias`` points at (None: no such model or alias). Read-only."""
-    from kedit.lineage.registry import TAG_STATE, _mlflow
+    from kedit.lineage.registry import TAG_STATE, import_mlflow
 
-    _mlflow()
+    import_mlflow()
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -316,7 +339,8 @@ def repair(ws: Workspace, store: LineageStore, params: dict[str, Any] | None = N
 
 
 def _note_override(store: LineageStore, ev: Event) -> None:
-    """Append the override to the gate report the state's verdict came from (gate.md + override.json)."""
+    """Append the override to the gate report the state's verdict came from (gate.md + override.json);
+    a step of the promotion (its intent's ``report``), so a repair after a kill writes it, once."""
     from kedit.atomic import write_json_atomic, write_text_atomic
 
     over = next((e for e in store.events() if e.seq == ev.data.get("override_event")), None)
@@ -331,7 +355,9 @@ def _note_override(store: LineageStore, ev: Event) -> None:
             + "".join(f"- {u}\n" for u in over.data.get("unmet", [])) + f"\nReason given: {over.comment}\n"
             f"(lineage events {over.seq} override, {ev.seq} promote)\n")
     md = report / "gate.md"
-    write_text_atomic(md, (md.read_text() if md.exists() else "") + note)
+    text = md.read_text() if md.exists() else ""
+    if f"(lineage events {over.seq} override, {ev.seq} promote)" not in text:
+        write_text_atomic(md, text + note)
     write_json_atomic(report / "override.json", over.to_dict())
 
 
@@ -340,13 +366,17 @@ def export(ws: Workspace, store: LineageStore, state_id: str | None, out_dir: st
     """Write a HuggingFace model directory of ``state_id`` (base model + replayed deltas) for serving;
     ``None``: the base model the lineage edits (what ``champion`` is after a rollback to base). A state
     that adds parameters (T-Patcher, memory) also ships its code: see :mod:`kedit.export`."""
+    import tempfile
     from dataclasses import asdict
 
-    from kedit.atomic import write_json_atomic
+    from kedit.atomic import make_readable, write_json_atomic
     from kedit.export import added_parameters, save_with_added
     from kedit.models.store import load_model
+    from kedit.safepath import check_target
 
-    out = Path(out_dir)
+    out = check_target(out_dir, ws, "export --out")  # no link, not the workspace or one of its stores
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
     s = store.get(state_id) if state_id else None
@@ -358,23 +388,37 @@ def export(ws: Workspace, store: LineageStore, state_id: str | None, out_dir: st
             raise LineageError(f"export base: the lineage edits {len(bases)} base models ({sorted(bases)}); "
                                f"the base model itself is in models/<slug>/")
         ((slug, base_hash),) = bases.items()
-    lm = load_model(slug, ws)
+    lm = load_model(slug, ws, verify=True)  # every file against its sha256: never ship a damaged base
     if lm.manifest.model_hash != base_hash:
         raise LineageError(f"export: models/{slug} has hash {lm.manifest.model_hash[:12]}, the lineage "
                            f"{'state ' + s.short if s else 'base'} is {base_hash[:12]}")
     editor_state = store.materialise(s.id if s else None, lm)
     added = added_parameters(lm, editor_state)
-    tmp = out.parent / f".{out.name}.exporting"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if added is None:
-        lm.model.save_pretrained(tmp)
-    else:  # added parameters: the directory ships its own code (load with trust_remote_code=True)
-        save_with_added(lm, added, tmp)
-    lm.tokenizer.save_pretrained(tmp)
-    write_json_atomic(tmp / "kedit_state.json", {"state": s.to_dict() if s else None, "base_model": asdict(lm.manifest)})
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh folder beside ``out`` (never a fixed name a link could stand in for), removed on any failure
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".exporting", dir=out.parent))
+    old = None
+    try:
+        if added is None:
+            lm.model.save_pretrained(tmp)
+        else:  # added parameters: the directory ships its own code (load with trust_remote_code=True)
+            save_with_added(lm, added, tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "kedit_state.json",
+                          {"state": s.to_dict() if s else None, "base_model": asdict(lm.manifest)})
+        make_readable(tmp)
+        if out.exists():  # moved aside, not deleted, until the new directory is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".replaced", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old / out.name, out)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return out
 
 

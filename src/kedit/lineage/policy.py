@@ -9,6 +9,10 @@ Promotion of state S needs, in the event log:
 A rollback may go to the base model, to a state that was champion before, or to an ancestor of one
 (its edits are a prefix of approved edits). Anything else is a promotion by another name.
 
+With ``lineage.require_distinct_approver`` (params.yaml), the approval must also come from an account
+other than the promoter's: neither the approval's ``by`` nor its actor's identity may be one of the
+promoter's (:func:`kedit.lineage.identity.accounts`).
+
 Either rule can be overridden only with a reason, which the store records as an ``override`` event
 naming the rules that were not met. The store checks these rules when it writes the event, so every
 path (CLI, Prefect flow, Python API) meets the same ones.
@@ -19,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from kedit.lineage.identity import accounts
 from kedit.lineage.state import EditState, Event, LineageError
 
 
@@ -43,8 +48,9 @@ def gate_passed(gate: dict | None) -> bool:
     return isinstance(gate, dict) and gate.get("passed") is True
 
 
-def promotion_check(events: Sequence[Event], state: EditState) -> Check:
-    """The promotion rules for ``state`` over ``events`` (oldest first)."""
+def promotion_check(events: Sequence[Event], state: EditState, promoter: set[str] | None = None) -> Check:
+    """The promotion rules for ``state`` over ``events`` (oldest first); ``promoter``: the promoter's
+    account names when the approver must be someone else (None: no such rule)."""
     check = Check()
     mine = [e for e in events if e.state == state.id]
     parent = state.parent
@@ -55,15 +61,16 @@ def promotion_check(events: Sequence[Event], state: EditState) -> Check:
         why = f" (verdicts recorded against {', '.join(other)} only)" if other else ""
         check.unmet.append(f"no gate verdict for {state.short} against its parent "
                            f"{(parent or 'base')[:12]}{why}")
-        return _approval(check, mine, state, after=None)
+        return _approval(check, mine, state, after=None, promoter=promoter)
     last = own[-1]
     check.gate_event = last.seq
     if not gate_passed(last.data.get("gate")):
         check.unmet.append(f"gate verdict for {state.short} FAILED (event {last.seq} by {last.by})")
-    return _approval(check, mine, state, after=last.seq)
+    return _approval(check, mine, state, after=last.seq, promoter=promoter)
 
 
-def _approval(check: Check, mine: list[Event], state: EditState, after: int | None) -> Check:
+def _approval(check: Check, mine: list[Event], state: EditState, after: int | None,
+              promoter: set[str] | None = None) -> Check:
     decisions = [e for e in mine if e.type in ("approve", "reject") and (after is None or e.seq > after)]
     if after is None:  # without a gate verdict an approval cannot have seen it
         decisions = []
@@ -74,7 +81,13 @@ def _approval(check: Check, mine: list[Event], state: EditState, after: int | No
         r = decisions[-1]
         check.unmet.append(f"{state.short} was rejected by {r.by} (event {r.seq}: {r.comment})")
     else:
-        check.approval_event = decisions[-1].seq
+        a = decisions[-1]
+        same = sorted(accounts(a.by, a.actor) & promoter) if promoter else []
+        if same:
+            check.unmet.append(f"{state.short} was approved by {', '.join(same)} (event {a.seq}), who may not also "
+                               f"promote it (lineage.require_distinct_approver): another account must promote")
+        else:
+            check.approval_event = a.seq
     return check
 
 

@@ -41,7 +41,8 @@ def model_name(slug: str, prefix: str = "kedit") -> str:
     return f"{prefix}-{slug}" if prefix else slug
 
 
-def _mlflow():
+def import_mlflow():
+    """mlflow, imported with its telemetry off (kedit runs with no network)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
@@ -56,7 +57,7 @@ class Tracking:
     experiment: str = EXPERIMENT
 
     def __post_init__(self) -> None:
-        mlflow = _mlflow()
+        mlflow = import_mlflow()
         from mlflow.tracking import MlflowClient
 
         self.uri = self.ws.mlflow_uri
@@ -83,7 +84,7 @@ class Tracking:
     def run(self, name: str, tags: dict[str, str] | None = None, params: dict[str, Any] | None = None,
             nested: bool = False) -> Iterator[Any]:
         """A run (nested under the active one if ``nested``): the nightly refresh parent, or a stage child."""
-        mlflow = _mlflow()
+        mlflow = import_mlflow()
         with mlflow.start_run(run_name=name, experiment_id=self.experiment_id, nested=nested,
                               tags=tags) as r:
             if params:
@@ -205,7 +206,7 @@ class ModelRegistry:
 def _run_ctx(tracking: Tracking, run_id: str | None, name: str) -> Iterator[Any]:
     """The run to log into: ``run_id`` (resumed, and left RUNNING if it was: the nightly run goes on
     after registration), else a new one; nested when another run is active."""
-    mlflow = _mlflow()
+    mlflow = import_mlflow()
     nested = mlflow.active_run() is not None
     if not run_id:
         with mlflow.start_run(run_name=name, experiment_id=tracking.experiment_id, nested=nested) as r:
@@ -235,7 +236,7 @@ def base_model_uri(tracking: Tracking, model_dir: Path, model_hash: str) -> str:
     found = logged_base_model_uri(tracking, model_hash)
     if found:
         return found
-    mlflow = _mlflow()
+    mlflow = import_mlflow()
     with _run_ctx(tracking, None, f"base-model-{Path(model_dir).name}") as r:
         mlflow.set_tags({TAG_KIND: "base-model", TAG_BASE: model_hash})
         mlflow.log_artifacts(str(model_dir), artifact_path=BASE_ARTIFACT)
@@ -289,7 +290,7 @@ def _log_pyfunc(root: Path, config: dict[str, Any], tags: dict[str, str], metada
     from kedit.lineage import pyfunc_entry as entry
     from kedit.lineage.mlflow_model import ARTIFACT, CONFIG_FILE, signature
 
-    mlflow = _mlflow()
+    mlflow = import_mlflow()
     root.mkdir(parents=True, exist_ok=True)
     (root / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     with warnings.catch_warnings():  # the signature is explicit (it declares max_new_tokens); an input
@@ -352,7 +353,7 @@ def log_state_model(tracking: Tracking, store: Any, state: EditState, run_id: st
     existing = find_state_model(tracking, state.id)
     if existing is not None:
         return existing
-    mlflow = _mlflow()
+    mlflow = import_mlflow()
     model_dir = tracking.ws.model_dir(state.base_model_slug)
     try:
         have = ModelManifest.read(model_dir).model_hash

@@ -19,7 +19,7 @@ from typing import Any
 from kedit.editors.base import EditResult
 from kedit.lineage.identity import current_actor
 from kedit.lineage.state import EditState, LineageError
-from kedit.lineage.store import LineageStore
+from kedit.lineage.store import LineageStore, check_texts
 
 RETRACTION = "retraction"  # feed["kind"] of a state made by retracting a fact
 
@@ -94,6 +94,7 @@ def retract(store: LineageStore, lm: Any, state_id: str, fact_id: str, by: str, 
         raise ValueError("retract: say who does it (by=...)")
     if not reason or not str(reason).strip():
         raise ValueError("retract: give a reason")
+    check_texts("retract", by, reason=reason)
     fact_id = str(fact_id)
     sid = store.resolve(state_id)
     origin = find_fact(store, sid, fact_id)

@@ -126,14 +126,34 @@ class Event:
     comment: str = ""
     data: dict[str, Any] = field(default_factory=dict)
     actor: dict[str, Any] = field(default_factory=dict)
+    # the hash chain (kedit.lineage.chain): the previous event's digest and this one's; None before the chain
+    prev: str | None = None
+    digest: str | None = None
+    file: str = field(default="", compare=False)  # the file it was read from (not written)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("file")
+        if self.digest is None:  # written before the chain: as it was
+            d.pop("prev"), d.pop("digest")
+        return d
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], file: str = "") -> Event:
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw and k != "file"}, file=file)
 
     @classmethod
     def from_file(cls, path: Path) -> Event:
-        try:
-            raw = json.loads(Path(path).read_text())
-            return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-        except (OSError, json.JSONDecodeError, TypeError, KeyError) as exc:
-            raise LineageCorruptError(f"{path}: unreadable event ({exc})") from exc
+        return cls.from_dict(read_event_json(path), Path(path).name)
+
+
+def read_event_json(path: Path) -> dict[str, Any]:
+    """An event file's JSON object, or LineageCorruptError naming the file."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LineageCorruptError(f"{path}: unreadable event ({exc})") from exc
+    missing = [k for k in ("seq", "type", "state", "by", "at") if not isinstance(raw, dict) or k not in raw]
+    if missing or not isinstance(raw.get("seq"), int):
+        raise LineageCorruptError(f"{path}: not a lineage event (missing or bad fields {missing or ['seq']})")
+    return raw

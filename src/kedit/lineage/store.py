@@ -8,11 +8,13 @@ Layout of ``<workspace>/lineage/``::
     states/<id>/editor_meta.json          the editor's JSON metadata after the batch
     states/<id>/snapshot.safetensors      every `snapshot_every` levels: full edited tensors
     base/<model hash>/<param>.safetensors the base model's value of each tensor ever edited
-    events/<seq>-<type>.json              promote / rollback / approve / reject / gate / override,
-                                          appended, never edited
+    events/<seq>-<type>.json              promote / rollback / approve / reject / gate / override / seal,
+                                          appended, never edited; created exclusively (never over
+                                          another) and hash-chained (see kedit.lineage.chain)
     CHAMPION                              the current champion id or ``base``: written from the events
                                           after each promote / rollback, never read as the truth
-    .lock                                 one writer at a time (held over a whole promote / rollback)
+    .lock                                 one writer at a time: an OS lock (flock) on this file, held
+                                          over a whole promote / rollback; it names the holder
     .intent.json                          an interrupted promote / rollback (see kedit.lineage.ops)
 
 A commit stages all files in ``.staging/`` (each temp file + fsync + rename), writes ``state.json``
@@ -25,6 +27,7 @@ recorded order and dtype, then checks every tensor's sha256 against the record.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -49,7 +52,8 @@ from kedit.atomic import (
     write_text_atomic,
 )
 from kedit.editors.base import EditorState, EditResult
-from kedit.lineage.identity import current_actor
+from kedit.lineage.chain import ChainReport, check_chain, seal
+from kedit.lineage.identity import accounts, current_actor
 from kedit.lineage.policy import Check, promotion_check, refusal, rollback_check
 from kedit.lineage.state import (
     BASE,
@@ -63,13 +67,15 @@ from kedit.lineage.state import (
     LineageCorruptError,
     LineageError,
     label,
+    read_event_json,
 )
+from kedit.lineage.text import check_text, escape_text
 
 log = logging.getLogger(__name__)
 
 # The points between which a commit can be interrupted (tests inject a failure at each).
 COMMIT_STEPS = ("base", "deltas", "editor_state", "snapshot", "manifest", "publish")
-EVENT_TYPES = ("promote", "rollback", "approve", "reject", "gate", "override")
+EVENT_TYPES = ("promote", "rollback", "approve", "reject", "gate", "override", "seal")
 CHAMPION_FILE = "CHAMPION"
 
 
@@ -100,6 +106,7 @@ class VerifyReport:
     files: int = 0
     tensors: int = 0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # not problems: e.g. events written before the chain
 
     @property
     def ok(self) -> bool:
@@ -121,6 +128,10 @@ class LogEntry:
     promoted: bool
     promotions: list[Event] = field(default_factory=list)
     overrides: list[Event] = field(default_factory=list)
+    # overrides whose promote / rollback was never written (the process died between the two events)
+    unfinished_overrides: list[Event] = field(default_factory=list)
+    # events of this state that fail the chain or binding check (file -> why); ignored by the rules
+    untrusted: dict[str, str] = field(default_factory=dict)
 
 
 class _Model:
@@ -159,16 +170,22 @@ class _Model:
 class LineageStore:
     """Content-addressed edit states, events and snapshots under one directory (see module doc)."""
 
-    def __init__(self, root: str | Path, snapshot_every: int = 20) -> None:
+    def __init__(self, root: str | Path, snapshot_every: int = 20, require_distinct_approver: bool = False) -> None:
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
         self.root = Path(root)
         self.snapshot_every = int(snapshot_every)
+        # params.yaml lineage.require_distinct_approver: the approver may not be the promoter (policy.py)
+        self.require_distinct_approver = bool(require_distinct_approver)
         self.fault_hook: Callable[[str], None] | None = None  # called after each commit step (crash tests)
         self._index: dict[str, EditState] = {}
         self._index_key: tuple | None = None
         self._cache: tuple[str, dict[str, torch.Tensor]] | None = None  # last materialised tensors
         self._locked = False
+        # event files and hashed files as last read, by (inode, size, mtime, ctime): a file that changes
+        # (ctime cannot be set back) is read again; events are many and read on every champion() call
+        self._file_cache: dict[Path, tuple[tuple, Any]] = {}
+        self._chain_cache: tuple[tuple, tuple[list[Event], ChainReport, dict[str, str]]] | None = None
 
     # --- paths ---------------------------------------------------------------------------------
     @property
@@ -193,50 +210,65 @@ class LineageStore:
     # --- locking -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, op: str = "write") -> Iterator[None]:
-        """Exclusive writer lock (O_EXCL lock file). A lock left by a dead process on this host is taken over.
+        """Exclusive writer lock: ``flock`` on ``lineage/.lock``, which then names the holder.
 
-        A second writer is refused at once with the holder's pid, host, start time and operation (no
-        queue): a promotion waiting behind another would act on a champion it has not seen."""
+        The kernel grants the lock to one process and releases it when that process ends, however it
+        ends: a writer killed with -9 leaves the file (naming a dead pid) but not the lock, and of two
+        writers started together after such a crash exactly one gets it. The other is refused at once
+        with the holder's pid, host, start time and operation (no queue): a promotion waiting behind
+        another would act on a champion it has not seen. The file is never removed (removing it would
+        let a writer lock a name that another writer has just replaced)."""
         if self._locked:  # re-entrant within one store object
             yield
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(), "op": op}
-        for _ in range(2):
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise self._locked_error() from None
+        except OSError as exc:
+            os.close(fd)
+            raise LineageError(f"cannot lock {self.lock_path}: {exc} (the lineage store needs a filesystem with "
+                               f"flock locks)") from exc
+        try:
+            left = self.lock_holder()
+            if left.get("pid"):  # a holder that did not release: it died holding the lock
+                log.warning("lineage lock %s: pid %s on %s (%s, since %s) ended without releasing it; lock taken",
+                            self.lock_path, left.get("pid"), left.get("host"), left.get("op"), left.get("since"))
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(), "op": op}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+            os.fsync(fd)
+            self._locked = True
             try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                break
-            except FileExistsError:
-                holder = self._lock_holder()
-                if holder.get("host") == info["host"] and not _pid_alive(holder.get("pid")):
-                    log.warning("taking over stale lineage lock %s left by dead pid %s", self.lock_path,
-                                holder.get("pid"))
-                    with contextlib.suppress(FileNotFoundError):
-                        self.lock_path.unlink()
-                    continue
-                doing = f" ({holder['op']})" if holder.get("op") else ""
-                raise LineageError(
-                    f"lineage store {self.root} is locked by pid {holder.get('pid')} on {holder.get('host')} "
-                    f"since {holder.get('since')}{doing}: another kedit writer is running; try again when it "
-                    f"has finished (if that process is gone, delete {self.lock_path})") from None
-        else:
-            raise LineageError(f"could not acquire {self.lock_path}")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(info, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        self._locked = True
-        try:
-            self._clean_staging()
-            yield
+                self._clean_staging()
+                yield
+            finally:
+                self._locked = False
+                os.ftruncate(fd, 0)  # released cleanly: the file names no holder
         finally:
-            self._locked = False
-            with contextlib.suppress(FileNotFoundError):
-                self.lock_path.unlink()
+            os.close(fd)  # closing the last descriptor releases the flock
 
-    def _lock_holder(self) -> dict:
+    def _locked_error(self) -> LineageError:
+        """The refusal a second writer gets, naming the holder (read until the winner has written it)."""
+        holder: dict = {}
+        for _ in range(20):
+            holder = self.lock_holder()
+            if holder.get("pid") and pid_alive(holder["pid"]):
+                break
+            time.sleep(0.05)  # the winner has the lock but has not written its name over the dead one's yet
+        doing = f" ({holder['op']})" if holder.get("op") else ""
+        return LineageError(
+            f"lineage store {self.root} is locked by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+            f"since {holder.get('since', '?')}{doing}: another kedit writer is running; try again when it "
+            f"has finished")
+
+    def lock_holder(self) -> dict:
+        """Who the lock file names: the writer holding it, or one that died holding it ({}: released)."""
         try:
-            return json.loads(self.lock_path.read_text())
+            return json.loads(self.lock_path.read_text() or "{}")
         except (OSError, json.JSONDecodeError):
             return {}
 
@@ -314,11 +346,105 @@ class LineageStore:
     def children(self, state_id: str | None) -> list[EditState]:
         return [s for s in self.states() if s.parent == state_id]
 
-    def events(self) -> list[Event]:
+    def _cached(self, path: Path, read: Callable[[Path], Any]) -> Any:
+        st = path.stat()
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        hit = self._file_cache.get(path)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = read(path)
+        self._file_cache[path] = (key, value)
+        return value
+
+    def _event_records(self) -> list[tuple[Path, dict]]:
+        """(file, JSON) of every event file; the dicts are shared with the cache: read them, never change them."""
         if not self.events_dir.exists():
             return []
-        evs = [Event.from_file(p) for p in sorted(self.events_dir.glob("*.json"))]
-        return sorted(evs, key=lambda e: e.seq)
+        return [(p, self._cached(p, read_event_json)) for p in sorted(self.events_dir.glob("*.json"))]
+
+    def _hash_file(self, path: Path) -> str:
+        return self._cached(path, sha256_file)
+
+    def _scan(self) -> tuple[list[Event], ChainReport, dict[str, str]]:
+        """The events (oldest first), their chain and the untrusted ones (file -> why); recomputed when
+        an event file changes, the bindings of gate verdicts each time (their files are hashed once)."""
+        records = self._event_records()
+        key = tuple((p, self._file_cache[p][0]) for p, _ in records)
+        if self._chain_cache is None or self._chain_cache[0] != key:
+            chain = check_chain(records)
+            evs = sorted((Event.from_dict(raw, p.name) for p, raw in records), key=lambda e: (e.seq, e.file))
+            bad = dict(chain.bad)
+            for e in evs:
+                if e.file != f"{e.seq:06d}-{e.type}.json":
+                    bad.setdefault(e.file, f"its file name does not match its number and type "
+                                           f"({e.seq:06d}-{e.type}.json)")
+                if e.type not in EVENT_TYPES:
+                    bad.setdefault(e.file, f"unknown event type {e.type!r}")
+            self._chain_cache = (key, (evs, chain, bad))
+        evs, chain, bad = self._chain_cache[1]
+        bad = dict(bad)
+        for e in evs:
+            if e.type == "gate" and e.file not in bad:
+                why = self._binding_problem(e, evs)
+                if why:
+                    bad[e.file] = why
+        return list(evs), chain, bad
+
+    def events(self) -> list[Event]:
+        """Every event file, trusted or not, oldest first (see :meth:`trusted_events`)."""
+        return self._scan()[0]
+
+    def chain(self) -> ChainReport:
+        """The hash chain over the events, checked (:mod:`kedit.lineage.chain`)."""
+        return self._scan()[1]
+
+    def untrusted(self) -> dict[str, str]:
+        """Event file -> why it is not trusted: it fails the chain, its file name does not match its
+        number and type, or (a gate verdict) it no longer matches the state or report it was bound to."""
+        return self._scan()[2]
+
+    def trusted_events(self) -> list[Event]:
+        """The events the promotion rules and the champion are read from: those :meth:`untrusted` does not name."""
+        evs, _, bad = self._scan()
+        return [e for e in evs if e.file not in bad]
+
+    def _binding_problem(self, ev: Event, events: list[Event]) -> str | None:
+        """Why a gate verdict no longer holds for what it was recorded on (None: it does, or it predates binding).
+
+        A verdict is bound to the sha256 of the state's record (which lists every file's hash) and of
+        its report's ``gate.json``; a later verdict written into the same report folder replaces the
+        report, so only the latest verdict per folder is held to it."""
+        bind = ev.data.get("binding")
+        if ev.digest is None and bind is None:
+            return None  # written before verdicts were bound (and before the chain)
+        if not isinstance(bind, dict) or "state_record" not in bind:
+            return "the gate verdict is not bound to the state's record (no binding.state_record): not written by kedit"
+        path = self.state_dir(ev.state) / STATE_FILE if ev.state else None
+        if path is None or not path.exists():
+            return f"the gate verdict names state {label(ev.state)[:12]}, which is not in the store"
+        if self._hash_file(path) != bind["state_record"]:
+            return f"{path} changed since the gate verdict was recorded on it (sha256 differs from the binding)"
+        report = ev.data.get("report")
+        files = bind.get("report_files") or {}
+        later = [e for e in events if e.type == "gate" and e.seq > ev.seq and e.data.get("report") == report]
+        # reports/ is not versioned: in a copy of the workspace made by git + DVC the folder is absent,
+        # and the verdict stands on its chained event and its state binding alone
+        if report and not later and Path(report).is_dir():
+            for name, want in files.items():
+                f = Path(report) / name
+                if not f.exists():
+                    return f"its report file {f} is missing"
+                if self._hash_file(f) != want:
+                    return f"its report file {f} changed since the verdict was recorded (sha256 differs from the binding)"
+            gj = Path(report) / "gate.json"
+            if "gate.json" in files and gj.exists():
+                try:
+                    passed = json.loads(gj.read_text()).get("passed")
+                except (OSError, json.JSONDecodeError):
+                    passed = None
+                if passed is not (ev.data.get("gate") or {}).get("passed"):
+                    return f"its verdict (passed={(ev.data.get('gate') or {}).get('passed')}) is not the report's ({gj}: passed={passed})"
+        return None
 
     def champion(self) -> str | None:
         """The champion: the state the last promote / rollback event chose (None: the base model).
@@ -329,8 +455,8 @@ class LineageStore:
         return ev.state if ev else None
 
     def champion_event(self) -> Event | None:
-        """The last promote / rollback event (None: nothing was ever promoted)."""
-        for ev in reversed(self.events()):
+        """The last trusted promote / rollback event (None: nothing was ever promoted)."""
+        for ev in reversed(self.trusted_events()):
             if ev.type in ("promote", "rollback"):
                 return ev
         return None
@@ -637,25 +763,69 @@ class LineageStore:
                data: dict | None = None) -> Event:
         if type_ not in EVENT_TYPES:
             raise ValueError(f"unknown event type {type_!r}")
-        if not by or not str(by).strip():
-            raise ValueError(f"{type_}: say who does it (by=...)")
+        check_texts(type_, by, comment)
         with self.lock(f"{type_} {label(state_id)[:12]}"):
             sid = self.resolve(state_id) if state_id else None
-            seq = self.next_seq()
+            chain = self.chain()
+            seq = chain.last_seq + 1
             ev = Event(seq=seq, type=type_, state=sid, by=str(by), at=_now(), comment=comment,
                        data=_jsonable(data or {}, f"{type_} data"), actor=current_actor().to_dict())
-            write_json_atomic(self.events_dir / f"{seq:06d}-{type_}.json", ev.to_dict())
+            raw = seal(ev.to_dict(), chain.head)
+            self._create_event_file(seq, type_, raw)
+            ev = Event.from_dict(raw, f"{seq:06d}-{type_}.json")
             if type_ in ("promote", "rollback"):
                 self.write_champion_file()
             return ev
 
-    def promotion_check(self, state_id: str) -> Check:
-        """The promotion rules (:mod:`kedit.lineage.policy`) for ``state_id`` over the recorded events."""
-        return promotion_check(self.events(), self.get(state_id))
+    def _create_event_file(self, seq: int, type_: str, raw: dict) -> None:
+        """Write ``events/<seq>-<type>.json`` exclusively: complete (temp file + fsync) and never over
+        another event (``link`` fails on an existing name, as ``O_EXCL`` does), nor beside another
+        event with the same number. Under the lock neither can happen; this is what keeps a number
+        from being written twice if the lock ever failed (a filesystem that ignores flock)."""
+        self.events_dir.mkdir(parents=True, exist_ok=True)
+        dest = self.events_dir / f"{seq:06d}-{type_}.json"
+        taken = sorted(p.name for p in self.events_dir.glob(f"{seq:06d}-*.json"))
+        if taken:
+            raise LineageError(f"event {seq} exists already ({', '.join(taken)}): another writer wrote it; "
+                               f"nothing was written, try again")
+        tmp = self.events_dir / f".{seq:06d}-{type_}.{uuid.uuid4().hex[:8]}.tmp"
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, dest)
+            except FileExistsError:
+                raise LineageError(f"event {seq} exists already ({dest.name}): another writer wrote it; nothing "
+                                   f"was written, try again") from None
+            fsync_dir(self.events_dir)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def promotion_check(self, state_id: str, by: str | None = None, distinct: bool | None = None) -> Check:
+        """The promotion rules (:mod:`kedit.lineage.policy`) for ``state_id`` over the trusted events
+        (a refusal names the state's untrusted events and why). ``by``: who would promote; with
+        ``distinct`` (None: ``require_distinct_approver``) the approval must come from another account."""
+        state = self.get(state_id)
+        events, _, bad = self._scan()
+        sealed = any(e.type == "seal" and e.digest and e.file not in bad for e in events)  # a seal is chained
+        for e in events:  # verdicts and approvals from before the chain count once `kedit lineage seal` vouched
+            if e.digest is None and e.type in ("gate", "approve") and not sealed and e.file not in bad:
+                bad[e.file] = ("it was written before the event chain and no `kedit lineage seal` has vouched for "
+                               "those events (check them, then seal; or gate / approve again)")
+        distinct = self.require_distinct_approver if distinct is None else distinct
+        promoter = accounts(by, current_actor().to_dict()) if by and distinct else None
+        check = promotion_check([e for e in events if e.file not in bad], state, promoter=promoter)
+        if check.unmet:  # say why events that would have met a rule did not count (they never block one)
+            check.unmet.extend(f"event {e.seq} ({e.type} of {state.short}, {e.file}) is not trusted and does not "
+                               f"count: {bad[e.file]}" for e in events if e.file in bad and e.state == state.id)
+        return check
 
     def rollback_check(self, state_id: str | None) -> Check:
         self._refresh()
-        return rollback_check(self.events(), dict(self._index), self.resolve(state_id) if state_id else None)
+        return rollback_check(self.trusted_events(), dict(self._index), self.resolve(state_id) if state_id else None)
 
     def promote(self, state_id: str, by: str, comment: str = "", override: str | None = None,
                 data: dict | None = None) -> Event:
@@ -666,9 +836,10 @@ class LineageStore:
         as an ``override`` event before the promotion. This writes the store event only; use
         :func:`kedit.lineage.ops.promote` to move git, DVC and MLflow with it under the same lock.
         """
+        check_texts("promote", by, comment, reason=override)
         with self.lock(f"promote {state_id[:12]}"):
             sid = self.resolve(state_id)
-            check = self.promotion_check(sid)
+            check = self.promotion_check(sid, by=by)
             extra = {"gate_event": check.gate_event, "approval_event": check.approval_event}
             extra.update(self._override("promote", sid, by, check, override))
             return self._event("promote", sid, by, comment, {"previous": self.champion(), **extra, **(data or {})})
@@ -682,6 +853,7 @@ class LineageStore:
         :func:`kedit.lineage.ops.rollback`."""
         if not reason or not reason.strip():
             raise ValueError("rollback: give a reason")
+        check_texts("rollback", by, reason=reason)
         state_id = None if state_id == BASE else state_id
         with self.lock(f"rollback {label(state_id)[:12]}"):
             sid = self.resolve(state_id) if state_id else None
@@ -697,6 +869,21 @@ class LineageStore:
         ev = self._event("override", sid, by, reason, {"action": action, "unmet": check.unmet,
                                                          "gate_event": check.gate_event})
         return {"override_event": ev.seq}
+
+    def seal(self, by: str, comment: str = "") -> Event:
+        """Vouch for the events written before the chain (a one-shot migration): a ``seal`` event, chained
+        over all of them, after which their gate verdicts and approvals count for promotions again."""
+        with self.lock("seal"):
+            chain = self.chain()
+            if not chain.legacy:
+                raise LineageError(f"{self.root}: no events from before the event chain; nothing to seal")
+            if any(e.type == "seal" and e.digest for e in self.trusted_events()):
+                raise LineageError(f"{self.root}: the events from before the chain are sealed already")
+            if chain.problems:
+                raise LineageError(f"{self.root}: the events fail their check; not sealing them: "
+                                   + "; ".join(chain.problems))
+            return self._event("seal", None, by, comment, {"sealed_events": chain.legacy,
+                                                           "first_chained": chain.first_chained})
 
     def approve(self, state_id: str, by: str, comment: str = "") -> Event:
         """Record a reviewer's approval (a separate event from the promotion it allows)."""
@@ -714,30 +901,40 @@ class LineageStore:
         ``against``: the state the candidate was compared with (None: the base model); a verdict
         counts for promotion only when that is the state's parent. ``report``: the gate report folder,
         where a later override is noted."""
+        sid = self.resolve(state_id)
         data: dict[str, Any] = {"gate": gate, "against": self.resolve(against) if against else None}
+        binding: dict[str, Any] = {"state_record": sha256_file(self.state_dir(sid) / STATE_FILE)}
         if report:
             data["report"] = str(report)
-        return self._event("gate", state_id, by, "", data)
+            binding["report_files"] = {n: sha256_file(Path(report) / n) for n in ("gate.json",)
+                                       if (Path(report) / n).is_file()}
+        data["binding"] = binding  # what verify and the promotion rules re-hash (see _binding_problem)
+        return self._event("gate", sid, by, "", data)
 
     # --- views ----------------------------------------------------------------------------------
     def log(self) -> list[LogEntry]:
         """Every state with its children, last gate verdict, approvals and champion flag."""
         states = self.states()
-        events = self.events()
+        events, _, bad = self._scan()
+        trusted = [e for e in events if e.file not in bad]
         champ = self.champion()
+        done_overrides = {e.data.get("override_event") for e in trusted if e.type in ("promote", "rollback")}
         kids: dict[str | None, list[str]] = {}
         for s in states:
             kids.setdefault(s.parent, []).append(s.id)
         out = []
         for s in states:
-            evs = [e for e in events if e.state == s.id]
+            evs = [e for e in trusted if e.state == s.id]
             gates = [e.data.get("gate") for e in evs if e.type == "gate"]
+            overrides = [e for e in evs if e.type == "override"]
             out.append(LogEntry(state=s, children=kids.get(s.id, []), champion=s.id == champ,
                                 gate=gates[-1] if gates else None,
                                 approvals=[e for e in evs if e.type == "approve"],
                                 promoted=any(e.type == "promote" for e in evs),
                                 promotions=[e for e in evs if e.type in ("promote", "rollback")],
-                                overrides=[e for e in evs if e.type == "override"]))
+                                overrides=[e for e in overrides if e.seq in done_overrides],
+                                unfinished_overrides=[e for e in overrides if e.seq not in done_overrides],
+                                untrusted={e.file: bad[e.file] for e in events if e.state == s.id and e.file in bad}))
         return out
 
     def branches(self) -> list[list[str]]:
@@ -834,12 +1031,22 @@ class LineageStore:
                 rep.problems.append(f"{h}: base tensor does not match the sha256 recorded by the states")
         try:
             evs = self.events()
+            chain = self.chain()
+            bad = self.untrusted()
         except LineageCorruptError as exc:
             rep.problems.append(str(exc))
-            evs = []
+            evs, chain, bad = [], None, {}
         for e in evs:
             if e.state and e.state not in valid:
                 rep.problems.append(f"event {e.seq} ({e.type}) names unknown or invalid state {e.state[:12]}")
+        if chain is not None:
+            rep.problems.extend(chain.problems)
+            seals = [e for e in evs if e.type == "seal" and e.digest and e.file not in bad]
+            sealed_by = f"event {seals[0].seq} (seal by {escape_text(seals[0].by)})" if seals else None
+            if chain.note(sealed_by):
+                rep.notes.append(chain.note(sealed_by))
+        rep.problems.extend(f"event {e.seq} ({e.type}, {e.file}): {bad[e.file]}" for e in evs
+                            if e.file in bad and (chain is None or e.file not in chain.bad))
         if deep and not rep.problems:
             self._deep_verify(list(valid.values()), rep, progress)
         return rep
@@ -879,7 +1086,16 @@ class LineageStore:
                 stack.append((c, cur if i == len(children) - 1 else {k: v.clone() for k, v in cur.items()}))
 
 
-def _pid_alive(pid: Any) -> bool:
+def check_texts(action: str, by: str, comment: str = "", reason: str | None = None) -> None:
+    """Refuse an event's free text before anything is written: a missing name, or control characters."""
+    if not by or not str(by).strip():
+        raise ValueError(f"{action}: say who does it (by=...)")
+    check_text(f"{action}: by", str(by))
+    check_text(f"{action}: comment", comment, allow_newlines=True)
+    check_text(f"{action}: reason", reason, allow_newlines=True)
+
+
+def pid_alive(pid: Any) -> bool:
     try:
         os.kill(int(pid), 0)
     except (TypeError, ValueError, ProcessLookupError):

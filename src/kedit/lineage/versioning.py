@@ -10,6 +10,7 @@ stable, and nothing of theirs is imported into kedit.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kedit.lineage.state import LineageError
+from kedit.safepath import check_links, check_target
 from kedit.workspace import Workspace
 
 TRACKED = ("lineage", "models", "stats")
 TAG_PREFIX = "kedit/state/"
+CHAIN_MARK = re.compile(r"\[kedit event (\d+)\] \[kedit chain ([0-9a-f]{64})\]")
 DVCIGNORE = ["lineage/.lock", "lineage/.staging/", "lineage/.intent.json"]
 GITIGNORE = ["mlflow.db", "mlartifacts/", ".dvc-remote/", ".kedit-cache/", "reports/", ".stack/"]
 
@@ -45,6 +48,7 @@ class Versioning:
     ws: Workspace
     remote: str | None = None
     remote_name: str = "kedit"
+    sign: bool = False  # params.yaml lineage.sign_commits: `git commit -S` with git's configured signing key
 
     @property
     def root(self) -> Path:
@@ -93,6 +97,8 @@ class Versioning:
         remotes = self.dvc("remote", "list")
         if self.remote_name not in remotes.split():
             url = self.remote_url()
+            if "://" not in url and Path(url).resolve() != (self.root / ".dvc-remote").resolve():
+                check_target(url, self.ws, "lineage.dvc_remote")  # a push must not write into a store
             if "://" not in url:
                 Path(url).mkdir(parents=True, exist_ok=True)
             self.dvc("remote", "add", "-d", self.remote_name, url)
@@ -103,6 +109,14 @@ class Versioning:
             self.git("add", ".dvc/config", ".dvcignore", ".gitignore")
             if self.git("diff", "--cached", "--name-only"):
                 self.git("commit", "-q", "-m", "kedit: DVC setup and default remote")
+
+    def check_data(self) -> None:
+        """Refuse (:class:`~kedit.safepath.UnsafePathError`) a symbolic link in the tracked folders that
+        leads anywhere but the DVC cache: ``dvc add`` follows it, chmods the target read-only, replaces
+        the link with a hard link to it and ``dvc push`` uploads its bytes. DVC's own links (cache.type
+        symlink) point into the cache and pass."""
+        present = [self.root / d for d in TRACKED if (self.root / d).exists()]
+        check_links(present, self.ws, "git + DVC versioning", allowed=[self.root / ".dvc" / "cache"])
 
     def snapshot(self, message: str, tag: str | None = None, push: bool = True,
                  always_commit: bool = False) -> dict[str, str]:
@@ -120,14 +134,16 @@ class Versioning:
         # folders whose contents are outputs of dvc.yaml stages are versioned by `dvc repro` (dvc.lock);
         # `dvc add` on them would overlap those outputs
         added = [d for d in present if not any(o == d or o.startswith(d + "/") for o in staged)]
+        self.check_data()
         if added:
             self.dvc("add", "-q", *added)
         self.git("add", *[f"{d}.dvc" for d in added], ".gitignore",
                  *[f for f in ("dvc.yaml", "dvc.lock", "params.yaml") if (self.root / f).exists()])
+        sign = ["-S"] if self.sign else []
         if self.git("diff", "--cached", "--name-only"):
-            self.git("commit", "-q", "-m", message)
+            self.git("commit", "-q", *sign, "-m", message)
         elif always_commit:
-            self.git("commit", "-q", "--allow-empty", "-m", message)
+            self.git("commit", "-q", *sign, "--allow-empty", "-m", message)
         commit = self.git("rev-parse", "HEAD")
         if tag:
             self.git("tag", "-f", tag, commit)
@@ -153,6 +169,24 @@ class Versioning:
         """Commit the current data as the champion ``state_id`` (``base``: the base model) and tag it
         ``kedit/state/<id>``; always one commit, so each promotion / rollback is in the history."""
         return self.snapshot(message, tag=state_tag(state_id), always_commit=True)
+
+    def chain_marks(self) -> list[tuple[str, int, str]]:
+        """(commit, event number, chain digest) of every commit in the history that names an event
+        of the lineage chain (``[kedit event N] [kedit chain D]``, see ``kedit.lineage.ops``)."""
+        out = self.git("log", "--all", "--format=%H%x1f%B%x1e", check=False)
+        marks = []
+        for entry in out.split("\x1e"):
+            commit, _, body = entry.strip().partition("\x1f")
+            m = CHAIN_MARK.search(body)
+            if m:
+                marks.append((commit, int(m.group(1)), m.group(2)))
+        return marks
+
+    def verify_commit(self, commit: str) -> str | None:
+        """Why ``git verify-commit`` refuses ``commit`` (None: a good signature by an allowed key)."""
+        p = subprocess.run(["git", "verify-commit", commit], cwd=self.root, capture_output=True, text=True,
+                           env=self._env())
+        return None if p.returncode == 0 else (p.stderr.strip() or p.stdout.strip() or "no signature")
 
     def tag_message(self, tag: str) -> str | None:
         """The full message of the commit ``tag`` points at (None: no such tag)."""

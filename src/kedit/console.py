@@ -1,13 +1,19 @@
 """What kedit's commands share to talk to people: a console that does not wrap when its output is not
-a terminal, a switchable rich log, and a one-line device label."""
+a terminal, a switchable rich log, a one-line device label, and the atomic PNG write of a figure.
+
+A base module: it imports nothing of kedit's but :mod:`kedit.atomic`, so any layer (evaluation,
+tracing, benchmarks, commands) can use it without pointing up."""
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import IO
 
 import torch
+
+from kedit.atomic import write_bytes_atomic
 
 PIPE_WIDTH = 120  # width of rules and tables when writing to a file or a pipe (text itself never wraps)
 
@@ -46,3 +52,15 @@ class ProgressLog:
     def __call__(self, msg: str) -> None:
         if self.enabled:
             self.console.log(msg)
+
+
+def save_fig(fig, path: str | Path, dpi: int = 130) -> None:
+    """Write a matplotlib figure as a PNG atomically (a reader never sees half a file) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
