@@ -3,6 +3,7 @@ a deterministic calibration of a tiny random model whose file loads back, and th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -148,14 +149,31 @@ def _config(data, corpus):
                              corpus=str(corpus), n_prefixes=2, prefix_len=3)
 
 
-def test_uncalibrated_store_model_is_refused_with_the_command(tiny_store, capsys):
-    from kedit.editors.hparams import UncalibratedModel, load_hparams
+def test_uncalibrated_store_model_is_refused_with_the_command(tiny_store, tmp_path, capsys):
+    """memoir's spec row refuses a store model whose settings file has no memoir block, before any
+    statistics, baseline or edit; a file with one, or settings built in code, pass."""
+    from kedit.bench.lifelong import LifelongConfig, run_lifelong
+    from kedit.editors.hparams import MemoirHparams, load_hparams
+    from kedit.editors.memoir import UncalibratedModel
+    from kedit.editors.setup import prepare_edit
     from kedit.models.store import load_model
 
-    ws, _, _ = tiny_store
+    ws, data, _ = tiny_store
     lm = load_model("tiny-llama", ws)
+    hp = load_hparams("memoir", lm)  # loading alone does not refuse: default.yaml's defaults
+    assert hp.source.endswith("default.yaml")
     with pytest.raises(UncalibratedModel, match=r"kedit calibrate --model tiny-llama"):
-        load_hparams("memoir", lm)
+        prepare_edit(lm, "memoir", ws)
+    bare = tmp_path / "bare.yaml"  # an explicit file without a memoir block is no calibration either
+    bare.write_text(yaml.safe_dump({"defaults": {"layers": [1]}}))
+    with pytest.raises(UncalibratedModel, match=r"bare.yaml has no memoir block"):
+        prepare_edit(lm, "memoir", ws, hparams_file=bare)
+    with pytest.raises(UncalibratedModel):  # the benchmark refuses before it scores the baseline
+        run_lifelong(lm, ws, LifelongConfig(method="memoir", data=str(data), edits=2, batch=2), progress=False)
+    own = tmp_path / "own.yaml"
+    own.write_text(yaml.safe_dump({"defaults": {"layers": [1]}, "memoir": {"mm_k": 8, "mm_bg_docs": 4}}))
+    assert prepare_edit(lm, "memoir", ws, hparams_file=own).hp.mm_k == 8
+    assert prepare_edit(lm, "memoir", ws, hp=MemoirHparams(layers=[1], mm_bg_docs=4)).hp.mm_layer == -1
     assert load_hparams("memit", lm).source.endswith("default.yaml")  # the weight editors still fall back
     from kedit.cli import main
 
@@ -164,6 +182,23 @@ def test_uncalibrated_store_model_is_refused_with_the_command(tiny_store, capsys
     err = capsys.readouterr().err
     assert "no memoir settings" in err and "kedit calibrate --model tiny-llama" in err
     assert not (ws.root / "e").exists()  # nothing half-written
+
+
+def test_refresh_key_follows_the_store_models_calibrated_file(tiny_store):
+    """The nightly's content key hashes the settings the edit will use: the workspace model's own file
+    once `kedit calibrate` wrote one."""
+    from kedit.config import RefreshConfig
+    from kedit.editors.hparams import load_hparams
+    from kedit.refresh import refresh_key
+
+    ws, _, _ = tiny_store
+    cfg = RefreshConfig(model="tiny-llama", method="memoir")
+    before = refresh_key("f" * 64, None, cfg, ws)
+    assert before == refresh_key("f" * 64, None, cfg)  # no file of its own: the package's lookup
+    own = ws.model_dir("tiny-llama") / "hparams.yaml"
+    own.write_text(yaml.safe_dump({"defaults": {"layers": [1]}, "memoir": {"mm_k": 8}}))
+    after = refresh_key("f" * 64, None, cfg, ws)
+    assert after != before and load_hparams("memoir", path=own).mm_k == 8
 
 
 def test_calibration_is_deterministic_and_its_file_loads_back(tiny_store, tmp_path, one_thread):
@@ -179,6 +214,9 @@ def test_calibration_is_deterministic_and_its_file_loads_back(tiny_store, tmp_pa
     a = calibrate(lm, cfg, ws.cache_dir)
     b = calibrate(lm, cfg, ws.cache_dir)
     assert a.hparams() == b.hparams()
+    # the measured values pass through memoir's settings class: one the memory cannot read is refused
+    with pytest.raises(ValueError, match="mm_read_scale_by_entries"):
+        dataclasses.replace(a, schedule=[[10, 1.0], [5, 0.7]]).hparams()
     assert [r.summary() for r in a.settings] == [r.summary() for r in b.settings]
     assert a.records["fingerprints"] == [108, 120]  # the last 10% of 120 records, first 12 of them
     assert a.split.cal_start == 108 and a.split.heldout_end == 108

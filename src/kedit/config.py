@@ -66,9 +66,9 @@ class RefreshConfig:
     def reads_key_statistics(self) -> bool:
         """Does this refresh's editor read key statistics (E[k kᵀ] over a corpus)?
 
-        The one place the refresh, the demo and the benchmark ask. Editors that add parameters kept in
-        their editor state (memoir, T-Patcher: :data:`kedit.editors.registry.ATTACHERS`) read none,
-        their memory set plays that part; the weight editors (ROME, MEMIT, AlphaEdit) need them."""
-        from kedit.editors.registry import ATTACHERS
+        The method's spec row answers (:attr:`kedit.editors.registry.EditorSpec.needs_statistics`): the
+        editors that add parameters kept in their editor state (memoir, T-Patcher) read none, their
+        memory set plays that part; the weight editors (ROME, MEMIT, AlphaEdit) need them."""
+        from kedit.editors.registry import spec
 
-        return self.method not in ATTACHERS
+        return spec(self.method).needs_statistics

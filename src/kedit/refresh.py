@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from kedit import __version__
-from kedit.atomic import sha256_file, sha256_json, write_json_atomic
+from kedit.atomic import sha256_json, write_json_atomic
 from kedit.config import RefreshConfig
 from kedit.evaluation.candidate import gate_candidate
 from kedit.feeds.champion import champion_predictor
@@ -52,15 +52,15 @@ def resolve_feed(ws: Workspace, feed: str | Path) -> Path:
 
 def refresh_key(feed_sha256: str, parent: str | None, cfg: RefreshConfig, ws: Workspace | None = None) -> str:
     """Content key of one refresh: the same feed on the same parent with the same editor is one refresh
-    (the editor's settings: the workspace model's calibrated file where there is one)."""
-    from kedit.editors.hparams import hparams_file_for
+    (the editor's settings: those of the workspace model's calibrated file where there is one)."""
+    from kedit.editors.hparams import MODEL_HPARAMS, hparams_digest
 
-    try:
-        hp_file = sha256_file(hparams_file_for(cfg.model, model_dir=ws.model_dir(cfg.model) if ws else None))
-    except FileNotFoundError:
-        hp_file = None
+    own = ws.model_dir(cfg.model) / MODEL_HPARAMS if ws is not None else None
+    # the resolved settings (file, overrides, defaults), not the file's bytes: a changed note is the same refresh
+    hp = hparams_digest(cfg.method, cfg.model, path=own if own is not None and own.is_file() else None,
+                        overrides=cfg.hparams_overrides or None)
     return sha256_json({"feed": feed_sha256, "parent": parent, "model": cfg.model, "method": cfg.method,
-                        "hparams": cfg.hparams_overrides, "hparams_file": hp_file,
+                        "hparams": hp,
                         "batch": cfg.edit_batch_size, "kedit": __version__})[:16]
 
 
@@ -132,11 +132,8 @@ def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict
     so a retry never applies the same edits twice.
     """
     from kedit.editors.base import apply_deltas
-    from kedit.editors.hparams import load_hparams
-    from kedit.editors.registry import get_editor
-    from kedit.editors.session import EditSession
+    from kedit.editors.setup import prepare_edit
     from kedit.feeds.ingest import to_edit_requests
-    from kedit.stats.collect import ensure_stats
 
     rows = ingest["accepted"]
     if not rows:
@@ -144,19 +141,18 @@ def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict
     parent = ingest["champion"]
     store = open_store(ws)
     lm, editor_state = load_state_model(ws, cfg.model, parent, cfg.device)
-    hp = load_hparams(cfg.method, lm, overrides=cfg.hparams_overrides or None)
-    layers = hp.resolve_layers(lm.adapter.num_layers)
-    stats = None if not cfg.reads_key_statistics else ensure_stats(
-        lm, layers, ws, cfg.stats_corpus, max_tokens=cfg.stats_max_tokens, seq_len=cfg.stats_seq_len,
-        batch_size=cfg.stats_batch_size)
-    editor = get_editor(cfg.method, hp, cache_dir=stats.dir if stats else ws.cache_dir)
+    # settings, key statistics where the method's spec reads them, the editor
+    setup = prepare_edit(lm, cfg.method, ws, overrides=cfg.hparams_overrides or None, stats_corpus=cfg.stats_corpus,
+                         stats_tokens=cfg.stats_max_tokens, stats_seq_len=cfg.stats_seq_len,
+                         stats_batch_size=cfg.stats_batch_size)
+    hp, layers, stats = setup.hp, setup.layers, setup.stats
     requests = to_edit_requests(rows)
     names = [lm.adapter.weight_name(i) for i in layers]
     params = dict(lm.model.named_parameters())
     at_parent = {n: params[n].detach().clone() for n in names}
     t0 = time.perf_counter()
     # the lifelong protocol: sequential batches, each preserving the keys of the ones before it
-    result = EditSession(lm, editor, stats, editor_state).apply(requests, cfg.edit_batch_size)
+    result = setup.session(lm, editor_state).apply(requests, cfg.edit_batch_size)
     seconds = time.perf_counter() - t0
     # the state records the summed delta on top of the parent: put the model exactly there
     with torch.no_grad():

@@ -11,11 +11,11 @@ from typing import Any
 
 import yaml
 
-from kedit.calibration.run import CalibrationResult
+from kedit.calibration.run import DEFAULTS_KEYS, CalibrationResult
 
 CARRIED_METHODS = ("rome", "memit", "alphaedit", "tpatcher")
 # defaults the calibration sets; the rest of a carried file's defaults block stays as it was
-CALIBRATED_DEFAULTS = ("layers", "n_prefixes", "prefix_len")
+CALIBRATED_DEFAULTS = DEFAULTS_KEYS
 
 
 def _pct(x: float) -> str:

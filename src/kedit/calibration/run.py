@@ -44,6 +44,13 @@ from kedit.calibration.fingerprints import (
 from kedit.calibration.split import DevSplit, dev_split
 from kedit.calibration.thresholds import per_entry_fire_rate, read_share_schedule
 from kedit.calibration.vstar_probe import ProbeRun, choose_lr, probe
+from kedit.editors.hparams import MemoirHparams
+
+# the settings calibration measures, by the hparams-file block they go to
+DEFAULTS_KEYS = ("layers", "n_prefixes", "prefix_len")
+MEMOIR_KEYS = ("v_lr", "v_steps", "v_dtype", "v_stop_nll", "mm_layer", "mm_k", "mm_threshold", "mm_exact_threshold",
+               "mm_span_key", "mm_span_threshold", "mm_warm_start", "mm_read_scale_by_entries", "mm_exact_read_scale",
+               "mm_bg_docs")
 
 Log = Callable[[str], None]
 Tick = Callable[[str, int, int], None]
@@ -98,19 +105,25 @@ class CalibrationResult:
     machine: str
     distributions: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    def memoir_hparams(self) -> MemoirHparams:
+        """The calibrated memoir settings as memoir's settings class (which checks every value): the edit
+        layers (tracing) and prompt contexts, the memory's layer, k, thresholds and read shares, and the
+        v* settings probed at the memory layer."""
+        s = self.setting
+        return MemoirHparams(layers=list(self.layers), n_prefixes=self.config["n_prefixes"],
+                             prefix_len=self.config["prefix_len"], v_lr=float(self.v_lr), v_steps=int(self.v_steps),
+                             v_dtype="auto", v_stop_nll=float(self.config["v_stop_nll"]), mm_layer=s.layer, mm_k=s.k,
+                             mm_threshold=round(s.threshold, 6), mm_exact_threshold=round(s.exact_threshold, 6),
+                             mm_span_key=True, mm_span_threshold=round(s.span_threshold, 6),
+                             mm_warm_start=bool(self.warm_start),
+                             mm_read_scale_by_entries=[[int(n), float(v)] for n, v in self.schedule],
+                             mm_exact_read_scale=1.0, mm_bg_docs=int(self.config["bg_docs"]))
+
     def hparams(self) -> dict[str, Any]:
         """The calibrated values, as the defaults and memoir blocks of an hparams file take them: the edit
         layers (tracing) are every editor's; v* was probed at the memory layer, so its settings are memoir's."""
-        s = self.setting
-        return {"defaults": {"layers": list(self.layers), "n_prefixes": self.config["n_prefixes"],
-                             "prefix_len": self.config["prefix_len"]},
-                "memoir": {"v_lr": self.v_lr, "v_steps": self.v_steps, "v_dtype": "auto",
-                           "v_stop_nll": self.config["v_stop_nll"], "mm_layer": s.layer,
-                           "mm_k": s.k, "mm_threshold": round(s.threshold, 6),
-                           "mm_exact_threshold": round(s.exact_threshold, 6), "mm_span_key": True,
-                           "mm_span_threshold": round(s.span_threshold, 6), "mm_warm_start": self.warm_start,
-                           "mm_read_scale_by_entries": self.schedule, "mm_exact_read_scale": 1.0,
-                           "mm_bg_docs": self.config["bg_docs"]}}
+        hp = self.memoir_hparams().values()
+        return {"defaults": {k: hp[k] for k in DEFAULTS_KEYS}, "memoir": {k: hp[k] for k in MEMOIR_KEYS}}
 
     def summary(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("distributions", "setting", "settings",
