@@ -24,6 +24,8 @@ class RefreshConfig:
     trace_kinds: list[str] = field(default_factory=lambda: ["mlp"])
     edit_batch_size: int = 10  # a feed is applied in sequential batches of this size (0: one batch)
     approval_timeout_s: int = 24 * 3600
+    edit_timeout_s: int = 4 * 3600  # the orchestrator's limit on the edit task (Prefect timeout_seconds)
+    gate_timeout_s: int = 2 * 3600  # and on the evaluate-and-gate task
     stats_corpus: str = "wiki-summaries-en"
     stats_max_tokens: int = 200_000
     stats_seq_len: int = 256

@@ -80,6 +80,7 @@ def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
     (the same function as ``kedit feed ingest``), with the champion model's no-op check."""
     from kedit.feeds.champion import ingest_for_champion
     from kedit.feeds.schema import FeedPolicy
+    from kedit.lineage.registry import log_refresh_inputs
     from kedit.params import load_params
 
     path = resolve_feed(ws, feed)
@@ -87,12 +88,17 @@ def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
     policy = FeedPolicy.from_params({"feeds": params.block("feeds")})
     res = ingest_for_champion(ws, path, policy, predictor=champion_predictor(ws, cfg.model, cfg.device))
     champion = res.champion
-    out = {"feed": str(path), "feed_sha256": res.sha256, "passed": bool(res.passed), "message": res.message,
+    # paths relative to the workspace: they end up in the lineage (the state's feed) and in reports
+    out = {"feed": ws.rel(path), "feed_sha256": res.sha256, "passed": bool(res.passed), "message": res.message,
            "champion": champion, "accepted": res.accepted, "counts": res.counts,
-           "report_path": str(res.report_path) if res.report_path else None,
-           "quarantine_path": str(res.quarantine_path) if res.quarantine_path else None}
+           "report_path": ws.rel(res.report_path) if res.report_path else None,
+           "quarantine_path": ws.rel(res.quarantine_path) if res.quarantine_path else None}
     out["refresh_key"] = refresh_key(res.sha256, champion, cfg, ws)
     runlog = RunLog(ws, out["refresh_key"])
+    feed_uri = out["feed"] if Path(out["feed"]).is_absolute() else f"kedit-workspace:/{out['feed']}"
+    log_refresh_inputs(runlog.tracking, runlog.parent_id, rows=res.accepted, name=path.name, source=feed_uri,
+                       digest=res.sha256, params={"feed": path.name, "feed_sha256": res.sha256,
+                                                  "champion": champion or "base", **cfg.to_dict()})
     runlog.log("validation", params={"feed": path.name, "feed_sha256": res.sha256, "champion": champion},
                metrics={"rows_accepted": len(res.accepted), "rows_quarantined": len(res.quarantined),
                         "rows_dropped": len(res.dropped), "passed": float(res.passed)},
@@ -116,12 +122,12 @@ def trace_step(ws: Workspace, cfg: RefreshConfig, rows: list[dict[str, Any]], ke
         last_subject = res.subject_range[1] - 1
         mlp = res.effects.get("mlp")
         peak = int(torch.tensor(mlp[last_subject]).argmax()) if mlp else None
-        done.append({"id": r["id"], "dir": str(d), "target": res.target, "clean_prob": res.clean_prob,
+        done.append({"id": r["id"], "dir": ws.rel(d), "target": res.target, "clean_prob": res.clean_prob,
                      "peak_mlp_layer": peak, "seconds": res.seconds})
     RunLog(ws, key).log("tracing", params={"n_traced": len(done)},
                         metrics={f"peak_mlp_layer_{i}": d["peak_mlp_layer"] for i, d in enumerate(done)},
                         artifacts=[out_dir] if done else [])
-    return {"traced": done, "dir": str(out_dir)}
+    return {"traced": done, "dir": ws.rel(out_dir)}
 
 
 @reported("edit")
@@ -186,7 +192,7 @@ def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: d
     res = gate_candidate(ws, store, edit["state_id"], cfg, reports_dir(ws, ingest["refresh_key"]) / "gate",
                          runlog=RunLog(ws, ingest["refresh_key"]))
     gate = res.verdict
-    return {"passed": bool(gate["passed"]), "report_dir": str(res.report_dir),
+    return {"passed": bool(gate["passed"]), "report_dir": ws.rel(res.report_dir),
             "checks": [{k: c[k] for k in ("name", "value", "threshold", "passed")} for c in gate["checks"]],
             "failed_ids": gate["failed_ids"], "lost_ids": gate["lost_ids"]}
 
@@ -194,11 +200,16 @@ def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: d
 @reported("register")
 def register_step(ws: Workspace, key: str, state_id: str) -> dict[str, Any]:
     """Register the candidate's logged MLflow model as a model version with the ``candidate`` alias."""
+    from kedit.lineage.access import lineage_params
     from kedit.lineage.ops import register_candidate
+    from kedit.lineage.shared import lock_wait, section
 
-    store = open_store(ws)
-    runlog = RunLog(ws, key)
-    mv = register_candidate(ws, store, state_id, run_id=runlog.parent_id)
+    params = lineage_params(ws)
+    # the state was published by the edit step (maybe on another machine): pull it, then register
+    with section(ws, f"register {state_id[:12]}", params, wait_s=lock_wait(params)):
+        store = open_store(ws)
+        runlog = RunLog(ws, key)
+        mv = register_candidate(ws, store, state_id, run_id=runlog.parent_id)
     return {"registered_model": mv.name, "version": str(mv.version), "state_id": state_id,
             "model_uri": f"models:/{mv.name}/{mv.version}", "source": mv.source}
 
@@ -208,18 +219,23 @@ def decide_step(ws: Workspace, key: str, state_id: str, approved: bool, by: str,
     """Record the reviewer's verdict; on approval promote through ``kedit.lineage.ops.promote`` (the
     promotion rules, one lock over the lineage event, git + DVC and the MLflow alias). A rejection
     leaves the champion where it is."""
-    from kedit.lineage.ops import approve, promote
+    from kedit.lineage.access import lineage_params
+    from kedit.lineage.ops import approve, promote, reject
+    from kedit.lineage.shared import lock_wait, section
 
-    store = open_store(ws)
-    runlog = RunLog(ws, key)
-    if approved:
-        approve(store, state_id, by=by, comment=comment)
-        out = promote(ws, store, state_id, by=by, comment=comment)
-        decision = "promoted"
-    else:
-        store.reject(state_id, by=by, comment=comment)
-        out = {"champion": store.champion()}
-        decision = "rejected"
+    params = lineage_params(ws)
+    # one shared-lineage section (cross-host lock, pull, publish) over the verdict and the promotion
+    with section(ws, f"decide {state_id[:12]} by {by}", params, wait_s=lock_wait(params)):
+        store = open_store(ws)
+        runlog = RunLog(ws, key)
+        if approved:
+            approve(store, state_id, by=by, comment=comment, ws=ws)
+            out = promote(ws, store, state_id, by=by, comment=comment, params=params)
+            decision = "promoted"
+        else:
+            reject(ws, store, state_id, by=by, comment=comment)
+            out = {"champion": store.champion()}
+            decision = "rejected"
     runlog.log("approval", params={"decision": decision, "by": by, "comment": comment or "-"},
                tags={"kedit.decision": decision, "kedit.approver": by})
     runlog.finish()
