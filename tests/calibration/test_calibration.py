@@ -12,7 +12,6 @@ import yaml
 
 from kedit.calibration import thresholds as T
 from kedit.calibration.split import check_heldout, dev_split, file_split, split_counts
-from tests.conftest import TINY_TEXT
 
 SUBJECTS = [("The Eiffel Tower", "is located in", "Rome", "Paris", "Rome is the capital of"),
             ("Toko Yasuda", "plays the", "piano", "guitar", "Lionel Messi plays"),
@@ -123,21 +122,20 @@ def test_split_is_disjoint_deterministic_and_checked(tmp_path):
 
 # --- calibration of a tiny random model ------------------------------------------------------------------
 @pytest.fixture
-def tiny_store(tmp_path, tiny_tokenizer):
+def tiny_store(tmp_path, tiny_tokenizer, tiny_model_factory, tiny_text):
     """A tiny random Llama imported into a workspace's model store, a CounterFact-like file, a corpus."""
     from kedit.models.store import import_hf
     from kedit.workspace import Workspace
-    from tests.conftest import make_tiny_model
 
     src = tmp_path / "tiny-src"
-    make_tiny_model("llama").save_pretrained(src)
+    tiny_model_factory("llama").save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
     ws = Workspace(tmp_path / "ws")
     import_hf(ws, src, slug="tiny-llama")
     data = tmp_path / "cf.json"
     data.write_text(json.dumps(_records(120)))
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(TINY_TEXT * 40))
+    corpus.write_text("\n\n".join(tiny_text * 40))
     return ws, data, corpus
 
 
@@ -243,7 +241,8 @@ def test_calibration_is_deterministic_and_its_file_loads_back(tiny_store, tmp_pa
     assert file_split(out).cal_start == 108
 
 
-def test_bench_refuses_calibration_records_and_reports_the_split(tiny_store, tmp_path, monkeypatch):
+def test_bench_refuses_calibration_records_and_reports_the_split(tiny_store, tmp_path, monkeypatch,
+                                                                 tiny_text):
     """A calibrated file's split reaches the benchmark: records inside it are refused unless allowed
     (and then reported as not held out); a held-out run says which records each side used."""
     import kedit.stats.corpus as corpus_mod
@@ -251,7 +250,7 @@ def test_bench_refuses_calibration_records_and_reports_the_split(tiny_store, tmp
     from kedit.calibration.split import dev_split
 
     ws, data, _ = tiny_store
-    monkeypatch.setattr(corpus_mod, "heldout_text", lambda *a, **k: " ".join(TINY_TEXT * 5))
+    monkeypatch.setattr(corpus_mod, "heldout_text", lambda *a, **k: " ".join(tiny_text * 5))
     s = dev_split(data, 120)
     hp = tmp_path / "hp.yaml"
     hp.write_text(yaml.safe_dump({"calibration": {"split": s.to_dict()},
@@ -272,14 +271,14 @@ def test_bench_refuses_calibration_records_and_reports_the_split(tiny_store, tmp
     assert res["config"]["heldout"]["overlap"] == [108, 110] and "WARNING" in results_markdown(res)
 
 
-def test_background_means_equal_the_memorys_own(tiny_lm):
+def test_background_means_equal_the_memorys_own(tiny_lm, tiny_text):
     """One pass for several layers gives exactly what the memory computes per layer."""
     from kedit.calibration.fingerprints import background_means
     from kedit.editors.memoir import background_mean
 
-    got = background_means(tiny_lm, [1, 2], TINY_TEXT)
+    got = background_means(tiny_lm, [1, 2], tiny_text)
     for layer in (1, 2):
-        assert torch.equal(got[layer], background_mean(tiny_lm, layer, TINY_TEXT))
+        assert torch.equal(got[layer], background_mean(tiny_lm, layer, tiny_text))
 
 
 def test_kedit_calibrate_writes_the_store_models_file_and_report(tiny_store, capsys, one_thread):
