@@ -139,10 +139,69 @@ def test_forged_approval_is_named_by_verify_and_refused_by_promote(workspace, st
     assert any("not bound to the state's record" in p for p in store.verify(deep=False).problems)
     with pytest.raises(PromotionRefused, match="not bound"):
         store.promote(s1.id, by="alice")
-    # a real verdict and approval promote
+    # a real verdict and approval after them do not promote while the forged events stand
+    gate_and_approve(store, s1)
+    with pytest.raises(PromotionRefused, match="the lineage events fail their check.*000002-gate.json"):
+        ops.promote(workspace, store, s1.id, by="alice", params=OFF)
+    # ... once the forged events are gone (here with the two real ones after them), they do
+    for p in sorted(store.events_dir.glob("*.json"))[1:]:
+        p.unlink()
     gate_and_approve(store, s1)
     ops.promote(workspace, store, s1.id, by="alice", params=OFF)
     assert store.champion() == s1.id
+
+
+def _forge_gate_and_approval(store: LineageStore, state_id: str) -> tuple[Path, Path]:
+    """Case 4c of issue 38: a gate verdict and an approval chained with kedit's own public ``seal`` (the
+    verdict not bound to the state's record), appended to the events."""
+    actor = {"identity": "alice", "os_user": "alice", "uid": 1000, "host": "h", "pid": 1, "configured": False}
+    base = {"state": state_id, "by": "alice", "at": "2026-12-01T00:00:00Z", "comment": "", "actor": actor}
+    chain = store.chain()
+    seq = chain.last_seq + 1
+    gate = seal({**base, "seq": seq, "type": "gate", "data": {"gate": {"passed": True}, "against": None}}, chain.head)
+    g = _forge(store, f"{seq:06d}-gate.json", gate)
+    a = _forge(store, f"{seq + 1:06d}-approve.json", seal({**base, "seq": seq + 1, "type": "approve", "data": {}},
+                                                         gate["digest"]))
+    return g, a
+
+
+def test_promote_refuses_while_verify_names_a_forged_event(workspace, stored_lm, capsys):  # noqa: F811
+    """Issue 38.4, case 4c: with a forged gate + approval, verify named the forged gate but promote went
+    ahead (it ignored the gate, used the state's earlier real verdict and counted the forged approval).
+    Now any problem verify finds in the events refuses a promotion, naming the event file and why."""
+    from kedit.cli import main
+
+    lm = stored_lm()
+    store = LineageStore(workspace.lineage_dir)
+    s1, s2 = run_batches(store, lm, 2)
+    gate_and_approve(store, s1)
+    ops.promote(workspace, store, s1.id, by="bob", params=OFF)
+    store.record_gate(s2.id, {"passed": True}, against=s1.id)  # s2's real verdict: passed, not approved
+    gate, approval = _forge_gate_and_approval(store, s2.id)
+    w = ["-w", str(workspace.root)]
+    assert main([*w, "lineage", "verify", "--quick"]) == 1
+    assert f"(gate, {gate.name}): the gate verdict is not bound to the state's record" in capsys.readouterr().out
+    assert store.chain().problems == []  # the chain alone cannot tell; the binding check does
+    with pytest.raises(PromotionRefused, match=f"fail their check.*{gate.name}.*not bound"):
+        ops.promote(workspace, store, s2.id, by="mallory", params=OFF)
+    assert main([*w, "lineage", "promote", s2.id[:12], "--by", "mallory", "--no-mlflow", "--no-dvc"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"event {int(gate.name[:6])} (gate, {gate.name}): the gate verdict is not bound" in err, err
+    assert "kedit lineage verify" in err and "move the named files out" in err
+    assert store.champion() == s1.id
+
+    # a problem anywhere in the events refuses, not only in the promoted state's: a forged gate for s1
+    gate.unlink(), approval.unlink()
+    store.approve(s2.id, by="alice")
+    assert store.promotion_check(s2.id).ok
+    other, other_approval = _forge_gate_and_approval(store, s1.id)
+    other_approval.unlink()
+    with pytest.raises(PromotionRefused, match=f"fail their check.*{other.name}"):
+        ops.promote(workspace, store, s2.id, by="bob", params=OFF)
+    # an override goes past it, recorded with the problem it went past
+    out = ops.promote(workspace, store, s2.id, by="bob", params=OFF, override="forged gate moved to evidence/")
+    over = next(e for e in store.events() if e.seq == out["event"]["data"]["override_event"])
+    assert any(other.name in u for u in over.data["unmet"]) and store.champion() == s2.id
 
 
 def test_edited_event_is_named_and_does_not_count(workspace, stored_lm, tmp_path):  # noqa: F811

@@ -46,6 +46,9 @@ def register(sub) -> None:
     ap.add_argument("--by", default=None, help="name recorded beside your OS identity (default: $KEDIT_IDENTITY "
                                                "or the OS user)")
     ap.add_argument("--comment", default="")
+    ap.add_argument("--key", default=None, help="your SSH private key, to sign the approval when "
+                                                "lineage.approval_signing is ssh (default: $KEDIT_SIGNING_KEY, "
+                                                "else git config user.signingkey)")
     ap.set_defaults(func=_approve)
     pr = s.add_parser("promote", help="make a state the champion: needs a passed gate and an approval")
     pr.add_argument("state")
@@ -341,7 +344,7 @@ def _approve(args) -> int:
     from kedit.lineage import ops
 
     _, _, store = _store(args)
-    ev = ops.approve(store, args.state, by=_who(args), comment=args.comment)
+    ev = ops.approve(store, args.state, by=_who(args), comment=args.comment, key=args.key)
     check = store.promotion_check(ev.state)
     print(f"approved {ev.state[:12]} (event {ev.seq}, by {_people([ev])})")
     if not check.ok:

@@ -19,6 +19,7 @@ from kedit.lineage.identity import describe
 from kedit.lineage.intent import Intent, adopt, clear_intent, read_intent, step_done, write_intent
 from kedit.lineage.policy import refusal
 from kedit.lineage.registry import model_name
+from kedit.lineage.signing import signing_config
 from kedit.lineage.state import BASE, Event, LineageError, label
 from kedit.lineage.store import LineageStore, check_texts
 from kedit.workspace import Workspace
@@ -205,6 +206,8 @@ def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment:
     with store.lock(f"promote {state_id[:12]} by {by}"):
         repaired = finish_pending(ws, store, params)
         sid = store.resolve(state_id)
+        if not store.signing.on:  # a store opened without params.yaml's setting: the setting still holds
+            store.signing = signing_config(ws.root, params)
         check = store.promotion_check(sid, by=by, distinct=store.require_distinct_approver
                                       or bool(params.get("require_distinct_approver", False)))
         if not check.ok and not (override or "").strip():
@@ -250,9 +253,10 @@ def rollback(ws: Workspace, store: LineageStore, state_id: str | None, by: str, 
     return {"event": ev.to_dict(), **out, **({"repaired": repaired} if repaired else {})}
 
 
-def approve(store: LineageStore, state_id: str, by: str, comment: str = "") -> Event:
-    """Record an approval of ``state_id`` (what a promotion needs after a passed gate)."""
-    return store.approve(store.resolve(state_id), by=by, comment=comment)
+def approve(store: LineageStore, state_id: str, by: str, comment: str = "", key: str | Path | None = None) -> Event:
+    """Record an approval of ``state_id`` (what a promotion needs after a passed gate); signed with the
+    approver's SSH ``key`` when ``lineage.approval_signing`` is on (see :meth:`LineageStore.approve`)."""
+    return store.approve(store.resolve(state_id), by=by, comment=comment, key=key)
 
 
 def divergences(ws: Workspace, store: LineageStore, params: dict[str, Any] | None = None) -> list[str]:
