@@ -1,0 +1,201 @@
+"""Per-approver signatures on approve events (issue 38.4, ``lineage.approval_signing: ssh``): a forged
+approval chained with kedit's own ``chain.seal`` passed verify and promote. With signing on, an approval
+counts only with a good SSH signature by its approver from the workspace's allowed signers file.
+Real ssh-keygen, throwaway keys."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kedit.lineage import LineageStore, ops
+from kedit.lineage.chain import seal
+from kedit.lineage.policy import PromotionRefused
+from kedit.lineage.signing import SigningError, payload, sign, signing_config
+from kedit.params import ParamsError
+from tests.test_lineage import gate_and_approve, run_batches, stored_lm  # noqa: F401  (fixture re-export)
+from tests.test_lineage_integrity import _forge
+
+pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen not installed")
+
+
+def _key(tmp_path: Path, name: str) -> Path:
+    key = tmp_path / "keys" / name
+    key.parent.mkdir(exist_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)], check=True)
+    return key
+
+
+def _signing_ws(workspace, tmp_path, monkeypatch, signers: dict[str, Path]):
+    """params.yaml with approval signing on, an allowed signers file listing ``signers`` (name -> key),
+    and the store as every command opens it."""
+    monkeypatch.delenv("KEDIT_SIGNING_KEY", raising=False)
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "no-gitconfig"))  # no user.signingkey from $HOME
+    (workspace.root / "params.yaml").write_text("lineage: {approval_signing: ssh, allowed_signers: allowed_signers}\n")
+    (workspace.root / "allowed_signers").write_text(
+        "".join(f"{name} {Path(str(k) + '.pub').read_text()}" for name, k in signers.items()))
+    params = {**ops.lineage_params(workspace), "mlflow": False, "dvc": False}
+    return params, ops.open_store(workspace, params)
+
+
+def _forged_approval(store: LineageStore, state_id: str, by: str = "alice", signature: dict | None = None) -> Path:
+    """An approval chained with kedit's public ``seal`` (the attack of case 4e), optionally carrying a signature."""
+    chain = store.chain()
+    seq = chain.last_seq + 1
+    raw = seal({"seq": seq, "type": "approve", "state": state_id, "by": by, "at": "2026-12-07T00:00:00Z",
+                "comment": "", "data": {}, "actor": {"identity": by, "os_user": by, "uid": 1000, "host": "h",
+                                                     "pid": 1, "configured": False}}, chain.head)
+    if signature is not None:
+        raw = seal({**raw, "signature": signature}, chain.head)
+    return _forge(store, f"{seq:06d}-approve.json", raw)
+
+
+def test_a_chained_forged_approval_counts_with_signing_off(workspace, stored_lm):  # noqa: F811
+    """Off (the default) keeps the chain's documented limit: a forged approval chained with ``seal``
+    counts. This is what the option closes (the next tests)."""
+    store = LineageStore(workspace.lineage_dir)
+    (s1,) = run_batches(store, stored_lm(), 1)
+    store.record_gate(s1.id, {"passed": True}, against=None)
+    _forged_approval(store, s1.id)
+    assert store.verify(deep=False).ok and store.promotion_check(s1.id).ok
+    assert not ops.open_store(workspace).signing.on
+
+
+def test_signed_approval_promotes_and_forgeries_are_refused(workspace, stored_lm, tmp_path, monkeypatch,  # noqa: F811
+                                                            capsys):
+    from kedit.cli import main
+
+    alice, mallory = _key(tmp_path, "alice"), _key(tmp_path, "mallory")
+    params, store = _signing_ws(workspace, tmp_path, monkeypatch, {"alice": alice})
+    s1, s2 = run_batches(store, stored_lm(), 2)
+    w = ["-w", str(workspace.root)]
+
+    # a signed approval (through the CLI, key from --key) promotes
+    store.record_gate(s1.id, {"passed": True}, against=None)
+    assert main([*w, "lineage", "approve", s1.id[:12], "--by", "alice", "--key", str(alice)]) == 0
+    (ev,) = [e for e in store.events() if e.type == "approve"]
+    assert ev.signature["namespace"] == "kedit-approval" and "BEGIN SSH SIGNATURE" in ev.signature["sig"]
+    ops.promote(workspace, store, s1.id, by="bob", params=params)
+    assert store.champion() == s1.id and store.verify(deep=False).ok
+    real_sig = ev.signature
+
+    # forged with chain.seal, unsigned: named by verify, refused by promote (CLI too)
+    store.record_gate(s2.id, {"passed": True}, against=s1.id)
+    forged = _forged_approval(store, s2.id)
+    assert store.chain().problems == []
+    assert main([*w, "lineage", "verify", "--quick"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"(approve, {forged.name}): it carries no approval signature, although approvals are signed since " \
+           f"event {ev.seq}" in out, out
+    assert main([*w, "lineage", "promote", s2.id[:12], "--by", "mallory", "--no-mlflow", "--no-dvc"]) == 2
+    assert forged.name in capsys.readouterr().err and store.champion() == s1.id
+
+    # signed by a key not in allowed_signers (mallory signing as alice)
+    forged.unlink()
+    chain = store.chain()
+    body = seal({"seq": chain.last_seq + 1, "type": "approve", "state": s2.id, "by": "alice", "at": "t",
+                 "comment": "", "data": {}, "actor": {}}, chain.head)
+    forged = _forge(store, f"{chain.last_seq + 1:06d}-approve.json",
+                    seal({**body, "signature": sign(payload(body), mallory, "alice")}, chain.head))
+    assert store.chain().problems == []
+    problems = store.verify(deep=False).problems
+    assert any(forged.name in p and "is not a good signature by 'alice'" in p for p in problems), problems
+    with pytest.raises(PromotionRefused, match=f"{forged.name}.*not a good signature"):
+        ops.promote(workspace, store, s2.id, by="bob", params=params)
+
+    # alice's real signature, moved onto another payload (her approval of s1 copied to s2)
+    forged.unlink()
+    forged = _forged_approval(store, s2.id, signature=real_sig)
+    assert any(forged.name in p and "not a good signature" in p for p in store.verify(deep=False).problems)
+    with pytest.raises(PromotionRefused, match=f"{forged.name}.*not a good signature"):
+        ops.promote(workspace, store, s2.id, by="bob", params=params)
+
+    # a signed approval edited afterwards (its chain recomputed): the signature no longer holds
+    forged.unlink()
+    good = store.approve(s2.id, by="alice", key=alice)
+    path = store.events_dir / good.file
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps(seal({**raw, "comment": "edited"}, raw["prev"])))
+    assert store.chain().problems == []
+    with pytest.raises(PromotionRefused, match=f"{good.file}.*not a good signature"):
+        ops.promote(workspace, store, s2.id, by="bob", params=params)
+    path.write_text(json.dumps(raw))  # as signed: it promotes
+    ops.promote(workspace, store, s2.id, by="bob", params=params)
+    assert store.champion() == s2.id
+
+
+def test_approve_refuses_what_would_not_count(workspace, stored_lm, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """No key, a missing key file, a key the allowed signers do not list for the name, no ssh-keygen:
+    each a clear error naming it, and nothing written."""
+    from kedit.cli import main
+
+    alice, mallory = _key(tmp_path, "alice"), _key(tmp_path, "mallory")
+    _, store = _signing_ws(workspace, tmp_path, monkeypatch, {"alice": alice})
+    (s1,) = run_batches(store, stored_lm(), 1)
+    store.record_gate(s1.id, {"passed": True}, against=None)
+    w = ["-w", str(workspace.root), "lineage", "approve", s1.id[:12], "--by", "alice"]
+    assert main(w) == 2
+    assert "no SSH signing key for the approval" in capsys.readouterr().err
+    assert main([*w, "--key", str(tmp_path / "nope")]) == 2
+    assert f"--key: SSH signing key {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    assert main([*w, "--key", str(mallory)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is not a good signature by 'alice'" in err and "would not count, so it was not recorded" in err
+    with pytest.raises(SigningError, match="ssh-keygen not found on PATH"):
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+        store.approve(s1.id, by="alice", key=alice)
+    monkeypatch.undo()
+    assert [e.type for e in store.events()] == ["gate"]
+    # the key from $KEDIT_SIGNING_KEY (a .pub path names its private key)
+    monkeypatch.setenv("KEDIT_SIGNING_KEY", f"{alice}.pub")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "no-gitconfig"))
+    assert store.approve(s1.id, by="alice").signature is not None
+    assert store.promotion_check(s1.id).ok
+    # verify without ssh-keygen cannot check it: named, and the approval does not count
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    fresh = LineageStore(workspace.lineage_dir, signing=store.signing)
+    assert any("cannot be checked: ssh-keygen not found" in p for p in fresh.verify(deep=False).problems)
+    assert not fresh.promotion_check(s1.id).ok
+
+
+def test_unsigned_approvals_from_before_signing(workspace, stored_lm, tmp_path, monkeypatch):  # noqa: F811
+    """Switching signing on in a lineage with unsigned approvals: they are not named as problems (verify
+    stays clean until the first signed approval), but they no longer count for a promotion."""
+    alice = _key(tmp_path, "alice")
+    plain = LineageStore(workspace.lineage_dir)
+    s1, s2 = run_batches(plain, stored_lm(), 2)
+    gate_and_approve(plain, s1)
+    plain.promote(s1.id, by="bob")
+    gate_and_approve(plain, s2)  # unsigned, before signing was on
+    params, store = _signing_ws(workspace, tmp_path, monkeypatch, {"alice": alice})
+    assert store.verify(deep=False).ok and store.champion() == s1.id
+    with pytest.raises(PromotionRefused, match="carries no approval signature .*--key PATH"):
+        ops.promote(workspace, store, s2.id, by="bob", params=params)
+    # the Python API with a store made without the setting: ops.promote applies params.yaml's
+    with pytest.raises(PromotionRefused, match="carries no approval signature"):
+        ops.promote(workspace, LineageStore(workspace.lineage_dir), s2.id, by="bob", params=params)
+    store.approve(s2.id, by="alice", key=alice)
+    ops.promote(workspace, store, s2.id, by="bob", params=params)
+    assert store.champion() == s2.id and store.verify(deep=False).ok
+
+
+def test_signing_settings_are_checked(workspace, tmp_path):
+    from kedit.lineage.access import lineage_params
+
+    ws = workspace
+    assert not signing_config(ws.root, {"approval_signing": False}).on
+    assert signing_config(ws.root, {"approval_signing": "ssh"}).allowed_signers == ws.root.resolve() / "allowed_signers"
+    with pytest.raises(SigningError, match="'gpg' is not a signing mode"):
+        signing_config(ws.root, {"approval_signing": "gpg"})
+    with pytest.raises(SigningError, match="outside the workspace"):
+        signing_config(ws.root, {"approval_signing": "ssh", "allowed_signers": "../elsewhere"})
+    (ws.root / "params.yaml").write_text("lineage: {approval_signing: 1}\n")
+    with pytest.raises(ParamsError, match="key 'approval_signing': expected a string or a boolean"):
+        lineage_params(ws)
+    (ws.root / "params.yaml").write_text("lineage: {approval_signing: gpg}\n")
+    with pytest.raises(SigningError, match="not a signing mode"):
+        ops.open_store(ws)
