@@ -30,12 +30,13 @@ def _key(tmp_path: Path, name: str) -> Path:
     return key
 
 
-def _signing_ws(workspace, tmp_path, monkeypatch, signers: dict[str, Path]):
+def _signing_ws(workspace, tmp_path, monkeypatch, signers: dict[str, Path], extra: str = ""):
     """params.yaml with approval signing on, an allowed signers file listing ``signers`` (name -> key),
     and the store as every command opens it."""
     monkeypatch.delenv("KEDIT_SIGNING_KEY", raising=False)
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "no-gitconfig"))  # no user.signingkey from $HOME
-    (workspace.root / "params.yaml").write_text("lineage: {approval_signing: ssh, allowed_signers: allowed_signers}\n")
+    (workspace.root / "params.yaml").write_text(
+        f"lineage: {{approval_signing: ssh, allowed_signers: allowed_signers{extra}}}\n")
     (workspace.root / "allowed_signers").write_text(
         "".join(f"{name} {Path(str(k) + '.pub').read_text()}" for name, k in signers.items()))
     params = {**ops.lineage_params(workspace), "mlflow": False, "dvc": False}
@@ -172,7 +173,9 @@ def test_unsigned_approvals_from_before_signing(workspace, stored_lm, tmp_path, 
     plain.promote(s1.id, by="bob")
     gate_and_approve(plain, s2)  # unsigned, before signing was on
     params, store = _signing_ws(workspace, tmp_path, monkeypatch, {"alice": alice})
-    assert store.verify(deep=False).ok and store.champion() == s1.id
+    rep = store.verify(deep=False)
+    assert rep.ok and store.champion() == s1.id
+    assert "2 approve events (first 2, last 5) carry no approval signature" in " ".join(rep.notes), rep.notes
     with pytest.raises(PromotionRefused, match="carries no approval signature .*--key PATH"):
         ops.promote(workspace, store, s2.id, by="bob", params=params)
     # the Python API with a store made without the setting: ops.promote applies params.yaml's
@@ -199,3 +202,29 @@ def test_signing_settings_are_checked(workspace, tmp_path):
     (ws.root / "params.yaml").write_text("lineage: {approval_signing: gpg}\n")
     with pytest.raises(SigningError, match="not a signing mode"):
         ops.open_store(ws)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_nightly_decide_step_uses_the_reviewers_signed_approval(workspace, stored_lm, tmp_path, monkeypatch):  # noqa: F811
+    """The decide step does not sign on a reviewer's behalf: without a key on the worker it says how to
+    approve; with the reviewer's signed approval recorded it promotes without writing another, and the
+    promotion commit carries the allowed signers file."""
+    from kedit.lineage.versioning import Versioning, state_tag
+    from kedit.refresh import decide_step
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    alice = _key(tmp_path, "alice")
+    _, store = _signing_ws(workspace, tmp_path, monkeypatch, {"alice": alice}, extra=", mlflow: false")
+    (s1,) = run_batches(store, stored_lm(), 1)
+    v = Versioning(workspace)
+    v.ensure()
+    store.record_gate(s1.id, {"passed": True}, against=None)
+    with pytest.raises(SigningError, match=f"approve with your own key first .*kedit lineage approve {s1.id[:12]}"):
+        decide_step(workspace, "k", s1.id, True, "alice", "looks right")
+    assert [e.type for e in store.events()] == ["gate"]
+    store.approve(s1.id, by="alice", key=alice)
+    out = decide_step(workspace, "k", s1.id, True, "alice", "looks right")
+    assert out["decision"] == "promoted" and store.champion() == s1.id
+    assert [e.type for e in store.events()] == ["gate", "approve", "promote"]
+    committed = v.git("show", f"{state_tag(s1.id)}:allowed_signers")
+    assert committed == (workspace.root / "allowed_signers").read_text().strip()

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 def _versioning(ws: Workspace, params: dict[str, Any]):
     from kedit.lineage.versioning import Versioning
 
-    return Versioning(ws, remote=params.get("dvc_remote"), sign=bool(params.get("sign_commits", False)))
+    signing = signing_config(ws.root, params)  # its allowed signers file travels in the git history
+    track = (str(signing.allowed_signers.relative_to(ws.root.resolve())),) if signing.on else ()
+    return Versioning(ws, remote=params.get("dvc_remote"), sign=bool(params.get("sign_commits", False)), track=track)
 
 
 def _registry(ws: Workspace, slug: str, params: dict[str, Any]):

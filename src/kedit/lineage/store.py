@@ -1125,6 +1125,12 @@ class LineageStore:
             sealed_by = f"event {seals[0].seq} (seal by {escape_text(seals[0].by)})" if seals else None
             if chain.note(sealed_by):
                 rep.notes.append(chain.note(sealed_by))
+        unsigned = [e.seq for e in evs if self.signing.on and e.type == "approve" and e.signature is None
+                    and e.file not in bad]
+        if unsigned:
+            rep.notes.append(f"{len(unsigned)} approve events (first {unsigned[0]}, last {unsigned[-1]}) carry no "
+                             f"approval signature: written before lineage.approval_signing was on; they do not "
+                             f"count for a promotion")
         if deep and not rep.problems:
             self._deep_verify(list(valid.values()), rep, progress)
         return rep

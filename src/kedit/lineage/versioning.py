@@ -49,6 +49,8 @@ class Versioning:
     remote: str | None = None
     remote_name: str = "kedit"
     sign: bool = False  # params.yaml lineage.sign_commits: `git commit -S` with git's configured signing key
+    # workspace files committed with every snapshot when present (the allowed signers file of approval signing)
+    track: tuple[str, ...] = ()
 
     @property
     def root(self) -> Path:
@@ -138,7 +140,7 @@ class Versioning:
         if added:
             self.dvc("add", "-q", *added)
         self.git("add", *[f"{d}.dvc" for d in added], ".gitignore",
-                 *[f for f in ("dvc.yaml", "dvc.lock", "params.yaml") if (self.root / f).exists()])
+                 *[f for f in ("dvc.yaml", "dvc.lock", "params.yaml", *self.track) if (self.root / f).exists()])
         sign = ["-S"] if self.sign else []
         if self.git("diff", "--cached", "--name-only"):
             self.git("commit", "-q", *sign, "-m", message)
