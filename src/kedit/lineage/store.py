@@ -372,9 +372,11 @@ class LineageStore:
     def _hash_file(self, path: Path) -> str:
         return self._cached(path, sha256_file)
 
-    def _scan(self) -> tuple[list[Event], ChainReport, dict[str, str]]:
+    def _scan(self, signatures: bool = True) -> tuple[list[Event], ChainReport, dict[str, str]]:
         """The events (oldest first), their chain and the untrusted ones (file -> why); recomputed when
-        an event file changes, the bindings of gate verdicts each time (their files are hashed once)."""
+        an event file changes, the bindings of gate verdicts each time (their files are hashed once).
+        ``signatures=False``: approval signatures left unchecked (one ssh-keygen run per approval and
+        process), for readers that use no approval (the champion)."""
         records = self._event_records()
         key = tuple((p, self._file_cache[p][0]) for p, _ in records)
         if self._chain_cache is None or self._chain_cache[0] != key:
@@ -395,7 +397,7 @@ class LineageStore:
                 why = self._binding_problem(e, evs)
                 if why:
                     bad[e.file] = why
-        if self.signing.on:
+        if self.signing.on and signatures:
             self._signature_problems(evs, {p.name: raw for p, raw in records}, bad)
         return list(evs), chain, bad
 
@@ -441,11 +443,11 @@ class LineageStore:
 
     def events(self) -> list[Event]:
         """Every event file, trusted or not, oldest first (see :meth:`trusted_events`)."""
-        return self._scan()[0]
+        return self._scan(signatures=False)[0]
 
     def chain(self) -> ChainReport:
         """The hash chain over the events, checked (:mod:`kedit.lineage.chain`)."""
-        return self._scan()[1]
+        return self._scan(signatures=False)[1]
 
     def untrusted(self) -> dict[str, str]:
         """Event file -> why it is not trusted: it fails the chain, its file name does not match its
@@ -504,9 +506,11 @@ class LineageStore:
         return ev.state if ev else None
 
     def champion_event(self) -> Event | None:
-        """The last trusted promote / rollback event (None: nothing was ever promoted)."""
-        for ev in reversed(self.trusted_events()):
-            if ev.type in ("promote", "rollback"):
+        """The last trusted promote / rollback event (None: nothing was ever promoted); approval signatures
+        play no part in it, and are not checked here."""
+        evs, _, bad = self._scan(signatures=False)
+        for ev in reversed(evs):
+            if ev.type in ("promote", "rollback") and ev.file not in bad:
                 return ev
         return None
 
@@ -835,10 +839,10 @@ class LineageStore:
         sig = sign(payload(raw), key, str(raw["by"]))
         why = check_signature(payload(raw), sig, str(raw["by"]), self.signing.allowed_signers)
         if why:
-            raise SigningError(f"approve: signed with {key}, but {why.removeprefix('its signature ')}: the approval "
-                               f"would not count, so it was not recorded. The allowed signers file must list "
-                               f"{raw['by']!r} with this key's public half ({key}.pub), or sign with "
-                               f"{raw['by']!r}'s key")
+            raise SigningError(f"approve: signed with {key}, but the signature {why.removeprefix('its signature ')}: "
+                               f"the approval would not count, so it was not recorded. The allowed signers file "
+                               f"must list {raw['by']!r} with this key's public half ({key}.pub), or sign with the "
+                               f"key it lists for {raw['by']!r}")
         return sig
 
     def _create_event_file(self, seq: int, type_: str, raw: dict) -> None:
