@@ -874,8 +874,11 @@ class LineageStore:
 
     def promotion_check(self, state_id: str, by: str | None = None, distinct: bool | None = None) -> Check:
         """The promotion rules (:mod:`kedit.lineage.policy`) for ``state_id`` over the trusted events
-        (a refusal names the state's untrusted events and why). ``by``: who would promote; with
-        ``distinct`` (None: ``require_distinct_approver``) the approval must come from another account."""
+        (a refusal names the state's untrusted events and why), and one more: no problem anywhere in
+        the events (:meth:`event_problems`, what ``verify`` names), since one event written outside
+        kedit makes every event suspect. With approval signing on, only signed approvals count.
+        ``by``: who would promote; with ``distinct`` (None: ``require_distinct_approver``) the approval
+        must come from another account."""
         state = self.get(state_id)
         problems = self.event_problems()
         events, _, bad = self._scan()
@@ -898,7 +901,7 @@ class LineageStore:
                                "from the git + DVC history, or move the named files out of lineage/events/ when "
                                "they are the last events (`kedit lineage seal` is only for events written before "
                                "the chain, `kedit lineage gate` records a fresh verdict)")
-        if check.unmet:  # say why events that would have met a rule did not count (they never block one)
+        if check.unmet:  # say why events that would have met a rule did not count (each also blocks it above when verify would name it)
             check.unmet.extend(f"event {e.seq} ({e.type} of {state.short}, {e.file}) is not trusted and does not "
                                f"count: {bad[e.file]}" for e in events if e.file in bad and e.state == state.id)
         return check
