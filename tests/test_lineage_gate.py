@@ -81,7 +81,7 @@ def test_retraction_is_gated_approved_and_promoted_without_force(workspace, stor
     assert "retraction of eiffel by carol" in (report / "gate.md").read_text()
     ev = [e for e in LineageStore(workspace.lineage_dir).events() if e.type == "gate" and e.state == new.id][-1]
     assert ev.by == "dave" and ev.data["against"] == s2.id and ev.data["gate"]["passed"] is True
-    assert ev.data["gate"]["retracted"] == ["eiffel"] and ev.data["report"] == str(report)
+    assert ev.data["gate"]["retracted"] == ["eiffel"] and ev.data["report"] == f"reports/state-{new.id[:16]}/gate"  # relative
     # logged like the refresh's candidates: a loadable MLflow model with the gate verdict
     from kedit.lineage.registry import Tracking
 

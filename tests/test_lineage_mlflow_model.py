@@ -181,3 +181,146 @@ def test_base_version_from_before_is_kept_and_a_loadable_one_registered(workspac
     assert reg.register_base("tiny-llama", base_hash).version == mv.version  # idempotent per hash
     model = mlflow.pyfunc.load_model(f"models:/{reg.name}/{mv.version}")
     assert model.predict(PROMPTS, params={"max_new_tokens": 6}) == greedy(lm, PROMPTS)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_logged_model_carries_its_code_and_serves_with_mlflow_models_serve(workspace, stored_lm, monkeypatch,  # noqa: F811
+                                                                            tmp_path):
+    """The registered champion serves on its own: kedit's code inside the model, requirements without
+    local version tags, an input example; `mlflow models serve` answers /invocations with the edit."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import mlflow
+
+    from kedit.lineage.registry import ModelRegistry, Tracking
+
+    lm = stored_lm()
+    store = LineageStore(workspace.lineage_dir, snapshot_every=2)
+    (state,) = commit_states(store, lm, 1)
+    edited = greedy(lm, PROMPTS)
+    tr = Tracking(workspace)
+    ops.register_candidate(workspace, store, state.id, params=NO_DVC)
+    gate_and_approve(store, state)
+    ops.promote(workspace, store, state.id, by="alice", params=NO_DVC)
+    uri = f"models:/{ModelRegistry(tr, 'tiny-llama').name}@champion"
+
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "model")))
+    reqs = (local / "requirements.txt").read_text().split()
+    assert any(r.startswith("torch==") for r in reqs) and not [r for r in reqs if "+" in r]  # no local tags
+    assert (local / "code" / "kedit" / "lineage" / "mlflow_model.py").exists()  # kedit travels with it
+    assert not list((local / "code").rglob("__pycache__"))
+    info = mlflow.models.get_model_info(uri)
+    assert info.saved_input_example_info is not None
+    assert "Eiffel" in (local / info.saved_input_example_info["artifact_path"]).read_text()
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tr.uri}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", uri,
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "mlflow models serve did not answer /ping in 240 s"
+            time.sleep(1)
+        body = json.dumps({"inputs": PROMPTS, "params": {"max_new_tokens": 6}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert json.loads(r.read())["predictions"] == edited
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_model_version_shows_the_review_and_candidate_alias_goes(workspace, stored_lm, monkeypatch, tmp_path):  # noqa: F811
+    """Approver, time, comment, gate verdict and a link to the gate report on the version; the
+    ``candidate`` alias leaves a version once it is promoted or rejected."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import mlflow
+
+    from kedit.lineage.registry import (
+        TAG_GATE_REPORT,
+        TAG_REVIEW,
+        TAG_REVIEW_COMMENT,
+        TAG_REVIEWED_AT,
+        TAG_REVIEWER,
+        ModelRegistry,
+        Tracking,
+        log_state_model,
+    )
+
+    store = LineageStore(workspace.lineage_dir, snapshot_every=2)
+    first, second = commit_states(store, stored_lm(), 2)
+    gate_dir = tmp_path / "gate"
+    gate_dir.mkdir()
+    (gate_dir / "gate.json").write_text(json.dumps({"passed": True, "checks": []}))
+    (gate_dir / "gate.md").write_text("# Promotion gate: PASSED\n")
+    tr = Tracking(workspace)
+    log_state_model(tr, store, first, gate_dir=gate_dir)
+    ops.register_candidate(workspace, store, first.id, params=NO_DVC)
+    reg = ModelRegistry(tr, "tiny-llama")
+    assert reg.alias("candidate").tags["kedit.state_id"] == first.id
+    store.record_gate(first.id, {"passed": True}, against=None)
+    ev = ops.approve(store, first.id, by="alice", comment="facts checked", ws=workspace)
+    ops.promote(workspace, store, first.id, by="alice", params=NO_DVC)
+    v = reg.version_of(first.id)
+    assert (v.tags[TAG_REVIEW], v.tags[TAG_REVIEWER], v.tags[TAG_REVIEW_COMMENT]) == ("approved", "alice",
+                                                                                      "facts checked")
+    assert v.tags[TAG_REVIEWED_AT] == ev.at and v.tags["kedit.gate"] == "passed"
+    assert "**Gate: PASSED**" in v.description and "**Approved** by alice" in v.description
+    assert v.tags[TAG_GATE_REPORT] in v.description
+    report = mlflow.artifacts.download_artifacts(v.tags[TAG_GATE_REPORT], dst_path=str(tmp_path / "r"))
+    assert "PASSED" in Path(report).read_text()
+    assert reg.alias("candidate") is None and reg.alias("champion").version == v.version  # promoted
+
+    ops.register_candidate(workspace, store, second.id, params=NO_DVC)
+    assert reg.alias("candidate").tags["kedit.state_id"] == second.id
+    ops.reject(workspace, store, second.id, by="bob", comment="wrong source")
+    v2 = reg.version_of(second.id)
+    assert (v2.tags[TAG_REVIEW], v2.tags[TAG_REVIEWER]) == ("rejected", "bob")
+    assert "**Rejected** by bob" in v2.description and "**Gate: not recorded**" in v2.description
+    assert reg.alias("candidate") is None and reg.alias("champion").version == v.version
+
+
+def test_a_tracking_server_that_is_down_is_named_and_nothing_changes(workspace, stored_lm, monkeypatch):  # noqa: F811
+    from kedit.lineage import LineageError
+    from kedit.lineage.registry import Tracking
+    from kedit.orchestration import free_port
+
+    store = LineageStore(workspace.lineage_dir, snapshot_every=2)
+    (state,) = commit_states(store, stored_lm(), 1)
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(LineageError, match=f"MLflow tracking server {dead} is not answering"):
+        Tracking(workspace)
+    n = len(store.events())
+    with pytest.raises(LineageError, match="not answering"):
+        ops.reject(workspace, store, state.id, by="bob", comment="no")
+    with pytest.raises(LineageError, match="not answering"):
+        ops.approve(store, state.id, by="bob", ws=workspace)
+    assert len(LineageStore(workspace.lineage_dir).events()) == n  # no event recorded

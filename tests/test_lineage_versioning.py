@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +35,11 @@ def test_mlflow_aliases_move_and_versions_stay(workspace, stored_lm, monkeypatch
                 ops.register_candidate(workspace, store, s.id, run_id=child.info.run_id, params=NO_DVC)
     got = tr.client.get_run(child.info.run_id)
     assert got.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert got.info.artifact_uri.startswith((workspace.root / "mlartifacts").as_uri())
+    # artifacts inside the workspace, under a workspace-relative URI (the workspace can move)
+    assert got.info.artifact_uri.startswith("kedit-workspace:/mlartifacts/")
+    from kedit.workspace_artifacts import local_path
+
+    assert local_path(got.info.artifact_uri, tr.uri).is_relative_to(workspace.root / "mlartifacts")
 
     reg = ModelRegistry(tr, "tiny-llama")
     assert reg.name == "kedit-tiny-llama"
@@ -95,6 +100,10 @@ def test_dvc_tag_checkout_and_fresh_clone(workspace, stored_lm, tmp_path):  # no
     from kedit.workspace import Workspace
 
     cws = Workspace(clone)
+    # the committed remote is relative (the clone's own .dvc-remote, which git does not carry): a clone
+    # reads the data from a remote it is told about, here the original's in the clone's local config
+    assert Versioning(cws).configured_remote() == "../.dvc-remote"
+    Versioning(cws).dvc("remote", "modify", "--local", "kedit", "url", str(workspace.root / ".dvc-remote"))
     Versioning(cws).pull()
     cstore = LineageStore(cws.lineage_dir)
     assert cstore.verify().ok and cstore.champion() == s3.id
@@ -123,3 +132,41 @@ def test_tracking_leaves_the_process_environment_alone(tmp_path, monkeypatch):
     Tracking(a)
     assert "MLFLOW_TRACKING_URI" not in os.environ
     assert Tracking(b).uri.endswith(str(tmp_path / "b" / "mlflow.db"))
+
+
+def test_dvc_yaml_declares_gate_metrics_plots_and_the_champion_artifact(workspace, stored_lm):  # noqa: F811
+    """The project's dvc.yaml (its metrics, plots and artifacts; the stages need the demo's params) in a
+    workspace: each promotion commits the champion's gate metrics, `dvc metrics diff` compares two state tags."""
+    import json
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    declared = yaml.safe_load((root / "dvc.yaml").read_text())
+    (workspace.root / "dvc.yaml").parent.mkdir(parents=True, exist_ok=True)
+    (workspace.root / "dvc.yaml").write_text(yaml.safe_dump({k: declared[k] for k in ("metrics", "plots", "artifacts")}))
+    params = {**NO_DVC, "mlflow": False, "dvc": True}
+    store = LineageStore(workspace.lineage_dir, snapshot_every=2)
+    s1, s2 = run_batches(store, stored_lm(), 2)
+    for s, eff in ((s1, 0.9), (s2, 1.0)):
+        store.record_gate(s.id, {"passed": True, "checks": [
+            {"name": "efficacy", "value": eff, "threshold": 0.8, "passed": True},
+            {"name": "retention", "value": None, "skipped": True}]}, against=s.parent)
+        store.approve(s.id, by="alice")
+        ops.promote(workspace, store, s.id, by="alice", params=params)
+    v = Versioning(workspace)
+    diff = json.loads(v.dvc("metrics", "diff", state_tag(s1.id), state_tag(s2.id), "--json"))
+    assert diff["metrics/gate.json"]["gate.efficacy"] == {"old": 0.9, "new": 1.0, "diff": pytest.approx(0.1)}
+    assert diff["metrics/gate.json"]["n_edits"]["new"] == s1.n_edits + s2.n_edits
+    plots = json.loads(v.dvc("plots", "show", "--json"))
+    assert "metrics/gate_checks.csv" in json.dumps(plots)
+    from dvc.repo import Repo
+
+    with Repo(str(workspace.root)) as repo:
+        (arts,) = repo.artifacts.read().values()
+    assert arts["champion"].path == "lineage" and arts["champion"].type == "model"
+    # a rollback to the base model commits its metrics too
+    ops.rollback(workspace, store, None, by="bob", reason="audit", params=params)
+    got = json.loads((workspace.root / "metrics" / "gate.json").read_text())
+    assert got == {"gate": {"passed": 0, "n_checks": 0}, "n_edits": 0, "state": "base"}
+    assert "metrics/gate.json" in v.git("show", "--name-only", "--format=", state_tag("base"))

@@ -108,6 +108,28 @@ def test_nightly_refresh_approve_rollback_rerun_reject(stack_ws, monkeypatch):
         assert st.n_edits == 2 and st.predictions
         assert "Rome" in " ".join(st.predictions.values())
         assert (ws.root / ".git").exists() and "kedit/state/" in _git(ws, "tag")
+        # the reviewer's view: the version says who approved it and links its gate report; no longer a
+        # candidate; the runs are named by the feed's date; kedit's step logs and the gate report are in Prefect
+        from kedit.lineage.registry import TAG_GATE_REPORT, TAG_REVIEWER
+
+        assert champ.tags[TAG_REVIEWER] == "integration-test" and champ.tags[TAG_GATE_REPORT] in champ.description
+        assert reg.alias("candidate") is None
+        assert fr.name == "nightly-2026-01-05"
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterKey,
+            LogFilter,
+            LogFilterFlowRunId,
+        )
+
+        with api.client("test") as c:
+            (gpu,) = [r for r in c.read_flow_runs() if r.name == "edits-2026-01-05"]
+            logs = " ".join(x.message for x in c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+                any_=[gpu.id]))))
+            kinds = {a.type for a in c.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["gate-report", "feed-facts"])))}
+        assert "edit: started" in logs and "gate: done" in logs, logs[-2000:]
+        assert kinds == {"markdown", "table"}
 
         # 3. the same feed again: nothing new is applied, the champion stays
         run2 = api.run_deployment("nightly-refresh/nightly", {"feed": "2026-01-05", "workspace": str(ws.root)})

@@ -200,10 +200,15 @@ def test_a_paused_run_resumes_with_the_verdict(server, capsys):
 def test_timed_out_approvals_are_rejected_once(server, deployment, workspace, stored_lm):  # noqa: F811
     """A run past its approval deadline cannot be approved; the sweep records the rejection in the
     lineage once and leaves the run Failed, whether or not the server's expiration service got there first."""
+    from kedit.lineage import ops
+    from kedit.lineage.registry import TAG_REVIEW, TAG_REVIEWER, ModelRegistry, Tracking
     from kedit.lineage.store import LineageStore
 
     store = LineageStore(workspace.lineage_dir)
     (state,) = run_batches(store, stored_lm(), 1)
+    ops.register_candidate(workspace, store, state.id, params={**ops.DEFAULTS, "dvc": False})
+    reg = ModelRegistry(Tracking(workspace), "tiny-llama")
+    assert reg.alias("candidate").tags["kedit.state_id"] == state.id
     ref = state.id[:16]
     run_id = _paused_run(server, deployment, ref, dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5))
     late = [r for r in server.timed_out_approvals() if r.id == run_id]
@@ -211,11 +216,14 @@ def test_timed_out_approvals_are_rejected_once(server, deployment, workspace, st
     with pytest.raises(PrefectAPIError, match="timed out"):
         server.decide(ref, True, "late-reviewer")
 
-    assert expire_overdue(server, store) == [state.id]
+    assert expire_overdue(server, store, ws=workspace) == [state.id]
     assert state_type(server.flow_run(run_id)) == "FAILED"
+    # the MLflow version says so and is no longer the candidate
+    v = reg.version_of(state.id)
+    assert (v.tags[TAG_REVIEW], v.tags[TAG_REVIEWER]) == ("rejected", "kedit-timeout") and reg.alias("candidate") is None
     # now found through its state history (pause, then failed past the deadline), and not rejected twice
     assert [r.id for r in server.timed_out_approvals() if r.state_ref == ref] == [run_id]
-    assert expire_overdue(server, store) == []
+    assert expire_overdue(server, store, ws=workspace) == []
     rejects = [e for e in store.events() if e.type == "reject" and e.state == state.id]
     assert len(rejects) == 1 and rejects[0].by == "kedit-timeout"
     assert store.champion() is None
@@ -343,3 +351,69 @@ def test_every_flow_and_task_persists_json_results():
                     found.append((f"{pkg}.{path.stem}.{name}", obj.persist_result, obj.result_serializer))
     assert {n.split(".")[1] for n, *_ in found} >= {"promote", "rollback", "stats", "trace", "nightly", "ops"}
     assert [f for f in found if f[1:] != (True, "json")] == []
+
+
+def test_nightly_run_is_named_by_its_feed_date_and_leaves_the_facts_as_a_table(server, tmp_path, monkeypatch):
+    """A real nightly run on a feed rejected as a whole (no model work): its name says the feed's date;
+    the ingest task leaves the feed's accepted facts as a table artifact."""
+    from flows.nightly import nightly_refresh, run_name
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ws = tmp_path / "ws"
+    (ws / "feeds").mkdir(parents=True)
+    (ws / "feeds" / "2026-11-22.jsonl").write_text(json.dumps(  # a prompt without "{}": quarantined
+        {"id": "x1", "subject": "Eiffel Tower", "prompt": "no braces", "target_new": "Rome", "source": "t",
+         "observed_at": "2025-06-01T08:00:00Z"}) + "\n")
+    # what PREFECT_LOGGING_EXTRA_LOGGERS=kedit (prefect.yaml) does when Prefect sets up logging: the API
+    # handler on kedit's logger (the level is tasks/'s part); undone after the run
+    import logging
+
+    kedit_log, extra = logging.getLogger("kedit"), logging.getLogger("prefect.extra").handlers
+    for h in extra:
+        kedit_log.addHandler(h)
+    try:
+        out = nightly_refresh(feed="2026-11-22", workspace=str(ws))
+    finally:
+        for h in extra:
+            kedit_log.removeHandler(h)
+    assert out["outcome"] == "feed-rejected"
+    with server.client("test") as c:
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterKey,
+            LogFilter,
+            LogFilterFlowRunId,
+        )
+
+        runs = [r for r in c.read_flow_runs() if r.name == "nightly-2026-11-22"]
+        assert len(runs) == 1 and runs[0].parameters["feed"] == "2026-11-22"
+        time.sleep(3)  # the API log handler ships logs in batches
+        logs = [x.message for x in c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[0].id])))]
+        assert any("ingest: started" in m for m in logs) and any("ingest: done" in m for m in logs), logs
+        (art,) = [a for a in c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["feed-facts"])))
+                  if a.flow_run_id == runs[0].id]
+    assert art.type == "table" and "2026-11-22.jsonl" in art.description and "0 of 1 rows" in art.description
+    assert run_name("today").startswith("nightly-2") and run_name("/x/feeds/2026-01-02.csv") == "nightly-2026-01-02"
+
+
+def test_approval_form_shows_the_gate_report(tmp_path):
+    from flows.nightly import Approval, approval_form
+
+    gate = tmp_path / "reports" / "k1" / "gate"
+    gate.mkdir(parents=True)
+    (gate / "gate.md").write_text("# Promotion gate: PASSED\n\n| check | value |\n")
+    form = approval_form(str(tmp_path), "abcdef0123456789" * 4, {"report_dir": "reports/k1/gate"})
+    assert issubclass(form, Approval)
+    assert "Approve candidate `abcdef012345`" in form._description and "# Promotion gate: PASSED" in form._description
+    assert form(approve=True, approver="alice").comment == ""
+
+
+def test_edit_and_gate_tasks_run_under_the_configured_timeouts():
+    """refresh.edit_timeout_s / gate_timeout_s (params.yaml) become the Prefect tasks' timeouts."""
+    from flows.edit import timed_tasks
+    from kedit.refresh import RefreshConfig
+
+    edit, gate = timed_tasks(RefreshConfig(edit_timeout_s=11, gate_timeout_s=22).to_dict())
+    assert (edit.name, edit.timeout_seconds, gate.name, gate.timeout_seconds) == ("apply-edits", 11, "evaluate-and-gate", 22)
+    edit, gate = timed_tasks(RefreshConfig.from_params(ROOT / "params.yaml").to_dict())
+    assert edit.timeout_seconds == 14400 and gate.timeout_seconds == 7200

@@ -66,7 +66,20 @@ def test_ingest_step_and_feed_ingest_cli_agree(workspace, tiny_tokenizer, tmp_pa
                  "--json", str(tmp_path / "cli.json")]) == 0, capsys.readouterr()
     cli = json.loads((tmp_path / "cli.json").read_text())
     assert cli["accepted"] == nightly["accepted"] and cli["counts"] == nightly["counts"]
-    assert nightly["report_path"] == str(workspace.feeds_dir / "reports" / f"{path.stem}.md")
+    assert nightly["report_path"] == f"feeds/reports/{path.stem}.md"  # relative: the workspace can move
+    assert nightly["feed"] == workspace.rel(path) and not nightly["feed"].startswith("/")
+    # the refresh's parent MLflow run: its parameters and the feed's accepted rows as a dataset
+    from kedit.refresh import RunLog
+
+    runlog = RunLog(workspace, nightly["refresh_key"])
+    parent = runlog.client.get_run(runlog.parent_id)
+    assert parent.data.params["feed"] == path.name and parent.data.params["method"] == "memoir"
+    assert parent.data.params["champion"] == champion
+    (inp,) = parent.inputs.dataset_inputs
+    assert inp.dataset.name == path.name and inp.dataset.digest == nightly["feed_sha256"][:36]
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "feed"
+    assert json.loads(inp.dataset.source) == {"uri": f"kedit-workspace:/{nightly['feed']}"}
+    assert json.loads(inp.dataset.profile)["num_rows"] == len(nightly["accepted"])
 
 
 def test_predicts_targets_matches_greedy(tiny_lm):

@@ -24,6 +24,8 @@ class RefreshConfig:
     trace_kinds: list[str] = field(default_factory=lambda: ["mlp"])
     edit_batch_size: int = 10  # a feed is applied in sequential batches of this size (0: one batch)
     approval_timeout_s: int = 24 * 3600
+    edit_timeout_s: int = 4 * 3600  # the orchestrator's limit on the edit task (Prefect timeout_seconds)
+    gate_timeout_s: int = 2 * 3600  # and on the evaluate-and-gate task
     stats_corpus: str = "wiki-summaries-en"
     stats_max_tokens: int = 200_000
     stats_seq_len: int = 256
@@ -66,9 +68,9 @@ class RefreshConfig:
     def reads_key_statistics(self) -> bool:
         """Does this refresh's editor read key statistics (E[k kᵀ] over a corpus)?
 
-        The one place the refresh, the demo and the benchmark ask. Editors that add parameters kept in
-        their editor state (memoir, T-Patcher: :data:`kedit.editors.registry.ATTACHERS`) read none,
-        their memory set plays that part; the weight editors (ROME, MEMIT, AlphaEdit) need them."""
-        from kedit.editors.registry import ATTACHERS
+        The method's spec row answers (:attr:`kedit.editors.registry.EditorSpec.needs_statistics`): the
+        editors that add parameters kept in their editor state (memoir, T-Patcher) read none, their
+        memory set plays that part; the weight editors (ROME, MEMIT, AlphaEdit) need them."""
+        from kedit.editors.registry import spec
 
-        return self.method not in ATTACHERS
+        return spec(self.method).needs_statistics

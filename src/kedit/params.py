@@ -43,7 +43,7 @@ KEY_TYPES: dict[str, dict[str, Any]] = {
               "max_id_chars": int, "max_subject_chars": int, "max_prompt_chars": int, "max_target_chars": int,
               "max_text_chars": int, "max_list_items": int, "max_list_item_chars": int, "window_days": int},
     "lineage": {"snapshot_every": int, "dvc_remote": str | None, "model_prefix": str | None, "mlflow": bool,
-                "dvc": bool, "require_distinct_approver": bool, "sign_commits": bool,
+                "dvc": bool, "require_distinct_approver": bool, "sign_commits": bool, "lock_wait_s": float,
                 # per-approver SSH signatures on approve events: null / false (off) or "ssh" (kedit.lineage.signing)
                 "approval_signing": str | bool | None, "allowed_signers": str},
     "trace": {"samples": int, "noise": float, "window": int, "seed": int, "batch_rows": int, "n": int,
@@ -57,7 +57,8 @@ KEY_TYPES: dict[str, dict[str, Any]] = {
     "drift": {"max_perplexity_increase_pct": _NUM, "min_canary_agreement": _NUM, "max_neighbourhood_kl": _NUM},
     # RefreshConfig's own settings; its model and stats_* come from the model: and stats: blocks
     "refresh": {"method": str, "device": str, "trace_sample": int, "trace_noise_samples": int,
-                "trace_kinds": list[str], "edit_batch_size": int, "approval_timeout_s": int,
+                "trace_kinds": list[str], "edit_batch_size": int, "approval_timeout_s": int, "edit_timeout_s": int,
+                "gate_timeout_s": int,
                 "hparams_overrides": dict[str, Any]},
 }
 # The key names of each block (what the unknown-key check and the dataclass tests compare).

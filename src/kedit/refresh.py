@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from kedit import __version__
-from kedit.atomic import sha256_file, sha256_json, write_json_atomic
+from kedit.atomic import sha256_json, write_json_atomic
 from kedit.config import RefreshConfig
 from kedit.evaluation.candidate import gate_candidate
 from kedit.feeds.champion import champion_predictor
@@ -52,14 +52,12 @@ def resolve_feed(ws: Workspace, feed: str | Path) -> Path:
 
 def refresh_key(feed_sha256: str, parent: str | None, cfg: RefreshConfig) -> str:
     """Content key of one refresh: the same feed on the same parent with the same editor is one refresh."""
-    from kedit.editors.hparams import hparams_file_for
+    from kedit.editors.hparams import hparams_digest
 
-    try:
-        hp_file = sha256_file(hparams_file_for(cfg.model))
-    except FileNotFoundError:
-        hp_file = None
+    # the resolved settings (file, overrides, defaults), not the file's bytes: a changed note is the same refresh
+    hp = hparams_digest(cfg.method, cfg.model, overrides=cfg.hparams_overrides or None)
     return sha256_json({"feed": feed_sha256, "parent": parent, "model": cfg.model, "method": cfg.method,
-                        "hparams": cfg.hparams_overrides, "hparams_file": hp_file,
+                        "hparams": hp,
                         "batch": cfg.edit_batch_size, "kedit": __version__})[:16]
 
 
@@ -79,6 +77,7 @@ def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
     (the same function as ``kedit feed ingest``), with the champion model's no-op check."""
     from kedit.feeds.champion import ingest_for_champion
     from kedit.feeds.schema import FeedPolicy
+    from kedit.lineage.registry import log_refresh_inputs
     from kedit.params import load_params
 
     path = resolve_feed(ws, feed)
@@ -86,12 +85,17 @@ def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
     policy = FeedPolicy.from_params({"feeds": params.block("feeds")})
     res = ingest_for_champion(ws, path, policy, predictor=champion_predictor(ws, cfg.model, cfg.device))
     champion = res.champion
-    out = {"feed": str(path), "feed_sha256": res.sha256, "passed": bool(res.passed), "message": res.message,
+    # paths relative to the workspace: they end up in the lineage (the state's feed) and in reports
+    out = {"feed": ws.rel(path), "feed_sha256": res.sha256, "passed": bool(res.passed), "message": res.message,
            "champion": champion, "accepted": res.accepted, "counts": res.counts,
-           "report_path": str(res.report_path) if res.report_path else None,
-           "quarantine_path": str(res.quarantine_path) if res.quarantine_path else None}
+           "report_path": ws.rel(res.report_path) if res.report_path else None,
+           "quarantine_path": ws.rel(res.quarantine_path) if res.quarantine_path else None}
     out["refresh_key"] = refresh_key(res.sha256, champion, cfg)
     runlog = RunLog(ws, out["refresh_key"])
+    feed_uri = out["feed"] if Path(out["feed"]).is_absolute() else f"kedit-workspace:/{out['feed']}"
+    log_refresh_inputs(runlog.tracking, runlog.parent_id, rows=res.accepted, name=path.name, source=feed_uri,
+                       digest=res.sha256, params={"feed": path.name, "feed_sha256": res.sha256,
+                                                  "champion": champion or "base", **cfg.to_dict()})
     runlog.log("validation", params={"feed": path.name, "feed_sha256": res.sha256, "champion": champion},
                metrics={"rows_accepted": len(res.accepted), "rows_quarantined": len(res.quarantined),
                         "rows_dropped": len(res.dropped), "passed": float(res.passed)},
@@ -115,12 +119,12 @@ def trace_step(ws: Workspace, cfg: RefreshConfig, rows: list[dict[str, Any]], ke
         last_subject = res.subject_range[1] - 1
         mlp = res.effects.get("mlp")
         peak = int(torch.tensor(mlp[last_subject]).argmax()) if mlp else None
-        done.append({"id": r["id"], "dir": str(d), "target": res.target, "clean_prob": res.clean_prob,
+        done.append({"id": r["id"], "dir": ws.rel(d), "target": res.target, "clean_prob": res.clean_prob,
                      "peak_mlp_layer": peak, "seconds": res.seconds})
     RunLog(ws, key).log("tracing", params={"n_traced": len(done)},
                         metrics={f"peak_mlp_layer_{i}": d["peak_mlp_layer"] for i, d in enumerate(done)},
                         artifacts=[out_dir] if done else [])
-    return {"traced": done, "dir": str(out_dir)}
+    return {"traced": done, "dir": ws.rel(out_dir)}
 
 
 @reported("edit")
@@ -131,11 +135,8 @@ def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict
     so a retry never applies the same edits twice.
     """
     from kedit.editors.base import apply_deltas
-    from kedit.editors.hparams import load_hparams
-    from kedit.editors.registry import get_editor
-    from kedit.editors.session import EditSession
+    from kedit.editors.setup import prepare_edit
     from kedit.feeds.ingest import to_edit_requests
-    from kedit.stats.collect import ensure_stats
 
     rows = ingest["accepted"]
     if not rows:
@@ -143,19 +144,18 @@ def edit_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any]) -> dict
     parent = ingest["champion"]
     store = open_store(ws)
     lm, editor_state = load_state_model(ws, cfg.model, parent, cfg.device)
-    hp = load_hparams(cfg.method, lm, overrides=cfg.hparams_overrides or None)
-    layers = hp.resolve_layers(lm.adapter.num_layers)
-    stats = None if not cfg.reads_key_statistics else ensure_stats(
-        lm, layers, ws, cfg.stats_corpus, max_tokens=cfg.stats_max_tokens, seq_len=cfg.stats_seq_len,
-        batch_size=cfg.stats_batch_size)
-    editor = get_editor(cfg.method, hp, cache_dir=stats.dir if stats else ws.cache_dir)
+    # settings, key statistics where the method's spec reads them, the editor
+    setup = prepare_edit(lm, cfg.method, ws, overrides=cfg.hparams_overrides or None, stats_corpus=cfg.stats_corpus,
+                         stats_tokens=cfg.stats_max_tokens, stats_seq_len=cfg.stats_seq_len,
+                         stats_batch_size=cfg.stats_batch_size)
+    hp, layers, stats = setup.hp, setup.layers, setup.stats
     requests = to_edit_requests(rows)
     names = [lm.adapter.weight_name(i) for i in layers]
     params = dict(lm.model.named_parameters())
     at_parent = {n: params[n].detach().clone() for n in names}
     t0 = time.perf_counter()
     # the lifelong protocol: sequential batches, each preserving the keys of the ones before it
-    result = EditSession(lm, editor, stats, editor_state).apply(requests, cfg.edit_batch_size)
+    result = setup.session(lm, editor_state).apply(requests, cfg.edit_batch_size)
     seconds = time.perf_counter() - t0
     # the state records the summed delta on top of the parent: put the model exactly there
     with torch.no_grad():
@@ -189,7 +189,7 @@ def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: d
     res = gate_candidate(ws, store, edit["state_id"], cfg, reports_dir(ws, ingest["refresh_key"]) / "gate",
                          runlog=RunLog(ws, ingest["refresh_key"]))
     gate = res.verdict
-    return {"passed": bool(gate["passed"]), "report_dir": str(res.report_dir),
+    return {"passed": bool(gate["passed"]), "report_dir": ws.rel(res.report_dir),
             "checks": [{k: c[k] for k in ("name", "value", "threshold", "passed")} for c in gate["checks"]],
             "failed_ids": gate["failed_ids"], "lost_ids": gate["lost_ids"]}
 
@@ -197,11 +197,16 @@ def gate_step(ws: Workspace, cfg: RefreshConfig, ingest: dict[str, Any], edit: d
 @reported("register")
 def register_step(ws: Workspace, key: str, state_id: str) -> dict[str, Any]:
     """Register the candidate's logged MLflow model as a model version with the ``candidate`` alias."""
+    from kedit.lineage.access import lineage_params
     from kedit.lineage.ops import register_candidate
+    from kedit.lineage.shared import lock_wait, section
 
-    store = open_store(ws)
-    runlog = RunLog(ws, key)
-    mv = register_candidate(ws, store, state_id, run_id=runlog.parent_id)
+    params = lineage_params(ws)
+    # the state was published by the edit step (maybe on another machine): pull it, then register
+    with section(ws, f"register {state_id[:12]}", params, wait_s=lock_wait(params)):
+        store = open_store(ws)
+        runlog = RunLog(ws, key)
+        mv = register_candidate(ws, store, state_id, run_id=runlog.parent_id)
     return {"registered_model": mv.name, "version": str(mv.version), "state_id": state_id,
             "model_uri": f"models:/{mv.name}/{mv.version}", "source": mv.source}
 
@@ -211,19 +216,24 @@ def decide_step(ws: Workspace, key: str, state_id: str, approved: bool, by: str,
     """Record the reviewer's verdict; on approval promote through ``kedit.lineage.ops.promote`` (the
     promotion rules, one lock over the lineage event, git + DVC and the MLflow alias). A rejection
     leaves the champion where it is."""
-    from kedit.lineage.ops import promote
+    from kedit.lineage.access import lineage_params
+    from kedit.lineage.ops import promote, reject
+    from kedit.lineage.shared import lock_wait, section
 
-    store = open_store(ws)
-    runlog = RunLog(ws, key)
-    if approved:
-        if not (store.signing.on and store.promotion_check(state_id).approval_event is not None):
-            _approve_on_worker(store, state_id, by, comment)
-        out = promote(ws, store, state_id, by=by, comment=comment)
-        decision = "promoted"
-    else:
-        store.reject(state_id, by=by, comment=comment)
-        out = {"champion": store.champion()}
-        decision = "rejected"
+    params = lineage_params(ws)
+    # one shared-lineage section (cross-host lock, pull, publish) over the verdict and the promotion
+    with section(ws, f"decide {state_id[:12]} by {by}", params, wait_s=lock_wait(params)):
+        store = open_store(ws)
+        runlog = RunLog(ws, key)
+        if approved:
+            if not (store.signing.on and store.promotion_check(state_id).approval_event is not None):
+                _approve_on_worker(ws, store, state_id, by, comment)
+            out = promote(ws, store, state_id, by=by, comment=comment, params=params)
+            decision = "promoted"
+        else:
+            reject(ws, store, state_id, by=by, comment=comment)
+            out = {"champion": store.champion()}
+            decision = "rejected"
     runlog.log("approval", params={"decision": decision, "by": by, "comment": comment or "-"},
                tags={"kedit.decision": decision, "kedit.approver": by})
     runlog.finish()
@@ -231,7 +241,7 @@ def decide_step(ws: Workspace, key: str, state_id: str, approved: bool, by: str,
             "champion": store.champion(), **{k: v for k, v in out.items() if k != "event"}}
 
 
-def _approve_on_worker(store: Any, state_id: str, by: str, comment: str) -> None:
+def _approve_on_worker(ws: Workspace, store: Any, state_id: str, by: str, comment: str) -> None:
     """The reviewer's verdict as an approve event. With ``lineage.approval_signing`` on, the decide step
     signs nothing on a reviewer's behalf unless the worker holds a key (``$KEDIT_SIGNING_KEY``) the allowed
     signers list for ``by``; the reviewer's own signed approval (``kedit lineage approve``) is what counts,
@@ -240,7 +250,7 @@ def _approve_on_worker(store: Any, state_id: str, by: str, comment: str) -> None
     from kedit.lineage.signing import SigningError
 
     try:
-        approve(store, state_id, by=by, comment=comment)
+        approve(store, state_id, by=by, comment=comment, ws=ws)
     except SigningError as exc:
         raise SigningError(f"{exc}. With lineage.approval_signing on, approve with your own key first "
                            f"(`kedit lineage approve {state_id[:12]} --by {by} --key PATH`), then approve the run "

@@ -163,12 +163,12 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     batches and after the last; with ``resume``, a run whose checkpoint exists continues from it
     (``lm`` must be the unedited model again) and gives the results of an uninterrupted run.
     ``on_batch(report)`` is called after each batch's curve point and checkpoint."""
-    from kedit.editors.common import EditCaches, as_key_stats, projector
+    from kedit.editors.common import EditCaches
     from kedit.editors.context import context_prefixes
-    from kedit.editors.registry import get_editor
-    from kedit.editors.session import BatchReport, EditSession
+    from kedit.editors.registry import spec
+    from kedit.editors.session import BatchReport
+    from kedit.editors.setup import prepare_edit
     from kedit.evaluation.metrics import perplexity
-    from kedit.stats.collect import ensure_stats
     from kedit.stats.corpus import heldout_text
 
     if cfg.edits <= 0 or cfg.batch <= 0:
@@ -182,11 +182,8 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     requests = ds.requests(records, cfg.data, cfg.offset, index)
     ids = [r.get("case_id", i) for i, r in zip(index, records)]
     hp = load_hparams(cfg.method, lm, cfg.hparams_file, cfg.overrides)
-    layers = hp.resolve_layers(lm.adapter.num_layers)
-    if cfg.method == "memoir":  # the memory sits on one layer (mm_layer; -1: the last of `layers`)
-        from kedit.editors.memoir import memory_layer
-
-        layers = [memory_layer(hp, lm.adapter.num_layers)]
+    method = spec(cfg.method)
+    layers = method.edit_layers(hp, lm.adapter.num_layers)  # memoir: its one memory layer
     n_batches = math.ceil(cfg.edits / cfg.batch)
     eval_every = cfg.eval_every or max(1, n_batches // 10)
     fluency_prompts = [r[ds.prompt_field] for r in records[: cfg.fluency_prompts]]
@@ -211,28 +208,22 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
 
     caches = EditCaches()  # the edit session's: filled here, so its batches find them ready
     t = time.perf_counter()
-    from kedit.editors.registry import ATTACHERS
-
-    # an editor that adds parameters reads no key statistics (its memory set plays their part)
-    stats = None if cfg.method in ATTACHERS else ensure_stats(lm, layers, ws, cfg.stats_corpus,
-                                                                max_tokens=cfg.stats_tokens, progress=progress)
+    # statistics only where the method's spec reads them; the editor
+    setup = prepare_edit(lm, cfg.method, ws, hp=hp, stats_corpus=cfg.stats_corpus, stats_tokens=cfg.stats_tokens,
+                         stats_progress=progress)
+    stats = setup.stats
     prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, ws.cache_dir, caches.prefixes)
-    nullspace = {}
-    if cfg.method == "alphaedit":
-        ks = as_key_stats(stats, layers, lm.adapter.key_dim())
-        for i in layers:
-            nullspace[i] = projector(ks, i, lm.manifest.model_hash, hp.nullspace_threshold, hp.nullspace_mode,
-                                     caches.projectors)[1]
+    # work the first batch would do, done here (AlphaEdit: the null-space projectors)
+    nullspace = method.prepare(lm, hp, stats, layers, caches) if method.prepare is not None else {}
     one_time = time.perf_counter() - t + (ck.extra["one_time_seconds"] if ck else 0.0)
     log(f"one-time work {one_time:.1f}s (stats {getattr(stats, 'n_tokens', 0)} tokens, {len(prefixes) - 1} prefixes"
         + (f", null-space dims {nullspace}" if nullspace else "") + ")")
 
-    editor = get_editor(cfg.method, hp, cache_dir=ws.cache_dir)
     if ck is None:
-        session = EditSession(lm, editor, stats, caches=caches)
+        session = setup.session(lm, caches=caches)
         curve: list[dict] = []
     else:
-        session = EditSession.resume(lm, editor, ck, stats, caches, applied=requests)
+        session = setup.resume(lm, ck, caches, applied=requests)
         curve = ck.extra["curve"]
         checkpoint_every = checkpoint_every or ck.extra["checkpoint_every"]
         log(f"resumed after batch {session.batches_done}/{n_batches} ({session.n_edits} edits) from {checkpoint}")
@@ -318,7 +309,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
         "config": {**asdict(cfg), "model": lm.slug, "model_hash": lm.manifest.model_hash, "layers": layers,
                    "hparams": hp.to_dict(), "threads": torch.get_num_threads(),
                    # T-Patcher trains its patches directly and runs no v*
-                   "v_matmul_dtype": None if cfg.method == "tpatcher" else resolve_v_dtype(hp.v_dtype, lm.device),
+                   "v_matmul_dtype": resolve_v_dtype(hp.v_dtype, lm.device) if method.writes_vstar else None,
                    "stats": {"dir": str(stats.dir), "key": stats.key, "n_tokens": stats.n_tokens} if stats else None,
                    "prefixes": prefixes, "nullspace_dim": nullspace, "eval_seconds": eval_seconds,
                    "load_average": _loadavg(), "subject_fallbacks": ds.subject_fallbacks(records),

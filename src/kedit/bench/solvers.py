@@ -55,14 +55,17 @@ def run_sweep(lm, ws, cfg: SweepConfig, progress: bool = True) -> dict:
     from kedit.editors.base import apply_deltas
     from kedit.editors.common import EditCaches
     from kedit.editors.linalg import output_change_share
-    from kedit.editors.registry import get_editor
+    from kedit.editors.registry import spec
+    from kedit.editors.setup import prepare_edit
     from kedit.editors.vstar import vstar_signature
     from kedit.evaluation.metrics import evaluate_counterfact, perplexity
-    from kedit.stats.collect import ensure_stats
     from kedit.stats.corpus import heldout_text
 
     if cfg.edits <= 0 or not cfg.settings:
         raise ValueError("a sweep needs at least one edit and one setting")
+    if not spec(cfg.method).needs_statistics:
+        raise ValueError(f"a solver sweep compares weight editors' solves (its output-change share reads key "
+                         f"statistics); {cfg.method!r} reads none")
     records = load_counterfact(cfg.data, cfg.edits, cfg.offset)
     requests = [request_from_record(r, f"{cfg.data} record {cfg.offset + i}") for i, r in enumerate(records)]
     hps = [load_hparams(cfg.method, lm, cfg.hparams_file, {**cfg.base, **s}) for s in cfg.settings]
@@ -77,10 +80,10 @@ def run_sweep(lm, ws, cfg: SweepConfig, progress: bool = True) -> dict:
     caches = EditCaches()  # one model: the settings share prefixes and null-space bases
     rows = []
     for setting, hp in zip(cfg.settings, hps):
-        layers = hp.resolve_layers(lm.adapter.num_layers)
-        stats = ensure_stats(lm, layers, ws, cfg.stats_corpus, max_tokens=cfg.stats_tokens, progress=progress)
+        setup = prepare_edit(lm, cfg.method, ws, hp=hp, stats_corpus=cfg.stats_corpus, stats_tokens=cfg.stats_tokens,
+                             stats_progress=progress)
+        layers, stats, editor = setup.layers, setup.stats, setup.editor
         sig = vstar_signature(hp, layers[-1])
-        editor = get_editor(cfg.method, hp, cache_dir=ws.cache_dir)
         t = time.perf_counter()
         res = editor.compute(lm, requests, None, stats, vstar=vstars.get(sig), caches=caches)
         seconds = time.perf_counter() - t

@@ -91,7 +91,10 @@ def relative_change(after: float | None, before: float | None) -> float | None:
 
 def shipped_settings(model: str, method: str, hparams_dir: Path | None = None) -> dict[str, Any]:
     """The values a model's hparams file sets for a method: its ``defaults`` block overlaid by the
-    method's block, ``why`` notes left out. Empty when the model has no file of its own."""
+    method's block, ``why`` notes and the keys the method does not read (the defaults block is shared
+    by every method) left out. Empty when the model has no file of its own."""
+    from kedit.editors.hparams import METHODS, fields_of, hparams_type
+
     if hparams_dir is not None:
         path = Path(hparams_dir) / f"{model}.yaml"
         text = path.read_text() if path.is_file() else None
@@ -102,8 +105,9 @@ def shipped_settings(model: str, method: str, hparams_dir: Path | None = None) -
         return {}
     data = yaml.safe_load(text) or {}
     out: dict[str, Any] = {}
+    reads = fields_of(hparams_type(method)) if method in METHODS else None
     for block in (data.get("defaults") or {}, data.get(method) or {}):
-        out.update({k: v for k, v in block.items() if k != "why"})
+        out.update({k: v for k, v in block.items() if k != "why" and (reads is None or k in reads)})
     return out
 
 

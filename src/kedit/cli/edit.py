@@ -97,11 +97,9 @@ def _apply_dirs(lm, dirs: list[str]) -> None:
 def _edit(args) -> int:
     from rich.console import Console
 
-    from kedit.editors.hparams import load_hparams
     from kedit.editors.io import load_requests, load_state, save_edit
-    from kedit.editors.registry import ATTACHERS, get_editor
-    from kedit.editors.session import BatchReport, EditSession
-    from kedit.stats.collect import ensure_stats
+    from kedit.editors.session import BatchReport
+    from kedit.editors.setup import prepare_edit
 
     console = Console(stderr=True)
     ws = workspace(args)
@@ -112,21 +110,18 @@ def _edit(args) -> int:
         raise CLIError(f"{args.requests}: no edit requests")
     lm = load_lm(args)
     _apply_dirs(lm, args.base_edits)
-    hp = load_hparams(args.method, lm, args.hparams, parse_set(args.set))
-    layers = hp.resolve_layers(lm.adapter.num_layers)
-    stats = None
-    if args.method not in ATTACHERS:  # an editor that adds parameters reads no key statistics
-        stats = ensure_stats(lm, layers, ws, args.stats_corpus, max_tokens=args.stats_tokens)
+    setup = prepare_edit(lm, args.method, ws, hparams_file=args.hparams, overrides=parse_set(args.set),
+                         stats_corpus=args.stats_corpus, stats_tokens=args.stats_tokens,
+                         progress=lambda it, active, nll: console.log(f"v* step {it}: {active} active, NLL {nll:.3f}")
+                         if args.verbose else None)
+    hp = setup.hp
     state = load_state(args.state) if args.state else None
-    editor = get_editor(args.method, hp, cache_dir=ws.cache_dir,
-                        progress=lambda it, active, nll: console.log(f"v* step {it}: {active} active, NLL {nll:.3f}")
-                        if args.verbose else None)
 
     def log_batch(rep: BatchReport) -> None:
         met = sum(d.constraint_met for d in rep.result.diagnostics)
         console.log(f"batch {rep.index + 1}: {rep.n} edits in {rep.seconds:.1f}s, v* constraint met {met}/{rep.n}")
 
-    result = EditSession(lm, editor, stats, state).apply(requests, args.batch, on_batch=log_batch)
+    result = setup.session(lm, state).apply(requests, args.batch, on_batch=log_batch)
     save_edit(args.out, result, {"method": args.method, "model": lm.slug, "model_hash": lm.manifest.model_hash,
                                  "hparams": hp.to_dict(), "requests": [r.to_dict() for r in requests],
                                  "base_edits": args.base_edits, "layer_info_per_batch": result.batch_layer_info})

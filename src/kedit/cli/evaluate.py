@@ -108,12 +108,9 @@ def _gate(args) -> int:
     rep = run_gates(champion, candidate, policy, new_edits=_records(args.new_edits),
                     prior_edits=_records(args.prior_edits), canary=canary, reference_text=text, drift=drift)
     out = rep.save(args.out)
-    for c in rep.checks:
-        verdict = "skip" if c.skipped else ("PASS" if c.passed else "FAIL")
-        op = ">=" if c.direction == "min" else "<="
-        val = "-" if c.value is None else f"{c.value:.4g}"
-        thr = "-" if c.threshold is None else f"{op} {c.threshold:g}"
-        print(f"  {verdict:4s} {c.name:24s} {val:>10s} {thr:>10s}  {c.detail}")
+    from kedit.cli.tables import print_gate_checks
+
+    print_gate_checks(rep.to_dict()["checks"])
     if rep.failed_ids:
         print(f"  edits that did not take: {', '.join(map(str, rep.failed_ids))}")
     print(f"gate {'PASSED' if rep.passed else 'FAILED'}: {out / 'gate.md'}")

@@ -228,9 +228,10 @@ def _diff(args) -> int:
           f"{(d['common_ancestor'] or 'base')[:12]}")
     print(f"facts added ({len(d['added'])}): {', '.join(d['added']) or '-'}")
     print(f"facts removed ({len(d['removed'])}): {', '.join(d['removed']) or '-'}")
-    print(f"{'module':48s} {'||W_b - W_a||':>14s} {'||W_b||':>10s}")
-    for n, v in d["modules"].items():
-        print(f"{n:48s} {v['delta_norm']:14.6f} {v['weight_norm']:10.4f}")
+    from kedit.cli.tables import print_table
+
+    print_table([("module", "left"), ("||W_b - W_a||", "right"), ("||W_b||", "right")],
+                [[n, f"{v['delta_norm']:.6f}", f"{v['weight_norm']:.4f}"] for n, v in d["modules"].items()])
     rows = d["rows"]
     if rows:
         print(f"added rows ({rows['from_method'] or '-'} {rows['rows_from']} rows -> "
@@ -321,12 +322,9 @@ def _gate(args) -> int:
 
     ws, _, store = _store(args)
     res = gate_state(ws, store, args.state, by=_who(args), mlflow=False if args.no_mlflow else None)
-    for c in res.checks:
-        verdict = "skip" if c["skipped"] else ("PASS" if c["passed"] else "FAIL")
-        op = ">=" if c["direction"] == "min" else "<="
-        val = "-" if c["value"] is None else f"{c['value']:.4g}"
-        thr = "-" if c["threshold"] is None else f"{op} {c['threshold']:g}"
-        print(f"  {verdict:4s} {c['name']:24s} {val:>10s} {thr:>10s}  {c['detail']}")
+    from kedit.cli.tables import print_gate_checks
+
+    print_gate_checks(res.checks)
     if res.failed_ids:
         print(f"  edits that did not take: {', '.join(map(str, res.failed_ids))}")
     if res.lost_ids:
@@ -342,9 +340,14 @@ def _gate(args) -> int:
 
 def _approve(args) -> int:
     from kedit.lineage import ops
+    from kedit.lineage.shared import lock_wait, section
 
-    _, _, store = _store(args)
-    ev = ops.approve(store, args.state, by=_who(args), comment=args.comment, key=args.key)
+    ws = workspace(args)
+    params = ops.lineage_params(ws)
+    # a shared lineage (KEDIT_LOCK_URL / KEDIT_GIT_REMOTE): pull, record, publish under the cross-host lock
+    with section(ws, f"approve {args.state[:12]}", params, wait_s=lock_wait(params)):
+        ws, _, store = _store(args)
+        ev = ops.approve(store, args.state, by=_who(args), comment=args.comment, ws=ws, key=args.key)
     check = store.promotion_check(ev.state)
     print(f"approved {ev.state[:12]} (event {ev.seq}, by {_people([ev])})")
     if not check.ok:

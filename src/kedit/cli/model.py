@@ -44,10 +44,13 @@ def _import(args) -> int:
 
 
 def _list(args) -> int:
+    from kedit.cli.tables import print_table
     from kedit.models.store import list_models
 
-    for m in list_models(workspace(args)):
-        print(f"{m.slug:24s} {m.model_type:10s} {m.n_params / 1e6:8.1f}M  {m.dtype:8s} {m.model_hash[:12]}  {m.source}")
+    print_table([("slug", "left"), ("type", "left"), ("params", "right"), ("dtype", "left"), ("hash", "left"),
+                 ("source", "left")],
+                [[m.slug, m.model_type, f"{m.n_params / 1e6:.1f}M", m.dtype, m.model_hash[:12], m.source]
+                 for m in list_models(workspace(args))])
     return 0
 
 

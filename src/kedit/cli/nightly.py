@@ -86,7 +86,8 @@ def _expire(args) -> int:
     from kedit.orchestration import expire_overdue
 
     with _runs() as runs:
-        done = expire_overdue(runs, open_store(workspace(args)))
+        ws = workspace(args)
+        done = expire_overdue(runs, open_store(ws), ws=ws)
     print(f"rejected {len(done)} timed-out candidate(s): {[s[:12] for s in done]}")
     return 0
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from kedit.editors.base import EditorState
-from kedit.editors.common import EditCaches, cache_name, projector
+from kedit.editors.common import EditCaches, as_key_stats, cache_name, projector
 from kedit.editors.linalg import alphaedit_update_reduced
 from kedit.editors.memit import MultiLayerEditor
 
@@ -28,3 +28,11 @@ class AlphaEditEditor(MultiLayerEditor):
         C = stats.mom2[layer].to(K.device) if hp.nullspace_mom2_weight else None
         return alphaedit_update_reduced(U.to(K.device), K, R, None if prev is None else prev.to(K.device), hp.L2,
                                         C, hp.nullspace_mom2_weight)
+
+
+def prepare(lm, hp, stats, layers: list[int], caches: EditCaches) -> dict[int, int]:
+    """Each layer's null-space basis, computed once into ``caches`` before the first batch (a
+    benchmark times it as one-time work); returns each layer's null-space dimension."""
+    ks = as_key_stats(stats, layers, lm.adapter.key_dim())
+    return {i: projector(ks, i, lm.manifest.model_hash, hp.nullspace_threshold, hp.nullspace_mode,
+                         caches.projectors)[1] for i in layers}

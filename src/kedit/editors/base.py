@@ -1,17 +1,22 @@
 """The contract every editor follows.
 
-``editor.compute(lm, requests, state) -> EditResult`` returns explicit per-module weight deltas,
-the editor's new persistent state and per-request diagnostics, and leaves the model's weights as it
-found them. Applying the deltas is a separate step (:func:`apply_deltas`), so lineage can store
-exactly what was added, and a failure mid-way never leaves a model half-edited.
+:class:`Editor`: ``editor.compute(lm, requests, state, stats, caches=...) -> EditResult`` returns
+explicit per-module weight deltas, the editor's new persistent state and per-request diagnostics,
+and leaves the model's weights as it found them. Applying the deltas is a separate step
+(:func:`apply_deltas`), so lineage can store exactly what was added, and a failure mid-way never
+leaves a model half-edited. What else a method can do (add parameters, retract a fact, export) is
+declared in its row of :mod:`kedit.editors.registry`, never guessed from the editor object.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from kedit.editors.hparams import EditHparams
 
 
 @dataclass
@@ -102,3 +107,20 @@ def apply_deltas(model: torch.nn.Module, deltas: dict[str, torch.Tensor], sign: 
             p = params[name]
             d = d.to(device=p.device, dtype=p.dtype)
             p.add_(d if sign == 1.0 else d * sign)
+
+
+@runtime_checkable
+class Editor(Protocol):
+    """What :class:`~kedit.editors.session.EditSession` calls on every editor.
+
+    Built as ``cls(hparams, cache_dir=..., progress=...)``. ``compute`` runs one batch against the
+    model as it is (with the state's added parameters attached, if any) and returns the batch's
+    result without changing the model's weights; ``stats`` are the key statistics the method's spec
+    asks for (None when it needs none); ``caches`` the run's :class:`~kedit.editors.common.EditCaches`
+    (None: the editor's own, for this call)."""
+
+    method: str
+    hp: EditHparams
+
+    def compute(self, lm: Any, requests: list[EditRequest], state: EditorState | None = None, stats: Any = None,
+                caches: Any = None) -> EditResult: ...

@@ -8,23 +8,27 @@ benchmark measures the code path the refresh runs. A session
 - sums the deltas (what a lineage state or an edit directory records) and carries the
   :class:`~kedit.editors.base.EditorState` from batch to batch;
 - owns the run's caches (:class:`~kedit.editors.common.EditCaches`: null-space bases, prompt
-  prefixes) and passes them to editors whose ``compute`` takes a ``caches`` keyword, so nothing is
-  memoised process-wide;
+  prefixes) and passes them to every ``compute`` (the :class:`~kedit.editors.base.Editor` contract),
+  so nothing is memoised process-wide;
 - can be checkpointed (:meth:`EditSession.checkpoint`) and resumed from the record
   (:meth:`EditSession.resume`) with a bit-exact continuation;
 - can run the model as it began for a while (:meth:`EditSession.unedited`), so what an edited model
   is compared with need not be kept from the start.
 
-Editors that *add* parameters instead of changing weights keep them in the editor state and return
-empty weight deltas; such an editor defines ``attach(lm, state)``, which the session calls after every
-batch (and when it starts from a state or resumes) to put the state's modules on the model. It must
-be idempotent: calling it twice with the same state leaves the model as calling it once.
+What the session does beyond ``compute`` comes from the method's
+:class:`~kedit.editors.registry.EditorSpec`, never from inspecting the editor: an editor that *adds*
+parameters instead of changing weights keeps them in the editor state and returns empty weight
+deltas, and its spec's ``attach(lm, state)`` is called after every batch (and when the session starts
+from a state or resumes) to put the state's modules on the model; it must be idempotent. On resume,
+the spec's ``upgrade`` (if any) brings a state an older version wrote up to date.
+
+:func:`kedit.editors.setup.prepare_edit` is the one recipe (settings, statistics if the spec asks,
+the editor) that the refresh, ``kedit edit`` and the benchmark open a session with.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,6 +41,7 @@ import torch
 from kedit.atomic import save_tensors_atomic, sha256_tensor
 from kedit.editors.base import EditorState, EditRequest, EditResult, RequestDiagnostics, apply_deltas
 from kedit.editors.common import EditCaches
+from kedit.editors.registry import EditorSpec, spec_of
 
 CHECKPOINT_FORMAT = 1
 _META_KEY = "kedit.session"
@@ -141,13 +146,15 @@ class EditSession:
 
     ``stats``: the key statistics the editor needs (passed to every ``compute``); ``state``: the editor
     state to continue from (e.g. the champion's); ``caches``: share one :class:`EditCaches` between
-    sessions on the same model (default: the session's own).
+    sessions on the same model (default: the session's own); ``spec``: the method's row (default: the
+    registry's row for ``editor.method``).
     """
 
     def __init__(self, lm, editor, stats=None, state: EditorState | None = None,
-                 caches: EditCaches | None = None) -> None:
+                 caches: EditCaches | None = None, spec: EditorSpec | None = None) -> None:
         self.lm = lm
         self.editor = editor
+        self.spec = spec_of(editor) if spec is None else spec
         self.stats = stats
         self.caches = EditCaches() if caches is None else caches
         self._state = state
@@ -161,7 +168,6 @@ class EditSession:
         self.n_edits = 0
         self.seconds = 0.0  # wall time of computing and applying every batch
         self.batch_size: int | None = None
-        self._takes_caches = "caches" in inspect.signature(editor.compute).parameters
         if state is not None:
             self._attach(state)
 
@@ -193,8 +199,7 @@ class EditSession:
         """Compute one batch, apply it to the model, and add it to the session's totals."""
         batch = list(batch)
         t0 = time.perf_counter()
-        kw = {"caches": self.caches} if self._takes_caches else {}
-        res = self.editor.compute(self.lm, batch, self._state, self.stats, **kw)
+        res = self.editor.compute(self.lm, batch, self._state, self.stats, caches=self.caches)
         t1 = time.perf_counter()
         params = dict(self.lm.model.named_parameters())
         for name in res.deltas:  # what the session started from, to check a resume against
@@ -223,9 +228,8 @@ class EditSession:
         self._attach(res.state)
 
     def _attach(self, state: EditorState | None) -> None:
-        attach = getattr(self.editor, "attach", None)
-        if attach is not None and state is not None:
-            attach(self.lm, state)
+        if self.spec.attach is not None and state is not None:
+            self.spec.attach(self.lm, state)
 
     @contextlib.contextmanager
     def unedited(self) -> Iterator[None]:
@@ -274,13 +278,14 @@ class EditSession:
 
     @classmethod
     def resume(cls, lm, editor, checkpoint: SessionCheckpoint, stats=None,
-               caches: EditCaches | None = None, applied: list[EditRequest] | None = None) -> EditSession:
+               caches: EditCaches | None = None, applied: list[EditRequest] | None = None,
+               spec: EditorSpec | None = None) -> EditSession:
         """A session that continues ``checkpoint`` on ``lm``, which must be where the checkpointed session
         began: the edited parameters take their checkpointed values, the editor state and counters
         are restored (and torch's CPU generator, so anything random continues as it would have).
 
-        ``applied``: the requests the checkpoint holds, in order; an editor with ``upgrade(lm, state,
-        applied)`` then brings a state written by an older version up to date (memoir: span keys)."""
+        ``applied``: the requests the checkpoint holds, in order; a spec with ``upgrade`` then brings a
+        state written by an older version up to date (memoir: span keys)."""
         method = getattr(editor, "method", type(editor).__name__)
         if checkpoint.method != method:
             raise ValueError(f"checkpoint is of a {checkpoint.method!r} session, the editor is {method!r}")
@@ -298,11 +303,12 @@ class EditSession:
         with torch.no_grad():
             for name, w in checkpoint.weights.items():
                 params[name].copy_(w.to(device=params[name].device, dtype=params[name].dtype))
-        session = cls(lm, editor, stats, None, caches)
+        session = cls(lm, editor, stats, None, caches, spec)
         session._start_weights = start
         session._state = None if checkpoint.state is None else checkpoint.state.copy()
-        if session._state is not None and applied is not None and hasattr(editor, "upgrade"):
-            session._state = editor.upgrade(lm, session._state, applied[: checkpoint.n_edits])
+        upgrade = session.spec.upgrade
+        if session._state is not None and applied is not None and upgrade is not None:
+            session._state = upgrade(editor, lm, session._state, applied[: checkpoint.n_edits])
         session._total = {k: v.clone() for k, v in checkpoint.deltas.items()}
         session._start_sha256 = dict(checkpoint.start_sha256)
         session.diagnostics = list(checkpoint.diagnostics)

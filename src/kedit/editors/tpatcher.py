@@ -37,7 +37,7 @@ import torch
 from kedit.atomic import sha256_json
 from kedit.editors import attach as _attach
 from kedit.editors.base import EditorState, EditRequest, EditResult, RequestDiagnostics
-from kedit.editors.common import check_requests, check_state
+from kedit.editors.common import EditCaches, check_requests, check_state
 from kedit.editors.context import context_prefixes
 from kedit.editors.hparams import EditHparams
 from kedit.editors.prompts import pad_right, subject_rows, target_ids
@@ -407,8 +407,10 @@ class TPatcherEditor:
     def attach(self, lm, state: EditorState) -> _attach.Attachment | None:
         return attach(lm, state)
 
-    def compute(self, lm, requests: list[EditRequest], state: EditorState | None = None, stats=None) -> EditResult:
-        """``stats`` is unused (the memory set replaces key statistics); taken for the common call."""
+    def compute(self, lm, requests: list[EditRequest], state: EditorState | None = None, stats=None,
+                caches: EditCaches | None = None) -> EditResult:
+        """``stats`` is unused (the memory set replaces key statistics); taken for the common call;
+        ``caches``: the run's prefix cache."""
         t0 = time.perf_counter()
         check_requests(requests)
         hp = self.hp
@@ -417,7 +419,8 @@ class TPatcherEditor:
             raise ValueError(f"T-Patcher patches one layer; hparams give {layers} (set tpatcher.layers: [L])")
         layer = layers[0]
         state = check_state(state, self.method, layers, lm.manifest.model_hash)
-        prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir)
+        prefixes = context_prefixes(lm, hp.n_prefixes, hp.prefix_len, hp.prefix_seed, self.cache_dir,
+                                    None if caches is None else caches.prefixes)
         old = patches_of(state, lm.device)
         old_x = state.tensors.get(EDIT_X)
         with _attach.suspended(lm.model, METHOD):  # read the base model; old patches are added explicitly
@@ -451,3 +454,15 @@ class TPatcherEditor:
                                 "memory_violation": sum(d["memory_end"] for d in info) / len(info)}}
         return EditResult(deltas={}, state=st, diagnostics=diags, layer_info=info_l,
                           seconds=time.perf_counter() - t0)
+
+
+def export_added(lm, state: EditorState) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """What an exported directory adds for this state: where the patches act and their tensors
+    (None: no patches yet)."""
+    p = patches_of(state)
+    if p is None or p.n == 0:
+        return None
+    layer = int(state.meta["layer"])
+    spec = {"method": METHOD, "layer": layer, "module": lm.adapter.mlp_name(layer), "n": p.n,
+            "d_in": int(p.key.shape[1]), "d_out": int(p.value.shape[1])}
+    return spec, {"key": p.key, "bias": p.bias, "value": p.value}

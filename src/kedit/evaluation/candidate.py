@@ -178,7 +178,7 @@ def gate_candidate(ws: Workspace, store: LineageStore, state_id: str, cfg: Refre
                "lost_ids": gate["lost_ids"], "drift": drift_summary(report.checks, drift.reference.model_hash)}
     if retracted:
         verdict["retracted"] = retracted
-    ev = store.record_gate(sid, verdict, against=parent, by=by, report=str(out_dir))
+    ev = store.record_gate(sid, verdict, against=parent, by=by, report=ws.rel(out_dir))
     model_id = None
     if runlog is not None:
         runlog.log("evaluation",

@@ -38,41 +38,11 @@ def added_parameters(lm, state: EditorState | None) -> AddedParameters | None:
     editors, the base model, an added-capacity state with no entries yet)."""
     if state is None:
         return None
-    if state.method == "tpatcher":
-        from kedit.editors import tpatcher as T
+    from kedit.editors.registry import SPECS
 
-        p = T.patches_of(state)
-        if p is None or p.n == 0:
-            return None
-        layer = int(state.meta["layer"])
-        spec = {"method": "tpatcher", "layer": layer, "module": lm.adapter.mlp_name(layer), "n": p.n,
-                "d_in": int(p.key.shape[1]), "d_out": int(p.value.shape[1])}
-        return AddedParameters(spec, {"key": p.key, "bias": p.bias, "value": p.value})
-    if state.method == "memoir":
-        from kedit.editors import memoir as M
-
-        t = state.tensors
-        if M.MASKS not in t or t[M.MASKS].shape[0] == 0:
-            return None
-        layer = int(state.meta["layer"])
-        spec = {"method": "memoir", "layer": layer, "module": lm.adapter.mlp_out_name(layer),
-                "k": int(state.meta["k"]), "threshold": float(state.meta["threshold"]),
-                "n_entries": int(t[M.MASKS].shape[0]), "d": int(t[M.W].shape[1]), "d_out": int(t[M.W].shape[0]),
-                "facts": list(state.meta.get("entry_owner", [])), "read": state.meta.get("read", "shared")}
-        tensors = {"W": t[M.W], "masks": t[M.MASKS], "bg_mean": t[M.BG], "perm": t[M.PERM]}
-        if M.EXACT in t:  # each entry's exact key, read at its own (strict) threshold
-            spec["exact_threshold"] = float(state.meta["exact_threshold"])
-            tensors["exact"] = t[M.EXACT]
-        if M.SPAN_ON in t and bool(t[M.SPAN_ON].any()):  # span keys: the token before must match too
-            spec["span_threshold"] = float(state.meta["span_threshold"])
-            tensors.update(span=t[M.SPAN], span_on=t[M.SPAN_ON])
-        if M.read_scale(state) != 1.0 or M.exact_read_scale(state) != 1.0:  # reads add this share of the block
-            spec.update(read_scale=M.read_scale(state), exact_read_scale=M.exact_read_scale(state))
-        if spec["read"] == "own":  # each entry's own block, as factors
-            spec["rank"] = int(t[M.BLOCK_U].shape[2])
-            tensors.update(block_u=t[M.BLOCK_U], block_v=t[M.BLOCK_V])
-        return AddedParameters(spec, tensors)
-    return None
+    spec = SPECS.get(state.method)
+    added = None if spec is None or spec.export is None else spec.export(lm, state)
+    return None if added is None else AddedParameters(*added)
 
 
 def _remote_source(name: str, marker: str, value: str) -> str:

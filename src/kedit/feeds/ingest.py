@@ -242,7 +242,7 @@ def report_markdown(result: IngestResult) -> str:
     c = result.counts
     out = [f"# Feed report: {Path(result.path).name}", "",
            f"**{'ACCEPTED' if result.passed else 'REJECTED'}**: {result.message}", "",
-           f"- file: `{result.path}` ({result.format})", f"- sha256: `{result.sha256}`",
+           f"- file: `{Path(result.path).name}` ({result.format})", f"- sha256: `{result.sha256}`",
            f"- checked at: {result.checked_at}",
            f"- invalid fraction: {c['invalid_fraction']:.1%} (limit {result.policy['max_invalid_fraction']:.1%})"]
     out += [f"- note: {n}" for n in result.notes]

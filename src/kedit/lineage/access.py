@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {"snapshot_every": 20, "dvc_remote": None, "model_prefix": "kedit",
                             "mlflow": True, "dvc": True, "require_distinct_approver": False,
-                            "sign_commits": False, "approval_signing": None, "allowed_signers": "allowed_signers"}
+                            "sign_commits": False, "lock_wait_s": 600, "approval_signing": None,
+                            "allowed_signers": "allowed_signers"}
 
 
 def lineage_params(ws: Workspace, params_file: str | Path | None = None) -> dict[str, Any]:

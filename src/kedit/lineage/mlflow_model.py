@@ -68,27 +68,40 @@ def signature():
 
 
 def local_path(uri: str) -> Path | None:
-    """The folder a ``file://`` artifact URI names (None for remote stores)."""
+    """The folder a ``file://`` or ``kedit-workspace:`` artifact URI names (None for remote stores)."""
+    from kedit.workspace_artifacts import is_workspace_uri
+    from kedit.workspace_artifacts import local_path as workspace_path
+
+    if is_workspace_uri(uri):
+        return workspace_path(uri)
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme not in ("file", ""):
         return None
     return Path(urllib.request.url2pathname(parsed.path))
 
 
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/kedit`` (default ``~/.cache/kedit``): the caches of a model loaded from MLflow,
+    whose artifact folder a local store hands over in place and which must stay as it was logged."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kedit"
+
+
 def resolve_base_model(config: dict[str, Any]) -> Path:
-    """The base model folder: the workspace copy it was logged from when it is still there with the same
-    hash, else the copy logged once in MLflow (read in place when local, downloaded otherwise)."""
+    """The base model folder logged once in MLflow (``base_model_uri``), read in place when it is local
+    (a ``kedit-workspace:`` URI: inside the workspace being read, wherever it lies now), downloaded
+    otherwise. A ``base_model_path`` of a model logged by an older kedit is not read: it names a folder
+    of the workspace the model was logged in, which a copied workspace must not depend on."""
     from kedit.models.store import ModelManifest
 
     want = config["base_model_hash"]
-    for cand in (config.get("base_model_path"), local_path(config.get("base_model_uri") or "")):
-        if cand and (Path(cand) / "kedit_manifest.json").exists():
-            if ModelManifest.read(Path(cand)).model_hash == want:
-                return Path(cand)
     uri = config.get("base_model_uri")
     if not uri:
-        raise LineageError(f"base model {want[:12]} not found locally and no base_model_uri recorded")
-    got = Path(mlflow.artifacts.download_artifacts(uri))
+        raise LineageError(f"base model {want[:12]}: no base_model_uri recorded in the model's {CONFIG_FILE}")
+    cand = local_path(uri)
+    if cand is not None and not (cand / "kedit_manifest.json").exists():
+        raise LineageError(f"base model {want[:12]}: {uri} names {cand}, which holds no model (the workspace "
+                           f"it was logged in was moved or deleted?)")
+    got = cand if cand is not None else Path(mlflow.artifacts.download_artifacts(uri))
     if ModelManifest.read(got).model_hash != want:
         raise LineageError(f"{uri}: base model hash {ModelManifest.read(got).model_hash[:12]}, the state was "
                            f"made on {want[:12]}")
@@ -106,7 +119,8 @@ class EditStateModel(mlflow.pyfunc.PythonModel):
         root = Path(context.artifacts[ARTIFACT])
         cfg = json.loads((root / CONFIG_FILE).read_text())
         base = resolve_base_model(cfg)
-        ws = Workspace(root)
+        # a local artifact store hands over its own folder: caches go to the user's, never into the store
+        ws = Workspace(root, cache_root=user_cache_dir())
         device = cfg.get("device") or os.environ.get("KEDIT_DEVICE") or "cpu"
         self.lm, self.editor_state = load_state_model(ws, str(base), cfg["state_id"], device=device)
         self.state_id = cfg["state_id"]

@@ -19,6 +19,7 @@ from kedit.lineage.identity import describe
 from kedit.lineage.intent import Intent, adopt, clear_intent, read_intent, step_done, write_intent
 from kedit.lineage.policy import refusal
 from kedit.lineage.registry import model_name
+from kedit.lineage.shared import DVC_REMOTE_ENV, lock_wait, section
 from kedit.lineage.signing import signing_config
 from kedit.lineage.state import BASE, Event, LineageError, label
 from kedit.lineage.store import LineageStore, check_texts
@@ -26,12 +27,14 @@ from kedit.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
+
 def _versioning(ws: Workspace, params: dict[str, Any]):
     from kedit.lineage.versioning import Versioning
 
     signing = signing_config(ws.root, params)  # its allowed signers file travels in the git history
     track = (str(signing.allowed_signers.relative_to(ws.root.resolve())),) if signing.on else ()
-    return Versioning(ws, remote=params.get("dvc_remote"), sign=bool(params.get("sign_commits", False)), track=track)
+    return Versioning(ws, remote=os.environ.get(DVC_REMOTE_ENV) or params.get("dvc_remote"),
+                      sign=bool(params.get("sign_commits", False)), track=track)
 
 
 def _registry(ws: Workspace, slug: str, params: dict[str, Any]):
@@ -121,6 +124,7 @@ def _move_champion_alias(ws: Workspace, store: LineageStore, target: str | None,
         elif git_commit:
             reg._tag(reg.version_of(s.id).version, dvc_rev, git_commit)
         mv = reg.set_alias("champion", s.id)
+        reg.clear_alias("candidate", s.id)  # promoted: no longer a candidate
         return {"registered_model": reg.name, "version": str(mv.version)}
     out: dict[str, Any] = {}
     for slug, base_hash in _bases(store).items():
@@ -138,10 +142,16 @@ def _follow(ws: Workspace, store: LineageStore, intent: Intent, params: dict[str
     ev = next(e for e in store.events() if e.seq == intent.out["event_seq"])
     if "report" not in intent.done:
         if ev.data.get("override_event"):
-            _note_override(store, ev)  # idempotent: a repair after a kill writes it once
+            _note_override(ws, store, ev)  # idempotent: a repair after a kill writes it once
         step_done(store.root, intent, "report")
         _pause("report")
     if intent.dvc and "versioning" not in intent.done:
+        from kedit.lineage.registry import gate_of
+        from kedit.lineage.versioning import write_champion_metrics
+
+        target = store.get(intent.target) if intent.target else None
+        write_champion_metrics(ws.root, intent.target, gate_of(store, intent.target) if target else None,
+                               n_edits=sum(s.n_edits for s in store.path(target.id)) if target else 0)
         info = _versioning(ws, params).tag_state(label(intent.target), _message(ev))
         step_done(store.root, intent, "versioning", **info, tag=state_tag(label(intent.target)))
         _pause("versioning")
@@ -205,7 +215,8 @@ def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment:
     params = params or lineage_params(ws)
     mlflow, dvc = mlflow and bool(params.get("mlflow", True)), dvc and bool(params.get("dvc", True))
     check_texts("promote", by, comment, reason=override)
-    with store.lock(f"promote {state_id[:12]} by {by}"):
+    op = f"promote {state_id[:12]} by {by}"
+    with section(ws, op, params, wait_s=lock_wait(params)), store.lock(op):
         repaired = finish_pending(ws, store, params)
         sid = store.resolve(state_id)
         if not store.signing.on:  # a store opened without params.yaml's setting: the setting still holds
@@ -238,7 +249,8 @@ def rollback(ws: Workspace, store: LineageStore, state_id: str | None, by: str, 
     if not reason or not reason.strip():
         raise ValueError("rollback: give a reason")
     check_texts("rollback", by, reason=reason)
-    with store.lock(f"rollback {label(state_id)[:12]} by {by}"):
+    op = f"rollback {label(state_id)[:12]} by {by}"
+    with section(ws, op, params, wait_s=lock_wait(params)), store.lock(op):
         repaired = finish_pending(ws, store, params)
         sid = None if state_id in (None, BASE) else store.resolve(state_id)
         check = store.rollback_check(sid)
@@ -255,10 +267,37 @@ def rollback(ws: Workspace, store: LineageStore, state_id: str | None, by: str, 
     return {"event": ev.to_dict(), **out, **({"repaired": repaired} if repaired else {})}
 
 
-def approve(store: LineageStore, state_id: str, by: str, comment: str = "", key: str | Path | None = None) -> Event:
-    """Record an approval of ``state_id`` (what a promotion needs after a passed gate); signed with the
-    approver's SSH ``key`` when ``lineage.approval_signing`` is on (see :meth:`LineageStore.approve`)."""
-    return store.approve(store.resolve(state_id), by=by, comment=comment, key=key)
+def approve(store: LineageStore, state_id: str, by: str, comment: str = "", ws: Workspace | None = None,
+            key: str | Path | None = None) -> Event:
+    """Record an approval of ``state_id`` (what a promotion needs after a passed gate); with ``ws``, the
+    approval also goes onto the state's MLflow model version (who, when, why: see
+    :meth:`kedit.lineage.registry.ModelRegistry.record_review`). Signed with the approver's SSH ``key``
+    when ``lineage.approval_signing`` is on (see :meth:`LineageStore.approve`)."""
+    sid = store.resolve(state_id)
+    reg = _review_registry(ws, store, sid) if ws is not None else None  # a store that is down: fail first
+    ev = store.approve(sid, by=by, comment=comment, key=key)
+    if reg is not None:
+        reg.record_review(sid, "approved", ev.by, ev.at, ev.comment)
+    return ev
+
+
+def reject(ws: Workspace, store: LineageStore, state_id: str, by: str, comment: str = "") -> Event:
+    """Record that a candidate is not promoted, in the lineage and on its MLflow model version (which
+    loses the ``candidate`` alias); the champion does not move."""
+    sid = store.resolve(state_id)
+    reg = _review_registry(ws, store, sid)  # an MLflow server that is down fails here, before any change
+    ev = store.reject(sid, by=by, comment=comment)
+    if reg is not None:
+        reg.record_review(sid, "rejected", ev.by, ev.at, ev.comment)
+    return ev
+
+
+def _review_registry(ws: Workspace, store: LineageStore, state_id: str, params: dict[str, Any] | None = None):
+    """The registry a review of ``state_id`` is mirrored to (None: no MLflow store in this workspace)."""
+    params = params or lineage_params(ws)
+    if not stores_present(ws, params)[0]:
+        return None
+    return _registry(ws, store.get(state_id).base_model_slug, params)
 
 
 def divergences(ws: Workspace, store: LineageStore, params: dict[str, Any] | None = None) -> list[str]:
@@ -329,7 +368,7 @@ def repair(ws: Workspace, store: LineageStore, params: dict[str, Any] | None = N
     """Bring every store to the lineage events: finish or drop an interrupted promote / rollback,
     rewrite the CHAMPION copy, and move git + DVC and the MLflow alias where they disagree."""
     params = params or lineage_params(ws)
-    with store.lock("repair"):
+    with section(ws, "repair", params, wait_s=lock_wait(params)), store.lock("repair"):
         before = divergences(ws, store, params)
         done = [n for n in [finish_pending(ws, store, params)] if n]
         store.write_champion_file()
@@ -344,7 +383,7 @@ def repair(ws: Workspace, store: LineageStore, params: dict[str, Any] | None = N
     return {"before": before, "done": done, "after": after}
 
 
-def _note_override(store: LineageStore, ev: Event) -> None:
+def _note_override(ws: Workspace, store: LineageStore, ev: Event) -> None:
     """Append the override to the gate report the state's verdict came from (gate.md + override.json);
     a step of the promotion (its intent's ``report``), so a repair after a kill writes it, once."""
     from kedit.atomic import write_json_atomic, write_text_atomic
@@ -353,7 +392,7 @@ def _note_override(store: LineageStore, ev: Event) -> None:
     gates = [e for e in store.events() if e.type == "gate" and e.state == ev.state and e.data.get("report")]
     if over is None or not gates:
         return
-    report = Path(gates[-1].data["report"])
+    report = ws.path(gates[-1].data["report"])  # relative to the workspace (absolute: an older record)
     if not report.is_dir():
         return
     who = describe(over.actor)

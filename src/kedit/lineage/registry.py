@@ -32,6 +32,11 @@ TAG_GIT = "kedit.git_commit"
 TAG_BASE = "kedit.base_model_hash"
 TAG_GATE = "kedit.gate"  # the gate verdict of a candidate: passed / failed
 TAG_KIND = "kedit.kind"
+TAG_GATE_REPORT = "kedit.gate_report"  # the artifact URI of the candidate's gate.md (inside its logged model)
+TAG_REVIEW = "kedit.review"  # approved / rejected, and who, when, why: the reviewer's verdict
+TAG_REVIEWER = "kedit.reviewer"
+TAG_REVIEWED_AT = "kedit.reviewed_at"
+TAG_REVIEW_COMMENT = "kedit.review_comment"
 STATE_MODEL = "edit-state"  # name of each state's logged MLflow model
 BASE_ARTIFACT = "base_model"
 
@@ -71,12 +76,19 @@ class Tracking:
         else:
             os.environ["MLFLOW_TRACKING_URI"] = before
         self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(self.experiment)
+        try:
+            exp = self.client.get_experiment_by_name(self.experiment)
+        except Exception as exc:  # a server that is down: MLflow raises after its own retries
+            if not self.uri.startswith(("http://", "https://")):
+                raise
+            raise LineageError(f"MLflow tracking server {self.uri} is not answering ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:200]}); nothing was logged or registered. Start it, "
+                               f"or unset MLFLOW_TRACKING_URI to use the workspace's own store") from exc
         if exp is None:
-            art = (self.ws.root / "mlartifacts").resolve()
-            art.mkdir(parents=True, exist_ok=True)
-            self.experiment_id = self.client.create_experiment(self.experiment, artifact_location=art.as_uri())
+            self.experiment_id = self.client.create_experiment(self.experiment,
+                                                               artifact_location=artifact_root(self.ws, self.uri))
         else:
+            check_artifact_location(self.ws, self.uri, exp.artifact_location)
             self.experiment_id = exp.experiment_id
         mlflow.set_experiment(experiment_id=self.experiment_id)
 
@@ -94,6 +106,48 @@ class Tracking:
     def child(self, name: str, **kw) -> contextlib.AbstractContextManager:
         """A child run (validation, tracing, editing, evaluation) under the active nightly run."""
         return self.run(name, nested=True, **kw)
+
+
+def artifact_root(ws: Workspace, tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: inside the workspace under a workspace-relative URI
+    (``kedit-workspace:/mlartifacts``) when the tracking store is the workspace's own SQLite file, so
+    the workspace stays valid when copied or moved; a tracking server's own artifact root otherwise
+    (None: e.g. ``mlflow-artifacts:/`` of a server that proxies artifacts)."""
+    from kedit.workspace_artifacts import ARTIFACT_DIR, ROOT_URI, sqlite_file
+
+    db = sqlite_file(tracking_uri)
+    if db is None or db.parent != ws.root:
+        return None
+    (ws.root / ARTIFACT_DIR).mkdir(parents=True, exist_ok=True)
+    return ROOT_URI
+
+
+def check_artifact_location(ws: Workspace, tracking_uri: str, location: str) -> None:
+    """Refuse an experiment whose absolute ``file://`` artifact location lies outside this workspace (a
+    workspace made by an older kedit, then copied or moved): reading it would load, and writing it
+    would change, another folder's artifacts. One inside the workspace works but is not portable."""
+    import logging
+
+    from kedit.lineage.mlflow_model import local_path
+    from kedit.workspace_artifacts import is_workspace_uri, sqlite_file
+
+    if is_workspace_uri(location):
+        return
+    path = local_path(location or "")
+    db = sqlite_file(tracking_uri)
+    if path is None or db is None or db.parent != ws.root:
+        return
+    path = path.resolve()
+    if ws.root not in path.parents and path != ws.root:
+        raise LineageError(
+            f"{tracking_uri}: MLflow experiment keeps its artifacts at {path}, outside this workspace "
+            f"{ws.root}: the workspace was made by an older kedit (absolute artifact paths) and then copied "
+            f"or moved, so its models would load from (and log into) the other folder. Use the workspace in "
+            f"its original place, or start this copy's MLflow store afresh (move mlflow.db and mlartifacts/ "
+            f"aside); the lineage itself does not depend on them")
+    logging.getLogger(__name__).warning(
+        "%s: MLflow artifacts at the absolute path %s (a workspace made by an older kedit): it works here "
+        "but will not when the workspace is copied or moved", ws.root, path)
 
 
 def _param(v: Any) -> str:
@@ -146,11 +200,14 @@ class ModelRegistry:
         logged = find_state_model(self.tracking, state.id) or log_state_model(self.tracking, store, state, run_id)
         tags = {TAG_STATE: state.id, TAG_PARENT: state.parent or "base", TAG_BASE: state.base_model_hash,
                 "kedit.method": state.method, "kedit.n_edits": str(state.n_edits)}
-        if logged.tags.get(TAG_GATE):
-            tags[TAG_GATE] = logged.tags[TAG_GATE]
+        for tag in (TAG_GATE, TAG_GATE_REPORT):
+            if logged.tags.get(tag):
+                tags[tag] = logged.tags[tag]
         mv = self.client.create_model_version(
             self.name, source=logged.model_uri, run_id=logged.source_run_id, tags=tags, model_id=logged.model_id,
             description=f"edit state {state.id} (parent {state.parent or 'base'}, {state.n_edits} edits)")
+        self.client.update_model_version(self.name, mv.version,
+                                         description=version_description(self.client.get_model_version(self.name, mv.version)))
         self._tag(mv.version, dvc_rev, git_commit)
         self.client.set_registered_model_alias(self.name, "candidate", mv.version)
         return self.client.get_model_version(self.name, mv.version)
@@ -200,6 +257,72 @@ class ModelRegistry:
 
     def set_alias_version(self, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(self.name, alias, version)
+
+    def clear_alias(self, alias: str, state_id: str) -> bool:
+        """Remove ``alias`` if it points at ``state_id``'s version (True: it did and is gone)."""
+        have = self.alias(alias)
+        if have is None or have.tags.get(TAG_STATE) != state_id:
+            return False
+        self.client.delete_registered_model_alias(self.name, alias)
+        return True
+
+    def record_review(self, state_id: str, decision: str, by: str, at: str, comment: str = "") -> Any | None:
+        """Put a reviewer's verdict on ``state_id``'s version, where the MLflow UI shows it: tags (who,
+        when, why, approved / rejected) and a description naming the gate verdict and its report. A
+        rejected candidate loses the ``candidate`` alias. None: the state has no version."""
+        v = self.version_of(state_id)
+        if v is None:
+            return None
+        tags = {TAG_REVIEW: decision, TAG_REVIEWER: by, TAG_REVIEWED_AT: at, TAG_REVIEW_COMMENT: comment or "-"}
+        for k, val in tags.items():
+            self.client.set_model_version_tag(self.name, v.version, k, val)
+        v = self.client.get_model_version(self.name, v.version)
+        self.client.update_model_version(self.name, v.version, description=version_description(v))
+        if decision != "approved":
+            self.clear_alias("candidate", state_id)
+        return self.client.get_model_version(self.name, v.version)
+
+
+def version_description(v: Any) -> str:
+    """A model version's description (markdown) from its tags: the state, the gate verdict with a link
+    to its report, the reviewer's verdict."""
+    t = v.tags
+    lines = [f"edit state `{t.get(TAG_STATE, '?')}` (parent `{t.get(TAG_PARENT, '?')}`, "
+             f"{t.get('kedit.n_edits', '?')} edits, {t.get('kedit.method', '?')})", ""]
+    gate = t.get(TAG_GATE)
+    report = t.get(TAG_GATE_REPORT)
+    lines.append(f"**Gate: {gate.upper() if gate else 'not recorded'}**"
+                 + (f"; report: `{report}` (`mlflow artifacts download -u {report}`)" if report else ""))
+    if t.get(TAG_REVIEW):
+        lines += ["", f"**{t[TAG_REVIEW].capitalize()}** by {t.get(TAG_REVIEWER)} at {t.get(TAG_REVIEWED_AT)}: "
+                      f"{t.get(TAG_REVIEW_COMMENT, '-')}"]
+    return "\n".join(lines)
+
+
+def log_refresh_inputs(tracking: Tracking, run_id: str, params: dict[str, Any], rows: list[dict[str, Any]],
+                       name: str, source: str, digest: str) -> None:
+    """On a refresh's parent run: its parameters and the feed's accepted rows as an MLflow dataset
+    (context ``feed``; ``source``: the feed file, ``kedit-workspace:/feeds/<file>`` inside the
+    workspace), so the run says what it was asked to do and on which data. Idempotent: a resumed
+    refresh logs the same values again."""
+    import json
+
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    mlflow = import_mlflow()
+    cols = ["id", "subject", "prompt", "target_new", "target_true", "relation", "paraphrases", "neighbors"]
+    df = pd.DataFrame([{c: (json.dumps(r.get(c)) if isinstance(r.get(c), list | dict) else r.get(c))
+                        for c in cols} for r in rows], columns=cols).astype("string")
+    dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:36])
+    with _run_ctx(tracking, run_id, name):
+        for k, v in params.items():
+            try:
+                mlflow.log_param(k, _param(v))
+            except MlflowException:  # already logged with another value (a resumed run): keep the first
+                pass
+        mlflow.log_input(dataset, context="feed")
+
 
 # --- each candidate state as a logged MLflow model ---------------------------------------------------
 @contextlib.contextmanager
@@ -270,21 +393,47 @@ def edited_facts_table(state: EditState) -> dict[str, list]:
     return cols
 
 
+SERVE_REQUIREMENTS = ("torch", "transformers", "safetensors", "numpy", "pandas", "pyyaml", "mlflow")
+INPUT_EXAMPLE = ["The Eiffel Tower is located in the city of"]
+
+
+def public_version(v: str) -> str:
+    """A version without its local tag (``2.13.0+cpu`` -> ``2.13.0``): a local tag names one build on
+    one index, which an environment built elsewhere (``mlflow models serve --env-manager uv``) lacks."""
+    return v.split("+", 1)[0]
+
+
 def _requirements() -> list[str]:
-    """Pinned explicitly: MLflow's inference would import torchvision (absent) and fail."""
+    """What loading a state imports, pinned to the versions installed here, without local tags (kedit
+    itself travels as the model's code, see :func:`_log_pyfunc`). Pinned explicitly: MLflow's
+    inference would import torchvision (absent) and fail."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = []
-    for pkg in ("torch", "transformers", "safetensors", "mlflow", "pyyaml"):
+    for pkg in SERVE_REQUIREMENTS:
         try:
-            out.append(f"{pkg}=={version(pkg)}")
+            out.append(f"{pkg}=={public_version(version(pkg))}")
         except PackageNotFoundError:
             continue
     return out
 
 
+def _stage_code(dest: Path) -> str:
+    """A copy of the kedit package (sources and data, no caches) for the model's ``code_paths``: the
+    model then loads where kedit is not installed (an environment MLflow builds to serve it)."""
+    import shutil
+
+    import kedit
+
+    src = Path(kedit.__file__).parent
+    shutil.copytree(src, dest / "kedit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return str(dest / "kedit")
+
+
 def _log_pyfunc(root: Path, config: dict[str, Any], tags: dict[str, str], metadata: dict[str, Any]) -> Any:
-    """Log the pyfunc (kedit's entry point, ``root`` as its workspace artifact) into the active run."""
+    """Log the pyfunc (kedit's entry point, ``root`` as its workspace artifact) into the active run,
+    with kedit's code, requirements without local version tags and an input example (MLflow checks at
+    logging time that the example serves: one load and one prediction)."""
     import json
 
     from kedit.lineage import pyfunc_entry as entry
@@ -293,11 +442,12 @@ def _log_pyfunc(root: Path, config: dict[str, Any], tags: dict[str, str], metada
     mlflow = import_mlflow()
     root.mkdir(parents=True, exist_ok=True)
     (root / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-    with warnings.catch_warnings():  # the signature is explicit (it declares max_new_tokens); an input
-        warnings.filterwarnings("ignore", message=".*(type hint|input example).*")  # example would load it
+    with tempfile.TemporaryDirectory() as code, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*type hint.*")  # the signature is explicit (max_new_tokens)
         return mlflow.pyfunc.log_model(
             name=STATE_MODEL, python_model=str(Path(entry.__file__)), artifacts={ARTIFACT: str(root)},
-            pip_requirements=_requirements(), tags=tags, signature=signature(), metadata=metadata)
+            code_paths=[_stage_code(Path(code))], pip_requirements=_requirements(), tags=tags,
+            signature=signature(), input_example=(INPUT_EXAMPLE, {"max_new_tokens": 4}), metadata=metadata)
 
 
 def find_base_model(tracking: Tracking, base_model_hash: str) -> Any | None:
@@ -330,7 +480,7 @@ def log_base_model(tracking: Tracking, slug: str, base_model_hash: str) -> Any:
                                f"model needs one of them")
         base_uri = base_model_uri(tracking, model_dir, base_model_hash)
     config = {"state_id": None, "base_model_hash": base_model_hash, "base_model_uri": base_uri,
-              "base_model_path": str(model_dir) if have == base_model_hash else None, "base_model_slug": slug}
+              "base_model_slug": slug}
     tags = {TAG_STATE: BASE, TAG_BASE: base_model_hash, TAG_KIND: "base-state"}
     with _run_ctx(tracking, None, f"register-base-{slug}"), tempfile.TemporaryDirectory() as tmp:
         info = _log_pyfunc(Path(tmp) / ARTIFACT, config, tags, {"kedit_state": None, "base_model_slug": slug})
@@ -371,7 +521,7 @@ def log_state_model(tracking: Tracking, store: Any, state: EditState, run_id: st
     if gate is not None:
         tags[TAG_GATE] = "passed" if gate.get("passed") else "failed"
     config = {"state_id": state.id, "base_model_hash": state.base_model_hash, "base_model_uri": base_uri,
-              "base_model_path": str(model_dir), "base_model_slug": state.base_model_slug}
+              "base_model_slug": state.base_model_slug}
     with _run_ctx(tracking, run_id, f"state-{state.short}") as r, tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / ARTIFACT  # the folder's name is the artifact's path inside the model
         stage_state_lineage(store, state.id, root)
@@ -389,4 +539,7 @@ def log_state_model(tracking: Tracking, store: Any, state: EditState, run_id: st
     for name in ("gate.md", "gate.png", "gate.json"):
         if gate_dir and (Path(gate_dir) / name).exists():
             tracking.client.log_model_artifact(info.model_id, str(Path(gate_dir) / name), artifact_path="gate")
+    if gate_dir and (Path(gate_dir) / "gate.md").exists():
+        logged = tracking.client.get_logged_model(info.model_id)
+        tracking.client.set_logged_model_tags(info.model_id, {TAG_GATE_REPORT: f"{logged.artifact_location}/gate/gate.md"})
     return tracking.client.get_logged_model(info.model_id)

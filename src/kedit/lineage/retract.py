@@ -2,7 +2,7 @@
 
 Added-capacity editors (T-Patcher's patches, the sparse residual memory's entries) keep each fact in
 rows of their own, so removing a fact exactly is dropping its rows: the editor's own function in
-:data:`kedit.editors.registry.RETRACTORS` does it, and this module only finds the fact, checks it,
+:attr:`kedit.editors.registry.EditorSpec.retract` does it, and this module only finds the fact, checks it,
 and commits the result as a child of the state it was retracted from (a candidate like any other:
 it still needs a passed gate and an approval to be promoted). Weight editors (ROME, MEMIT,
 AlphaEdit) add every fact into shared weights; exact retraction is impossible there, so the
@@ -88,8 +88,6 @@ def retract(store: LineageStore, lm: Any, state_id: str, fact_id: str, by: str, 
     ``{"kind": "retraction", "retracted": [fact], "from_state": id, "by", "reason", "actor"}``; retracting
     the same fact from the same state again, by the same person for the same reason, returns that state.
     Raises :class:`RetractionImpossible` for a fact applied by a weight editor."""
-    from kedit.editors.registry import OWNERS, RETRACTORS
-
     if not by or not str(by).strip():
         raise ValueError("retract: say who does it (by=...)")
     if not reason or not str(reason).strip():
@@ -99,7 +97,7 @@ def retract(store: LineageStore, lm: Any, state_id: str, fact_id: str, by: str, 
     sid = store.resolve(state_id)
     origin = find_fact(store, sid, fact_id)
     state = store.get(sid)
-    if origin.state.method not in RETRACTORS:
+    if _retracting(origin.state.method) is None:
         request = edit_back_request(origin.record, fact_id)
         offer = ("an edit back to the old object is offered" if request else
                  "its record has no target_true, so no edit back can be offered")
@@ -107,13 +105,14 @@ def retract(store: LineageStore, lm: Any, state_id: str, fact_id: str, by: str, 
             f"fact {fact_id!r} was applied by {origin.state.method} in state {origin.state.short}: it was added "
             f"into shared weights together with other facts, so it cannot be removed exactly; {offer}",
             origin.state.method, request)
-    if state.method not in RETRACTORS:
+    if _retracting(state.method) is None:
         raise LineageError(f"fact {fact_id!r} was applied by {origin.state.method} in state {origin.state.short}, "
                            f"but state {sid[:12]} holds a {state.method} editor state, which does not keep it")
     es = store.editor_state(sid)
-    if fact_id not in OWNERS[es.method](es):
+    spec = _retracting(es.method)
+    if spec is None or fact_id not in spec.owners(es):
         raise LineageError(f"fact {fact_id!r} owns no {es.method} row in the editor state of {sid[:12]}")
-    new_state = RETRACTORS[es.method](es, fact_id)
+    new_state = spec.retract(es, fact_id)
     actor = current_actor()  # the account, not host / pid: retracting the same fact again is the same state
     feed = {"kind": RETRACTION, "retracted": [fact_id], "from_state": sid, "by": str(by), "reason": str(reason),
             "actor": {"identity": actor.identity, "os_user": actor.os_user}, "row_ids": []}
@@ -123,15 +122,22 @@ def retract(store: LineageStore, lm: Any, state_id: str, fact_id: str, by: str, 
 
 def row_owners(store: LineageStore, state_id: str | None) -> dict[str, Any] | None:
     """``{"method", "owners": [fact per row]}`` of an added-capacity state's editor state, else None."""
-    from kedit.editors.registry import OWNERS
-
     if state_id is None:
         return None
     s = store.get(state_id)
-    if s.method not in OWNERS:
+    if _retracting(s.method) is None:
         return None
     es = store.editor_state(s.id)
-    return {"method": es.method, "owners": OWNERS[es.method](es)}
+    spec = _retracting(es.method)
+    return None if spec is None else {"method": es.method, "owners": spec.owners(es)}
+
+
+def _retracting(method: str | None):
+    """The spec of ``method`` if it keeps each fact in rows of its own (retract, owners), else None."""
+    from kedit.editors.registry import SPECS
+
+    spec = SPECS.get(method) if method else None
+    return spec if spec is not None and spec.retractable else None
 
 
 def owner_diff(a: dict | None, b: dict | None) -> dict[str, Any]:

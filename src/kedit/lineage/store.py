@@ -214,6 +214,13 @@ class LineageStore:
     def state_dir(self, state_id: str) -> Path:
         return self.states_dir / state_id
 
+    def recorded_path(self, recorded: str | Path) -> Path:
+        """A path an event records (a gate report folder): relative ones are relative to the workspace
+        holding this store (``<workspace>/lineage``), so a moved or copied workspace still finds them;
+        an absolute one (an older record, or a folder outside the workspace) stays as it is."""
+        p = Path(recorded)
+        return p if p.is_absolute() else self.root.parent / p
+
     # --- locking -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, op: str = "write") -> Iterator[None]:
@@ -478,16 +485,17 @@ class LineageStore:
         report = ev.data.get("report")
         files = bind.get("report_files") or {}
         later = [e for e in events if e.type == "gate" and e.seq > ev.seq and e.data.get("report") == report]
+        folder = self.recorded_path(report) if report else None
         # reports/ is not versioned: in a copy of the workspace made by git + DVC the folder is absent,
         # and the verdict stands on its chained event and its state binding alone
-        if report and not later and Path(report).is_dir():
+        if folder is not None and not later and folder.is_dir():
             for name, want in files.items():
-                f = Path(report) / name
+                f = folder / name
                 if not f.exists():
                     return f"its report file {f} is missing"
                 if self._hash_file(f) != want:
                     return f"its report file {f} changed since the verdict was recorded (sha256 differs from the binding)"
-            gj = Path(report) / "gate.json"
+            gj = folder / "gate.json"
             if "gate.json" in files and gj.exists():
                 try:
                     passed = json.loads(gj.read_text()).get("passed")
@@ -992,8 +1000,8 @@ class LineageStore:
         binding: dict[str, Any] = {"state_record": sha256_file(self.state_dir(sid) / STATE_FILE)}
         if report:
             data["report"] = str(report)
-            binding["report_files"] = {n: sha256_file(Path(report) / n) for n in ("gate.json",)
-                                       if (Path(report) / n).is_file()}
+            folder = self.recorded_path(report)
+            binding["report_files"] = {n: sha256_file(folder / n) for n in ("gate.json",) if (folder / n).is_file()}
         data["binding"] = binding  # what verify and the promotion rules re-hash (see _binding_problem)
         return self._event("gate", sid, by, "", data)
 

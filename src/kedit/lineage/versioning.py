@@ -25,6 +25,7 @@ TRACKED = ("lineage", "models", "stats")
 TAG_PREFIX = "kedit/state/"
 CHAIN_MARK = re.compile(r"\[kedit event (\d+)\] \[kedit chain ([0-9a-f]{64})\]")
 DVCIGNORE = ["lineage/.lock", "lineage/.staging/", "lineage/.intent.json"]
+DEFAULT_REMOTE = ".dvc-remote"
 GITIGNORE = ["mlflow.db", "mlartifacts/", ".dvc-remote/", ".kedit-cache/", "reports/", ".stack/"]
 
 
@@ -78,7 +79,43 @@ class Versioning:
         return (self.root / ".git").exists() and (self.root / ".dvc").is_dir()
 
     def remote_url(self) -> str:
-        return self.remote or str((self.root / ".dvc-remote").resolve())
+        """The remote as configured, else ``.dvc-remote`` inside the workspace. A relative path is
+        relative to the workspace (DVC stores it relative to ``.dvc/``), so the committed config holds
+        no absolute path and a copy or clone of the workspace uses its own remote."""
+        return self.remote or DEFAULT_REMOTE
+
+    def configured_remote(self) -> str | None:
+        """The remote's URL exactly as ``.dvc/config`` holds it (relative paths relative to ``.dvc/``)."""
+        import configparser
+
+        cfg = configparser.ConfigParser()
+        path = self.root / ".dvc" / "config"
+        if not path.exists():
+            return None
+        cfg.read(path)
+        for section in (f"'remote \"{self.remote_name}\"'", f'remote "{self.remote_name}"'):
+            if cfg.has_option(section, "url"):
+                return cfg.get(section, "url")
+        return None
+
+    def _check_remote(self) -> bool:
+        """An absolute default remote written by an older kedit: this workspace's own ``.dvc-remote``
+        becomes the relative path (True: config changed); another folder's is refused, since pushing
+        there would write into the workspace this one was copied from."""
+        url = self.configured_remote()
+        if self.remote is not None or not url or "://" in url or not Path(url).is_absolute():
+            return False
+        own = self.root / DEFAULT_REMOTE
+        if Path(url).resolve() == own.resolve():
+            self.dvc("remote", "modify", self.remote_name, "url", DEFAULT_REMOTE)
+            return True
+        if Path(url).name == DEFAULT_REMOTE:
+            raise LineageError(
+                f"{self.root / '.dvc' / 'config'}: DVC remote {self.remote_name!r} is {url}, another workspace's "
+                f"default remote (a workspace made by an older kedit, then copied or moved); pushing would write "
+                f"into that folder. Point it at this workspace's own remote (`dvc remote modify {self.remote_name} "
+                f"url {DEFAULT_REMOTE}` in {self.root}) or set lineage.dvc_remote in params.yaml")
+        return False
 
     def ensure(self) -> None:
         """git init + dvc init + the default remote, each only if absent; the remote config is committed
@@ -102,9 +139,11 @@ class Versioning:
             if "://" not in url and Path(url).resolve() != (self.root / ".dvc-remote").resolve():
                 check_target(url, self.ws, "lineage.dvc_remote")  # a push must not write into a store
             if "://" not in url:
-                Path(url).mkdir(parents=True, exist_ok=True)
+                (self.root / url).mkdir(parents=True, exist_ok=True)
             self.dvc("remote", "add", "-d", self.remote_name, url)
             changed = True
+        else:
+            changed |= self._check_remote()
         changed |= _ensure_lines(self.root / ".dvcignore", DVCIGNORE)
         changed |= _ensure_lines(self.root / ".gitignore", GITIGNORE)
         if changed:
@@ -140,7 +179,8 @@ class Versioning:
         if added:
             self.dvc("add", "-q", *added)
         self.git("add", *[f"{d}.dvc" for d in added], ".gitignore",
-                 *[f for f in ("dvc.yaml", "dvc.lock", "params.yaml", *self.track) if (self.root / f).exists()])
+                 *[f for f in ("dvc.yaml", "dvc.lock", "params.yaml", GATE_METRICS, GATE_PLOT, *self.track)
+                   if (self.root / f).exists()])
         sign = ["-S"] if self.sign else []
         if self.git("diff", "--cached", "--name-only"):
             self.git("commit", "-q", *sign, "-m", message)
@@ -207,6 +247,35 @@ class Versioning:
 
     def pull(self) -> None:
         self.dvc("pull", "-q")
+
+
+METRICS_DIR = "metrics"
+GATE_METRICS = "metrics/gate.json"  # dvc.yaml `metrics:`: `dvc metrics diff kedit/state/A kedit/state/B`
+GATE_PLOT = "metrics/gate_checks.csv"  # dvc.yaml `plots:`: each check's value beside its threshold
+
+
+def write_champion_metrics(root: Path, state_id: str | None, gate: dict | None, n_edits: int = 0) -> list[str]:
+    """The champion's gate verdict as DVC metrics and plot data, committed with each promotion /
+    rollback, so two state tags compare with ``dvc metrics diff`` and ``dvc plots diff``. ``gate``: the
+    state's last gate event (None: never gated, or the base model). Returns the files written."""
+    import csv
+    import io
+
+    from kedit.atomic import write_json_atomic, write_text_atomic
+
+    checks = [c for c in (gate or {}).get("checks", []) if c.get("value") is not None and not c.get("skipped")]
+    metrics: dict = {"gate": {"passed": int(bool((gate or {}).get("passed"))), "n_checks": len(checks),
+                              **{c["name"]: float(c["value"]) for c in checks}},
+                     "n_edits": int(n_edits), "state": state_id or "base"}
+    write_json_atomic(root / GATE_METRICS, metrics)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["check", "value", "threshold", "passed"])
+    for c in checks:
+        w.writerow([c["name"], float(c["value"]), "" if c.get("threshold") is None else c["threshold"],
+                    int(bool(c.get("passed")))])
+    write_text_atomic(root / GATE_PLOT, buf.getvalue())
+    return [GATE_METRICS, GATE_PLOT]
 
 
 def pipeline_outputs(root: Path) -> list[str]:

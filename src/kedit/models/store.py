@@ -190,7 +190,9 @@ class ModelCorruptError(ValueError):
 
 
 def _stamp_path(ws: Workspace, path: Path) -> Path:
-    key = sha256_bytes(str(Path(path).resolve()).encode())[:16]
+    # keyed by the path as the workspace records it (relative inside it), so the cache names no folder
+    # the workspace lies in; a copy's files have other inodes and mtimes, so they are hashed again
+    key = sha256_bytes(ws.rel(path).encode())[:16]
     return ws.cache_dir / VERIFIED / f"{Path(path).name}-{key}.json"
 
 
@@ -206,10 +208,11 @@ def _file_ids(path: Path, names) -> dict[str, list[int]]:
     return out
 
 
-def verify_model_dir(path: Path, manifest: ModelManifest, stamp: Path | None = None) -> None:
+def verify_model_dir(path: Path, manifest: ModelManifest, stamp: Path | None = None,
+                     recorded: str | None = None) -> None:
     """Hash every file the manifest lists and compare; raise :class:`ModelCorruptError` naming each file
     that is missing or differs. A pass writes ``stamp`` (size, mtime, inode per file) for
-    :func:`check_model_dir`."""
+    :func:`check_model_dir`, naming the entry as ``recorded`` (default: its absolute path)."""
     path = Path(path)
     ids = _file_ids(path, manifest.files)
     problems = []
@@ -228,12 +231,13 @@ def verify_model_dir(path: Path, manifest: ModelManifest, stamp: Path | None = N
                                 + ". Restore it (`dvc checkout models`, or `kedit model import ... --force`)")
     if stamp is not None and ids == _file_ids(path, manifest.files):  # unchanged while it was hashed
         try:
-            write_json_atomic(stamp, {"path": str(path.resolve()), "model_hash": manifest.model_hash, "files": ids})
+            write_json_atomic(stamp, {"path": recorded or str(path.resolve()), "model_hash": manifest.model_hash,
+                                      "files": ids})
         except OSError:  # a read-only workspace: the next load hashes again
             pass
 
 
-def check_model_dir(path: Path, manifest: ModelManifest, stamp: Path) -> None:
+def check_model_dir(path: Path, manifest: ModelManifest, stamp: Path, recorded: str | None = None) -> None:
     """The cheap check on every load: each file's size, mtime and inode against the stamp of its last full
     hash (:func:`verify_model_dir`); anything different (or no stamp) is hashed in full before use."""
     try:
@@ -243,7 +247,7 @@ def check_model_dir(path: Path, manifest: ModelManifest, stamp: Path) -> None:
     if (isinstance(old, dict) and old.get("model_hash") == manifest.model_hash and set(old.get("files") or {})
             == set(manifest.files) and old["files"] == _file_ids(Path(path), manifest.files)):
         return
-    verify_model_dir(path, manifest, stamp)
+    verify_model_dir(path, manifest, stamp, recorded)
 
 
 def verify_store_entry(ws: Workspace, model: str | Path) -> ModelManifest:
@@ -251,7 +255,7 @@ def verify_store_entry(ws: Workspace, model: str | Path) -> ModelManifest:
     registration); its manifest, or :class:`ModelCorruptError` naming the damaged files."""
     path = resolve_model_dir(ws, model)
     manifest = ModelManifest.read(path)
-    verify_model_dir(path, manifest, _stamp_path(ws, path))
+    verify_model_dir(path, manifest, _stamp_path(ws, path), ws.rel(path))
     return manifest
 
 
@@ -282,7 +286,7 @@ def load_model(model: str | Path, ws: Workspace | None = None, dtype: torch.dtyp
     ws = ws or Workspace.default()
     path = resolve_model_dir(ws, model)
     manifest = ModelManifest.read(path)
-    (verify_model_dir if verify else check_model_dir)(path, manifest, _stamp_path(ws, path))
+    (verify_model_dir if verify else check_model_dir)(path, manifest, _stamp_path(ws, path), ws.rel(path))
     m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     m.eval()
     m.requires_grad_(False)

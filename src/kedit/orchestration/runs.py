@@ -228,16 +228,22 @@ def _approval_run(fr: FlowRun) -> ApprovalRun | None:
     return ApprovalRun(str(fr.id), fr.name, ref, "PAUSED", parse_time(deadline) if deadline else None)
 
 
-def expire_overdue(runs: PrefectRuns, store, by: str = "kedit-timeout") -> list[str]:
+def expire_overdue(runs: PrefectRuns, store, by: str = "kedit-timeout", ws=None) -> list[str]:
     """A timed-out approval rejects: record the rejection in the lineage (once; the champion does not
-    move) and mark the run Failed if the Prefect server has not already done so. Returns the state ids
-    rejected by this sweep."""
+    move; with ``ws`` also on the MLflow model version, which loses the ``candidate`` alias) and mark the
+    run Failed if the Prefect server has not already done so. Returns the state ids rejected by this sweep."""
     done = []
     for run in runs.timed_out_approvals():
         sid = store.resolve(run.state_ref)
         recorded = any(e.type == "reject" and e.state == sid and e.by == by for e in store.events())
         if not recorded:
-            store.reject(sid, by=by, comment=f"no approval before the deadline (flow run {run.name})")
+            comment = f"no approval before the deadline (flow run {run.name})"
+            if ws is not None:
+                from kedit.lineage.ops import reject
+
+                reject(ws, store, sid, by=by, comment=comment)
+            else:
+                store.reject(sid, by=by, comment=comment)
         if run.waiting:
             runs.fail(run.id, "approval timed out: candidate rejected, champion unchanged")
         if not recorded or run.waiting:

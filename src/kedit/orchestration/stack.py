@@ -1,6 +1,7 @@
 """A local control plane for the demo and the integration test: a Prefect server and process workers
 (pools ``cpu`` and ``gpu``) on 127.0.0.1, started and stopped as child processes through the ``prefect``
-command, everything under one folder.
+command, everything under one folder. The server's database is SQLite under that folder, or PostgreSQL
+(``database_url``; see :mod:`kedit.orchestration.services`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class LocalStack:
     workspace: Path
     params: Path | None = None  # the pipeline's params.yaml (default: the project's)
     port: int = 0
+    # the server's database (``postgresql+asyncpg://...``, e.g. SharedServices.prefect_db_url); None: SQLite
+    database_url: str | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,10 +73,13 @@ class LocalStack:
             # on a loaded 2-core machine running the model work and the server side by side)
             "PREFECT_SERVER_DATABASE_TIMEOUT": env.get("PREFECT_SERVER_DATABASE_TIMEOUT", "30"),
             "PREFECT_LOGGING_LEVEL": env.get("PREFECT_LOGGING_LEVEL", "INFO"),
+            "PREFECT_LOGGING_EXTRA_LOGGERS": "kedit",  # kedit's step progress in the flow run logs
             "KEDIT_HOME": str(self.workspace), "KEDIT_PROJECT_DIR": str(self.project_dir),
             "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
             "GX_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1",
         })
+        if self.database_url:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database_url
         if self.params:  # else the workers look params.yaml up as the CLI does (kedit.params.load_params)
             env["KEDIT_PARAMS"] = str(Path(self.params).resolve())
         env["PYTHONPATH"] = os.pathsep.join([str(self.project_dir), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
