@@ -228,3 +228,36 @@ def test_nightly_decide_step_uses_the_reviewers_signed_approval(workspace, store
     assert [e.type for e in store.events()] == ["gate", "approve", "promote"]
     committed = v.git("show", f"{state_tag(s1.id)}:allowed_signers")
     assert committed == (workspace.root / "allowed_signers").read_text().strip()
+
+
+def test_a_shared_lineage_carries_the_allowed_signers(workspace, stored_lm, tmp_path, monkeypatch):  # noqa: F811
+    """On a shared lineage (git + DVC remotes, no servers) the allowed signers file and params.yaml travel
+    with the publishing commits: a fresh workspace elsewhere checks the signed approval it pulled, and
+    refuses a forged one."""
+    from kedit.lineage.shared import section
+    from kedit.workspace import Workspace
+
+    monkeypatch.delenv("KEDIT_LOCK_URL", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("KEDIT_GIT_REMOTE", str(tmp_path / "remote" / "lineage.git"))
+    monkeypatch.setenv("KEDIT_DVC_REMOTE", str(tmp_path / "remote" / "dvc"))
+    alice = _key(tmp_path, "alice")
+    params, store = _signing_ws(workspace, tmp_path, monkeypatch, {"alice": alice}, extra=", mlflow: false")
+    with section(workspace, "edit", params):
+        s1, s2 = run_batches(store, stored_lm(), 2)
+        store.record_gate(s1.id, {"passed": True}, against=None)
+        store.approve(s1.id, by="alice", key=alice)
+        store.record_gate(s2.id, {"passed": True}, against=s1.id)
+
+    b = Workspace(tmp_path / "b")
+    with section(b, "promote", params):
+        assert (b.root / "allowed_signers").read_text() == (workspace.root / "allowed_signers").read_text()
+        params_b = ops.lineage_params(b)
+        store_b = ops.open_store(b, params_b)
+        assert store_b.signing.on and store_b.signing.allowed_signers == b.root.resolve() / "allowed_signers"
+        ops.promote(b, store_b, s1.id, by="bob", params=params_b)
+        forged = _forged_approval(store_b, s2.id)
+        with pytest.raises(PromotionRefused, match=f"{forged.name}.*carries no approval signature"):
+            ops.promote(b, store_b, s2.id, by="bob", params=params_b)
+        forged.unlink()
+    assert store_b.champion() == s1.id
