@@ -202,6 +202,9 @@ def test_promote_refuses_while_verify_names_a_forged_event(workspace, stored_lm,
     out = ops.promote(workspace, store, s2.id, by="bob", params=OFF, override="forged gate moved to evidence/")
     over = next(e for e in store.events() if e.seq == out["event"]["data"]["override_event"])
     assert any(other.name in u for u in over.data["unmet"]) and store.champion() == s2.id
+    # rollback is not held by the rule (it only goes back, and is how a bad promotion is undone)
+    ops.rollback(workspace, store, s1.id, by="bob", reason="undo while investigating", params=OFF)
+    assert store.champion() == s1.id and store.event_problems()
 
 
 def test_edited_event_is_named_and_does_not_count(workspace, stored_lm, tmp_path):  # noqa: F811

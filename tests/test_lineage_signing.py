@@ -163,7 +163,7 @@ def test_approve_refuses_what_would_not_count(workspace, stored_lm, tmp_path, mo
     assert not fresh.promotion_check(s1.id).ok
 
 
-def test_unsigned_approvals_from_before_signing(workspace, stored_lm, tmp_path, monkeypatch):  # noqa: F811
+def test_unsigned_approvals_from_before_signing(workspace, stored_lm, tmp_path, monkeypatch, capsys):  # noqa: F811
     """Switching signing on in a lineage with unsigned approvals: they are not named as problems (verify
     stays clean until the first signed approval), but they no longer count for a promotion."""
     alice = _key(tmp_path, "alice")
@@ -176,6 +176,11 @@ def test_unsigned_approvals_from_before_signing(workspace, stored_lm, tmp_path, 
     rep = store.verify(deep=False)
     assert rep.ok and store.champion() == s1.id
     assert "2 approve events (first 2, last 5) carry no approval signature" in " ".join(rep.notes), rep.notes
+    from kedit.cli import main
+
+    assert main(["-w", str(workspace.root), "lineage", "log"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count("approved by alice") == 2 and out.count("(unsigned: does not count)") == 2, out
     with pytest.raises(PromotionRefused, match="carries no approval signature .*--key PATH"):
         ops.promote(workspace, store, s2.id, by="bob", params=params)
     # the Python API with a store made without the setting: ops.promote applies params.yaml's

@@ -178,6 +178,11 @@ def _log(args) -> int:
             feed = (f"[magenta]retraction of {escape(', '.join(s.feed.get('retracted', [])))} by "
                     f"{escape(str(s.feed.get('by')))}: {escape(str(s.feed.get('reason')))}[/]")
         approved = _people(e.approvals)
+        if store.signing.on:  # approvals from before approval signing was on are shown, but do not count
+            signed, unsigned = _people([a for a in e.approvals if a.signature]), _people(
+                [a for a in e.approvals if not a.signature])
+            approved = ", ".join([*([signed] if signed else []),
+                                  *([f"{unsigned} (unsigned: does not count)"] if unsigned else [])])
         promoted = _people([p for p in e.promotions if p.type == "promote"])
         star = "[bold yellow]★ champion[/] " if e.champion else ""
         verdict = _verdict(e.gate)
