@@ -909,7 +909,7 @@ class LineageStore:
                                "from the git + DVC history, or move the named files out of lineage/events/ when "
                                "they are the last events (`kedit lineage seal` is only for events written before "
                                "the chain, `kedit lineage gate` records a fresh verdict)")
-        if check.unmet:  # say why events that would have met a rule did not count (each also blocks it above when verify would name it)
+        if check.unmet:  # say why events that would have met a rule did not count
             check.unmet.extend(f"event {e.seq} ({e.type} of {state.short}, {e.file}) is not trusted and does not "
                                f"count: {bad[e.file]}" for e in events if e.file in bad and e.state == state.id)
         return check
