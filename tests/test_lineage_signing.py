@@ -128,6 +128,20 @@ def test_signed_approval_promotes_and_forgeries_are_refused(workspace, stored_lm
     ops.promote(workspace, store, s2.id, by="bob", params=params)
     assert store.champion() == s2.id
 
+    # the chain rewritten from its first event on (each digest recomputed): the chain checks out, but
+    # every signed approval after the edit signed the old prev
+    prev = None
+    for p in sorted(store.events_dir.glob("*.json")):
+        old = json.loads(p.read_text())
+        if old["seq"] == 1:
+            old["comment"] = "rewritten"
+        new = seal(old, prev or old["prev"])
+        p.write_text(json.dumps(new))
+        prev = new["digest"]
+    assert store.chain().problems == []
+    named = [p for p in store.verify(deep=False).problems if "not a good signature" in p]
+    assert len(named) == 2 and ev.file in named[0] and good.file in named[1], named
+
 
 def test_approve_refuses_what_would_not_count(workspace, stored_lm, tmp_path, monkeypatch, capsys):  # noqa: F811
     """No key, a missing key file, a key the allowed signers do not list for the name, no ssh-keygen:
