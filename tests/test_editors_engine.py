@@ -300,7 +300,7 @@ def test_context_prefixes_cached_on_disk(tiny_lm, tmp_path):
     assert context.context_prefixes(tiny_lm, 2, 3, 0, tmp_path, memo)[1].startswith("from disk")  # the run's memo
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox", "gemma3_text"])
 def test_prefix_cache_replay_matches_full_replay(family, tiny_tokenizer):
     from kedit.editors.prompts import shared_heads, subject_rows
     from kedit.models.store import wrap_model
@@ -329,7 +329,7 @@ def test_shared_heads_are_the_common_leading_tokens_of_a_group():
     assert shared_heads(seqs, [6, 4, 6, 4, 5]) == [4, 4, 4, 0, 0]  # capped by the shortest cached part
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox", "gemma3_text"])
 def test_subject_states_with_shared_heads_match_full_rows(family, tiny_tokenizer, monkeypatch):
     import kedit.editors.keys as keys_mod
     from kedit.editors.keys import SubjectStates
@@ -357,7 +357,7 @@ def test_subject_states_with_shared_heads_match_full_rows(family, tiny_tokenizer
     assert torch.allclose(z1, z2, atol=1e-5) and torch.allclose(k1[2], k2[2], atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox", "gemma3_text"])
 def test_block_replay_reproduces_the_model_logits(family, tiny_tokenizer):
     from kedit.editors.runner import capture_blocks, unembed_states
     from kedit.models.store import wrap_model
@@ -389,7 +389,7 @@ def test_hparam_overrides_are_coerced_to_numbers():
         EditHparams(key_mode="bogus")  # built directly, not loaded: checked all the same
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
 def test_bfloat16_vstar_tracks_float32_and_its_delta_works_in_float32(family, tiny_tokenizer):
     from kedit.models.store import wrap_model
     from tests.conftest import make_tiny_model
@@ -524,7 +524,7 @@ def test_length_groups_merge_the_next_length_while_its_padding_fits_the_budget()
     assert sorted(r for g in length_groups(seqs, split, 3) for r in g) == list(range(len(seqs)))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
 @pytest.mark.parametrize("prefix_cache", [True, False])
 def test_padded_replay_groups_give_the_same_vstar(family, prefix_cache, tiny_tokenizer):
     """Right pads never reach a real position under causal attention: one padded group per batch
@@ -575,3 +575,16 @@ def test_vstar_step_reads_the_device_back_once_not_per_group_or_request(tiny_lm)
     rows = subject_rows(tiny_lm.tokenizer, REQS, PREFIXES)
     assert len(length_groups(rows.ids, rows.subj_pos)) >= 2  # several groups per step
     assert reads(6) - reads(2) <= 4 * 2  # one per step (is any request left?), with room for one more
+
+
+def test_vstar_refuses_rows_longer_than_a_sliding_window(tiny_tokenizer):
+    """Gemma's local layers: a prefixed prompt longer than the window is refused with the reason (the
+    prefix cache's slots are not positions, so the window would cut at the wrong tokens)."""
+    from kedit.models.store import wrap_model
+    from tests.conftest import make_tiny_model
+
+    model = make_tiny_model("gemma3_text")
+    model.config.sliding_window = 4
+    lm = wrap_model(model, tiny_tokenizer, slug="tiny-gemma3")
+    with pytest.raises(ValueError, match=r"more than the model's sliding window \(4\)"):
+        optimise_vstar(lm, REQS, PREFIXES, _hp("memit", v_steps=1), 1)

@@ -438,6 +438,8 @@ def test_batched_training_equals_one_at_a_time(tiny_lm, solver):
     res = _editor(hp).compute(lm, [_req(A), _req(B)], s0, None)
     steps = [d.vstar_steps for d in res.diagnostics]
     assert min(steps) < max(steps), steps  # one request froze while the other trained on
+    # every request's target NLL (the solver's loss, log p read over vocabulary chunks) went down
+    assert all(d.vstar_loss_end < d.vstar_loss_start for d in res.diagnostics), res.diagnostics
     both = res.state
     a = _editor(hp).compute(lm, [_req(A)], s0, None).state
     b = _editor(hp).compute(lm, [_req(B)], s0, None).state

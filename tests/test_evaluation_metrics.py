@@ -177,6 +177,22 @@ def test_generation_batched_equals_single_and_is_seeded(tiny_lm):
     assert e1 == e2 and e1 > 0
 
 
+def test_length_sorted_generation_keeps_the_prompts_order(tiny_lm):
+    """``by_length`` batches prompts of similar token counts together; the rows still come back in the
+    prompts' order, equal to each prompt generated alone, and the caller's random stream is untouched."""
+    prompts = sorted(PROMPTS, key=lambda p: -len(tiny_lm.tokenizer(p)["input_ids"]))  # longest first
+    lengths = [len(tiny_lm.tokenizer(p)["input_ids"]) for p in prompts]
+    assert lengths != sorted(lengths)  # sorting by length reorders them
+    single = torch.cat([M.greedy_tokens(tiny_lm, [p], k=5) for p in prompts])
+    state = torch.random.get_rng_state()
+    assert torch.equal(M.greedy_tokens(tiny_lm, prompts, k=5, batch_size=2, by_length=True), single)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        M.greedy_tokens(tiny_lm, prompts, k=0)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        M.greedy_tokens(tiny_lm, prompts, k=2, batch_size=0)
+
+
 def test_fluency_math_against_a_hand_computation():
     """METRICS.md: word tokens (words and punctuation), 2- and 3-gram entropies in bits, weighted 2/3 and
     4/3 and averaged, mean over prompts, x100 -- computed here longhand for two texts."""

@@ -89,12 +89,13 @@ def test_equal_candidate_passes(sharp_lm, tmp_path):
     recs = taken_records(sharp_lm)
     suite = build_canary(sharp_lm, prompts=CANARY)
     twin = wrap_model(copy.deepcopy(sharp_lm.model), sharp_lm.tokenizer, slug="twin")
-    rep = run_gates(sharp_lm, twin, GatePolicy(**POLICY), new_edits=recs[:3], prior_edits=recs[3:], canary=suite,
-                    reference_text=REF_TEXT, progress=False)
+    rep = run_gates(sharp_lm, twin, GatePolicy(**{**POLICY, "min_free_generation": 0.0}), new_edits=recs[:3],
+                    prior_edits=recs[3:], canary=suite, reference_text=REF_TEXT, progress=False)
     assert rep.passed, [c for c in rep.checks if not c.passed]
     by = {c.name: c for c in rep.checks}
-    assert set(by) == {"efficacy", "generalization", "specificity_drop", "retention", "canary_agreement",
-                       "neighbourhood_kl", "perplexity_increase_pct", "fluency_drop"}
+    assert set(by) == {"efficacy", "generalization", "specificity_drop", "free_generation", "retention",
+                       "canary_agreement", "neighbourhood_kl", "perplexity_increase_pct", "fluency_drop"}
+    assert by["free_generation"].value == by["free_generation"].before  # the twin writes what the champion does
     assert by["efficacy"].value == 1.0 and by["canary_agreement"].value == 1.0
     assert by["neighbourhood_kl"].value == pytest.approx(0.0, abs=1e-6)
     assert by["perplexity_increase_pct"].value == pytest.approx(0.0, abs=1e-6)
@@ -186,5 +187,31 @@ def test_policy_validation(tmp_path):
     p.write_text("gates:\n  min_efficasy: 0.8\n")
     with pytest.raises(ValueError, match="min_efficasy"):
         GatePolicy.from_params(p)
+    p.write_text("gates:\n  freegen_tokens: 0\n")
+    with pytest.raises(ValueError, match=r"gates\.freegen_tokens: .*at least 1 greedy token, got 0"):
+        GatePolicy.from_params(p)
     with pytest.raises(FileNotFoundError, match="absent.yaml"):  # an explicit file must exist
         GatePolicy.from_params(tmp_path / "absent.yaml")
+
+
+def test_free_generation_check_reads_the_greedy_text(tiny_lm):
+    """The gate's free-generation value is the share of new edits whose greedy continuation begins with
+    the new object: records whose object is the model's own first word pass, one made to miss fails."""
+    from kedit.evaluation.freegen import continuations
+
+    pool = PROMPTS + CANARY
+    texts = continuations(tiny_lm, pool, 8)
+    recs = [{"case_id": f"g{i}", "prompt": p, "subject": p.split()[0], "target_new": t.split()[0],
+             "ground_truth": "Paris", "rephrase_prompt": p, "locality_prompt": CANARY[0],
+             "locality_ground_truth": "Paris"} for i, (p, t) in enumerate(zip(pool, texts)) if t.split()][:3]
+    assert len(recs) == 3, texts
+    recs.append({**recs[0], "case_id": "miss", "target_new": "Zanzibar"})
+    pol = GatePolicy(**{**POLICY, "max_fluency_drop": None, "max_perplexity_increase_pct": None,
+                        "min_free_generation": 0.8})
+    suite = build_canary(tiny_lm, prompts=CANARY)
+    rep = run_gates(tiny_lm, tiny_lm, pol, new_edits=recs, canary=suite, progress=False)
+    fg = {c.name: c for c in rep.checks}["free_generation"]
+    assert fg.value == pytest.approx(3 / 4) and not fg.passed and "paraphrases" in fg.detail
+    rep = run_gates(tiny_lm, tiny_lm, GatePolicy(**{**pol.__dict__, "min_free_generation": 0.75}), new_edits=recs,
+                    canary=suite, progress=False)
+    assert {c.name: c for c in rep.checks}["free_generation"].passed

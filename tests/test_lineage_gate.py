@@ -60,7 +60,7 @@ def test_retraction_is_gated_approved_and_promoted_without_force(workspace, stor
     rep = json.loads((report / "gate.json").read_text())
     checks = {c["name"]: c for c in rep["checks"]}
     # no new edits: the edit checks are skipped, and the retraction check asks that the object is gone
-    for name in ("efficacy", "generalization", "specificity_drop"):
+    for name in ("efficacy", "generalization", "specificity_drop", "free_generation"):
         assert checks[name]["skipped"] and checks[name]["detail"] == "no new edits"
     lm_parent, lm_new = stored_lm(), stored_lm()
     store.materialise(s2.id, lm_parent)
@@ -125,6 +125,9 @@ def test_failed_gate_is_recorded_and_refuses_promotion(workspace, stored_lm, cap
     rep = json.loads((workspace.reports_dir / f"state-{s2.id[:16]}" / "gate" / "gate.json").read_text())
     assert rep["passed"] is False and set(rep["failed_ids"]) == {"x0", "x1", "x2"}
     assert "retraction" not in {c["name"] for c in rep["checks"]}
+    # the free-generation check reads the three facts' greedy text: none begins with its new object
+    fg = {c["name"]: c for c in rep["checks"]}["free_generation"]
+    assert not fg["skipped"] and fg["value"] == 0.0 and not fg["passed"] and "paraphrases" in fg["detail"]
     assert main([*w, "lineage", "approve", s2.id[:10], "--by", "erin"]) == 0
     assert "FAILED" in capsys.readouterr().out  # "not promotable yet: gate verdict ... FAILED"
     assert main([*w, "lineage", "promote", s2.id[:10], "--by", "erin", "--no-mlflow", "--no-dvc"]) == 2

@@ -18,6 +18,7 @@ EXPECTED = {
     "gpt2": ("transformer.h.2.mlp.c_proj", "transformer.wte", "transformer.ln_f", True),
     "gptj": ("transformer.h.2.mlp.fc_out", "transformer.wte", "transformer.ln_f", False),
     "gpt_neox": ("gpt_neox.layers.2.mlp.dense_4h_to_h", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", False),
+    "gemma3_text": ("model.layers.2.mlp.down_proj", "model.embed_tokens", "model.norm", False),
 }
 
 
@@ -115,3 +116,20 @@ def test_real_smollm2_import_stats_reload(smollm_ws, tmp_path):
     ids = lm.tokenizer("The capital of France is", return_tensors="pt")
     out = lm.model.generate(**ids, max_new_tokens=2, do_sample=False)
     assert "Paris" in lm.tokenizer.decode(out[0])
+
+
+@pytest.mark.slow
+def test_real_gemma3_import_and_reload(gemma_ws):
+    """The second embedded family (skipped with the reason when ``kedit[gemma]`` is not installed): the
+    GGUF's four parts are joined, dequantised and stored; the entry reloads and completes a fact."""
+    from kedit.models.store import load_model
+
+    manifest = json.loads((gemma_ws.model_dir("gemma-3-270m") / "kedit_manifest.json").read_text())
+    assert manifest["model_type"] == "gemma3_text" and 250e6 < manifest["n_params"] < 300e6
+    assert not any(p.suffix == ".gguf" for p in gemma_ws.models_dir.rglob("*"))  # the joined GGUF is gone
+    lm = load_model("gemma-3-270m", gemma_ws)
+    assert lm.adapter.num_layers == 18 and lm.adapter.key_dim() == 2048 and lm.adapter.out_dim() == 640
+    assert lm.model.config.vocab_size == 262144
+    ids = lm.tokenizer("The Eiffel Tower is located in the city of", return_tensors="pt")
+    out = lm.model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in lm.tokenizer.decode(out[0][ids["input_ids"].shape[1]:])

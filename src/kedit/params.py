@@ -51,7 +51,8 @@ KEY_TYPES: dict[str, dict[str, Any]] = {
     "canary": {"k": int, "max_prompts": int | None},
     "gates": {"min_efficacy": _NUM, "min_generalization": _NUM, "max_specificity_drop": _NUM,
               "max_neighbourhood_kl": _NUM, "min_canary_agreement": _NUM, "max_perplexity_increase_pct": _NUM,
-              "max_fluency_drop": _NUM, "min_retention": _NUM, "canary_k": int, "fluency_prompts": int,
+              "max_fluency_drop": _NUM, "min_retention": _NUM, "min_free_generation": _NUM, "freegen_tokens": int,
+              "canary_k": int, "fluency_prompts": int,
               "fluency_tokens": int, "reference_text": str, "reference_tokens": int, "seed": int},
     # cumulative drift of the candidate from the base model (kedit.evaluation.drift.DriftPolicy)
     "drift": {"max_perplexity_increase_pct": _NUM, "min_canary_agreement": _NUM, "max_neighbourhood_kl": _NUM},

@@ -123,6 +123,14 @@ class BenchDataset:
     reference: Callable[[Any, list[dict]], Any]  # what the unedited model gives that locality compares with
     evaluate: Callable[[Any, list[dict], Any, list], dict]  # (lm, records, reference, ids) -> metrics
     merge: Callable[[list[dict]], dict]  # evaluate's results over consecutive chunks -> the one over all
+    # free generation (kedit.evaluation.freegen): the paraphrase prompt and the new object of a record
+    paraphrase_field: str = "rephrase_prompt"
+    object_field: str = "target_new"
+
+    def free_generation_fields(self, records: list[dict]) -> tuple[list[str], list[str], list[str], list[str]]:
+        """Each record's edit, paraphrase and neighbourhood prompt and its new object."""
+        return ([r[self.prompt_field] for r in records], [r[self.paraphrase_field] for r in records],
+                [r[self.locality_field] for r in records], [r[self.object_field] for r in records])
 
     def default_data(self) -> Path:
         """The data set's file in the first ../shared/data that has it (else the first candidate, which
@@ -198,7 +206,7 @@ DATASETS = {
         report=("reliability", "generalization", "locality"),
         prompt_field="src", locality_field="loc", check=_check_zsre,
         to_request=lambda r, rid, where: zsre_request(r, rid, where), reference=_zsre_reference,
-        evaluate=_zsre_evaluate, merge=_merge_zsre),
+        evaluate=_zsre_evaluate, merge=_merge_zsre, paraphrase_field="rephrase", object_field="alt"),
 }
 
 

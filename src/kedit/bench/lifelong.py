@@ -58,6 +58,8 @@ class LifelongConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     dataset: str = "counterfact"  # kedit.bench.datasets: counterfact or zsre
     skip_invalid: bool = False  # leave out records that fail the data set's check (listed in the results)
+    # greedy tokens per prompt for the free-generation scores (kedit.evaluation.freegen; 0: not measured)
+    freegen_tokens: int = 8
 
 
 def load_counterfact(path: str | Path, n: int, offset: int = 0) -> list[dict]:
@@ -83,12 +85,31 @@ def _generation_metrics(lm, fluency_prompts: list[str], fluency_tokens: int, ref
             "perplexity": M.perplexity(lm, ref_text, max_tokens=ppl_tokens)}
 
 
+def _free_generation(lm, ds, records: list[dict], tokens: int) -> dict | None:
+    """Per-record free-generation verdicts (``vars`` of :class:`~kedit.evaluation.freegen.FreeGenRecords`
+    without the texts), or None when ``tokens`` is 0."""
+    if tokens <= 0:
+        return None
+    from kedit.evaluation.freegen import free_generation_records
+
+    recs = vars(free_generation_records(lm, *ds.free_generation_fields(records), max_new_tokens=tokens))
+    recs.pop("texts")
+    return recs
+
+
+def _free_generation_scores(parts: list[dict | None]) -> dict:
+    from kedit.evaluation.freegen import free_generation_scores
+
+    return {} if not parts or any(p is None for p in parts) else free_generation_scores(parts)
+
+
 def _baseline_metrics(lm, ds, records: list[dict], reference: Any, ids: list, fluency_prompts: list[str],
-                      ref_text: str, ppl_tokens: int, fluency_tokens: int = 100) -> dict:
+                      ref_text: str, ppl_tokens: int, fluency_tokens: int = 100, freegen_tokens: int = 0) -> dict:
     """Every metric of the unedited model (its neighbourhood KL and canary agreement against itself:
     0 and 1; the edited model's are read against it piece by piece in :func:`_final_metrics`)."""
     cf = ds.evaluate(lm, records, reference, ids)
     out = {k: cf[k] for k in ds.report} | _generation_metrics(lm, fluency_prompts, fluency_tokens, ref_text, ppl_tokens)
+    out |= _free_generation_scores([_free_generation(lm, ds, records, freegen_tokens)])
     out["nkl"] = 0.0
     out["canary_agreement"] = 1.0
     out["failed_ids"] = cf["failed_ids"]
@@ -100,7 +121,7 @@ EVAL_CHUNK = 1000  # records per piece of the final evaluation; with a checkpoin
 
 def _final_metrics(session, ds, records: list[dict], reference: Any, ids: list, fluency_prompts: list[str],
                    ref_text: str, ppl_tokens: int, fluency_tokens: int, partial: Path | None, identity: dict,
-                   log) -> tuple[dict, float]:
+                   log, freegen_tokens: int = 0) -> tuple[dict, float]:
     """Every metric of the session's edited model (as :func:`_baseline_metrics`; the neighbourhood KL
     and canary agreement against the model as the session began, run for each piece inside
     :meth:`~kedit.editors.session.EditSession.unedited`), in pieces of :data:`EVAL_CHUNK` records. With
@@ -129,8 +150,10 @@ def _final_metrics(session, ds, records: list[dict], reference: Any, ids: list, 
         with session.unedited():
             before = M.next_token_logprobs(lm, prompts)
         # METRICS.md's canary agreement with the locality prompts as the canary set: greedy next token unchanged
+        fg = _free_generation(lm, ds, records[start:end], freegen_tokens)
         parts.append({"scores": _jsonable(cf), "kl": M.kl_rows(before, loc).tolist(),
-                      "canary": (before.argmax(-1) == loc.argmax(-1)).tolist(), "seconds": time.perf_counter() - t})
+                      "canary": (before.argmax(-1) == loc.argmax(-1)).tolist(), "freegen": fg,
+                      "seconds": time.perf_counter() - t})
         if partial is not None:
             write_json_atomic(partial, {**identity, "parts": parts})
         log(f"final evaluation: {end}/{len(records)} records ({time.perf_counter() - t:.0f}s)")
@@ -143,6 +166,7 @@ def _final_metrics(session, ds, records: list[dict], reference: Any, ids: list, 
             write_json_atomic(partial, {**identity, "parts": parts, "generation": saved["generation"],
                                         "generation_seconds": saved["generation_seconds"]})
     out = {k: cf[k] for k in ds.report} | saved["generation"]
+    out |= _free_generation_scores([p.get("freegen") for p in parts])
     out["nkl"] = float(torch.tensor([x for p in parts for x in p["kl"]], dtype=torch.float64).mean())
     same = [x for p in parts for x in p["canary"]]
     out["canary_agreement"] = sum(same) / len(same)
@@ -200,7 +224,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     reference = ds.reference(lm, records)  # the unedited model's answers that locality compares with
     if ck is None:
         baseline = _baseline_metrics(lm, ds, records, reference, ids, fluency_prompts, ref_text, cfg.ppl_tokens,
-                                     cfg.fluency_tokens)
+                                     cfg.fluency_tokens, cfg.freegen_tokens)
     else:  # measured before the first batch
         baseline = dict(ck.extra["baseline"])
     eval_seconds = time.perf_counter() - t + (ck.extra["eval_seconds"] if ck else 0.0)
@@ -286,7 +310,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
                             cfg.fluency_tokens, partial, {"config": _jsonable(asdict(cfg)),
                                                           "model_hash": lm.manifest.model_hash,
                                                           "edits_applied": session.n_edits, "chunk": EVAL_CHUNK},
-                            log)
+                            log, cfg.freegen_tokens)
     eval_seconds += final_seconds
     curve[-1].update({k: edited[k] for k in ds.metrics}, perplexity=edited["perplexity"])
     edited["seconds_per_edit"] = edit_seconds / cfg.edits
@@ -384,8 +408,12 @@ def _dataset_of(res_or_config: dict):
 
 
 def _fmt_row(m: dict) -> str:
+    from kedit.evaluation.freegen import FREEGEN_KEYS
+    from kedit.evaluation.freegen import SHORT as GEN_SHORT
+
     keys = [k for k in ("efficacy", "reliability", "generalization", "specificity", "locality") if k in m]
-    return (" ".join(f"{SHORT[k]} {m[k]:.3f}" for k in keys) + " "
+    gen = [k for k in FREEGEN_KEYS if k in m]
+    return (" ".join([f"{SHORT[k]} {m[k]:.3f}" for k in keys] + [f"{GEN_SHORT[k]} {m[k]:.3f}" for k in gen]) + " "
             f"GE {m['fluency']:.1f} greedy GE {m['greedy_entropy']:.1f} PPL {m['perplexity']:.2f} NKL {m['nkl']:.4f}")
 
 
@@ -393,8 +421,12 @@ def results_markdown(res: dict) -> str:
     c, b, e = res["config"], res["baseline"], res["edited"]
     fs = b["fluency_setup"]
     ds = _dataset_of(res)
-    cols = [k for k in ds.report if k in b]
-    head = {"efficacy_magnitude": "EM", "score": "S"}
+    from kedit.evaluation.freegen import FREEGEN_KEYS
+    from kedit.evaluation.freegen import SHORT as GEN_SHORT
+
+    gen_cols = [k for k in FREEGEN_KEYS if k in b and k in e]
+    cols = [k for k in ds.report if k in b] + gen_cols
+    head = {"efficacy_magnitude": "EM", "score": "S", **GEN_SHORT}
 
     def cells(m: dict) -> str:
         return " | ".join(f"{m[k]:.3f}" for k in cols)
@@ -438,6 +470,12 @@ def results_markdown(res: dict) -> str:
            f"after the first batch {_fmt(e.get('state_growth_bytes_per_edit'), ',.0f')} B"] if "added_bytes" in e
           else []),
         "- canary agreement (docs/metrics.md) on the locality prompts: share whose greedy next token is unchanged",
+        *([f"- free generation (docs/metrics.md): {c.get('freegen_tokens')} greedy tokens after "
+           f"each record's edit (`{ds.prompt_field}`), paraphrase (`{ds.paraphrase_field}`) and neighbourhood "
+           f"(`{ds.locality_field}`) prompt, no target fed in; ES gen / PS gen: share of edit / paraphrase "
+           f"continuations that begin with the new object (`{ds.object_field}`, whole word, case-sensitive), "
+           "∋: that contain it anywhere; NS gen / NS gen ∌: share of neighbourhood continuations that do not "
+           "begin with / do not contain it"] if gen_cols else []),
         f"- fluency (docs/metrics.md generation entropy): {fs['new_tokens']} new tokens after each of the first "
         f"{fs['prompts']} edit prompts (`{ds.prompt_field}`), top-k sampling with k={fs['top_k']} from seed {fs['seed']}, "
         f"all prompts in one batch; n-gram entropy of the generated text only (word and punctuation tokens, "

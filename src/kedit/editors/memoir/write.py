@@ -13,7 +13,7 @@ from kedit.editors.memoir.memory import closed_form_blocks, fingerprint, warm_st
 from kedit.editors.memoir.read import reads_own_block
 from kedit.editors.memoir.state import BG, PERM, VSTAR, W
 from kedit.editors.prompts import pad_right, subject_rows, target_ids
-from kedit.editors.runner import unembed_states
+from kedit.editors.target_logprob import target_logprobs
 from kedit.hooks import Trace
 
 
@@ -148,8 +148,9 @@ def write_batch(lm, requests, prefixes, state: EditorState, layer: int, k: int, 
             local = torch.full_like(rq, -1)
             local[sel] = torch.arange(sel.numel(), device=dev)
             pm = on[pr]
-            logp = torch.log_softmax(unembed_states(lm, out[local[pr[pm]], pc[pm]]), -1)
-            nll = nll.index_add(0, pq[pm], -logp.gather(1, pl[pm][:, None]).squeeze(1) * pw[pm])
+            # log p(label) without [pairs, vocab] logits (Gemma 3: a 262,144-token vocabulary)
+            logp, _ = target_logprobs(lm, out[local[pr[pm]], pc[pm]], pl[pm])
+            nll = nll.index_add(0, pq[pm], -logp * pw[pm])
         with torch.no_grad():
             cur = nll.detach().cpu()
             if it == 0:
