@@ -50,12 +50,15 @@ def resolve_feed(ws: Workspace, feed: str | Path) -> Path:
     raise FileNotFoundError(f"feed {str(feed)!r}: no such file, and no feeds/{feed}.jsonl|csv|parquet in {ws.root}")
 
 
-def refresh_key(feed_sha256: str, parent: str | None, cfg: RefreshConfig) -> str:
-    """Content key of one refresh: the same feed on the same parent with the same editor is one refresh."""
-    from kedit.editors.hparams import hparams_digest
+def refresh_key(feed_sha256: str, parent: str | None, cfg: RefreshConfig, ws: Workspace | None = None) -> str:
+    """Content key of one refresh: the same feed on the same parent with the same editor is one refresh
+    (the editor's settings: those of the workspace model's calibrated file where there is one)."""
+    from kedit.editors.hparams import MODEL_HPARAMS, hparams_digest
 
+    own = ws.model_dir(cfg.model) / MODEL_HPARAMS if ws is not None else None
     # the resolved settings (file, overrides, defaults), not the file's bytes: a changed note is the same refresh
-    hp = hparams_digest(cfg.method, cfg.model, overrides=cfg.hparams_overrides or None)
+    hp = hparams_digest(cfg.method, cfg.model, path=own if own is not None and own.is_file() else None,
+                        overrides=cfg.hparams_overrides or None)
     return sha256_json({"feed": feed_sha256, "parent": parent, "model": cfg.model, "method": cfg.method,
                         "hparams": hp,
                         "batch": cfg.edit_batch_size, "kedit": __version__})[:16]
@@ -90,7 +93,7 @@ def ingest_step(ws: Workspace, feed: str, cfg: RefreshConfig) -> dict[str, Any]:
            "champion": champion, "accepted": res.accepted, "counts": res.counts,
            "report_path": ws.rel(res.report_path) if res.report_path else None,
            "quarantine_path": ws.rel(res.quarantine_path) if res.quarantine_path else None}
-    out["refresh_key"] = refresh_key(res.sha256, champion, cfg)
+    out["refresh_key"] = refresh_key(res.sha256, champion, cfg, ws)
     runlog = RunLog(ws, out["refresh_key"])
     feed_uri = out["feed"] if Path(out["feed"]).is_absolute() else f"kedit-workspace:/{out['feed']}"
     log_refresh_inputs(runlog.tracking, runlog.parent_id, rows=res.accepted, name=path.name, source=feed_uri,

@@ -58,6 +58,8 @@ class LifelongConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     dataset: str = "counterfact"  # kedit.bench.datasets: counterfact or zsre
     skip_invalid: bool = False  # leave out records that fail the data set's check (listed in the results)
+    # report on records the hparams file's calibration read (refused otherwise; the report then says so)
+    allow_calibration_records: bool = False
     # greedy tokens per prompt for the free-generation scores (kedit.evaluation.freegen; 0: not measured)
     freegen_tokens: int = 8
 
@@ -206,7 +208,14 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     requests = ds.requests(records, cfg.data, cfg.offset, index)
     ids = [r.get("case_id", i) for i, r in zip(index, records)]
     hp = load_hparams(cfg.method, lm, cfg.hparams_file, cfg.overrides)
+    from kedit.calibration.split import check_heldout
+
+    # the records reported on against the ones the settings were calibrated on (refused when they overlap)
+    heldout = check_heldout(hp.source, cfg.data, index[0] if index else cfg.offset,
+                            (index[-1] + 1 - index[0]) if index else 0, cfg.allow_calibration_records)
     method = spec(cfg.method)
+    if method.check_model is not None:  # before the baseline is scored (memoir: an uncalibrated store model)
+        method.check_model(lm, hp)
     layers = method.edit_layers(hp, lm.adapter.num_layers)  # memoir: its one memory layer
     n_batches = math.ceil(cfg.edits / cfg.batch)
     eval_every = cfg.eval_every or max(1, n_batches // 10)
@@ -339,7 +348,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
                    "load_average": _loadavg(), "subject_fallbacks": ds.subject_fallbacks(records),
                    # the UTC date the run ended: `kedit bench tables` dates each row from it
                    "created": time.strftime("%Y-%m-%d", time.gmtime()),
-                   "skipped_records": skipped,
+                   "skipped_records": skipped, "heldout": heldout.to_dict(),
                    **({"checkpoint": {"path": str(checkpoint), "every": checkpoint_every,
                                       "write_seconds": checkpoint_seconds, "resumed_after_batches": resumed_after}}
                       if checkpoint is not None else {})},
@@ -417,6 +426,12 @@ def _fmt_row(m: dict) -> str:
             f"GE {m['fluency']:.1f} greedy GE {m['greedy_entropy']:.1f} PPL {m['perplexity']:.2f} NKL {m['nkl']:.4f}")
 
 
+def _heldout_sentence(d: dict) -> str:
+    from kedit.calibration.split import HeldoutCheck
+
+    return HeldoutCheck(**d).sentence()
+
+
 def results_markdown(res: dict) -> str:
     c, b, e = res["config"], res["baseline"], res["edited"]
     fs = b["fluency_setup"]
@@ -443,6 +458,7 @@ def results_markdown(res: dict) -> str:
         f"load average at the end {c['load_average']}." + "".join(
             f" Left out as invalid: record {k['record']} ({k['reason']})." for k in c.get("skipped_records", [])),
         "",
+        *([_heldout_sentence(c["heldout"]), ""] if c.get("heldout") else []),
         "| run | " + " | ".join(head.get(k, k) for k in cols) + " | fluency (x100) | greedy entropy (x100) | "
         "perplexity | NKL | canary agreement | s/edit | added bytes/edit |",
         "|---|" + "---|" * (len(cols) + 7),

@@ -20,7 +20,7 @@ DESCRIPTION = ("kedit keeps a language model's facts up to date: it edits facts 
 EPILOG = "Run `kedit COMMAND --help` for a command's options; `kedit nightly demo` runs the whole pipeline."
 
 # Command-group modules, in the order they appear in --help. Each owns its sub-commands.
-GROUPS = ["model", "stats", "edit", "trace", "evaluate", "feed", "lineage", "bench", "nightly"]
+GROUPS = ["model", "stats", "edit", "trace", "calibrate", "evaluate", "feed", "lineage", "bench", "nightly"]
 
 
 class CLIError(Exception):

@@ -50,6 +50,9 @@ def register(sub) -> None:
     b.add_argument("--skip-invalid", action="store_true",
                    help="leave out records that fail the data set's check (each listed with its reason in "
                         "the results) and take the next valid ones")
+    b.add_argument("--allow-calibration-records", action="store_true",
+                   help="report on records the hparams file's calibration read (refused otherwise; the report "
+                        "then says the numbers are not held out)")
     b.add_argument("--save-edit", action="store_true",
                    help="also write the summed deltas and the final editor state to OUT/edit (a `kedit edit` directory)")
     b.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
@@ -117,7 +120,8 @@ def _lifelong(args) -> int:
                          fluency_prompts=args.fluency_prompts or None, ppl_tokens=args.ppl_tokens,
                          freegen_tokens=args.freegen_tokens,
                          stats_corpus=args.stats_corpus, stats_tokens=args.stats_tokens,
-                         hparams_file=args.hparams, overrides=parse_set(args.set))
+                         hparams_file=args.hparams, overrides=parse_set(args.set),
+                         allow_calibration_records=args.allow_calibration_records)
     from kedit.cli import CLIError
 
     if args.save_edit and not args.out:

@@ -3,6 +3,7 @@
 ``src/kedit/hparams/<model-slug>.yaml`` holds a ``defaults`` block shared by every method and one
 block per method (``rome``, ``memit``, ``alphaedit``, ``tpatcher``, ``memoir``) that overrides it; any
 block may carry ``why:`` notes (kept in ``notes``, never hashed). Lookup order: an explicit file, then
+the store model's own ``models/<slug>/hparams.yaml`` (written by ``kedit calibrate``), then
 ``<slug>.yaml``, then ``<model_type>.yaml``, then ``default.yaml`` (layers chosen relative to depth).
 
 The classes nest: :class:`EditHparams` (layers, prompt contexts) <- :class:`VStarHparams` (the v*
@@ -329,7 +330,25 @@ def _builtin(name: str) -> Path | None:
     return Path(str(p)) if p.is_file() else None
 
 
-def hparams_file_for(model_slug: str | None, model_type: str | None = None) -> Path:
+MODEL_HPARAMS = "hparams.yaml"  # a calibrated file in the model store, beside the model's manifest
+
+
+def model_store_dir(model: Any) -> Path | None:
+    """The store folder of a LoadedModel read from a workspace (None for in-memory models)."""
+    path = getattr(model, "path", None)
+    if path is None or getattr(getattr(model, "manifest", None), "source", "memory") == "memory":
+        return None
+    from kedit.models.store import MANIFEST
+
+    return Path(path) if (Path(path) / MANIFEST).is_file() else None
+
+
+def hparams_file_for(model_slug: str | None, model_type: str | None = None, model_dir: str | Path | None = None
+                     ) -> Path:
+    """The settings file a model uses: its own calibrated file in the store (``model_dir``, written by
+    ``kedit calibrate``), else the package's ``<slug>.yaml``, ``<model_type>.yaml``, ``default.yaml``."""
+    if model_dir is not None and (Path(model_dir) / MODEL_HPARAMS).is_file():
+        return Path(model_dir) / MODEL_HPARAMS
     for name in (model_slug, model_type, "default"):
         if name:
             p = _builtin(name)
@@ -360,7 +379,7 @@ def load_hparams(method: str, model: Any = None, path: str | Path | None = None,
     own = fields_of(cls)
     slug = getattr(model, "slug", model if isinstance(model, str) else None)
     model_type = getattr(getattr(model, "adapter", None), "model_type", None)
-    file = Path(path) if path else hparams_file_for(slug, model_type)
+    file = Path(path) if path else hparams_file_for(slug, model_type, model_store_dir(model))
     if not file.exists():
         raise FileNotFoundError(f"hparams file {file} does not exist")
     raw = file.read_bytes()

@@ -39,7 +39,9 @@ class EditorSpec:
     statistics at ``edit_layers(hp, num_layers)`` (the blocks it writes). ``upgrade(editor, lm, state,
     applied)`` brings a state an older version wrote up to date on resume. ``prepare(lm, hp, stats,
     layers, caches)`` does once, into the run's caches, work its first batch would otherwise do, and
-    returns a per-layer report (AlphaEdit: null-space dimensions)."""
+    returns a per-layer report (AlphaEdit: null-space dimensions). ``check_model(lm, hp)`` refuses
+    settings that do not fit the model before anything is edited (memoir: settings not measured on a
+    store model, :mod:`kedit.editors.memoir.calibrated`)."""
 
     name: str
     editor: type
@@ -53,6 +55,7 @@ class EditorSpec:
     upgrade: Callable[..., EditorState] | None = None
     edit_layers: Callable[[EditHparams, int], list[int]] = _resolved_layers
     prepare: Callable[..., dict[int, Any]] | None = None
+    check_model: Callable[[Any, EditHparams], None] | None = None
 
     def __post_init__(self) -> None:
         if self.adds_parameters != (self.attach is not None):
@@ -86,7 +89,8 @@ SPECS: dict[str, EditorSpec] = {s.name: s for s in (
                attach=memoir.attach, retract=memoir.retract,
                owners=lambda state: [str(o) for o in state.meta.get("entry_owner", [])],
                export=memoir.export_added, upgrade=MemoirEditor.upgrade,
-               edit_layers=lambda hp, num_layers: [memoir.memory_layer(hp, num_layers)]),
+               edit_layers=lambda hp, num_layers: [memoir.memory_layer(hp, num_layers)],
+               check_model=memoir.require_calibrated),
 )}
 if tuple(SPECS) != METHODS:  # every method with settings has a spec row, in the same order
     raise RuntimeError(f"editor specs {tuple(SPECS)} do not match the settings' methods {METHODS}")

@@ -52,6 +52,8 @@ def prepare_edit(lm, method: str, ws, *, hp: EditHparams | None = None, hparams_
     editor (prompt prefixes cached under ``ws.cache_dir``; ``progress``: its v* callback)."""
     s = spec(method)
     hp = hp if hp is not None else load_hparams(method, lm, hparams_file, overrides)
+    if s.check_model is not None:  # before statistics or edits (memoir: refuses an uncalibrated store model)
+        s.check_model(lm, hp)
     layers = s.edit_layers(hp, lm.adapter.num_layers)
     stats = None
     if s.needs_statistics:
