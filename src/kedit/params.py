@@ -43,7 +43,9 @@ KEY_TYPES: dict[str, dict[str, Any]] = {
               "max_id_chars": int, "max_subject_chars": int, "max_prompt_chars": int, "max_target_chars": int,
               "max_text_chars": int, "max_list_items": int, "max_list_item_chars": int, "window_days": int},
     "lineage": {"snapshot_every": int, "dvc_remote": str | None, "model_prefix": str | None, "mlflow": bool,
-                "dvc": bool, "require_distinct_approver": bool, "sign_commits": bool, "lock_wait_s": float},
+                "dvc": bool, "require_distinct_approver": bool, "sign_commits": bool, "lock_wait_s": float,
+                # per-approver SSH signatures on approve events: null / false (off) or "ssh" (kedit.lineage.signing)
+                "approval_signing": str | bool | None, "allowed_signers": str},
     "trace": {"samples": int, "noise": float, "window": int, "seed": int, "batch_rows": int, "n": int,
               "block_size": int, "aggregate_kinds": list[str]},
     "canary": {"k": int, "max_prompts": int | None},

@@ -220,7 +220,7 @@ def decide_step(ws: Workspace, key: str, state_id: str, approved: bool, by: str,
     promotion rules, one lock over the lineage event, git + DVC and the MLflow alias). A rejection
     leaves the champion where it is."""
     from kedit.lineage.access import lineage_params
-    from kedit.lineage.ops import approve, promote, reject
+    from kedit.lineage.ops import promote, reject
     from kedit.lineage.shared import lock_wait, section
 
     params = lineage_params(ws)
@@ -229,7 +229,8 @@ def decide_step(ws: Workspace, key: str, state_id: str, approved: bool, by: str,
         store = open_store(ws)
         runlog = RunLog(ws, key)
         if approved:
-            approve(store, state_id, by=by, comment=comment, ws=ws)
+            if not (store.signing.on and store.promotion_check(state_id).approval_event is not None):
+                _approve_on_worker(ws, store, state_id, by, comment)
             out = promote(ws, store, state_id, by=by, comment=comment, params=params)
             decision = "promoted"
         else:
@@ -241,6 +242,22 @@ def decide_step(ws: Workspace, key: str, state_id: str, approved: bool, by: str,
     runlog.finish()
     return {"decision": decision, "state_id": state_id, "by": by, "comment": comment,
             "champion": store.champion(), **{k: v for k, v in out.items() if k != "event"}}
+
+
+def _approve_on_worker(ws: Workspace, store: Any, state_id: str, by: str, comment: str) -> None:
+    """The reviewer's verdict as an approve event. With ``lineage.approval_signing`` on, the decide step
+    signs nothing on a reviewer's behalf unless the worker holds a key (``$KEDIT_SIGNING_KEY``) the allowed
+    signers list for ``by``; the reviewer's own signed approval (``kedit lineage approve``) is what counts,
+    and when it is recorded this step does not write another."""
+    from kedit.lineage.ops import approve
+    from kedit.lineage.signing import SigningError
+
+    try:
+        approve(store, state_id, by=by, comment=comment, ws=ws)
+    except SigningError as exc:
+        raise SigningError(f"{exc}. With lineage.approval_signing on, approve with your own key first "
+                           f"(`kedit lineage approve {state_id[:12]} --by {by} --key PATH`), then approve the run "
+                           f"again") from exc
 
 
 def summary_text(ws: Workspace, result: dict[str, Any]) -> str:

@@ -147,3 +147,18 @@ def commit_states(fabricate):
         return states
 
     return commit
+
+
+def _forge(store, name: str, raw: dict) -> Path:
+    import json
+
+    store.events_dir.mkdir(parents=True, exist_ok=True)
+    path = store.events_dir / name
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@pytest.fixture(scope="session")
+def forge_event():
+    """``forge_event(store, name, raw) -> Path``: ``raw`` written as the event file ``name``, bypassing the store."""
+    return _forge

@@ -85,15 +85,8 @@ def test_an_event_number_is_never_written_twice(tmp_path, monkeypatch):
     assert ev == first and ev.by == "alice" and not list(store.events_dir.glob(".*.tmp"))
 
 
-def _forge(store: LineageStore, name: str, raw: dict) -> Path:
-    store.events_dir.mkdir(parents=True, exist_ok=True)
-    path = store.events_dir / name
-    path.write_text(json.dumps(raw))
-    return path
-
-
 def test_forged_approval_is_named_by_verify_and_refused_by_promote(workspace, stored_lm, capsys, run_batches,
-                                                                   gate_and_approve):
+                                                                   gate_and_approve, forge_event):
     """Issue 38.4: a hand-written gate.json (passed) and approve.json passed verify and let promote make
     the state champion."""
     from kedit.cli import main
@@ -103,8 +96,8 @@ def test_forged_approval_is_named_by_verify_and_refused_by_promote(workspace, st
     (s1,) = run_batches(store, lm, 1)
     actor = {"identity": "alice", "os_user": "alice", "uid": 1000, "host": "h", "pid": 1, "configured": False}
     base = {"state": s1.id, "by": "alice", "at": "2026-12-01T00:00:00Z", "comment": "", "actor": actor}
-    _forge(store, "gate.json", {**base, "seq": 1, "type": "gate", "data": {"gate": {"passed": True}, "against": None}})
-    _forge(store, "approve.json", {**base, "seq": 2, "type": "approve", "data": {}})
+    forge_event(store, "gate.json", {**base, "seq": 1, "type": "gate", "data": {"gate": {"passed": True}, "against": None}})
+    forge_event(store, "approve.json", {**base, "seq": 2, "type": "approve", "data": {}})
     w = ["-w", str(workspace.root)]
 
     assert main([*w, "lineage", "verify", "--quick"]) == 1
@@ -118,9 +111,9 @@ def test_forged_approval_is_named_by_verify_and_refused_by_promote(workspace, st
     for p in store.events_dir.glob("*.json"):
         p.unlink()
     store.reject(s1.id, by="bob", comment="not yet")  # event 1, chained
-    _forge(store, "000002-gate.json", {**base, "seq": 2, "type": "gate", "data": {"gate": {"passed": True},
+    forge_event(store, "000002-gate.json", {**base, "seq": 2, "type": "gate", "data": {"gate": {"passed": True},
                                                                                  "against": None}})
-    _forge(store, "000003-approve.json", {**base, "seq": 3, "type": "approve", "data": {}})
+    forge_event(store, "000003-approve.json", {**base, "seq": 3, "type": "approve", "data": {}})
     rep = store.verify(deep=False)
     assert any("event 2 (gate, 000002-gate.json): it has no chain fields" in p for p in rep.problems), rep.problems
     assert any("event 3 (approve, 000003-approve.json): it has no chain fields" in p for p in rep.problems)
@@ -132,16 +125,88 @@ def test_forged_approval_is_named_by_verify_and_refused_by_promote(workspace, st
         (store.events_dir / name).unlink()
     head = store.chain().head
     gate = seal({**base, "seq": 2, "type": "gate", "data": {"gate": {"passed": True}, "against": None}}, head)
-    _forge(store, "000002-gate.json", gate)
-    _forge(store, "000003-approve.json", seal({**base, "seq": 3, "type": "approve", "data": {}}, gate["digest"]))
+    forge_event(store, "000002-gate.json", gate)
+    forge_event(store, "000003-approve.json", seal({**base, "seq": 3, "type": "approve", "data": {}}, gate["digest"]))
     assert store.chain().problems == []  # the chain alone cannot tell (docs/lineage.md: it has no secret)
     assert any("not bound to the state's record" in p for p in store.verify(deep=False).problems)
     with pytest.raises(PromotionRefused, match="not bound"):
         store.promote(s1.id, by="alice")
-    # a real verdict and approval promote
+    # a real verdict and approval after them do not promote while the forged events stand
+    gate_and_approve(store, s1)
+    with pytest.raises(PromotionRefused, match="the lineage events fail their check.*000002-gate.json"):
+        ops.promote(workspace, store, s1.id, by="alice", params=OFF)
+    # ... once the forged events are gone (here with the two real ones after them), they do
+    for p in sorted(store.events_dir.glob("*.json"))[1:]:
+        p.unlink()
     gate_and_approve(store, s1)
     ops.promote(workspace, store, s1.id, by="alice", params=OFF)
     assert store.champion() == s1.id
+
+
+@pytest.fixture
+def forge_gate_and_approval(forge_event):
+    """``forge_gate_and_approval(...)``: _forge_gate_and_approval writing its events with ``forge_event``."""
+    return lambda *a, **k: _forge_gate_and_approval(*a, **k, forge=forge_event)
+
+
+def _forge_gate_and_approval(store: LineageStore, state_id: str, *, forge) -> tuple[Path, Path]:
+    """Case 4c of issue 38: a gate verdict and an approval chained with kedit's own public ``seal`` (the
+    verdict not bound to the state's record), appended to the events."""
+    actor = {"identity": "alice", "os_user": "alice", "uid": 1000, "host": "h", "pid": 1, "configured": False}
+    base = {"state": state_id, "by": "alice", "at": "2026-12-01T00:00:00Z", "comment": "", "actor": actor}
+    chain = store.chain()
+    seq = chain.last_seq + 1
+    gate = seal({**base, "seq": seq, "type": "gate", "data": {"gate": {"passed": True}, "against": None}},
+                chain.head)
+    g = forge(store, f"{seq:06d}-gate.json", gate)
+    a = forge(store, f"{seq + 1:06d}-approve.json", seal({**base, "seq": seq + 1, "type": "approve",
+                                                           "data": {}},
+                                                         gate["digest"]))
+    return g, a
+
+
+def test_promote_refuses_while_verify_names_a_forged_event(workspace, stored_lm, capsys, run_batches,
+                                                           gate_and_approve, forge_gate_and_approval):
+    """Issue 38.4, case 4c: with a forged gate + approval, verify named the forged gate but promote went
+    ahead (it ignored the gate, used the state's earlier real verdict and counted the forged approval).
+    Now any problem verify finds in the events refuses a promotion, naming the event file and why."""
+    from kedit.cli import main
+
+    lm = stored_lm()
+    store = LineageStore(workspace.lineage_dir)
+    s1, s2 = run_batches(store, lm, 2)
+    gate_and_approve(store, s1)
+    ops.promote(workspace, store, s1.id, by="bob", params=OFF)
+    store.record_gate(s2.id, {"passed": True}, against=s1.id)  # s2's real verdict: passed, not approved
+    gate, approval = forge_gate_and_approval(store, s2.id)
+    w = ["-w", str(workspace.root)]
+    assert main([*w, "lineage", "verify", "--quick"]) == 1
+    assert f"(gate, {gate.name}): the gate verdict is not bound to the state's record" in capsys.readouterr().out
+    assert store.chain().problems == []  # the chain alone cannot tell; the binding check does
+    with pytest.raises(PromotionRefused, match=f"fail their check.*{gate.name}.*not bound"):
+        ops.promote(workspace, store, s2.id, by="mallory", params=OFF)
+    assert main([*w, "lineage", "promote", s2.id[:12], "--by", "mallory", "--no-mlflow", "--no-dvc"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"event {int(gate.name[:6])} (gate, {gate.name}): the gate verdict is not bound" in err, err
+    assert "kedit lineage verify" in err and "move the named files out" in err
+    assert store.champion() == s1.id
+
+    # a problem anywhere in the events refuses, not only in the promoted state's: a forged gate for s1
+    gate.unlink(), approval.unlink()
+    store.approve(s2.id, by="alice")
+    assert store.promotion_check(s2.id).ok
+    other, other_approval = forge_gate_and_approval(store, s1.id)
+    other_approval.unlink()
+    with pytest.raises(PromotionRefused, match=f"fail their check.*{other.name}"):
+        ops.promote(workspace, store, s2.id, by="bob", params=OFF)
+    # an override goes past it, recorded with the problem it went past
+    out = ops.promote(workspace, store, s2.id, by="bob", params=OFF,
+                      override="forged gate moved to evidence/")
+    over = next(e for e in store.events() if e.seq == out["event"]["data"]["override_event"])
+    assert any(other.name in u for u in over.data["unmet"]) and store.champion() == s2.id
+    # rollback is not held by the rule (it only goes back, and is how a bad promotion is undone)
+    ops.rollback(workspace, store, s1.id, by="bob", reason="undo while investigating", params=OFF)
+    assert store.champion() == s1.id and store.event_problems()
 
 
 def test_edited_event_is_named_and_does_not_count(workspace, stored_lm, tmp_path, run_batches):
@@ -184,7 +249,7 @@ def test_edited_event_is_named_and_does_not_count(workspace, stored_lm, tmp_path
 
 
 def test_events_from_before_the_chain_load_and_count_once_sealed(workspace, stored_lm, capsys, run_batches,
-                                                                 gate_and_approve):
+                                                                 gate_and_approve, forge_event):
     """An existing workspace: its events have no chain fields. The champion is read from them as before;
     their verdicts and approvals count for a promotion once `kedit lineage seal` vouched for them."""
     from kedit.cli import main
@@ -206,7 +271,7 @@ def test_events_from_before_the_chain_load_and_count_once_sealed(workspace, stor
     out = capsys.readouterr().out
     assert "note: 5 events were written before the event chain" in out and "lineage OK" in out
     assert "kedit lineage seal" in " ".join(store.promotion_check(s2.id).unmet)
-    forged = _forge(store, "000006-seal.json", {"seq": 6, "type": "seal", "state": None, "by": "mallory", "at": "t",
+    forged = forge_event(store, "000006-seal.json", {"seq": 6, "type": "seal", "state": None, "by": "mallory", "at": "t",
                                                 "data": {}})  # an old-style seal proves nothing
     assert "kedit lineage seal" in " ".join(store.promotion_check(s2.id).unmet)
     forged.unlink()
@@ -222,7 +287,7 @@ def test_events_from_before_the_chain_load_and_count_once_sealed(workspace, stor
     assert "kedit lineage seal" in " ".join(store.promotion_check(s2.id).unmet)  # the seal no longer counts
 
 
-def test_control_characters_are_refused_and_escaped(workspace, stored_lm, capsys, run_batches):
+def test_control_characters_are_refused_and_escaped(workspace, stored_lm, capsys, run_batches, forge_event):
     """Issue 38.6: --by / --reason took terminal escape sequences that `lineage log` printed raw."""
     from kedit.cli import main
 
@@ -244,7 +309,7 @@ def test_control_characters_are_refused_and_escaped(workspace, stored_lm, capsys
     for p in store.events_dir.glob("*.json"):
         p.unlink()
     actor = {"identity": "eve\x1b]0;x\x07", "os_user": "eve", "uid": 1, "host": "h", "pid": 1, "configured": True}
-    _forge(store, "000001-approve.json", {"seq": 1, "type": "approve", "state": s1.id, "by": "eve\x1b[31m",
+    forge_event(store, "000001-approve.json", {"seq": 1, "type": "approve", "state": s1.id, "by": "eve\x1b[31m",
                                           "at": "t", "comment": "", "data": {}, "actor": actor})
     assert main([*w, "lineage", "log"]) == 0
     out = capsys.readouterr().out
@@ -404,14 +469,14 @@ def test_signed_promotion_commits_catch_a_recomputed_chain(workspace, stored_lm,
     assert any("no good signature" in p for p in ops.divergences(workspace, store2, params))
 
 
-def test_a_number_written_twice_keeps_the_event_that_continues_the_chain(tmp_path):
+def test_a_number_written_twice_keeps_the_event_that_continues_the_chain(tmp_path, forge_event):
     store = LineageStore(tmp_path / "lineage")
     store.rollback(None, by="alice", reason="r")
     real = store.rollback(None, by="bob", reason="r")
     third = store.rollback(None, by="carol", reason="r")
     raw = {**real.to_dict(), "type": "approve", "by": "mallory"}  # sorts before 000002-rollback.json
     raw.pop("prev"), raw.pop("digest")
-    _forge(store, "000002-approve.json", raw)
+    forge_event(store, "000002-approve.json", raw)
     chain = store.chain()
     assert list(chain.bad) == ["000002-approve.json"] and "written twice" in chain.bad["000002-approve.json"]
     assert chain.head == third.digest and store.champion_event() == third

@@ -46,6 +46,9 @@ def register(sub) -> None:
     ap.add_argument("--by", default=None, help="name recorded beside your OS identity (default: $KEDIT_IDENTITY "
                                                "or the OS user)")
     ap.add_argument("--comment", default="")
+    ap.add_argument("--key", default=None, help="your SSH private key, to sign the approval when "
+                                                "lineage.approval_signing is ssh (default: $KEDIT_SIGNING_KEY, "
+                                                "else git config user.signingkey)")
     ap.set_defaults(func=_approve)
     pr = s.add_parser("promote", help="make a state the champion: needs a passed gate and an approval")
     pr.add_argument("state")
@@ -175,6 +178,11 @@ def _log(args) -> int:
             feed = (f"[magenta]retraction of {escape(', '.join(s.feed.get('retracted', [])))} by "
                     f"{escape(str(s.feed.get('by')))}: {escape(str(s.feed.get('reason')))}[/]")
         approved = _people(e.approvals)
+        if store.signing.on:  # approvals from before approval signing was on are shown, but do not count
+            signed, unsigned = _people([a for a in e.approvals if a.signature]), _people(
+                [a for a in e.approvals if not a.signature])
+            approved = ", ".join([*([signed] if signed else []),
+                                  *([f"{unsigned} (unsigned: does not count)"] if unsigned else [])])
         promoted = _people([p for p in e.promotions if p.type == "promote"])
         star = "[bold yellow]★ champion[/] " if e.champion else ""
         verdict = _verdict(e.gate)
@@ -344,7 +352,7 @@ def _approve(args) -> int:
     # a shared lineage (KEDIT_LOCK_URL / KEDIT_GIT_REMOTE): pull, record, publish under the cross-host lock
     with section(ws, f"approve {args.state[:12]}", params, wait_s=lock_wait(params)):
         ws, _, store = _store(args)
-        ev = ops.approve(store, args.state, by=_who(args), comment=args.comment, ws=ws)
+        ev = ops.approve(store, args.state, by=_who(args), comment=args.comment, ws=ws, key=args.key)
     check = store.promotion_check(ev.state)
     print(f"approved {ev.state[:12]} (event {ev.seq}, by {_people([ev])})")
     if not check.ok:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kedit.lineage.intent import read_intent
+from kedit.lineage.signing import signing_config
 from kedit.lineage.state import LineageError
 from kedit.lineage.store import LineageStore, pid_alive
 from kedit.workspace import Workspace
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {"snapshot_every": 20, "dvc_remote": None, "model_prefix": "kedit",
                             "mlflow": True, "dvc": True, "require_distinct_approver": False,
-                            "sign_commits": False, "lock_wait_s": 600}
+                            "sign_commits": False, "lock_wait_s": 600, "approval_signing": None,
+                            "allowed_signers": "allowed_signers"}
 
 
 def lineage_params(ws: Workspace, params_file: str | Path | None = None) -> dict[str, Any]:
@@ -36,7 +38,8 @@ def open_store(ws: Workspace, params: dict[str, Any] | None = None) -> LineageSt
     """The workspace's lineage store; warns when an interrupted promote / rollback left the stores apart."""
     params = params or lineage_params(ws)
     store = LineageStore(ws.lineage_dir, snapshot_every=int(params["snapshot_every"]),
-                         require_distinct_approver=bool(params.get("require_distinct_approver", False)))
+                         require_distinct_approver=bool(params.get("require_distinct_approver", False)),
+                         signing=signing_config(ws.root, params))
     note = pending_report(store)
     if note:
         log.warning(note)

@@ -20,6 +20,7 @@ from kedit.lineage.intent import Intent, adopt, clear_intent, read_intent, step_
 from kedit.lineage.policy import refusal
 from kedit.lineage.registry import model_name
 from kedit.lineage.shared import DVC_REMOTE_ENV, lock_wait, section
+from kedit.lineage.signing import signing_config
 from kedit.lineage.state import BASE, Event, LineageError, label
 from kedit.lineage.store import LineageStore, check_texts
 from kedit.workspace import Workspace
@@ -30,8 +31,10 @@ log = logging.getLogger(__name__)
 def _versioning(ws: Workspace, params: dict[str, Any]):
     from kedit.lineage.versioning import Versioning
 
+    signing = signing_config(ws.root, params)  # its allowed signers file travels in the git history
+    track = (str(signing.allowed_signers.relative_to(ws.root.resolve())),) if signing.on else ()
     return Versioning(ws, remote=os.environ.get(DVC_REMOTE_ENV) or params.get("dvc_remote"),
-                      sign=bool(params.get("sign_commits", False)))
+                      sign=bool(params.get("sign_commits", False)), track=track)
 
 
 def _registry(ws: Workspace, slug: str, params: dict[str, Any]):
@@ -216,6 +219,8 @@ def promote(ws: Workspace, store: LineageStore, state_id: str, by: str, comment:
     with section(ws, op, params, wait_s=lock_wait(params)), store.lock(op):
         repaired = finish_pending(ws, store, params)
         sid = store.resolve(state_id)
+        if not store.signing.on:  # a store opened without params.yaml's setting: the setting still holds
+            store.signing = signing_config(ws.root, params)
         check = store.promotion_check(sid, by=by, distinct=store.require_distinct_approver
                                       or bool(params.get("require_distinct_approver", False)))
         if not check.ok and not (override or "").strip():
@@ -262,13 +267,15 @@ def rollback(ws: Workspace, store: LineageStore, state_id: str | None, by: str, 
     return {"event": ev.to_dict(), **out, **({"repaired": repaired} if repaired else {})}
 
 
-def approve(store: LineageStore, state_id: str, by: str, comment: str = "", ws: Workspace | None = None) -> Event:
+def approve(store: LineageStore, state_id: str, by: str, comment: str = "", ws: Workspace | None = None,
+            key: str | Path | None = None) -> Event:
     """Record an approval of ``state_id`` (what a promotion needs after a passed gate); with ``ws``, the
     approval also goes onto the state's MLflow model version (who, when, why: see
-    :meth:`kedit.lineage.registry.ModelRegistry.record_review`)."""
+    :meth:`kedit.lineage.registry.ModelRegistry.record_review`). Signed with the approver's SSH ``key``
+    when ``lineage.approval_signing`` is on (see :meth:`LineageStore.approve`)."""
     sid = store.resolve(state_id)
     reg = _review_registry(ws, store, sid) if ws is not None else None  # a store that is down: fail first
-    ev = store.approve(sid, by=by, comment=comment)
+    ev = store.approve(sid, by=by, comment=comment, key=key)
     if reg is not None:
         reg.record_review(sid, "approved", ev.by, ev.at, ev.comment)
     return ev

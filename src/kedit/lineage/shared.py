@@ -78,13 +78,16 @@ class Shared:
     git_remote: str | None = None
     dvc_remote: str | None = None
     sign: bool = False  # lineage.sign_commits: the publishing commits are signed as the promotions are
+    track: tuple[str, ...] = ()  # workspace files each publishing commit carries (approval signing's allowed signers)
 
     @classmethod
     def from_env(cls, params: dict[str, Any] | None = None) -> Shared:
         params = params or {}
         return cls(lock_url=os.environ.get(LOCK_ENV) or None, git_remote=os.environ.get(GIT_REMOTE_ENV) or None,
                    dvc_remote=os.environ.get(DVC_REMOTE_ENV) or params.get("dvc_remote"),
-                   sign=bool(params.get("sign_commits", False)))
+                   sign=bool(params.get("sign_commits", False)),
+                   track=(str(params.get("allowed_signers") or "allowed_signers"),)
+                   if params.get("approval_signing") not in (None, False, "off", "none", "") else ())
 
     @property
     def active(self) -> bool:
@@ -170,7 +173,7 @@ class LineageLock:
 def _versioning(ws: Workspace, shared: Shared):
     from kedit.lineage.versioning import Versioning
 
-    return Versioning(ws, remote=shared.dvc_remote, sign=shared.sign)
+    return Versioning(ws, remote=shared.dvc_remote, sign=shared.sign, track=shared.track)
 
 
 def _remote_head(v, remote: str) -> str | None:

@@ -129,6 +129,8 @@ class Event:
     # the hash chain (kedit.lineage.chain): the previous event's digest and this one's; None before the chain
     prev: str | None = None
     digest: str | None = None
+    # an approver's SSH signature over the event's chained content (kedit.lineage.signing); None: unsigned
+    signature: dict[str, Any] | None = None
     file: str = field(default="", compare=False)  # the file it was read from (not written)
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +138,8 @@ class Event:
         d.pop("file")
         if self.digest is None:  # written before the chain: as it was
             d.pop("prev"), d.pop("digest")
+        if self.signature is None:
+            d.pop("signature")
         return d
 
     @classmethod

@@ -55,6 +55,9 @@ from kedit.editors.base import EditorState, EditResult
 from kedit.lineage.chain import ChainReport, check_chain, seal
 from kedit.lineage.identity import accounts, current_actor
 from kedit.lineage.policy import Check, promotion_check, refusal, rollback_check
+from kedit.lineage.signing import OFF as SIGNING_OFF
+from kedit.lineage.signing import ApprovalSigning, SigningError, find_key, payload, sign
+from kedit.lineage.signing import check as check_signature
 from kedit.lineage.state import (
     BASE,
     DELTAS_FILE,
@@ -170,13 +173,17 @@ class _Model:
 class LineageStore:
     """Content-addressed edit states, events and snapshots under one directory (see module doc)."""
 
-    def __init__(self, root: str | Path, snapshot_every: int = 20, require_distinct_approver: bool = False) -> None:
+    def __init__(self, root: str | Path, snapshot_every: int = 20, require_distinct_approver: bool = False,
+                 signing: ApprovalSigning | None = None) -> None:
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every must be >= 1, got {snapshot_every}")
         self.root = Path(root)
         self.snapshot_every = int(snapshot_every)
         # params.yaml lineage.require_distinct_approver: the approver may not be the promoter (policy.py)
         self.require_distinct_approver = bool(require_distinct_approver)
+        # params.yaml lineage.approval_signing: approvals count only with a good signature (signing.py)
+        self.signing = signing or SIGNING_OFF
+        self._signature_cache: dict[tuple, str | None] = {}
         self.fault_hook: Callable[[str], None] | None = None  # called after each commit step (crash tests)
         self._index: dict[str, EditState] = {}
         self._index_key: tuple | None = None
@@ -372,9 +379,11 @@ class LineageStore:
     def _hash_file(self, path: Path) -> str:
         return self._cached(path, sha256_file)
 
-    def _scan(self) -> tuple[list[Event], ChainReport, dict[str, str]]:
+    def _scan(self, signatures: bool = True) -> tuple[list[Event], ChainReport, dict[str, str]]:
         """The events (oldest first), their chain and the untrusted ones (file -> why); recomputed when
-        an event file changes, the bindings of gate verdicts each time (their files are hashed once)."""
+        an event file changes, the bindings of gate verdicts each time (their files are hashed once).
+        ``signatures=False``: approval signatures left unchecked (one ssh-keygen run per approval and
+        process), for readers that use no approval (the champion)."""
         records = self._event_records()
         key = tuple((p, self._file_cache[p][0]) for p, _ in records)
         if self._chain_cache is None or self._chain_cache[0] != key:
@@ -395,15 +404,57 @@ class LineageStore:
                 why = self._binding_problem(e, evs)
                 if why:
                     bad[e.file] = why
+        if self.signing.on and signatures:
+            self._signature_problems(evs, {p.name: raw for p, raw in records}, bad)
         return list(evs), chain, bad
+
+    def _signature_problems(self, evs: list[Event], raws: dict[str, dict], bad: dict[str, str]) -> None:
+        """With approval signing on: name each approve event whose signature is bad, and each unsigned
+        one after the first good signature (the chain shows signing was on from there). Unsigned
+        approvals before it (written before signing was switched on) are not named here, but do not
+        count for a promotion either (:meth:`promotion_check`)."""
+        first_signed = None
+        for e in evs:
+            if e.type != "approve" or e.file in bad:
+                continue
+            if e.signature is None:
+                if first_signed is not None:
+                    bad[e.file] = (f"it carries no approval signature, although approvals are signed since event "
+                                   f"{first_signed} (lineage.approval_signing: ssh): written outside kedit or "
+                                   f"with signing switched off")
+                continue
+            why = self.signature_problem(e, raws[e.file])
+            if why:
+                bad[e.file] = why
+            elif first_signed is None:
+                first_signed = e.seq
+
+    def signature_problem(self, ev: Event, raw: dict) -> str | None:
+        """Why an approve event's signature does not hold (None: a good signature by its ``by`` from the
+        allowed signers file); checked once per event and allowed signers file content."""
+        path = self.signing.allowed_signers
+        signers = self._hash_file(path) if path is not None and path.is_file() else None
+        key = (ev.file, ev.digest, ev.by, str(path), signers)
+        if key not in self._signature_cache:
+            self._signature_cache[key] = check_signature(payload(raw), raw.get("signature"), str(ev.by), path)
+        return self._signature_cache[key]
+
+    def event_problems(self) -> list[str]:
+        """Everything wrong with the events, as ``verify`` names it: the chain's problems (edited,
+        removed, inserted or hand-written events; numbers missing or written twice) and each untrusted
+        event (a file name that does not match, a gate verdict no longer bound, a bad approval
+        signature). Any of them refuses a promotion (:meth:`promotion_check`)."""
+        evs, chain, bad = self._scan()
+        return [*chain.problems, *(f"event {e.seq} ({e.type}, {e.file}): {bad[e.file]}" for e in evs
+                                   if e.file in bad and e.file not in chain.bad)]
 
     def events(self) -> list[Event]:
         """Every event file, trusted or not, oldest first (see :meth:`trusted_events`)."""
-        return self._scan()[0]
+        return self._scan(signatures=False)[0]
 
     def chain(self) -> ChainReport:
         """The hash chain over the events, checked (:mod:`kedit.lineage.chain`)."""
-        return self._scan()[1]
+        return self._scan(signatures=False)[1]
 
     def untrusted(self) -> dict[str, str]:
         """Event file -> why it is not trusted: it fails the chain, its file name does not match its
@@ -463,9 +514,11 @@ class LineageStore:
         return ev.state if ev else None
 
     def champion_event(self) -> Event | None:
-        """The last trusted promote / rollback event (None: nothing was ever promoted)."""
-        for ev in reversed(self.trusted_events()):
-            if ev.type in ("promote", "rollback"):
+        """The last trusted promote / rollback event (None: nothing was ever promoted); approval signatures
+        play no part in it, and are not checked here."""
+        evs, _, bad = self._scan(signatures=False)
+        for ev in reversed(evs):
+            if ev.type in ("promote", "rollback") and ev.file not in bad:
                 return ev
         return None
 
@@ -768,10 +821,11 @@ class LineageStore:
         return 1 + max((e.seq for e in self.events()), default=0)
 
     def _event(self, type_: str, state_id: str | None, by: str, comment: str = "",
-               data: dict | None = None) -> Event:
+               data: dict | None = None, key: str | Path | None = None) -> Event:
         if type_ not in EVENT_TYPES:
             raise ValueError(f"unknown event type {type_!r}")
         check_texts(type_, by, comment)
+        signer = find_key(key, cwd=self.root.parent) if type_ == "approve" and self.signing.on else None
         with self.lock(f"{type_} {label(state_id)[:12]}"):
             sid = self.resolve(state_id) if state_id else None
             chain = self.chain()
@@ -779,11 +833,25 @@ class LineageStore:
             ev = Event(seq=seq, type=type_, state=sid, by=str(by), at=_now(), comment=comment,
                        data=_jsonable(data or {}, f"{type_} data"), actor=current_actor().to_dict())
             raw = seal(ev.to_dict(), chain.head)
+            if signer is not None:
+                raw = seal({**raw, "signature": self._sign(raw, signer)}, chain.head)
             self._create_event_file(seq, type_, raw)
             ev = Event.from_dict(raw, f"{seq:06d}-{type_}.json")
             if type_ in ("promote", "rollback"):
                 self.write_champion_file()
             return ev
+
+    def _sign(self, raw: dict, key: Path) -> dict:
+        """The approver's signature over ``raw`` (sealed, unsigned), checked against the allowed signers
+        before anything is written: an approval that would not count is refused here."""
+        sig = sign(payload(raw), key, str(raw["by"]))
+        why = check_signature(payload(raw), sig, str(raw["by"]), self.signing.allowed_signers)
+        if why:
+            raise SigningError(f"approve: signed with {key}, but the signature {why.removeprefix('its signature ')}: "
+                               f"the approval would not count, so it was not recorded. The allowed signers file "
+                               f"must list {raw['by']!r} with this key's public half ({key}.pub), or sign with the "
+                               f"key it lists for {raw['by']!r}")
+        return sig
 
     def _create_event_file(self, seq: int, type_: str, raw: dict) -> None:
         """Write ``events/<seq>-<type>.json`` exclusively: complete (temp file + fsync) and never over
@@ -814,19 +882,34 @@ class LineageStore:
 
     def promotion_check(self, state_id: str, by: str | None = None, distinct: bool | None = None) -> Check:
         """The promotion rules (:mod:`kedit.lineage.policy`) for ``state_id`` over the trusted events
-        (a refusal names the state's untrusted events and why). ``by``: who would promote; with
-        ``distinct`` (None: ``require_distinct_approver``) the approval must come from another account."""
+        (a refusal names the state's untrusted events and why), and one more: no problem anywhere in
+        the events (:meth:`event_problems`, what ``verify`` names), since one event written outside
+        kedit makes every event suspect. With approval signing on, only signed approvals count.
+        ``by``: who would promote; with ``distinct`` (None: ``require_distinct_approver``) the approval
+        must come from another account."""
         state = self.get(state_id)
+        problems = self.event_problems()
         events, _, bad = self._scan()
         sealed = any(e.type == "seal" and e.digest and e.file not in bad for e in events)  # a seal is chained
         for e in events:  # verdicts and approvals from before the chain count once `kedit lineage seal` vouched
             if e.digest is None and e.type in ("gate", "approve") and not sealed and e.file not in bad:
                 bad[e.file] = ("it was written before the event chain and no `kedit lineage seal` has vouched for "
                                "those events (check them, then seal; or gate / approve again)")
+            if self.signing.on and e.type == "approve" and e.signature is None and e.file not in bad:
+                bad[e.file] = (f"it carries no approval signature (lineage.approval_signing: ssh; written before "
+                               f"signing was on, or outside kedit): approve again with your key (`kedit lineage "
+                               f"approve {state.short} --key PATH`)")
         distinct = self.require_distinct_approver if distinct is None else distinct
         promoter = accounts(by, current_actor().to_dict()) if by and distinct else None
         check = promotion_check([e for e in events if e.file not in bad], state, promoter=promoter)
-        if check.unmet:  # say why events that would have met a rule did not count (they never block one)
+        if problems:  # any event kedit did not write as it stands: nothing read from the events is trusted
+            check.unmet.insert(0, "the lineage events fail their check (`kedit lineage verify` names the same), and "
+                               "no promotion goes ahead while they do: " + "; ".join(problems) + ". kedit never "
+                               "writes such events: find out who wrote or changed them; restore lineage/events/ "
+                               "from the git + DVC history, or move the named files out of lineage/events/ when "
+                               "they are the last events (`kedit lineage seal` is only for events written before "
+                               "the chain, `kedit lineage gate` records a fresh verdict)")
+        if check.unmet:  # say why events that would have met a rule did not count
             check.unmet.extend(f"event {e.seq} ({e.type} of {state.short}, {e.file}) is not trusted and does not "
                                f"count: {bad[e.file]}" for e in events if e.file in bad and e.state == state.id)
         return check
@@ -893,9 +976,12 @@ class LineageStore:
             return self._event("seal", None, by, comment, {"sealed_events": chain.legacy,
                                                            "first_chained": chain.first_chained})
 
-    def approve(self, state_id: str, by: str, comment: str = "") -> Event:
-        """Record a reviewer's approval (a separate event from the promotion it allows)."""
-        return self._event("approve", state_id, by, comment)
+    def approve(self, state_id: str, by: str, comment: str = "", key: str | Path | None = None) -> Event:
+        """Record a reviewer's approval (a separate event from the promotion it allows). With approval
+        signing on, it is signed with the approver's SSH key (``key``, else ``$KEDIT_SIGNING_KEY``, else
+        git's ``user.signingkey``) and refused, with nothing written, unless the allowed signers file
+        accepts the signature for ``by``."""
+        return self._event("approve", state_id, by, comment, key=key)
 
     def reject(self, state_id: str, by: str, comment: str = "") -> Event:
         """Record that a candidate was not promoted (a reviewer said no, its gate failed, or the
@@ -1041,20 +1127,25 @@ class LineageStore:
             evs = self.events()
             chain = self.chain()
             bad = self.untrusted()
+            problems = self.event_problems()
         except LineageCorruptError as exc:
             rep.problems.append(str(exc))
-            evs, chain, bad = [], None, {}
+            evs, chain, bad, problems = [], None, {}, []
         for e in evs:
             if e.state and e.state not in valid:
                 rep.problems.append(f"event {e.seq} ({e.type}) names unknown or invalid state {e.state[:12]}")
+        rep.problems.extend(problems)
         if chain is not None:
-            rep.problems.extend(chain.problems)
             seals = [e for e in evs if e.type == "seal" and e.digest and e.file not in bad]
             sealed_by = f"event {seals[0].seq} (seal by {escape_text(seals[0].by)})" if seals else None
             if chain.note(sealed_by):
                 rep.notes.append(chain.note(sealed_by))
-        rep.problems.extend(f"event {e.seq} ({e.type}, {e.file}): {bad[e.file]}" for e in evs
-                            if e.file in bad and (chain is None or e.file not in chain.bad))
+        unsigned = [e.seq for e in evs if self.signing.on and e.type == "approve" and e.signature is None
+                    and e.file not in bad]
+        if unsigned:
+            rep.notes.append(f"{len(unsigned)} approve events (first {unsigned[0]}, last {unsigned[-1]}) carry no "
+                             f"approval signature: written before lineage.approval_signing was on; they do not "
+                             f"count for a promotion")
         if deep and not rep.problems:
             self._deep_verify(list(valid.values()), rep, progress)
         return rep

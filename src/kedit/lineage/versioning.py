@@ -50,6 +50,8 @@ class Versioning:
     remote: str | None = None
     remote_name: str = "kedit"
     sign: bool = False  # params.yaml lineage.sign_commits: `git commit -S` with git's configured signing key
+    # workspace files committed with every snapshot when present (the allowed signers file of approval signing)
+    track: tuple[str, ...] = ()
 
     @property
     def root(self) -> Path:
@@ -177,7 +179,7 @@ class Versioning:
         if added:
             self.dvc("add", "-q", *added)
         self.git("add", *[f"{d}.dvc" for d in added], ".gitignore",
-                 *[f for f in ("dvc.yaml", "dvc.lock", "params.yaml", GATE_METRICS, GATE_PLOT)
+                 *[f for f in ("dvc.yaml", "dvc.lock", "params.yaml", GATE_METRICS, GATE_PLOT, *self.track)
                    if (self.root / f).exists()])
         sign = ["-S"] if self.sign else []
         if self.git("diff", "--cached", "--name-only"):
