@@ -31,7 +31,7 @@ def test_memoir_edits_real_gemma_and_the_export_reloads(gemma_ws, tmp_path):
     from kedit.models.store import load_model
 
     lm = load_model("gemma-3-270m", gemma_ws)
-    hp = load_hparams("memoir", lm, overrides={"n_prefixes": 3})
+    hp = load_hparams("memoir", lm, overrides={"n_prefixes": 3, "mm_bg_docs": 20})
     editor = get_editor("memoir", hp, cache_dir=tmp_path)
     reqs = [request_from_record(r) for r in EDITS]
     canaries = [p for p in shipped_prompts() if not any(r["subject"] in p for r in EDITS)][:30]

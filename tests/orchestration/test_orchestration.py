@@ -12,6 +12,7 @@ import datetime as dt
 import http.server
 import importlib.util
 import json
+import sys
 import threading
 import time
 import uuid
@@ -196,7 +197,7 @@ def test_a_paused_run_resumes_with_the_verdict(server, capsys):
     assert state_type(server.flow_run(waiting[0].id)) == "COMPLETED"
 
 
-def test_timed_out_approvals_are_rejected_once(server, deployment, workspace, stored_lm, run_batches):
+def test_timed_out_approvals_are_rejected_once(server, deployment, workspace, stored_lm, run_batches, tmp_path):
     """A run past its approval deadline cannot be approved; the sweep records the rejection in the
     lineage once and leaves the run Failed, whether or not the server's expiration service got there first."""
     from kedit.lineage import ops
@@ -215,6 +216,8 @@ def test_timed_out_approvals_are_rejected_once(server, deployment, workspace, st
     with pytest.raises(PrefectAPIError, match="timed out"):
         server.decide(ref, True, "late-reviewer")
 
+    # another workspace's sweep on the same server leaves the run alone
+    assert expire_overdue(server, LineageStore(tmp_path / "other" / "lineage")) == []
     assert expire_overdue(server, store, ws=workspace) == [state.id]
     assert state_type(server.flow_run(run_id)) == "FAILED"
     # the MLflow version says so and is no longer the candidate
@@ -367,7 +370,20 @@ def test_nightly_run_is_named_by_its_feed_date_and_leaves_the_facts_as_a_table(s
     # handler on kedit's logger (the level is tasks/'s part); undone after the run
     import logging
 
-    kedit_log, extra = logging.getLogger("kedit"), logging.getLogger("prefect.extra").handlers
+    from prefect.logging.handlers import APILogHandler, PrefectConsoleHandler
+
+    # Prefect's console handlers write to the stream of whichever test first set up Prefect's logging,
+    # which pytest has closed by now: point them at this test's stream for the run
+    for name in ["", *logging.root.manager.loggerDict]:
+        for h in getattr(logging.getLogger(name), "handlers", []):
+            if isinstance(h, PrefectConsoleHandler):
+                monkeypatch.setattr(h.console, "file", sys.stderr)
+
+    # only the API handler: prefect.extra's console handler holds the stream of whichever test set up
+    # Prefect's logging, which pytest has closed by now
+    kedit_log = logging.getLogger("kedit")
+    extra = [h for h in logging.getLogger("prefect.extra").handlers if isinstance(h, APILogHandler)]
+    assert extra, "Prefect's logging set-up gives prefect.extra an API handler"
     for h in extra:
         kedit_log.addHandler(h)
     try:

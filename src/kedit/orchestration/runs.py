@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +31,8 @@ from kedit.orchestration.approvals import (
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.objects import FlowRun
+
+log = logging.getLogger(__name__)
 
 FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
@@ -231,10 +234,20 @@ def _approval_run(fr: FlowRun) -> ApprovalRun | None:
 def expire_overdue(runs: PrefectRuns, store, by: str = "kedit-timeout", ws=None) -> list[str]:
     """A timed-out approval rejects: record the rejection in the lineage (once; the champion does not
     move; with ``ws`` also on the MLflow model version, which loses the ``candidate`` alias) and mark the
-    run Failed if the Prefect server has not already done so. Returns the state ids rejected by this sweep."""
+    run Failed if the Prefect server has not already done so. Returns the state ids rejected by this sweep.
+
+    One Prefect server serves several workspaces: a run waiting on a state this lineage does not hold is
+    another workspace's, left to that workspace's sweep."""
+    from kedit.lineage.state import LineageError
+
     done = []
     for run in runs.timed_out_approvals():
-        sid = store.resolve(run.state_ref)
+        try:
+            sid = store.resolve(run.state_ref)
+        except LineageError:
+            log.info("approval run %s waits on state %s, not in %s: left to its own workspace",
+                     run.name, run.state_ref, store.root)
+            continue
         recorded = any(e.type == "reject" and e.state == sid and e.by == by for e in store.events())
         if not recorded:
             comment = f"no approval before the deadline (flow run {run.name})"
