@@ -1,7 +1,7 @@
 """The data sets the lifelong benchmark runs: how a record becomes an :class:`EditRequest`, which
 fields give the fluency and locality prompts, and how edited records are scored.
 
-- ``counterfact``: flat CounterFact; efficacy / generalization / specificity (METRICS.md), plus
+- ``counterfact``: flat CounterFact; efficacy / generalization / specificity (docs/metrics.md), plus
   efficacy magnitude and the harmonic-mean score.
 - ``zsre``: zsRE question answering (MEND split); ``src`` is edited to ``alt``; reliability /
   generalization / locality are token-level accuracies under teacher forcing

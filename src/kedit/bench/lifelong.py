@@ -1,5 +1,5 @@
 """The lifelong editing benchmark: T CounterFact (or zsRE) records applied in batches of B to one model,
-every METRICS.md metric measured on all T records after the last batch (and on the records edited
+every docs/metrics.md metric measured on all T records after the last batch (and on the records edited
 so far every K batches, for the curve), against the unedited baseline. The data set decides how a
 record becomes a request and how it is scored (:mod:`kedit.bench.datasets`).
 
@@ -78,7 +78,7 @@ def _generation_metrics(lm, fluency_prompts: list[str], fluency_tokens: int, ref
     """Fluency, greedy entropy (and their setup) and held-out perplexity."""
     from kedit.evaluation import metrics as M
 
-    # fluency is METRICS.md's GE (top-k 5 sampling from a fixed seed); greedy_entropy the same n-gram
+    # fluency is docs/metrics.md's GE (top-k 5 sampling from a fixed seed); greedy_entropy the same n-gram
     # entropy of greedy continuations of the same prompts, which sampling noise cannot mask
     return {"fluency": M.generation_entropy(lm, fluency_prompts, max_new_tokens=fluency_tokens),
             "greedy_entropy": M.greedy_entropy(lm, fluency_prompts, max_new_tokens=fluency_tokens),
@@ -151,7 +151,7 @@ def _final_metrics(session, ds, records: list[dict], reference: Any, ids: list, 
         loc = M.next_token_logprobs(lm, prompts)
         with session.unedited():
             before = M.next_token_logprobs(lm, prompts)
-        # METRICS.md's canary agreement with the locality prompts as the canary set: greedy next token unchanged
+        # docs/metrics.md's canary agreement with the locality prompts as the canary set: greedy next token unchanged
         fg = _free_generation(lm, ds, records[start:end], freegen_tokens)
         parts.append({"scores": _jsonable(cf), "kl": M.kl_rows(before, loc).tolist(),
                       "canary": (before.argmax(-1) == loc.argmax(-1)).tolist(), "freegen": fg,

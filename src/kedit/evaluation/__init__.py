@@ -1,1 +1,1 @@
-"""Edit evaluation: METRICS.md metrics, the canary suite and the promotion gates."""
+"""Edit evaluation: docs/metrics.md metrics, the canary suite and the promotion gates."""

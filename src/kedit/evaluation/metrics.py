@@ -1,4 +1,4 @@
-"""Edit-quality metrics of METRICS.md as one module: target scoring, CounterFact efficacy /
+"""Edit-quality metrics of docs/metrics.md as one module: target scoring, CounterFact efficacy /
 generalization / specificity / magnitude / score, fluency (generation entropy), perplexity,
 neighbourhood KL and canary agreement.
 
@@ -107,7 +107,7 @@ class CounterFactResult:
 
 
 def evaluate_counterfact(lm: LoadedModel, records: Sequence[dict], batch_size: int = 32) -> dict:
-    """ES / PS / NS / EM / S of METRICS.md for flat CounterFact records, with per-record verdicts.
+    """ES / PS / NS / EM / S of docs/metrics.md for flat CounterFact records, with per-record verdicts.
 
     All 6 (prompt, target) pairs of all records are scored together in length-sorted batches.
     Ties count as failures. Returns a dict (see :class:`CounterFactResult`); ``failed_ids`` lists the
@@ -179,7 +179,7 @@ def canary_agreement(before_tokens: torch.Tensor, after_tokens: torch.Tensor, k:
 
 
 # --- generation and fluency --------------------------------------------------------------------
-# METRICS.md's fluency (GE): 100 new tokens per prompt, top-k sampling with k = 5 from a fixed seed.
+# docs/metrics.md's fluency (GE): 100 new tokens per prompt, top-k sampling with k = 5 from a fixed seed.
 FLUENCY_TOKENS = 100
 FLUENCY_TOP_K = 5
 FLUENCY_SEED = 0
@@ -202,7 +202,7 @@ def shannon_entropy_bits(counts: Counter) -> float:
 
 
 def weighted_ngram_entropy(words: Sequence[str], weights: dict[int, float] | None = None) -> float:
-    """METRICS.md's per-text entropy: mean over n of ``weight_n * H(n-grams)``, i.e.
+    """docs/metrics.md's per-text entropy: mean over n of ``weight_n * H(n-grams)``, i.e.
     ``(2/3 * H2 + 4/3 * H3) / 2`` for the default weights (bits, not x100)."""
     weights = weights or NGRAM_WEIGHTS
     return sum(w * shannon_entropy_bits(ngram_counts(words, n)) for n, w in weights.items()) / len(weights)
@@ -240,7 +240,7 @@ def greedy_continuations(lm: LoadedModel, prompts: Sequence[str],
 
 def generation_entropy(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = FLUENCY_TOKENS,
                        top_k: int = FLUENCY_TOP_K, seed: int = FLUENCY_SEED) -> float:
-    """Fluency (GE) exactly as METRICS.md defines it, x100: per prompt, ``max_new_tokens`` (100) new
+    """Fluency (GE) exactly as docs/metrics.md defines it, x100: per prompt, ``max_new_tokens`` (100) new
     tokens by top-k sampling (k = 5) from a fixed seed; the n-gram entropy of that generated text
     (words and punctuation; 2- and 3-grams, log2, weights 2/3 and 4/3, averaged); mean over prompts."""
     return mean_entropy_x100(sampled_continuations(lm, prompts, max_new_tokens, top_k, seed))

@@ -174,7 +174,7 @@ def target_logprobs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[s
                     reduce: str = "mean") -> torch.Tensor:
     """Teacher-forced log-probability of the tokens of ``" " + target`` after each prompt, ``[n]``.
 
-    ``reduce="mean"`` is METRICS.md's score (mean per-token log-prob); ``"sum"`` the sequence log-prob.
+    ``reduce="mean"`` is docs/metrics.md's score (mean per-token log-prob); ``"sum"`` the sequence log-prob.
     """
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
