@@ -211,8 +211,10 @@ def test_logged_model_carries_its_code_and_serves_with_mlflow_models_serve(works
     assert "Eiffel" in (local / info.saved_input_example_info["artifact_path"]).read_text()
 
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tr.uri}
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", uri,
+    venv_bin = Path(sys.executable).parent  # mlflow starts `uvicorn` by name: the venv's bin must be on PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tr.uri,
+           "PATH": os.pathsep.join([str(venv_bin), os.environ.get("PATH", "")])}
+    server = subprocess.Popen([str(venv_bin / "mlflow"), "models", "serve", "-m", uri,
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
