@@ -586,3 +586,46 @@ def test_read_scale_by_entries_sets_the_mask_reads_share_from_the_memorys_size(t
     for bad in ([], [[3, 1.0], [1, 0.5]], [[1, 0.0]], [[1.5, 1.0]], "0.5"):
         with pytest.raises(ValueError, match="mm_read_scale_by_entries"):
             memoir.hp(mm_read_scale_by_entries=bad)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_read_changes_the_residual_stream_by_exactly_its_entrys_change(family, tiny_tokenizer,
+                                                                          tiny_model_factory, memoir):
+    """v* computes an entry's change for the residual stream; a reading token's layer output moves by
+    exactly that change, also where a norm follows the MLP (Gemma 3's ``post_feedforward_layernorm``:
+    added at the down-projection, it would reach the stream rescaled and turned). Every other token's
+    layer output is the base one bit for bit."""
+    from kedit.editors.memoir import BLOCK_U, BLOCK_V, MASKS, W, attach, memory_delta, own_block_delta
+    from kedit.editors.memoir.read import exact_read_scale, read_scale, reads_own_block
+    from kedit.hooks import Trace
+    from kedit.models.store import wrap_model
+
+    lm = wrap_model(tiny_model_factory(family), tiny_tokenizer, slug=f"tiny-{family}")
+    assert (lm.adapter.residual_out_name(1) != lm.adapter.mlp_out_name(1)) == (family == "gemma3_text")
+    state = memoir.editor().compute(lm, [memoir.req(memoir.a)], None, None).state
+    layer = int(state.meta["layer"])
+    text = memoir.a["prompt"].format(memoir.a["subject"]) + ". " + memoir.other
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids
+    block, down = lm.adapter.layer_name(layer), lm.adapter.mlp_out_name(layer)
+
+    def run():
+        with torch.no_grad(), Trace(lm.model, [block, down], retain_input=True, retain_output=True) as tr:
+            lm.model(input_ids=ids)
+        out = tr.outputs[block]
+        return (out[0] if isinstance(out, tuple) else out)[0], tr.inputs[down][0]
+
+    base, x = run()
+    rd = memoir.fires(lm, state, text)
+    assert 0 < rd.tokens.numel() < ids.shape[1]
+    cols = state.tensors[MASKS][rd.entry]
+    want = own_block_delta(x[rd.tokens], cols, state.tensors[BLOCK_U][rd.entry], state.tensors[BLOCK_V][rd.entry]) \
+        if reads_own_block(state) else memory_delta(x[rd.tokens], cols, state.tensors[W])
+    want = want * torch.where(rd.exact, exact_read_scale(state), read_scale(state))[:, None]
+    assert want.norm() > 0
+    att = attach(lm, state)
+    edited, _ = run()
+    att.remove()
+    rest = torch.ones(ids.shape[1], dtype=torch.bool)
+    rest[rd.tokens] = False
+    assert torch.equal(edited[rest], base[rest])
+    torch.testing.assert_close(edited[rd.tokens] - base[rd.tokens], want, atol=1e-5, rtol=1e-4)

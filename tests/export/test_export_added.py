@@ -177,3 +177,39 @@ def test_states_that_add_nothing_export_plain_and_other_architectures_get_their_
     attach_state(lm, None)
     assert (want - base).abs().max() > 1e-3
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_gemma3_memory_exports_with_its_change_added_after_the_post_feedforward_norm(
+        tiny_tokenizer, tmp_path, tiny_model_factory, memoir):
+    """Gemma 3 (a norm between the MLP and the residual stream): the shipped code reads the memory at
+    the down-projection and adds its change after ``post_feedforward_layernorm``, as kedit does; the
+    loaded class is Gemma's own, and its logits and greedy tokens equal kedit's attached model's."""
+    from transformers import AutoModelForCausalLM
+
+    from kedit.editors.registry import attach_state
+    from kedit.export import added_parameters, save_with_added
+    from kedit.models.store import wrap_model
+
+    lm = wrap_model(tiny_model_factory("gemma3_text"), tiny_tokenizer, slug="tiny-gemma3")
+    state = memoir.editor().compute(lm, [memoir.req(memoir.a)], None, None).state
+    layer = int(state.meta["layer"])
+    added = added_parameters(lm, state)
+    assert added.spec["module"] == lm.adapter.mlp_out_name(layer)
+    assert added.spec["add_module"] == f"{lm.adapter.layer_name(layer)}.post_feedforward_layernorm"
+    save_with_added(lm, added, tmp_path / "gemma")
+    assert 'BASE_MODEL_CLASS = "Gemma3ForCausalLM"' in (tmp_path / "gemma" / "modeling_kedit_added.py").read_text()
+    served = AutoModelForCausalLM.from_pretrained(tmp_path / "gemma", trust_remote_code=True).eval()
+    prompt = lm.tokenizer(memoir.a["prompt"].format(memoir.a["subject"]), return_tensors="pt").input_ids
+    other = lm.tokenizer(memoir.other, return_tensors="pt").input_ids
+    with torch.no_grad():
+        base = lm.model(input_ids=prompt).logits
+        attach_state(lm, state)
+        want, want_other = lm.model(input_ids=prompt).logits, lm.model(input_ids=other).logits
+        want_gen = lm.model.generate(prompt, max_new_tokens=6, do_sample=False)
+        got, got_other = served(input_ids=prompt).logits, served(input_ids=other).logits
+        got_gen = served.generate(prompt, max_new_tokens=6, do_sample=False)
+    attach_state(lm, None)
+    assert (want - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_other, want_other, atol=1e-5, rtol=1e-5)
+    assert got_gen.tolist() == want_gen.tolist()

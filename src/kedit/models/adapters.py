@@ -21,7 +21,10 @@ class ArchSpec:
 
     ``layers`` is the ModuleList of blocks; ``mlp_out``, ``mlp`` and ``attn`` are relative to
     one block. The edited matrix is ``mlp_out``'s weight; its *input* is the key ``k``.
-    ``transposed`` marks Conv1D-style weights stored ``[in, out]`` (GPT-2).
+    ``transposed`` marks Conv1D-style weights stored ``[in, out]`` (GPT-2). ``mlp_post_norm`` (relative
+    to a block) names a norm between the MLP's output and the residual stream (Gemma 2/3's
+    ``post_feedforward_layernorm``): a change meant for the residual stream is added after it, since
+    one added at ``mlp_out`` reaches the stream rescaled and turned by that norm.
     """
 
     layers: str
@@ -32,6 +35,7 @@ class ArchSpec:
     final_norm: str
     unembed: str
     transposed: bool = False
+    mlp_post_norm: str | None = None
 
 
 _LLAMA = ArchSpec(
@@ -39,9 +43,12 @@ _LLAMA = ArchSpec(
     embed="model.embed_tokens", final_norm="model.norm", unembed="lm_head",
 )
 
+_POST_NORM = ArchSpec(**{**asdict(_LLAMA), "mlp_post_norm": "post_feedforward_layernorm"})
+
 ARCHITECTURES: dict[str, ArchSpec] = {
-    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                           "smollm3", "olmo2", "phi3")},
+    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "smollm3", "phi3")},
+    # the MLP's output passes a norm of its own before the residual add
+    **{t: _POST_NORM for t in ("gemma2", "gemma3_text", "olmo2")},
     "gpt2": ArchSpec(
         layers="transformer.h", mlp_out="mlp.c_proj", mlp="mlp", attn="attn",
         embed="transformer.wte", final_norm="transformer.ln_f", unembed="lm_head", transposed=True,
@@ -75,7 +82,7 @@ def load_arch_spec(path: str | Path) -> ArchSpec:
         data = json.loads(text)
     names = {f.name for f in fields(ArchSpec)}
     unknown = set(data) - names
-    required = {f.name for f in fields(ArchSpec) if f.name != "transposed"}
+    required = {f.name for f in fields(ArchSpec) if f.name not in ("transposed", "mlp_post_norm")}
     missing = required - set(data)
     if unknown or missing:
         raise ValueError(f"{path}: architecture spec has unknown fields {sorted(unknown)} "
@@ -122,6 +129,12 @@ class ModelAdapter:
 
     def mlp_out_name(self, i: int) -> str:
         return f"{self.layer_name(i)}.{self.spec.mlp_out}"
+
+    def residual_out_name(self, i: int) -> str:
+        """The module whose output joins the residual stream after layer ``i``'s MLP: its post-norm where
+        the family has one, else the down-projection."""
+        post = self.spec.mlp_post_norm
+        return f"{self.layer_name(i)}.{post}" if post else self.mlp_out_name(i)
 
     def mlp_name(self, i: int) -> str:
         return f"{self.layer_name(i)}.{self.spec.mlp}"

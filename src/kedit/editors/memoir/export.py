@@ -21,6 +21,8 @@ def export_added(lm, state: EditorState) -> tuple[dict, dict[str, torch.Tensor]]
             "k": int(state.meta["k"]), "threshold": float(state.meta["threshold"]),
             "n_entries": int(t[MASKS].shape[0]), "d": int(t[W].shape[1]), "d_out": int(t[W].shape[0]),
             "facts": list(state.meta.get("entry_owner", [])), "read": state.meta.get("read", "shared")}
+    if lm.adapter.residual_out_name(layer) != spec["module"]:  # a norm after the MLP: the change goes after it
+        spec["add_module"] = lm.adapter.residual_out_name(layer)
     tensors = {"W": t[W], "masks": t[MASKS], "bg_mean": t[BG], "perm": t[PERM]}
     if EXACT in t:  # each entry's exact key, read at its own (strict) threshold
         spec["exact_threshold"] = float(state.meta["exact_threshold"])

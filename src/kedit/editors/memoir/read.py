@@ -56,7 +56,12 @@ def reads_own_block(state: EditorState) -> bool:
 
 def attach(lm, state: EditorState) -> _attach.Attachment:
     """Put the state's memory on ``lm`` (a forward hook on layer ``L``'s down-projection), replacing
-    any memory attached before. Tokens that fire no entry leave the module's output untouched."""
+    any memory attached before. Tokens that fire no entry leave the module's output untouched.
+
+    An entry's block holds a change v* computed for the residual stream, so it is added where the
+    MLP's output joins that stream: at the down-projection's output, or, in a family with a norm after
+    the MLP (Gemma 2/3, OLMo 2), after that norm (the down-projection's hook computes the change from
+    its input; a hook on the norm adds it)."""
     if state.method != METHOD:
         raise ValueError(f"editor state is for {state.method!r}, not {METHOD!r}")
     layer, k, thr = int(state.meta["layer"]), int(state.meta["k"]), float(state.meta["threshold"])
@@ -79,6 +84,8 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
     # the token before position 0 of a call: the last token of the previous call, when this call continues
     # it through a KV cache (seen by a pre-hook on the whole model); otherwise there is none
     calls = {"live": False, "continuing": False, "carry": None}
+    name, add_name = lm.adapter.mlp_out_name(layer), lm.adapter.residual_out_name(layer)
+    pending: dict = {}  # a post-norm family: (tokens, change) from the down-projection, for the norm's hook
 
     def model_pre(_module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x: `cache`
@@ -99,6 +106,7 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
             span = SpanGuard(*previous_tokens(seq, carry), spans, guarded, thr_s)
         with torch.no_grad():
             rd = read_memory(flat, bg, perm, stored, k, thr, exact, thr_x, span)
+        pending.clear()
         if rd.tokens.numel() == 0:
             return output
         cols = masks[rd.entry]
@@ -106,12 +114,29 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
             memory_delta(flat[rd.tokens], cols, w)
         if scale != 1.0 or scale_x != 1.0:
             delta = delta * torch.where(rd.exact, scale_x, scale).to(delta.dtype)[:, None]
-        out = output.reshape(-1, output.shape[-1]).clone()
-        out[rd.tokens] = out[rd.tokens] + delta.to(out.dtype)
-        return out.view_as(output)
+        if add_name != name:
+            pending.update(tokens=rd.tokens, delta=delta)
+            return output
+        return add_at(output, rd.tokens, delta)
+
+    def add_after_norm(_module, args, kwargs, output):
+        if not pending:
+            return output
+        out = add_at(output, pending["tokens"], pending["delta"])
+        pending.clear()
+        return out
 
     extra = (("", "pre", model_pre), ("", "post", model_post)) if spans is not None else ()
-    return _attach.install(lm.model, METHOD, lm.adapter.mlp_out_name(layer), hook, extra)
+    if add_name != name:
+        extra = (*extra, (add_name, "post", add_after_norm))
+    return _attach.install(lm.model, METHOD, name, hook, extra)
+
+
+def add_at(output: torch.Tensor, tokens: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``output`` (``[..., d]``, tokens flattened in order) with ``delta`` added at rows ``tokens``."""
+    out = output.reshape(-1, output.shape[-1]).clone()
+    out[tokens] = out[tokens] + delta.to(out.dtype)
+    return out.view_as(output)
 
 
 def _cache_length(cache) -> int:

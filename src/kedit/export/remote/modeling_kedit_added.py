@@ -16,6 +16,8 @@ base model, the same computation kedit attaches in-process (``kedit.editors.tpat
   of a call that continues a KV cache the previous call's last token, at the start of a text none.
   With ``read_scale`` in the spec, a token reading through the mask adds that share of its entry's
   output change, one reading through the exact key ``exact_read_scale`` (default: ``read_scale``).
+  With ``add_module`` in the spec (a norm between the MLP and the residual stream, as in Gemma 2/3),
+  the change computed at the down-projection is added to that module's output instead.
 
 The added tensors are float32 buffers/parameters of ``kedit_added`` and the computation runs in float32,
 as in kedit, whatever dtype the base model is loaded in.
@@ -64,6 +66,7 @@ class SparseResidualMemory(nn.Module):
         self.register_buffer("bg_mean", torch.zeros(d, dtype=torch.float32))
         self.register_buffer("perm", torch.arange(d, dtype=torch.long))
         self.own = spec.get("read", "shared") == "own"
+        self.add_after = spec.get("add_module") is not None
         self.exact_threshold = spec.get("exact_threshold")
         if self.exact_threshold is not None:
             self.register_buffer("exact", torch.zeros(n, self.k, dtype=torch.long))
@@ -79,6 +82,7 @@ class SparseResidualMemory(nn.Module):
             self.register_buffer("block_u", torch.zeros(n, d_out, r, dtype=torch.float32))
             self.register_buffer("block_v", torch.zeros(n, r, self.k, dtype=torch.float32))
         self._stored = None  # one-hot masks (and exact keys), built on first use
+        self.pending = None  # with add_module: (tokens, change) waiting for that module's output
 
     def _one_hot(self, sets, d):
         out = torch.zeros(sets.shape[0], d, dtype=torch.float32, device=sets.device)
@@ -89,12 +93,40 @@ class SparseResidualMemory(nn.Module):
         return self._one_hot(torch.sort(self.perm.to(x.device)[idx], dim=-1).values, d)
 
     def hook(self, _module, args, kwargs, output):
+        """On the down-projection: its output plus each reading token's change (or, with an
+        ``add_module``, the output as it is, the change kept for :meth:`add_hook`)."""
+        self.pending = None
         if self.masks.shape[0] == 0:
             return output
         x = args[0] if args else next(iter(kwargs.values()))
+        found = self.changes(x)
+        if found is None:
+            return output
+        if self.add_after:
+            self.pending = found
+            return output
+        return self._add(output, *found)
+
+    def add_hook(self, _module, args, kwargs, output):
+        """On ``add_module``: its output plus the change the down-projection's hook kept."""
+        if self.pending is None:
+            return output
+        out = self._add(output, *self.pending)
+        self.pending = None
+        return out
+
+    @staticmethod
+    def _add(output, fire, delta):
+        out = output.reshape(-1, output.shape[-1]).clone()
+        out[fire] = out[fire] + delta.to(out.dtype)
+        return out.view_as(output)
+
+    def changes(self, x):
+        """``(tokens, change)``: which tokens of ``x`` (flattened) read an entry and what each adds
+        (None: no token reads one)."""
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] == 0:
-            return output
+            return None
         d, k = flat.shape[-1], self.k
         masks = self.masks.to(flat.device)
         exact = self.exact.to(flat.device) if self.exact_threshold is not None else None
@@ -134,7 +166,7 @@ class SparseResidualMemory(nn.Module):
                 entry, hit = torch.where(exact_hit, entry_x, entry), hit | exact_hit
             fire = hit.nonzero().squeeze(1)
         if fire.numel() == 0:
-            return output
+            return None
         cols = masks[entry[fire]]
         xs = flat[fire].gather(1, cols).float()
         if self.own:
@@ -148,9 +180,7 @@ class SparseResidualMemory(nn.Module):
         if self.read_scale != 1.0 or self.exact_read_scale != 1.0:
             scale = torch.where(exact_hit[fire], self.exact_read_scale, self.read_scale)
             delta = delta * scale.to(delta.dtype)[:, None]
-        out = output.reshape(-1, output.shape[-1]).clone()
-        out[fire] = out[fire] + delta.to(out.dtype)
-        return out.view_as(output)
+        return fire, delta
 
 
 ADDED_MODULES = {"tpatcher": PatchNeurons, "memoir": SparseResidualMemory}
@@ -167,6 +197,9 @@ class KeditAddedForCausalLM(_BaseModel):
                              f"{sorted(ADDED_MODULES)}")
         self.kedit_added = ADDED_MODULES[spec["method"]](spec)
         self.get_submodule(spec["module"]).register_forward_hook(self.kedit_added.hook, with_kwargs=True)
+        if spec.get("add_module"):  # the change joins the residual stream after this module (a norm)
+            self.get_submodule(spec["add_module"]).register_forward_hook(self.kedit_added.add_hook,
+                                                                         with_kwargs=True)
 
     def forward(self, *args, **kwargs):
         """The base forward, telling the added module whether this call continues a KV cache."""
