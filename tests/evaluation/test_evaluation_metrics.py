@@ -153,6 +153,10 @@ def test_evaluate_counterfact_matches_pairwise(tiny_lm):
     expect = 0.0 if min(vals) == 0 else 3 / sum(1 / v for v in vals)
     assert res["score"] == pytest.approx(expect)
     assert M.harmonic_mean([0.5, 1.0, 1.0]) == pytest.approx(0.75)
+    # retention's efficacy-only scoring gives the same verdicts
+    eff = M.evaluate_efficacy(tiny_lm, recs, batch_size=2)
+    assert eff["efficacy_ok"] == res["efficacy_ok"] and eff["ids"] == res["ids"]
+    assert eff["efficacy"] == res["efficacy"]
 
 
 def test_wilson_interval_matches_the_score_interval():

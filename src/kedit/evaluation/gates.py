@@ -249,8 +249,8 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
         # retention of earlier edits: those that held under the champion must still hold
         if prior:
             status.update("gate: retention of earlier edits")
-            b = M.evaluate_counterfact(champion, prior)
-            a = M.evaluate_counterfact(candidate, prior)
+            b = M.evaluate_efficacy(champion, prior)
+            a = M.evaluate_efficacy(candidate, prior)
             held = [i for i, ok in enumerate(b["efficacy_ok"]) if ok]
             kept = [i for i in held if a["efficacy_ok"][i]]
             rep.lost_ids = [b["ids"][i] for i in held if not a["efficacy_ok"][i]]

@@ -131,6 +131,21 @@ def evaluate_counterfact(lm: LoadedModel, records: Sequence[dict], batch_size: i
                               (total[:, 0].exp() - total[:, 1].exp()).tolist())
 
 
+def evaluate_efficacy(lm: LoadedModel, records: Sequence[dict], batch_size: int = 32) -> dict:
+    """ES alone (the edit prompt's two pairs of :func:`evaluate_counterfact`, the same verdicts): what
+    retention asks of earlier edits, at a third of the scoring. Returns ``ids``, ``efficacy`` and
+    ``efficacy_ok``."""
+    check_counterfact(records)
+    if not records:
+        raise ValueError("evaluate_efficacy: no records")
+    prompts = [r["prompt"] for r in records for _ in (0, 1)]
+    targets = [t for r in records for t in (r["target_new"], r["ground_truth"])]
+    sums, counts = score_pairs(lm, prompts, targets, batch_size)
+    mean = (sums / counts).view(len(records), 2)
+    ok = (mean[:, 0] > mean[:, 1]).tolist()
+    return {"ids": [r["case_id"] for r in records], "efficacy": sum(ok) / len(ok), "efficacy_ok": ok}
+
+
 def counterfact_result(ids: list, es: list[bool], ps: list[bool], ns: list[bool], em: list[float]) -> dict:
     """:func:`evaluate_counterfact`'s result from its per-record verdicts and magnitudes (also how the
     results of consecutive record chunks join into the one over all of them)."""
