@@ -193,3 +193,53 @@ def test_free_generation_check_reads_the_greedy_text(tiny_lm, canary_prompts, ga
                     new_edits=recs,
                     canary=suite, progress=False)
     assert {c.name: c for c in rep.checks}["free_generation"].passed
+
+
+def test_champion_scores_given_are_used_and_each_sides_scores_are_reported(sharp_lm, canary_prompts, damaged,
+                                                                           ref_text, gate_policy):
+    """The champion's perplexity and generation entropy measured earlier on the same settings stand in for
+    scoring it again; the report carries both sides' numbers, so the caller can keep the candidate's."""
+    pol = GatePolicy(**gate_policy)
+    suite = build_canary(sharp_lm, prompts=canary_prompts)
+    bad = damaged(sharp_lm)
+    full = run_gates(sharp_lm, bad, pol, canary=suite, reference_text=ref_text, progress=False)
+    champ = full.scores["champion"]
+    assert set(champ) == {"perplexity", "generation_entropy"} and not full.scores["champion_given"]
+    by = {c.name: c for c in full.checks}
+    assert by["perplexity_increase_pct"].before == champ["perplexity"]
+    assert by["perplexity_increase_pct"].after == full.scores["candidate"]["perplexity"]
+    assert by["fluency_drop"].after == full.scores["candidate"]["generation_entropy"]
+
+    given = {"perplexity": champ["perplexity"] * 2, "generation_entropy": champ["generation_entropy"] + 1}
+    rep = run_gates(sharp_lm, bad, pol, canary=suite, reference_text=ref_text, progress=False,
+                    champion_scores=given)
+    by2 = {c.name: c for c in rep.checks}
+    assert by2["perplexity_increase_pct"].before == given["perplexity"]  # read, not scored again
+    assert by2["fluency_drop"].before == given["generation_entropy"]
+    assert by2["perplexity_increase_pct"].after == by["perplexity_increase_pct"].after
+    assert sorted(rep.scores["champion_given"]) == ["generation_entropy", "perplexity"]
+    assert any("measured at its own gate" in n for n in rep.notes)
+
+
+def test_side_score_cache_keys_on_every_setting_and_writes_atomically(tmp_path):
+    from kedit.evaluation.side_scores import SideScoreCache, score_settings
+
+    base = dict(text="a reference text", reference_tokens=4096, fluency_prompts=["A", "B"], fluency_tokens=100,
+                seed=0, device="cpu", dtype="torch.float32")
+    key = score_settings(**base).key()
+    assert key == score_settings(**base).key()
+    for name, other in (("text", "another text"), ("reference_tokens", 2048), ("fluency_prompts", ["A"]),
+                        ("fluency_tokens", 50), ("seed", 1), ("device", "cuda"), ("dtype", "torch.bfloat16")):
+        assert score_settings(**{**base, name: other}).key() != key, name
+    cache = SideScoreCache(tmp_path / "scores")
+    assert cache.get("s1", key) is None
+    cache.put("s1", key, {"perplexity": 12.5, "generation_entropy": None, "other": 3.0})
+    assert cache.get("s1", key) == {"perplexity": 12.5}
+    cache.put("s1", key, {"generation_entropy": 600.0})
+    assert cache.get("s1", key) == {"perplexity": 12.5, "generation_entropy": 600.0}
+    assert cache.get("s1", "another-key") is None and cache.get("s2", key) is None
+    assert [p.name for p in (tmp_path / "scores").iterdir()] == ["s1.json"]  # no temporary file left
+    (tmp_path / "scores" / "s1.json").write_text("{not json")
+    assert cache.get("s1", key) is None  # a damaged file is a miss, never an error
+    with pytest.raises(ValueError, match="bad model name"):
+        cache.put("../x", key, {"perplexity": 1.0})

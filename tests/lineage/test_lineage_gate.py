@@ -78,6 +78,16 @@ def test_retraction_is_gated_approved_and_promoted_without_force(workspace, stor
     assert any(c["against"] == "base" for c in rep["checks"])  # the drift gate against the base model
     assert rep["candidate_state"]["parent"] == s2.id and "retraction of eiffel" in rep["candidate_state"]["feed"]
     assert "retraction of eiffel by carol" in (report / "gate.md").read_text()
+    # each side's perplexity and fluency are kept by state id: gated again, the parent's are read, not scored
+    assert rep["scores"]["champion_given"] == [] and set(rep["scores"]["candidate"]) == {"perplexity",
+                                                                                         "generation_entropy"}
+    assert main([*w, "lineage", "gate", new.id[:10], "--by", "dave"]) == 0
+    again = json.loads((report / "gate.json").read_text())
+    assert sorted(again["scores"]["champion_given"]) == ["generation_entropy", "perplexity"]
+    assert any("measured at its own gate" in n for n in again["notes"])
+    c2 = {c["name"]: c for c in again["checks"]}
+    for name in ("perplexity_increase_pct", "fluency_drop"):
+        assert c2[name]["before"] == checks[name]["before"] and c2[name]["value"] == checks[name]["value"]
     ev = [e for e in LineageStore(workspace.lineage_dir).events() if e.type == "gate" and e.state == new.id][-1]
     assert ev.by == "dave" and ev.data["against"] == s2.id and ev.data["gate"]["passed"] is True
     assert ev.data["gate"]["retracted"] == ["eiffel"] and ev.data["report"] == f"reports/state-{new.id[:16]}/gate"  # relative

@@ -23,7 +23,16 @@ from typing import Any
 from kedit.config import RefreshConfig
 from kedit.evaluation.canary import CanarySuite, build_canary
 from kedit.evaluation.drift import DriftGate, DriftPolicy, build_drift_gate, cache_root, drift_summary
-from kedit.evaluation.gates import Check, GatePolicy, GateReport, gate_check, load_reference_text, run_gates
+from kedit.evaluation.gates import (
+    Check,
+    GatePolicy,
+    GateReport,
+    fluency_prompt_list,
+    gate_check,
+    load_reference_text,
+    run_gates,
+)
+from kedit.evaluation.side_scores import SideScoreCache, score_settings
 from kedit.lineage.access import load_state_model
 from kedit.lineage.retract import RETRACTION, find_fact
 from kedit.lineage.runlog import RunLog, log_candidate_model
@@ -155,10 +164,19 @@ def gate_candidate(ws: Workspace, store: LineageStore, state_id: str, cfg: Refre
     kind = state.feed.get("kind")
     feed = (f"retraction of {', '.join(retracted)}" if kind == RETRACTION
             else Path(state.feed["path"]).name if state.feed.get("path") else None)
+    # the parent's perplexity and fluency were measured when it was gated itself (same settings)
+    scores = SideScoreCache(cache_root(ws).parent / "side-scores")
+    settings = score_settings(drift.reference_text, policy.reference_tokens, fluency_prompt_list(policy),
+                              policy.fluency_tokens, policy.seed, cfg.device,
+                              str(next(cand_lm.model.parameters()).dtype)).key()
+    parent_name = parent or f"base-{state.base_model_hash[:16]}"
     report = run_gates(parent_lm, cand_lm, policy, new_edits=new, prior_edits=prior, canary=canary,
                        progress=False, reference_text=drift.reference_text, drift=drift,
                        candidate_state={"id": sid, "parent": parent, "feed": feed,
-                                        "n_edits": None if kind == RETRACTION else state.n_edits})
+                                        "n_edits": None if kind == RETRACTION else state.n_edits},
+                       champion_scores=scores.get(parent_name, settings))
+    scores.put(parent_name, settings, report.scores.get("champion", {}))
+    scores.put(sid, settings, report.scores.get("candidate", {}))
     champion = store.champion()
     if parent != champion:
         report.notes.append(f"the parent {(parent or 'base')[:12]} is not the champion "

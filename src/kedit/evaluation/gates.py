@@ -122,6 +122,9 @@ class GateReport:
     # the edit state under review: {"id", "parent" (None: the base model), "n_edits", "feed"}; empty
     # when two model-store entries are compared directly (``kedit gate``)
     candidate_state: dict = field(default_factory=dict)
+    # each side's perplexity and generation entropy ({"champion": {..}, "candidate": {..}}), and which
+    # of the champion's were given rather than computed ("champion_given")
+    scores: dict = field(default_factory=dict)
 
     @property
     def reasons(self) -> list[str]:
@@ -196,13 +199,16 @@ def _free_generation_check(champion: LoadedModel, candidate: LoadedModel, new: l
 def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy | None = None,
               new_edits: Sequence[dict] = (), prior_edits: Sequence[dict] = (), canary: CanarySuite | None = None,
               reference_text: str | None = None, fluency_prompts: Sequence[str] | None = None,
-              progress: bool = True, candidate_state: dict | None = None, drift=None) -> GateReport:
+              progress: bool = True, candidate_state: dict | None = None, drift=None,
+              champion_scores: dict[str, float] | None = None) -> GateReport:
     """Compare ``candidate`` with ``champion`` on every check of ``policy``.
 
     ``new_edits``: the records this candidate is meant to add; ``prior_edits``: the records already in
     the lineage (retention); ``canary``: the champion's stored suite (built on the fly when ``None``);
     ``candidate_state``: the lineage state under review (id, parent, n_edits, feed), named in the reports.
     ``drift``: a :class:`kedit.evaluation.drift.DriftGate` adds the checks against the base model.
+    ``champion_scores``: the champion's ``perplexity`` / ``generation_entropy`` already measured on this
+    very text and these fluency prompts (:mod:`kedit.evaluation.side_scores`), used instead of scoring it.
     """
     policy = policy or GatePolicy()
     t0 = time.perf_counter()
@@ -215,6 +221,18 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
                      champion={"slug": champion.slug, "model_hash": champion.manifest.model_hash},
                      candidate={"slug": candidate.slug, "model_hash": candidate.manifest.model_hash},
                      candidate_state=dict(candidate_state or {}))
+    known = dict(champion_scores or {})
+    sides: dict[str, dict] = {"champion": {}, "candidate": {}, "champion_given": []}
+    rep.scores = sides
+
+    def champion_side(name: str, compute):
+        if name in known:
+            sides["champion_given"].append(name)
+            value = float(known[name])
+        else:
+            value = compute()
+        sides["champion"][name] = value
+        return value
 
     with console.status("gate: scoring edits") as status:
         # new edits: efficacy, generalization, specificity (champion = before, candidate = after)
@@ -287,8 +305,8 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
         text = reference_text if reference_text is not None else (
             load_reference_text(policy) if policy.max_perplexity_increase_pct is not None else None)
         if text:
-            p0 = M.perplexity(champion, text, max_tokens=policy.reference_tokens)
-            p1 = M.perplexity(candidate, text, max_tokens=policy.reference_tokens)
+            p0 = champion_side("perplexity", lambda: M.perplexity(champion, text, max_tokens=policy.reference_tokens))
+            p1 = sides["candidate"]["perplexity"] = M.perplexity(candidate, text, max_tokens=policy.reference_tokens)
             inc = 100.0 * (p1 / p0 - 1.0)
             thr = policy.max_perplexity_increase_pct
             checks.append(gate_check("perplexity_increase_pct", inc, thr, "max", p0, p1,
@@ -300,9 +318,11 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
         # fluency: generation entropy on a fixed prompt list from a fixed seed
         if policy.max_fluency_drop is not None and policy.fluency_prompts > 0:
             status.update("gate: fluency (generation)")
-            fp = list(fluency_prompts) if fluency_prompts is not None else shipped_prompts()[: policy.fluency_prompts]
-            g0 = M.generation_entropy(champion, fp, max_new_tokens=policy.fluency_tokens, seed=policy.seed)
-            g1 = M.generation_entropy(candidate, fp, max_new_tokens=policy.fluency_tokens, seed=policy.seed)
+            fp = fluency_prompt_list(policy, fluency_prompts)
+            g0 = champion_side("generation_entropy", lambda: M.generation_entropy(
+                champion, fp, max_new_tokens=policy.fluency_tokens, seed=policy.seed))
+            g1 = sides["candidate"]["generation_entropy"] = M.generation_entropy(
+                candidate, fp, max_new_tokens=policy.fluency_tokens, seed=policy.seed)
             checks.append(gate_check("fluency_drop", g0 - g1, policy.max_fluency_drop, "max", g0, g1,
                                  g0 - policy.max_fluency_drop, f"GE {g0:.1f} -> {g1:.1f} on {len(fp)} prompts"))
         else:
@@ -312,9 +332,17 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
             status.update("gate: drift against the base model")
             checks.extend(drift.checks(candidate, list(checks), gate_text=text, gate_tokens=policy.reference_tokens))
 
+    if sides["champion_given"]:
+        notes.append(f"the champion's {' and '.join(sides['champion_given'])} were measured at its own gate on "
+                     f"the same text, prompts and settings, and read from there")
     rep.passed = all(c.passed for c in checks)
     rep.seconds = time.perf_counter() - t0
     return rep
+
+
+def fluency_prompt_list(policy: GatePolicy, fluency_prompts: Sequence[str] | None = None) -> list[str]:
+    """The prompts the fluency check generates from: the caller's, or the policy's share of the shipped list."""
+    return list(fluency_prompts) if fluency_prompts is not None else shipped_prompts()[: policy.fluency_prompts]
 
 
 def _fmt(v) -> str:
