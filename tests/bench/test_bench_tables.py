@@ -112,3 +112,16 @@ def test_bench_row_command_names_the_data_set_and_overrides():
                    edited={}, overrides={"v_stop_nll": 0.1}, skip_invalid=True, threads=1)
     assert row.command == ("kedit bench lifelong --model m --method memoir --dataset zsre --skip-invalid "
                            "--edits 998 --batch 100 --threads 1 --set v_stop_nll=0.1 --out docs/bench/z")
+
+
+def test_bench_row_command_carries_the_evaluation_options_set_away_from_the_defaults():
+    from kedit.bench.tables import eval_options
+
+    cfg = {"ppl_tokens": 10_000, "fluency_prompts": 10, "freegen_tokens": 8, "eval_every": 5, "curve_records": 20}
+    opts = eval_options(cfg)
+    assert opts == {"--fluency-prompts": 10, "--eval-every": 5, "--curve-records": 20}
+    assert eval_options({}) == {}  # reports from before the options record none
+    row = BenchRow(report="g", model="m", method="memoir", dataset="counterfact", edits=100, batch=10, unedited={},
+                   edited={}, threads=1, eval_options=opts)
+    assert row.command == ("kedit bench lifelong --model m --method memoir --edits 100 --batch 10 --threads 1 "
+                           "--fluency-prompts 10 --eval-every 5 --curve-records 20 --out docs/bench/g")

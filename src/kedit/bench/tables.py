@@ -55,6 +55,8 @@ class BenchRow:
     settings_diff: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # key -> (run, shipped)
     settings_known: bool = True  # False: the report does not record the run's settings
     out_root: str = "docs/bench"  # where the command writes the report
+    # evaluation options the run set away from the CLI's defaults (flag -> value), in the command
+    eval_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def shipped(self) -> bool:
@@ -73,9 +75,22 @@ class BenchRow:
             parts.append(f"--offset {self.offset}")
         if self.threads:
             parts.append(f"--threads {self.threads}")
+        parts += [f"{flag} {value}" for flag, value in self.eval_options.items()]
         parts += [f"--set {k}={_yaml_inline(v)}" for k, v in sorted(self.overrides.items())]
         parts.append(f"--out {self.out_root}/{self.report}")
         return " ".join(parts)
+
+
+# `kedit bench lifelong` evaluation options: results.json config key -> (flag, the CLI's default)
+EVAL_OPTIONS = {"ppl_tokens": ("--ppl-tokens", 10_000), "fluency_prompts": ("--fluency-prompts", 100),
+                "freegen_tokens": ("--freegen-tokens", 8), "eval_every": ("--eval-every", 0),
+                "curve_records": ("--curve-records", 0)}
+
+
+def eval_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation options a report's config sets away from the CLI's defaults, as flag -> value."""
+    return {flag: cfg[key] for key, (flag, default) in EVAL_OPTIONS.items()
+            if cfg.get(key) is not None and cfg[key] != default}
 
 
 def _yaml_inline(value: Any) -> str:
@@ -205,7 +220,8 @@ def load_rows(root: Path, hparams_dir: Path | None = None, out_root: str = "docs
             unedited=rep["baseline"], edited=rep["edited"], overrides=cfg.get("overrides") or {},
             offset=int(cfg.get("offset") or 0), threads=cfg.get("threads"),
             skip_invalid=bool(cfg.get("skip_invalid")), date=cfg.get("created") or report_date(folder),
-            settings_diff=diff, settings_known="hparams" in cfg, out_root=out_root))
+            settings_diff=diff, settings_known="hparams" in cfg, out_root=out_root,
+            eval_options=eval_options(cfg)))
     rows.sort(key=lambda r: (r.model, r.dataset, r.method, r.edits, r.batch))
     return rows
 
