@@ -243,3 +243,43 @@ def test_side_score_cache_keys_on_every_setting_and_writes_atomically(tmp_path):
     assert cache.get("s1", key) is None  # a damaged file is a miss, never an error
     with pytest.raises(ValueError, match="bad model name"):
         cache.put("../x", key, {"perplexity": 1.0})
+
+
+def test_model_answers_score_each_prompt_once_and_match_direct_calls(sharp_lm, canary_prompts):
+    from kedit.evaluation.answers import ModelAnswers
+
+    ans = ModelAnswers(sharp_lm, batch_size=4)
+    some, more = canary_prompts[:5], canary_prompts[3:9]
+    torch.testing.assert_close(ans.logprobs(some), M.next_token_logprobs(sharp_lm, some), atol=1e-5, rtol=1e-5)
+    assert torch.equal(ans.greedy(some, 3), M.greedy_tokens(sharp_lm, some, k=3))
+    assert ans.computed == {"greedy": 5, "logprobs": 5}
+    got = ans.logprobs(more + more[:1])  # two new prompts scored, the rest (and the repeat) read back
+    assert ans.computed["logprobs"] == 5 + len(set(more) - set(some))
+    torch.testing.assert_close(got[:-1], M.next_token_logprobs(sharp_lm, more), atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[-1], got[0])
+    assert torch.equal(ans.greedy(more, 3), M.greedy_tokens(sharp_lm, more, k=3))
+    new = len(set(more) - set(some))
+    assert ans.computed["greedy"] == 5 + new
+    assert ans.greedy(some, 2).shape == (5, 2) and ans.computed["greedy"] == 5 + new + 5  # k=2: its own memo
+    with pytest.raises(ValueError, match="no prompts"):
+        ans.logprobs([])
+
+
+def test_retention_records_hold_what_the_full_records_hold_for_efficacy(sharp_lm):
+    """gate_records(neighbours=False) asks the champion only for missing old answers (and where the feed's
+    old answer is the new object) and gives the same prompt, new and old object as the full records."""
+    from kedit.evaluation.candidate import gate_records
+
+    facts = [{"id": "a", "prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": "Rome",
+              "target_true": "Paris"},
+             {"id": "b", "prompt": "{} plays", "subject": "Messi", "target_new": "guitar"},  # no old answer
+             {"id": "c", "prompt": "The mother tongue of {} is", "subject": "Thomas", "target_new": "French",
+              "target_true": "french"}]  # the feed's old answer is the new one
+    full = gate_records(sharp_lm, facts)
+    short = gate_records(sharp_lm, facts, neighbours=False)
+    keys = ("case_id", "prompt", "subject", "target_new", "ground_truth")
+    assert [{k: r[k] for k in keys} for r in full] == short
+    assert all("locality_prompt" not in r for r in short)
+    M.check_counterfact(short, efficacy_only=True)
+    with pytest.raises(ValueError, match="locality_prompt"):
+        M.check_counterfact(short)

@@ -17,6 +17,7 @@ import torch
 
 from kedit.atomic import save_tensors_atomic, sha256_tensor, write_json_atomic
 from kedit.evaluation import metrics as M
+from kedit.evaluation.answers import ModelAnswers
 from kedit.models.store import LoadedModel
 from kedit.prompts import SHIPPED, parse_prompt_lines, shipped_prompts  # noqa: F401 (importable from here)
 from kedit.workspace import Workspace
@@ -121,12 +122,19 @@ class CanaryComparison:
         return asdict(self)
 
 
-def compare(suite: CanarySuite, candidate: LoadedModel, k: int = 1, batch_size: int = 32) -> CanaryComparison:
-    """Candidate vs the stored champion answers: greedy agreement on the first ``k`` tokens and next-token KL."""
+def compare(suite: CanarySuite, candidate: LoadedModel, k: int = 1, batch_size: int = 32,
+            answers: ModelAnswers | None = None) -> CanaryComparison:
+    """Candidate vs the stored champion answers: greedy agreement on the first ``k`` tokens and next-token KL.
+
+    ``answers``: the candidate's memo of answers (:class:`~kedit.evaluation.answers.ModelAnswers`), shared
+    with the gate's other checks so no prompt is scored twice."""
     if k > suite.k:
         raise ValueError(f"canary: agreement over {k} tokens but the suite stores only {suite.k}")
-    after = M.greedy_tokens(candidate, suite.prompts, k=k, batch_size=batch_size)
-    logp = M.next_token_logprobs(candidate, suite.prompts, batch_size=batch_size)
+    if answers is not None and answers.lm is not candidate:
+        raise ValueError("canary: the answers memo belongs to another model than the candidate")
+    answers = answers or ModelAnswers(candidate, batch_size=batch_size)
+    after = answers.greedy(suite.prompts, k)
+    logp = answers.logprobs(suite.prompts)
     if logp.shape[1] != suite.logprobs.shape[1]:
         raise ValueError(f"canary: candidate vocabulary {logp.shape[1]} != suite's {suite.logprobs.shape[1]}")
     before = suite.greedy[:, :k]

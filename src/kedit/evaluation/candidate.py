@@ -57,15 +57,31 @@ class CandidateGate:
     mlflow_model_id: str | None = None
 
 
-def gate_records(champion_lm, facts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def gate_records(champion_lm, facts: Sequence[dict[str, Any]], neighbours: bool = True) -> list[dict[str, Any]]:
     """Flat CounterFact-style records for the gates from feed facts.
 
     The old answer (when the feed gives none) and each neighbour prompt's answer are what the champion
     says today, so specificity asks exactly "did the neighbours keep the champion's answers?". A fact
     without neighbours borrows its template with another fact's subject (CounterFact's construction).
+    ``neighbours=False``: the records retention reads (prompt, new and old object), with the champion
+    asked only for the old answers the feed does not give.
     """
     facts = list(facts)
     texts = [f["prompt"].format(f["subject"]) for f in facts]
+    if not neighbours:  # the same old answers as below, the champion asked only where they need it
+        def same(a: str, b: str) -> bool:
+            return a.strip().lower() == b.strip().lower()
+
+        ask = [i for i, f in enumerate(facts) if not f.get("target_true") or same(f["target_true"], f["target_new"])]
+        said = dict(zip(ask, greedy_answers(champion_lm, [texts[i] for i in ask]))) if ask else {}
+        out = []
+        for i, (f, text) in enumerate(zip(facts, texts)):
+            true = f.get("target_true") or said[i]
+            if same(true, f["target_new"]):
+                true = said[i] if not same(said[i], f["target_new"]) else true + " (old)"
+            out.append({"case_id": f["id"], "prompt": text, "subject": f["subject"],
+                        "target_new": f["target_new"], "ground_truth": true})
+        return out
     locality = []
     for i, f in enumerate(facts):
         neigh = [n for n in (f.get("neighbors") or []) if n.strip()]
@@ -154,7 +170,7 @@ def gate_candidate(ws: Workspace, store: LineageStore, state_id: str, cfg: Refre
     prior_facts = [f for f in store.fact_records(parent) if str(f.get("id")) not in gone]
     retracted_records = [r for r in (find_fact(store, parent, f).record for f in retracted) if r] if parent else []
     new = gate_records(parent_lm, new_facts) if new_facts else []
-    prior = gate_records(parent_lm, prior_facts) if prior_facts else []
+    prior = gate_records(parent_lm, prior_facts, neighbours=False) if prior_facts else []
     # the canary suite is what the parent answers today, less prompts about subjects whose answers move
     canary = build_canary(parent_lm, edits=prior_facts, k=max(1, policy.canary_k))
     canary = without_edited_subjects(canary, [*new_facts, *prior_facts, *retracted_records])

@@ -226,12 +226,13 @@ class DriftGate:
     reference_text: str | None = None  # the text the reference NLL was computed on
 
     def checks(self, candidate: LoadedModel, gate_checks: Sequence = (), gate_text: str | None = None,
-               gate_tokens: int | None = None) -> list:
+               gate_tokens: int | None = None, answers=None) -> list:
         """The drift checks (names ``drift_*``, ``against="base"``) for ``candidate``.
 
         ``gate_checks``: the champion checks already run; the candidate's perplexity is taken from their
         ``perplexity_increase_pct`` when it scored the same text (``gate_text``, ``gate_tokens`` tokens),
-        so the candidate is not scored twice.
+        so the candidate is not scored twice; ``answers``: the candidate's answers memo the champion
+        checks filled (its canary and neighbourhood prompts are not scored again).
         """
 
         ref, pol = self.reference, self.policy
@@ -257,7 +258,7 @@ class DriftGate:
             out.append(gate_check(name, inc, thr, "max", base_ppl, cand_ppl, base_ppl * (1 + thr / 100),
                               f"PPL base {base_ppl:.2f} -> candidate {cand_ppl:.2f}"))
         # canary agreement and next-token KL against the base's stored answers
-        cmp = compare(ref.suite(), candidate, k=min(self.canary_k, ref.k))
+        cmp = compare(ref.suite(), candidate, k=min(self.canary_k, ref.k), answers=answers)
         out.append(gate_check(CHECK_PREFIX + "canary_agreement", cmp.agreement, pol.min_canary_agreement, "min", 1.0,
                           cmp.agreement, pol.min_canary_agreement,
                           f"{len(cmp.changed)} of {len(ref.prompts)} answers differ from the base model's"))

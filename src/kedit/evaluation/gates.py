@@ -19,6 +19,7 @@ import torch
 from kedit.atomic import write_json_atomic, write_text_atomic
 from kedit.console import make_console, save_fig
 from kedit.evaluation import metrics as M
+from kedit.evaluation.answers import ModelAnswers
 from kedit.evaluation.canary import CanarySuite, build_canary, compare, shipped_prompts
 from kedit.models.store import LoadedModel
 
@@ -147,8 +148,9 @@ class GateReport:
         return out
 
 
-def as_counterfact(rec: dict, k: int, where: str) -> dict:
-    """A flat CounterFact record from a flat record or an edit-request dict (template + subject)."""
+def as_counterfact(rec: dict, k: int, where: str, efficacy_only: bool = False) -> dict:
+    """A flat CounterFact record from a flat record or an edit-request dict (template + subject)
+    (``efficacy_only``: only the fields efficacy reads are required, as retention asks)."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}[{k}]: expected a dict, got {type(rec).__name__}")
     r = dict(rec)
@@ -159,7 +161,7 @@ def as_counterfact(rec: dict, k: int, where: str) -> dict:
         r["ground_truth"] = r["target_true"]
     if "rephrase_prompt" not in r and r.get("paraphrases"):
         r["rephrase_prompt"] = r["paraphrases"][0]
-    M.check_counterfact([r], where=f"{where}[{k}]")
+    M.check_counterfact([r], where=f"{where}[{k}]", efficacy_only=efficacy_only)
     return r
 
 
@@ -214,13 +216,14 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
     t0 = time.perf_counter()
     console = make_console(stderr=True, quiet=not progress)
     new = [as_counterfact(r, k, "new_edits") for k, r in enumerate(new_edits)]
-    prior = [as_counterfact(r, k, "prior_edits") for k, r in enumerate(prior_edits)]
+    prior = [as_counterfact(r, k, "prior_edits", efficacy_only=True) for k, r in enumerate(prior_edits)]
     checks: list[Check] = []
     notes: list[str] = []
     rep = GateReport(passed=False, checks=checks, policy=asdict(policy), notes=notes,
                      champion={"slug": champion.slug, "model_hash": champion.manifest.model_hash},
                      candidate={"slug": candidate.slug, "model_hash": candidate.manifest.model_hash},
                      candidate_state=dict(candidate_state or {}))
+    answers = ModelAnswers(candidate)  # the candidate's canary / neighbourhood answers, each scored once
     known = dict(champion_scores or {})
     sides: dict[str, dict] = {"champion": {}, "candidate": {}, "champion_given": []}
     rep.scores = sides
@@ -286,7 +289,7 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
         elif canary.model_hash != champion.manifest.model_hash:
             notes.append(f"canary suite was recorded on model {canary.model_hash[:12]}, champion is "
                          f"{champion.manifest.model_hash[:12]}: agreement is measured against the stored answers")
-        cmp = compare(canary, candidate, k=policy.canary_k)
+        cmp = compare(canary, candidate, k=policy.canary_k, answers=answers)
         rep.canary_changed = cmp.changed
         checks.append(gate_check("canary_agreement", cmp.agreement, policy.min_canary_agreement, "min", 1.0,
                              cmp.agreement, policy.min_canary_agreement,
@@ -294,7 +297,7 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
         kl_rows = [torch.tensor(cmp.kl_per_prompt, dtype=torch.float64)]
         loc = list(dict.fromkeys(r["locality_prompt"] for r in new))
         if loc:
-            kl_rows.append(M.kl_rows(M.next_token_logprobs(champion, loc), M.next_token_logprobs(candidate, loc)))
+            kl_rows.append(M.kl_rows(M.next_token_logprobs(champion, loc), answers.logprobs(loc)))
         nkl = float(torch.cat(kl_rows).mean())
         checks.append(gate_check("neighbourhood_kl", nkl, policy.max_neighbourhood_kl, "max", 0.0, nkl,
                              policy.max_neighbourhood_kl,
@@ -330,7 +333,8 @@ def run_gates(champion: LoadedModel, candidate: LoadedModel, policy: GatePolicy 
 
         if drift is not None:  # cumulative drift: the candidate against the base model (evaluation/drift.py)
             status.update("gate: drift against the base model")
-            checks.extend(drift.checks(candidate, list(checks), gate_text=text, gate_tokens=policy.reference_tokens))
+            checks.extend(drift.checks(candidate, list(checks), gate_text=text, gate_tokens=policy.reference_tokens,
+                                       answers=answers))
 
     if sides["champion_given"]:
         notes.append(f"the champion's {' and '.join(sides['champion_given'])} were measured at its own gate on "

@@ -43,6 +43,7 @@ _WORD_RE = re.compile(r"\w+|[^\w\s]")
 # --- CounterFact -------------------------------------------------------------------------------
 COUNTERFACT_FIELDS = ("case_id", "prompt", "target_new", "subject", "ground_truth", "rephrase_prompt",
                       "locality_prompt", "locality_ground_truth")
+EFFICACY_FIELDS = ("case_id", "prompt", "target_new", "ground_truth")  # what efficacy alone reads
 
 
 def check_fields(records: Sequence[dict], fields: Sequence[str], strings: Sequence[str], where: str,
@@ -61,9 +62,11 @@ def check_fields(records: Sequence[dict], fields: Sequence[str], strings: Sequen
                 raise ValueError(f"{at}: {kind}field {f!r} must be a non-empty string")
 
 
-def check_counterfact(records: Sequence[dict], where: str = "records") -> None:
-    """Raise a clear error naming the record and field if a flat CounterFact record is malformed."""
-    check_fields(records, COUNTERFACT_FIELDS, COUNTERFACT_FIELDS[1:], where, id_field="case_id")
+def check_counterfact(records: Sequence[dict], where: str = "records", efficacy_only: bool = False) -> None:
+    """Raise a clear error naming the record and field if a flat CounterFact record is malformed
+    (``efficacy_only``: only the fields efficacy reads are required)."""
+    fields = EFFICACY_FIELDS if efficacy_only else COUNTERFACT_FIELDS
+    check_fields(records, fields, fields[1:], where, id_field="case_id")
 
 
 def harmonic_mean(values: Sequence[float]) -> float:
@@ -134,8 +137,8 @@ def evaluate_counterfact(lm: LoadedModel, records: Sequence[dict], batch_size: i
 def evaluate_efficacy(lm: LoadedModel, records: Sequence[dict], batch_size: int = 32) -> dict:
     """ES alone (the edit prompt's two pairs of :func:`evaluate_counterfact`, the same verdicts): what
     retention asks of earlier edits, at a third of the scoring. Returns ``ids``, ``efficacy`` and
-    ``efficacy_ok``."""
-    check_counterfact(records)
+    ``efficacy_ok``; the records need only the fields efficacy reads."""
+    check_counterfact(records, efficacy_only=True)
     if not records:
         raise ValueError("evaluate_efficacy: no records")
     prompts = [r["prompt"] for r in records for _ in (0, 1)]
