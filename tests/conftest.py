@@ -372,8 +372,7 @@ def _memoir_case() -> SimpleNamespace:
         span = None
         if SPAN in state.tensors:
             span = SpanGuard(*previous_tokens(x, None), one_hot_sets(state.tensors[SPAN], d),
-                             state.tensors[SPAN_ON], state.meta["span_threshold"],
-                             bool(state.meta.get("span_guards_exact", False)))
+                             state.tensors[SPAN_ON], state.meta["span_threshold"])
         return read_memory(x[0], state.tensors[BG], state.tensors[PERM],
                            one_hot_sets(state.tensors[MASKS], d), state.meta["k"], state.meta["threshold"],
                            exact, state.meta.get("exact_threshold", 1.0), span)

@@ -229,11 +229,6 @@ class MemoirHparams(VStarHparams):
     # that key by mm_span_threshold (so "Adi Shankar" does not read the entry of "Ravi Shankar")
     mm_span_key: bool = True
     mm_span_threshold: float = 0.3
-    # the span key guards exact-key reads too: a token that reaches a guarded entry's exact key reads it
-    # only if the token before it matches (at an early layer a subject's last token, " Island" or
-    # " Airport", looks the same after another subject's first tokens). States written without it read
-    # exact keys unguarded.
-    mm_span_guards_exact: bool = True
     # how an edit's block is found: "vstar" = the batch's v* (the output change at the subject that makes
     # the model predict the target, as the weight editors compute it) written into the block in closed
     # form (ridge least squares over the prompt contexts); "adam" = Adam on the block itself (MEMOIR's way)
@@ -288,7 +283,7 @@ class MemoirHparams(VStarHparams):
         for k in ("mm_read_scale", "mm_exact_read_scale"):
             if not 0.0 < getattr(self, k) <= 1.0:
                 self._bad(k, "must be in (0, 1]")
-        for k in ("mm_warm_start", "mm_span_key", "mm_exact_key", "mm_span_guards_exact"):
+        for k in ("mm_warm_start", "mm_span_key", "mm_exact_key"):
             if not isinstance(getattr(self, k), bool):
                 self._bad(k, "must be true or false")
         if not 0.0 <= self.mm_span_threshold <= 1.0:

@@ -93,12 +93,10 @@ class MemoirEditor:
             state.tensors[SPAN] = torch.cat([old_keys, spans[0].cpu()])
             state.tensors[SPAN_ON] = torch.cat([old_on, spans[1].cpu()])
             state.meta["span_threshold"] = hp.mm_span_threshold
-            state.meta["span_guards_exact"] = bool(hp.mm_span_guards_exact)  # for every entry, as this batch says
         else:
             state.tensors.pop(SPAN, None)
             state.tensors.pop(SPAN_ON, None)
             state.meta.pop("span_threshold", None)
-            state.meta.pop("span_guards_exact", None)
         if hp.mm_warm_start and vstar is not None:  # entries written without it: zeros, object unknown
             old_v = state.tensors.get(VSTAR, torch.zeros(n_old, vstar.shape[1]))
             state.tensors[VSTAR] = torch.cat([old_v, vstar.detach().float().cpu()])

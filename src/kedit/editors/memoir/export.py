@@ -29,7 +29,6 @@ def export_added(lm, state: EditorState) -> tuple[dict, dict[str, torch.Tensor]]
         tensors["exact"] = t[EXACT]
     if SPAN_ON in t and bool(t[SPAN_ON].any()):  # span keys: the token before must match too
         spec["span_threshold"] = float(state.meta["span_threshold"])
-        spec["span_guards_exact"] = bool(state.meta.get("span_guards_exact", False))
         tensors.update(span=t[SPAN], span_on=t[SPAN_ON])
     if read_scale(state) != 1.0 or exact_read_scale(state) != 1.0:  # reads add this share of the block
         spec.update(read_scale=read_scale(state), exact_read_scale=exact_read_scale(state))

@@ -85,7 +85,6 @@ class SpanGuard:
     keys_1hot: torch.Tensor
     guarded: torch.Tensor
     threshold: float
-    exact_too: bool = False  # the guard also holds for reads through an entry's exact key
 
 
 def read_memory(x: torch.Tensor, bg: torch.Tensor, perm: torch.Tensor, stored_1hot: torch.Tensor, k: int,
@@ -97,8 +96,7 @@ def read_memory(x: torch.Tensor, bg: torch.Tensor, perm: torch.Tensor, stored_1h
     span keys, a guarded entry counts for a token only if the token before it overlaps the entry's
     span key by ``span.threshold`` (the first token of a text reads no guarded entry); with exact keys
     (``exact_1hot``, one row per entry), a token whose best exact-key overlap reaches
-    ``exact_threshold`` fires that entry instead, whatever its mask overlap (and, unless
-    ``span.exact_too``, whatever its span overlap)."""
+    ``exact_threshold`` fires that entry instead, whatever its mask or span overlaps."""
     n = stored_1hot.shape[0]
     if n == 0 or x.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
@@ -106,7 +104,6 @@ def read_memory(x: torch.Tensor, bg: torch.Tensor, perm: torch.Tensor, stored_1h
                              torch.zeros(0, dtype=torch.bool, device=x.device))
     query = fingerprint(x, bg, perm, k)
     ov = overlaps(query, stored_1hot)
-    allowed = None
     if span is not None and bool(span.guarded.any()):
         prev_ok = overlaps(fingerprint(span.prev, bg, perm, k), span.keys_1hot) >= span.threshold
         allowed = ~span.guarded[None, :] | (prev_ok & span.has_prev[:, None])
@@ -115,10 +112,7 @@ def read_memory(x: torch.Tensor, bg: torch.Tensor, perm: torch.Tensor, stored_1h
     hit = best >= threshold
     exact = torch.zeros_like(hit)
     if exact_1hot is not None and exact_1hot.shape[0]:
-        ov_x = overlaps(query, exact_1hot)
-        if allowed is not None and span.exact_too:
-            ov_x = torch.where(allowed, ov_x, torch.full_like(ov_x, -1.0))
-        best_x, entry_x = ov_x.max(dim=1)
+        best_x, entry_x = overlaps(query, exact_1hot).max(dim=1)
         exact = best_x >= exact_threshold
         entry, hit = torch.where(exact, entry_x, entry), hit | exact
     fire = hit.nonzero().squeeze(1)

@@ -81,7 +81,6 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
     guarded = state.tensors[SPAN_ON].to(dev) if SPAN_ON in state.tensors else None
     spans = one_hot_sets(state.tensors[SPAN].to(dev), d) if guarded is not None and bool(guarded.any()) else None
     thr_s = float(state.meta.get("span_threshold", 0.0))
-    guard_exact = bool(state.meta.get("span_guards_exact", False))  # states from before: exact reads unguarded
     # the token before position 0 of a call: the last token of the previous call, when this call continues
     # it through a KV cache (seen by a pre-hook on the whole model); otherwise there is none
     calls = {"live": False, "continuing": False, "carry": None}
@@ -104,7 +103,7 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
             carry = calls["carry"]
             carry = carry if calls["continuing"] and carry is not None and carry.shape[0] == seq.shape[0] else None
             calls["carry"] = seq[:, -1].detach().clone() if calls["live"] else None
-            span = SpanGuard(*previous_tokens(seq, carry), spans, guarded, thr_s, guard_exact)
+            span = SpanGuard(*previous_tokens(seq, carry), spans, guarded, thr_s)
         with torch.no_grad():
             rd = read_memory(flat, bg, perm, stored, k, thr, exact, thr_x, span)
         pending.clear()

@@ -13,8 +13,7 @@ base model, the same computation kedit attaches in-process (``kedit.editors.tpat
   threshold reads entry ``e`` whatever its mask overlap. With span keys (``span_threshold`` in the
   spec), an entry marked in ``span_on`` counts for a token's mask match only if the token before it
   overlaps the entry's span key by that threshold: within a call the previous position, at the start
-  of a call that continues a KV cache the previous call's last token, at the start of a text none;
-  with ``span_guards_exact`` true the same holds for reads through the exact key.
+  of a call that continues a KV cache the previous call's last token, at the start of a text none.
   With ``read_scale`` in the spec, a token reading through the mask adds that share of its entry's
   output change, one reading through the exact key ``exact_read_scale`` (default: ``read_scale``).
   With ``add_module`` in the spec (a norm between the MLP and the residual stream, as in Gemma 2/3),
@@ -74,7 +73,6 @@ class SparseResidualMemory(nn.Module):
         self.read_scale = float(spec.get("read_scale", 1.0))
         self.exact_read_scale = float(spec.get("exact_read_scale", self.read_scale))
         self.span_threshold = spec.get("span_threshold")
-        self.span_guards_exact = bool(spec.get("span_guards_exact", False))
         if self.span_threshold is not None:
             self.register_buffer("span", torch.zeros(n, self.k, dtype=torch.long))
             self.register_buffer("span_on", torch.zeros(n, dtype=torch.bool))
@@ -163,10 +161,7 @@ class SparseResidualMemory(nn.Module):
             hit = best >= self.threshold
             exact_hit = torch.zeros_like(hit)
             if stored_exact is not None:
-                ov_x = query @ stored_exact.T / k
-                if allowed is not None and self.span_guards_exact:
-                    ov_x = torch.where(allowed, ov_x, torch.full_like(ov_x, -1.0))
-                best_x, entry_x = ov_x.max(dim=1)
+                best_x, entry_x = (query @ stored_exact.T / k).max(dim=1)
                 exact_hit = best_x >= self.exact_threshold
                 entry, hit = torch.where(exact_hit, entry_x, entry), hit | exact_hit
             fire = hit.nonzero().squeeze(1)
