@@ -105,3 +105,25 @@ def test_the_refresh_traces_the_mlp_effects_it_reads_unless_told_more(tmp_path):
     for bad in (["mlp", "ffn"], [], "mlp"):
         with pytest.raises(ValueError, match="refresh.trace_kinds: expected a non-empty list"):
             RefreshConfig(trace_kinds=bad)
+
+
+def test_refresh_bench_report_is_a_table_per_night_and_a_plot_and_reads_back(tmp_path):
+    from kedit.bench.refresh import RefreshBench, StepTime, write_report
+
+    steps = [StepTime(0, "ingest", 13.0, "99 accepted"), StepTime(0, "edit", 90.5), StepTime(0, "gate", 130.0),
+             StepTime(1, "ingest", 5.5), StepTime(1, "edit", 70.25), StepTime(1, "gate", 120.0)]
+    bench = RefreshBench(config={"facts": 100, "nights": 2, "model": "m", "overrides": {"refresh.trace_sample": 0}},
+                         method="memoir", reads_key_statistics=False, n_facts=100, steps=steps,
+                         night_seconds=[233.5, 195.75], outcomes=["promoted", "promoted"], state_ids=["a", "b"],
+                         device="cpu (2 threads)", load_average=[1.9, 1.8, 1.7], when="2026-12-07T15:00:00Z")
+    paths = write_report(bench, tmp_path / "out")
+    assert [p.name for p in paths] == ["results.json", "results.md", "steps.png"]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| night | ingest | edit | gate | total | outcome |" in md
+    assert "| 1 | 13.0 | 90.5 | 130.0 | **233.5** | promoted |" in md
+    assert "| 2 | 5.5 | 70.2 | 120.0 | **195.8** | promoted |" in md
+    assert "--facts 100 --nights 2 --model m" in md and "refresh.trace_sample=0" in md
+    assert "- night 1 ingest: 99 accepted" in md
+    assert (tmp_path / "out" / "steps.png").read_bytes()[:4] == b"\x89PNG"
+    back = RefreshBench.from_dict(json.loads((tmp_path / "out" / "results.json").read_text()))
+    assert back == bench and back.seconds(1, "edit") == 70.25 and back.seconds(1, "trace") is None

@@ -92,6 +92,83 @@ class RefreshBench:
             lines.append(f"{night + 1:<5d} {'total':10s} {total:9.1f}  outcome: {self.outcomes[night]}")
         return "\n".join(lines)
 
+    def step_names(self) -> list[str]:
+        """The steps that ran, in the order the nights ran them."""
+        return list(dict.fromkeys(s.step for s in self.steps))
+
+    def seconds(self, night: int, step: str) -> float | None:
+        """Seconds of ``step`` on ``night`` (0-based), None when it did not run that night."""
+        got = [s.seconds for s in self.steps if s.night == night and s.step == step]
+        return sum(got) if got else None
+
+    def markdown(self) -> str:
+        """``results.md``: one row per night, one column per step, the total, and what was run where."""
+        names = self.step_names()
+        cfg = self.config
+        cmd = (f"kedit -w WS bench refresh --facts {cfg.get('facts')} --nights {cfg.get('nights')} "
+               f"--model {cfg.get('model')}")
+        lines = [f"# Nightly refresh: {self.n_facts} facts a night, editor {self.method}", "",
+                 f"{self.when}, {self.device}, load average at the end "
+                 f"{' '.join(f'{x:.2f}' for x in self.load_average)}; command `{cmd}`"
+                 + (f" with {', '.join(f'{k}={v}' for k, v in sorted(cfg.get('overrides', {}).items()))}"
+                    if cfg.get("overrides") else "") + ".", "",
+                 "| night | " + " | ".join(names) + " | total | outcome |",
+                 "|---|" + "---|" * (len(names) + 2)]
+        for night, total in enumerate(self.night_seconds):
+            cells = ["–" if (v := self.seconds(night, n)) is None else f"{v:.1f}" for n in names]
+            lines.append(f"| {night + 1} | " + " | ".join(cells) + f" | **{total:.1f}** | {self.outcomes[night]} |")
+        lines += ["", "Seconds per step. The first night also pays what a lineage does once (first imports, "
+                  "the editor's initial state, the context prefixes, the base model's drift reference)."]
+        notes = [f"- night {s.night + 1} {s.step}: {s.note}" for s in self.steps if s.note]
+        if notes:
+            lines += ["", *notes]
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RefreshBench:
+        """A bench read back from its ``results.json``."""
+        fields_ = {k: v for k, v in data.items() if k != "steps"}
+        return cls(steps=[StepTime(**s) for s in data["steps"]], **fields_)
+
+
+def plot_refresh_bench(bench: RefreshBench, path: str | Path) -> None:
+    """Stacked seconds per step for each night (``steps.png``), with a line at five minutes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kedit.console import save_fig
+
+    names = bench.step_names()
+    nights = list(range(len(bench.night_seconds)))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    bottom = [0.0] * len(nights)
+    for name in names:
+        vals = [bench.seconds(n, name) or 0.0 for n in nights]
+        ax.bar([n + 1 for n in nights], vals, bottom=bottom, label=name, width=0.6)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.axhline(300, color="black", linestyle="--", linewidth=1)
+    ax.set_ylim(0, max([300.0, *bench.night_seconds]) * 1.15)
+    ax.text(0.55, 306, "5 min", fontsize=8)
+    ax.set_xticks([n + 1 for n in nights])
+    ax.set_xlabel("night")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"refresh of {bench.n_facts} facts a night ({bench.method}, {bench.device})", fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    save_fig(fig, path)
+
+
+def write_report(bench: RefreshBench, out: str | Path) -> list[Path]:
+    """``results.json``, ``results.md`` and ``steps.png`` in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", asdict(bench))
+    write_text_atomic(out / "results.md", bench.markdown())
+    plot_refresh_bench(bench, out / "steps.png")
+    return [out / "results.json", out / "results.md", out / "steps.png"]
+
 
 def feed_rows(n: int, data: str | Path | None = None) -> list[dict[str, Any]]:
     """``n`` feed rows: the shipped sample feed's, then rows made from CounterFact records (distinct
@@ -190,7 +267,7 @@ def _timed(night: int, step: str, fn: Callable[[], Any], out: Path, profile: boo
 def run_refresh_bench(ws_root: str | Path, source: Workspace, cfg: RefreshBenchConfig, out: str | Path,
                       log: Callable[[str], None] = lambda _m: None) -> RefreshBench:
     """Prepare the workspace, then run and time each step of one refresh (approved by ``kedit-bench``
-    when its gate passes). Writes ``results.json`` (and the profiles) to ``out``."""
+    when its gate passes). Writes ``results.json``, ``results.md``, ``steps.png`` (and the profiles) to ``out``."""
     from kedit import refresh as R
     from kedit.console import device_str
     from kedit.params import ENV_VAR
@@ -225,7 +302,7 @@ def run_refresh_bench(ws_root: str | Path, source: Workspace, cfg: RefreshBenchC
                          state_ids=state_ids, device=device_str(torch.device(rcfg.device)),
                          load_average=[round(x, 2) for x in os.getloadavg()],
                          when=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    write_json_atomic(out / "results.json", asdict(bench))
+    write_report(bench, out)
     return bench
 
 

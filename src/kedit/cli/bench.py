@@ -1,6 +1,6 @@
 """`kedit bench lifelong`: sequential CounterFact or zsRE editing benchmark (results.json / .md / curve.png);
 `kedit bench solvers`: one batch, v* once, solver settings compared (results.json / .md / frontier.png);
-`kedit bench refresh`: nightly refreshes of N facts end to end, seconds per step (results.json);
+`kedit bench refresh`: nightly refreshes of N facts end to end, seconds per step (results.json / .md / steps.png);
 `kedit bench tables`: the README's and docs/benchmarks.md's tables, generated from the lifelong reports."""
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def register(sub) -> None:
                                                 "(default ../shared/data/counterfact-dev.json)")
     r.add_argument("--dir", default="bench-out/refresh-ws",
                    help="the bench's own workspace, replaced on each run (default bench-out/refresh-ws)")
-    r.add_argument("--out", "-o", default="bench-out/refresh", help="results.json (and profiles) here")
+    r.add_argument("--out", "-o", default="bench-out/refresh", help="results.json, results.md, steps.png (and profiles) here")
     r.add_argument("--profile", action="store_true",
                    help="cProfile each step: OUT/<step>.prof and OUT/<step>.txt (the most expensive calls)")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -207,7 +207,7 @@ def _refresh(args) -> int:
     print(res.table())
     if args.profile:
         print(f"profiles -> {args.out}/night<k>-<step>.prof, .txt")
-    print(f"results -> {args.out}/results.json")
+    print(f"results -> {args.out}/results.json, results.md, steps.png")
     return 0
 
 
