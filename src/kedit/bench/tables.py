@@ -81,7 +81,8 @@ class BenchRow:
         return " ".join(parts)
 
 
-# `kedit bench lifelong` evaluation options: results.json config key -> (flag, the CLI's default)
+# `kedit bench lifelong` evaluation options: results.json config key -> (flag, default); the CLI takes its
+# defaults from here, so a reproducing command names exactly the options a run set away from them
 EVAL_OPTIONS = {"ppl_tokens": ("--ppl-tokens", 10_000), "fluency_prompts": ("--fluency-prompts", 100),
                 "freegen_tokens": ("--freegen-tokens", 8), "eval_every": ("--eval-every", 0),
                 "curve_records": ("--curve-records", 0)}

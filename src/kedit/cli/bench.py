@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from kedit.bench.tables import EVAL_OPTIONS
 from kedit.cli import workspace
 from kedit.editors.hparams import METHODS
 from kedit.stats import DEFAULT_STATS_TOKENS
@@ -20,7 +21,7 @@ def _add_run_args(p, edits_help: str, set_help: str, plot: str) -> None:
     p.add_argument("--data", default=None, help="flat CounterFact JSON (default ../shared/data/counterfact-dev.json)")
     p.add_argument("--edits", "-T", type=int, default=100, help=edits_help)
     p.add_argument("--offset", type=int, default=0, help="index of the first record used")
-    p.add_argument("--ppl-tokens", type=int, default=10_000)
+    p.add_argument("--ppl-tokens", type=int, default=EVAL_OPTIONS["ppl_tokens"][1])
     p.add_argument("--stats-corpus", default="wiki-summaries-en")
     p.add_argument("--stats-tokens", type=int, default=DEFAULT_STATS_TOKENS)
     p.add_argument("--hparams", default=None, help="hyperparameter YAML (default: the model's file)")
@@ -38,13 +39,13 @@ def register(sub) -> None:
                    help="counterfact (efficacy/generalization/specificity) or zsre (reliability/generalization/"
                         "locality, token-level); --data defaults to ../shared/data/<its file>")
     b.add_argument("--batch", "-B", type=int, default=10)
-    b.add_argument("--eval-every", type=int, default=0, help="batches between curve points (0: ~10 points)")
-    b.add_argument("--curve-records", type=int, default=0, metavar="N",
+    b.add_argument("--eval-every", type=int, default=EVAL_OPTIONS["eval_every"][1], help="batches between curve points (0: ~10 points)")
+    b.add_argument("--curve-records", type=int, default=EVAL_OPTIONS["curve_records"][1], metavar="N",
                    help="curve points before the last score N evenly spaced records of those edited so far "
                         "(default 0: all); the final evaluation scores every record")
-    b.add_argument("--fluency-prompts", type=int, default=100,
+    b.add_argument("--fluency-prompts", type=int, default=EVAL_OPTIONS["fluency_prompts"][1],
                    help="first N edit prompts for fluency and greedy entropy (default 100; 0: all)")
-    b.add_argument("--freegen-tokens", type=int, default=8, metavar="N",
+    b.add_argument("--freegen-tokens", type=int, default=EVAL_OPTIONS["freegen_tokens"][1], metavar="N",
                    help="greedy tokens after each edit, paraphrase and neighbourhood prompt for the free-generation "
                         "scores (ES/PS/NS gen; default 8; 0: not measured)")
     b.add_argument("--skip-invalid", action="store_true",

@@ -69,19 +69,10 @@ def gate_records(champion_lm, facts: Sequence[dict[str, Any]], neighbours: bool 
     facts = list(facts)
     texts = [f["prompt"].format(f["subject"]) for f in facts]
     if not neighbours:  # the same old answers as below, the champion asked only where they need it
-        def same(a: str, b: str) -> bool:
-            return a.strip().lower() == b.strip().lower()
-
-        ask = [i for i, f in enumerate(facts) if not f.get("target_true") or same(f["target_true"], f["target_new"])]
+        ask = [i for i, f in enumerate(facts) if not f.get("target_true") or _same(f["target_true"], f["target_new"])]
         said = dict(zip(ask, greedy_answers(champion_lm, [texts[i] for i in ask]))) if ask else {}
-        out = []
-        for i, (f, text) in enumerate(zip(facts, texts)):
-            true = f.get("target_true") or said[i]
-            if same(true, f["target_new"]):
-                true = said[i] if not same(said[i], f["target_new"]) else true + " (old)"
-            out.append({"case_id": f["id"], "prompt": text, "subject": f["subject"],
-                        "target_new": f["target_new"], "ground_truth": true})
-        return out
+        return [{"case_id": f["id"], "prompt": text, "subject": f["subject"], "target_new": f["target_new"],
+                 "ground_truth": _old_answer(f, said.get(i))} for i, (f, text) in enumerate(zip(facts, texts))]
     locality = []
     for i, f in enumerate(facts):
         neigh = [n for n in (f.get("neighbors") or []) if n.strip()]
@@ -94,14 +85,26 @@ def gate_records(champion_lm, facts: Sequence[dict[str, Any]], neighbours: bool 
     current, loc_gt = answers[: len(facts)], answers[len(facts):]
     out = []
     for f, text, cur, loc, gt in zip(facts, texts, current, locality, loc_gt):
-        true = f.get("target_true") or cur
-        if true.strip().lower() == f["target_new"].strip().lower():
-            true = cur if cur.strip().lower() != f["target_new"].strip().lower() else true + " (old)"
         para = [p for p in (f.get("paraphrases") or []) if p.strip()]
         out.append({"case_id": f["id"], "prompt": text, "subject": f["subject"], "target_new": f["target_new"],
-                    "ground_truth": true, "rephrase_prompt": para[0] if para else text,
+                    "ground_truth": _old_answer(f, cur), "rephrase_prompt": para[0] if para else text,
                     "locality_prompt": loc, "locality_ground_truth": gt})
     return out
+
+
+def _same(a: str, b: str) -> bool:
+    return a.strip().lower() == b.strip().lower()
+
+
+def _old_answer(fact: dict[str, Any], current: str | None) -> str:
+    """The old object a gate scores the new one against: the feed's ``target_true``, else the champion's
+    ``current`` answer; where that is the new object itself, the champion's answer if it differs, else
+    the object marked " (old)". ``current`` may be None only where the feed's old object differs from
+    the new one."""
+    true = fact.get("target_true") or current
+    if _same(true, fact["target_new"]):
+        true = current if not _same(current, fact["target_new"]) else true + " (old)"
+    return true
 
 
 def without_edited_subjects(canary: CanarySuite, facts: Sequence[dict[str, Any]]) -> CanarySuite:

@@ -10,12 +10,13 @@ again.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from kedit.atomic import sha256_json, write_json_atomic
+from kedit.evaluation.drift import text_sha256
 
 SCORE_NAMES = ("perplexity", "generation_entropy")
 
@@ -34,14 +35,12 @@ class ScoreSettings:
 
     def key(self) -> str:
         """The settings' SHA-256 (hex): equal keys, equal scores for one model."""
-        blob = json.dumps(asdict(self), sort_keys=True, ensure_ascii=False).encode()
-        return hashlib.sha256(blob).hexdigest()
+        return sha256_json(asdict(self))
 
 
 def score_settings(text: str | None, reference_tokens: int, fluency_prompts: Sequence[str], fluency_tokens: int,
                    seed: int, device: str, dtype: str) -> ScoreSettings:
-    sha = hashlib.sha256(text.encode()).hexdigest() if text is not None else None
-    return ScoreSettings(sha, int(reference_tokens), tuple(fluency_prompts), int(fluency_tokens), int(seed),
+    return ScoreSettings(text_sha256(text), int(reference_tokens), tuple(fluency_prompts), int(fluency_tokens), int(seed),
                          str(device), str(dtype))
 
 
@@ -81,6 +80,4 @@ class SideScoreCache:
         data[key] = {**(data.get(key) or {}), **new}
         path = self._path(who)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_json_atomic(path, data)
