@@ -184,7 +184,7 @@ def gate_candidate(ws: Workspace, store: LineageStore, state_id: str, cfg: Refre
     feed = (f"retraction of {', '.join(retracted)}" if kind == RETRACTION
             else Path(state.feed["path"]).name if state.feed.get("path") else None)
     # the parent's perplexity and fluency were measured when it was gated itself (same settings)
-    scores = SideScoreCache(cache_root(ws).parent / "side-scores")
+    scores = SideScoreCache(ws.cache_dir / "side-scores")
     settings = score_settings(drift.reference_text, policy.reference_tokens, fluency_prompt_list(policy),
                               policy.fluency_tokens, policy.seed, cfg.device,
                               str(next(cand_lm.model.parameters()).dtype)).key()
@@ -194,7 +194,8 @@ def gate_candidate(ws: Workspace, store: LineageStore, state_id: str, cfg: Refre
                        candidate_state={"id": sid, "parent": parent, "feed": feed,
                                         "n_edits": None if kind == RETRACTION else state.n_edits},
                        champion_scores=scores.get(parent_name, settings))
-    scores.put(parent_name, settings, report.scores.get("champion", {}))
+    given = set(report.scores.get("champion_given", []))  # read from the parent's entry: nothing to write back
+    scores.put(parent_name, settings, {k: v for k, v in report.scores.get("champion", {}).items() if k not in given})
     scores.put(sid, settings, report.scores.get("candidate", {}))
     champion = store.champion()
     if parent != champion:
