@@ -125,3 +125,24 @@ def test_bench_row_command_carries_the_evaluation_options_set_away_from_the_defa
                    edited={}, threads=1, eval_options=opts)
     assert row.command == ("kedit bench lifelong --model m --method memoir --edits 100 --batch 10 --threads 1 "
                            "--fluency-prompts 10 --eval-every 5 --curve-records 20 --out docs/bench/g")
+
+
+def test_free_generation_scores_sit_beside_es_ps_ns_and_read_from_markdown_reports():
+    from kedit.bench.tables import freegen_cell, metric_cells
+
+    gen = {"gen_efficacy": 1.0, "gen_generalization": 0.424, "gen_specificity": 0.97}
+    row = BenchRow(report="g", model="m", method="memoir", dataset="counterfact", edits=10, batch=10,
+                   unedited={}, edited={"efficacy": 1.0, **gen})
+    assert freegen_cell(row) == "1.00 / 0.42 / 0.97"
+    assert metric_cells(row)[3] == "1.00 / 0.42 / 0.97"  # after ES, PS, NS
+    older = BenchRow(report="o", model="m", method="memoir", dataset="counterfact", edits=10, batch=10,
+                     unedited={}, edited={"gen_efficacy": 1.0})
+    assert freegen_cell(older) == "–"  # a run that did not measure all three
+    zsre = BenchRow(report="z", model="m", method="memoir", dataset="zsre", edits=10, batch=10, unedited={},
+                    edited=gen)
+    assert len(metric_cells(zsre)) == len(metric_cells(row)) - 1  # zsRE tables have no free-generation column
+    md = REPORT_MD.replace("| S |", "| S | ES gen | PS gen | NS gen |").replace(
+        "|---|---|---|---|---|---|", "|---|---|---|---|---|---|---|---|---|").replace(
+        "| 0.368 |", "| 0.368 | 0.000 | 0.000 | 1.000 |").replace("| 0.840 |", "| 0.840 | 0.990 | 0.350 | 0.990 |")
+    rep = parse_results_md(md)
+    assert rep["edited"]["gen_generalization"] == 0.35 and rep["baseline"]["gen_specificity"] == 1.0
