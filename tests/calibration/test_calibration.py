@@ -222,7 +222,13 @@ def test_calibration_is_deterministic_and_its_file_loads_back(tiny_store, tmp_pa
     write_hparams(out, a, hparams_file_for(None), "kedit calibrate --model tiny-llama")
     write_report(a, tmp_path / "rep", out, "kedit calibrate --model tiny-llama")
     assert (tmp_path / "rep" / "overlaps.png").stat().st_size > 1000
-    assert "fingerprint" in (tmp_path / "rep" / "calibration.md").read_text()
+    md = (tmp_path / "rep" / "calibration.md").read_text()
+    assert "fingerprint" in md and "Floor" in md and "window NLL rise" in md
+    # the read-share rule's inputs were measured on a memory written for real
+    rd = a.read
+    assert rd is not None and rd.damage.entries == 12 and len(rd.damage.damage) == len(cfg.damage_shares)
+    assert rd.floor in cfg.floor_shares and a.fire_rate > rd.fire_rate_point
+    assert a.hparams()["memoir"]["mm_exact_read_scale"] is None
     # the store model now finds its own file, for every method, with the calibrated values
     lm2 = load_model("tiny-llama", ws)
     hp = load_hparams("memoir", lm2)

@@ -583,6 +583,14 @@ def test_read_scale_by_entries_sets_the_mask_reads_share_from_the_memorys_size(t
     assert read_scale(two) == pytest.approx(0.75) and exact_read_scale(two) == 1.0
     plain = memoir.editor().compute(lm, [memoir.req(memoir.a)], two, None).state
     assert "read_scale_by_entries" not in plain.meta and read_scale(plain) == 1.0
+    # mm_exact_read_scale null: exact-key reads take the mask reads' scheduled share
+    follow = memoir.editor(memoir.hp(mm_read_scale_by_entries=[[1, 1.0], [3, 0.5]], mm_exact_read_scale=None))
+    two_f = follow.compute(lm, [memoir.req(memoir.b)], follow.compute(lm, [memoir.req(memoir.a)], None, None).state,
+                           None).state
+    assert "exact_read_scale" not in two_f.meta
+    assert exact_read_scale(two_f) == read_scale(two_f) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="mm_exact_read_scale"):
+        memoir.hp(mm_exact_read_scale=True)
     for bad in ([], [[3, 1.0], [1, 0.5]], [[1, 0.0]], [[1.5, 1.0]], "0.5"):
         with pytest.raises(ValueError, match="mm_read_scale_by_entries"):
             memoir.hp(mm_read_scale_by_entries=bad)

@@ -58,15 +58,36 @@ def why_notes(res: CalibrationResult) -> tuple[dict[str, str], dict[str, str]]:
                               f"(without: {_pct(s.general_fire)})"),
         "mm_warm_start": (f"{res.repeat_share:.0%} of the calibration facts name an object an earlier one named "
                           f"(on when at least {cfg['warm_start_min_repeat']:.0%})"),
-        "mm_read_scale_by_entries": (
-            f"measured per-entry firing rate on general text {res.fire_rate:.3g} (span guard on): full reads "
-            f"until entries x rate reaches {_pct(cfg['fire_budget'])} of the tokens, then (n0 / n) ** "
-            f"(1 / {cfg['read_share_exponent']:g}), not below {cfg['read_share_floor']}"),
+        "mm_read_scale_by_entries": read_share_why(res),
         "v_stop_nll": "the stop memoir ships: a batch's slow tail ends at 0.1 (rule, not fitted)",
         "v_dtype": "auto: bfloat16 where the device has bfloat16 matrix units, else float32 (rule)",
-        "mm_exact_read_scale": "1.0: no held-out token reaches an exact key at the calibrated threshold",
+        "mm_exact_read_scale": ("null: exact reads take the mask reads' share (rule): no general-text token reaches "
+                                f"an exact key at {len(range(*rec['fingerprints']))} entries, but a larger memory "
+                                "has more exact keys to reach (Gemma 3 270M at 1,000 entries: 8 of its 11 stray "
+                                "reads in 10,000 held-out tokens came through exact keys)"),
     }
     return defaults, memoir
+
+
+def read_share_why(res: CalibrationResult) -> str:
+    """The read-share schedule's ``why``: the firing rate, the damage of a read and the floor it came from."""
+    cfg, rd = res.config, res.read
+    if rd is None:
+        return f"per-entry firing rate on general text {res.fire_rate:.3g}"
+    d = rd.damage
+    fl = rd.floor_scores
+    return (f"general text read the {len(range(*res.records['fingerprints']))}-entry memory {rd.fire_events} times "
+            f"in {rd.general_tokens} tokens (span guard on): per token per entry {rd.fire_rate_point:.3g}, "
+            f"{cfg['rate_confidence']:.0%} upper bound {res.fire_rate:.3g}; a forced read of a {d.entries}-fact "
+            f"memory at the token of each of {d.windows} general-text windows that overlaps it most costs the window "
+            f"{d.damage_full:.2f} nats at full share, "
+            + ", ".join(f"{x:.2f} at {s:g}" for s, x in zip(d.shares[1:], d.damage[1:]))
+            + f" (damage ~ share ** {d.exponent:g}); a +{100 * cfg['ppl_budget']:g}% perplexity budget lets "
+            f"{_pct(rd.fire_budget)} of tokens read at full share, so full reads up to entries x rate = that, then "
+            f"(n0 / n) ** (1 / {d.exponent:g}), not below {rd.floor:g}: the lowest share at which the first "
+            f"{min(cfg['floor_facts'], d.entries)} of those facts keep {cfg['floor_keep']:.0%} of their efficacy + "
+            f"generalization (at shares {fl['shares']}: efficacy "
+            f"{fl['efficacy']}, generalization {fl['generalization']})")
 
 
 def build_document(res: CalibrationResult, carried: dict[str, Any] | None, carried_from: str, command: str,
@@ -85,13 +106,15 @@ def build_document(res: CalibrationResult, carried: dict[str, Any] | None, carri
         "calibration": {"command": command, "date": res.date, "machine": res.machine, "model": res.model,
                         "model_hash": res.model_hash, "split": res.split.to_dict(), "records": res.records,
                         "seconds": res.seconds, "rules": {k: res.config[k] for k in (
-                            "budgets", "fire_budget", "read_share_exponent", "read_share_floor",
+                            "budgets", "ppl_budget", "rate_confidence", "damage_facts", "damage_shares",
+                            "damage_batch", "floor_shares", "floor_keep", "floor_facts",
                             "warm_start_min_repeat", "k_candidates", "probe_lrs", "probe_cap", "general_tokens",
                             "corpus", "bg_docs")},
                         "trace": res.trace, "chosen": res.setting.summary(),
                         "measured": [r.summary() for r in res.settings],
                         "probe": [{"lr": r.lr, "steps": r.steps, "converged": r.converged,
                                    "seconds": round(r.seconds, 2)} for r in res.probe_runs],
+                        **({"read_shares": res.read_summary()} if res.read is not None else {}),
                         **({"report": report} if report else {}),
                         "carried": f"rome, memit, alphaedit and tpatcher blocks carried from {carried_from} "
                                    "(not calibrated)"},

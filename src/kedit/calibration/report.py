@@ -96,12 +96,35 @@ def report_markdown(res: CalibrationResult, hparams_path: str | Path, command: s
                      f"{r.seconds:.1f} |")
     lines += ["", f"Chosen: v_lr {res.v_lr:g}, v_steps {res.v_steps}, stop at NLL {cfg['v_stop_nll']}.", "",
               "## Read shares and warm start", "",
-              f"Per-entry firing rate on general text {res.fire_rate:.3g}; budget {100 * cfg['fire_budget']:.2f}% "
-              f"of tokens; exponent {cfg['read_share_exponent']:g}, floor {cfg['read_share_floor']}: "
-              f"`mm_read_scale_by_entries: {res.schedule}`.", "",
+              *read_share_lines(res), "",
               f"{res.repeat_share:.0%} of calibration facts repeat an earlier object: mm_warm_start "
               f"{str(res.warm_start).lower()}.", ""]
     return "\n".join(lines)
+
+
+def read_share_lines(res: CalibrationResult) -> list[str]:
+    """The read-share section: firing rate, forced-read damage per share, the floor probe, the schedule."""
+    rd, cfg = res.read, res.config
+    if rd is None:
+        return [f"Per-entry firing rate on general text {res.fire_rate:.3g}: `mm_read_scale_by_entries: "
+                f"{res.schedule}`."]
+    d, fl = rd.damage, rd.floor_scores
+    out = [f"General text read the memory {rd.fire_events} times in {rd.general_tokens} tokens: "
+           f"{rd.fire_rate_point:.3g} per token per entry, {cfg['rate_confidence']:.0%} upper bound "
+           f"**{res.fire_rate:.3g}** (used).", "",
+           f"One forced read per window ({d.windows} general-text windows, {d.entries} calibration facts written; "
+           f"the forced token is the window's most overlapping one: overlap median {d.overlap.get('median')}, "
+           f"max {d.overlap.get('max')}; e.g. {', '.join(repr(t) for t in d.tokens[:6])}):", "",
+           "| read share | window NLL rise (nats) | sd |", "|---|---|---|"]
+    out += [f"| {s:g} | {x:.3f} | {sd:.3f} |" for s, x, sd in zip(d.shares, d.damage, d.damage_sd)]
+    out += ["", f"Damage ~ share ** **{d.exponent:g}**. A +{100 * cfg['ppl_budget']:g}% perplexity budget is "
+            f"{100 * rd.fire_budget:.3f}% of tokens reading at full share.", "",
+            "| read share | efficacy | generalization |", "|---|---|---|"]
+    out += [f"| {s:g} | {e:.3f} | {g:.3f} |" for s, e, g in zip(fl["shares"], fl["efficacy"], fl["generalization"])]
+    out += ["", f"Floor (lowest share at which the first {min(cfg['floor_facts'], d.entries)} facts keep "
+            f"{cfg['floor_keep']:.0%} of efficacy + generalization): **{rd.floor:g}**. "
+            f"`mm_read_scale_by_entries: {res.schedule}`."]
+    return out
 
 
 def write_report(res: CalibrationResult, out_dir: str | Path, hparams_path: str | Path, command: str) -> Path:

@@ -11,8 +11,11 @@ Stages (each a module of its own; the numbers each value came from go into the r
    the lowest no negative reaches, the span threshold the highest that keeps 95% of the paraphrases;
    the (layer, k) whose paraphrases read their own entry most often wins;
 3. **v\\***: a short convergence probe at the chosen layer (:mod:`kedit.calibration.vstar_probe`);
-4. **read shares**: full reads until the measured per-entry firing rate says general text reads the
-   memory at the budget's share, softer past that (:func:`kedit.calibration.thresholds.read_share_schedule`);
+4. **read shares**: how often general text reads the memory (an upper bound on the measured per-entry
+   rate), what one stray read costs it at each share (forced reads of a real memory of calibration facts,
+   :mod:`kedit.calibration.read_damage`) and the lowest share that keeps those facts edited: full reads
+   while the expected perplexity cost stays within its budget, softer past that
+   (:func:`kedit.calibration.thresholds.read_share_schedule`);
 5. **warm start** when most calibration facts name an object an earlier one named (the start only
    exists for repeated objects).
 
@@ -41,9 +44,17 @@ from kedit.calibration.fingerprints import (
     general_token_ids,
     measure_setting,
 )
+from kedit.calibration.read_damage import (
+    ReadDamage,
+    fire_budget_from_damage,
+    lowest_keeping_share,
+    measure_read_damage,
+    poisson_upper,
+)
 from kedit.calibration.split import DevSplit, dev_split
 from kedit.calibration.thresholds import per_entry_fire_rate, read_share_schedule
 from kedit.calibration.vstar_probe import ProbeRun, choose_lr, probe
+from kedit.editors.base import EditRequest
 from kedit.editors.hparams import MemoirHparams
 
 # the settings calibration measures, by the hparams-file block they go to
@@ -74,9 +85,17 @@ class CalibrationConfig:
     prefix_len: int = 10
     v_stop_nll: float = 0.1
     budgets: Budgets = field(default_factory=Budgets)
-    fire_budget: float = 0.0025  # share of general-text tokens the whole memory may make read at full share
-    read_share_exponent: float = 3.0
-    read_share_floor: float = 0.7
+    ppl_budget: float = 0.02  # perplexity rise the memory's stray reads may cost general text (+2%)
+    rate_confidence: float = 0.95  # the firing rate used is this one-sided Poisson upper bound
+    # calibration facts written into the memory whose forced reads are measured (None: all `records`, the
+    # memory the firing rate is measured on: a larger memory's stray reads match their entry more closely
+    # and cost more, so damage and rate are measured at the same size)
+    damage_facts: int | None = None
+    damage_batch: int = 50  # ... written in batches of this many
+    damage_shares: tuple = (1.0, 0.7, 0.5)
+    floor_shares: tuple = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # read shares tried for the lowest that keeps edits
+    floor_keep: float = 0.97  # ... keeping this share of the full-share efficacy + generalization
+    floor_facts: int = 100  # ... over the first this many of the written facts
     warm_start_min_repeat: float = 0.5
     layers: list[int] | None = None  # given: skip the tracing stage
 
@@ -105,19 +124,14 @@ class CalibrationResult:
     machine: str
     distributions: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
+    read: ReadShareMeasurement | None = None
+
     def memoir_hparams(self) -> MemoirHparams:
         """The calibrated memoir settings as memoir's settings class (which checks every value): the edit
         layers (tracing) and prompt contexts, the memory's layer, k, thresholds and read shares, and the
         v* settings probed at the memory layer."""
-        s = self.setting
-        return MemoirHparams(layers=list(self.layers), n_prefixes=self.config["n_prefixes"],
-                             prefix_len=self.config["prefix_len"], v_lr=float(self.v_lr), v_steps=int(self.v_steps),
-                             v_dtype="auto", v_stop_nll=float(self.config["v_stop_nll"]), mm_layer=s.layer, mm_k=s.k,
-                             mm_threshold=round(s.threshold, 6), mm_exact_threshold=round(s.exact_threshold, 6),
-                             mm_span_key=True, mm_span_threshold=round(s.span_threshold, 6),
-                             mm_warm_start=bool(self.warm_start),
-                             mm_read_scale_by_entries=[[int(n), float(v)] for n, v in self.schedule],
-                             mm_exact_read_scale=1.0, mm_bg_docs=int(self.config["bg_docs"]))
+        return _memoir_hparams(self.layers, self.config, self.setting, self.v_lr, self.v_steps, self.warm_start,
+                               self.schedule)
 
     def hparams(self) -> dict[str, Any]:
         """The calibrated values, as the defaults and memoir blocks of an hparams file take them: the edit
@@ -125,15 +139,98 @@ class CalibrationResult:
         hp = self.memoir_hparams().values()
         return {"defaults": {k: hp[k] for k in DEFAULTS_KEYS}, "memoir": {k: hp[k] for k in MEMOIR_KEYS}}
 
+    def read_summary(self) -> dict[str, Any]:
+        """The read-share measurements, as the hparams file and the report keep them."""
+        rd = self.read
+        if rd is None:
+            return {}
+        d = rd.damage
+        return {"fire_events": rd.fire_events, "general_tokens": rd.general_tokens,
+                "fire_rate_point": float(f"{rd.fire_rate_point:.4g}"), "fire_rate_used": float(f"{self.fire_rate:.4g}"),
+                "damage": {"shares": d.shares, "nats_per_read": d.damage, "sd": d.damage_sd, "exponent": d.exponent,
+                           "windows": d.windows, "entries": d.entries, "overlap": d.overlap,
+                           "seconds": d.seconds},
+                "fire_budget": float(f"{rd.fire_budget:.4g}"), "floor": rd.floor, "floor_scores": rd.floor_scores}
+
     def summary(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("distributions", "setting", "settings",
-                                                                 "probe_runs", "split")}
+                                                                 "probe_runs", "split", "read")}
+        d["read_shares"] = self.read_summary()
         d["split"] = self.split.to_dict()
         d["setting"] = self.setting.summary()
         d["settings"] = [r.summary() for r in self.settings]
         d["probe"] = [{"lr": r.lr, "steps": r.steps, "converged": r.converged, "seconds": round(r.seconds, 2)}
                       for r in self.probe_runs]
         return d
+
+
+@dataclass
+class ReadShareMeasurement:
+    """What the read-share rule was derived from: how often general text reads (events over tokens x
+    entries, and the upper bound used), what one read costs (:mod:`kedit.calibration.read_damage`) and the
+    lowest share that keeps the facts edited."""
+
+    fire_events: int
+    general_tokens: int
+    fire_rate_point: float
+    damage: ReadDamage
+    floor: float
+    floor_scores: dict[str, list[float]]
+    fire_budget: float  # share of general-text tokens that may read at full share
+
+
+@dataclass
+class ReadShares:
+    damage: ReadDamage
+    floor: float
+    floor_scores: dict[str, list[float]]
+
+
+def _memoir_hparams(layers: list[int], cfg, s: SettingResult, v_lr: float, v_steps: int, warm: bool,
+                    schedule: list | None) -> MemoirHparams:
+    c = cfg if isinstance(cfg, dict) else asdict(cfg)
+    return MemoirHparams(layers=list(layers), n_prefixes=c["n_prefixes"], prefix_len=c["prefix_len"],
+                         v_lr=float(v_lr), v_steps=int(v_steps), v_dtype="auto", v_stop_nll=float(c["v_stop_nll"]),
+                         mm_layer=s.layer, mm_k=s.k, mm_threshold=round(s.threshold, 6),
+                         mm_exact_threshold=round(s.exact_threshold, 6), mm_span_key=True,
+                         mm_span_threshold=round(s.span_threshold, 6), mm_warm_start=bool(warm),
+                         mm_read_scale_by_entries=None if schedule is None else
+                         [[int(n), float(v)] for n, v in schedule],
+                         mm_exact_read_scale=None, mm_bg_docs=int(c["bg_docs"]))
+
+
+def read_shares(lm, hp: MemoirHparams, requests: list[EditRequest], records: list[dict], general: list[list[int]],
+                cfg: CalibrationConfig, cache_dir, tick: Tick | None = None) -> ReadShares:
+    """Write ``requests`` into a memory with ``hp`` (the calibrated settings so far), measure what a forced
+    read of it costs general text, and the lowest read share at which its facts still read as edited
+    (efficacy + generalization on the first ``cfg.floor_facts`` of ``records``, the same facts, at each of
+    ``cfg.floor_shares``)."""
+    import copy
+
+    from kedit.editors.attach import detach
+    from kedit.editors.memoir import MemoirEditor
+    from kedit.editors.memoir.read import attach
+    from kedit.evaluation.metrics import evaluate_counterfact
+
+    editor, state = MemoirEditor(hp, cache_dir), None
+    for i in range(0, len(requests), cfg.damage_batch):  # sequential batches: v* of hundreds at once is GBs
+        state = editor.compute(lm, requests[i: i + cfg.damage_batch], state).state
+    damage = measure_read_damage(lm, state, general, cfg.damage_shares, tick=tick)
+    es, ps = [], []
+    try:
+        for s in cfg.floor_shares:
+            st = copy.copy(state)
+            st.meta = {k: v for k, v in state.meta.items() if k not in ("read_scale_by_entries",)}
+            st.meta.update(read_scale=float(s), exact_read_scale=float(s))
+            attach(lm, st)
+            ev = evaluate_counterfact(lm, records[: cfg.floor_facts])
+            es.append(round(float(ev["efficacy"]), 4))
+            ps.append(round(float(ev["generalization"]), 4))
+    finally:
+        detach(lm.model, "memoir")
+    floor = lowest_keeping_share(list(cfg.floor_shares), [a + b for a, b in zip(es, ps)], cfg.floor_keep)
+    return ReadShares(damage, floor, {"shares": [float(x) for x in cfg.floor_shares], "efficacy": es,
+                                      "generalization": ps})
 
 
 def repeat_share(targets: list[str]) -> float:
@@ -246,19 +343,36 @@ def calibrate(lm, cfg: CalibrationConfig, cache_dir: str | Path | None = None, l
     seconds["vstar_probe"] = time.perf_counter() - t
     log(f"v*: lr {v_lr:g}, at most {v_steps} steps")
 
-    rate = per_entry_fire_rate(best.general_fire_guarded, len(requests))
-    schedule = read_share_schedule(rate, cfg.fire_budget, cfg.read_share_floor, cfg.read_share_exponent)
     rep = repeat_share([r.target_new for r in requests])
+    warm = rep >= cfg.warm_start_min_repeat
+    t = time.perf_counter()
+    n_general = sum(len(w) for w in general)
+    events = int(round(best.general_fire_guarded * n_general))
+    rate_point = per_entry_fire_rate(best.general_fire_guarded, len(requests))
+    rate = poisson_upper(events, cfg.rate_confidence) / (n_general * len(requests))
+    hp_mem = _memoir_hparams(layers, cfg, best, v_lr, v_steps, warm, None)
+    n_dmg = len(requests) if cfg.damage_facts is None else min(cfg.damage_facts, len(requests))
+    shares = read_shares(lm, hp_mem, requests[:n_dmg], recs[:n_dmg], general, cfg, cache_dir, tick)
+    budget = fire_budget_from_damage(cfg.ppl_budget, shares.damage.damage_full)
+    schedule = read_share_schedule(rate, budget, shares.floor, shares.damage.exponent)
+    seconds["read_shares"] = time.perf_counter() - t
+    log(f"read shares: a stray read costs {shares.damage.damage_full:.2f} nats (x share^{shares.damage.exponent:g}), "
+        f"{events} general-text reads -> rate <= {rate:.3g} per token per entry; floor {shares.floor:g}; "
+        f"schedule {schedule}")
     seconds["total"] = time.perf_counter() - t_all
     cfg_d = asdict(cfg)
     cfg_d["probe_lrs"], cfg_d["k_candidates"] = list(cfg.probe_lrs), list(cfg.k_candidates)
     return CalibrationResult(
         model=lm.slug, model_hash=lm.manifest.model_hash, num_layers=L, split=split, config=cfg_d, layers=layers,
         trace=trace, setting=best, settings=results, probe_runs=runs, v_lr=v_lr, v_steps=v_steps, fire_rate=rate,
-        schedule=schedule, repeat_share=rep, warm_start=rep >= cfg.warm_start_min_repeat,
+        schedule=schedule, repeat_share=rep, warm_start=warm,
+        read=ReadShareMeasurement(fire_events=events, general_tokens=n_general, fire_rate_point=rate_point,
+                                  damage=shares.damage, floor=shares.floor, floor_scores=shares.floor_scores,
+                                  fire_budget=budget),
         records={"fingerprints": [idx[0], idx[-1] + 1],
                  "trace_candidates": [idx[0], idx[-1] + 1],
-                 "vstar_probe": [idx[0], idx[0] + len(probe_reqs)]},
+                 "vstar_probe": [idx[0], idx[0] + len(probe_reqs)],
+                 "read_damage": [idx[0], idx[0] + n_dmg]},
         seconds={k: round(v, 1) for k, v in seconds.items()},
         date=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         machine=f"{platform.machine()}, {torch.get_num_threads()} threads, {lm.device}",

@@ -240,8 +240,9 @@ class MemoirHparams(VStarHparams):
     # less damage where general text reads an entry, bought with generalization (docs/editors/memoir.md, read shares)
     mm_read_scale: float = 1.0
     # the share a token reading an entry through its exact key adds (the text begins as the edit's own
-    # prompt does, up to the subject: the case v* was fitted for)
-    mm_exact_read_scale: float = 1.0
+    # prompt does, up to the subject: the case v* was fitted for); null: the mask reads' share (as the
+    # memory grows, general text reaches exact keys too: they soften with the schedule)
+    mm_exact_read_scale: float | None = 1.0
     # the mask reads' share as the memory grows: [[entries, share], ...], linear in between, constant past
     # the ends; overrides mm_read_scale. Every entry read on general text adds damage, so a larger memory
     # reads each entry more softly to hold the total (docs/editors/memoir.md, read shares); older facts soften too;
@@ -280,9 +281,11 @@ class MemoirHparams(VStarHparams):
             if not ok or any(a[0] >= b[0] for a, b in zip(sched, sched[1:])):
                 self._bad("mm_read_scale_by_entries", "must be [[entries, share], ...] with entries increasing "
                           "and 0 < share <= 1")
-        for k in ("mm_read_scale", "mm_exact_read_scale"):
-            if not 0.0 < getattr(self, k) <= 1.0:
-                self._bad(k, "must be in (0, 1]")
+        if not (isinstance(self.mm_read_scale, (int, float)) and 0.0 < self.mm_read_scale <= 1.0):
+            self._bad("mm_read_scale", "must be in (0, 1]")
+        x = self.mm_exact_read_scale
+        if x is not None and not (isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 < x <= 1.0):
+            self._bad("mm_exact_read_scale", "must be in (0, 1], or null (the mask reads' share)")
         for k in ("mm_warm_start", "mm_span_key", "mm_exact_key"):
             if not isinstance(getattr(self, k), bool):
                 self._bad(k, "must be true or false")

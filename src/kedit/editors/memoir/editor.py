@@ -111,8 +111,9 @@ class MemoirEditor:
             state.meta["read_scale_by_entries"] = [[int(n), float(s)] for n, s in hp.mm_read_scale_by_entries]
         elif hp.mm_read_scale != 1.0:
             state.meta["read_scale"] = hp.mm_read_scale
-        if hp.mm_read_scale_by_entries is not None or hp.mm_read_scale != 1.0 or hp.mm_exact_read_scale != 1.0:
-            state.meta["exact_read_scale"] = hp.mm_exact_read_scale
+        if hp.mm_exact_read_scale is not None and (hp.mm_read_scale_by_entries is not None or hp.mm_read_scale != 1.0
+                                                   or hp.mm_exact_read_scale != 1.0):
+            state.meta["exact_read_scale"] = hp.mm_exact_read_scale  # absent: exact reads take the mask share
         state.meta.update(entry_owner=[*state.meta["entry_owner"], *owners], threshold=hp.mm_threshold,
                           n_edits=int(state.meta.get("n_edits", 0)) + len(requests),
                           n_batches=int(state.meta.get("n_batches", 0)) + 1, hparams_sha256=hp.source_sha256)
