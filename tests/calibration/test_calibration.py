@@ -243,6 +243,8 @@ def test_calibration_is_deterministic_and_its_file_loads_back(tiny_store, tmp_pa
     for m in METHODS:
         load_hparams(m, lm2)
     doc = yaml.safe_load(out.read_text())
+    rs = doc["calibration"]["read_shares"]  # small rates keep their digits
+    assert rs["fire_rate_used"] == pytest.approx(a.fire_rate, rel=1e-3) and rs["fire_rate_used"] > 0
     assert doc["calibration"]["split"]["calibration_records"] == [108, 120]
     assert file_split(out).cal_start == 108
 

@@ -140,13 +140,14 @@ def render(doc: dict[str, Any], res: CalibrationResult) -> str:
 
 
 def _plain(x: Any) -> Any:
-    """Plain YAML types (tuples -> lists, floats rounded for reading)."""
+    """Plain YAML types (tuples -> lists, floats rounded for reading: 6 decimals, or 4 significant digits
+    below 1e-3, where 6 decimals would round a per-token rate like 3.3e-7 to 0)."""
     if isinstance(x, dict):
         return {str(k): _plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     if isinstance(x, float):
-        return round(x, 6)
+        return float(f"{x:.4g}") if 0.0 < abs(x) < 1e-3 else round(x, 6)
     return x
 
 

@@ -115,8 +115,9 @@ def read_share_lines(res: CalibrationResult) -> list[str]:
            f"One forced read per window ({d.windows} general-text windows, {d.entries} calibration facts written; "
            f"the forced token is the window's most overlapping one: overlap median {d.overlap.get('median')}, "
            f"max {d.overlap.get('max')}; e.g. {', '.join(repr(t) for t in d.tokens[:6])}):", "",
-           "| read share | window NLL rise (nats) | sd |", "|---|---|---|"]
-    out += [f"| {s:g} | {x:.3f} | {sd:.3f} |" for s, x, sd in zip(d.shares, d.damage, d.damage_sd)]
+           "| read share | window NLL rise (nats) | sd over windows | standard error |", "|---|---|---|---|"]
+    out += [f"| {s:g} | {x:.3f} | {sd:.3f} | {sd / max(d.windows, 1) ** 0.5:.3f} |"
+            for s, x, sd in zip(d.shares, d.damage, d.damage_sd)]
     out += ["", f"Damage ~ share ** **{d.exponent:g}**. A +{100 * cfg['ppl_budget']:g}% perplexity budget is "
             f"{100 * rd.fire_budget:.3f}% of tokens reading at full share.", "",
             "| read share | efficacy | generalization |", "|---|---|---|"]
