@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kedit.calibration.fingerprints import _forward_inputs
 from kedit.editors import attach as _attach
 from kedit.editors.base import EditorState
 from kedit.editors.memoir.memory import fingerprint, memory_delta, one_hot_sets, own_block_delta
 from kedit.editors.memoir.read import add_at, reads_own_block
 from kedit.editors.memoir.state import BG, BLOCK_U, BLOCK_V, MASKS, PERM, W
-from kedit.hooks import Trace
 from kedit.models.scoring import forward_logits, pad_id, right_pad
 
 FORCED = "memoir-forced-read"  # the attachment's name: apart from a live memory's
@@ -119,15 +119,7 @@ class ReadDamage:
 def _window_inputs(lm, layer: int, windows: list[list[int]], batch: int) -> list[torch.Tensor]:
     """The memory layer's down-projection input at every token of each window (``[len, d]`` each)."""
     name = lm.adapter.mlp_out_name(layer)
-    pad = pad_id(lm.tokenizer)
-    out: list[torch.Tensor] = []
-    for i in range(0, len(windows), batch):
-        chunk = windows[i: i + batch]
-        ids, mask, pos = right_pad(chunk, pad, lm.device)
-        with torch.no_grad(), Trace(lm.model, [name], retain_input=True, stop=True) as tr:
-            lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
-        out.extend(tr.inputs[name][j, : len(w)].float().cpu() for j, w in enumerate(chunk))
-    return out
+    return _forward_inputs(lm, [name], windows, [list(range(len(w))) for w in windows], chunk=batch)[name]
 
 
 def subject_keys(lm, layer: int, requests: Sequence) -> torch.Tensor:
