@@ -103,8 +103,8 @@ def own_overlap(query: torch.Tensor, stored: torch.Tensor, owner: torch.Tensor, 
 
 
 # --- collecting activations ---------------------------------------------------------------------------
-def _forward_inputs(lm, names: Sequence[str], seqs: list[list[int]], picks: list[list[int]], chunk: int = 32,
-                    tick: Callable[[int], None] | None = None) -> dict[str, list[torch.Tensor]]:
+def forward_inputs(lm, names: Sequence[str], seqs: list[list[int]], picks: list[list[int]], chunk: int = 32,
+                   tick: Callable[[int], None] | None = None) -> dict[str, list[torch.Tensor]]:
     """Module inputs at positions ``picks[i]`` of each sequence: ``{name: [rows of seq i: [len(picks[i]), d]]}``."""
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
@@ -193,7 +193,7 @@ def collect(lm, layers: Sequence[int], requests: list[EditRequest], prefixes: li
         if progress:
             progress("activations", done[0], total)
 
-    got = _forward_inputs(lm, names, seqs, picks, tick=tick)
+    got = forward_inputs(lm, names, seqs, picks, tick=tick)
     out = {}
     multi = torch.tensor([f < p for f, p in zip(rows.subj_first, rows.subj_pos)]).view(n, n_ctx)
     p_multi = torch.tensor([f < p for f, p in zip(prow.subj_first, prow.subj_pos)]) if prow is not None \

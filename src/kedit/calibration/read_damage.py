@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kedit.calibration.fingerprints import _forward_inputs
+from kedit.calibration.fingerprints import forward_inputs
 from kedit.editors import attach as _attach
 from kedit.editors.base import EditorState
 from kedit.editors.memoir.memory import fingerprint, memory_delta, one_hot_sets, own_block_delta
@@ -119,7 +119,7 @@ class ReadDamage:
 def _window_inputs(lm, layer: int, windows: list[list[int]], batch: int) -> list[torch.Tensor]:
     """The memory layer's down-projection input at every token of each window (``[len, d]`` each)."""
     name = lm.adapter.mlp_out_name(layer)
-    return _forward_inputs(lm, [name], windows, [list(range(len(w))) for w in windows], chunk=batch)[name]
+    return forward_inputs(lm, [name], windows, [list(range(len(w))) for w in windows], chunk=batch)[name]
 
 
 def subject_keys(lm, layer: int, requests: Sequence) -> torch.Tensor:
