@@ -165,25 +165,24 @@ class CalibrationResult:
 
 
 @dataclass
-class ReadShareMeasurement:
-    """What the read-share rule was derived from: how often general text reads (events over tokens x
-    entries, and the upper bound used), what one read costs (:mod:`kedit.calibration.read_damage`) and the
-    lowest share that keeps the facts edited."""
+class ReadShares:
+    """What a real memory of the calibration facts costs and keeps: the damage of one stray read
+    (:mod:`kedit.calibration.read_damage`) and the lowest share that keeps the facts edited."""
+
+    damage: ReadDamage
+    floor: float
+    floor_scores: dict[str, list[float]]
+
+
+@dataclass
+class ReadShareMeasurement(ReadShares):
+    """What the read-share rule was derived from: :class:`ReadShares` plus how often general text reads
+    (events over tokens x entries, and the upper bound used) and the share of tokens the budget lets read."""
 
     fire_events: int
     general_tokens: int
     fire_rate_point: float
-    damage: ReadDamage
-    floor: float
-    floor_scores: dict[str, list[float]]
     fire_budget: float  # share of general-text tokens that may read at full share
-
-
-@dataclass
-class ReadShares:
-    damage: ReadDamage
-    floor: float
-    floor_scores: dict[str, list[float]]
 
 
 def _memoir_hparams(layers: list[int], cfg, s: SettingResult, v_lr: float, v_steps: int, warm: bool,
@@ -366,9 +365,8 @@ def calibrate(lm, cfg: CalibrationConfig, cache_dir: str | Path | None = None, l
         model=lm.slug, model_hash=lm.manifest.model_hash, num_layers=L, split=split, config=cfg_d, layers=layers,
         trace=trace, setting=best, settings=results, probe_runs=runs, v_lr=v_lr, v_steps=v_steps, fire_rate=rate,
         schedule=schedule, repeat_share=rep, warm_start=warm,
-        read=ReadShareMeasurement(fire_events=events, general_tokens=n_general, fire_rate_point=rate_point,
-                                  damage=shares.damage, floor=shares.floor, floor_scores=shares.floor_scores,
-                                  fire_budget=budget),
+        read=ReadShareMeasurement(**vars(shares), fire_events=events, general_tokens=n_general,
+                                  fire_rate_point=rate_point, fire_budget=budget),
         records={"fingerprints": [idx[0], idx[-1] + 1],
                  "trace_candidates": [idx[0], idx[-1] + 1],
                  "vstar_probe": [idx[0], idx[0] + len(probe_reqs)],
