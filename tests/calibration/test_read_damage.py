@@ -51,37 +51,45 @@ def test_fire_budget_and_floor_rules():
 
 
 def _by_hand(lm, state, windows, pos, entry, share):
-    """Summed window NLL with the entry's block added at ``pos`` by a plain hook (no kedit attach)."""
+    """Summed window NLL with the entry's block added at ``pos`` by plain hooks (no kedit attach): the
+    change is computed from the down-projection's input and added where the MLP's output joins the
+    residual stream (after Gemma 3's post-feed-forward norm, at the down-projection elsewhere)."""
     from kedit.editors.memoir import BLOCK_U, BLOCK_V, MASKS
 
-    name = lm.adapter.mlp_out_name(int(state.meta["layer"]))
-    module = dict(lm.model.named_modules())[name]
-    out = []
+    layer = int(state.meta["layer"])
+    modules = dict(lm.model.named_modules())
+    down, join = modules[lm.adapter.mlp_out_name(layer)], modules[lm.adapter.residual_out_name(layer)]
+    out, held = [], {}
     for w, p, e in zip(windows, pos.tolist(), entry.tolist()):
-        def hook(_m, args, output, p=p, e=e):
+        def take(_m, args, output, p=p, e=e):
             x = args[0][0, p]
             cols = state.tensors[MASKS][e]
             u, v = state.tensors[BLOCK_U][e].float(), state.tensors[BLOCK_V][e].float()
-            delta = (u @ (v @ x[cols].float())) * share
+            held["delta"] = (u @ (v @ x[cols].float())) * share
+
+        def add(_m, args, output, p=p):
             output = output.clone()
-            output[0, p] += delta.to(output.dtype)
+            output[0, p] += held["delta"].to(output.dtype)
             return output
-        h = module.register_forward_hook(hook) if share is not None else None
+        hs = [down.register_forward_hook(take), join.register_forward_hook(add)] if share is not None else []
         try:
             with torch.no_grad():
                 logits = lm.model(input_ids=torch.tensor([w])).logits[0].float()
         finally:
-            if h is not None:
+            for h in hs:
                 h.remove()
         lp = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(w[1:])[:, None])
         out.append(-float(lp.double().sum()))
     return torch.tensor(out, dtype=torch.float64)
 
 
-def test_forced_read_damage_equals_a_read_added_by_hand(tiny_lm, memoir, tiny_text, one_thread):
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_forced_read_damage_equals_a_read_added_by_hand(family, tiny_tokenizer, tiny_model_factory, memoir,
+                                                        tiny_text, one_thread):
     from kedit.calibration.fingerprints import general_token_ids
+    from kedit.models.store import wrap_model
 
-    lm = tiny_lm
+    lm = wrap_model(tiny_model_factory(family), tiny_tokenizer, slug=f"tiny-{family}")
     state = memoir.editor().compute(lm, [memoir.req(memoir.a), memoir.req(memoir.b)]).state
     windows = general_token_ids(lm, tiny_text * 3, 400, window=40)
     res = R.measure_read_damage(lm, state, windows, shares=(1.0, 0.5), batch=3)

@@ -27,7 +27,7 @@ from kedit.calibration.fingerprints import forward_inputs
 from kedit.editors import attach as _attach
 from kedit.editors.base import EditorState
 from kedit.editors.memoir.memory import fingerprint, memory_delta, one_hot_sets, own_block_delta
-from kedit.editors.memoir.read import add_at, reads_own_block
+from kedit.editors.memoir.read import install_residual_change, reads_own_block
 from kedit.editors.memoir.state import BG, BLOCK_U, BLOCK_V, MASKS, PERM, W
 from kedit.models.scoring import forward_logits, pad_id, right_pad
 
@@ -157,16 +157,12 @@ def _forced_window_nlls(lm, state: EditorState, windows: list[list[int]], pos: t
     """Summed next-token NLL of each window (the first token is context only), with the entry's block
     added at share ``share`` at ``pos[i]`` of window ``i`` (``pos`` None: no read, the model as it is),
     applied to the token's own input, or with ``keys`` (``[entries, d]``) to the entry's own subject's."""
-    layer = int(state.meta["layer"])
-    name, add_name = lm.adapter.mlp_out_name(layer), lm.adapter.residual_out_name(layer)
     masks = state.tensors[MASKS].to(lm.device)
     own = reads_own_block(state)
     tensors = {key: state.tensors[key].to(lm.device) for key in ((BLOCK_U, BLOCK_V) if own else (W,))}
     rows: dict[str, torch.Tensor] = {}
-    pending: dict = {}
 
-    def hook(_module, args, kwargs, output):
-        x = args[0] if args else next(iter(kwargs.values()))
+    def change(x: torch.Tensor):
         flat = x.reshape(-1, x.shape[-1])
         e = rows["entry"]
         cols = masks[e]
@@ -175,22 +171,11 @@ def _forced_window_nlls(lm, state: EditorState, windows: list[list[int]], pos: t
             delta = own_block_delta(src, cols, tensors[BLOCK_U][e], tensors[BLOCK_V][e])
         else:
             delta = memory_delta(src, cols, tensors[W])
-        delta = delta * share
-        if add_name != name:
-            pending.update(delta=delta)
-            return output
-        return add_at(output, rows["flat"], delta)
-
-    def after_norm(_module, args, kwargs, output):
-        if not pending:
-            return output
-        out = add_at(output, rows["flat"], pending.pop("delta"))
-        return out
+        return rows["flat"], delta * share
 
     pad = pad_id(lm.tokenizer)
     out = torch.zeros(len(windows), dtype=torch.float64)
-    extra = (((add_name, "post", after_norm),) if add_name != name else ())
-    att = _attach.install(lm.model, FORCED, name, hook, extra) if pos is not None else None
+    att = install_residual_change(lm, FORCED, int(state.meta["layer"]), change) if pos is not None else None
     try:
         for i in range(0, len(windows), batch):
             chunk = windows[i: i + batch]

@@ -84,8 +84,6 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
     # the token before position 0 of a call: the last token of the previous call, when this call continues
     # it through a KV cache (seen by a pre-hook on the whole model); otherwise there is none
     calls = {"live": False, "continuing": False, "carry": None}
-    name, add_name = lm.adapter.mlp_out_name(layer), lm.adapter.residual_out_name(layer)
-    pending: dict = {}  # a post-norm family: (tokens, change) from the down-projection, for the norm's hook
 
     def model_pre(_module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.2x: `cache`
@@ -94,8 +92,7 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
     def model_post(_module, args, kwargs, output):
         calls.update(live=False, continuing=False)
 
-    def hook(_module, args, kwargs, output):
-        x = args[0] if args else next(iter(kwargs.values()))
+    def change(x: torch.Tensor):
         flat = x.reshape(-1, x.shape[-1])
         span = None
         if spans is not None:
@@ -106,18 +103,39 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
             span = SpanGuard(*previous_tokens(seq, carry), spans, guarded, thr_s)
         with torch.no_grad():
             rd = read_memory(flat, bg, perm, stored, k, thr, exact, thr_x, span)
-        pending.clear()
         if rd.tokens.numel() == 0:
-            return output
+            return None
         cols = masks[rd.entry]
         delta = own_block_delta(flat[rd.tokens], cols, u[rd.entry], v[rd.entry]) if own else \
             memory_delta(flat[rd.tokens], cols, w)
         if scale != 1.0 or scale_x != 1.0:
             delta = delta * torch.where(rd.exact, scale_x, scale).to(delta.dtype)[:, None]
-        if add_name != name:
-            pending.update(tokens=rd.tokens, delta=delta)
+        return rd.tokens, delta
+
+    extra = (("", "pre", model_pre), ("", "post", model_post)) if spans is not None else ()
+    return install_residual_change(lm, METHOD, layer, change, extra)
+
+
+def install_residual_change(lm, tag: str, layer: int, change, extra: tuple = ()) -> _attach.Attachment:
+    """Hook ``layer``'s down-projection under ``tag``: ``change(input)`` (the down-projection's input,
+    ``[..., d]``) returns None or ``(tokens, delta)`` (flattened token rows and the change each gets), and
+    the change is added where the MLP's output joins the residual stream: at the down-projection's output,
+    or, in a family with a norm after the MLP, at that norm's output (the down-projection's hook holds it
+    until the norm runs). The memory's read and calibration's forced reads both add their changes here."""
+    name, add_name = lm.adapter.mlp_out_name(layer), lm.adapter.residual_out_name(layer)
+    pending: dict = {}  # a post-norm family: (tokens, change) from the down-projection, for the norm's hook
+
+    def hook(_module, args, kwargs, output):
+        x = args[0] if args else next(iter(kwargs.values()))
+        pending.clear()
+        got = change(x)
+        if got is None:
             return output
-        return add_at(output, rd.tokens, delta)
+        tokens, delta = got
+        if add_name != name:
+            pending.update(tokens=tokens, delta=delta)
+            return output
+        return add_at(output, tokens, delta)
 
     def add_after_norm(_module, args, kwargs, output):
         if not pending:
@@ -126,10 +144,9 @@ def attach(lm, state: EditorState) -> _attach.Attachment:
         pending.clear()
         return out
 
-    extra = (("", "pre", model_pre), ("", "post", model_post)) if spans is not None else ()
     if add_name != name:
         extra = (*extra, (add_name, "post", add_after_norm))
-    return _attach.install(lm.model, METHOD, name, hook, extra)
+    return _attach.install(lm.model, tag, name, hook, extra)
 
 
 def add_at(output: torch.Tensor, tokens: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
