@@ -348,8 +348,8 @@ def test_a_kill_inside_the_final_evaluation_resumes_with_the_pieces_already_scor
 
     # calls: the baseline (3 records), then the final pieces [1, 2] and [3]; the kill is in the second piece
     monkeypatch.setattr(M, "evaluate_counterfact", lambda *a, **k: evaluate(*a, kill_at=3, **k))
-    with pytest.raises(Killed):
-        run_lifelong(fresh(), workspace, cfg, progress=False, checkpoint=ck, checkpoint_every=1)
+    with pytest.raises(Killed):  # the baseline scored again (not read from the cache), so the calls count it
+        run_lifelong(fresh(), workspace, cfg, progress=False, checkpoint=ck, checkpoint_every=1, baseline_cache=False)
     assert scored == [[1, 2, 3], [1, 2], [3]] and (ck.parent / "checkpoint.eval.json").exists()
     scored.clear()
     monkeypatch.setattr(M, "evaluate_counterfact", lambda *a, **k: evaluate(*a, **k))
@@ -363,7 +363,7 @@ def test_a_kill_inside_the_final_evaluation_resumes_with_the_pieces_already_scor
     scored.clear()
     run_lifelong(fresh(), workspace, cfg, progress=False, checkpoint=ck, checkpoint_every=5,
                  on_batch=lambda rep: None)
-    assert scored == [[1, 2, 3], [1, 2], [3]]
+    assert scored == [[1, 2], [3]]  # (the unedited row now comes from the cache)
 
     ds, lm = get_dataset("counterfact"), fresh()
     whole = ds.evaluate(lm, counterfact_records, None, [1, 2, 3])
@@ -373,3 +373,60 @@ def test_a_kill_inside_the_final_evaluation_resumes_with_the_pieces_already_scor
         {k: v for k, v in whole.items() if k not in ("magnitude", "efficacy_magnitude", "score")}
     assert joined["magnitude"] == pytest.approx(whole["magnitude"], abs=1e-6)
     assert joined["score"] == pytest.approx(whole["score"], abs=1e-12)
+
+
+def test_a_second_run_on_the_same_records_reads_the_unedited_row_from_the_cache(tiny_tokenizer, workspace, cf_file,
+                                                                                 monkeypatch, tiny_model_factory,
+                                                                                 tiny_text):
+    """The unedited model's metrics are scored once per model, records, measurements and scoring code;
+    a run that differs in any of them (or asks for a fresh baseline, or finds the file unreadable)
+    scores them again, and every run's unedited row is the same."""
+    import dataclasses
+
+    import kedit.bench.baseline_cache as C
+    import kedit.bench.lifelong as L
+    import kedit.stats.corpus as corpus
+    from kedit.models.store import wrap_model
+
+    monkeypatch.setattr(corpus, "heldout_text", lambda *a, **k: " ".join(tiny_text * 5))
+    cfg = LifelongConfig(method="memoir", data=str(cf_file), edits=2, batch=2, fluency_prompts=2, fluency_tokens=8,
+                         ppl_tokens=200, freegen_tokens=3,
+                         overrides={"layers": [1], "n_prefixes": 1, "prefix_len": 3, "v_steps": 2, "mm_bg_docs": 4})
+    calls = []
+    real = L._baseline_metrics
+    monkeypatch.setattr(L, "_baseline_metrics", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(c=cfg, **kw):
+        lm = wrap_model(tiny_model_factory("llama"), tiny_tokenizer, slug="tiny-llama")
+        n = len(calls)
+        res = run_lifelong(lm, workspace, c, progress=False, **kw)
+        return res, len(calls) > n
+
+    first, scored = run()
+    assert scored and first["config"]["baseline_source"]["cached"] is False
+    files = list((workspace.cache_dir / C.CACHE_SUBDIR).glob("*.json"))
+    assert [f.stem for f in files] == [first["config"]["baseline_source"]["key"]]
+    timing = ("seconds_per_edit", "one_time_seconds", "peak_memory_mb", "device")
+
+    def row(res):
+        return {k: v for k, v in res["baseline"].items() if k not in timing}
+
+    second, scored = run()
+    assert not scored and second["config"]["baseline_source"]["cached"] is True
+    assert row(second) == row(first)
+    assert "read from the workspace cache" in L.results_markdown(second)
+    # another setting of the editor does not change the unedited model's row: still cached
+    _, scored = run(dataclasses.replace(cfg, overrides={**cfg.overrides, "v_steps": 3}))
+    assert not scored
+    # other measurements, a fresh baseline asked for, an unreadable file: scored again
+    _, scored = run(dataclasses.replace(cfg, fluency_prompts=1))
+    assert scored
+    _, scored = run(baseline_cache=False)
+    assert scored
+    files[0].write_text("{not json")
+    again, scored = run()
+    assert scored and row(again) == row(first)
+    # a change to the scoring code is a change of key
+    monkeypatch.setattr(C, "scoring_code_hash", lambda *a, **k: "changed")
+    _, scored = run()
+    assert scored

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from kedit.atomic import write_json_atomic, write_text_atomic
+from kedit.bench.baseline_cache import baseline_key, load_baseline, save_baseline
 from kedit.bench.datasets import get_dataset
 from kedit.bench.footprint import edit_footprint, state_bytes
 from kedit.console import ProgressLog, device_str
@@ -182,7 +183,7 @@ def _final_metrics(session, ds, records: list[dict], reference: Any, ids: list, 
 
 def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: str | Path | None = None,
                  checkpoint: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
-                 on_batch: Callable | None = None) -> dict:
+                 on_batch: Callable | None = None, baseline_cache: bool = True) -> dict:
     """Run the benchmark on ``lm`` (edited in memory) and return the results dictionary.
 
     ``edit_out``: also write the sum of all batches' deltas and the final editor state there as a
@@ -192,7 +193,11 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     ``checkpoint``: a file for the run's progress, written (atomically) every ``checkpoint_every``
     batches and after the last; with ``resume``, a run whose checkpoint exists continues from it
     (``lm`` must be the unedited model again) and gives the results of an uninterrupted run.
-    ``on_batch(report)`` is called after each batch's curve point and checkpoint."""
+    ``on_batch(report)`` is called after each batch's curve point and checkpoint.
+
+    ``baseline_cache``: read the unedited model's metrics from the workspace cache where an earlier run
+    scored the same model, records and measurements with the same code (:mod:`kedit.bench.baseline_cache`),
+    and keep them there after scoring; False scores them afresh (and still keeps them)."""
     from kedit.editors.common import EditCaches
     from kedit.editors.context import context_prefixes
     from kedit.editors.registry import spec
@@ -236,12 +241,25 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
     t = time.perf_counter()
     reference = ds.reference(lm, records)  # the unedited model's answers that locality compares with
     if ck is None:
-        baseline = _baseline_metrics(lm, ds, records, reference, ids, fluency_prompts, ref_text, cfg.ppl_tokens,
-                                     cfg.fluency_tokens, cfg.freegen_tokens)
+        key, parts = baseline_key(lm, cfg.dataset, records, fluency_prompts, cfg.fluency_tokens, ref_text,
+                                  cfg.ppl_tokens, cfg.freegen_tokens)
+        cached = load_baseline(ws.cache_dir, key) if baseline_cache else None
+        if cached is not None:
+            baseline = dict(cached["baseline"])
+            baseline_source = {"cached": True, "key": key, "measured": cached["measured"],
+                               "seconds": cached["seconds"]}
+        else:
+            baseline = _baseline_metrics(lm, ds, records, reference, ids, fluency_prompts, ref_text, cfg.ppl_tokens,
+                                         cfg.fluency_tokens, cfg.freegen_tokens)
+            save_baseline(ws.cache_dir, key, parts, baseline, time.perf_counter() - t)
+            baseline_source = {"cached": False, "key": key}
     else:  # measured before the first batch
         baseline = dict(ck.extra["baseline"])
+        baseline_source = ck.extra.get("baseline_source") or {"cached": False}
     eval_seconds = time.perf_counter() - t + (ck.extra["eval_seconds"] if ck else 0.0)
-    log(f"baseline: {_fmt_row(baseline)} ({eval_seconds:.0f}s)")
+    log(f"baseline: {_fmt_row(baseline)} ({eval_seconds:.0f}s"
+        + (f"; read from the workspace cache, scored {baseline_source['measured']} in {baseline_source['seconds']:.0f}s)"
+           if baseline_source["cached"] else ")"))
 
     caches = EditCaches()  # the edit session's: filled here, so its batches find them ready
     t = time.perf_counter()
@@ -306,7 +324,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
         extra = {"config": _jsonable(asdict(cfg)), "model_hash": lm.manifest.model_hash, "baseline": baseline,
                  "curve": curve, "eval_seconds": eval_seconds, "one_time_seconds": one_time,
                  "peak_memory_mb": peak_memory_mb(lm.device), "checkpoint_every": checkpoint_every,
-                 "first_state": first_state}
+                 "first_state": first_state, "baseline_source": baseline_source}
         session.checkpoint(extra).save(checkpoint)
         checkpoint_seconds += time.perf_counter() - t
         log(f"checkpoint after {after} -> {checkpoint} ({time.perf_counter() - t:.1f}s)")
@@ -349,7 +367,7 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
                    "v_matmul_dtype": resolve_v_dtype(hp.v_dtype, lm.device) if method.writes_vstar else None,
                    "stats": {"dir": str(stats.dir), "key": stats.key, "n_tokens": stats.n_tokens} if stats else None,
                    "prefixes": prefixes, "nullspace_dim": nullspace, "eval_seconds": eval_seconds,
-                   "load_average": _loadavg(), "subject_fallbacks": ds.subject_fallbacks(records),
+                   "baseline_source": baseline_source, "load_average": _loadavg(), "subject_fallbacks": ds.subject_fallbacks(records),
                    # the UTC date the run ended: `kedit bench tables` dates each row from it
                    "created": time.strftime("%Y-%m-%d", time.gmtime()),
                    "skipped_records": skipped, "heldout": heldout.to_dict(),
@@ -362,6 +380,14 @@ def run_lifelong(lm, ws, cfg: LifelongConfig, progress: bool = True, edit_out: s
         "diagnostics": diags,
         "layer_info": layer_infos,
     }
+
+
+def _baseline_source_note(src: dict | None) -> str:
+    """How the unedited row was obtained, for the report (runs from before the cache say nothing)."""
+    if not src or not src.get("cached"):
+        return ""
+    return (f" (the unedited row read from the workspace cache: scored {src['measured']} in "
+            f"{src['seconds']:.0f} s by a run on the same model, records and scoring code)")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -475,7 +501,7 @@ def results_markdown(res: dict) -> str:
         "",
         f"- editing time {e['edit_seconds']:.1f} s ({e['seconds_per_edit']:.2f} s/edit); one-time work "
         f"(statistics, prefixes, projectors; near 0 when cached by an earlier run) {e['one_time_seconds']:.1f} s; "
-        f"evaluation {c['eval_seconds']:.0f} s",
+        f"evaluation {c['eval_seconds']:.0f} s" + _baseline_source_note(c.get("baseline_source")),
         *([f"- 95% intervals over the {c['edits']} records (Wilson): " + ", ".join(
             f"{k} [{lo:.2f}, {hi:.2f}]" for k in ds.metrics
             for lo, hi in [wilson_interval(round(e[k] * c["edits"]), c["edits"])])] if ds.name == "counterfact" else

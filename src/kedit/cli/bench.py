@@ -60,6 +60,9 @@ def register(sub) -> None:
                    help="write the run's progress to OUT/checkpoint.safetensors every N batches (and after the last)")
     b.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.safetensors (same arguments; starts afresh if there is none)")
+    b.add_argument("--fresh-baseline", action="store_true",
+                   help="score the unedited model again instead of reading it from the workspace cache (where a "
+                        "run on the same model, records and scoring code kept it)")
     b.set_defaults(func=_lifelong)
 
     w = s.add_parser("solvers", help="one batch of edits, v* optimised once, solver settings compared "
@@ -138,7 +141,8 @@ def _lifelong(args) -> int:
     res = run_lifelong(lm, workspace(args), cfg, progress=not args.quiet,
                        edit_out=f"{args.out}/edit" if args.save_edit else None,
                        checkpoint=ckpt if (args.checkpoint_every or args.resume) else None,
-                       checkpoint_every=args.checkpoint_every, resume=args.resume)
+                       checkpoint_every=args.checkpoint_every, resume=args.resume,
+                       baseline_cache=not args.fresh_baseline)
     if args.out:
         write_results(res, args.out)
         print(f"results -> {args.out}/results.json, results.md, curve.png")
